@@ -1,0 +1,90 @@
+"""The per-location memory bank of nominal patch features.
+
+Tokens of the nominal images are stacked per location, ``[L, N, D]``, and each
+location's stack is shrunk to ``k = ceil(ratio * N)`` rows by greedy k-center
+selection.  A query token is scored by its distance to the nearest row at its
+own location, or at any location within ``radius`` grid steps (the spatial
+tolerance that absorbs residual misalignment).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels
+
+
+class MemoryBank:
+    """Nominal features per location.
+
+    Args:
+        features: ``[L, K, D]`` float32 or float16 bank rows.
+        grid: ``(h, w)`` token grid, ``h * w == L``.
+        radius: spatial tolerance in grid steps (0: own location only).
+    """
+
+    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0):
+        features = np.asarray(features)
+        if features.ndim != 3 or features.shape[0] != grid[0] * grid[1]:
+            raise ValueError(f"bank features {features.shape} do not match grid {grid} ([h*w, K, D] expected)")
+        if features.dtype not in (np.float32, np.float16):
+            raise ValueError(f"bank features must be float32 or float16, got {features.dtype}")
+        if int(radius) < 0:
+            raise ValueError(f"radius must be >= 0, got {radius}")
+        self.features = np.ascontiguousarray(features)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.radius = int(radius)
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
+            backend: str | None = None) -> "MemoryBank":
+        """Build a bank from nominal tokens ``[N, h, w, D]``.
+
+        Args:
+            tokens: patch tokens of the nominal images.
+            ratio: fraction of the N rows kept per location by k-center greedy
+                (1.0 keeps all).
+            radius: spatial tolerance in grid steps.
+            dtype: storage type, float32 or float16 (half the bytes to read per
+                image; distances are still accumulated in float32).
+            backend: kernel backend for the coreset selection.
+        """
+        if tokens.ndim != 4 or len(tokens) == 0:
+            raise ValueError(f"tokens must be [N, h, w, D] with N >= 1, got {tokens.shape}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+        n, h, w, d = tokens.shape
+        stack = np.ascontiguousarray(tokens.reshape(n, h * w, d).transpose(1, 0, 2), dtype=np.float32)
+        k = max(1, math.ceil(ratio * n))
+        if k < n:
+            idx = kernels.kcenter_greedy(stack, k, backend=backend)
+            stack = np.take_along_axis(stack, idx[:, :, None], axis=1)
+        return cls(stack.astype(dtype), (h, w), radius)
+
+    def distances(self, tokens: np.ndarray, backend: str | None = None) -> np.ndarray:
+        """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]``."""
+        b, h, w, d = tokens.shape
+        if (h, w) != self.grid or d != self.dim:
+            raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
+        q = tokens.reshape(b, h * w, d)
+        extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
+        return kernels.min_distance(q, self.features, backend=backend, **extra).reshape(b, h, w)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[2]
+
+    @property
+    def size(self) -> int:
+        """Rows per location."""
+        return self.features.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes
+
+    def __repr__(self) -> str:
+        l, k, d = self.features.shape
+        return (f"MemoryBank(grid={self.grid}, rows={k}, dim={d}, radius={self.radius}, "
+                f"dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
