@@ -40,7 +40,7 @@ def _image_paths(items: list[str]) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.exists():
             paths.append(p)
         else:
@@ -51,9 +51,10 @@ def _image_paths(items: list[str]) -> list[Path]:
 
 
 def cmd_fit(args) -> int:
-    det = _detector(args).fit(_image_paths(args.images))
+    paths = _image_paths(args.images)
+    det = _detector(args).fit(paths)
     path = det.save(args.output)
-    print(f"fitted on {len(_image_paths(args.images))} images; threshold {det.threshold:.4f}; saved {path}")
+    print(f"fitted on {len(paths)} images; threshold {det.threshold:.4f}; saved {path}")
     return 0
 
 
@@ -75,7 +76,7 @@ def cmd_predict(args) -> int:
             w.writerow([str(p), f"{r.score:.6f}", int(r.is_anomaly), int(r.aligned)])
             pic = overlay(read_image(p), r.anomaly_map, vmax=vmax, pred_mask=r.mask,
                           text=f"{r.score:.3f}{' ANOMALY' if r.is_anomaly else ''}")
-            cv2.imwrite(str(out / "overlays" / f"{p.stem}.png"), pic)
+            cv2.imwrite(str(out / "overlays" / f"{p.parent.name}_{p.stem}.png"), pic)
     print(f"{sum(r.is_anomaly for r in results)}/{len(results)} anomalous; scores in {out / 'scores.csv'}")
     return 0
 

@@ -1,0 +1,126 @@
+"""The public API contract of DinoPatch, on small synthetic parts (112 px input: 8x8 tokens)."""
+import numpy as np
+import pytest
+
+from dinopatch import DinoPatch, Result
+from dinopatch.data import make_sample
+from dinopatch.detector import NotFittedError
+from dinopatch.modelfile import ModelFileError
+
+FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="torch", progress=False)
+
+
+def _screws(defect, n, seed):
+    rng = np.random.default_rng(seed)
+    return [make_sample("screw", defect, rng, size=128) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def screws():
+    good = [im for im, _ in _screws("good", 10, 1)]
+    test_good = [im for im, _ in _screws("good", 4, 2)]
+    test_bad = [im for im, _ in _screws("missing_washer", 2, 3)] + [im for im, _ in _screws("extra_object", 2, 4)]
+    return good, test_good, test_bad
+
+
+@pytest.fixture(scope="module")
+def fitted(screws):
+    return DinoPatch(**FAST).fit(screws[0])
+
+
+def test_result_contract(fitted, screws):
+    gray = screws[1][0][..., 0]
+    odd = np.ascontiguousarray(screws[1][1][:100, :90])
+    images = [gray, odd, screws[2][0]]
+    results = fitted.predict(images)
+    assert len(results) == 3
+    for im, r in zip(images, results):
+        assert isinstance(r, Result)
+        assert isinstance(r.score, float) and np.isfinite(r.score)
+        assert r.anomaly_map.dtype == np.float32 and r.anomaly_map.shape == im.shape[:2]
+        assert r.mask.dtype == bool and r.mask.shape == im.shape[:2]
+        assert r.is_anomaly == (r.score > fitted.threshold)
+        assert isinstance(r.aligned, bool)
+
+
+def test_defects_score_higher(fitted, screws):
+    good = fitted.score_images(screws[1])
+    bad = fitted.score_images(screws[2])
+    assert bad.min() > good.max(), (good, bad)
+
+
+def test_threshold_from_held_out_nominals(fitted):
+    # 20% of 10 images held out: the threshold is the largest of their scores.
+    assert fitted.calibration_scores_.shape == (2,)
+    assert fitted.threshold == pytest.approx(fitted.calibration_scores_.max())
+
+
+def test_sklearn_sign_identities(fitted, screws):
+    s = fitted.score_images(screws[2])
+    np.testing.assert_array_equal(fitted.score_samples(screws[2]), -s)
+    np.testing.assert_allclose(fitted.decision_function(screws[2]), fitted.score_samples(screws[2]) - fitted.offset_)
+    assert (fitted.decision_function(screws[2]) < 0).tolist() == [r.is_anomaly for r in fitted.predict(screws[2])]
+
+
+def test_batch_size_does_not_change_scores(fitted, screws):
+    images = screws[1] + screws[2]
+    a = fitted.score_images(images)
+    fitted.batch_size = 1
+    try:
+        b = fitted.score_images(images)
+    finally:
+        fitted.batch_size = 8
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_save_load_round_trip(fitted, screws, tmp_path):
+    path = fitted.save(tmp_path / "screw.npz")
+    loaded = DinoPatch.load(path)
+    assert loaded.get_params() == fitted.get_params()
+    images = screws[1] + screws[2]
+    np.testing.assert_array_equal(loaded.score_images(images), fitted.score_images(images))
+    assert loaded.threshold == fitted.threshold
+
+
+def test_load_rejects_bank_of_wrong_shape(fitted, tmp_path):
+    from dinopatch import modelfile
+
+    path = fitted.save(tmp_path / "m.npz")
+    header, arrays = modelfile.read(path)
+    arrays["bank"] = arrays["bank"][:10]
+    del header["format"], header["version"], header["arrays"]
+    modelfile.write(path, header, arrays)
+    with pytest.raises(ModelFileError, match="does not fit"):
+        DinoPatch.load(path)
+
+
+def test_unfitted_and_empty():
+    with pytest.raises(NotFittedError):
+        DinoPatch(**FAST).predict([np.zeros((32, 32), np.uint8)])
+    with pytest.raises(ValueError, match="at least one"):
+        DinoPatch(**FAST).fit([])
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        DinoPatch(**FAST).fit([tmp_path / "missing.png"])
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="junk.png"):
+        DinoPatch(**FAST).fit([junk])
+
+
+def test_params_checked_at_fit(screws):
+    with pytest.raises(ValueError, match="multiple of 14"):
+        DinoPatch(**dict(FAST, image_size=100)).fit(screws[0])
+    with pytest.raises(ValueError, match="score"):
+        DinoPatch(**dict(FAST, score="median")).fit(screws[0])
+
+
+def test_texture_mode_without_alignment():
+    rng = np.random.default_rng(0)
+    good = [make_sample("pasta", "good", rng, size=112)[0] for _ in range(6)]
+    det = DinoPatch(**dict(FAST, align=False, calibration=0.0)).fit(good)
+    assert det.polarity_ is None and det.threshold == float("inf")
+    r = det.predict([make_sample("pasta", "spot", rng, size=112)[0]])[0]
+    assert r.aligned and r.anomaly_map.shape == (112, 112)
