@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -91,10 +90,15 @@ def cmd_evaluate(args) -> int:
         det = DinoPatch.load(args.model)
     else:
         det = _detector(args).fit(folder.train_paths())
-    metrics = evaluate(det, folder, args.output)
-    print(json.dumps({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "f1", "precision", "recall", "accuracy")},
-                     indent=1))
-    print(f"report: {Path(args.output).resolve()}")
+    m = evaluate(det, folder, args.output, tune_fraction=args.tune_fraction, seed=args.seed,
+                 threshold=args.threshold, tune_on_report=args.tune_on_report)
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+    print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
+    for k in keys:
+        print(f"{k:<18}{m['tuned'][k]:>12.3f}{m[k]:>10.3f}")
+    if m["optimistic"]:
+        print("OPTIMISTIC: tuned on the reported images (--tune-on-report)")
+    print(f"report: {(Path(args.output) / 'index.html').resolve()}")
     return 0
 
 
@@ -130,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="folder with train/good, test/<type>, ground_truth/<type>")
     p.add_argument("-m", "--model", help="a fitted model file; without it, fit on DATA/train/good")
     p.add_argument("-o", "--output", default="report")
+    p.add_argument("--tune-fraction", type=float, default=0.5,
+                   help="share of each defect type used to tune post-processing; the rest is reported")
+    p.add_argument("--threshold", choices=["tuned", "good"], default="tuned",
+                   help="'tuned': best F1 on the tuning part; 'good': from held-out good parts only")
+    p.add_argument("--tune-on-report", action="store_true",
+                   help="tune on the reported images too (the report says it is optimistic)")
     _add_detector_args(p)
     p.set_defaults(func=cmd_evaluate)
 

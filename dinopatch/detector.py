@@ -29,8 +29,8 @@ class Result:
         anomaly_map: float32 ``[H, W]`` in the input image's frame.
         is_anomaly: ``score > threshold`` (or a non-finite score).
         aligned: False where alignment could not be trusted.
-        mask: bool ``[H, W]`` defect pixels: map above the threshold, cleaned
-            by morphology.
+        mask: bool ``[H, W]`` defect pixels: map above the pixel threshold
+            (the largest map value of held-out good parts), cleaned by morphology.
         alignment: the alignment diagnostics (angle, scale, reason, ...).
     """
 
@@ -40,6 +40,23 @@ class Result:
     aligned: bool
     mask: np.ndarray
     alignment: Alignment
+
+
+@dataclass
+class PatchDistances:
+    """One image's nearest-neighbour distances before post-processing.
+
+    Attributes:
+        distances: float32 ``[h, w]`` per-patch distances, canonical frame.
+        valid: float32 ``[S, S]`` validity of the canonical image.
+        alignment: how the image was put into the canonical frame.
+        shape: ``(H, W)`` of the input image.
+    """
+
+    distances: np.ndarray
+    valid: np.ndarray
+    alignment: Alignment
+    shape: tuple[int, int]
 
 
 class NotFittedError(RuntimeError):
@@ -160,24 +177,27 @@ class DinoPatch:
         self.aligner_ = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         canon = [self.aligner_.transform(im) for im in images]
         tokens = self._embed([c[0] for c in canon], desc="fit: embedding")
+        flips = np.zeros(len(images), bool)
+        self.polarity_ = None
         if self.align:
             self.polarity_ = _polarity_reference(tokens)
-            tokens = _orient(tokens, self.polarity_)[0]
-        else:
-            self.polarity_ = None
+            tokens, flips = _orient(tokens, self.polarity_)
 
         n_cal = int(math.floor(self.calibration * len(images)))
         if n_cal >= 1 and len(images) - n_cal >= 1:
             order = np.random.default_rng(self.seed).permutation(len(images))
             cal, train = order[:n_cal], order[n_cal:]
             self.memory_bank_ = self._make_bank(tokens[train])
-            valid = np.stack([canon[i][1] for i in cal])
+            maps = [anomaly_map(d[::-1, ::-1] if flips[i] else d, canon[i][1], self.sigma)
+                    for i, d in zip(cal, self._distances(tokens[cal]))]
             self.calibration_scores_ = np.array(
-                [self._score_canonical(d, v)[1] for d, v in zip(self._distances(tokens[cal]), valid)])
-            self.threshold_ = float(np.quantile(self.calibration_scores_, 1.0 - self.false_alarm_rate))
+                [image_score(m, canon[i][1], self.score, self.topk) for i, m in zip(cal, maps)])
+            q = 1.0 - self.false_alarm_rate
+            self.threshold_ = float(np.quantile(self.calibration_scores_, q))
+            self.pixel_threshold_ = float(np.quantile([image_score(m, canon[i][1], "max") for i, m in zip(cal, maps)], q))
         else:
-            self.calibration_scores_ = np.zeros(0, np.float32)
-            self.threshold_ = float("inf")
+            self.calibration_scores_ = np.zeros(0, np.float64)
+            self.threshold_ = self.pixel_threshold_ = float("inf")
         # The held-out images join the bank: the threshold was set with a smaller
         # bank, so it errs on the side of fewer false alarms.
         self.memory_bank_ = self._make_bank(tokens)
@@ -201,10 +221,6 @@ class DinoPatch:
     def _distances(self, tokens: np.ndarray) -> np.ndarray:
         return self.memory_bank_.distances(tokens, backend=self._kernel())
 
-    def _score_canonical(self, distances: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
-        amap = anomaly_map(distances, valid, self.sigma)
-        return amap, image_score(amap, valid, self.score, self.topk)
-
     # -- inference -------------------------------------------------------------
 
     @property
@@ -227,32 +243,54 @@ class DinoPatch:
         Args:
             images: uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths, any size.
         """
+        return [self.result_from(raw) for raw in self.patch_distances(images)]
+
+    def patch_distances(self, images) -> list[PatchDistances]:
+        """The per-patch distances of each image, before any post-processing.
+
+        Evaluation sweeps post-processing settings over these without running
+        the backbone again (see :meth:`result_from`).
+        """
         self._check_fitted()
         images = load_images(images)
-        results = []
         bs = int(self.batch_size)
+        out = []
         for i in range(0, len(images), bs):
-            results.extend(self._predict_batch(images[i:i + bs]))
-        return results
+            out.extend(self._distances_batch(images[i:i + bs]))
+        return out
 
-    def _predict_batch(self, images: list[np.ndarray]) -> list[Result]:
+    def _distances_batch(self, images: list[np.ndarray]) -> list[PatchDistances]:
         aligned = [self.aligner_.transform(im) for im in images]
         tokens = self._get_backbone()(np.stack([a[0] for a in aligned]))
         flips = np.zeros(len(images), bool)
         if self.polarity_ is not None:
             tokens, flips = _orient(tokens, self.polarity_)
         dists = self._distances(tokens)
-        out = []
-        for im, (_, valid, al), d, flip in zip(images, aligned, dists, flips):
-            if flip:  # back to the canonical image's own orientation
-                d = d[::-1, ::-1]
-            amap, score = self._score_canonical(d, valid)
-            amap_in = self.aligner_.inverse_map(amap, al, im.shape[:2])
-            thr = self.threshold_
-            out.append(Result(score=score, anomaly_map=amap_in, is_anomaly=not score <= thr,
-                              aligned=bool(al.trusted), mask=segment(amap_in, thr, self.morph_kernel),
-                              alignment=al))
-        return out
+        # A grid scored rotated goes back to its canonical image's orientation.
+        return [PatchDistances(d[::-1, ::-1] if flip else d, valid, al, im.shape[:2])
+                for im, (_, valid, al), d, flip in zip(images, aligned, dists, flips)]
+
+    def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
+                    pixel_threshold: float | None = None, **post) -> Result:
+        """Post-process one image's patch distances into a :class:`Result`.
+
+        Args:
+            raw: from :meth:`patch_distances`.
+            threshold: image-score threshold (default: the detector's).
+            pixel_threshold: map threshold of the defect mask (default: the detector's).
+            **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
+        """
+        unknown = set(post) - {"sigma", "score", "topk", "morph_kernel"}
+        if unknown:
+            raise TypeError(f"unknown post-processing settings {sorted(unknown)}")
+        p = {k: post.get(k, getattr(self, k)) for k in ("sigma", "score", "topk", "morph_kernel")}
+        thr = self.threshold_ if threshold is None else float(threshold)
+        pix = self.pixel_threshold_ if pixel_threshold is None else float(pixel_threshold)
+        amap = anomaly_map(raw.distances, raw.valid, p["sigma"])
+        score = image_score(amap, raw.valid, p["score"], p["topk"])
+        amap_in = self.aligner_.inverse_map(amap, raw.alignment, raw.shape)
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not score <= thr, aligned=bool(raw.alignment.trusted),
+                      mask=segment(amap_in, pix, p["morph_kernel"]), alignment=raw.alignment)
 
     def score_images(self, images) -> np.ndarray:
         """Image scores as one float array (higher = more anomalous)."""
@@ -281,6 +319,7 @@ class DinoPatch:
             "dinopatch_version": __version__,
             "params": params,
             "threshold": self.threshold_,
+            "pixel_threshold": self.pixel_threshold_,
             "grid": list(self.memory_bank_.grid),
             "aligner": self.aligner_.state_dict(),
         }
@@ -315,6 +354,7 @@ class DinoPatch:
                     f"([{side * side}, K, {spec.embed_dim}] expected)")
             det.memory_bank_ = MemoryBank(bank, grid, det.tolerance)
             det.threshold_ = float(header["threshold"])
+            det.pixel_threshold_ = float(header["pixel_threshold"])
             det.calibration_scores_ = arrays["calibration_scores"]
             det.aligner_ = Aligner.from_state_dict(header["aligner"])
             det.polarity_ = arrays.get("polarity")

@@ -50,3 +50,81 @@ def binary_report(labels, predicted) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((y == p).mean()) if y.size else 0.0}
+
+
+def precision_recall_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct threshold, from the highest down.
+
+    Returns:
+        precision, recall, thresholds (a positive is ``score >= threshold``).
+    """
+    labels, scores = _check_binary(labels, scores)
+    _, tpr, thr = roc_curve(labels, scores)
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    predicted = last_of_tie + 1
+    tps = np.cumsum(labels[order])[last_of_tie]
+    return tps / predicted, tpr[1:], thr[1:]
+
+
+def average_precision(labels, scores) -> float:
+    """Area under the step precision-recall curve, as scikit-learn computes it."""
+    labels, scores = _check_binary(labels, scores)
+    if not labels.any():
+        return float("nan")
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def best_f1_threshold(labels, scores) -> tuple[float, float]:
+    """The threshold (``score >= t`` is positive) with the highest F1, and that F1."""
+    precision, recall, thr = precision_recall_curve(labels, scores)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+    i = int(np.argmax(f1))
+    return float(thr[i]), float(f1[i])
+
+
+def aupro(masks: list[np.ndarray], amaps: list[np.ndarray], fpr_limit: float = 0.3, steps: int = 300) -> float:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, normalised to [0, 1].
+
+    As MVTec AD defines it: at each threshold, PRO is the mean over all
+    ground-truth connected components (8-connected) of the fraction of the
+    component above the threshold; FPR is the fraction of defect-free pixels
+    above it.  PRO is integrated over FPR from 0 to ``fpr_limit`` and divided
+    by ``fpr_limit``.
+
+    Args:
+        masks: bool ``[H, W]`` ground truth per image (all False for good ones).
+        amaps: float ``[H, W]`` anomaly maps, same shapes.
+    """
+    import cv2
+
+    regions, negatives = [], []
+    for m, a in zip(masks, amaps):
+        m = np.asarray(m, bool)
+        a = np.asarray(a, np.float64)
+        if m.shape != a.shape:
+            raise ValueError(f"mask {m.shape} and map {a.shape} differ in shape")
+        negatives.append(a[~m])
+        if m.any():
+            n, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+            regions += [np.sort(a[lab == i]) for i in range(1, n)]
+    neg = np.sort(np.concatenate(negatives))
+    if not regions or neg.size == 0:
+        return float("nan")
+    # Candidate thresholds: where the FPR takes evenly spaced values up to the
+    # limit, and quantiles of the defect values (so a clean separation is seen).
+    levels = np.linspace(0.0, fpr_limit, steps + 1)
+    at_fpr = neg[np.clip(np.ceil(neg.size * (1 - levels)).astype(int), 0, neg.size - 1)]
+    at_pos = np.quantile(np.concatenate(regions), np.linspace(0.0, 1.0, steps + 1))
+    thresholds = np.r_[np.inf, np.unique(np.r_[at_fpr, at_pos])[::-1]]
+    # Descending thresholds: FPR and PRO both rise monotonically.
+    fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
+    pro = np.mean([(r.size - np.searchsorted(r, thresholds, side="left")) / r.size for r in regions], axis=0)
+    cut = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    f, p = fpr[:cut], pro[:cut]
+    if cut < fpr.size and f[-1] < fpr_limit:  # close the area exactly at the limit
+        p_lim = np.interp(fpr_limit, fpr[cut - 1:cut + 1], pro[cut - 1:cut + 1])
+        f, p = np.r_[f, fpr_limit], np.r_[p, p_lim]
+    return float(np.trapezoid(p, f) / fpr_limit)

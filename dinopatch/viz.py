@@ -37,19 +37,52 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
     return out
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | os.PathLike, title: str = "ROC"):
-    """Write ROC curves ``{name: (fpr, tpr, auroc)}`` to a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
-    for name, (fpr, tpr, area) in curves.items():
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUROC {area:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
+    return plt
+
+
+def plot_curves(labels: np.ndarray, scores: np.ndarray, out: str | os.PathLike, title: str = "") -> None:
+    """Write ``roc.png`` and ``pr.png`` for image scores into folder ``out``."""
+    from . import metrics
+
+    plt = _pyplot()
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    precision, recall, _ = metrics.precision_recall_curve(labels, scores)
+    for name, x, y, xl, yl, label, diag in (
+        ("roc", fpr, tpr, "false positive rate", "true positive rate",
+         f"AUROC {metrics.auroc(labels, scores):.3f}", True),
+        ("pr", np.r_[0.0, recall], np.r_[1.0, precision], "recall", "precision",
+         f"AP {metrics.average_precision(labels, scores):.3f}", False),
+    ):
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+        ax.plot(x, y, lw=2, label=label, drawstyle="steps-post" if name == "pr" else "default")
+        if diag:
+            ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        ax.set(xlabel=xl, ylabel=yl, title=f"{title} {name.upper()}", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(loc="lower right" if diag else "lower left", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{name}.png"))
+        plt.close(fig)
+
+
+def plot_histogram(good: np.ndarray, defect: np.ndarray, threshold: float, path: str | os.PathLike,
+                   title: str = "") -> None:
+    """Histogram of good vs defect image scores with the decision threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    both = np.r_[good, defect]
+    bins = np.linspace(both.min(), both.max(), 30) if both.size and both.min() < both.max() else 10
+    ax.hist(good, bins=bins, alpha=0.6, color="tab:green", label=f"good ({good.size})")
+    ax.hist(defect, bins=bins, alpha=0.6, color="tab:red", label=f"defect ({defect.size})")
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="image score (higher = more anomalous)", ylabel="images", title=title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -124,3 +124,11 @@ def test_texture_mode_without_alignment():
     assert det.polarity_ is None and det.threshold == float("inf")
     r = det.predict([make_sample("pasta", "spot", rng, size=112)[0]])[0]
     assert r.aligned and r.anomaly_map.shape == (112, 112)
+
+
+def test_threshold_at_a_false_alarm_rate(screws):
+    det = DinoPatch(**dict(FAST, calibration=0.5, false_alarm_rate=0.25)).fit(screws[0])
+    assert det.calibration_scores_.shape == (5,)
+    assert det.threshold == pytest.approx(np.quantile(det.calibration_scores_, 0.75))
+    # About a quarter of the held-out good parts would have been flagged.
+    assert (det.calibration_scores_ > det.threshold).sum() == 1

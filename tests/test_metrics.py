@@ -38,3 +38,43 @@ def test_binary_report_by_hand():
 def test_nan_scores_rejected():
     with pytest.raises(ValueError, match="NaN"):
         metrics.auroc([0, 1], [0.1, np.nan])
+
+
+def test_average_precision_and_pr_curve_match_sklearn(rng):
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    labels = rng.random(120) < 0.3
+    scores = np.round(rng.normal(size=120) + labels, 1)
+    assert metrics.average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores))
+    p, r, t = metrics.precision_recall_curve(labels, scores)
+    sp, sr, st = precision_recall_curve(labels, scores)
+    np.testing.assert_allclose(p, sp[:-1][::-1])
+    np.testing.assert_allclose(r, sr[:-1][::-1])
+    np.testing.assert_allclose(t, st[::-1])
+
+
+def test_best_f1_threshold_by_hand():
+    # At t = 0.6: predicted {0.9, 0.8, 0.6}, 2 true -> P 2/3, R 1, F1 0.8; no other t does better.
+    t, f1 = metrics.best_f1_threshold([1, 0, 1, 0, 0], [0.9, 0.8, 0.6, 0.3, 0.1])
+    assert (t, f1) == (0.6, pytest.approx(0.8))
+
+
+def test_aupro_by_hand():
+    # Components A = {0.9, 0.5} and B = {0.7}; ten good pixels, one at 0.8, nine at 0.1.
+    # PRO is 0.25 for FPR in [0, 0.1), then 1 from FPR 0.1 on: area to 0.3 = 0.025 + 0.2 = 0.225.
+    mask = np.zeros((1, 13), bool)
+    amap = np.zeros((1, 13))
+    mask[0, [0, 1, 3]] = True
+    amap[0, :4] = [0.9, 0.5, 0.0, 0.7]
+    mask[0, 2] = False
+    amap[0, 2] = 0.8
+    amap[0, 4:] = 0.1
+    # Pixels 0, 1 touch: one component; 3 stands alone.
+    assert metrics.aupro([mask], [amap], fpr_limit=0.3) == pytest.approx(0.225 / 0.3)
+
+
+def test_aupro_extremes(rng):
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    assert metrics.aupro([mask], [mask.astype(float)]) == pytest.approx(1.0)
+    assert metrics.aupro([mask], [1.0 - mask]) == pytest.approx(0.0)

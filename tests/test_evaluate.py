@@ -1,0 +1,61 @@
+"""Evaluation: a disjoint, stratified tuning split and a report a person can read."""
+import json
+
+import numpy as np
+import pytest
+
+from dinopatch import DinoPatch
+from dinopatch.data import MVTecFolder, synthesize
+from dinopatch.evaluate import evaluate, split
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    defects = ["good"] * 10 + ["crack"] * 4 + ["spot"] * 3 + ["lone"]
+    tune, report = split(defects, 0.5, seed=3)
+    assert set(tune).isdisjoint(report) and len(tune) + len(report) == len(defects)
+    picked = [defects[i] for i in tune]
+    assert picked.count("good") == 5 and picked.count("crack") == 2 and picked.count("spot") in (1, 2)
+    assert "lone" not in picked  # a single image is always reported
+    again, _ = split(defects, 0.5, seed=3)
+    np.testing.assert_array_equal(tune, again)
+    assert not np.array_equal(tune, split(defects, 0.5, seed=4)[0])
+
+
+@pytest.fixture(scope="module")
+def screw_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    folder = MVTecFolder(synthesize("screw", root / "screw", n_train=8, n_test_good=4, n_test_defect=2, size=128,
+                                    seed=1))
+    det = DinoPatch(weights="random", image_size=112, engine="torch", progress=False).fit(folder.train_paths())
+    out = tmp_path_factory.mktemp("report")
+    return folder, det, out, evaluate(det, folder, out, progress=False)
+
+
+def test_report_contents(screw_report):
+    folder, det, out, m = screw_report
+    tuned, reported = set(m["split"]["tune"]), set(m["split"]["report"])
+    assert tuned and reported and tuned.isdisjoint(reported)
+    assert not m["optimistic"]
+    for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy"):
+        assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["tuned"][key] <= 1.0, key
+    assert set(m["settings"]) == {"sigma", "score", "threshold", "pixel_threshold", "morph_kernel"}
+    assert m["per_defect"] and all(v["n"] >= 1 for v in m["per_defect"].values())
+    assert json.load(open(out / "metrics.json"))["split"] == m["split"]
+    for name in ("roc.png", "pr.png", "hist.png", "index.html"):
+        assert (out / name).stat().st_size > 500, name
+    assert len(list((out / "overlays").glob("*.png"))) == len(folder.test_items())
+    page = (out / "index.html").read_text()
+    assert "roc.png" in page and "overlays/" in page
+
+
+def test_tuning_on_reported_images_is_flagged(screw_report, tmp_path):
+    folder, det, _, _ = screw_report
+    m = evaluate(det, folder, tmp_path, tune_on_report=True, progress=False)
+    assert m["optimistic"] and m["split"]["tune"] == m["split"]["report"]
+    assert "Optimistic" in (tmp_path / "index.html").read_text()
+
+
+def test_threshold_from_good_parts_only(screw_report, tmp_path):
+    folder, det, _, _ = screw_report
+    m = evaluate(det, folder, tmp_path, threshold="good", progress=False)
+    assert m["settings"]["threshold"] == det.threshold
