@@ -119,8 +119,10 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     backend = resolve(backend)
     if q.shape[0] == 0 or L == 0:
         return np.empty(q.shape[:2], dtype=np.float32)
-    if backend == "cpp" and c is None and r == 0 and b.dtype == np.float32:
-        return _C.min_distance(q, b)
+    if backend == "cpp":
+        if b.dtype == np.float16:
+            return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
+        return _C.min_distance(q, b, c, h, w, r)
     return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
 
 
