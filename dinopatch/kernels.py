@@ -19,7 +19,9 @@ overrides that choice.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,11 +33,31 @@ except ImportError:  # a source checkout that was never built
     _C = None
 
 
+@lru_cache(maxsize=None)
+def _cuda():
+    """dinopatch._C_cuda when it was built and a GPU is present, else None."""
+    try:
+        from . import _C_cuda
+    except ImportError:  # built without CUDA, or no CUDA runtime on this machine
+        return None
+    return _C_cuda if _C_cuda.device_count() > 0 else None
+
+
+@lru_cache(maxsize=None)
+def _numba():
+    from . import _numba_kernels  # lazy: importing numba takes about a second
+    return _numba_kernels
+
+
 def available() -> list[str]:
     """Backends usable in this process, fastest first."""
     found = []
+    if _cuda() is not None:
+        found.append("cuda")
     if _C is not None:
         found.append("cpp")
+    if importlib.util.find_spec("numba") is not None:
+        found.append("numba")
     found.append("numpy")
     return found
 
@@ -119,10 +141,16 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     backend = resolve(backend)
     if q.shape[0] == 0 or L == 0:
         return np.empty(q.shape[:2], dtype=np.float32)
+    if backend == "cuda":
+        return _cuda().min_distance(q, b.view(np.uint16) if b.dtype == np.float16 else b, c,
+                                    h, w, r, b.dtype == np.float16)
     if backend == "cpp":
         if b.dtype == np.float16:
             return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
         return _C.min_distance(q, b, c, h, w, r)
+    if backend == "numba":
+        full = np.full(L, K, dtype=np.int64) if c is None else c
+        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, r)
     return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
 
 
@@ -144,9 +172,17 @@ def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
     k = int(k)
     if not 1 <= k <= a.shape[1]:
         raise ValueError(f"k = {k} must be in [1, N = {a.shape[1]}] for x of shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"x {a.shape} holds NaN or infinite values; k-center needs finite features")
     backend = resolve(backend)
+    if a.shape[0] == 0:
+        return np.empty((0, k), dtype=np.int64)
+    if backend == "cuda":
+        return _cuda().kcenter_greedy(a, k)
     if backend == "cpp":
         return _C.kcenter_greedy(a, k)
+    if backend == "numba":
+        return _numba().kcenter_greedy(a, k)
     return kcenter_greedy_numpy(a, k)
 
 
