@@ -10,8 +10,10 @@ stage is one decorated function::
         ...
         return [{"stage": "post", "method": "opencv", "ms_per_image": ms}]
 
-Rows may carry ``target`` / ``measured`` / ``met`` keys: those are collected
-into a separate table of the design targets.
+Rows of stage ``"target"`` (``target`` / ``measured`` / ``met``) are
+collected into a separate table of the design targets.  GFLOP/s counts two
+flops per query-row-feature triple for every method (the GEMM count), so
+direct-difference and GEMM-style peers compare on the same work.
 """
 from __future__ import annotations
 
@@ -143,6 +145,24 @@ def _hardware() -> dict:
     return info
 
 
+def _variants(backend: str) -> list[tuple[str, str | None]]:
+    """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
+    if backend != "cpp":
+        return [(backend, None)]
+    return [(f"cpp[{isa}]", isa) for isa in kernels._C.isas() if isa != "generic"] or [("cpp[generic]", "generic")]
+
+
+def _with_isa(isa: str | None, fn, *args):
+    if isa is None:
+        return fn(*args)
+    previous = kernels._C.isa()
+    kernels._C.set_isa(isa)
+    try:
+        return fn(*args)
+    finally:
+        kernels._C.set_isa(previous)
+
+
 @stage("min_distance", groups=("kernels",))
 def bench_min_distance(args) -> list[dict]:
     """Per-location nearest distance, L=1024 K=200 D=384 (L=256 with --quick)."""
@@ -158,8 +178,8 @@ def bench_min_distance(args) -> list[dict]:
     for B in (1, 16):
         q = rng.standard_normal((B, L, D), dtype=np.float32)
         exact = kernels.min_distance(q, banks["fp32"], backends[0] if backends else "numpy")
-        runs = [(be, dt, lambda q, be=be, dt=dt: kernels.min_distance(q, banks[dt], be))
-                for be in backends for dt in banks]
+        runs = [(method, dt, lambda q, be=be, isa=isa, dt=dt: _with_isa(isa, kernels.min_distance, q, banks[dt], be))
+                for be in backends for method, isa in _variants(be) for dt in banks]
         runs += [(name, "fp32", fn) for name, fn in peers.items()]
         for method, dt, fn in runs:
             best, med = timeit(lambda: fn(q), args.repeats)
@@ -177,7 +197,7 @@ def bench_min_distance(args) -> list[dict]:
                 "note": "numba has no fp16: bank widened per call" if method == "numba" and dt == "fp16" else "",
             })
     if "cpp" in backends:
-        c = lambda dt, B: best_ms["cpp", dt, B]  # noqa: E731
+        c = lambda dt, B: best_ms[_variants("cpp")[0][0], dt, B]  # noqa: E731
         rows.append(_target("batch 1 fp32 time / (bank bytes / bandwidth)", "<= 1.25",
                             c("fp32", 1) / (banks["fp32"].nbytes / bw * 1e3), lambda v: v <= 1.25))
         rows.append(_target("fp16 speed-up over fp32 at batch 1", ">= 1.6",
@@ -197,17 +217,19 @@ def bench_coreset(args) -> list[dict]:
     x = np.random.default_rng(1).standard_normal((L, N, D), dtype=np.float32)
     rows, ms = [], {}
     for be in kernels.available():
-        reps = 1 if be == "numpy" else args.repeats
-        best, med = timeit(lambda: kernels.kcenter_greedy(x, k, be), reps)
-        ms[be] = best * 1e3
-        rows.append({"stage": "coreset", "method": be, "dtype": "fp32", "batch": L,
-                     "ms_per_image": best * 1e3, "ms_median": med * 1e3,
-                     "GFLOP_s": 3.0 * L * N * k * D / best / 1e9,
-                     "note": f"L={L} N={N} D={D} k={k}; ms per call"})
+        for method, isa in _variants(be):
+            reps = 1 if be == "numpy" else args.repeats
+            best, med = timeit(lambda: _with_isa(isa, kernels.kcenter_greedy, x, k, be), reps)
+            ms[method] = best * 1e3
+            rows.append({"stage": "coreset", "method": method, "dtype": "fp32", "batch": L,
+                         "ms_per_image": best * 1e3, "ms_median": med * 1e3,
+                         "GFLOP_s": 2.0 * L * N * k * D / best / 1e9,
+                         "note": f"L={L} N={N} D={D} k={k}; ms per call"})
     for row in rows:
         row["speedup_vs_numpy"] = ms["numpy"] / row["ms_per_image"]
-    if "cpp" in ms:
-        rows.append(_target("coreset cpp speed-up over numpy", ">= 10", ms["numpy"] / ms["cpp"],
+    if "cpp" in kernels.available():
+        cpp = _variants("cpp")[0][0]
+        rows.append(_target("coreset cpp speed-up over numpy", ">= 10", ms["numpy"] / ms[cpp],
                             lambda v: v >= 10))
     return rows
 
