@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # export parses its own flags: argparse's REMAINDER in a subparser rejects leading options.
+    if argv[:1] == ["export"]:
+        return cmd_export(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
