@@ -75,7 +75,9 @@ class DinoPatch:
             side of the canonical frame.
         align: align parts to a canonical pose; False for fixtured parts and
             flat textures.
-        engine: ``"torch"``, ``"onnx"`` or ``"auto"``.
+        engine: ``"torch"``, ``"onnx"``, ``"onnx:int8"``, ``"onnx:fp16"``, a
+            path to an ``.onnx`` export, or ``"auto"`` (see
+            :func:`dinopatch.backbone.make_backbone`).
         kernel: distance kernel backend, ``"cuda"``, ``"cpp"``, ``"numba"``,
             ``"numpy"`` or ``"auto"``.
         seed: seeds random weights and the calibration split.
@@ -156,7 +158,9 @@ class DinoPatch:
 
     def _get_backbone(self):
         if self._backbone is None:
-            self._backbone = make_backbone(self.engine, name=self.backbone, weights=self.weights,
+            # A loaded detector insists on the weights its bank was fitted with.
+            self._backbone = make_backbone(self.engine, getattr(self, "weights_fingerprint_", None),
+                                           name=self.backbone, weights=self.weights,
                                            image_size=self.image_size, layers=self.layers, seed=self.seed)
         return self._backbone
 
@@ -177,6 +181,7 @@ class DinoPatch:
         self.aligner_ = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         canon = [self.aligner_.transform(im) for im in images]
         tokens = self._embed([c[0] for c in canon], desc="fit: embedding")
+        self.weights_fingerprint_ = self._get_backbone().fingerprint
         flips = np.zeros(len(images), bool)
         self.polarity_ = None
         if self.align:
@@ -322,6 +327,7 @@ class DinoPatch:
             "pixel_threshold": self.pixel_threshold_,
             "grid": list(self.memory_bank_.grid),
             "aligner": self.aligner_.state_dict(),
+            "weights_fingerprint": self.weights_fingerprint_,
         }
         arrays = {"bank": self.memory_bank_.features,
                   "calibration_scores": np.asarray(self.calibration_scores_, np.float64)}
@@ -358,6 +364,7 @@ class DinoPatch:
             det.calibration_scores_ = arrays["calibration_scores"]
             det.aligner_ = Aligner.from_state_dict(header["aligner"])
             det.polarity_ = arrays.get("polarity")
+            det.weights_fingerprint_ = header.get("weights_fingerprint")
             if det.align and (det.polarity_ is None or det.polarity_.shape != (side, spec.embed_dim)):
                 raise modelfile.ModelFileError(f"{path}: polarity reference missing or of the wrong shape")
         except modelfile.ModelFileError:

@@ -175,8 +175,12 @@ def _quantize_int8(src: Path, dst: Path):
 
 def _to_fp16(model):
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_BLOCK_LIST)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_BLOCK_LIST)
+    # The converter appends the input casts at the end; the checker wants topological order.
+    OnnxModel(model).topological_sort()
+    return model
 
 
 def _check_input(image_size: int, batch: int, mean, std, seed: int = 0) -> np.ndarray:
