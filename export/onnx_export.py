@@ -154,6 +154,8 @@ def _trace(backbone: TorchBackbone, path: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # timm asserts the input size in Python; the graph is for that one size anyway.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # The legacy exporter is chosen on purpose (see above); its deprecation notice is not news.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             torch.onnx.export(Tokens().eval(), (sample.to(backbone.device),), str(path), input_names=["images"],
                               output_names=["tokens"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}})
