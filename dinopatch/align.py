@@ -38,7 +38,8 @@ class Alignment:
             ``[0, 360)`` from the input's +x towards +y.
         scale: canonical pixels per input pixel.
         centre: ``(x, y)`` input point at the centre of the canonical frame.
-        flipped: the axis was turned by 180 degrees to match the nominal polarity.
+        flipped: the principal axis, taken pointing towards the input's +x,
+            was turned by 180 degrees to match the nominal polarity.
         mirrored: the part was mirrored about its axis (``mirror=True`` only).
         trusted: False where the pose could not be measured reliably; the
             warp is then a centred resize of the whole image.
@@ -61,7 +62,7 @@ class _Part:
     """A part measured in input-pixel units."""
 
     centre: np.ndarray        # (x, y)
-    axis: np.ndarray          # unit principal axis (x, y)
+    axis: np.ndarray          # unit principal axis (x, y), pointing towards +x
     sigma: float              # standard deviation of the silhouette along the axis
     elongation: float         # minor / major eigenvalue
     length: float             # outline extent along the axis / sigma
@@ -364,7 +365,7 @@ def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
     d = np.diag(to_input[:, :2].diagonal())
     cov = d @ np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) @ d / mom["m00"]
     evals, evecs = np.linalg.eigh(cov)
-    axis = evecs[:, 1]
+    axis = evecs[:, 1] if evecs[0, 1] > 0 or (evecs[0, 1] == 0 and evecs[1, 1] > 0) else -evecs[:, 1]
     centre = to_input @ np.array([mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], 1.0])
     sigma = float(np.sqrt(max(evals[1], 1e-12)))
     proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
