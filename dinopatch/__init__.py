@@ -4,10 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from . import kernels
-
 __version__ = "0.1.0"
-__all__ = ["kernels", "__version__"]
 
 
 class _SourceExportFinder(importlib.abc.MetaPathFinder):
@@ -32,3 +29,8 @@ _export = Path(__file__).resolve().parent.parent / "export"
 if (_export / "__init__.py").is_file() and not any(isinstance(f, _SourceExportFinder) for f in sys.meta_path):
     # Ahead of an editable install of another checkout, which would map the name to its own folder.
     sys.meta_path.insert(0, _SourceExportFinder(_export))
+
+from . import kernels  # noqa: E402
+from .detector import DinoPatch, NotFittedError, Result  # noqa: E402
+
+__all__ = ["DinoPatch", "NotFittedError", "Result", "kernels", "__version__"]
