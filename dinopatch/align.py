@@ -163,8 +163,7 @@ class Aligner:
             interp = cv2.INTER_AREA if s * s < h * w else cv2.INTER_CUBIC
             canon = cv2.resize(image, (s, s), interpolation=interp)
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            al = Alignment(0.0, float(np.sqrt(s * s / (h * w))), ((w - 1) / 2, (h - 1) / 2), False, False,
-                           True, "", m)
+            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
@@ -198,8 +197,7 @@ class Aligner:
 
     def _silhouette(self, part: _Part) -> np.ndarray:
         """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
-        scale_t = self.zoom * _TEMPLATE / (self.nominal_length_ * part.sigma)
-        m = _canonical_matrix(part.centre, part.axis, scale_t, (False, False), _TEMPLATE)
+        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False), _TEMPLATE)
         return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE), flags=cv2.INTER_LINEAR)
 
     def _measure(self, image: np.ndarray) -> _Part:
