@@ -304,10 +304,12 @@ def _orient(sil: np.ndarray, orient) -> np.ndarray:
 def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Warp to ``size x size`` with reflect padding; also the validity of each canonical pixel."""
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
-    # warpAffine does not low-pass: halve (Gaussian pyramid) until the warp is about 1:1.
-    while scale < 0.7 and min(image.shape[:2]) > 1:
-        image = cv2.pyrDown(image)
-        m, scale = _compose(m, np.array([[2.0, 0, 0], [0, 2.0, 0]])), 2 * scale
+    # warpAffine does not low-pass: halve until the warp is about 1:1 (2x2 means,
+    # INTER_AREA's fast path for even sides; the odd last row/column is dropped).
+    while scale < 0.7 and min(image.shape[:2]) >= 2:
+        h, w = image.shape[:2]
+        image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
     canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     ones = np.ones(image.shape[:2], np.uint8)
     valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
