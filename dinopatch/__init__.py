@@ -1,5 +1,7 @@
 """DinoPatch: anomaly detection on aligned parts from DINOv2 patch memories."""
-from . import kernels
-
 __version__ = "0.1.0"
-__all__ = ["kernels", "__version__"]
+
+from . import kernels  # noqa: E402
+from .detector import DinoPatch, NotFittedError, Result  # noqa: E402
+
+__all__ = ["DinoPatch", "NotFittedError", "Result", "kernels", "__version__"]

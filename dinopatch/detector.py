@@ -155,9 +155,11 @@ class DinoPatch:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def _get_backbone(self):
-        if self._backbone is None:
-            self._backbone = make_backbone(self.engine, name=self.backbone, weights=self.weights,
-                                           image_size=self.image_size, layers=self.layers, seed=self.seed)
+        # Several threads may predict at once: build the backbone exactly once.
+        with self._lock:
+            if self._backbone is None:
+                self._backbone = make_backbone(self.engine, name=self.backbone, weights=self.weights,
+                                               image_size=self.image_size, layers=self.layers, seed=self.seed)
         return self._backbone
 
     def fit(self, images) -> "DinoPatch":
@@ -256,11 +258,21 @@ class DinoPatch:
         bs = int(self.batch_size)
         out = []
         for i in range(0, len(images), bs):
-            out.extend(self._distances_batch(images[i:i + bs]))
+            out.extend(self.distances_aligned(self.align_images(images[i:i + bs])))
         return out
 
-    def _distances_batch(self, images: list[np.ndarray]) -> list[PatchDistances]:
-        aligned = [self.aligner_.transform(im) for im in images]
+    def align_images(self, images: list[np.ndarray]) -> list[tuple]:
+        """First stage of :meth:`patch_distances`: each image in the canonical frame.
+
+        Returns ``(image, (canonical, valid, alignment))`` per image; the stages
+        are public so that :mod:`dinopatch.stream` can overlap them.
+        """
+        return [(im, self.aligner_.transform(im)) for im in images]
+
+    def distances_aligned(self, batch: list[tuple]) -> list[PatchDistances]:
+        """Second stage of :meth:`patch_distances`: backbone and bank on one batch from :meth:`align_images`."""
+        images = [im for im, _ in batch]
+        aligned = [a for _, a in batch]
         tokens = self._get_backbone()(np.stack([a[0] for a in aligned]))
         flips = np.zeros(len(images), bool)
         if self.polarity_ is not None:
