@@ -163,8 +163,7 @@ class Aligner:
             interp = cv2.INTER_AREA if s * s < h * w else cv2.INTER_CUBIC
             canon = cv2.resize(image, (s, s), interpolation=interp)
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            al = Alignment(0.0, float(np.sqrt(s * s / (h * w))), ((w - 1) / 2, (h - 1) / 2), False, False,
-                           True, "", m)
+            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
@@ -198,8 +197,7 @@ class Aligner:
 
     def _silhouette(self, part: _Part) -> np.ndarray:
         """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
-        scale_t = self.zoom * _TEMPLATE / (self.nominal_length_ * part.sigma)
-        m = _canonical_matrix(part.centre, part.axis, scale_t, (False, False), _TEMPLATE)
+        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False), _TEMPLATE)
         return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE), flags=cv2.INTER_LINEAR)
 
     def _measure(self, image: np.ndarray) -> _Part:
@@ -306,10 +304,12 @@ def _orient(sil: np.ndarray, orient) -> np.ndarray:
 def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Warp to ``size x size`` with reflect padding; also the validity of each canonical pixel."""
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
-    # warpAffine does not low-pass: halve (Gaussian pyramid) until the warp is about 1:1.
-    while scale < 0.7 and min(image.shape[:2]) > 1:
-        image = cv2.pyrDown(image)
-        m, scale = _compose(m, np.array([[2.0, 0, 0], [0, 2.0, 0]])), 2 * scale
+    # warpAffine does not low-pass: halve until the warp is about 1:1 (2x2 means,
+    # INTER_AREA's fast path for even sides; the odd last row/column is dropped).
+    while scale < 0.7 and min(image.shape[:2]) >= 2:
+        h, w = image.shape[:2]
+        image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
     canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     ones = np.ones(image.shape[:2], np.uint8)
     valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
