@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["Aligner", "Alignment"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the nominal size is relative to the frame
 _TEMPLATE = 64           # side of the silhouettes that settle polarity and mirroring
 _PAD = 4                 # analysis-image padding, so outlines cut by the border still close
 _MIN_SIDE = 8            # analysis images smaller than this hold no measurable part
@@ -64,6 +64,7 @@ class _Part:
     centre: np.ndarray        # (x, y)
     axis: np.ndarray          # unit principal axis (x, y), pointing towards +x
     sigma: float              # standard deviation of the silhouette along the axis
+    frame: float              # the image's longest side
     elongation: float         # minor / major eigenvalue
     length: float             # outline extent along the axis / sigma
     silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
@@ -80,8 +81,9 @@ class Aligner:
             resized to ``size x size``.
         mirror: parts may lie on either face; resolve mirroring too.
         zoom: fraction of the frame the nominal part's length fills.
-        scale_tolerance: a part whose size differs from the nominal median by
-            more than this factor (either way) is not trusted.
+        scale_tolerance: a part whose size, relative to the image's longest
+            side, differs from the nominal median by more than this factor
+            (either way) is not trusted.
         analysis_size: longest side of the image the outline is measured on.
     """
 
@@ -97,7 +99,7 @@ class Aligner:
             raise ValueError(f"analysis_size must be >= {2 * _MIN_SIDE}, got {analysis_size}")
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
-        self.nominal_sigma_ = self.nominal_length_ = self.round_ = self.template_ = None
+        self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
 
     # -- fitting ---------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Aligner:
         if not parts:
             raise ValueError(f"no part outline found in any of the {len(images)} nominal images; "
                              "use align=False for fixtured parts and textures")
-        self.nominal_sigma_ = float(np.median([p.sigma for p in parts]))
+        self.nominal_size_ = float(np.median([p.sigma / p.frame for p in parts]))
         self.nominal_length_ = float(np.median([p.length for p in parts]))
         self.round_ = bool(np.median([p.elongation for p in parts]) > _ROUND)
         for p in parts if self.round_ else ():
@@ -188,7 +190,8 @@ class Aligner:
         return self.zoom * self.size / (self.nominal_length_ * part.sigma)
 
     def _doubt(self, part: _Part) -> str:
-        ratio = part.sigma / self.nominal_sigma_
+        # Relative to the frame, so that the same scene at another resolution is the same size.
+        ratio = part.sigma / part.frame / self.nominal_size_
         if not 1 / self.scale_tolerance <= ratio <= self.scale_tolerance:
             return f"part size {ratio:.2f} x nominal, outside the tolerance {self.scale_tolerance:g}"
         if part.elongation > _ROUND and not self.round_:
@@ -236,7 +239,7 @@ class Aligner:
         """Everything :meth:`fit` learned and the constructor arguments, JSON-serialisable."""
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
-                "nominal_sigma": self.nominal_sigma_, "nominal_length": self.nominal_length_, "round": self.round_,
+                "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "template": None if self.template_ is None else self.template_.tolist()}
 
     @classmethod
@@ -253,7 +256,7 @@ class Aligner:
                 if template.shape != (_TEMPLATE, _TEMPLATE):
                     raise ValueError(f"template of shape {template.shape}, expected ({_TEMPLATE}, {_TEMPLATE})")
                 al.template_ = template
-                al.nominal_sigma_ = float(state["nominal_sigma"])
+                al.nominal_size_ = float(state["nominal_size"])
                 al.nominal_length_ = float(state["nominal_length"])
                 al.round_ = bool(state["round"])
         except KeyError as e:
@@ -326,7 +329,7 @@ def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
     to_input = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5]])
 
     def failed(reason: str) -> _Part:
-        return _Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, 1.0, 0.0,
+        return _Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
                      np.zeros((sh, sw), np.float32), to_input, reason)
 
     if min(sw, sh) < _MIN_SIDE:
@@ -369,7 +372,7 @@ def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
     centre = to_input @ np.array([mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], 1.0])
     sigma = float(np.sqrt(max(evals[1], 1e-12)))
     proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
-    part = _Part(centre, axis, sigma, float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
+    part = _Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
                  mask.astype(np.float32) / 255, to_input=to_input)
     width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
     if contact > _BORDER_CONTACT * width:

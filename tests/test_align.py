@@ -139,6 +139,16 @@ def test_valid_mask_marks_padding():
     assert valid_c.min() == 1.0
 
 
+def test_resolution_does_not_matter(fitted):
+    im, _, _ = render(np.random.default_rng(12))
+    _, _, ref = fitted.transform(im)
+    for side in (101, 2000):
+        _, _, al = fitted.transform(cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA))
+        assert al.trusted, al.reason
+        assert abs((al.angle - ref.angle + 180) % 360 - 180) < 3
+        assert al.scale * side == pytest.approx(ref.scale * SCENE, rel=0.05)
+
+
 def test_disabled_is_a_plain_resize():
     aligner = Aligner(size=SIZE, enabled=False).fit([np.zeros((50, 70), np.uint8)])
     im = np.random.default_rng(7).integers(0, 256, (90, 130, 3), dtype=np.uint8)
@@ -168,7 +178,7 @@ def test_untrusted_cases_still_give_a_result(fitted, case):
         im = render(rng, scale=0.5)[0]
     else:  # a disc of about the nominal size: its axis is undefined
         im = np.full((SCENE, SCENE), 200, np.uint8)
-        cv2.circle(im, (SCENE // 2, SCENE // 2), int(2 * fitted.nominal_sigma_), 70, -1)
+        cv2.circle(im, (SCENE // 2, SCENE // 2), int(2 * fitted.nominal_size_ * SCENE), 70, -1)
     canon, valid, al = fitted.transform(im)
     assert not al.trusted and al.reason
     assert canon.shape == (SIZE, SIZE, 3) and canon.dtype == np.uint8 and valid.shape == (SIZE, SIZE)
@@ -191,6 +201,8 @@ def test_state_dict_round_trip(fitted):
         np.testing.assert_array_equal(a[2].matrix, b[2].matrix)
     with pytest.raises(ValueError, match="version"):
         Aligner.from_state_dict({"size": 3})
+    with pytest.raises(ValueError, match="version"):
+        Aligner.from_state_dict(dict(state, version=1))
     with pytest.raises(ValueError, match="lacks"):
         Aligner.from_state_dict({k: v for k, v in state.items() if k != "zoom"})
 
