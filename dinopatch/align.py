@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["Aligner", "Alignment"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the nominal size is relative to the frame
 _TEMPLATE = 64           # side of the silhouettes that settle polarity and mirroring
 _PAD = 4                 # analysis-image padding, so outlines cut by the border still close
 _MIN_SIDE = 8            # analysis images smaller than this hold no measurable part
@@ -64,6 +64,7 @@ class _Part:
     centre: np.ndarray        # (x, y)
     axis: np.ndarray          # unit principal axis (x, y), pointing towards +x
     sigma: float              # standard deviation of the silhouette along the axis
+    frame: float              # the image's longest side
     elongation: float         # minor / major eigenvalue
     length: float             # outline extent along the axis / sigma
     silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
@@ -80,8 +81,9 @@ class Aligner:
             resized to ``size x size``.
         mirror: parts may lie on either face; resolve mirroring too.
         zoom: fraction of the frame the nominal part's length fills.
-        scale_tolerance: a part whose size differs from the nominal median by
-            more than this factor (either way) is not trusted.
+        scale_tolerance: a part whose size, relative to the image's longest
+            side, differs from the nominal median by more than this factor
+            (either way) is not trusted.
         analysis_size: longest side of the image the outline is measured on.
     """
 
@@ -97,7 +99,7 @@ class Aligner:
             raise ValueError(f"analysis_size must be >= {2 * _MIN_SIDE}, got {analysis_size}")
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
-        self.nominal_sigma_ = self.nominal_length_ = self.round_ = self.template_ = None
+        self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
 
     # -- fitting ---------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Aligner:
         if not parts:
             raise ValueError(f"no part outline found in any of the {len(images)} nominal images; "
                              "use align=False for fixtured parts and textures")
-        self.nominal_sigma_ = float(np.median([p.sigma for p in parts]))
+        self.nominal_size_ = float(np.median([p.sigma / p.frame for p in parts]))
         self.nominal_length_ = float(np.median([p.length for p in parts]))
         self.round_ = bool(np.median([p.elongation for p in parts]) > _ROUND)
         for p in parts if self.round_ else ():
@@ -163,8 +165,7 @@ class Aligner:
             interp = cv2.INTER_AREA if s * s < h * w else cv2.INTER_CUBIC
             canon = cv2.resize(image, (s, s), interpolation=interp)
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            al = Alignment(0.0, float(np.sqrt(s * s / (h * w))), ((w - 1) / 2, (h - 1) / 2), False, False,
-                           True, "", m)
+            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
@@ -189,7 +190,8 @@ class Aligner:
         return self.zoom * self.size / (self.nominal_length_ * part.sigma)
 
     def _doubt(self, part: _Part) -> str:
-        ratio = part.sigma / self.nominal_sigma_
+        # Relative to the frame, so that the same scene at another resolution is the same size.
+        ratio = part.sigma / part.frame / self.nominal_size_
         if not 1 / self.scale_tolerance <= ratio <= self.scale_tolerance:
             return f"part size {ratio:.2f} x nominal, outside the tolerance {self.scale_tolerance:g}"
         if part.elongation > _ROUND and not self.round_:
@@ -198,8 +200,7 @@ class Aligner:
 
     def _silhouette(self, part: _Part) -> np.ndarray:
         """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
-        scale_t = self.zoom * _TEMPLATE / (self.nominal_length_ * part.sigma)
-        m = _canonical_matrix(part.centre, part.axis, scale_t, (False, False), _TEMPLATE)
+        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False), _TEMPLATE)
         return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE), flags=cv2.INTER_LINEAR)
 
     def _measure(self, image: np.ndarray) -> _Part:
@@ -238,7 +239,7 @@ class Aligner:
         """Everything :meth:`fit` learned and the constructor arguments, JSON-serialisable."""
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
-                "nominal_sigma": self.nominal_sigma_, "nominal_length": self.nominal_length_, "round": self.round_,
+                "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "template": None if self.template_ is None else self.template_.tolist()}
 
     @classmethod
@@ -255,7 +256,7 @@ class Aligner:
                 if template.shape != (_TEMPLATE, _TEMPLATE):
                     raise ValueError(f"template of shape {template.shape}, expected ({_TEMPLATE}, {_TEMPLATE})")
                 al.template_ = template
-                al.nominal_sigma_ = float(state["nominal_sigma"])
+                al.nominal_size_ = float(state["nominal_size"])
                 al.nominal_length_ = float(state["nominal_length"])
                 al.round_ = bool(state["round"])
         except KeyError as e:
@@ -306,10 +307,12 @@ def _orient(sil: np.ndarray, orient) -> np.ndarray:
 def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Warp to ``size x size`` with reflect padding; also the validity of each canonical pixel."""
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
-    # warpAffine does not low-pass: halve (Gaussian pyramid) until the warp is about 1:1.
-    while scale < 0.7 and min(image.shape[:2]) > 1:
-        image = cv2.pyrDown(image)
-        m, scale = _compose(m, np.array([[2.0, 0, 0], [0, 2.0, 0]])), 2 * scale
+    # warpAffine does not low-pass: halve until the warp is about 1:1 (2x2 means,
+    # INTER_AREA's fast path for even sides; the odd last row/column is dropped).
+    while scale < 0.7 and min(image.shape[:2]) >= 2:
+        h, w = image.shape[:2]
+        image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
     canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     ones = np.ones(image.shape[:2], np.uint8)
     valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -326,7 +329,7 @@ def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
     to_input = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5]])
 
     def failed(reason: str) -> _Part:
-        return _Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, 1.0, 0.0,
+        return _Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
                      np.zeros((sh, sw), np.float32), to_input, reason)
 
     if min(sw, sh) < _MIN_SIDE:
@@ -369,7 +372,7 @@ def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
     centre = to_input @ np.array([mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], 1.0])
     sigma = float(np.sqrt(max(evals[1], 1e-12)))
     proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
-    part = _Part(centre, axis, sigma, float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
+    part = _Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
                  mask.astype(np.float32) / 255, to_input=to_input)
     width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
     if contact > _BORDER_CONTACT * width:

@@ -139,6 +139,16 @@ def test_valid_mask_marks_padding():
     assert valid_c.min() == 1.0
 
 
+def test_resolution_does_not_matter(fitted):
+    im, _, _ = render(np.random.default_rng(12))
+    _, _, ref = fitted.transform(im)
+    for side in (101, 2000):
+        _, _, al = fitted.transform(cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA))
+        assert al.trusted, al.reason
+        assert abs((al.angle - ref.angle + 180) % 360 - 180) < 3
+        assert al.scale * side == pytest.approx(ref.scale * SCENE, rel=0.05)
+
+
 def test_disabled_is_a_plain_resize():
     aligner = Aligner(size=SIZE, enabled=False).fit([np.zeros((50, 70), np.uint8)])
     im = np.random.default_rng(7).integers(0, 256, (90, 130, 3), dtype=np.uint8)
@@ -150,13 +160,15 @@ def test_disabled_is_a_plain_resize():
     assert small.shape == (SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("case", ["blank", "1x1", "tiny_part", "cut_off", "too_small", "round"])
+@pytest.mark.parametrize("case", ["blank", "1x1", "sliver", "tiny_part", "cut_off", "too_small", "round"])
 def test_untrusted_cases_still_give_a_result(fitted, case):
     rng = np.random.default_rng(8)
     if case == "blank":
         im = np.full((120, 90, 3), 128, np.uint8)
     elif case == "1x1":
         im = np.zeros((1, 1), np.uint8)
+    elif case == "sliver":
+        im = rng.integers(0, 256, (3, 2000, 3), dtype=np.uint8)
     elif case == "tiny_part":
         im = np.full((SCENE, SCENE), 200, np.uint8)
         cv2.circle(im, (100, 100), 3, 60, -1)
@@ -166,7 +178,7 @@ def test_untrusted_cases_still_give_a_result(fitted, case):
         im = render(rng, scale=0.5)[0]
     else:  # a disc of about the nominal size: its axis is undefined
         im = np.full((SCENE, SCENE), 200, np.uint8)
-        cv2.circle(im, (SCENE // 2, SCENE // 2), int(2 * fitted.nominal_sigma_), 70, -1)
+        cv2.circle(im, (SCENE // 2, SCENE // 2), int(2 * fitted.nominal_size_ * SCENE), 70, -1)
     canon, valid, al = fitted.transform(im)
     assert not al.trusted and al.reason
     assert canon.shape == (SIZE, SIZE, 3) and canon.dtype == np.uint8 and valid.shape == (SIZE, SIZE)
@@ -189,6 +201,8 @@ def test_state_dict_round_trip(fitted):
         np.testing.assert_array_equal(a[2].matrix, b[2].matrix)
     with pytest.raises(ValueError, match="version"):
         Aligner.from_state_dict({"size": 3})
+    with pytest.raises(ValueError, match="version"):
+        Aligner.from_state_dict(dict(state, version=1))
     with pytest.raises(ValueError, match="lacks"):
         Aligner.from_state_dict({k: v for k, v in state.items() if k != "zoom"})
 
@@ -204,8 +218,9 @@ def test_mirror_resolves_a_part_lying_on_its_other_face():
         worst = min(iou(a, b) for i, a in enumerate(sils) for b in sils[i + 1:])
         if mirror:
             assert worst > 0.9
-            assert [al.mirrored for al in results[::2]] != [al.mirrored for al in results[1::2]]
-            assert len({al.mirrored for al in results[::2]}) == 1
+            # Each face is consistently mirrored or not, the two faces oppositely.
+            faces = {al.mirrored for al in results[::2]}, {not al.mirrored for al in results[1::2]}
+            assert len(faces[0]) == 1 and faces[0] == faces[1]
         else:
             assert worst < 0.9  # without mirroring the tab lands on either side
             assert not any(al.mirrored for al in results)
@@ -224,7 +239,17 @@ def test_bad_inputs(fitted):
         Aligner(size=SIZE).fit([])
     with pytest.raises(ValueError, match="no part outline"):
         Aligner(size=SIZE).fit([np.full((64, 64), 9, np.uint8)])
+    with pytest.raises(ValueError, match="zoom"):
+        Aligner(size=SIZE, zoom=1.5)
     with pytest.raises(RuntimeError, match="not fitted"):
         Aligner(size=SIZE).transform(np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="canonical"):
         fitted.inverse_map(np.zeros((3, 3), np.float32), fitted.transform(np.zeros((8, 8), np.uint8))[2], (8, 8))
+
+
+def test_fit_skips_nominal_images_without_a_part():
+    rng = np.random.default_rng(11)
+    images = [render(rng)[0] for _ in range(3)]
+    a = Aligner(size=SIZE).fit(images)
+    b = Aligner(size=SIZE).fit(images + [np.full((SCENE, SCENE, 3), 200, np.uint8)])
+    assert a.state_dict() == b.state_dict()
