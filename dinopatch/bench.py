@@ -46,14 +46,20 @@ def stage(name: str, groups: tuple[str, ...] = ()):
     return register
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(best, median) seconds of ``repeats`` calls after one warm-up call."""
+def calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of ``repeats`` calls after one warm-up call."""
+    times = calls(fn, repeats)
     return min(times), statistics.median(times)
 
 
@@ -235,16 +241,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _calls(fn: Callable[[], object], n: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def _detector(args, **overrides):
     from .detector import DinoPatch
 
@@ -271,7 +267,7 @@ def bench_align(args) -> list[dict]:
 
     frames = _frames(8, seed=2)
     aligner = Aligner(size=args.image_size).fit(_frames(8, seed=1))
-    times = [t for im in frames for t in _calls(lambda im=im: aligner.transform(im), args.repeats)]
+    times = [t for im in frames for t in calls(lambda im=im: aligner.transform(im), args.repeats)]
     return [_latency_row("align", "opencv", times, note=f"256 px frame -> {args.image_size} px")]
 
 
@@ -293,7 +289,7 @@ def bench_post(args) -> list[dict]:
     """Post-processing of one image's distances: upsample, smooth, score, map back, segment."""
     det = _fitted(args)
     raws = det.patch_distances(_frames(4, seed=2))
-    times = [t for raw in raws for t in _calls(lambda raw=raw: det.result_from(raw), args.repeats)]
+    times = [t for raw in raws for t in calls(lambda raw=raw: det.result_from(raw), args.repeats)]
     return [_latency_row("post", "opencv", times, note="256 px frame")]
 
 
@@ -309,8 +305,8 @@ def bench_e2e(args) -> list[dict]:
     notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
     for name in ("aligner_", "memory_bank_", "polarity_", "threshold_", "pixel_threshold_"):
         setattr(notebook, name, getattr(det, name))
-    ours = _calls(lambda: det.predict(frames), max(1, args.repeats // 2))
-    theirs = _calls(lambda: notebook.predict(frames), max(1, args.repeats // 2))
+    ours = calls(lambda: det.predict(frames), max(1, args.repeats // 2))
+    theirs = calls(lambda: notebook.predict(frames), max(1, args.repeats // 2))
     a, b = det.score_images(frames), notebook.score_images(frames)
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
