@@ -148,6 +148,12 @@ def _hardware() -> dict:
         import psutil
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
+        pass
+    cuda = kernels._cuda()
+    info["cuda_devices"] = cuda.device_count() if cuda is not None else 0
+    return info
+
+
 def _variants(backend: str) -> list[tuple[str, str | None]]:
     """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
     if backend != "cpp":
@@ -164,12 +170,6 @@ def _with_isa(isa: str | None, fn, *args):
         return fn(*args)
     finally:
         kernels._C.set_isa(previous)
-
-
-        pass
-    cuda = kernels._cuda()
-    info["cuda_devices"] = cuda.device_count() if cuda is not None else 0
-    return info
 
 
 @stage("min_distance", groups=("kernels",))
