@@ -106,6 +106,8 @@ def _check_counts(counts, L: int, K: int) -> np.ndarray | None:
 
 def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
     """``(h, w, radius)``; ``radius`` 0 means own location only."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
+        raise TypeError(f"radius must be an integer number of grid steps, got {radius!r}")
     radius = int(radius)
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")

@@ -220,6 +220,8 @@ def test_min_distance_errors(backend, rng):
         (dict(radius=1), "needs grid"),
         (dict(grid=(2, 3), radius=-1), "radius must be >= 0"),
     ]
+    with pytest.raises(TypeError, match="radius must be an integer"):
+        kernels.min_distance(q, b, backend, grid=(2, 3), radius=1.5)
     for change, message in bad:
         args = dict(queries=q, bank=b) | change
         qq, bb = args.pop("queries"), args.pop("bank")
