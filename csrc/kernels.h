@@ -1,16 +1,56 @@
-// CPU kernels of dinopatch._C.  Plain row-major float32 arrays; shapes are
-// checked in Python (dinopatch/kernels.py) before any pointer reaches here.
+// CPU kernels of dinopatch._C.  Plain row-major arrays; shapes are checked in
+// Python (dinopatch/kernels.py) and again in bindings.cpp before any pointer
+// reaches here.
 #pragma once
 #include <cstdint>
 
 namespace dinopatch {
 
-// out[b, l] = min_k || queries[b, l, :] - bank[l, k, :] ||_2
-void min_distance_cpu(const float* queries, const float* bank, float* out,
-                      int64_t B, int64_t L, int64_t K, int64_t D);
+// The SIMD inner loops, one table per instruction set (isa_*.cpp).  Each file
+// is compiled with its own -m flags and only ever called after a run-time
+// check of the CPU, so one build runs on CPUs with and without AVX-512.
+struct IsaKernels {
+  const char* name;
+  // best[i] <- min(best[i], ||q_i - row_r||^2 over r < nrows); q_i = q + i * q_stride.
+  // NaN propagates: a NaN query (or row) leaves best[i] NaN.
+  void (*min_sq_f32)(const float* q, int64_t q_stride, int64_t nq, const float* rows,
+                     int64_t nrows, int64_t D, float* best);
+  void (*min_sq_f16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* rows,
+                     int64_t nrows, int64_t D, float* best);
+  // Greedy k-center at one location x [N, D] -> out [k]; scratch: mean [D],
+  // mind and dist [N].
+  void (*kcenter_one)(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out,
+                      double* mean, float* mind, float* dist);
+  // Sum of x[0..n), read with full-width loads (memory bandwidth probe).
+  double (*sum)(const float* x, int64_t n);
+};
+
+const IsaKernels* isa_generic();
+#ifdef DINOPATCH_X86_ISAS
+const IsaKernels* isa_avx2();
+const IsaKernels* isa_avx512();
+#endif
+
+// The instruction sets this CPU and build support, best first.
+const char* const* supported_isas(int* n);
+// Select by name (one of supported_isas); returns false when not supported.
+bool set_isa(const char* name);
+const IsaKernels& active_isa();
+
+// out[b, l] = min over locations m within `radius` Chebyshev steps of l on the
+// h x w grid, and rows k < counts[m] (K when counts is null), of
+// ||queries[b, l] - bank[m, k]||_2.
+void min_distance_cpu(const float* queries, const float* bank, const int64_t* counts, float* out,
+                      int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
+                      int64_t radius);
+void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t* counts,
+                      float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
+                      int64_t w, int64_t radius);
 
 // For each location l, k indices into x[l] chosen by greedy k-center.
-void kcenter_greedy_cpu(const float* x, int64_t* out, int64_t L, int64_t N,
-                        int64_t D, int64_t k);
+void kcenter_greedy_cpu(const float* x, int64_t* out, int64_t L, int64_t N, int64_t D, int64_t k);
+
+// Multi-threaded sum of x[0..n): reads the array once at full memory bandwidth.
+double stream_read_cpu(const float* x, int64_t n);
 
 }  // namespace dinopatch

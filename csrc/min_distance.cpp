@@ -1,31 +1,88 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 
 namespace dinopatch {
 
-void min_distance_cpu(const float* queries, const float* bank, float* out,
-                      int64_t B, int64_t L, int64_t K, int64_t D) {
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t l = 0; l < L; ++l) {
-    for (int64_t b = 0; b < B; ++b) {
-      const float* q = queries + (b * L + l) * D;
-      float best = std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < K; ++k) {
-        const float* r = bank + (l * K + k) * D;
-        // Direct differences: the |q|^2+|b|^2-2qb expansion cancels near zero.
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float t = q[d] - r[d];
-          acc += t * t;
+namespace {
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+template <typename T, typename Fn>
+void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, float* out,
+         int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w, int64_t radius) {
+  // Work items are (location, chunk of the batch).  A whole batch per item
+  // reads each bank tile once for all its queries; the batch is split only
+  // when there are too few locations to keep every thread busy.
+  const int64_t want = 4 * static_cast<int64_t>(max_threads());
+  int64_t chunks = L >= want ? 1 : std::min<int64_t>(B, (want + L - 1) / L);
+  const int64_t chunk = (B + chunks - 1) / chunks;
+  chunks = (B + chunk - 1) / chunk;
+  const int64_t items = L * chunks;
+  // One item: no team, so a busy machine cannot stall it on a sleeping thread.
+#pragma omp parallel if (items > 1)
+  {
+    std::vector<float> best(chunk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t l = it / chunks, b0 = (it % chunks) * chunk;
+      const int64_t nq = std::min(chunk, B - b0);
+      std::fill(best.begin(), best.begin() + nq, std::numeric_limits<float>::infinity());
+      const int64_t y = l / w, x = l % w;
+      const float* q = queries + (b0 * L + l) * D;
+      for (int64_t yy = std::max<int64_t>(0, y - radius); yy <= std::min(h - 1, y + radius); ++yy)
+        for (int64_t xx = std::max<int64_t>(0, x - radius); xx <= std::min(w - 1, x + radius); ++xx) {
+          const int64_t m = yy * w + xx;
+          min_sq(q, L * D, nq, bank + m * K * D, counts ? counts[m] : K, D, best.data());
         }
-        best = std::min(best, acc);
-      }
-      out[b * L + l] = std::sqrt(best);
+      for (int64_t i = 0; i < nq; ++i) out[(b0 + i) * L + l] = std::sqrt(best[i]);
     }
   }
+}
+
+}  // namespace
+
+void min_distance_cpu(const float* queries, const float* bank, const int64_t* counts, float* out,
+                      int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
+                      int64_t radius) {
+  run(active_isa().min_sq_f32, queries, bank, counts, out, B, L, K, D, h, w, radius);
+}
+
+void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t* counts,
+                      float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
+                      int64_t w, int64_t radius) {
+  run(active_isa().min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius);
+}
+
+double stream_read_cpu(const float* x, int64_t n) {
+  const auto sum = active_isa().sum;
+  double total = 0.0;
+#pragma omp parallel reduction(+ : total) if (n > (1 << 20))
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    // Contiguous slices, 64-float aligned, one per thread.
+    const int64_t per = ((n + nt - 1) / nt + 63) / 64 * 64;
+    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
+    total += sum(x + lo, hi - lo);
+  }
+  return total;
 }
 
 }  // namespace dinopatch

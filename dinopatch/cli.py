@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .backbone import ENGINES
+
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector")
@@ -16,7 +18,7 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint path")
     g.add_argument("--image-size", type=int, default=448)
     g.add_argument("--no-align", dest="align", action="store_false", help="fixtured parts and flat textures")
-    g.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"])
+    g.add_argument("--engine", default="auto", choices=ENGINES)
     g.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
     g.add_argument("--coreset-ratio", type=float, default=1.0)
     g.add_argument("--tolerance", type=int, default=1)
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic pasta and screw: generate, fit, evaluate (offline)")
     p.add_argument("-o", "--output", default="dinopatch-demo")
     p.add_argument("--weights", default="pretrained", help="falls back to 'random', loudly, when offline")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"])
+    p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--quick", action="store_true", help="fewer, smaller images")
     p.set_defaults(func=cmd_demo)
 
@@ -158,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # export parses its own flags: argparse's REMAINDER in a subparser rejects leading options.
+    if argv[:1] == ["export"]:
+        return cmd_export(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

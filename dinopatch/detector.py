@@ -75,7 +75,9 @@ class DinoPatch:
             side of the canonical frame.
         align: align parts to a canonical pose; False for fixtured parts and
             flat textures.
-        engine: ``"torch"``, ``"onnx"`` or ``"auto"``.
+        engine: ``"torch"``, ``"onnx"``, ``"onnx:int8"``, ``"onnx:fp16"``, a
+            path to an ``.onnx`` export, or ``"auto"`` (see
+            :func:`dinopatch.backbone.make_backbone`).
         kernel: distance kernel backend, ``"cuda"``, ``"cpp"``, ``"numba"``,
             ``"numpy"`` or ``"auto"``.
         seed: seeds random weights and the calibration split.
@@ -155,9 +157,13 @@ class DinoPatch:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def _get_backbone(self):
-        if self._backbone is None:
-            self._backbone = make_backbone(self.engine, name=self.backbone, weights=self.weights,
-                                           image_size=self.image_size, layers=self.layers, seed=self.seed)
+        # Several threads may predict at once: build the backbone exactly once.
+        with self._lock:
+            if self._backbone is None:
+                # A loaded detector insists on the weights its bank was fitted with.
+                self._backbone = make_backbone(self.engine, getattr(self, "weights_fingerprint_", None),
+                                               name=self.backbone, weights=self.weights,
+                                               image_size=self.image_size, layers=self.layers, seed=self.seed)
         return self._backbone
 
     def fit(self, images) -> "DinoPatch":
@@ -177,6 +183,7 @@ class DinoPatch:
         self.aligner_ = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         canon = [self.aligner_.transform(im) for im in images]
         tokens = self._embed([c[0] for c in canon], desc="fit: embedding")
+        self.weights_fingerprint_ = self._get_backbone().fingerprint
         flips = np.zeros(len(images), bool)
         self.polarity_ = None
         if self.align:
@@ -256,11 +263,21 @@ class DinoPatch:
         bs = int(self.batch_size)
         out = []
         for i in range(0, len(images), bs):
-            out.extend(self._distances_batch(images[i:i + bs]))
+            out.extend(self.distances_aligned(self.align_images(images[i:i + bs])))
         return out
 
-    def _distances_batch(self, images: list[np.ndarray]) -> list[PatchDistances]:
-        aligned = [self.aligner_.transform(im) for im in images]
+    def align_images(self, images: list[np.ndarray]) -> list[tuple]:
+        """First stage of :meth:`patch_distances`: each image in the canonical frame.
+
+        Returns ``(image, (canonical, valid, alignment))`` per image; the stages
+        are public so that :mod:`dinopatch.stream` can overlap them.
+        """
+        return [(im, self.aligner_.transform(im)) for im in images]
+
+    def distances_aligned(self, batch: list[tuple]) -> list[PatchDistances]:
+        """Second stage of :meth:`patch_distances`: backbone and bank on one batch from :meth:`align_images`."""
+        images = [im for im, _ in batch]
+        aligned = [a for _, a in batch]
         tokens = self._get_backbone()(np.stack([a[0] for a in aligned]))
         flips = np.zeros(len(images), bool)
         if self.polarity_ is not None:
@@ -322,6 +339,7 @@ class DinoPatch:
             "pixel_threshold": self.pixel_threshold_,
             "grid": list(self.memory_bank_.grid),
             "aligner": self.aligner_.state_dict(),
+            "weights_fingerprint": self.weights_fingerprint_,
         }
         arrays = {"bank": self.memory_bank_.features,
                   "calibration_scores": np.asarray(self.calibration_scores_, np.float64)}
@@ -358,6 +376,7 @@ class DinoPatch:
             det.calibration_scores_ = arrays["calibration_scores"]
             det.aligner_ = Aligner.from_state_dict(header["aligner"])
             det.polarity_ = arrays.get("polarity")
+            det.weights_fingerprint_ = header.get("weights_fingerprint")
             if det.align and (det.polarity_ is None or det.polarity_.shape != (side, spec.embed_dim)):
                 raise modelfile.ModelFileError(f"{path}: polarity reference missing or of the wrong shape")
         except modelfile.ModelFileError:

@@ -67,13 +67,14 @@ def _pixel_metrics(gts, maps, preds) -> dict:
 
 def _tune(det, raws, labels, gts, threshold: str) -> dict:
     """Choose the post-processing on the tuning part only."""
-    best, best_auc = None, -1.0
-    for sigma in SIGMAS:
-        for score in SCORES:
-            s = np.array([det.result_from(r, sigma=sigma, score=score).score for r in raws])
-            auc = metrics.auroc(labels[np.isfinite(s)], s[np.isfinite(s)])
-            if auc > best_auc + 1e-12:  # ties keep the earlier, simpler setting
-                best, best_auc, best_scores = dict(sigma=sigma, score=score), auc, s
+    # The detector's own settings come first: they stand when the tuning part
+    # cannot rank (one class only), and ties keep them.
+    best, best_auc = None, -np.inf
+    for sigma, score in [(det.sigma, det.score)] + [(g, s) for g in SIGMAS for s in SCORES]:
+        s = np.array([det.result_from(r, sigma=sigma, score=score).score for r in raws])
+        auc = metrics.auroc(labels[np.isfinite(s)], s[np.isfinite(s)])
+        if best is None or auc > best_auc + 1e-12:
+            best, best_auc, best_scores = dict(sigma=sigma, score=score), auc, s
     if threshold == "tuned" and labels.any() and (~labels).any():
         best["threshold"], _ = metrics.best_f1_threshold(labels[np.isfinite(best_scores)],
                                                          best_scores[np.isfinite(best_scores)])

@@ -3,8 +3,14 @@
 Every backend shares one signature and is checked against the numpy
 reference in ``tests/test_kernels.py``:
 
-    min_distance(queries [B, L, D] f32, bank [L, K, D] f32) -> [B, L] f32
+    min_distance(queries [B, L, D] f32, bank [L, K, D] f32|f16) -> [B, L] f32
     kcenter_greedy(x [L, N, D] f32, k) -> [L, k] int64
+
+``min_distance`` also takes the spatial tolerance of the bank (``grid=(h, w)``
+and ``radius``: a query at location l is compared with the rows of every
+location within ``radius`` grid steps, Chebyshev distance, clipped at the
+edges) and ragged banks (``counts[l]`` valid rows at location l; the rows
+beyond are padding and never read).
 
 Backends, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
 ``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``backend=None`` or ``"auto"``
@@ -13,7 +19,9 @@ overrides that choice.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -25,11 +33,31 @@ except ImportError:  # a source checkout that was never built
     _C = None
 
 
+@lru_cache(maxsize=None)
+def _cuda():
+    """dinopatch._C_cuda when it was built and a GPU is present, else None."""
+    try:
+        from . import _C_cuda
+    except ImportError:  # built without CUDA, or no CUDA runtime on this machine
+        return None
+    return _C_cuda if _C_cuda.device_count() > 0 else None
+
+
+@lru_cache(maxsize=None)
+def _numba():
+    from . import _numba_kernels  # lazy: importing numba takes about a second
+    return _numba_kernels
+
+
 def available() -> list[str]:
     """Backends usable in this process, fastest first."""
     found = []
+    if _cuda() is not None:
+        found.append("cuda")
     if _C is not None:
         found.append("cpp")
+    if importlib.util.find_spec("numba") is not None:
+        found.append("numba")
     found.append("numpy")
     return found
 
@@ -45,36 +73,85 @@ def resolve(backend: str | None = None) -> str:
     return backend
 
 
-def _as_f32(name: str, a, ndim: int) -> np.ndarray:
+def _as_float(name: str, a, ndim: int, keep_f16: bool = False) -> np.ndarray:
+    """``a`` as a C-contiguous float32 array (float16 kept when ``keep_f16``)."""
     a = np.asarray(a)
     if a.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+        raise ValueError(f"{name} must be a float array, got dtype {a.dtype} (shape {a.shape})")
+    dtype = np.float16 if keep_f16 and a.dtype == np.float16 else np.float32
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
-def min_distance(queries, bank, backend: str | None = None) -> np.ndarray:
+def _check_counts(counts, L: int, K: int) -> np.ndarray | None:
+    if counts is None:
+        return None
+    c = np.asarray(counts)
+    if c.shape != (L,) or not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"counts must be an integer array of shape ({L},), got {c.dtype} {c.shape}")
+    if L and (c.min() < 1 or c.max() > K):
+        raise ValueError(f"counts must lie in [1, K = {K}], got range [{c.min()}, {c.max()}]")
+    return np.ascontiguousarray(c, dtype=np.int64)
+
+
+def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
+    """``(h, w, radius)``; ``radius`` 0 means own location only."""
+    radius = int(radius)
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    if grid is None:
+        if radius:
+            raise ValueError(f"radius = {radius} needs grid=(h, w) with h * w = L = {L}")
+        return L, 1, 0
+    if len(grid) != 2 or int(grid[0]) * int(grid[1]) != L or min(grid) < 1:
+        raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
+    return int(grid[0]), int(grid[1]), radius
+
+
+def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid=None,
+                 radius: int = 0) -> np.ndarray:
     """Distance from each query to the nearest bank row at its location.
 
     Args:
         queries: ``[B, L, D]`` float features, one row per image and location.
-        bank: ``[L, K, D]`` float nominal features, ``K`` per location.
+        bank: ``[L, K, D]`` float nominal features, ``K`` per location; float16
+            is kept as storage (half the bytes to read), other floats become
+            float32.  Accumulation is float32 or better in every backend.
         backend: one of :data:`BACKENDS`, or None/"auto".
+        counts: optional ``[L]`` integers in ``[1, K]``: valid rows per location.
+        grid: ``(h, w)`` token grid with ``h * w == L``; needed when ``radius > 0``.
+        radius: spatial tolerance in grid steps (Chebyshev neighbourhood,
+            clipped at the grid edges).
 
     Returns:
-        ``[B, L]`` float32 Euclidean distances.
+        ``[B, L]`` float32 Euclidean distances; NaN where the query has a NaN.
     """
-    q = _as_f32("queries", queries, 3)
-    b = _as_f32("bank", bank, 3)
+    q = _as_float("queries", queries, 3)
+    b = _as_float("bank", bank, 3, keep_f16=True)
     if q.shape[1] != b.shape[0] or q.shape[2] != b.shape[2]:
         raise ValueError(f"queries {q.shape} [B,L,D] and bank {b.shape} [L,K,D] disagree on L or D")
-    if b.shape[1] == 0:
+    L, K, D = b.shape
+    if K == 0:
         raise ValueError(f"bank {b.shape} has no rows per location (K = 0)")
+    if D == 0:
+        raise ValueError(f"queries {q.shape} and bank {b.shape} have no feature dimension (D = 0)")
+    c = _check_counts(counts, L, K)
+    h, w, r = _check_grid(grid, radius, L)
     backend = resolve(backend)
+    if q.shape[0] == 0 or L == 0:
+        return np.empty(q.shape[:2], dtype=np.float32)
+    if backend == "cuda":
+        return _cuda().min_distance(q, b.view(np.uint16) if b.dtype == np.float16 else b, c,
+                                    h, w, r, b.dtype == np.float16)
     if backend == "cpp":
-        return _C.min_distance(q, b)
-    return min_distance_numpy(q, b)
+        if b.dtype == np.float16:
+            return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
+        return _C.min_distance(q, b, c, h, w, r)
+    if backend == "numba":
+        full = np.full(L, K, dtype=np.int64) if c is None else c
+        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, r)
+    return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
 
 
 def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
@@ -91,22 +168,48 @@ def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
     Returns:
         ``[L, k]`` int64 row indices into ``x[l]``.
     """
-    a = _as_f32("x", x, 3)
+    a = _as_float("x", x, 3)
     k = int(k)
     if not 1 <= k <= a.shape[1]:
         raise ValueError(f"k = {k} must be in [1, N = {a.shape[1]}] for x of shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"x {a.shape} holds NaN or infinite values; k-center needs finite features")
     backend = resolve(backend)
+    if a.shape[0] == 0:
+        return np.empty((0, k), dtype=np.int64)
+    if backend == "cuda":
+        return _cuda().kcenter_greedy(a, k)
     if backend == "cpp":
         return _C.kcenter_greedy(a, k)
+    if backend == "numba":
+        return _numba().kcenter_greedy(a, k)
     return kcenter_greedy_numpy(a, k)
 
 
-def min_distance_numpy(q: np.ndarray, b: np.ndarray) -> np.ndarray:
+def neighbourhood(l: int, grid: tuple[int, int], radius: int) -> np.ndarray:
+    """Locations within ``radius`` Chebyshev steps of location ``l`` on ``grid``."""
+    h, w = grid
+    y, x = divmod(l, w)
+    ys = np.arange(max(0, y - radius), min(h, y + radius + 1))
+    xs = np.arange(max(0, x - radius), min(w, x + radius + 1))
+    return (ys[:, None] * w + xs[None, :]).ravel()
+
+
+def min_distance_numpy(q: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None,
+                       grid: tuple[int, int] | None = None, radius: int = 0) -> np.ndarray:
     """Reference: direct differences per location, float64 accumulation."""
-    out = np.empty(q.shape[:2], dtype=np.float32)
-    for l in range(b.shape[0]):
-        diff = q[:, l, None, :].astype(np.float64) - b[None, l].astype(np.float64)
-        out[:, l] = np.sqrt(np.einsum("bkd,bkd->bk", diff, diff).min(axis=1))
+    B, L, D = q.shape
+    K = b.shape[1]
+    grid = grid or (L, 1)
+    out = np.empty((B, L), dtype=np.float32)
+    for l in range(L):
+        rows = np.concatenate([b[m, : (K if counts is None else counts[m])]
+                               for m in neighbourhood(l, grid, radius)]).astype(np.float64)
+        # Chunk the queries so the [chunk, rows, D] difference stays small.
+        step = max(1, (1 << 22) // (len(rows) * D))
+        for s in range(0, B, step):
+            diff = q[s:s + step, l, None, :].astype(np.float64) - rows[None]
+            out[s:s + step, l] = np.sqrt(np.einsum("bkd,bkd->bk", diff, diff).min(axis=1))
     return out
 
 

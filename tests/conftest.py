@@ -11,3 +11,22 @@ import pytest
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# 112 px input: an 8x8 token grid, seconds to fit on 2 cores.
+FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="torch", progress=False)
+
+
+def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:
+    from dinopatch.data import make_sample
+
+    rng = np.random.default_rng(seed)
+    return [make_sample("screw", defect, rng, size=128)[0] for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def screw_detector():
+    """A detector fitted on ten good synthetic screws; tests must not change it."""
+    from dinopatch import DinoPatch
+
+    return DinoPatch(**FAST).fit(screws("good", 10, seed=1))

@@ -33,7 +33,8 @@ def test_fit_predict_evaluate(folder, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "f1", "precision", "recall", "accuracy"):
         assert 0.0 <= m[key] <= 1.0, key
     assert (report / "roc.png").stat().st_size > 1000
-    assert len(list((report / "overlays").glob("*.png"))) == m["n_good"] + m["n_defect"]
+    # One overlay per test image, tuning and reported parts alike.
+    assert len(list((report / "overlays").glob("*.png"))) == len(m["split"]["tune"]) + len(m["split"]["report"])
 
 
 def test_missing_input_is_a_clear_error(tmp_path):

@@ -1,0 +1,78 @@
+"""numba backend of :mod:`dinopatch.kernels`: plain parallel loops.
+
+Imported only when the backend is used (numba takes about a second to
+import); compiled functions are cached on disk.  Arguments are checked by
+:mod:`dinopatch.kernels`.  numba has no float16, so an fp16 bank is widened to
+float32 by the caller.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf", so NaN
+# queries still give NaN.
+_FASTMATH = {"reassoc", "contract"}
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def min_distance(q, bank, counts, h, w, radius):
+    """``[B, L, D]`` f32 queries, ``[L, K, D]`` f32 bank, ``[L]`` int64 counts -> ``[B, L]``."""
+    B, L, D = q.shape
+    out = np.empty((B, L), dtype=np.float32)
+    for l in numba.prange(L):
+        y, x = l // w, l % w
+        for b in range(B):
+            best = np.float32(np.inf)
+            for yy in range(max(0, y - radius), min(h, y + radius + 1)):
+                for xx in range(max(0, x - radius), min(w, x + radius + 1)):
+                    m = yy * w + xx
+                    for k in range(counts[m]):
+                        acc = np.float32(0.0)
+                        for d in range(D):
+                            t = q[b, l, d] - bank[m, k, d]
+                            acc += t * t
+                        if best == best and (acc < best or acc != acc):
+                            best = acc
+            out[b, l] = np.sqrt(best)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def kcenter_greedy(x, k):
+    """``[L, N, D]`` f32 -> ``[L, k]`` int64, the same rule as the numpy reference."""
+    L, N, D = x.shape
+    out = np.empty((L, k), dtype=np.int64)
+    for l in numba.prange(L):
+        mean = np.zeros(D, dtype=np.float64)
+        for n in range(N):
+            for d in range(D):
+                mean[d] += x[l, n, d]
+        mean /= N
+        c = 0
+        nearest = np.inf
+        for n in range(N):
+            v = 0.0
+            for d in range(D):
+                t = x[l, n, d] - mean[d]
+                v += t * t
+            if v < nearest:
+                nearest = v
+                c = n
+        mind = np.full(N, np.inf, dtype=np.float32)
+        for j in range(k):
+            out[l, j] = c
+            nxt = 0
+            far = np.float32(-1.0)
+            for n in range(N):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    t = x[l, n, d] - x[l, c, d]
+                    acc += t * t
+                if acc < mind[n]:
+                    mind[n] = acc
+                if mind[n] > far:
+                    far = mind[n]
+                    nxt = n
+            c = nxt
+    return out

@@ -1,0 +1,302 @@
+"""Parity of every kernel backend with the numpy reference, and input checks.
+
+Tolerance (DESIGN.md): distances within 1e-4 of the largest distance in the
+call; exact matches give exactly 0.  The cpp backend is run once per
+instruction set the CPU has (avx512, avx2, generic), so the AVX2 path is
+tested on an AVX-512 machine too.
+"""
+import numpy as np
+import pytest
+
+from dinopatch import kernels
+
+COMPILED = [b for b in kernels.available() if b != "numpy"]
+
+
+def _cpp_isas():
+    return kernels._C.isas() if kernels._C is not None else []
+
+
+# (backend, instruction set or None)
+CASES = [(b, None) for b in COMPILED if b != "cpp"] + [("cpp", isa) for isa in _cpp_isas()]
+
+
+@pytest.fixture(params=CASES, ids=[f"{b}-{i}" if i else b for b, i in CASES])
+def backend(request):
+    name, isa = request.param
+    if isa is not None:
+        previous = kernels._C.isa()
+        kernels._C.set_isa(isa)
+        yield name
+        kernels._C.set_isa(previous)
+    else:
+        yield name
+
+
+def close(got, ref):
+    """Within 1e-4 of the largest distance (absolute 1e-6 when all are ~0)."""
+    assert got.shape == ref.shape and got.dtype == np.float32
+    tol = 1e-4 * max(float(np.nanmax(ref)), 1e-2)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.nanmax(np.abs(got - ref)) <= tol, (np.nanmax(np.abs(got - ref)), tol)
+
+
+def make(rng, B, L, K, D, scale=1.0):
+    q = (rng.standard_normal((B, L, D)) * scale).astype(np.float32)
+    b = (rng.standard_normal((L, K, D)) * scale).astype(np.float32)
+    return q, b
+
+
+SHAPES = [  # B, L, K, D
+    (1, 1, 1, 1),
+    (17, 1, 1, 1),
+    (2, 3, 5, 1),
+    (1, 4, 7, 383),
+    (17, 5, 9, 383),
+    (16, 6, 33, 384),
+    (3, 2, 1, 16),
+    (5, 7, 13, 31),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}L{}K{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_min_distance_random(backend, rng, shape, dtype):
+    q, b = make(rng, *shape)
+    b = b.astype(dtype)
+    close(kernels.min_distance(q, b, backend), kernels.min_distance_numpy(q, b))
+
+
+@pytest.mark.parametrize("B", [1, 17])
+@pytest.mark.parametrize("grid,radius", [((3, 4), 1), ((4, 5), 2), ((1, 6), 1), ((2, 2), 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_min_distance_radius_and_counts(backend, rng, B, grid, radius, dtype):
+    L = grid[0] * grid[1]
+    q, b = make(rng, B, L, 6, 19)
+    b = b.astype(dtype)
+    counts = rng.integers(1, 7, L)
+    for c in (None, counts):
+        ref = kernels.min_distance_numpy(q, b, counts=c, grid=grid, radius=radius)
+        close(kernels.min_distance(q, b, backend, counts=c, grid=grid, radius=radius), ref)
+
+
+def test_radius_reference_by_brute_force(rng):
+    q, b = make(rng, 2, 12, 3, 5)
+    got = kernels.min_distance(q, b, "numpy", grid=(3, 4), radius=1)
+    for l in range(12):
+        y, x = divmod(l, 4)
+        rows = np.concatenate([b[m] for m in range(12)
+                               if max(abs(m // 4 - y), abs(m % 4 - x)) <= 1])
+        want = np.sqrt(((q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(got[:, l], want, rtol=1e-6)
+
+
+def test_rows_beyond_counts_are_never_read(backend, rng):
+    q, b = make(rng, 3, 4, 5, 17)
+    counts = np.array([1, 2, 5, 3])
+    b[0, 1:] = q[0, 0]  # would give 0 if the padding were read
+    b[1, 2:] = np.nan
+    got = kernels.min_distance(q, b, backend, counts=counts)
+    assert np.isfinite(got).all() and (got[0, 0] > 0)
+    close(got, kernels.min_distance_numpy(q, b, counts=counts))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e4])
+@pytest.mark.parametrize("B", [1, 17])
+def test_exact_matches_are_zero(backend, rng, scale, B):
+    L, K, D = 5, 9, 384
+    q, b = make(rng, B, L, K, D, scale)
+    q[0] = b[:, 4]  # every location of the first image matches a row
+    got = kernels.min_distance(q, b, backend)
+    assert (got[0] == 0).all()
+    close(got, kernels.min_distance_numpy(q, b))
+
+
+def test_exact_matches_fp16(backend, rng):
+    q, b = make(rng, 2, 3, 4, 40, 1e3)
+    b16 = b.astype(np.float16)
+    q[1] = b16[:, 2].astype(np.float32)
+    got = kernels.min_distance(q, b16, backend)
+    assert (got[1] == 0).all()
+
+
+def test_duplicates(backend, rng):
+    q, b = make(rng, 4, 3, 8, 24)
+    b[:] = b[:, :1]  # every row of a location identical
+    q[2] = b[:, 0] + 1e-3
+    close(kernels.min_distance(q, b, backend), kernels.min_distance_numpy(q, b))
+
+
+def test_nan_query_gives_nan(backend, rng):
+    q, b = make(rng, 2, 3, 4, 20)
+    q[1, 2, 7] = np.nan
+    got = kernels.min_distance(q, b, backend, grid=(1, 3), radius=1)
+    assert np.isnan(got[1, 2]) and np.isfinite(np.delete(got.ravel(), 5)).all()
+
+
+def test_non_contiguous_and_other_dtypes(backend, rng):
+    q, b = make(rng, 6, 4, 10, 48)
+    qv, bv = q[::2, :, ::2], b[:, ::3, ::2]  # strided views
+    assert not qv.flags.c_contiguous and not bv.flags.c_contiguous
+    ref = kernels.min_distance_numpy(np.ascontiguousarray(qv), np.ascontiguousarray(bv))
+    close(kernels.min_distance(qv, bv, backend), ref)
+    close(kernels.min_distance(qv.astype(np.float64), np.asfortranarray(bv), backend), ref)
+
+
+def test_empty_batch(backend, rng):
+    q, b = make(rng, 0, 3, 2, 4)
+    assert kernels.min_distance(q, b, backend).shape == (0, 3)
+
+
+# --- k-center ----------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,k", [((3, 40, 17), 8), ((1, 1, 5), 1), ((2, 30, 1), 30), ((4, 64, 384), 16)])
+def test_kcenter_matches_numpy(backend, rng, shape, k):
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(kernels.kcenter_greedy(x, k, backend), kernels.kcenter_greedy_numpy(x, k))
+
+
+def test_kcenter_ties(backend, rng):
+    """Ties go to the lowest index in every backend (np.argmin / np.argmax rule).
+
+    With duplicated rows the distances of the copies are computed by the same
+    arithmetic, so they tie exactly; once every row is at distance 0 from the
+    centres, row 0 is picked again.
+    """
+    x = np.repeat(rng.standard_normal((2, 3, 8)).astype(np.float32), 4, axis=1)  # 3 points x 4 copies
+    got = kernels.kcenter_greedy(x, 6, backend)
+    np.testing.assert_array_equal(got, kernels.kcenter_greedy_numpy(x, 6))
+    assert (got[:, 3:] == 0).all()
+
+
+def test_kcenter_properties(rng):
+    x = rng.standard_normal((2, 50, 6)).astype(np.float32)
+    idx = kernels.kcenter_greedy(x, 10, "numpy")
+    for l in range(2):
+        assert len(set(idx[l])) == 10
+        first = np.argmin(((x[l] - x[l].mean(0)) ** 2).sum(1))
+        assert idx[l, 0] == first
+
+
+# --- dispatch and input checks -------------------------------------------------
+
+def test_available_and_resolve(monkeypatch):
+    found = kernels.available()
+    assert found[-1] == "numpy" and set(found) <= set(kernels.BACKENDS)
+    monkeypatch.delenv("DINOPATCH_KERNEL", raising=False)
+    assert kernels.resolve() == found[0] == kernels.resolve("auto")
+    monkeypatch.setenv("DINOPATCH_KERNEL", "numpy")
+    assert kernels.resolve() == "numpy"
+    assert kernels.resolve("cpp" if "cpp" in found else "numpy") in found
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.resolve("fortran")
+    if "cuda" not in found:
+        with pytest.raises(ValueError, match="not available"):
+            kernels.resolve("cuda")
+
+
+def test_cpp_reports_isas():
+    if kernels._C is None:
+        pytest.skip("dinopatch._C is not built in this checkout")
+    assert kernels._C.isas()[-1] == "generic" and kernels._C.isa() in kernels._C.isas()
+    with pytest.raises(ValueError):
+        kernels._C.set_isa("sse9")
+
+
+@pytest.mark.parametrize("backend", kernels.available())
+def test_min_distance_errors(backend, rng):
+    q, b = make(rng, 2, 6, 3, 5)
+    bad = [
+        (dict(queries=q[0]), "queries must have 3 dimensions"),
+        (dict(queries=q.astype(np.int32)), "float array"),
+        (dict(bank=b[:4]), r"disagree on L or D"),
+        (dict(bank=b[:, :, :4]), r"disagree on L or D"),
+        (dict(bank=b[:, :0]), r"K = 0"),
+        (dict(counts=np.array([1, 2, 3])), r"shape \(6,\)"),
+        (dict(counts=np.array([1, 2, 3, 4, 0, 1])), r"\[1, K = 3\]"),
+        (dict(counts=np.array([1, 2, 3, 4, 4, 1])), r"\[1, K = 3\]"),
+        (dict(counts=np.ones(6)), "integer"),
+        (dict(grid=(2, 2), radius=1), r"grid \(2, 2\) does not match L = 6"),
+        (dict(radius=1), "needs grid"),
+        (dict(grid=(2, 3), radius=-1), "radius must be >= 0"),
+    ]
+    for change, message in bad:
+        args = dict(queries=q, bank=b) | change
+        qq, bb = args.pop("queries"), args.pop("bank")
+        with pytest.raises(ValueError, match=message):
+            kernels.min_distance(qq, bb, backend, **args)
+
+
+def test_compiled_entry_points_reject_bad_shapes(rng):
+    if kernels._C is None:
+        pytest.skip("dinopatch._C is not built in this checkout")
+    q, b = make(rng, 2, 6, 3, 5)
+    with pytest.raises(ValueError):
+        kernels._C.min_distance(q, b[:4], None, 4, 1, 0)
+    with pytest.raises(ValueError):
+        kernels._C.min_distance(q, b, np.array([1, 9, 1, 1, 1, 1]), 6, 1, 0)
+    with pytest.raises(ValueError):
+        kernels._C.min_distance(q, b, None, 5, 1, 0)
+    with pytest.raises(ValueError):
+        kernels._C.kcenter_greedy(b, 4)
+
+
+@pytest.mark.parametrize("backend", kernels.available())
+def test_kcenter_errors(backend, rng):
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    for k in (0, 6):
+        with pytest.raises(ValueError, match=r"k = \d must be in \[1, N = 5\]"):
+            kernels.kcenter_greedy(x, k, backend)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        kernels.kcenter_greedy(x[0], 2, backend)
+    x[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kernels.kcenter_greedy(x, 2, backend)
+
+
+# --- CUDA ----------------------------------------------------------------------
+
+def _cuda_reason():
+    try:
+        from dinopatch import _C_cuda
+    except ImportError as e:
+        return f"dinopatch._C_cuda is not built or cannot load ({e}); build with CMAKE_ARGS=-DDINOPATCH_CUDA=ON"
+    if _C_cuda.device_count() == 0:
+        return "dinopatch._C_cuda is built but this machine has no CUDA GPU"
+    return None
+
+
+@pytest.mark.cuda
+def test_cuda_is_listed_when_present():
+    reason = _cuda_reason()
+    if reason:
+        pytest.skip(reason)
+    assert kernels.available()[0] == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape,grid,radius", [((17, 12, 33, 383), (3, 4), 1), ((32, 64, 200, 768), (8, 8), 0),
+                                               ((1, 1, 1, 1), None, 0)])
+def test_cuda_parity(rng, dtype, shape, grid, radius):
+    reason = _cuda_reason()
+    if reason:
+        pytest.skip(reason)
+    q, b = make(rng, *shape)
+    b = b.astype(dtype)
+    q[0] = b[:, 0]  # row 0 is valid under any counts: exact matches
+    counts = rng.integers(1, shape[2] + 1, shape[1])
+    reference = "cpp" if "cpp" in kernels.available() else "numpy"
+    for c in (None, counts):
+        got = kernels.min_distance(q, b, "cuda", counts=c, grid=grid, radius=radius)
+        assert (got[0] == 0).all()
+        close(got, kernels.min_distance(q, b, reference, counts=c, grid=grid, radius=radius))
+
+
+@pytest.mark.cuda
+def test_cuda_kcenter_parity(rng):
+    reason = _cuda_reason()
+    if reason:
+        pytest.skip(reason)
+    x = rng.standard_normal((5, 300, 384)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.kcenter_greedy(x, 40, "cuda"), kernels.kcenter_greedy_numpy(x, 40))

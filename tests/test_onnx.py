@@ -1,0 +1,288 @@
+"""ONNX export and the onnx engine against the torch reference.
+
+The weights are random but every block matters: DINOv2 initialises LayerScale
+at 1e-5, which leaves a random model nearly the identity past the patch
+embedding and would hide errors in attention and MLP, so the gammas are set
+to 1 (``test_every_block_matters`` shows the difference).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from dinopatch import modelfile  # noqa: E402
+from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
+                                make_backbone)
+from dinopatch.export import export_backbone, export_onnx  # noqa: E402
+from dinopatch.export.onnx_export import token_cosine, token_error  # noqa: E402
+
+NAME, SIZE = "dinov2_vits14", 224
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _set_gammas(model, value: float) -> None:
+    for name, p in model.named_parameters():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            p.data.fill_(value)
+
+
+def _images(batch: int, side: int = 200, seed: int = 1) -> np.ndarray:
+    """Smooth random textures, not at the backbone size, so the resize is exercised too."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (batch, side // 10, side // 10, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in small])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DINOPATCH_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A random ViT-S/14 checkpoint with every LayerScale gamma at 1."""
+    from safetensors.torch import save_file
+
+    model = build_model(get_spec(NAME), "random", SIZE, seed=0)
+    _set_gammas(model, 1.0)
+    path = tmp_path_factory.mktemp("weights") / "vits14_gamma1.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(weights) -> TorchBackbone:
+    return TorchBackbone(NAME, weights, SIZE, layers=1)
+
+
+@pytest.fixture(scope="module")
+def fp32_file(weights) -> Path:
+    """The layers=1 fp32 export, made through the cache as engine='onnx' makes it."""
+    return export_onnx(NAME, weights, SIZE, layers=1)
+
+
+def test_every_block_matters(reference):
+    gammas = [p for n, p in reference.model.named_parameters() if n.endswith("gamma")]
+    assert gammas and all(bool((g == 1).all()) for g in gammas)
+    embed_only = TorchBackbone(NAME, image_size=SIZE, model=copy.deepcopy(reference.model))
+    _set_gammas(embed_only.model, 0.0)
+    x = _images(2)
+    bare = embed_only(x)
+    assert token_cosine(reference(x), bare) < 0.9, "the blocks barely change the patch embedding"
+    _set_gammas(embed_only.model, 1e-5)  # DINOv2's own initialisation: the blocks hardly count
+    assert token_cosine(embed_only(x), bare) > 0.999
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_tokens_match_torch(fp32_file, reference, batch):
+    engine = OnnxBackbone(path=fp32_file)
+    x = _images(batch)
+    got, ref = engine(x), reference(x)
+    assert got.shape == ref.shape == (batch, 16, 16, 384) and got.dtype == np.float32
+    err = token_error(got, ref)
+    assert err <= 1e-4, f"max |onnx - torch| = {err:.2e} of max |torch|"
+
+
+def test_mean_of_last_blocks_matches_torch(reference, tmp_path):
+    four = TorchBackbone(NAME, image_size=SIZE, layers=4, model=reference.model)
+    path = export_backbone(four, tmp_path / "l4.onnx")
+    x = _images(3)
+    ref = four(x)
+    err = token_error(OnnxBackbone(path=path, layers=4)(x), ref)
+    assert err <= 1e-4, f"layers=4: max |onnx - torch| = {err:.2e} of max |torch|"
+    assert token_cosine(ref, reference(x)) < 0.99  # the mean is not just the last block
+
+
+@pytest.mark.slow
+def test_fp32_tokens_match_torch_at_448(weights, tmp_path):
+    big = TorchBackbone(NAME, weights, 448)
+    x = _images(1, side=448)
+    err = token_error(OnnxBackbone(path=export_backbone(big, tmp_path / "448.onnx"))(x), big(x))
+    assert err <= 1e-4, f"448 px: max |onnx - torch| = {err:.2e} of max |torch|"
+
+
+def test_graph_and_metadata(fp32_file, reference):
+    model = onnx.load(str(fp32_file))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    # The position embedding was resampled before export: no interpolation in the graph.
+    assert "Resize" not in {n.op_type for n in model.graph.node}
+    (inp,), (out,) = model.graph.input, model.graph.output
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "images" and out.name == "tokens" and dims == ["batch", 3, SIZE, SIZE]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["backbone"] == NAME and meta["image_size"] == str(SIZE) and meta["patch_size"] == "14"
+    assert meta["layers"] == "1" and meta["precision"] == "fp32"
+    assert json.loads(meta["mean"]) == pytest.approx(get_spec(NAME).mean)
+    assert json.loads(meta["std"]) == pytest.approx(get_spec(NAME).std)
+    assert meta["weights_fingerprint"] == reference.fingerprint
+    assert float(meta["check_max_rel_error"]) <= 1e-4 and "dinopatch_version" in meta
+
+
+def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
+    import dinopatch.export
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again despite a cached file")
+
+    monkeypatch.setattr(dinopatch.export, "export_onnx", no_export)
+    stamp = fp32_file.stat().st_mtime_ns
+    engine = make_backbone("onnx", name=NAME, weights=weights, image_size=SIZE, layers=1)
+    assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == "CPUExecutionProvider"
+    assert find_or_export_onnx(NAME, weights, SIZE, fingerprint=engine.fingerprint) == fp32_file
+    assert fp32_file.stat().st_mtime_ns == stamp
+    assert isinstance(make_backbone("auto", engine.fingerprint, name=NAME, weights=weights, image_size=SIZE),
+                      OnnxBackbone)
+
+
+def test_bad_files_and_mismatches_are_clear_errors(fp32_file, reference, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        OnnxBackbone(path=junk)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                                                            [onnx.helper.make_tensor_value_info("y", 1, [1])]))
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
+        OnnxBackbone(path=tmp_path / "foreign.onnx")
+    with pytest.raises(FileNotFoundError):
+        OnnxBackbone(path=tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="image_size 448 wanted"):
+        OnnxBackbone(path=fp32_file, image_size=448)
+    with pytest.raises(ValueError, match="fitted with"):
+        make_backbone(str(fp32_file), "0" * 64)
+    with pytest.raises(ValueError, match="fitted with other weights"):
+        TorchBackbone(NAME, image_size=SIZE, model=reference.model, fingerprint="0" * 64)
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_backbone("onnx:int4")
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm"):
+            raise ModuleNotFoundError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run_torch_free(code: str, cwd: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    script = BLOCK_TORCH + textwrap.dedent(code) + "\nassert not {'torch', 'timm'} & set(sys.modules)\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_backbone_runs_without_torch(fp32_file, reference, tmp_path):
+    x = _images(2)
+    np.save(tmp_path / "x.npy", x)
+    _run_torch_free(f"""
+        import numpy as np
+        from dinopatch.backbone import make_backbone
+        # Found in the cache by fingerprint; the weights file is not needed here.
+        engine = make_backbone("onnx", {reference.fingerprint!r}, name={NAME!r}, weights="gone.pth", image_size={SIZE})
+        np.save("tokens.npy", engine(np.load("x.npy")))
+        try:
+            make_backbone("onnx", "f" * 64, name={NAME!r}, weights="random", image_size={SIZE})
+        except FileNotFoundError as e:
+            assert "torch is not installed" in str(e), e
+        else:
+            raise AssertionError("no error without a cached export")
+    """, tmp_path)
+    assert token_error(np.load(tmp_path / "tokens.npy"), reference(x)) <= 1e-4
+
+
+def test_detector_predicts_without_torch(fp32_file, weights, tmp_path):
+    detector = pytest.importorskip("dinopatch.detector", reason="needs dinopatch.align and dinopatch.data")
+    rng = np.random.default_rng(0)
+    good = [np.full((96, 96, 3), 128, np.uint8) + rng.integers(0, 8, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
+    bad = good[0].copy()
+    bad[30:60, 30:60] = 255
+    det = detector.DinoPatch(weights=str(weights), image_size=SIZE, align=False, engine="onnx", calibration=0.0,
+                             progress=False).fit(good)
+    model = det.save(tmp_path / "model.npz")
+    np.save(tmp_path / "x.npy", np.stack([good[1], bad]))
+    _run_torch_free("""
+        import numpy as np
+        from dinopatch.detector import DinoPatch
+        det = DinoPatch.load("model.npz", engine="onnx")
+        np.save("scores.npy", [r.score for r in det.predict(list(np.load("x.npy")))])
+    """, tmp_path)
+    scores = np.load(tmp_path / "scores.npy")
+    assert scores == pytest.approx(det.score_images([good[1], bad]), rel=1e-4, abs=1e-6)
+    assert modelfile.read(model)[0]["weights_fingerprint"] == det._get_backbone().fingerprint
+
+
+def test_int8_tokens_close_to_torch(reference, tmp_path, capsys):
+    path = export_backbone(reference, tmp_path / "int8.onnx", precision="int8")
+    x = _images(2)
+    cosine = token_cosine(OnnxBackbone(path=path, precision="int8")(x), reference(x))
+    with capsys.disabled():
+        print(f"\nint8 token cosine vs torch: {cosine:.5f}")
+    assert cosine >= 0.99
+
+
+def test_fp16_export_keeps_float32_io(reference, tmp_path):
+    path = export_backbone(reference, tmp_path / "fp16.onnx", precision="fp16")
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    with pytest.warns(UserWarning, match="fp16 is for GPUs"):
+        engine = OnnxBackbone(path=path, providers=["CPUExecutionProvider"])
+    x = _images(1)
+    assert token_cosine(engine(x), reference(x)) >= 0.999
+
+
+def test_export_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "dinopatch", "export", "-h"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--precision" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("category", ["pasta", "screw"])
+def test_image_scores_match_torch_end_to_end(weights, category, capsys):
+    """Whole pipeline (align, backbone, distances, post-processing) per engine, fitted and scored."""
+    from dinopatch.data import DEFECTS, make_sample
+    from dinopatch.detector import DinoPatch
+    from dinopatch.metrics import auroc
+
+    def sample(defect, n, seed):
+        rng = np.random.default_rng(seed)
+        return [make_sample(category, defect, rng, size=160)[0] for _ in range(n)]
+
+    train = sample("good", 12, 0)
+    test = sample("good", 12, 1) + [im for k, d in enumerate(DEFECTS[category]) for im in sample(d, 4, 2 + k)]
+    labels = np.r_[np.zeros(12), np.ones(len(test) - 12)]
+    scores = {}
+    for engine in ("torch", "onnx", "onnx:int8"):
+        det = DinoPatch(weights=str(weights), image_size=SIZE, align=category == "screw", engine=engine,
+                        calibration=0.0, progress=False).fit(train)
+        scores[engine] = det.score_images(test)
+    spread = np.ptp(scores["torch"])
+    deviation = np.abs(scores["onnx"] - scores["torch"]).max() / spread
+    aucs = {e: auroc(labels, s) for e, s in scores.items()}
+    with capsys.disabled():
+        print(f"\n{category}: fp32 score deviation {deviation:.2e} of the spread; image AUROC "
+              + ", ".join(f"{e} {a:.4f}" for e, a in aucs.items()))
+    assert deviation <= 1e-3
+    assert abs(aucs["onnx:int8"] - aucs["onnx"]) <= 0.01

@@ -1,0 +1,73 @@
+"""The line runtime: streaming equals predict, predict is thread-safe, memory stays flat."""
+import gc
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import screws
+from dinopatch.stream import stream
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return screws("good", 4, seed=2) + screws("missing_washer", 2, seed=3) + screws("extra_object", 2, seed=4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_stream_equals_predict(screw_detector, frames, batch_size):
+    det = screw_detector
+    old, det.batch_size = det.batch_size, batch_size
+    try:
+        expected = det.predict(frames)
+    finally:
+        det.batch_size = old
+    got = list(stream(det, iter(frames), batch_size=batch_size, depth=2))
+    assert [f.index for f in got] == list(range(len(frames)))
+    for e, f in zip(expected, got):
+        assert f.result.score == e.score and f.result.is_anomaly == e.is_anomaly
+        np.testing.assert_array_equal(f.result.anomaly_map, e.anomaly_map)
+        assert f.latency > 0
+
+
+def test_stream_reports_a_bad_frame_and_stops(screw_detector, frames, tmp_path):
+    bad = iter([frames[0], tmp_path / "missing.png", frames[1]])
+    out = stream(screw_detector, bad)
+    with pytest.raises(FileNotFoundError):
+        list(out)
+
+
+def test_stream_consumer_may_stop_early(screw_detector, frames):
+    before = {t.name for t in __import__("threading").enumerate()}
+    for f in stream(screw_detector, iter(frames * 4), depth=1):
+        break
+    after = {t.name for t in __import__("threading").enumerate()}
+    assert not {n for n in after - before if n.startswith("dinopatch-")}
+
+
+def test_predict_from_four_threads_equals_serial(screw_detector, frames):
+    serial = screw_detector.score_images(frames)
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda im: screw_detector.score_images([im])[0], frames * 2))
+    # One image per call in the threads: compare with one image per call serially.
+    single = [screw_detector.score_images([im])[0] for im in frames]
+    np.testing.assert_array_equal(parallel, single * 2)
+    np.testing.assert_allclose(single, serial, rtol=1e-4)
+
+
+def test_soak_memory_and_handles(screw_detector, frames):
+    """Short version of the soak (the note reports 2,000 predictions)."""
+    proc = psutil.Process()
+    n = int(os.environ.get("DINOPATCH_SOAK", "150"))
+    for _ in range(20):  # warm-up: allocator pools, torch caches
+        screw_detector.predict(frames[:1])
+    gc.collect()
+    rss0, fds0 = proc.memory_info().rss, proc.num_fds()
+    for i in range(n):
+        screw_detector.predict([frames[i % len(frames)]])
+    gc.collect()
+    growth = proc.memory_info().rss / rss0 - 1
+    assert growth < 0.05, f"resident memory grew {growth:.1%} over {n} predictions"
+    assert proc.num_fds() <= fds0
