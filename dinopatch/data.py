@@ -161,11 +161,8 @@ class MVTecFolder:
         items = []
         for kind in kinds:
             for p in _images_in(test / kind):
-                mask = None
-                if kind != "good":
-                    found = [m for s in IMAGE_SUFFIXES
-                             if (m := self.root / "ground_truth" / kind / f"{p.stem}_mask{s}").is_file()]
-                    mask = found[0] if found else None
+                mask = self.root / "ground_truth" / kind / f"{p.stem}_mask.png"
+                mask = mask if kind != "good" and mask.is_file() else None
                 items.append(TestItem(p, int(kind != "good"), kind, mask))
         return items
 
