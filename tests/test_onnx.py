@@ -177,15 +177,16 @@ BLOCK_TORCH = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "timm"):
+        if name.split(".")[0] in ("torch", "timm", "onnx"):
             raise ModuleNotFoundError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 """
 
 
 def _run_torch_free(code: str, cwd: Path) -> None:
+    """Run ``code`` where torch, timm and onnx cannot be imported: onnxruntime must suffice."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    script = BLOCK_TORCH + textwrap.dedent(code) + "\nassert not {'torch', 'timm'} & set(sys.modules)\n"
+    script = BLOCK_TORCH + textwrap.dedent(code) + "\nassert not {'torch', 'timm', 'onnx'} & set(sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
