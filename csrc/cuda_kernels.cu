@@ -1,9 +1,9 @@
 // CUDA kernels: per-location nearest distance and k-center greedy.
 //
 // min_distance: one block per (location, chunk of up to QC queries).  The
-// chunk's queries sit in shared memory; each warp streams whole bank rows of
-// the neighbourhood (coalesced, lane-strided along D), accumulates the
-// direct differences to all QC queries at once (so a row is read once per
+// chunk's queries sit in shared memory; each warp streams RW bank rows of
+// the neighbourhood at a time (coalesced, lane-strided along D), accumulates
+// the direct differences to all QC queries at once (so a row is read once per
 // chunk, and the chunks of one location run side by side and share L2), and
 // keeps a running minimum per query.
 #include <cuda_fp16.h>
@@ -21,6 +21,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int QC = 8;  // queries per block
+constexpr int RW = 4;  // bank rows per warp step
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
@@ -62,21 +63,37 @@ __global__ void min_distance_kernel(const float* __restrict__ queries, const T* 
   for (int64_t yy = max(static_cast<int64_t>(0), y - radius); yy <= min(h - 1, y + radius); ++yy)
     for (int64_t xx = max(static_cast<int64_t>(0), x - radius); xx <= min(w - 1, x + radius); ++xx) {
       const int64_t m = yy * w + xx, n = counts ? counts[m] : K;
-      for (int64_t r = warp; r < n; r += kWarps) {
-        const T* row = bank + (m * K + r) * D;
-        float acc[QC];
+      for (int64_t r = warp * RW; r < n; r += kWarps * RW) {
+        // RW rows at once: each query value read from shared memory serves
+        // RW rows (shared-memory bandwidth, not the FMA units, would bound a
+        // one-row loop).  Past the last row, repeat it: a duplicate cannot
+        // change a minimum.
+        const T* row[RW];
 #pragma unroll
-        for (int i = 0; i < QC; ++i) acc[i] = 0.f;
+        for (int j = 0; j < RW; ++j) row[j] = bank + (m * K + min(r + j, n - 1)) * D;
+        float acc[QC][RW];
+#pragma unroll
+        for (int i = 0; i < QC; ++i)
+#pragma unroll
+          for (int j = 0; j < RW; ++j) acc[i][j] = 0.f;
         for (int64_t d = lane; d < D; d += 32) {
-          const float v = as_float(row[d]);
+          float v[RW];
+#pragma unroll
+          for (int j = 0; j < RW; ++j) v[j] = as_float(row[j][d]);
 #pragma unroll
           for (int i = 0; i < QC; ++i) {
-            const float t = sq[i * D + d] - v;
-            acc[i] = fmaf(t, t, acc[i]);
+            const float qv = sq[i * D + d];
+#pragma unroll
+            for (int j = 0; j < RW; ++j) {
+              const float t = qv - v[j];
+              acc[i][j] = fmaf(t, t, acc[i][j]);
+            }
           }
         }
 #pragma unroll
-        for (int i = 0; i < QC; ++i) keep_min(best[i], warp_sum(acc[i]));
+        for (int i = 0; i < QC; ++i)
+#pragma unroll
+          for (int j = 0; j < RW; ++j) keep_min(best[i], warp_sum(acc[i][j]));
       }
     }
   if (lane == 0)
@@ -93,7 +110,7 @@ __global__ void min_distance_kernel(const float* __restrict__ queries, const T* 
 // (value, index) reductions with the lowest index winning ties, as np.argmin
 // / np.argmax.
 struct Pick {
-  float v;
+  double v;  // double: the first centre compares distances to the mean in double
   int64_t i;
 };
 __device__ __forceinline__ bool better(Pick a, Pick b, bool largest) {
@@ -131,7 +148,7 @@ __global__ void kcenter_kernel(const float* __restrict__ x, int64_t* __restrict_
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) mind[n] = __int_as_float(0x7f800000);
   __syncthreads();
   // First centre: the row nearest the mean (double, like the numpy reference).
-  Pick p{__int_as_float(0x7f800000), 0};
+  Pick p{__longlong_as_double(0x7ff0000000000000LL), 0};  // +inf
   for (int64_t n = warp; n < N; n += kWarps) {
     double s = 0.0;
     for (int64_t d = lane; d < D; d += 32) {
@@ -139,7 +156,7 @@ __global__ void kcenter_kernel(const float* __restrict__ x, int64_t* __restrict_
       s += t * t;
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const Pick q{static_cast<float>(s), n};
+    const Pick q{s, n};
     if (better(q, p, false)) p = q;
   }
   int64_t c = block_pick(p, false, picks).i;

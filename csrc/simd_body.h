@@ -84,12 +84,16 @@ inline void row_block(const float* q, int64_t qs, int64_t nq, const T* r, int64_
     i = QB;
   }
   for (; i + QB <= nq; i += QB) block<QB, RN, false>(q + i * qs, qs, r, D, best + i);
-  switch (nq - i) {  // QB <= 4 in every ISA
-    case 1: block<1, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    case 2: block<2, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    case 3: block<3, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    default: break;
+  // The remaining < QB queries in blocks of 4, 2, 1.
+  if (QB > 4 && i + 4 <= nq) {
+    block<4, RN, true>(q + i * qs, qs, r, D, best + i);
+    i += 4;
   }
+  if (i + 2 <= nq) {
+    block<2, RN, true>(q + i * qs, qs, r, D, best + i);
+    i += 2;
+  }
+  if (i < nq) block<1, RN, true>(q + i * qs, qs, r, D, best + i);
 }
 
 // Rows outer, queries inner: a block of RB rows is loaded from memory once and

@@ -10,8 +10,13 @@ stage is one decorated function::
         ...
         return [{"stage": "post", "method": "opencv", "ms_per_image": ms}]
 
-Rows may carry ``target`` / ``measured`` / ``met`` keys: those are collected
-into a separate table of the design targets.
+Rows of stage ``"target"`` (``target`` / ``measured`` / ``met``) are
+collected into a separate table of the design targets.  In the kernel
+stages, ``rel_err`` is the largest deviation from the exact fp32 result
+relative to the largest distance, ``exact_match`` the largest distance
+returned for queries equal to a bank row (0 is right), and GFLOP/s counts two
+flops per query-row-feature triple for every method (the GEMM count), so
+direct-difference and GEMM-style peers compare on the same work.
 """
 from __future__ import annotations
 
@@ -46,14 +51,20 @@ def stage(name: str, groups: tuple[str, ...] = ()):
     return register
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(best, median) seconds of ``repeats`` calls after one warm-up call."""
+def calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of ``repeats`` calls after one warm-up call."""
+    times = calls(fn, repeats)
     return min(times), statistics.median(times)
 
 
@@ -143,6 +154,24 @@ def _hardware() -> dict:
     return info
 
 
+def _variants(backend: str) -> list[tuple[str, str | None]]:
+    """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
+    if backend != "cpp":
+        return [(backend, None)]
+    return [(f"cpp[{isa}]", isa) for isa in kernels._C.isas() if isa != "generic"] or [("cpp[generic]", "generic")]
+
+
+def _with_isa(isa: str | None, fn, *args):
+    if isa is None:
+        return fn(*args)
+    previous = kernels._C.isa()
+    kernels._C.set_isa(isa)
+    try:
+        return fn(*args)
+    finally:
+        kernels._C.set_isa(previous)
+
+
 @stage("min_distance", groups=("kernels",))
 def bench_min_distance(args) -> list[dict]:
     """Per-location nearest distance, L=1024 K=200 D=384 (L=256 with --quick)."""
@@ -158,12 +187,15 @@ def bench_min_distance(args) -> list[dict]:
     for B in (1, 16):
         q = rng.standard_normal((B, L, D), dtype=np.float32)
         exact = kernels.min_distance(q, banks["fp32"], backends[0] if backends else "numpy")
-        runs = [(be, dt, lambda q, be=be, dt=dt: kernels.min_distance(q, banks[dt], be))
-                for be in backends for dt in banks]
+        runs = [(method, dt, lambda q, be=be, isa=isa, dt=dt: _with_isa(isa, kernels.min_distance, q, banks[dt], be))
+                for be in backends for method, isa in _variants(be) for dt in banks]
         runs += [(name, "fp32", fn) for name, fn in peers.items()]
         for method, dt, fn in runs:
             best, med = timeit(lambda: fn(q), args.repeats)
             got = fn(q)
+            q_match = q.copy()
+            q_match[0] = banks[dt][:, 0]  # every location of image 0 equals a bank row
+            match_err = float(fn(q_match)[0].max())
             nbytes = banks[dt].nbytes
             err = float(np.abs(got - exact).max() / exact.max()) if dt == "fp32" else None
             best_ms[method, dt, B] = best / B * 1e3
@@ -173,11 +205,11 @@ def bench_min_distance(args) -> list[dict]:
                 "GB_s": nbytes / (best / B) / 1e9,
                 "GFLOP_s": 2.0 * B * L * K * D / best / 1e9,
                 "roofline": best / (nbytes / bw),
-                "rel_err": err,
+                "rel_err": err, "exact_match": match_err,
                 "note": "numba has no fp16: bank widened per call" if method == "numba" and dt == "fp16" else "",
             })
     if "cpp" in backends:
-        c = lambda dt, B: best_ms["cpp", dt, B]  # noqa: E731
+        c = lambda dt, B: best_ms[_variants("cpp")[0][0], dt, B]  # noqa: E731
         rows.append(_target("batch 1 fp32 time / (bank bytes / bandwidth)", "<= 1.25",
                             c("fp32", 1) / (banks["fp32"].nbytes / bw * 1e3), lambda v: v <= 1.25))
         rows.append(_target("fp16 speed-up over fp32 at batch 1", ">= 1.6",
@@ -197,19 +229,143 @@ def bench_coreset(args) -> list[dict]:
     x = np.random.default_rng(1).standard_normal((L, N, D), dtype=np.float32)
     rows, ms = [], {}
     for be in kernels.available():
-        reps = 1 if be == "numpy" else args.repeats
-        best, med = timeit(lambda: kernels.kcenter_greedy(x, k, be), reps)
-        ms[be] = best * 1e3
-        rows.append({"stage": "coreset", "method": be, "dtype": "fp32", "batch": L,
-                     "ms_per_image": best * 1e3, "ms_median": med * 1e3,
-                     "GFLOP_s": 3.0 * L * N * k * D / best / 1e9,
-                     "note": f"L={L} N={N} D={D} k={k}; ms per call"})
+        for method, isa in _variants(be):
+            reps = 1 if be == "numpy" else args.repeats
+            best, med = timeit(lambda: _with_isa(isa, kernels.kcenter_greedy, x, k, be), reps)
+            ms[method] = best * 1e3
+            rows.append({"stage": "coreset", "method": method, "dtype": "fp32", "batch": L,
+                         "ms_per_image": best * 1e3, "ms_median": med * 1e3,
+                         "GFLOP_s": 2.0 * L * N * k * D / best / 1e9,
+                         "note": f"L={L} N={N} D={D} k={k}; ms per call"})
     for row in rows:
         row["speedup_vs_numpy"] = ms["numpy"] / row["ms_per_image"]
-    if "cpp" in ms:
-        rows.append(_target("coreset cpp speed-up over numpy", ">= 10", ms["numpy"] / ms["cpp"],
+    if "cpp" in kernels.available():
+        cpp = _variants("cpp")[0][0]
+        rows.append(_target("coreset cpp speed-up over numpy", ">= 10", ms["numpy"] / ms[cpp],
                             lambda v: v >= 10))
     return rows
+
+
+# --- pipeline stages: synthetic screws through the detector -------------------
+
+def _frames(n: int, seed: int, defect: str = "good") -> list[np.ndarray]:
+    from .data import make_sample
+
+    rng = np.random.default_rng(seed)
+    return [make_sample("screw", defect, rng, size=256)[0] for _ in range(n)]
+
+
+def _latency_row(stage_name: str, method: str, seconds: list[float], batch: int = 1, **extra) -> dict:
+    ms = np.asarray(seconds) * 1e3 / batch
+    return {"stage": stage_name, "method": method, "batch": batch, "ms_per_image": float(np.median(ms)),
+            "ms_p50": float(np.percentile(ms, 50)), "ms_p95": float(np.percentile(ms, 95)),
+            "ms_p99": float(np.percentile(ms, 99)), "images_s": 1e3 / float(np.median(ms)),
+            "peak_rss_mib": _peak_rss_mib(), **extra}
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _detector(args, **overrides):
+    from .detector import DinoPatch
+
+    params = dict(backbone=args.backbone, weights="random", image_size=args.image_size, engine=args.engine,
+                  batch_size=args.batch, progress=False)
+    params.update(overrides)
+    return DinoPatch(**params)
+
+
+_FITTED: dict = {}
+
+
+def _fitted(args):
+    """The detector of the pipeline stages, fitted once per run on ``--bank`` good screws."""
+    if "det" not in _FITTED:
+        _FITTED["det"] = _detector(args).fit(_frames(args.bank, seed=1))
+    return _FITTED["det"]
+
+
+@stage("align", groups=("pipeline",))
+def bench_align(args) -> list[dict]:
+    """Alignment of a 256 px frame into the canonical frame (OpenCV)."""
+    from .align import Aligner
+
+    frames = _frames(8, seed=2)
+    aligner = Aligner(size=args.image_size).fit(_frames(8, seed=1))
+    times = [t for im in frames for t in calls(lambda im=im: aligner.transform(im), args.repeats)]
+    return [_latency_row("align", "opencv", times, note=f"256 px frame -> {args.image_size} px")]
+
+
+@stage("backbone", groups=("pipeline",))
+def bench_backbone_stage(args) -> list[dict]:
+    """Eager torch against ONNX Runtime fp32 and int8 (see ``export/bench.py``)."""
+    from .export.bench import bench_backbone
+
+    rows = []
+    for r in bench_backbone(quick=args.quick, repeats=args.repeats):
+        r["method"] = r.pop("engine")
+        r["note"] = f"{r['image_size']} px, {r['threads']} threads, {r['vs_torch']:.2f}x torch"
+        rows.append(r)
+    return rows
+
+
+@stage("post", groups=("pipeline",))
+def bench_post(args) -> list[dict]:
+    """Post-processing of one image's distances: upsample, smooth, score, map back, segment."""
+    det = _fitted(args)
+    raws = det.patch_distances(_frames(4, seed=2))
+    times = [t for raw in raws for t in calls(lambda raw=raw: det.result_from(raw), args.repeats)]
+    return [_latency_row("post", "opencv", times, note="256 px frame")]
+
+
+@stage("e2e", groups=("pipeline",))
+def bench_e2e(args) -> list[dict]:
+    """End-to-end predict against a notebook-style pipeline, at equal scores.
+
+    The notebook way: eager torch one image at a time and numpy distances
+    (the numpy reference kernel), the same alignment and post-processing.
+    """
+    det = _fitted(args)
+    frames = _frames(args.batch * (1 if args.quick else 2), seed=3)
+    notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
+    for name in ("aligner_", "memory_bank_", "polarity_", "threshold_", "pixel_threshold_"):
+        setattr(notebook, name, getattr(det, name))
+    ours = calls(lambda: det.predict(frames), max(1, args.repeats // 2))
+    theirs = calls(lambda: notebook.predict(frames), max(1, args.repeats // 2))
+    a, b = det.score_images(frames), notebook.score_images(frames)
+    spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
+    dev = float(np.abs(a - b).max()) / spread
+    engine = type(det._get_backbone()).__name__
+    n = len(frames)
+    rows = [_latency_row("e2e", f"predict ({engine}, kernel {kernels.resolve(det._kernel())})", ours, n,
+                         note=f"batch_size {det.batch_size}; score deviation {dev:.1e} of the spread"),
+            _latency_row("e2e", "notebook (torch per image, numpy distances)", theirs, n)]
+    speedup = np.median(theirs) / np.median(ours)
+    rows[0]["speedup_vs_notebook"] = float(speedup)
+    rows.append(_target("end-to-end predict over the notebook pipeline", ">= 1.5", speedup, lambda v: v >= 1.5))
+    rows.append(_target("end-to-end score deviation / score spread", "<= 1e-3", dev, lambda v: v <= 1e-3))
+    return rows
+
+
+@stage("stream", groups=("pipeline",))
+def bench_stream(args) -> list[dict]:
+    """Per-frame latency of :func:`dinopatch.stream.stream` at steady state (batch 1)."""
+    from .stream import stream
+
+    det = _fitted(args)
+    n, warm = (12, 3) if args.quick else (40, 5)
+    frames = _frames(8, seed=4)
+    t0 = time.perf_counter()
+    lat = [f.latency for f in stream(det, (frames[i % len(frames)] for i in range(n)), batch_size=1, depth=2)]
+    wall = time.perf_counter() - t0
+    row = _latency_row("stream", "stream (align | infer | post threads)", lat[warm:],
+                       note=f"{n} frames, first {warm} are warm-up; {n / wall:.2f} frames/s overall")
+    row["images_s"] = n / wall
+    ratio = row["ms_p99"] / row["ms_p50"]
+    return [row, _target("streaming p99 / p50 latency", "<= 1.5", ratio, lambda v: v <= 1.5)]
 
 
 def _target(what: str, target: str, value: float, ok: Callable[[float], bool]) -> dict:
@@ -219,8 +375,9 @@ def _target(what: str, target: str, value: float, ok: Callable[[float], bool]) -
 # --- report ---------------------------------------------------------------------
 
 COLUMNS = [("stage", "{}"), ("method", "{}"), ("dtype", "{}"), ("batch", "{}"),
-           ("ms_per_image", "{:.3f}"), ("ms_median", "{:.3f}"), ("GB_s", "{:.1f}"),
-           ("GFLOP_s", "{:.1f}"), ("roofline", "{:.2f}"), ("rel_err", "{:.1e}"),
+           ("ms_per_image", "{:.3f}"), ("ms_median", "{:.3f}"), ("ms_p95", "{:.1f}"), ("ms_p99", "{:.1f}"),
+           ("images_s", "{:.2f}"), ("peak_rss_mib", "{:.0f}"), ("speedup_vs_notebook", "{:.2f}"), ("GB_s", "{:.1f}"),
+           ("GFLOP_s", "{:.1f}"), ("roofline", "{:.2f}"), ("rel_err", "{:.1e}"), ("exact_match", "{:.1e}"),
            ("speedup_vs_numpy", "{:.1f}"), ("note", "{}")]
 TARGET_COLUMNS = [("method", "{}"), ("target", "{}"), ("measured", "{:.2f}"), ("met", "{}")]
 
@@ -244,9 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (best is reported)")
     p.add_argument("--json", metavar="FILE", help="write hardware, versions and rows here")
+    p.add_argument("--backbone", default="dinov2_vits14", help="pipeline stages: backbone name")
+    p.add_argument("--image-size", type=int, help="pipeline stages: backbone input (448; 224 with --quick)")
+    p.add_argument("--batch", type=int, default=8, help="pipeline stages: images per backbone call")
+    p.add_argument("--bank", type=int, default=40, help="pipeline stages: good images in the memory bank")
+    p.add_argument("--engine", default="auto", help="pipeline stages: detector engine")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    args.image_size = args.image_size or (224 if args.quick else 448)
+    if args.quick:
+        args.bank = min(args.bank, 12)
     chosen = []
     for s in args.stages or sorted(STAGES):
         if s not in STAGES and s not in GROUPS:
