@@ -6,6 +6,8 @@ resolution: the position embedding is resampled once, in torch, when the model
 is built at ``S``, so no bicubic-antialias interpolation (which exporters get
 wrong or refuse) enters the graph.  ``layers > 1`` averages the last blocks'
 normed tokens exactly as :class:`~dinopatch.backbone.TorchBackbone` does.
+Attention is exported as ONNX Runtime's fused ``MultiHeadAttention``
+(:mod:`.attention`).
 
 Precisions: ``fp32``; ``int8``, ONNX Runtime's dynamic quantisation of the
 MatMul weights (a CPU speed-up on VNNI hardware); ``fp16``, float16 weights and
@@ -125,17 +127,16 @@ def _save(model, meta: dict, path: Path) -> None:
 
 
 def _trace(backbone: TorchBackbone, path: Path) -> None:
-    """fp32 graph of ``backbone.forward_tensor``.
+    """fp32 graph of ``backbone.forward_tensor``, attention fused (see :mod:`.attention`).
 
     The TorchScript exporter: it works offline, takes a second or two where the
     dynamo exporter takes several, and its graphs ran as fast or faster here.
-    Attention is exported unfused (explicit ``q @ k^T``, softmax, ``@ v``):
-    ``scaled_dot_product_attention`` decomposes into a longer chain with two
-    square roots of the scale.
     """
     import warnings
 
     import torch
+
+    from .attention import fused_attention
 
     class Tokens(torch.nn.Module):
         def __init__(self):
@@ -145,23 +146,15 @@ def _trace(backbone: TorchBackbone, path: Path) -> None:
         def forward(self, images):
             return backbone.forward_tensor(images)
 
-    attns = [m for m in backbone.model.modules() if hasattr(m, "fused_attn")]
-    saved = [m.fused_attn for m in attns]
-    sample = torch.from_numpy(_check_input(backbone.image_size, batch=1, mean=backbone.spec.mean, std=backbone.spec.std))
-    try:
-        for m in attns:
-            m.fused_attn = False
-        with torch.no_grad(), warnings.catch_warnings():
-            # timm asserts the input size in Python; the graph is for that one size anyway.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # The legacy exporter is chosen on purpose (see above); its deprecation notice is not news.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            torch.onnx.export(Tokens().eval(), (sample.to(backbone.device),), str(path), input_names=["images"],
-                              output_names=["tokens"], opset_version=OPSET, dynamo=False,
-                              dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}})
-    finally:
-        for m, fused in zip(attns, saved):
-            m.fused_attn = fused
+    sample = _check_input(backbone.image_size, batch=1, mean=backbone.spec.mean, std=backbone.spec.std)
+    with torch.no_grad(), warnings.catch_warnings(), fused_attention(backbone.model):
+        # timm asserts the input size in Python; the graph is for that one size anyway.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The legacy exporter is chosen on purpose (see above); its deprecation notice is not news.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        torch.onnx.export(Tokens().eval(), (torch.from_numpy(sample).to(backbone.device),), str(path),
+                          input_names=["images"], output_names=["tokens"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}})
 
 
 def _quantize_int8(src: Path, dst: Path):
