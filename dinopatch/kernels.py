@@ -16,14 +16,16 @@ Backends, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
 ``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``backend=None`` or ``"auto"``
 takes the first available; the environment variable ``DINOPATCH_KERNEL``
 overrides that choice.  ``cpp`` picks AVX-512, AVX2 or portable loops at run
-time (``_C.isa()``, ``_C.set_isa()``).  ``cuda`` uploads the bank on every
-call; to keep it resident use ``_C_cuda.DeviceBank(bank).min_distance(...)``.
+time (``_C.isa()``, ``_C.set_isa()``).  ``cuda`` keeps a device copy of the
+last two banks it was given while the caller's arrays live (see
+:func:`clear_device_cache` after changing a bank in place).
 ``numba`` has no float16 and widens an fp16 bank to float32 per call.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -153,8 +155,7 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     if q.shape[0] == 0 or L == 0:
         return np.empty(q.shape[:2], dtype=np.float32)
     if backend == "cuda":
-        return _cuda().min_distance(q, b.view(np.uint16) if b.dtype == np.float16 else b, c,
-                                    h, w, r, b.dtype == np.float16)
+        return _device_bank(bank, b, c).min_distance(q, h, w, r)
     if backend == "cpp":
         if b.dtype == np.float16:
             return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
@@ -163,6 +164,39 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
         full = np.full(L, K, dtype=np.int64) if c is None else c
         return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, r)
     return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
+
+
+# Device copies of banks, keyed by the caller's array object (and its address,
+# shape, dtype and counts); dropped when that array is freed.  Uploading the
+# seed configuration's bank (about 2 GB) would otherwise cost more than the
+# distances themselves on every call.
+_DEVICE_BANKS: dict[tuple, object] = {}
+_DEVICE_BANKS_MAX = 2
+
+
+def _device_bank(bank, b: np.ndarray, counts: np.ndarray | None):
+    """The uploaded ``b``; cached only when ``b`` is the caller's own array."""
+    f16 = b.dtype == np.float16
+    key = (id(bank), b.__array_interface__["data"][0], b.shape, b.dtype.str,
+           None if counts is None else counts.tobytes())
+    dev = _DEVICE_BANKS.get(key)
+    if dev is None:
+        dev = _cuda().DeviceBank(b.view(np.uint16) if f16 else b, f16, counts)
+        if b is bank:  # not a converted copy, so the key outlives this call
+            while len(_DEVICE_BANKS) >= _DEVICE_BANKS_MAX:
+                _DEVICE_BANKS.pop(next(iter(_DEVICE_BANKS)))
+            _DEVICE_BANKS[key] = dev
+            weakref.finalize(bank, _DEVICE_BANKS.pop, key, None)
+    return dev
+
+
+def clear_device_cache() -> None:
+    """Forget the device copies of banks.
+
+    The ``cuda`` backend keeps the last banks it was given on the GPU while the
+    caller's arrays live; call this after changing such an array in place.
+    """
+    _DEVICE_BANKS.clear()
 
 
 def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
