@@ -23,21 +23,30 @@ struct Buffer {
   ~Buffer() { dc::release(p); }
 };
 
-// A bank uploaded once and queried many times (the GPU benchmark keeps it
-// resident; dinopatch.kernels.min_distance uploads per call).
+// Checked before anything is allocated on the device.
+const py::array& checked(const py::array& bank, bool f16) {
+  const char kind = bank.dtype().kind();
+  if (bank.ndim() != 3 || bank.shape(1) < 1 || bank.shape(2) < 1 ||
+      bank.itemsize() != (f16 ? 2 : 4) || kind != (f16 ? 'u' : 'f') ||
+      !(bank.flags() & py::array::c_style))
+    throw std::invalid_argument(
+        "bank must be a C-contiguous [L,K,D] float32 array (uint16 bits of float16 when f16), "
+        "K, D >= 1");
+  return bank;
+}
+
+// A bank uploaded once and queried many times (dinopatch.kernels caches one
+// per bank array; the GPU benchmark uses it directly).
 class DeviceBank {
  public:
   DeviceBank(py::array bank, bool f16, py::object counts)
-      : L_(bank.ndim() == 3 ? bank.shape(0) : 0),
-        K_(bank.ndim() == 3 ? bank.shape(1) : 0),
-        D_(bank.ndim() == 3 ? bank.shape(2) : 0),
+      : L_(checked(bank, f16).shape(0)),
+        K_(bank.shape(1)),
+        D_(bank.shape(2)),
         f16_(f16),
         bank_(bank.nbytes()),
         counts_(counts.is_none() ? 0 : L_ * sizeof(int64_t)),
         has_counts_(!counts.is_none()) {
-    if (bank.ndim() != 3 || K_ < 1 || D_ < 1 || bank.itemsize() != (f16 ? 2 : 4) ||
-        !(bank.flags() & py::array::c_style))
-      throw std::invalid_argument("bank must be a C-contiguous [L,K,D] float32 array (uint16 bits when f16), K, D >= 1");
     const void* src = bank.data();
     {
       py::gil_scoped_release release;
