@@ -1,10 +1,14 @@
-"""Build dinopatch._C (and dinopatch._C_cuda when CUDA is found) through CMake.
+"""Build dinopatch._C (and dinopatch._C_cuda when CUDA is wanted) through CMake.
 
 Follows pybind11's cmake_example: setuptools knows no sources, CMake builds the
-extension straight into the package folder.  ``CMAKE_ARGS`` is passed through,
-e.g. ``CMAKE_ARGS="-DDINOPATCH_CUDA=OFF" pip install -e .``.
+extension straight into the package folder.  ``CMAKE_ARGS`` is passed through:
+``-DDINOPATCH_CUDA=ON`` forces the CUDA module (AUTO builds it only where a
+CUDA compiler AND a GPU are present, since nvcc adds about 40 s to a build),
+``-DDINOPATCH_CUDA=OFF`` skips it.  ``python setup.py build_ext --inplace``
+builds into the source tree.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +45,18 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_temp, check=True)
 
+    def copy_extensions_to_source(self) -> None:
+        # setuptools copies only the declared _C; the same CMake run may also
+        # have built _C_cuda next to it (in-place and editable builds).
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        built = Path(self.build_lib) / "dinopatch"
+        for extra in built.glob("_C_cuda*"):
+            shutil.copy2(extra, Path(build_py.get_package_dir("dinopatch")) / extra.name)
+
 
 setup(
+    # One CMake project builds _C, and _C_cuda when CUDA is found.
     ext_modules=[CMakeExtension("dinopatch._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -17,8 +17,10 @@ struct IsaKernels {
                      int64_t nrows, int64_t D, float* best);
   void (*min_sq_f16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* rows,
                      int64_t nrows, int64_t D, float* best);
-  // out[r] = ||c - row_r||^2 for r < nrows.
-  void (*sq_dist)(const float* c, const float* rows, int64_t nrows, int64_t D, float* out);
+  // Greedy k-center at one location x [N, D] -> out [k]; scratch: mean [D],
+  // mind and dist [N].
+  void (*kcenter_one)(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out,
+                      double* mean, float* mind, float* dist);
   // Sum of x[0..n), read with full-width loads (memory bandwidth probe).
   double (*sum)(const float* x, int64_t n);
 };

@@ -32,7 +32,8 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   const int64_t chunk = (B + chunks - 1) / chunks;
   chunks = (B + chunk - 1) / chunk;
   const int64_t items = L * chunks;
-#pragma omp parallel
+  // One item: no team, so a busy machine cannot stall it on a sleeping thread.
+#pragma omp parallel if (items > 1)
   {
     std::vector<float> best(chunk);
 #pragma omp for schedule(dynamic, 1)
@@ -69,7 +70,7 @@ void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t*
 double stream_read_cpu(const float* x, int64_t n) {
   const auto sum = active_isa().sum;
   double total = 0.0;
-#pragma omp parallel reduction(+ : total)
+#pragma omp parallel reduction(+ : total) if (n > (1 << 20))
   {
 #ifdef _OPENMP
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();

@@ -14,9 +14,9 @@ inline void keep_min(float& best, float v) {
 
 // ||q_i - r_j||^2 for a QN x RN block of queries and rows, by direct
 // differences (exact matches give exactly 0); QN*RN vector accumulators.
-// PF: prefetch the next RN rows in step.  The rows are read as RN
-// interleaved streams, which the hardware prefetchers follow poorly (batch 1
-// reached a third of the read bandwidth without this).
+// PF: prefetch the rows two blocks ahead in step.  The rows are read as RN
+// interleaved streams, which the hardware prefetchers follow poorly; only
+// one query block per row block needs to issue them.
 template <int QN, int RN, bool PF, typename T>
 inline void block(const float* q, int64_t qs, const T* r, int64_t D, float* best) {
   V acc[QN][RN];
@@ -27,7 +27,7 @@ inline void block(const float* q, int64_t qs, const T* r, int64_t D, float* best
     V rv[RN];
     for (int j = 0; j < RN; ++j) rv[j] = load(r + j * D + d);
     if (PF)
-      for (int j = 0; j < RN; ++j) __builtin_prefetch(r + (RN + j) * D + d);
+      for (int j = 0; j < RN; ++j) __builtin_prefetch(r + (2 * RN + j) * D + d);
     for (int i = 0; i < QN; ++i) {
       const V qv = load(q + i * qs + d);
       for (int j = 0; j < RN; ++j) {
@@ -84,12 +84,16 @@ inline void row_block(const float* q, int64_t qs, int64_t nq, const T* r, int64_
     i = QB;
   }
   for (; i + QB <= nq; i += QB) block<QB, RN, false>(q + i * qs, qs, r, D, best + i);
-  switch (nq - i) {  // QB <= 4 in every ISA
-    case 1: block<1, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    case 2: block<2, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    case 3: block<3, RN, true>(q + i * qs, qs, r, D, best + i); break;
-    default: break;
+  // The remaining < QB queries in blocks of 4, 2, 1.
+  if (QB > 4 && i + 4 <= nq) {
+    block<4, RN, true>(q + i * qs, qs, r, D, best + i);
+    i += 4;
   }
+  if (i + 2 <= nq) {
+    block<2, RN, true>(q + i * qs, qs, r, D, best + i);
+    i += 2;
+  }
+  if (i < nq) block<1, RN, true>(q + i * qs, qs, r, D, best + i);
 }
 
 // Rows outer, queries inner: a block of RB rows is loaded from memory once and
@@ -144,6 +148,58 @@ void sq_dist(const float* c, const float* rows, int64_t nrows, int64_t D, float*
   for (; r < nrows; ++r) dist_block<1>(c, rows + r * D, D, out + r);
 }
 
+// Greedy k-center at one location (see kcenter_greedy_cpu); compiled per ISA
+// so the double-precision set-up loops are vectorised too.  mean: D doubles,
+// mind and dist: N floats of scratch.
+void kcenter_one(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out, double* mean,
+                 float* mind, float* dist) {
+  // First centre: the row nearest the mean, in double like the numpy
+  // reference, so the result does not depend on a random draw.
+  for (int64_t d = 0; d < D; ++d) mean[d] = 0.0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) mean[d] += x[n * D + d];
+  for (int64_t d = 0; d < D; ++d) mean[d] /= static_cast<double>(N);
+  int64_t c = 0;
+  double nearest = __builtin_inf();
+  for (int64_t n = 0; n < N; ++n) {
+    // Eight partial sums: independent chains the compiler can vectorise.
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int j = 0; j < 8; ++j) {
+        const double t = x[n * D + d + j] - mean[d + j];
+        part[j] += t * t;
+      }
+    double v = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; d < D; ++d) {
+      const double t = x[n * D + d] - mean[d];
+      v += t * t;
+    }
+    if (v < nearest) {
+      nearest = v;
+      c = n;
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) mind[n] = __builtin_inff();
+  for (int64_t j = 0; j < k; ++j) {
+    out[j] = c;
+    sq_dist(x + c * D, x, N, D, dist);
+    // Running minimum over the centres so far; the next centre is the
+    // farthest row, the first index on ties (as np.argmax).
+    int64_t next = 0;
+    float far = -1.f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = dist[n] < mind[n] ? dist[n] : mind[n];
+      mind[n] = v;
+      if (v > far) {
+        far = v;
+        next = n;
+      }
+    }
+    c = next;
+  }
+}
+
 double sum(const float* x, int64_t n) {
   V a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
   const V one = load_one();
@@ -159,4 +215,4 @@ double sum(const float* x, int64_t n) {
   return s;
 }
 
-const IsaKernels table = {ISA_NAME, min_sq_f32, min_sq_f16, sq_dist, sum};
+const IsaKernels table = {ISA_NAME, min_sq_f32, min_sq_f16, kcenter_one, sum};

@@ -161,11 +161,8 @@ class MVTecFolder:
         items = []
         for kind in kinds:
             for p in _images_in(test / kind):
-                mask = None
-                if kind != "good":
-                    found = [m for s in IMAGE_SUFFIXES
-                             if (m := self.root / "ground_truth" / kind / f"{p.stem}_mask{s}").is_file()]
-                    mask = found[0] if found else None
+                mask = self.root / "ground_truth" / kind / f"{p.stem}_mask.png"
+                mask = mask if kind != "good" and mask.is_file() else None
                 items.append(TestItem(p, int(kind != "good"), kind, mask))
         return items
 
@@ -214,6 +211,15 @@ def _circle(r, n=24):
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
 
+def _check(category: str, defect: str, size: int = 256) -> None:
+    if int(size) < 32:
+        raise ValueError(f"synthetic images need size >= 32 px, got {size}")
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+    if defect != "good" and defect not in DEFECTS[category]:
+        raise ValueError(f"{category} has no defect {defect!r}; choose from good, {', '.join(DEFECTS[category])}")
+
+
 def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     """Light the scene: per-channel gain, a gentle gradient, sensor noise."""
     h, w = img.shape[:2]
@@ -230,8 +236,6 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarr
 
 _PASTA, _PASTA_LIGHT, _PASTA_RIDGE = (70, 175, 225), (120, 215, 248), (40, 120, 175)
 _TRAY, _PASTA_HOLE = (38, 48, 62), (30, 70, 115)
-_OVAL = np.stack([np.sin(np.linspace(0, 2 * np.pi, 16, endpoint=False)),
-                  np.cos(np.linspace(0, 2 * np.pi, 16, endpoint=False))], 1)
 
 
 def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good") -> tuple[np.ndarray, np.ndarray]:
@@ -240,6 +244,7 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
     Returns:
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]`` (255 = defect).
     """
+    _check("pasta", defect, size)
     u = size / 256  # pixels per pixel of the 256 px design
     shift = rng.uniform(-1.5, 1.5, 2) * u
     look = np.random.default_rng(rng.integers(2**63))  # the same look for any defect drawn next
@@ -258,11 +263,10 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
             _fill(img, m, [(x, y * 0.4 - 0.15 * half) for x, y in body], _PASTA_LIGHT)
             for y in (-0.55 * half, 0.45 * half):
                 _line(img, m, (-length / 2 + 0.25 * half, y), (length / 2 - 0.25 * half, y), _PASTA_RIDGE, u)
-            for end in (-1, 1):  # the open ends of the tube
-                rim = _OVAL * (slant, half) + (end * length / 2, 0)
-                rim[:, 0] += _OVAL[:, 1] * 0.3 * half
-                _fill(img, m, rim, _PASTA_RIDGE)
-                _fill(img, m, (rim - (end * length / 2, 0)) * 0.55 + (end * length / 2, 0), _PASTA_HOLE)
+            oval = _circle(1, 16) @ np.array([[0.3 * half, 0], [slant, half]])  # an open end of the tube
+            for end in (-length / 2, length / 2):
+                _fill(img, m, oval + (end, 0), _PASTA_RIDGE)
+                _fill(img, m, 0.55 * oval + (end, 0), _PASTA_HOLE)
             pieces.append(centre)
     pieces = [c for c in pieces if 0.15 * size < c[0] < 0.85 * size and 0.15 * size < c[1] < 0.85 * size]
     mask = np.zeros((size, size), np.uint8)
@@ -297,15 +301,13 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
         poly = np.stack([r * np.cos(t), r * np.sin(t)], 1)
         colour = [(200, 110, 30), (60, 150, 40), (235, 235, 240)][rng.integers(3)]
         _fill(img, _pose(0, 1, c), poly, colour, mask, outline=(30, 30, 30))
-    elif defect != "good":
-        raise ValueError(f"pasta has no defect {defect!r}; choose from good, {', '.join(DEFECTS['pasta'])}")
     return _finish(img, look, 3.0), mask
 
 
 # ----------------------------------------------------------------------------- screw
 
 # The screw in its own frame, in units of the image side: head at -x, tip at +x.
-_HEAD, _WASHER, _SHANK, _TIP = (-0.31, -0.215, 0.095), (-0.215, -0.17, 0.135), (-0.17, 0.23, 0.05), 0.31
+_HEAD, _WASHER, _SHANK, _TIP = (-0.31, -0.215, 0.095), (-0.215, -0.165, 0.15), (-0.165, 0.23, 0.05), 0.31
 _PITCH = 0.03
 _STEEL, _STEEL_DARK, _STEEL_LIGHT, _BACKGROUND = (125, 120, 115), (55, 52, 50), (185, 180, 175), (212, 214, 210)
 
@@ -325,8 +327,7 @@ def render_screw(rng: np.random.Generator, size: int = 256, angle: float | None 
     Returns:
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]`` (255 = defect).
     """
-    if defect != "good" and defect not in DEFECTS["screw"]:
-        raise ValueError(f"screw has no defect {defect!r}; choose from good, {', '.join(DEFECTS['screw'])}")
+    _check("screw", defect, size)
     angle = rng.uniform(0, 360) if angle is None else angle
     scale = rng.uniform(0.85, 1.15) if scale is None else scale
     shift = rng.uniform(-0.1, 0.1, 2) * size if shift is None else np.asarray(shift, float)
@@ -407,18 +408,12 @@ def make_sample(category: str, defect: str, rng: np.random.Generator, size: int 
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]``
         (255 = defect, all zero for ``"good"``).
     """
-    if category not in _RENDER:
-        raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
-    if defect != "good" and defect not in DEFECTS[category]:
-        raise ValueError(f"{category} has no defect {defect!r}; choose from good, {', '.join(DEFECTS[category])}")
+    _check(category, defect, size)
     return _RENDER[category](rng, size, defect=defect)
 
 
 def _write_png(path: Path, im: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", im)
-    if not ok:
-        raise ValueError(f"{path}: could not encode the image")
-    buf.tofile(str(path))
+    cv2.imencode(".png", im)[1].tofile(str(path))  # like _decode: paths of any encoding
 
 
 def synthesize(category: str, root: str | os.PathLike, n_train: int = 40, n_test_good: int = 12,
@@ -437,8 +432,7 @@ def synthesize(category: str, root: str | os.PathLike, n_train: int = 40, n_test
     Returns:
         ``root`` as a Path.
     """
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+    _check(category, "good", size)
     root = Path(root)
     # One stream per folder: the training images do not depend on the test counts.
     groups = [("train", "good", n_train), ("test", "good", n_test_good)]

@@ -27,7 +27,9 @@ class Result:
         score: image anomaly score, higher = more anomalous (NaN when the image
             gave nothing to score; such a result is always an anomaly).
         anomaly_map: float32 ``[H, W]`` in the input image's frame.
-        is_anomaly: ``score > threshold`` (or a non-finite score).
+        is_anomaly: ``score > threshold``, or a non-finite score, or an
+            alignment that could not be trusted: a frame the detector cannot
+            judge (no part in view, part cut by the border) never passes as good.
         aligned: False where alignment could not be trusted.
         mask: bool ``[H, W]`` defect pixels: map above the pixel threshold
             (the largest map value of held-out good parts), cleaned by morphology.
@@ -306,7 +308,8 @@ class DinoPatch:
         amap = anomaly_map(raw.distances, raw.valid, p["sigma"])
         score = image_score(amap, raw.valid, p["score"], p["topk"])
         amap_in = self.aligner_.inverse_map(amap, raw.alignment, raw.shape)
-        return Result(score=score, anomaly_map=amap_in, is_anomaly=not score <= thr, aligned=bool(raw.alignment.trusted),
+        trusted = bool(raw.alignment.trusted)
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= thr and trusted), aligned=trusted,
                       mask=segment(amap_in, pix, p["morph_kernel"]), alignment=raw.alignment)
 
     def score_images(self, images) -> np.ndarray:
@@ -318,7 +321,11 @@ class DinoPatch:
         return -self.score_images(images)
 
     def decision_function(self, images) -> np.ndarray:
-        """``score_samples - offset_``: negative for anomalies."""
+        """``score_samples - offset_``: negative where the score is above the threshold.
+
+        Scores only: ``Result.is_anomaly`` also flags frames whose alignment
+        could not be trusted.
+        """
         return self.score_samples(images) - self.offset_
 
     @property

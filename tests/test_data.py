@@ -154,3 +154,8 @@ def test_render_screw_at_a_given_pose():
     part = lambda im: im.mean(axis=2) < 170  # noqa: E731  the screw is darker than the background
     assert (part(a) ^ part(b)).mean() < 0.01
     assert (part(a) ^ part(c)).mean() > 0.05
+
+
+def test_too_small_to_draw():
+    with pytest.raises(ValueError, match="size"):
+        make_sample("screw", "good", np.random.default_rng(0), size=16)

@@ -39,6 +39,8 @@ def test_report_contents(screw_report):
     for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy"):
         assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["tuned"][key] <= 1.0, key
     assert set(m["settings"]) == {"sigma", "score", "threshold", "pixel_threshold", "morph_kernel"}
+    # The tuned threshold sits in the best-F1 gap of the tuning scores.
+    assert m["tuned"]["f1"] == pytest.approx(m["tuned"]["best_f1"])
     assert m["per_defect"] and all(v["n"] >= 1 for v in m["per_defect"].values())
     assert json.load(open(out / "metrics.json"))["split"] == m["split"]
     for name in ("roc.png", "pr.png", "hist.png", "index.html"):

@@ -29,6 +29,7 @@ def test_nothing_to_align_is_flagged(screw_detector, image):
     r = screw_detector.predict([image])[0]
     _check(r, image.shape)
     assert not r.aligned and r.alignment.reason
+    assert r.is_anomaly  # a frame with no part to judge never passes as good
 
 
 def test_gray_bgra_and_uint16_are_the_same_part(screw_detector, screw):

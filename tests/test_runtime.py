@@ -68,6 +68,9 @@ def test_soak_memory_and_handles(screw_detector, frames):
     for i in range(n):
         screw_detector.predict([frames[i % len(frames)]])
     gc.collect()
-    growth = proc.memory_info().rss / rss0 - 1
+    rss1, fds1 = proc.memory_info().rss, proc.num_fds()
+    growth = rss1 / rss0 - 1
+    print(f"soak: {n} predictions; RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB ({growth:+.2%}); "
+          f"open files {fds0} -> {fds1}")
     assert growth < 0.05, f"resident memory grew {growth:.1%} over {n} predictions"
-    assert proc.num_fds() <= fds0
+    assert fds1 <= fds0

@@ -1,0 +1,27 @@
+// CUDA kernels of dinopatch._C_cuda (cuda_kernels.cu), called from
+// cuda_bindings.cpp.  Pointers are device pointers; shapes are checked in
+// Python and in the bindings.  Errors throw std::runtime_error.
+#pragma once
+#include <cstdint>
+
+namespace dinopatch::cuda {
+
+int device_count();
+
+// out[b, l] as in min_distance_cpu (kernels.h); bank is float or the bit
+// pattern of IEEE half when f16.  counts may be null.
+void min_distance(const float* queries, const void* bank, bool f16, const int64_t* counts,
+                  float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
+                  int64_t radius);
+
+// out[l, j] greedy k-center indices; scratch holds L * N floats.
+void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int64_t N,
+                    int64_t D, int64_t k);
+
+void* alloc(size_t bytes);
+void release(void* p);
+void to_device(void* dst, const void* src, size_t bytes);
+void to_host(void* dst, const void* src, size_t bytes);
+void synchronize();
+
+}  // namespace dinopatch::cuda
