@@ -32,7 +32,9 @@ class MultiHeadAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, k, v, num_heads: int):
         # The default scale is 1/sqrt(head size), as in timm.
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        out.setType(q.type())  # same shape and dtype as q; the exporter cannot infer a contrib op
+        return out
 
 
 def _fused_forward(self, x, attn_mask=None, is_causal=False):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 from dinopatch import modelfile  # noqa: E402
 from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
