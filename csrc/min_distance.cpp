@@ -35,7 +35,7 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   // One item: no team, so a busy machine cannot stall it on a sleeping thread.
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> best(chunk);
+    std::vector<float> best(chunk), gathered(chunk > 1 ? chunk * D : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t l = it / chunks, b0 = (it % chunks) * chunk;
@@ -43,10 +43,20 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
       std::fill(best.begin(), best.begin() + nq, std::numeric_limits<float>::infinity());
       const int64_t y = l / w, x = l % w;
       const float* q = queries + (b0 * L + l) * D;
+      int64_t qs = L * D;
+      if (nq > 1) {
+        // The batch's queries at one location lie L*D floats apart, a power-
+        // of-two multiple for the usual grids: they all map to the same L1/L2
+        // sets and evict each other.  A contiguous copy (nq*D floats, cheap
+        // next to the bank rows) keeps them cached.
+        for (int64_t i = 0; i < nq; ++i) std::copy(q + i * qs, q + i * qs + D, gathered.data() + i * D);
+        q = gathered.data();
+        qs = D;
+      }
       for (int64_t yy = std::max<int64_t>(0, y - radius); yy <= std::min(h - 1, y + radius); ++yy)
         for (int64_t xx = std::max<int64_t>(0, x - radius); xx <= std::min(w - 1, x + radius); ++xx) {
           const int64_t m = yy * w + xx;
-          min_sq(q, L * D, nq, bank + m * K * D, counts ? counts[m] : K, D, best.data());
+          min_sq(q, qs, nq, bank + m * K * D, counts ? counts[m] : K, D, best.data());
         }
       for (int64_t i = 0; i < nq; ++i) out[(b0 + i) * L + l] = std::sqrt(best[i]);
     }
