@@ -32,11 +32,14 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   const int64_t chunk = (B + chunks - 1) / chunks;
   chunks = (B + chunk - 1) / chunk;
   const int64_t items = L * chunks;
+  const int64_t run = std::max<int64_t>(1, std::min<int64_t>(8, items / want));
   // One item: no team, so a busy machine cannot stall it on a sleeping thread.
 #pragma omp parallel if (items > 1)
   {
     std::vector<float> best(chunk), gathered(chunk > 1 ? chunk * D : 0);
-#pragma omp for schedule(dynamic, 1)
+    // Runs of up to 8 consecutive items per thread: min_sq prefetches the
+    // next location's rows into this core's L2.
+#pragma omp for schedule(dynamic, run)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t l = it / chunks, b0 = (it % chunks) * chunk;
       const int64_t nq = std::min(chunk, B - b0);

