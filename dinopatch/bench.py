@@ -333,8 +333,16 @@ def bench_e2e(args) -> list[dict]:
     notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
     for name in ("aligner_", "memory_bank_", "polarity_", "threshold_", "pixel_threshold_"):
         setattr(notebook, name, getattr(det, name))
-    ours = calls(lambda: det.predict(frames), max(1, args.repeats // 2))
-    theirs = calls(lambda: notebook.predict(frames), max(1, args.repeats // 2))
+    # Round robin, so that a noisy neighbour slows both pipelines alike.
+    runs = {"ours": lambda: det.predict(frames), "notebook": lambda: notebook.predict(frames)}
+    times = {name: [] for name in runs}
+    for i in range(max(1, args.repeats // 2) + 1):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    ours, theirs = times["ours"], times["notebook"]
     a, b = det.score_images(frames), notebook.score_images(frames)
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
