@@ -360,20 +360,40 @@ def bench_e2e(args) -> list[dict]:
 
 @stage("stream", groups=("pipeline",))
 def bench_stream(args) -> list[dict]:
-    """Per-frame latency of :func:`dinopatch.stream.stream` at steady state (batch 1)."""
+    """Per-frame latency of :func:`dinopatch.stream.stream` at steady state (batch 1).
+
+    First as fast as frames can be taken (throughput; latency then includes
+    the frames queued ahead), then with frames arriving like a camera's at
+    80% of that throughput (the latency a line sees).
+    """
     from .stream import stream
 
     det = _fitted(args)
     n, warm = (12, 3) if args.quick else (40, 5)
     frames = _frames(8, seed=4)
-    t0 = time.perf_counter()
-    lat = [f.latency for f in stream(det, (frames[i % len(frames)] for i in range(n)), batch_size=1, depth=2)]
-    wall = time.perf_counter() - t0
-    row = _latency_row("stream", "stream (align | infer | post threads)", lat[warm:],
-                       note=f"{n} frames, first {warm} are warm-up; {n / wall:.2f} frames/s overall")
-    row["images_s"] = n / wall
-    ratio = row["ms_p99"] / row["ms_p50"]
-    return [row, _target("streaming p99 / p50 latency", "<= 1.5", ratio, lambda v: v <= 1.5)]
+
+    def run(period: float):
+        def camera():
+            t_next = time.perf_counter()
+            for i in range(n):
+                time.sleep(max(0.0, t_next - time.perf_counter()))
+                t_next += period
+                yield frames[i % len(frames)]
+        t0 = time.perf_counter()
+        lat = [f.latency for f in stream(det, camera(), batch_size=1, depth=2)]
+        return lat[warm:], n / (time.perf_counter() - t0)
+
+    lat, fps = run(0.0)
+    rows = [_latency_row("stream", "stream, frames always ready", lat,
+                         note=f"{n} frames, first {warm} warm-up; latency includes the queue")]
+    rows[0]["images_s"] = fps
+    lat, paced = run(1.0 / (0.8 * fps))
+    rows.append(_latency_row("stream", f"stream, camera at {0.8 * fps:.2f} frames/s", lat,
+                             note=f"{n} frames, first {warm} warm-up"))
+    rows[1]["images_s"] = paced
+    ratio = rows[1]["ms_p99"] / rows[1]["ms_p50"]
+    return rows + [_target("streaming p99 / p50 latency (camera at 80% of throughput)", "<= 1.5", ratio,
+                           lambda v: v <= 1.5)]
 
 
 def _target(what: str, target: str, value: float, ok: Callable[[float], bool]) -> dict:
