@@ -31,3 +31,19 @@ def test_unknown_stage_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["nope"])
     assert "unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_pipeline_stages_write_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert bench.main(["align", "post", "stream", "--quick", "--repeats", "1", "--engine", "torch",
+                       "--image-size", "112", "--bank", "4", "--json", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert {"hardware", "versions", "args", "rows", "load_avg_after"} <= set(report)
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert {"align", "post", "stream", "target"} <= set(rows)
+    for key in ("ms_per_image", "ms_p50", "ms_p95", "ms_p99", "images_s", "peak_rss_mib"):
+        assert rows["stream"][key] > 0, key
+    assert rows["target"]["method"].startswith("streaming p99") and isinstance(rows["target"]["met"], bool)
+    assert "stream" in capsys.readouterr().out
