@@ -339,3 +339,43 @@ def test_cuda_bank_upload_is_cached_per_array(monkeypatch, rng):
     gc.collect()
     assert kernels._DEVICE_BANKS == {}
     kernels.clear_device_cache()
+
+
+# -- property tests: any small shape, any backend, the reference's answer ----------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(0, 5), h=st.integers(1, 4), w=st.integers(1, 4), K=st.integers(1, 6), D=st.integers(1, 40),
+       radius=st.integers(0, 2), f16=st.booleans(), ragged=st.booleans(), seed=st.integers(0, 2**16))
+def test_min_distance_any_shape(B, h, w, K, D, radius, f16, ragged, seed):
+    rng = np.random.default_rng(seed)
+    L = h * w
+    q = rng.standard_normal((B, L, D), dtype=np.float32)
+    bank = rng.standard_normal((L, K, D), dtype=np.float32).astype(np.float16 if f16 else np.float32)
+    counts = rng.integers(1, K + 1, L) if ragged else None
+    if B:
+        q[0, :, :] = bank[:, 0, :]  # exact matches too
+    ref = kernels.min_distance_numpy(q, bank, counts, (h, w), radius)
+    for be in kernels.available():
+        got = kernels.min_distance(q, bank, be, counts=counts, grid=(h, w), radius=radius)
+        assert got.shape == (B, L) and got.dtype == np.float32
+        if B:
+            close(got, ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(qshape=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+       bshape=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+       dtype=st.sampled_from([np.float32, np.float16, np.float64, np.int32, np.bool_]))
+def test_min_distance_bad_shapes_raise_value_error(qshape, bshape, dtype):
+    """Any shapes and dtypes: an answer of the right shape or a ValueError, never an abort."""
+    q, b = np.ones(qshape, dtype), np.ones(bshape, dtype)
+    for be in kernels.available():
+        try:
+            out = kernels.min_distance(q, b, be)
+        except ValueError:
+            continue
+        assert out.shape == (qshape[0], qshape[1])
