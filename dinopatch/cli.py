@@ -12,13 +12,19 @@ import numpy as np
 from .backbone import ENGINES
 
 
+def _engine(value: str) -> str:
+    if value in ENGINES or value.endswith(".onnx"):
+        return value
+    raise argparse.ArgumentTypeError(f"choose one of {', '.join(ENGINES)} or a path to an .onnx export")
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector")
     g.add_argument("--backbone", default="dinov2_vits14")
     g.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint path")
     g.add_argument("--image-size", type=int, default=448)
     g.add_argument("--no-align", dest="align", action="store_false", help="fixtured parts and flat textures")
-    g.add_argument("--engine", default="auto", choices=ENGINES)
+    g.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
     g.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
     g.add_argument("--coreset-ratio", type=float, default=1.0)
     g.add_argument("--tolerance", type=int, default=1)
@@ -64,7 +70,7 @@ def cmd_predict(args) -> int:
     from .data import read_image
     from .viz import overlay
 
-    det = DinoPatch.load(args.model)
+    det = DinoPatch.load(args.model, **({"engine": args.engine} if args.engine else {}))
     paths = _image_paths(args.images)
     out = Path(args.output)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("-m", "--model", required=True)
     p.add_argument("-o", "--output", default="predictions")
+    p.add_argument("--engine", type=_engine, help="override the model file's engine, e.g. an .onnx export "
+                   "(runs without torch)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics.json, overlays and roc.png on an MVTec-layout folder")
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic pasta and screw: generate, fit, evaluate (offline)")
     p.add_argument("-o", "--output", default="dinopatch-demo")
     p.add_argument("--weights", default="pretrained", help="falls back to 'random', loudly, when offline")
-    p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
     p.add_argument("--quick", action="store_true", help="fewer, smaller images")
     p.set_defaults(func=cmd_demo)
 
