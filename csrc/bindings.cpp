@@ -53,6 +53,7 @@ f32 min_distance(f32 queries, Array bank, py::object counts, int64_t h, int64_t 
   const auto B = queries.shape(0), L = queries.shape(1), D = queries.shape(2);
   const auto K = bank.shape(1);
   f32 out({B, L});
+  if (B == 0 || L == 0) return out;  // the kernels split work by B and L: nothing to split
   i64 c;
   if (!counts.is_none()) c = counts.cast<i64>();
   const int64_t* cp = counts.is_none() ? nullptr : c.data();

@@ -1,5 +1,6 @@
 // Run-time choice of the instruction set: the best the CPU reports, unless
 // set_isa() picks a lower one (tests run every ISA the machine has).
+#include <atomic>
 #include <cstring>
 
 #include "kernels.h"
@@ -48,7 +49,8 @@ const Supported& supported() {
   return s;
 }
 
-const IsaKernels* g_active = nullptr;
+// Read by kernels running on many threads with the GIL released.
+std::atomic<const IsaKernels*> g_active{nullptr};
 
 }  // namespace
 
@@ -67,8 +69,8 @@ bool set_isa(const char* name) {
 }
 
 const IsaKernels& active_isa() {
-  if (g_active == nullptr) set_isa(supported().names[0]);
-  return *g_active;
+  if (g_active.load() == nullptr) set_isa(supported().names[0]);
+  return *g_active.load();
 }
 
 }  // namespace dinopatch

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import weakref
 from functools import lru_cache
 
@@ -117,7 +118,9 @@ def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
         if radius:
             raise ValueError(f"radius = {radius} needs grid=(h, w) with h * w = L = {L}")
         return L, 1, 0
-    if len(grid) != 2 or int(grid[0]) * int(grid[1]) != L or min(grid) < 1:
+    if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid):
+        raise ValueError(f"grid must be two integers (h, w), got {tuple(grid)}")
+    if int(grid[0]) * int(grid[1]) != L or min(grid) < 1:
         raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
     return int(grid[0]), int(grid[1]), radius
 
@@ -172,6 +175,8 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
 # distances themselves on every call.
 _DEVICE_BANKS: dict[tuple, object] = {}
 _DEVICE_BANKS_MAX = 2
+_DEVICE_LOCK = threading.Lock()
+_FINALIZED: set[tuple] = set()  # keys with a finalizer registered: one per array
 
 
 def _device_bank(bank, b: np.ndarray, counts: np.ndarray | None):
@@ -179,15 +184,25 @@ def _device_bank(bank, b: np.ndarray, counts: np.ndarray | None):
     f16 = b.dtype == np.float16
     key = (id(bank), b.__array_interface__["data"][0], b.shape, b.dtype.str,
            None if counts is None else counts.tobytes())
-    dev = _DEVICE_BANKS.get(key)
-    if dev is None:
-        dev = _cuda().DeviceBank(b.view(np.uint16) if f16 else b, f16, counts)
-        if b is bank:  # not a converted copy, so the key outlives this call
-            while len(_DEVICE_BANKS) >= _DEVICE_BANKS_MAX:
-                _DEVICE_BANKS.pop(next(iter(_DEVICE_BANKS)))
-            _DEVICE_BANKS[key] = dev
-            weakref.finalize(bank, _DEVICE_BANKS.pop, key, None)
+    # Threads predicting at once must not upload the same bank several times.
+    with _DEVICE_LOCK:
+        dev = _DEVICE_BANKS.get(key)
+        if dev is None:
+            dev = _cuda().DeviceBank(b.view(np.uint16) if f16 else b, f16, counts)
+            if b is bank:  # not a converted copy, so the key outlives this call
+                while len(_DEVICE_BANKS) >= _DEVICE_BANKS_MAX:
+                    _DEVICE_BANKS.pop(next(iter(_DEVICE_BANKS)), None)
+                if key not in _FINALIZED:
+                    _FINALIZED.add(key)
+                    weakref.finalize(bank, _forget, key)
+                _DEVICE_BANKS[key] = dev
     return dev
+
+
+def _forget(key: tuple) -> None:
+    with _DEVICE_LOCK:
+        _DEVICE_BANKS.pop(key, None)
+        _FINALIZED.discard(key)
 
 
 def clear_device_cache() -> None:
@@ -196,7 +211,8 @@ def clear_device_cache() -> None:
     The ``cuda`` backend keeps the last banks it was given on the GPU while the
     caller's arrays live; call this after changing such an array in place.
     """
-    _DEVICE_BANKS.clear()
+    with _DEVICE_LOCK:
+        _DEVICE_BANKS.clear()
 
 
 def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:

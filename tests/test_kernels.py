@@ -222,6 +222,7 @@ def test_min_distance_errors(backend, rng):
         (dict(grid=(2, 2), radius=1), r"grid \(2, 2\) does not match L = 6"),
         (dict(radius=1), "needs grid"),
         (dict(grid=(2, 3), radius=-1), "radius must be >= 0"),
+        (dict(grid=(2.5, 2.4), radius=1), "two integers"),
     ]
     with pytest.raises(TypeError, match="radius must be an integer"):
         kernels.min_distance(q, b, backend, grid=(2, 3), radius=1.5)
@@ -242,6 +243,8 @@ def test_compiled_entry_points_reject_bad_shapes(rng):
         kernels._C.min_distance(q, b, None, 5, 1, 0)
     with pytest.raises(ValueError):
         kernels._C.kcenter_greedy(b, 4)
+    # An empty batch straight into the extension: an empty answer, not a division by zero.
+    assert kernels._C.min_distance(q[:0], b, None, 6, 1, 0).shape == (0, 6)
 
 
 @pytest.mark.parametrize("backend", kernels.available())
@@ -365,6 +368,7 @@ def test_min_distance_any_shape(B, h, w, K, D, radius, f16, ragged, seed):
         assert got.shape == (B, L) and got.dtype == np.float32
         if B:
             close(got, ref)
+            assert (got[0] == 0).all(), got[0]  # exact matches give exactly 0
 
 
 @settings(max_examples=40, deadline=None)
