@@ -40,7 +40,7 @@ class MultiHeadAttention(torch.autograd.Function):
 def _fused_forward(self, x, attn_mask=None, is_causal=False):
     if attn_mask is not None or is_causal:
         raise ValueError("masked attention has no fused export here")
-    q, k, v = self.qkv(x).split(self.attn_dim, dim=-1)  # qkv rows are laid out [3, heads, head_dim]
+    q, k, v = self.qkv(x).chunk(3, dim=-1)  # qkv rows are laid out [3, heads, head_dim]
     return self.proj(MultiHeadAttention.apply(q, k, v, self.num_heads))
 
 
@@ -49,8 +49,9 @@ def fused_attention(model: torch.nn.Module):
     """Within the block, every timm ``Attention`` of ``model`` runs (and traces) as :class:`MultiHeadAttention`."""
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     for m in attns:
-        plain = (m.q_norm, m.k_norm, m.norm)
-        if m.gate is not None or not all(isinstance(p, torch.nn.Identity) for p in plain):
+        # getattr: older timm releases (allowed by the pyproject floor) have no output norm or gate.
+        plain = (m.q_norm, m.k_norm, getattr(m, "norm", torch.nn.Identity()))
+        if getattr(m, "gate", None) is not None or not all(isinstance(p, torch.nn.Identity) for p in plain):
             raise ValueError(f"{type(model).__name__}: attention with qk/scale norms or gates cannot be fused here")
     try:
         for m in attns:
