@@ -25,8 +25,12 @@ class _SourceExportFinder(importlib.abc.MetaPathFinder):
                                                       submodule_search_locations=[str(self.folder)])
 
 
-_export = Path(__file__).resolve().parent.parent / "export"
-if (_export / "__init__.py").is_file() and not any(isinstance(f, _SourceExportFinder) for f in sys.meta_path):
+_root = Path(__file__).resolve().parent.parent
+_export = _root / "export"
+# Only in this project's own checkout: in site-packages a top-level "export" is somebody else's.
+_checkout = (_root / "setup.py").is_file() and (_root / "csrc").is_dir()
+if _checkout and (_export / "__init__.py").is_file() and not any(isinstance(f, _SourceExportFinder)
+                                                                  for f in sys.meta_path):
     # Ahead of an editable install of another checkout, which would map the name to its own folder.
     sys.meta_path.insert(0, _SourceExportFinder(_export))
 
