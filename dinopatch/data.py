@@ -90,15 +90,16 @@ def load_images(images) -> list[np.ndarray]:
         items = list(images)
     except TypeError:
         raise TypeError(f"pass a list of images (arrays or paths), got {type(images).__name__}") from None
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, (str, os.PathLike)):
-            out.append(read_image(item))
-        elif isinstance(item, np.ndarray):
-            out.append(as_image(item))
-        else:
-            raise TypeError(f"image {i}: expected an array or a path, got {type(item).__name__}")
-    return out
+    return [load_image(item, i) for i, item in enumerate(items)]
+
+
+def load_image(item, index: int = 0) -> np.ndarray:
+    """One image given as an array or a path (str or ``os.PathLike``), as uint8 ``[H, W]`` / ``[H, W, 3]``."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item)
+    if isinstance(item, np.ndarray):
+        return as_image(item)
+    raise TypeError(f"image {index}: expected an array or a path, got {type(item).__name__}")
 
 
 def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, modelfile
 from .align import Aligner, Alignment
-from .backbone import get_spec, make_backbone
+from .backbone import check_image_size, get_spec, make_backbone
 from .bank import MemoryBank
 from .data import load_images
 from .postprocess import SCORES, anomaly_map, image_score, segment
@@ -144,9 +144,7 @@ class DinoPatch:
     # -- fitting ---------------------------------------------------------------
 
     def _check_params(self) -> None:
-        spec = get_spec(self.backbone)
-        if self.image_size % spec.patch_size or self.image_size < spec.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a positive multiple of {spec.patch_size}")
+        check_image_size(self.image_size, get_spec(self.backbone).patch_size)
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r} must be one of {SCORES}")
         if self.bank_dtype not in ("float32", "float16"):

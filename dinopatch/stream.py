@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .data import as_image, read_image
+from .data import load_image
 from .detector import DinoPatch, Result
 
 _DONE = object()
@@ -48,10 +48,6 @@ class _Failure:
         self.error = error
 
 
-def _load(frame):
-    return as_image(frame) if hasattr(frame, "__array__") else read_image(frame)
-
-
 def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int = 4) -> Iterator[Frame]:
     """Score frames as they come, overlapping alignment and post-processing with inference.
 
@@ -64,11 +60,16 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     Yields:
         :class:`Frame` per input frame, in input order.
     """
+    # Checked here, not at the first next(): a generator would report them late.
     det._check_fitted()
     if int(batch_size) < 1 or int(depth) < 1:
         raise ValueError(f"batch_size and depth must be >= 1, got {batch_size} and {depth}")
-    aligned_q: queue.Queue = queue.Queue(int(depth))
-    scored_q: queue.Queue = queue.Queue(int(depth))
+    return _pipeline(det, frames, int(batch_size), int(depth))
+
+
+def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> Iterator[Frame]:
+    aligned_q: queue.Queue = queue.Queue(depth)
+    scored_q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
     def put(q: queue.Queue, item) -> bool:
@@ -94,7 +95,7 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
             batch, start = [], []
             for frame in frames:
                 start.append(time.perf_counter())
-                batch.append(_load(frame))
+                batch.append(load_image(frame, len(start) - 1))
                 if len(batch) == batch_size:
                     if not put(aligned_q, (start, det.align_images(batch))):
                         return

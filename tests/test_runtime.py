@@ -74,3 +74,12 @@ def test_soak_memory_and_handles(screw_detector, frames):
           f"open files {fds0} -> {fds1}")
     assert growth < 0.05, f"resident memory grew {growth:.1%} over {n} predictions"
     assert fds1 <= fds0
+
+
+def test_stream_checks_arguments_when_called(screw_detector):
+    from dinopatch import DinoPatch, NotFittedError
+
+    with pytest.raises(NotFittedError):
+        stream(DinoPatch(), [])
+    with pytest.raises(ValueError, match="batch_size"):
+        stream(screw_detector, [], batch_size=0)
