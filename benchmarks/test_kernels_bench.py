@@ -1,8 +1,9 @@
 """pytest-benchmark suite of the kernels: ``pytest benchmarks --benchmark-only``.
 
-The same sizes as ``python -m dinopatch.bench kernels`` (L=1024, K=200, D=384)
-at batch 1 and 16, every backend but the numpy reference, fp32 and fp16
-banks; k-center at L=16, N=400, D=384, k=40.  Speed targets are checked by
+min_distance at the sizes of ``python -m dinopatch.bench kernels`` (L=1024,
+K=200, D=384) at batch 1 and 16, every backend but the numpy reference, fp32
+and fp16 banks; k-center smaller than the bench's (L=16 instead of 64, N=400,
+D=384, k=40).  Speed targets are checked by
 the bench command, not here: these only time.
 """
 import numpy as np
