@@ -81,7 +81,7 @@ def get_spec(name: str) -> BackboneSpec:
 def check_image_size(image_size: int, patch_size: int = 14) -> int:
     image_size = int(image_size)
     if image_size < patch_size or image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a positive multiple of the patch size {patch_size}")
+        raise ValueError(f"image_size {image_size} must be a positive multiple of {patch_size} (the patch size)")
     return image_size
 
 
