@@ -1,4 +1,12 @@
+import atexit
 import os
+import shutil
+import tempfile
+
+# Tests never read or write the user's export cache: what they find there
+# would differ from a fresh CI machine.
+os.environ["DINOPATCH_CACHE"] = tempfile.mkdtemp(prefix="dinopatch-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DINOPATCH_CACHE"], True)
 
 # Spinning thread pools (OpenMP in the kernels, torch, ONNX Runtime) fight over
 # the 2 cores of CI; set before any of them starts.
