@@ -259,6 +259,9 @@ class TorchBackbone:
 # -- the ONNX engine -----------------------------------------------------------
 
 ONNX_FORMAT = "dinopatch-backbone-tokens/1"
+# Bumped when the exported graph changes (same inputs and outputs, faster ops),
+# so that a cache made by an older DinoPatch is not reused.
+GRAPH_VERSION = 2
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
@@ -269,7 +272,8 @@ def cache_dir() -> Path:
 
 def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str) -> Path:
     """The cached export of one configuration; named by the weights' fingerprint."""
-    return cache_dir() / "onnx" / f"{name}_{image_size}px_l{layers}_{precision}_{fingerprint[:16]}.onnx"
+    return (cache_dir() / "onnx"
+            / f"{name}_{image_size}px_l{layers}_{precision}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
 
 
 def weights_record_path(name: str, weights, image_size: int, seed: int = 0) -> Path | None:
