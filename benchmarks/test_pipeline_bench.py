@@ -6,20 +6,18 @@ peers and targets, are in ``python -m dinopatch.bench pipeline``.
 """
 import os
 
-import numpy as np
 import pytest
 
 from dinopatch import DinoPatch
 from dinopatch.align import Aligner
-from dinopatch.data import make_sample
+from dinopatch.data import make_images
 from dinopatch.stream import stream
 
 SIZE = int(os.environ.get("DINOPATCH_BENCH_SIZE", 448))
 
 
 def _frames(n, seed):
-    rng = np.random.default_rng(seed)
-    return [make_sample("screw", "good", rng, size=256)[0] for _ in range(n)]
+    return make_images("screw", "good", n, seed)
 
 
 @pytest.fixture(scope="module")

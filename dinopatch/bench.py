@@ -245,11 +245,10 @@ def bench_coreset(args) -> list[dict]:
 
 # --- pipeline stages: synthetic screws through the detector -------------------
 
-def _frames(n: int, seed: int, defect: str = "good") -> list[np.ndarray]:
-    from .data import make_sample
+def _frames(n: int, seed: int) -> list[np.ndarray]:
+    from .data import make_images
 
-    rng = np.random.default_rng(seed)
-    return [make_sample("screw", defect, rng, size=256)[0] for _ in range(n)]
+    return make_images("screw", "good", n, seed)
 
 
 def _latency_row(stage_name: str, method: str, seconds: list[float], batch: int = 1, **extra) -> dict:

@@ -413,6 +413,12 @@ def make_sample(category: str, defect: str, rng: np.random.Generator, size: int 
     return _RENDER[category](rng, size, defect=defect)
 
 
+def make_images(category: str, defect: str, n: int, seed: int, size: int = 256) -> list[np.ndarray]:
+    """``n`` synthetic images (no masks) from one seeded generator, as tests and benchmarks want them."""
+    rng = np.random.default_rng(seed)
+    return [make_sample(category, defect, rng, size)[0] for _ in range(n)]
+
+
 def _write_png(path: Path, im: np.ndarray) -> None:
     cv2.imencode(".png", im)[1].tofile(str(path))  # like _decode: paths of any encoding
 

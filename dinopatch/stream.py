@@ -3,9 +3,9 @@
 A line delivers one frame at a time and cares about steady per-frame latency.
 :func:`stream` runs the three stages of :meth:`DinoPatch.predict` in a
 pipeline: reading and alignment (OpenCV) on one thread, the backbone and the
-bank on a second, post-processing (OpenCV) in the caller's thread.  OpenCV, torch, ONNX Runtime and the
-compiled kernels release the GIL, so the CPU stages of one frame run while the
-backbone works on the next.  Queues are bounded: a slow consumer holds the
+bank on a second, post-processing (OpenCV) in the caller's thread.  OpenCV,
+torch, ONNX Runtime and the compiled kernels release the GIL, so the CPU stages
+of one frame run while the backbone works on the next.  Queues are bounded: a slow consumer holds the
 producer back instead of buffering frames without limit.
 
 Results come out in input order and equal ``predict`` with the same
@@ -93,9 +93,9 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
     def align_stage():
         try:
             batch, start = [], []
-            for frame in frames:
+            for index, frame in enumerate(frames):
                 start.append(time.perf_counter())
-                batch.append(load_image(frame, len(start) - 1))
+                batch.append(load_image(frame, index))  # errors name the frame's place in the stream
                 if len(batch) == batch_size:
                     if not put(aligned_q, (start, det.align_images(batch))):
                         return

@@ -26,10 +26,9 @@ FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="
 
 
 def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:
-    from dinopatch.data import make_sample
+    from dinopatch.data import make_images
 
-    rng = np.random.default_rng(seed)
-    return [make_sample("screw", defect, rng, size=128)[0] for _ in range(n)]
+    return make_images("screw", defect, n, seed, size=128)
 
 
 @pytest.fixture(scope="session")

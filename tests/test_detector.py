@@ -2,30 +2,26 @@
 import numpy as np
 import pytest
 
+from conftest import FAST
+from conftest import screws as make_screws
 from dinopatch import DinoPatch, Result
 from dinopatch.data import make_sample
 from dinopatch.detector import NotFittedError
 from dinopatch.modelfile import ModelFileError
 
-FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="torch", progress=False)
-
-
-def _screws(defect, n, seed):
-    rng = np.random.default_rng(seed)
-    return [make_sample("screw", defect, rng, size=128) for _ in range(n)]
-
 
 @pytest.fixture(scope="module")
 def screws():
-    good = [im for im, _ in _screws("good", 10, 1)]
-    test_good = [im for im, _ in _screws("good", 4, 2)]
-    test_bad = [im for im, _ in _screws("missing_washer", 2, 3)] + [im for im, _ in _screws("extra_object", 2, 4)]
+    good = make_screws("good", 10, 1)
+    test_good = make_screws("good", 4, 2)
+    test_bad = make_screws("missing_washer", 2, 3) + make_screws("extra_object", 2, 4)
     return good, test_good, test_bad
 
 
 @pytest.fixture(scope="module")
-def fitted(screws):
-    return DinoPatch(**FAST).fit(screws[0])
+def fitted(screw_detector):
+    # The session's detector is fitted on the same ten good screws.
+    return screw_detector
 
 
 def test_result_contract(fitted, screws):

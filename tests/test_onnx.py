@@ -268,13 +268,12 @@ def test_export_command(tmp_path):
 @pytest.mark.parametrize("category", ["pasta", "screw"])
 def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     """Whole pipeline (align, backbone, distances, post-processing) per engine, fitted and scored."""
-    from dinopatch.data import DEFECTS, make_sample
+    from dinopatch.data import DEFECTS, make_images
     from dinopatch.detector import DinoPatch
     from dinopatch.metrics import auroc
 
     def sample(defect, n, seed):
-        rng = np.random.default_rng(seed)
-        return [make_sample(category, defect, rng, size=160)[0] for _ in range(n)]
+        return make_images(category, defect, n, seed, size=160)
 
     train = sample("good", 12, 0)
     test = sample("good", 12, 1) + [im for k, d in enumerate(DEFECTS[category]) for im in sample(d, 4, 2 + k)]
