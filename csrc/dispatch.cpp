@@ -16,9 +16,12 @@ struct Entry {
 };
 
 #ifdef DINOPATCH_X86_ISAS
+// isa_avx512.cpp is compiled with -mavx512bw/vl/dq as well (256-bit lanes
+// with AVX-512 encodings), so all four are required.
 bool has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&

@@ -17,6 +17,7 @@ inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline V load(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
 inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(V a) {
@@ -26,6 +27,12 @@ inline float hsum(V a) {
   return _mm_cvtss_f32(s);
 }
 inline float to_float(uint16_t x) { return _cvtsh_ss(x); }
+
+#include "lanes_x86.h"
+// 8 rows: two 256-bit FMAs per cycle, latency 4; 8 accumulators, the queries
+// and a temporary fit the 16 registers.
+using Full = Lanes256<8>;
+using Half = Lanes128<8>;
 
 #include "simd_body.h"
 

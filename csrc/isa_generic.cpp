@@ -33,9 +33,24 @@ inline float to_float(uint16_t h) {
   return f;
 }
 inline V load(const uint16_t* p) { return to_float(*p); }
+inline void store(float* p, V a) { *p = a; }
 inline V sub(V a, V b) { return a - b; }
 inline V fma(V a, V b, V c) { return a * b + c; }
 inline float hsum(V a) { return a; }
+
+// One query per "vector"; 4 rows for independent sums.
+struct Full {
+  using V = float;
+  static constexpr int W = 1, RB = 4;
+  static V zero() { return 0.f; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V a) { *p = a; }
+  static V bsub(V a, float x) { return a - x; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V min(V a, V b) { return b < a ? b : a; }
+  static V add(V a, V b) { return a + b; }
+};
+using Half = Full;
 
 #include "simd_body.h"
 

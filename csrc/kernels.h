@@ -6,17 +6,25 @@
 
 namespace dinopatch {
 
+// Widest vector in queries (pack's padding), and the rows min_sq takes per
+// block (widened from fp16 in scratch).
+constexpr int64_t kMaxLanes = 16, kRowBlock = 8;
+
 // The SIMD inner loops, one table per instruction set (isa_*.cpp).  Each file
 // is compiled with its own -m flags and only ever called after a run-time
 // check of the CPU, so one build runs on CPUs with and without AVX-512.
 struct IsaKernels {
   const char* name;
-  // best[i] <- min(best[i], ||q_i - row_r||^2 over r < nrows); q_i = q + i * q_stride.
-  // NaN propagates: a NaN query (or row) leaves best[i] NaN.
-  void (*min_sq_f32)(const float* q, int64_t q_stride, int64_t nq, const float* rows,
-                     int64_t nrows, int64_t D, float* best);
-  void (*min_sq_f16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* rows,
-                     int64_t nrows, int64_t D, float* best);
+  // Lay out nq queries (q + i * q_stride) for min_sq into packed, which holds
+  // (nq + kMaxLanes) * D floats: a batch goes across the vector lanes.
+  void (*pack)(const float* q, int64_t q_stride, int64_t nq, int64_t D, float* packed);
+  // best[i] <- min(best[i], ||q_i - row_r||^2 over r < nrows), q packed by pack.
+  // NaN propagates: a NaN query (or row) leaves best[i] NaN.  scratch holds
+  // kRowBlock * D + 2 * (nq + kMaxLanes) floats.
+  void (*min_sq_f32)(const float* packed, int64_t nq, const float* rows, int64_t nrows,
+                     int64_t D, float* best, float* scratch);
+  void (*min_sq_f16)(const float* packed, int64_t nq, const uint16_t* rows, int64_t nrows,
+                     int64_t D, float* best, float* scratch);
   // Greedy k-center at one location x [N, D] -> out [k]; scratch: mean [D],
   // mind and dist [N].
   void (*kcenter_one)(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out,

@@ -24,6 +24,7 @@ int max_threads() {
 template <typename T, typename Fn>
 void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, float* out,
          int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w, int64_t radius) {
+  const auto pack = active_isa().pack;
   // Work items are (location, chunk of the batch).  A whole batch per item
   // reads each bank tile once for all its queries; the batch is split only
   // when there are too few locations to keep every thread busy.
@@ -36,7 +37,8 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   // One item: no team, so a busy machine cannot stall it on a sleeping thread.
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> best(chunk), gathered(chunk > 1 ? chunk * D : 0);
+    std::vector<float> best(chunk), packed((chunk + kMaxLanes) * D),
+        scratch(kRowBlock * D + 2 * (chunk + kMaxLanes));
     // Runs of up to 8 consecutive items per thread: min_sq prefetches the
     // next location's rows into this core's L2.
 #pragma omp for schedule(dynamic, run)
@@ -45,21 +47,15 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
       const int64_t nq = std::min(chunk, B - b0);
       std::fill(best.begin(), best.begin() + nq, std::numeric_limits<float>::infinity());
       const int64_t y = l / w, x = l % w;
-      const float* q = queries + (b0 * L + l) * D;
-      int64_t qs = L * D;
-      if (nq > 1) {
-        // The batch's queries at one location lie L*D floats apart, a power-
-        // of-two multiple for the usual grids: they all map to the same L1/L2
-        // sets and evict each other.  A contiguous copy (nq*D floats, cheap
-        // next to the bank rows) keeps them cached.
-        for (int64_t i = 0; i < nq; ++i) std::copy(q + i * qs, q + i * qs + D, gathered.data() + i * D);
-        q = gathered.data();
-        qs = D;
-      }
+      // Packed once per item for every neighbouring location it is scored at;
+      // also a contiguous copy: the batch's queries lie L*D floats apart, a
+      // power-of-two multiple for the usual grids, in the same cache sets.
+      pack(queries + (b0 * L + l) * D, L * D, nq, D, packed.data());
       for (int64_t yy = std::max<int64_t>(0, y - radius); yy <= std::min(h - 1, y + radius); ++yy)
         for (int64_t xx = std::max<int64_t>(0, x - radius); xx <= std::min(w - 1, x + radius); ++xx) {
           const int64_t m = yy * w + xx;
-          min_sq(q, qs, nq, bank + m * K * D, counts ? counts[m] : K, D, best.data());
+          min_sq(packed.data(), nq, bank + m * K * D, counts ? counts[m] : K, D, best.data(),
+                 scratch.data());
         }
       for (int64_t i = 0; i < nq; ++i) out[(b0 + i) * L + l] = std::sqrt(best[i]);
     }
