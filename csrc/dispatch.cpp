@@ -23,6 +23,9 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+#ifdef DINOPATCH_BF16
+bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+#endif
 bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
@@ -31,6 +34,9 @@ bool has_avx2() {
 bool always() { return true; }
 
 const Entry kAll[] = {
+#ifdef DINOPATCH_BF16
+    {"avx512bf16", isa_avx512bf16, has_avx512bf16},
+#endif
 #ifdef DINOPATCH_X86_ISAS
     {"avx512", isa_avx512, has_avx512},
     {"avx2", isa_avx2, has_avx2},

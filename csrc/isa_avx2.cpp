@@ -36,6 +36,9 @@ using Half = Lanes128<8>;
 
 #include "simd_body.h"
 
+const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
+                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+
 }  // namespace avx2
 
 const IsaKernels* isa_avx2() { return &avx2::table; }

@@ -54,6 +54,9 @@ using Half = Full;
 
 #include "simd_body.h"
 
+const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
+                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+
 }  // namespace generic
 
 const IsaKernels* isa_generic() { return &generic::table; }

@@ -15,12 +15,15 @@ constexpr int64_t kMaxLanes = 16, kRowBlock = 8;
 // check of the CPU, so one build runs on CPUs with and without AVX-512.
 struct IsaKernels {
   const char* name;
-  // Lay out nq queries (q + i * q_stride) for min_sq into packed, which holds
-  // (nq + kMaxLanes) * D floats: a batch goes across the vector lanes.
+  // Floats of pack's output for nq queries, and of min_sq's scratch for nq
+  // queries against rows of up to K.
+  int64_t (*packed_size)(int64_t nq, int64_t D);
+  int64_t (*scratch_size)(int64_t nq, int64_t K, int64_t D);
+  // Lay out nq queries (q + i * q_stride) for min_sq into packed: a batch goes
+  // across the vector lanes.
   void (*pack)(const float* q, int64_t q_stride, int64_t nq, int64_t D, float* packed);
   // best[i] <- min(best[i], ||q_i - row_r||^2 over r < nrows), q packed by pack.
-  // NaN propagates: a NaN query (or row) leaves best[i] NaN.  scratch holds
-  // kRowBlock * D + 2 * (nq + kMaxLanes) floats.
+  // NaN propagates: a NaN query (or row) leaves best[i] NaN.
   void (*min_sq_f32)(const float* packed, int64_t nq, const float* rows, int64_t nrows,
                      int64_t D, float* best, float* scratch);
   void (*min_sq_f16)(const float* packed, int64_t nq, const uint16_t* rows, int64_t nrows,
@@ -37,6 +40,9 @@ const IsaKernels* isa_generic();
 #ifdef DINOPATCH_X86_ISAS
 const IsaKernels* isa_avx2();
 const IsaKernels* isa_avx512();
+#endif
+#ifdef DINOPATCH_BF16
+const IsaKernels* isa_avx512bf16();
 #endif
 
 // The instruction sets this CPU and build support, best first.

@@ -37,8 +37,8 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   // One item: no team, so a busy machine cannot stall it on a sleeping thread.
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> best(chunk), packed((chunk + kMaxLanes) * D),
-        scratch(kRowBlock * D + 2 * (chunk + kMaxLanes));
+    std::vector<float> best(chunk), packed(active_isa().packed_size(chunk, D)),
+        scratch(active_isa().scratch_size(chunk, K, D));
     // Runs of up to 8 consecutive items per thread: min_sq prefetches the
     // next location's rows into this core's L2.
 #pragma omp for schedule(dynamic, run)

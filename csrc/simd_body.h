@@ -40,14 +40,18 @@ inline bool next_group(int64_t nq, int64_t q0, int64_t* n, int64_t* lanes) {
 
 // n <= LANES queries as [D][LANES]; the spare lanes repeat query 0 (their
 // results are never read).  Through a LANES x 16 tile of constant shape, so
-// the compiler can keep it in registers: the element-wise transpose took 15%
-// of a batch of 16, this one ~10%.
+// the compiler can keep it in registers (the element-wise transpose took 15%
+// of a batch of 16, this one ~10%), or the ISA's own 16 x 16 transpose.
 template <int LANES>
 inline void pack_group(const float* q, int64_t qs, int64_t n, int64_t D, float* out) {
   constexpr int T = 16;
   const float* rows[LANES];
   for (int i = 0; i < LANES; ++i) rows[i] = q + (i < n ? i : 0) * qs;
   int64_t d = 0;
+#ifdef DINOPATCH_TRANSPOSE16
+  if (LANES == 16)
+    for (; d + 16 <= D; d += 16) transpose16(rows, d, out + d * 16);
+#endif
   for (; d + T <= D; d += T) {
     float tile[LANES][T];
     for (int i = 0; i < LANES; ++i)
@@ -58,6 +62,10 @@ inline void pack_group(const float* q, int64_t qs, int64_t n, int64_t D, float* 
   for (; d < D; ++d)
     for (int i = 0; i < LANES; ++i) out[d * LANES + i] = rows[i][d];
 }
+
+// Floats pack and min_sq need for a batch of nq (rows of K, of D values).
+int64_t packed_size(int64_t nq, int64_t D) { return (nq + kMaxLanes) * D; }
+int64_t scratch_size(int64_t nq, int64_t, int64_t D) { return kRowBlock * D + 2 * (nq + kMaxLanes); }
 
 // Lay out q (nq rows, qs floats apart) for min_sq at packed: the lane
 // groups of next_group, the one at q0 from packed + q0 * D, then the
@@ -376,5 +384,3 @@ double sum(const float* x, int64_t n) {
   for (; i < n; ++i) s += x[i];
   return s;
 }
-
-const IsaKernels table = {ISA_NAME, pack, min_sq_f32, min_sq_f16, kcenter_one, sum};

@@ -15,8 +15,10 @@ beyond are padding and never read).
 Backends, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
 ``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``backend=None`` or ``"auto"``
 takes the first available; the environment variable ``DINOPATCH_KERNEL``
-overrides that choice.  ``cpp`` picks AVX-512, AVX2 or portable loops at run
-time (``_C.isa()``, ``_C.set_isa()``).  ``cuda`` keeps a device copy of the
+overrides that choice.  ``cpp`` picks AVX-512 with BF16, AVX-512, AVX2 or
+portable loops at run time (``_C.isa()``, ``_C.set_isa()``); the BF16 loops
+screen batches of 16 with bf16 dot products and a rigorous error bound, then
+compute every candidate's distance exactly, so all give the same answers.  ``cuda`` keeps a device copy of the
 last two banks it was given while the caller's arrays live (see
 :func:`clear_device_cache` after changing a bank in place).
 ``numba`` has no float16 and widens an fp16 bank to float32 per call.

@@ -134,23 +134,47 @@ def test_nan_query_gives_nan(backend, rng):
     assert np.isnan(got[1, 2]) and np.isfinite(np.delete(got.ravel(), 5)).all()
 
 
+# The C++ kernel splits a batch across threads when there are fewer than
+# 4 locations per thread; the batch tests use enough locations for 16 threads.
+WHOLE_BATCH_L = 64
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_batches_across_lane_groups(backend, rng, dtype):
     """The C++ batch kernel packs queries into vector lanes (16, then 8, the rest
     query-major on AVX-512; 8, 4 on AVX2): every split, with exact matches
     across the batch, a NaN in its last query and in one bank row (a running
-    minimum alone would drop it), and rows that do not fill a row block."""
+    minimum alone would drop it), a location of identical rows, and rows that
+    do not fill a row block."""
     for B in (2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 20, 24, 25, 31, 32, 33, 40):
-        q, b = make(rng, B, 3, 13, 37)
+        q, b = make(rng, B, WHOLE_BATCH_L, 13, 37)
         b = b.astype(dtype)
         for i in range(0, B, 5):
             q[i, 1] = b[1, 12]  # exact match with the last, odd row
         q[B - 1, 2, 5] = np.nan
         b[0, 6, 0] = np.nan  # every query at location 0 gives NaN
+        b[2] = b[2, 3]  # ties: every row a candidate for every query
         ref = kernels.min_distance_numpy(q, b)
         got = kernels.min_distance(q, b, backend)
         close(got, ref)
         assert (got[::5, 1] == 0).all(), (B, got[::5, 1])
+
+
+@pytest.mark.parametrize("D", [384, 37])
+def test_near_ties_are_resolved_exactly(backend, rng, D):
+    """Rows at distances 1, 1.001, 1.002, ... of a query, in random directions:
+    a kernel that screens in low precision (bf16 on AVX-512) cannot order them
+    and must refine every candidate exactly; a wrong pick is off by >= 1e-3."""
+    B, L, K = 20, WHOLE_BATCH_L, 64
+    q = rng.standard_normal((B, L, D)).astype(np.float32)
+    step = rng.standard_normal((B, L, K, D))
+    step /= np.linalg.norm(step, axis=-1, keepdims=True)
+    radius = 1 + 1e-3 * rng.permutation(K)
+    b = (q[0, :, None, :] + radius[None, :, None] * step[0]).astype(np.float32)
+    ref = kernels.min_distance_numpy(q, b)
+    got = kernels.min_distance(q, b, backend)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(got[0], 1.0, atol=1e-4)
 
 
 def test_non_contiguous_and_other_dtypes(backend, rng):
