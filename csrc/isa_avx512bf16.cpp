@@ -14,7 +14,11 @@
 //      those candidates get the exact squared distance by direct differences,
 //      as every other path does (an exact match still gives exactly 0).
 // A lane whose bounds are not finite (NaN or inf anywhere) is scored exactly
-// against every row.  The rest of a batch goes through the exact kernels.
+// against every row; a row that is a candidate for many lanes (ties) goes to
+// the exact lane kernel.  The rest of a batch goes through the exact kernels.
+// Zen 4, 2 threads, L=1024 K=200 D=384, batch 16: 0.81-0.90 ms/image against
+// 1.05-1.10 exact (fp16 bank 0.71-0.77); a bank of duplicate rows, where every
+// row is a candidate: 1.8 against 1.06.
 #include <immintrin.h>
 
 #include <cstring>
@@ -43,7 +47,8 @@ inline void copy_row(const uint16_t* r, int64_t D, float* out) { as_f32(r, D, ou
 //   centre [S2] (S2 = D rounded up to 32, zero past D)
 //   qn, qa [16] squared norm and norm of each centred query
 //   rows   [16][D] the queries as given (the refinement reads them)
-//   t      [D + 1][16] pack's transpose, the last row zero
+//   t      [D + 1][16] the queries transposed, the last row zero (pack's work
+//          space, and the exact lane kernel's queries)
 struct Layout {
   int64_t P, S2, pairs, centre, qn, qa, rows, t, size;
   explicit Layout(int64_t D) : P((D + 1) / 2), S2((D + 31) / 32 * 32) {
