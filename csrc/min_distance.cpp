@@ -21,10 +21,11 @@ int max_threads() {
 #endif
 }
 
+// isa: read once per call, so pack, the buffer sizes and min_sq agree even if
+// set_isa runs meanwhile.
 template <typename T, typename Fn>
-void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, float* out,
+void run(const IsaKernels& isa, Fn min_sq, const float* queries, const T* bank, const int64_t* counts, float* out,
          int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w, int64_t radius) {
-  const auto pack = active_isa().pack;
   // Work items are (location, chunk of the batch).  A whole batch per item
   // reads each bank tile once for all its queries; the batch is split only
   // when there are too few locations to keep every thread busy.
@@ -37,8 +38,8 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
   // One item: no team, so a busy machine cannot stall it on a sleeping thread.
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> best(chunk), packed(active_isa().packed_size(chunk, D)),
-        scratch(active_isa().scratch_size(chunk, K, D));
+    std::vector<float> best(chunk), packed(isa.packed_size(chunk, D)),
+        scratch(isa.scratch_size(chunk, K, D));
     // Runs of up to 8 consecutive items per thread: min_sq prefetches the
     // next location's rows into this core's L2.
 #pragma omp for schedule(dynamic, run)
@@ -50,7 +51,7 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
       // Packed once per item for every neighbouring location it is scored at;
       // also a contiguous copy: the batch's queries lie L*D floats apart, a
       // power-of-two multiple for the usual grids, in the same cache sets.
-      pack(queries + (b0 * L + l) * D, L * D, nq, D, packed.data());
+      isa.pack(queries + (b0 * L + l) * D, L * D, nq, D, packed.data());
       for (int64_t yy = std::max<int64_t>(0, y - radius); yy <= std::min(h - 1, y + radius); ++yy)
         for (int64_t xx = std::max<int64_t>(0, x - radius); xx <= std::min(w - 1, x + radius); ++xx) {
           const int64_t m = yy * w + xx;
@@ -67,13 +68,15 @@ void run(Fn min_sq, const float* queries, const T* bank, const int64_t* counts, 
 void min_distance_cpu(const float* queries, const float* bank, const int64_t* counts, float* out,
                       int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
                       int64_t radius) {
-  run(active_isa().min_sq_f32, queries, bank, counts, out, B, L, K, D, h, w, radius);
+  const IsaKernels& isa = active_isa();
+  run(isa, isa.min_sq_f32, queries, bank, counts, out, B, L, K, D, h, w, radius);
 }
 
 void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t* counts,
                       float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
                       int64_t w, int64_t radius) {
-  run(active_isa().min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius);
+  const IsaKernels& isa = active_isa();
+  run(isa, isa.min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius);
 }
 
 double stream_read_cpu(const float* x, int64_t n) {

@@ -24,12 +24,13 @@ inline void keep_min(float& best, float v) {
 // 2 threads, bank in DRAM, batch 16: 1.42-1.54 -> 1.10-1.19 ms/image over
 // query-major register blocks (4 queries x 4 rows, a horizontal sum per pair).
 
+static_assert(Full::W <= kMaxLanes && Half::W <= Full::W, "pack pads to kMaxLanes");
+static_assert(Full::RB <= kRowBlock && Half::RB <= kRowBlock, "a register block fits a row block");
+
 // The lane group that starts at query q0 of nq: its queries n and lanes.
 // Full::W queries at a time; 9-15 left on AVX-512 fill a padded 512-bit
 // group, exactly 8 a 256-bit one; fewer than Half::W left (false) go
 // query-major.
-static_assert(Full::W <= kMaxLanes && Half::W <= Full::W, "pack pads to kMaxLanes");
-static_assert(Full::RB <= kRowBlock && Half::RB <= kRowBlock, "a register block fits a row block");
 inline bool next_group(int64_t nq, int64_t q0, int64_t* n, int64_t* lanes) {
   const int64_t left = nq - q0;
   if (left < Half::W) return false;
