@@ -221,13 +221,11 @@ void bf_group(const float* grp, const Layout& lay, const T* rows, int64_t nrows,
   const __mmask16 failed = _mm512_cmp_ps_mask(finite, finite, _CMP_UNORD_Q);
   const float* q = grp + lay.rows;
   for (int64_t i = 0; i < kGroup; ++i)
-    if (failed >> i & 1)
-      for (int64_t j = 0; j < nrows; ++j) keep_min(best[i], row_seq(q + i * D, rows + j * D, D));
+    if (failed >> i & 1) min_sq(q + i * D, 1, rows, nrows, D, best + i, nullptr);
   float* dense = lower + kGroup * nrows;
   float* lbest = dense + kRows * D;
   float* lnan = lbest + kGroup;
-  store(lbest, _mm512_set1_ps(__builtin_inff()));
-  store(lnan, zero());
+  reset_lanes(lbest, lnan, kGroup);
   int64_t nd = 0;
   for (int64_t j = 0; j < nrows; ++j) {
     unsigned m = _mm512_cmp_ps_mask(load(lower + j * kGroup), upper, _CMP_LE_OQ) & ~failed & 0xffffu;
@@ -245,7 +243,7 @@ void bf_group(const float* grp, const Layout& lay, const T* rows, int64_t nrows,
     }
   }
   if (nd) group_rows<Full>(grp + lay.t, dense, nd, D, lbest, lnan, dense, false);
-  for (int64_t i = 0; i < kGroup; ++i) keep_min(best[i], lnan[i] == lnan[i] ? lbest[i] : lnan[i]);
+  merge_lanes(lbest, lnan, kGroup, best);
 }
 
 template <typename T>

@@ -116,6 +116,18 @@ inline void lane_block(const float* qt, const float* r, int64_t D, float* lbest,
   G::store(lnan, nan);
 }
 
+// Lane minima and NaN sums (lane_block) before the first row, and folded
+// into best after the last.
+inline void reset_lanes(float* lbest, float* lnan, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    lbest[i] = __builtin_inff();
+    lnan[i] = 0.f;
+  }
+}
+inline void merge_lanes(const float* lbest, const float* lnan, int64_t n, float* best) {
+  for (int64_t i = 0; i < n; ++i) keep_min(best[i], lnan[i] == lnan[i] ? lbest[i] : lnan[i]);
+}
+
 // n fp32 rows r against one packed group, G::RB rows at a time (enough
 // independent accumulators to cover the FMA latency).
 template <class G, typename T>
@@ -259,10 +271,7 @@ void min_sq(const float* packed, int64_t nq, const T* rows, int64_t nrows, int64
   float* buf = scratch;
   float* lbest = buf + kRowBlock * D;
   float* lnan = lbest + nq + kMaxLanes;
-  for (int64_t i = 0; i < nq + kMaxLanes; ++i) {
-    lbest[i] = __builtin_inff();
-    lnan[i] = 0.f;
-  }
+  reset_lanes(lbest, lnan, nq + kMaxLanes);
   for (int64_t r = 0; r < nrows; r += kRowBlock) {
     const int64_t nr = nrows - r < kRowBlock ? nrows - r : kRowBlock;
     const float* rb = as_f32(rows + r * D, nr * D, buf);
@@ -278,7 +287,7 @@ void min_sq(const float* packed, int64_t nq, const T* rows, int64_t nrows, int64
     if (lane_q < nq)
       query_major<float>(packed + lane_q * D, nq - lane_q, rb, nr, D, best + lane_q, nullptr);
   }
-  for (int64_t i = 0; i < lane_q; ++i) keep_min(best[i], lnan[i] == lnan[i] ? lbest[i] : lnan[i]);
+  merge_lanes(lbest, lnan, lane_q, best);
 }
 
 void min_sq_f32(const float* packed, int64_t nq, const float* rows, int64_t nrows, int64_t D,

@@ -167,10 +167,10 @@ def test_near_ties_are_resolved_exactly(backend, rng, D):
     and must refine every candidate exactly; a wrong pick is off by >= 1e-3."""
     B, L, K = 20, WHOLE_BATCH_L, 64
     q = rng.standard_normal((B, L, D)).astype(np.float32)
-    step = rng.standard_normal((B, L, K, D))
+    step = rng.standard_normal((L, K, D))
     step /= np.linalg.norm(step, axis=-1, keepdims=True)
     radius = 1 + 1e-3 * rng.permutation(K)
-    b = (q[0, :, None, :] + radius[None, :, None] * step[0]).astype(np.float32)
+    b = (q[0, :, None, :] + radius[None, :, None] * step).astype(np.float32)
     ref = kernels.min_distance_numpy(q, b)
     got = kernels.min_distance(q, b, backend)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
