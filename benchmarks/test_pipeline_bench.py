@@ -10,7 +10,7 @@ import pytest
 
 from dinopatch import DinoPatch
 from dinopatch.align import Aligner
-from dinopatch.data import make_images
+from dinopatch.synthetic import make_images
 from dinopatch.stream import stream
 
 SIZE = int(os.environ.get("DINOPATCH_BENCH_SIZE", 448))

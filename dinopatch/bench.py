@@ -246,7 +246,7 @@ def bench_coreset(args) -> list[dict]:
 # --- pipeline stages: synthetic screws through the detector -------------------
 
 def _frames(n: int, seed: int) -> list[np.ndarray]:
-    from .data import make_images
+    from .synthetic import make_images
 
     return make_images("screw", "good", n, seed)
 
@@ -299,7 +299,7 @@ def bench_align(args) -> list[dict]:
 @stage("backbone", groups=("pipeline",))
 def bench_backbone_stage(args) -> list[dict]:
     """Eager torch against ONNX Runtime fp32 and int8 (see ``export/bench.py``)."""
-    from .export.bench import bench_backbone
+    from .backbone.bench import bench_backbone
 
     rows = []
     for r in bench_backbone(quick=args.quick, repeats=args.repeats):

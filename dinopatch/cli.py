@@ -117,7 +117,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import main as export_main
+    from .backbone.onnx_export import main as export_main
 
     return export_main(args.rest)
 

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from .backbone import WeightsUnavailableError
-from .data import CATEGORIES, MVTecFolder, synthesize
+from .data import MVTecFolder
+from .synthetic import CATEGORIES, synthesize
 from .detector import DinoPatch
 from .evaluate import evaluate
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, modelfile
+from . import modelfile
+from ._version import __version__
 from .align import Aligner, Alignment
 from .backbone import check_image_size, get_spec, make_backbone
 from .bank import MemoryBank

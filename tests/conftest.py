@@ -26,7 +26,7 @@ FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="
 
 
 def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:
-    from dinopatch.data import make_images
+    from dinopatch.synthetic import make_images
 
     return make_images("screw", defect, n, seed, size=128)
 

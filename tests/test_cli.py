@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dinopatch.cli import main
-from dinopatch.data import synthesize
+from dinopatch.synthetic import synthesize
 
 DET = ["--weights", "random", "--image-size", "112", "--engine", "torch"]
 

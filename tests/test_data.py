@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dinopatch.data import (CATEGORIES, DEFECTS, MVTecFolder, as_image, load_images, make_sample, read_image,
-                            read_mask, render_screw, synthesize)
+from dinopatch.data import MVTecFolder, as_image, load_images, read_image, read_mask
+from dinopatch.synthetic import CATEGORIES, DEFECTS, make_sample, render_screw, synthesize
 
 
 def test_as_image_coercions():

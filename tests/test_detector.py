@@ -5,7 +5,7 @@ import pytest
 from conftest import FAST
 from conftest import screws as make_screws
 from dinopatch import DinoPatch, Result
-from dinopatch.data import make_sample
+from dinopatch.synthetic import make_sample
 from dinopatch.detector import NotFittedError
 from dinopatch.modelfile import ModelFileError
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dinopatch import DinoPatch
-from dinopatch.data import MVTecFolder, synthesize
+from dinopatch.data import MVTecFolder
+from dinopatch.synthetic import synthesize
 from dinopatch.evaluate import evaluate, split
 
 

@@ -23,8 +23,8 @@ pytest.importorskip("torch")
 from dinopatch import modelfile  # noqa: E402
 from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
                                 make_backbone)
-from dinopatch.export import export_backbone, export_onnx  # noqa: E402
-from dinopatch.export.onnx_export import token_cosine, token_error  # noqa: E402
+from dinopatch.backbone.onnx_export import export_backbone, export_onnx  # noqa: E402
+from dinopatch.backbone.onnx_export import token_cosine, token_error  # noqa: E402
 
 NAME, SIZE = "dinov2_vits14", 224
 REPO = Path(__file__).resolve().parents[1]
@@ -139,12 +139,12 @@ def test_graph_and_metadata(fp32_file, reference):
 
 
 def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
-    import dinopatch.export
+    import dinopatch.backbone.onnx_export
 
     def no_export(*a, **k):
         raise AssertionError("exported again despite a cached file")
 
-    monkeypatch.setattr(dinopatch.export, "export_onnx", no_export)
+    monkeypatch.setattr(dinopatch.backbone.onnx_export, "export_onnx", no_export)
     stamp = fp32_file.stat().st_mtime_ns
     engine = make_backbone("onnx", name=NAME, weights=weights, image_size=SIZE, layers=1)
     assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == "CPUExecutionProvider"
@@ -268,7 +268,7 @@ def test_export_command(tmp_path):
 @pytest.mark.parametrize("category", ["pasta", "screw"])
 def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     """Whole pipeline (align, backbone, distances, post-processing) per engine, fitted and scored."""
-    from dinopatch.data import DEFECTS, make_images
+    from dinopatch.synthetic import DEFECTS, make_images
     from dinopatch.detector import DinoPatch
     from dinopatch.metrics import auroc
 

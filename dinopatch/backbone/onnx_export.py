@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dinopatch import __version__
-from dinopatch.backbone import (ONNX_FORMAT, PRECISIONS, TorchBackbone, onnx_cache_path, preprocess,
-                                weights_record_path)
+from .._version import __version__
+from .onnx_engine import ONNX_FORMAT, PRECISIONS, onnx_cache_path
+from .specs import BACKBONES, preprocess
+from .torch_engine import TorchBackbone
+from .weights import weights_record_path
 
 OPSET = 17
 # precision -> (max |onnx - torch| / max |torch|, min mean cosine of the tokens); None: not checked.
@@ -240,7 +242,7 @@ def token_cosine(got: np.ndarray, ref: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dinopatch export``: write an export and print its check figures."""
-    from dinopatch.backbone import BACKBONES
+
 
     p = argparse.ArgumentParser(prog="python -m dinopatch export", description="Export a DINOv2 backbone to ONNX.")
     p.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES))

@@ -1,0 +1,69 @@
+"""The reference engine: timm DINOv2 in eager torch."""
+from __future__ import annotations
+
+import numpy as np
+
+from .specs import check_image_size, get_spec, preprocess
+from .weights import build_model, weights_fingerprint
+
+
+class TorchBackbone:
+    """The reference engine: timm DINOv2 in eager torch.
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        weights: ``"pretrained"``, ``"random"`` or a checkpoint path.
+        image_size: input side in pixels, a multiple of 14.
+        layers: mean of the patch tokens of the last ``layers`` blocks (each
+            through the final norm).
+        seed: for ``weights="random"``.
+        device: torch device string.
+    """
+
+    engine = "torch"
+
+    def __init__(self, name="dinov2_vits14", weights="pretrained", image_size=448, layers=1, seed=0,
+                 device="cpu", model=None, fingerprint=None):
+        self.spec = get_spec(name)
+        self.image_size = check_image_size(image_size, self.spec.patch_size)
+        if int(layers) < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.layers = int(layers)
+        self.device = device
+        self.model = (model if model is not None else build_model(self.spec, weights, self.image_size, seed)).to(device)
+        self._fingerprint = None
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise ValueError(f"weights {str(weights)!r} have fingerprint {self.fingerprint[:16]}..., "
+                             f"expected {fingerprint[:16]}... (the detector was fitted with other weights)")
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the model."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.spec.patch_size
+        return side, side
+
+    def forward_tensor(self, x):
+        """``[B, 3, S, S]`` normalised tensor -> ``[B, h, w, D]`` tokens (differentiable, exportable)."""
+        import torch
+
+        feats = self.model.forward_intermediates(
+            x, indices=self.layers, norm=True, output_fmt="NLC", intermediates_only=True
+        )
+        tokens = torch.stack(feats, 0).mean(0) if len(feats) > 1 else feats[0]
+        h, w = self.grid
+        return tokens.reshape(x.shape[0], h, w, -1)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
+        import torch
+
+        x = preprocess(images, self.image_size, self.spec.mean, self.spec.std)
+        with torch.inference_mode():
+            out = self.forward_tensor(torch.from_numpy(x).to(self.device))
+        return out.float().cpu().numpy()
