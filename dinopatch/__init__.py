@@ -1,6 +1,23 @@
-"""DinoPatch: anomaly detection on aligned parts from DINOv2 patch memories."""
-from . import kernels
+"""DinoPatch: anomaly detection on aligned parts from DINOv2 patch memories.
+
+The names below load on first use, so that ``import dinopatch.kernels`` (or the
+model-file reader) does not pull in OpenCV and the detector.
+"""
+import importlib
+
 from ._version import __version__
-from .detector import DinoPatch, NotFittedError, Result
+
+_LAZY = {"DinoPatch": ".detector", "NotFittedError": ".detector", "Result": ".result", "kernels": ".kernels"}
 
 __all__ = ["DinoPatch", "NotFittedError", "Result", "kernels", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        return module if name == "kernels" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -328,8 +328,7 @@ def bench_e2e(args) -> list[dict]:
     det = _fitted(args)
     frames = _frames(args.batch * (1 if args.quick else 2), seed=3)
     notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
-    for name in ("aligner_", "memory_bank_", "polarity_", "threshold_", "pixel_threshold_"):
-        setattr(notebook, name, getattr(det, name))
+    notebook._model = det._model
     # Round robin, so that a noisy neighbour slows both pipelines alike.
     runs = {"ours": lambda: det.predict(frames), "notebook": lambda: notebook.predict(frames)}
     times = {name: [] for name in runs}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from .backbone import ENGINES
 
@@ -61,13 +60,13 @@ def cmd_fit(args) -> int:
     paths = _image_paths(args.images)
     det = _detector(args).fit(paths)
     path = det.save(args.output)
-    print(f"fitted on {len(paths)} images; threshold {det.threshold:.4f}; saved {path}")
+    print(f"fitted on {len(paths)} images; threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .detector import DinoPatch
     from .data import read_image
+    from .detector import DinoPatch
     from .viz import overlay
 
     det = DinoPatch.load(args.model, **({"engine": args.engine} if args.engine else {}))
@@ -75,7 +74,7 @@ def cmd_predict(args) -> int:
     out = Path(args.output)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     results = det.predict(paths)
-    vmax = 2 * det.threshold if np.isfinite(det.threshold) else max(r.score for r in results)
+    vmax = 2 * det.threshold_.image
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "score", "is_anomaly", "aligned"])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .backbone import WeightsUnavailableError
 from .data import MVTecFolder
-from .synthetic import CATEGORIES, synthesize
 from .detector import DinoPatch
 from .evaluate import evaluate
+from .synthetic import CATEGORIES, synthesize
 
 # Per category: images to generate and whether the part needs aligning.
 FULL = dict(n_train=40, n_test_good=20, n_test_defect=8, image_size=448)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
+from .calibration import Threshold
 from .data import read_image, read_mask
 from .postprocess import SCORES
 from .viz import overlay, plot_curves, plot_histogram
@@ -84,12 +85,12 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
         below = best_scores[finite & (best_scores < t)]
         best["threshold"] = float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf))
     else:
-        best["threshold"] = det.threshold_
+        best["threshold"] = det.threshold_.image
     maps = [det.result_from(r, sigma=best["sigma"], score=best["score"]).anomaly_map for r in raws]
-    candidates = sorted({det.pixel_threshold_} | set(np.quantile(np.concatenate([m.ravel() for m in maps]),
+    candidates = sorted({det.threshold_.pixel} | set(np.quantile(np.concatenate([m.ravel() for m in maps]),
                                                                  PIXEL_QUANTILES).tolist()))
     candidates = [c for c in candidates if np.isfinite(c)]
-    best_f1, best["pixel_threshold"], best["morph_kernel"] = -1.0, det.pixel_threshold_, det.morph_kernel
+    best_f1, best["pixel_threshold"], best["morph_kernel"] = -1.0, det.threshold_.pixel, det.morph_kernel
     if any(g.any() for g in gts) and candidates:
         from .postprocess import segment
 
@@ -103,7 +104,8 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
 
 
 def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5, seed: int = 0,
-             threshold: str = "tuned", tune_on_report: bool = False, progress: bool = True) -> dict:
+             threshold: str = "tuned", tune_on_report: bool = False, progress: bool = True,
+             save_model: str | os.PathLike | None = None) -> dict:
     """Score ``folder``'s test images, tune on one part, report on the other.
 
     Args:
@@ -118,6 +120,9 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
             ``false_alarm_rate``; no defect sample needed).
         tune_on_report: tune and report on all images; the report is then
             marked optimistic.
+        save_model: write the detector with the tuned threshold and
+            post-processing to this model file; its threshold source names
+            this evaluation's split.
 
     Returns:
         the content of ``metrics.json``: the reported metrics at top level,
@@ -147,6 +152,12 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         tune, report = split(defects, tune_fraction, seed)
     settings = _tune(det, [raws[i] for i in tune], labels[tune], [gts[i] for i in tune], threshold)
     post = {k: settings[k] for k in ("sigma", "score", "morph_kernel")}
+    source = det.threshold_.source
+    if settings["threshold"] != det.threshold_.image:
+        source = {"method": "evaluation", "images": len(tune), "split": "all test images (optimistic)"
+                  if tune_on_report else f"tuning split of {folder.root}, fraction {tune_fraction:g}, seed {seed}"}
+    tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
+    settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]
     scores = np.array([r.score for r in results], np.float64)
@@ -183,6 +194,8 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
                     "part": "tune" if i in tuned_set else "report"}
                    for i, (it, r) in enumerate(zip(items, results))],
     }
+    if save_model is not None:
+        report_metrics["saved_model"] = os.fspath(det.tuned(tuned_threshold, **post).save(save_model))
     _write_pictures(out, items, images, gts, results, scores, labels, report, settings, folder)
     with open(out / "metrics.json", "w") as f:
         json.dump(report_metrics, f, indent=1, default=float)

@@ -1,10 +1,18 @@
 """From patch distances to an anomaly map, a defect mask and an image score."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
+from .result import PatchDistances, Result
+
 SCORES = ("max", "mean", "p99", "topk")
+# Beyond these a map is one blur and a mask one blob at any canonical size: settings
+# that large come from an edited file or a typo, not from tuning.
+MAX_SIGMA = 64.0
+MAX_MORPH_KERNEL = 64
 
 
 def anomaly_map(distances: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
@@ -51,3 +59,47 @@ def segment(amap: np.ndarray, threshold: float, kernel: int = 5) -> np.ndarray:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, se)
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, se)
     return mask.astype(bool)
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """The post-processing settings, checked.
+
+    Args:
+        sigma: Gaussian smoothing of the map, in canonical-frame pixels.
+        score: image score, one of :data:`SCORES`.
+        topk: fraction of pixels averaged by ``score="topk"``.
+        morph_kernel: side of the opening/closing element of the defect mask.
+    """
+
+    sigma: float = 4.0
+    score: str = "max"
+    topk: float = 0.01
+    morph_kernel: int = 5
+
+    def __post_init__(self):
+        if isinstance(self.sigma, bool) or not 0.0 <= float(self.sigma) <= MAX_SIGMA:
+            raise ValueError(f"sigma must be in [0, {MAX_SIGMA}] canonical pixels, got {self.sigma!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score {self.score!r} must be one of {SCORES}")
+        if isinstance(self.topk, bool) or not 0.0 < float(self.topk) <= 1.0:
+            raise ValueError(f"topk must be in (0, 1], got {self.topk!r}")
+        if isinstance(self.morph_kernel, bool) or int(self.morph_kernel) != self.morph_kernel \
+                or not 0 <= self.morph_kernel <= MAX_MORPH_KERNEL:
+            raise ValueError(f"morph_kernel must be an integer in [0, {MAX_MORPH_KERNEL}], got {self.morph_kernel!r}")
+
+    def score_map(self, distances: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
+        """Canonical-frame map and image score of one image's patch distances."""
+        amap = anomaly_map(distances, valid, float(self.sigma))
+        return amap, image_score(amap, valid, self.score, float(self.topk))
+
+    def judge(self, raw: PatchDistances, aligner, threshold: float, pixel_threshold: float,
+              source: str) -> Result:
+        """The :class:`Result` of one image: map back in the input frame, mask and verdict."""
+        amap, score = self.score_map(raw.distances, raw.valid)
+        amap_in = aligner.inverse_map(amap, raw.alignment, raw.shape)
+        trusted = bool(raw.alignment.trusted)
+        # NaN compares False: a non-finite score never passes.
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold and trusted),
+                      aligned=trusted, mask=segment(amap_in, pixel_threshold, int(self.morph_kernel)),
+                      alignment=raw.alignment, threshold=float(threshold), threshold_source=source)

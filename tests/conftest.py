@@ -2,6 +2,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # Tests never read or write the user's export cache: what they find there
 # would differ from a fresh CI machine.
@@ -12,17 +13,44 @@ atexit.register(shutil.rmtree, os.environ["DINOPATCH_CACHE"], True)
 # the 2 cores of CI; set before any of them starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int = 0) -> str:
+    """Random DINOv2 weights with every LayerScale gamma at 1, as a timm .safetensors file.
+
+    timm's random init sets LayerScale to 1e-5, which makes the 12 blocks a no-op
+    (tokens with and without them have cosine 0.99999999996): a test on it cannot
+    see a bug in attention or the MLP.  Written once per session, loaded through
+    the real checkpoint reader like a user's file.
+    """
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(os.environ["DINOPATCH_CACHE"]) / f"{name}_ls1_seed{seed}.safetensors"
+    if not path.is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        for module in model.modules():
+            if hasattr(module, "gamma"):
+                module.gamma.data.fill_(1.0)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+BLOCKS_MATTER = _blocks_matter_checkpoint()
+
+# 112 px input: an 8x8 token grid, seconds to fit on 2 cores; every pipeline test
+# runs on weights whose blocks matter.
+FAST = dict(backbone="dinov2_vits14", weights=BLOCKS_MATTER, image_size=112, engine="torch", progress=False)
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-# 112 px input: an 8x8 token grid, seconds to fit on 2 cores.
-FAST = dict(backbone="dinov2_vits14", weights="random", image_size=112, engine="torch", progress=False)
 
 
 def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:

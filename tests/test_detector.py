@@ -35,7 +35,8 @@ def test_result_contract(fitted, screws):
         assert isinstance(r.score, float) and np.isfinite(r.score)
         assert r.anomaly_map.dtype == np.float32 and r.anomaly_map.shape == im.shape[:2]
         assert r.mask.dtype == bool and r.mask.shape == im.shape[:2]
-        assert r.is_anomaly == (r.score > fitted.threshold or not r.aligned)
+        assert r.threshold == fitted.threshold_.image and "leave-one-out on 10" in r.threshold_source
+        assert r.is_anomaly == (r.score > r.threshold or not r.aligned)
         assert isinstance(r.aligned, bool)
 
 
@@ -45,17 +46,22 @@ def test_defects_score_higher(fitted, screws):
     assert bad.min() > good.max(), (good, bad)
 
 
-def test_threshold_from_held_out_nominals(fitted):
-    # 20% of 10 images held out: the threshold is the largest of their scores.
-    assert fitted.calibration_scores_.shape == (2,)
-    assert fitted.threshold == pytest.approx(fitted.calibration_scores_.max())
+def test_threshold_by_leave_one_out(fitted, screws):
+    # Each of the 10 nominal images scored against a bank of the other 9.
+    t = fitted.threshold_
+    assert t.source == {"method": "leave-one-out", "images": 10, "false_alarm_rate": 0.0}
+    assert t.scores.shape == (10,) and t.image == t.scores.max()
+    # Defects score far above it; unseen good parts near the nominal scores (10 samples
+    # of the nominal spread: one unseen part in four may land just above their maximum).
+    good, bad = fitted.score_images(screws[1]), fitted.score_images(screws[2])
+    assert (good <= t.image).sum() >= 3 and good.max() < 1.5 * t.image < bad.min()
 
 
-def test_sklearn_sign_identities(fitted, screws):
-    s = fitted.score_images(screws[2])
-    np.testing.assert_array_equal(fitted.score_samples(screws[2]), -s)
-    np.testing.assert_allclose(fitted.decision_function(screws[2]), fitted.score_samples(screws[2]) - fitted.offset_)
-    assert (fitted.decision_function(screws[2]) < 0).tolist() == [r.is_anomaly for r in fitted.predict(screws[2])]
+def test_sklearn_sign_and_verdicts_agree(fitted, screws):
+    images = screws[1] + screws[2]
+    verdicts = [r.is_anomaly for r in fitted.predict(images)]
+    assert verdicts[4:] == [True] * 4 and verdicts[:4].count(False) >= 3
+    assert (fitted.decision_function(images) < 0).tolist() == verdicts
 
 
 def test_batch_size_does_not_change_scores(fitted, screws):
@@ -75,7 +81,7 @@ def test_save_load_round_trip(fitted, screws, tmp_path):
     assert loaded.get_params() == fitted.get_params()
     images = screws[1] + screws[2]
     np.testing.assert_array_equal(loaded.score_images(images), fitted.score_images(images))
-    assert loaded.threshold == fitted.threshold
+    assert loaded.threshold_ == fitted.threshold_ and loaded.model_id == fitted.model_id
 
 
 def test_load_rejects_bank_of_wrong_shape(fitted, tmp_path):
@@ -116,15 +122,15 @@ def test_params_checked_at_fit(screws):
 def test_texture_mode_without_alignment():
     rng = np.random.default_rng(0)
     good = [make_sample("pasta", "good", rng, size=112)[0] for _ in range(6)]
-    det = DinoPatch(**dict(FAST, align=False, calibration=0.0)).fit(good)
-    assert det.polarity_ is None and det.threshold == float("inf")
+    det = DinoPatch(**dict(FAST, align=False)).fit(good)
+    assert det._model.polarity is None and np.isfinite(det.threshold_.image)
     r = det.predict([make_sample("pasta", "spot", rng, size=112)[0]])[0]
     assert r.aligned and r.anomaly_map.shape == (112, 112)
 
 
 def test_threshold_at_a_false_alarm_rate(screws):
     det = DinoPatch(**dict(FAST, calibration=0.5, false_alarm_rate=0.25)).fit(screws[0])
-    assert det.calibration_scores_.shape == (5,)
-    assert det.threshold == pytest.approx(np.quantile(det.calibration_scores_, 0.75))
-    # About a quarter of the held-out good parts would have been flagged.
-    assert (det.calibration_scores_ > det.threshold).sum() == 1
+    t = det.threshold_
+    assert t.source["method"] == "held-out" and t.scores.shape == (5,)
+    # A quarter of the held-out good parts would have been flagged: one of five.
+    assert (t.scores > t.image).sum() == 1 and t.image in t.scores

@@ -1,0 +1,207 @@
+"""What :meth:`DinoPatch.fit` learns, the checks it must pass, and its model-file form.
+
+:class:`Fitted` is immutable: the detector swaps it whole.  :func:`check_params`
+is the one place parameters are validated, at fit and at load, so a file that
+would misjudge parts later (an edited threshold, a tolerance of 2^63, an
+aligner for another frame size) fails at load with :class:`ModelFileError`.
+The container (zip of arrays, checksum, signature) is :mod:`.modelfile`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels, modelfile
+from ._version import __version__
+from .align import Aligner
+from .backbone import BACKBONES, get_spec
+from .backbone.specs import check_image_size
+from .bank import MemoryBank
+from .calibration import METHODS, Threshold, check_calibration, check_rate
+from .modelfile import ModelFileError
+from .polarity import Polarity
+from .postprocess import PostProcess
+
+# How to run, not what was fitted: these may differ between save and load.
+RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress")
+MAX_IMAGE_SIZE = 14 * 144  # 2016 px: 20736 tokens, beyond any DINOv2 use
+MAX_BATCH = 1024
+MAX_LAYERS = 24  # the deepest DINOv2 (ViT-L/14, ViT-g has 40 but is not registered)
+# A threshold above every distance the bank can produce never flags a part: distances
+# are at most |q| + |b|, and query tokens are normed like the bank's rows.
+THRESHOLD_REACH = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """Everything fit learned, with the parameters it was learned with."""
+
+    params: dict
+    aligner: Aligner
+    polarity: Polarity | None
+    bank: MemoryBank
+    threshold: Threshold
+    fingerprint: str
+    model_id: str
+
+    @property
+    def post(self) -> PostProcess:
+        p = self.params
+        return PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
+
+
+def backbone_key(params: dict) -> tuple:
+    """What selects the backbone's weights and graph (the engine is chosen at run time)."""
+    return params["backbone"], params["weights"], params["image_size"], params["layers"], params["seed"]
+
+
+def _int(params: dict, name: str, lo: int, hi: int) -> int:
+    v = params[name]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+def _number(params: dict, name: str, lo: float, hi: float) -> float:
+    v = params[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not lo < v <= hi:
+        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def check_params(params: dict) -> dict:
+    """Validated, JSON-able copy of the detector's parameters; ValueError naming the first bad one."""
+    p = dict(params)
+    if p["backbone"] not in BACKBONES:
+        raise ValueError(f"unknown backbone {p['backbone']!r}; choose from {sorted(BACKBONES)}")
+    spec = get_spec(p["backbone"])
+    p["image_size"] = _int(p, "image_size", spec.patch_size, MAX_IMAGE_SIZE)
+    check_image_size(p["image_size"], spec.patch_size)
+    side = p["image_size"] // spec.patch_size
+    p["weights"] = os.fspath(p["weights"])
+    for name in ("align", "mirror", "progress"):
+        if not isinstance(p[name], bool):
+            raise ValueError(f"{name} must be True or False, got {p[name]!r}")
+    p["engine"] = os.fspath(p["engine"])
+    if p["kernel"] != "auto" and p["kernel"] not in kernels.BACKENDS:
+        raise ValueError(f"kernel {p['kernel']!r} must be 'auto' or one of {kernels.BACKENDS}")
+    p["seed"] = _int(p, "seed", 0, 2**32 - 1)
+    p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
+    p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
+    p["tolerance"] = _int(p, "tolerance", 0, side - 1)
+    if p["bank_dtype"] not in ("float32", "float16"):
+        raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {p['bank_dtype']!r}")
+    PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
+    p["calibration"] = check_calibration(p["calibration"])
+    p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
+    if p["threshold"] is not None:
+        p["threshold"] = Threshold.given(p["threshold"]).image
+    p["batch_size"] = _int(p, "batch_size", 1, MAX_BATCH)
+    return p
+
+
+def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tuple[Fitted, Path]:
+    """Write ``model`` (with the run-time parameters in force) to ``path``; the model gets its id."""
+    params = check_params(dict(model.params, **runtime))
+    t = model.threshold
+    header = {
+        "dinopatch_version": __version__,
+        "params": params,
+        "threshold": {"image": t.image, "pixel": t.pixel, "source": t.source},
+        "grid": list(model.bank.grid),
+        "aligner": model.aligner.state_dict(),
+        "weights_fingerprint": model.fingerprint,
+    }
+    arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
+              "calibration_maxima": np.asarray(t.maxima, np.float64)}
+    if model.polarity is not None:
+        arrays["polarity"] = model.polarity.reference
+    header["model_id"] = _content_id(header, arrays)
+    path = modelfile.write(path, header, arrays)
+    return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
+
+
+def _content_id(header: dict, arrays: dict) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_detector(path: str | os.PathLike, runtime: dict) -> tuple[Fitted, dict]:
+    """The fitted model and parameters of a model file, every value checked; raises :class:`ModelFileError`."""
+    bad = set(runtime) - set(RUNTIME_PARAMS)
+    if bad:
+        raise ValueError(f"only {list(RUNTIME_PARAMS)} can be overridden on load, got {sorted(bad)}")
+    header, arrays = modelfile.read(path)
+    try:
+        return _unpack(header, arrays, runtime)
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path}: invalid model file ({type(e).__name__}: {e})") from None
+
+
+def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
+    if not isinstance(header.get("params"), dict):
+        raise TypeError("params is not a mapping")
+    params = check_params(dict(header["params"], **runtime))
+    spec = get_spec(params["backbone"])
+    side = params["image_size"] // spec.patch_size
+    grid = header["grid"]
+    if grid != [side, side]:
+        raise ValueError(f"grid {grid} does not fit {spec.name} at {params['image_size']} px ([{side}, {side}])")
+    bank = arrays["bank"]
+    if bank.ndim != 3 or bank.shape[0] != side * side or bank.shape[2] != spec.embed_dim or bank.shape[1] < 1 \
+            or bank.dtype.name != params["bank_dtype"]:
+        raise ValueError(f"bank {bank.dtype}{list(bank.shape)} does not fit {spec.name} at {params['image_size']} px "
+                         f"({params['bank_dtype']}[{side * side}, K, {spec.embed_dim}] expected)")
+    if not np.isfinite(bank).all():
+        raise ValueError("bank holds non-finite values")
+    aligner = Aligner.from_state_dict(header["aligner"])
+    if aligner.size != params["image_size"] or aligner.enabled != params["align"]:
+        raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}) does not fit image_size "
+                         f"{params['image_size']} (align={params['align']})")
+    polarity = None
+    if params["align"]:
+        if "polarity" not in arrays or arrays["polarity"].shape != (side, spec.embed_dim):
+            raise ValueError("polarity reference missing or of the wrong shape")
+        polarity = Polarity(arrays["polarity"])
+    fingerprint = header["weights_fingerprint"]
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")
+    threshold = _threshold(header["threshold"], arrays, bank)
+    model_id = header["model_id"]
+    if not isinstance(model_id, str) or not re.fullmatch(r"[0-9a-f]{12}", model_id):
+        raise ValueError(f"model id malformed ({model_id!r})")
+    membank = MemoryBank(bank, (side, side), params["tolerance"])
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id), params
+
+
+def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:
+    source = record["source"]
+    if not isinstance(source, dict) or source.get("method") not in METHODS:
+        raise ValueError(f"threshold source {source!r} is not one of {METHODS}")
+    t = Threshold(record["image"], record["pixel"], source, arrays["calibration_scores"],
+                  arrays["calibration_maxima"])
+    # One location at a time: a float32 copy of a large fp16 bank would double its memory.
+    reach = THRESHOLD_REACH * math.sqrt(max(float(np.einsum("kd,kd->k", rows, rows, dtype=np.float32).max())
+                                            for rows in bank))
+    for name, value in (("image", t.image), ("pixel", t.pixel)):
+        if value > reach:
+            raise ValueError(f"{name} threshold {value:g} is beyond any distance this bank can produce "
+                             f"(~{reach:.3g}): every part would pass")
+    if source["method"] in ("leave-one-out", "k-fold", "held-out"):
+        remeasured = t.at_false_alarm_rate(source["false_alarm_rate"])
+        if not (math.isclose(remeasured.image, t.image) and math.isclose(remeasured.pixel, t.pixel)):
+            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores "
+                             f"({remeasured.image:g}): the file was edited")
+    return t
