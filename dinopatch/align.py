@@ -259,6 +259,10 @@ class Aligner:
                 al.nominal_size_ = float(state["nominal_size"])
                 al.nominal_length_ = float(state["nominal_length"])
                 al.round_ = bool(state["round"])
+                # A zero or non-finite nominal size divides by zero, or trusts no part, at predict time.
+                if not (np.isfinite(template).all() and 0 < al.nominal_size_ <= 1 and 0 < al.nominal_length_ < 1e6):
+                    raise ValueError(f"nominal size {al.nominal_size_!r} or length {al.nominal_length_!r} "
+                                     "out of range, or a non-finite template")
         except KeyError as e:
             raise ValueError(f"Aligner state lacks {e}") from None
         return al

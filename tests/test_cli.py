@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from conftest import BLOCKS_MATTER
 from dinopatch.cli import main
 from dinopatch.synthetic import synthesize
 
-DET = ["--weights", "random", "--image-size", "112", "--engine", "torch"]
+DET = ["--weights", BLOCKS_MATTER, "--image-size", "112", "--engine", "torch"]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
+from conftest import BLOCKS_MATTER  # noqa: E402
 from dinopatch import modelfile  # noqa: E402
 from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
                                 make_backbone)
@@ -54,15 +55,9 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A random ViT-S/14 checkpoint with every LayerScale gamma at 1."""
-    from safetensors.torch import save_file
-
-    model = build_model(get_spec(NAME), "random", SIZE, seed=0)
-    _set_gammas(model, 1.0)
-    path = tmp_path_factory.mktemp("weights") / "vits14_gamma1.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
+def weights() -> Path:
+    """The session's random ViT-S/14 checkpoint with every LayerScale gamma at 1 (conftest)."""
+    return Path(BLOCKS_MATTER)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +217,7 @@ def test_detector_predicts_without_torch(fp32_file, weights, tmp_path):
     good = [np.full((96, 96, 3), 128, np.uint8) + rng.integers(0, 8, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
     bad = good[0].copy()
     bad[30:60, 30:60] = 255
-    det = detector.DinoPatch(weights=str(weights), image_size=SIZE, align=False, engine="onnx", calibration=0.0,
+    det = detector.DinoPatch(weights=str(weights), image_size=SIZE, align=False, engine="onnx",
                              progress=False).fit(good)
     model = det.save(tmp_path / "model.npz")
     np.save(tmp_path / "x.npy", np.stack([good[1], bad]))
@@ -281,7 +276,7 @@ def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     scores = {}
     for engine in ("torch", "onnx", "onnx:int8"):
         det = DinoPatch(weights=str(weights), image_size=SIZE, align=category == "screw", engine=engine,
-                        calibration=0.0, progress=False).fit(train)
+                        progress=False).fit(train)
         scores[engine] = det.score_images(test)
     spread = np.ptp(scores["torch"])
     deviation = np.abs(scores["onnx"] - scores["torch"]).max() / spread
