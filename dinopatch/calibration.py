@@ -48,11 +48,12 @@ class Threshold:
     maxima: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("image", "pixel"):
+        # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
+        for name, low in (("image", 0.0), ("pixel", -1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} threshold must be a finite number > 0, got {value!r}")
+                    or not math.isfinite(value) or value <= low:
+                raise ValueError(f"{name} threshold must be a finite number > {low:g}, got {value!r}")
         if self.source.get("method") not in METHODS:
             raise ValueError(f"threshold source {self.source.get('method')!r} must be one of {METHODS}")
         images = self.source.get("images")

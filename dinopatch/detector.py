@@ -1,9 +1,4 @@
-"""The DinoPatch detector: fit on good parts, score new ones.
-
-This module orchestrates the stages; each lives in its own module: alignment
-(:mod:`.align`, :mod:`.polarity`), the backbone (:mod:`.backbone`), the bank
-(:mod:`.bank`), the threshold (:mod:`.calibration`), post-processing
-(:mod:`.postprocess`) and the fitted model with its file form (:mod:`.fitted`).
+"""The DinoPatch detector: fit on good parts, score new ones; it orchestrates, the stages live elsewhere.
 
 Everything :meth:`DinoPatch.fit` learns is one immutable :class:`~.fitted.Fitted`,
 swapped in whole: a prediction running while another thread refits uses either
@@ -13,39 +8,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import fitted
 from .align import Aligner
-from .backbone import make_backbone
+from .backbone import EngineCache, embed
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
 from .data import load_images
 from .fitted import Fitted, backbone_key, check_params
 from .polarity import Polarity
 from .postprocess import PostProcess, image_score
+from .presets import PRESETS
 from .result import PatchDistances, Result
-
-# Named configurations; DinoPatch.from_preset(name, **overrides).
-PRESETS = {
-    # The seed notebook's: ViT-B/14 at 784 px (56x56x768 tokens), its post-processing.
-    "notebook": dict(backbone="dinov2_vitb14", image_size=784, layers=1, tolerance=1, sigma=4.0, score="max",
-                     morph_kernel=5, coreset_ratio=1.0),
-}
+from .sklearn_api import EstimatorMixin
 
 
 class NotFittedError(ValueError, AttributeError):
     """``predict`` or ``save`` was called before ``fit`` (scikit-learn's bases)."""
 
 
-class DinoPatch:
+class DinoPatch(EstimatorMixin):
     """Anomaly detector from a per-location memory of DINOv2 patch features.
 
     Parameters are only stored here; :meth:`fit` checks them.
@@ -53,12 +39,9 @@ class DinoPatch:
     Args:
         backbone: a key of :data:`dinopatch.backbone.BACKBONES`.
         weights: ``"pretrained"``, ``"random"`` (seeded) or a checkpoint path.
-        image_size: backbone input side in pixels (multiple of 14); also the
-            side of the canonical frame.
-        align: align parts to a canonical pose; False for fixtured parts and
-            flat textures.
-        engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an
-            ``.onnx`` export (see :func:`dinopatch.backbone.make_backbone`).
+        image_size: backbone input side in pixels (multiple of 14); also the canonical frame's side.
+        align: align parts to a canonical pose; False for fixtured parts and flat textures.
+        engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an ``.onnx`` export.
         kernel: distance kernel backend, one of :data:`dinopatch.kernels.BACKENDS` or ``"auto"``.
         seed: seeds random weights and the calibration split.
         layers: average the patch tokens of the last ``layers`` blocks.
@@ -66,10 +49,9 @@ class DinoPatch:
         tolerance: spatial tolerance of the bank, in grid steps.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
         sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`).
-        calibration: ``"cv"``: every nominal image is scored against a bank
-            without it (leave-one-out); or a fraction of them held out.
-        false_alarm_rate: the threshold is the ``1 - false_alarm_rate``
-            quantile of the calibration scores (0: their maximum).
+        calibration: ``"cv"``: each nominal image scored against a bank without it
+            (leave-one-out, :mod:`.calibration`); or a fraction of them held out.
+        false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
         threshold: a threshold to use instead of calibrating one.
         mirror: parts can lie on either face (alignment resolves mirroring).
         batch_size: images per backbone call.
@@ -84,8 +66,7 @@ class DinoPatch:
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
-        self._lock = threading.Lock()
-        self._engines: OrderedDict = OrderedDict()
+        self._engines = EngineCache()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DinoPatch":
@@ -93,21 +74,6 @@ class DinoPatch:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**dict(PRESETS[name], **overrides))
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Constructor parameters, as scikit-learn estimators expose them."""
-        return {n: getattr(self, n) for n in inspect.signature(type(self).__init__).parameters if n != "self"}
-
-    def set_params(self, **params) -> "DinoPatch":
-        """Set constructor parameters; they take effect at the next :meth:`fit` (run-time ones at once)."""
-        unknown = set(params) - set(self.get_params())
-        if unknown:
-            raise ValueError(f"unknown parameters {sorted(unknown)}; valid: {sorted(self.get_params())}")
-        for name, value in params.items():
-            setattr(self, name, value)
-        return self
-
-    # -- fitting ---------------------------------------------------------------
 
     def fit(self, images) -> "DinoPatch":
         """Learn what good parts look like, and the threshold that separates them.
@@ -126,7 +92,7 @@ class DinoPatch:
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         canon = [aligner.transform(im) for im in images]
         engine = self._engine(backbone_key(params), None)
-        tokens = self._embed(engine, [c[0] for c in canon])
+        tokens = embed(engine, [c[0] for c in canon], int(self.batch_size), self.progress, "fit: embedding")
         polarity, flips = None, np.zeros(len(images), bool)
         if self.align:
             polarity = Polarity.fit(tokens)
@@ -153,30 +119,14 @@ class DinoPatch:
         return None if self.kernel == "auto" else self.kernel
 
     def _engine(self, key: tuple, fingerprint: str | None):
-        """The backbone engine of a fitted configuration; built once, also when threads predict at once."""
-        key = (*key, os.fspath(self.engine))
-        with self._lock:
-            if key not in self._engines:
-                name, weights, image_size, layers, seed, _ = key
-                self._engines[key] = make_backbone(self.engine, fingerprint, name=name, weights=weights,
-                                                   image_size=image_size, layers=layers, seed=seed)
-                while len(self._engines) > 2:  # the model being replaced, and its replacement
-                    self._engines.popitem(last=False)
-            return self._engines[key]
+        name, weights, image_size, layers, seed = key
+        return self._engines.get(self.engine, fingerprint, name=name, weights=weights, image_size=image_size,
+                                 layers=layers, seed=seed)
 
     def _get_backbone(self):
         """The engine of the fitted model (the bench reports which)."""
         model = self._fitted()
         return self._engine(backbone_key(model.params), model.fingerprint)
-
-    def _embed(self, engine, canonical: list[np.ndarray]) -> np.ndarray:
-        bs = int(self.batch_size)
-        chunks = range(0, len(canonical), bs)
-        out = [engine(np.stack(canonical[i:i + bs]))
-               for i in tqdm(chunks, desc="fit: embedding", disable=not self.progress or len(chunks) < 2, leave=False)]
-        return np.concatenate(out)
-
-    # -- inference -------------------------------------------------------------
 
     def _fitted(self) -> Fitted:
         model = getattr(self, "_model", None)
@@ -248,10 +198,9 @@ class DinoPatch:
             **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
         """
         model = raw.model or self._fitted()
-        settings = dataclasses.replace(model.post, **post)
-        thr = model.threshold if threshold is None else Threshold.given(threshold, pixel_threshold)
-        return settings.judge(raw, model.aligner, thr.image, thr.pixel if pixel_threshold is None else pixel_threshold,
-                              thr.describe())
+        t = model.threshold if threshold is None else Threshold.given(threshold)
+        pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
+        return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t.image, pixel, t.describe())
 
     def tuned(self, threshold: Threshold, **post) -> "DinoPatch":
         """A copy that judges with a threshold and post-processing measured elsewhere (by evaluation)."""
@@ -262,31 +211,13 @@ class DinoPatch:
                                          model_id="unsaved")
         return det
 
-    def score_images(self, images) -> np.ndarray:
-        """Image scores as one float array (higher = more anomalous)."""
-        return np.array([r.score for r in self.predict(images)], dtype=np.float64)
-
-    def score_samples(self, images) -> np.ndarray:
-        """scikit-learn's sign: the lower, the more abnormal (``-score``)."""
-        return -self.score_images(images)
-
-    def decision_function(self, images) -> np.ndarray:
-        """Negative where the score is above the threshold (scores only: ``Result.is_anomaly``
-        also flags frames whose alignment could not be trusted)."""
-        return self.score_samples(images) - self.offset_
-
-    @property
-    def offset_(self) -> float:
-        return -self.threshold_.image
-
-    # -- persistence -----------------------------------------------------------
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted detector to one model file (data only; see :mod:`dinopatch.modelfile`)."""
+        """Write the fitted detector to one model file (data only; see :mod:`dinopatch.fitted`)."""
         model = self._fitted()
         runtime = {k: getattr(self, k) for k in fitted.RUNTIME_PARAMS}
-        model, path = fitted.save_detector(path, model, runtime)
-        self._model = model
+        saved, path = fitted.save_detector(path, model, runtime)
+        if self._model is model:  # not if a refit swapped in another model meanwhile
+            self._model = saved
         return path
 
     @classmethod
@@ -310,11 +241,6 @@ class DinoPatch:
         det = cls(**params)
         det._model = model
         return det
-
-    def __repr__(self) -> str:
-        defaults = inspect.signature(type(self).__init__).parameters
-        changed = {k: v for k, v in self.get_params().items() if v != defaults[k].default}
-        return f"DinoPatch({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
 
 def _unflip(distances: np.ndarray, flipped: bool) -> np.ndarray:

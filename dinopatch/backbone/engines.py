@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from tqdm.auto import tqdm
 
 from .onnx_engine import PRECISIONS, OnnxBackbone
 from .torch_engine import TorchBackbone
@@ -31,3 +36,34 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
     if kind == "onnx" and precision in ("", *PRECISIONS):
         return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or a path to an .onnx export")
+
+
+class EngineCache:
+    """Engines by configuration, each built once even when several threads ask at once.
+
+    Keeps the ``size`` most recently built: a detector needs the engine of the
+    model in force and, while a refit swaps it, of its replacement.
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._engines: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, engine: str | os.PathLike, fingerprint: str | None, **config):
+        """The engine ``make_backbone(engine, fingerprint, **config)`` would build, built at most once."""
+        key = (os.fspath(engine), *sorted(config.items()))
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = make_backbone(engine, fingerprint, **config)
+                while len(self._engines) > self.size:
+                    self._engines.popitem(last=False)
+            return self._engines[key]
+
+
+def embed(engine, images: list[np.ndarray], batch_size: int, progress: bool = False, desc: str = "embedding"):
+    """Tokens ``[N, h, w, D]`` of canonical images, ``batch_size`` at a time, with a progress bar."""
+    chunks = range(0, len(images), batch_size)
+    out = [engine(np.stack(images[i:i + batch_size]))
+           for i in tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2, leave=False)]
+    return np.concatenate(out)

@@ -1,0 +1,53 @@
+"""The scikit-learn estimator protocol, for the detector: parameters, repr and outlier scores.
+
+scikit-learn's outlier detectors score "the lower, the more abnormal"; DinoPatch's
+own score is the other way round (a distance), and :meth:`score_samples` flips it.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+
+class EstimatorMixin:
+    """``get_params`` / ``set_params`` from the constructor's signature, and the outlier-score API.
+
+    The class needs ``predict(images)`` returning results with a ``score`` and a
+    fitted ``threshold_`` with an ``image`` value.
+    """
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Constructor parameters, as scikit-learn estimators expose them."""
+        return {n: getattr(self, n) for n in inspect.signature(type(self).__init__).parameters if n != "self"}
+
+    def set_params(self, **params):
+        """Set constructor parameters; they take effect at the next :meth:`fit` (run-time ones at once)."""
+        unknown = set(params) - set(self.get_params())
+        if unknown:
+            raise ValueError(f"unknown parameters {sorted(unknown)}; valid: {sorted(self.get_params())}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def score_images(self, images) -> np.ndarray:
+        """Image scores as one float array (higher = more anomalous)."""
+        return np.array([r.score for r in self.predict(images)], dtype=np.float64)
+
+    def score_samples(self, images) -> np.ndarray:
+        """scikit-learn's sign: the lower, the more abnormal (``-score``)."""
+        return -self.score_images(images)
+
+    def decision_function(self, images) -> np.ndarray:
+        """Negative where the score is above the threshold (scores only: ``Result.is_anomaly``
+        also flags frames whose alignment could not be trusted)."""
+        return self.score_samples(images) - self.offset_
+
+    @property
+    def offset_(self) -> float:
+        return -self.threshold_.image
+
+    def __repr__(self) -> str:
+        defaults = inspect.signature(type(self).__init__).parameters
+        changed = {k: v for k, v in self.get_params().items() if v != defaults[k].default}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
