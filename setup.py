@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pybind11
-
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 

@@ -20,7 +20,8 @@ class Polarity:
     def __init__(self, reference: np.ndarray):
         reference = np.asarray(reference)
         if reference.ndim != 2 or reference.dtype != np.float32 or not np.isfinite(reference).all():
-            raise ValueError(f"polarity reference must be finite float32 [w, D], got {reference.dtype}{reference.shape}")
+            raise ValueError(f"polarity reference must be finite float32 [w, D], "
+                             f"got {reference.dtype}{reference.shape}")
         self.reference = reference
 
     @classmethod

@@ -3,8 +3,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import BLOCKS_MATTER
+
 from dinopatch.cli import main
 from dinopatch.synthetic import synthesize
 

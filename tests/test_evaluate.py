@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import FAST
+
 from dinopatch import DinoPatch
 from dinopatch.data import MVTecFolder
 from dinopatch.evaluate import evaluate, split

@@ -21,11 +21,10 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
 from conftest import BLOCKS_MATTER  # noqa: E402
+
 from dinopatch import modelfile  # noqa: E402
-from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
-                                make_backbone)
-from dinopatch.backbone.onnx_export import export_backbone, export_onnx  # noqa: E402
-from dinopatch.backbone.onnx_export import token_cosine, token_error  # noqa: E402
+from dinopatch.backbone import OnnxBackbone, TorchBackbone, find_or_export_onnx, get_spec, make_backbone  # noqa: E402
+from dinopatch.backbone.onnx_export import export_backbone, export_onnx, token_cosine, token_error  # noqa: E402  # noqa: E402
 
 NAME, SIZE = "dinov2_vits14", 224
 REPO = Path(__file__).resolve().parents[1]
@@ -263,9 +262,9 @@ def test_export_command(tmp_path):
 @pytest.mark.parametrize("category", ["pasta", "screw"])
 def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     """Whole pipeline (align, backbone, distances, post-processing) per engine, fitted and scored."""
-    from dinopatch.synthetic import DEFECTS, make_images
     from dinopatch.detector import DinoPatch
     from dinopatch.metrics import auroc
+    from dinopatch.synthetic import DEFECTS, make_images
 
     def sample(defect, n, seed):
         return make_images(category, defect, n, seed, size=160)

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 import pytest
-
 from conftest import screws
+
 from dinopatch.stream import stream
 
 

@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import FAST, screws
+
 from dinopatch import DinoPatch, modelfile
 from dinopatch.modelfile import ModelFileError
 
