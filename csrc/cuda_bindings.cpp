@@ -35,8 +35,8 @@ const py::array& checked(const py::array& bank, bool f16) {
   return bank;
 }
 
-// A bank uploaded once and queried many times (dinopatch.kernels caches one
-// per bank array; the GPU benchmark uses it directly).
+// A bank uploaded once and queried many times (dinopatch.kernels.upload; a
+// MemoryBank keeps one).  The device memory is freed with the object.
 class DeviceBank {
  public:
   DeviceBank(py::array bank, bool f16, py::object counts)
@@ -85,6 +85,8 @@ class DeviceBank {
   }
 
   size_t nbytes() const { return static_cast<size_t>(L_ * K_ * D_ * (f16_ ? 2 : 4)); }
+  py::tuple shape() const { return py::make_tuple(L_, K_, D_); }
+  bool f16() const { return f16_; }
 
  private:
   py::ssize_t L_, K_, D_;
@@ -104,7 +106,9 @@ PYBIND11_MODULE(_C_cuda, m) {
            py::arg("counts") = py::none())
       .def("min_distance", &DeviceBank::min_distance, py::arg("queries"), py::arg("h"),
            py::arg("w"), py::arg("radius") = 0)
-      .def_property_readonly("nbytes", &DeviceBank::nbytes);
+      .def_property_readonly("nbytes", &DeviceBank::nbytes)
+      .def_property_readonly("shape", &DeviceBank::shape, "(L, K, D) of the uploaded bank.")
+      .def_property_readonly("f16", &DeviceBank::f16, "Whether the rows are stored as float16.");
 
   m.def(
       "min_distance",

@@ -351,43 +351,6 @@ def test_cuda_kcenter_parity(rng):
     np.testing.assert_array_equal(kernels.kcenter_greedy(x, 40, "cuda"), kernels.kcenter_greedy_numpy(x, 40))
 
 
-class _FakeDeviceBank:
-    """Stands in for _C_cuda.DeviceBank: counts uploads, computes with numpy."""
-
-    uploads = 0
-
-    def __init__(self, bank, f16, counts):
-        type(self).uploads += 1
-        self.bank = (bank.view(np.float16) if f16 else bank).copy()  # an upload holds no reference
-        self.counts = counts
-
-    def min_distance(self, q, h, w, radius):
-        return kernels.min_distance_numpy(q, self.bank, self.counts, (h, w), radius)
-
-
-def test_cuda_bank_upload_is_cached_per_array(monkeypatch, rng):
-    import gc
-    import types
-
-    fake = types.SimpleNamespace(DeviceBank=_FakeDeviceBank, device_count=lambda: 1)
-    monkeypatch.setattr(kernels, "_cuda", lambda: fake)
-    monkeypatch.setattr(kernels, "_DEVICE_BANKS", {})
-    _FakeDeviceBank.uploads = 0
-    q, b = make(rng, 2, 4, 3, 8)
-    for _ in range(3):
-        close(kernels.min_distance(q, b, "cuda"), kernels.min_distance_numpy(q, b))
-    assert _FakeDeviceBank.uploads == 1
-    kernels.min_distance(q, b, "cuda", counts=np.array([1, 2, 3, 1]))  # other counts: another copy
-    assert _FakeDeviceBank.uploads == 2
-    kernels.min_distance(q, b.astype(np.float64), "cuda")  # converted per call: never cached
-    kernels.min_distance(q, b.astype(np.float64), "cuda")
-    assert _FakeDeviceBank.uploads == 4 and len(kernels._DEVICE_BANKS) == 2
-    del b
-    gc.collect()
-    assert kernels._DEVICE_BANKS == {}
-    kernels.clear_device_cache()
-
-
 # -- property tests: any small shape, any backend, the reference's answer ----------
 
 from hypothesis import given, settings  # noqa: E402
