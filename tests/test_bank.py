@@ -4,6 +4,7 @@ No GPU here: a stand-in for ``dinopatch._C_cuda`` counts uploads and computes
 with the numpy reference, so the real code paths of ``bank.py`` and
 ``kernels.py`` run up to the compiled call.
 """
+
 import copy
 import gc
 import pickle
@@ -43,8 +44,9 @@ class FakeDeviceBank:
 def fake_cuda(monkeypatch):
     FakeDeviceBank.uploads = 0
     FakeDeviceBank.during_upload = None
-    monkeypatch.setattr(kernels, "_cuda", lambda: types.SimpleNamespace(DeviceBank=FakeDeviceBank,
-                                                                         device_count=lambda: 1))
+    monkeypatch.setattr(
+        kernels, "_cuda", lambda: types.SimpleNamespace(DeviceBank=FakeDeviceBank, device_count=lambda: 1)
+    )
     yield FakeDeviceBank
     FakeDeviceBank.during_upload = None
 
@@ -59,7 +61,9 @@ def _tokens(rng, n=3):
 
 def _reference(bank, tokens):
     q = tokens.reshape(len(tokens), -1, bank.dim)
-    return kernels.min_distance_numpy(q, bank.features, grid=bank.grid, radius=bank.radius).reshape(tokens.shape[:3])
+    return kernels.min_distance_numpy(q, bank.features, grid=bank.grid, radius=bank.radius).reshape(
+        tokens.shape[:3]
+    )
 
 
 def test_concurrent_first_use_uploads_once(fake_cuda, rng):
@@ -89,7 +93,9 @@ def test_concurrent_first_use_uploads_once(fake_cuda, rng):
 def test_host_backends_never_upload(fake_cuda, rng):
     bank, tokens = _bank(rng), _tokens(rng)
     for backend in [b for b in kernels.available() if b != "cuda"]:
-        np.testing.assert_allclose(bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4)
+        np.testing.assert_allclose(
+            bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4
+        )
     assert fake_cuda.uploads == 0 and bank._device is None
 
 
@@ -138,8 +144,9 @@ def test_host_array_on_cuda_uploads_per_call_and_upload_once(fake_cuda, rng):
     counts = rng.integers(1, 6, 12)
     ref = kernels.min_distance_numpy(q, b, counts, (3, 4), 1)
     for _ in range(2):
-        np.testing.assert_allclose(kernels.min_distance(q, b, "cuda", counts=counts, grid=(3, 4), radius=1),
-                                   ref, rtol=1e-6)
+        np.testing.assert_allclose(
+            kernels.min_distance(q, b, "cuda", counts=counts, grid=(3, 4), radius=1), ref, rtol=1e-6
+        )
     assert fake_cuda.uploads == 2
     dev = kernels.upload(b, counts)
     for _ in range(2):
@@ -151,10 +158,12 @@ def test_uploaded_bank_misuse_is_a_clear_error(fake_cuda, rng):
     b = rng.standard_normal((6, 3, 8)).astype(np.float32)
     q = rng.standard_normal((2, 6, 8)).astype(np.float32)
     dev = kernels.upload(b)
-    bad = [(dict(counts=np.full(6, 2)), "counts given to upload"),
-           (dict(backend="numpy"), "on the GPU"),
-           (dict(queries=q[:, :4]), "disagree on L or D"),
-           (dict(queries=q[..., :5]), "disagree on L or D")]
+    bad = [
+        (dict(counts=np.full(6, 2)), "counts given to upload"),
+        (dict(backend="numpy"), "on the GPU"),
+        (dict(queries=q[:, :4]), "disagree on L or D"),
+        (dict(queries=q[..., :5]), "disagree on L or D"),
+    ]
     for change, message in bad:
         args = dict(queries=q, backend="cuda") | change
         with pytest.raises(ValueError, match=message):
