@@ -11,7 +11,6 @@ constexpr int W = 1;
 constexpr int QB = 2, RB = 4;
 constexpr const char* ISA_NAME = "generic";
 inline V zero() { return 0.f; }
-inline V load_one() { return 1.f; }
 inline V load(const float* p) { return *p; }
 inline float to_float(uint16_t h) {
   // IEEE half -> float, subnormals and inf/NaN included.
@@ -35,6 +34,7 @@ inline float to_float(uint16_t h) {
 inline V load(const uint16_t* p) { return to_float(*p); }
 inline void store(float* p, V a) { *p = a; }
 inline V sub(V a, V b) { return a - b; }
+inline V add(V a, V b) { return a + b; }
 inline V fma(V a, V b, V c) { return a * b + c; }
 inline float hsum(V a) { return a; }
 
@@ -55,7 +55,7 @@ using Half = Full;
 #include "simd_body.h"
 
 const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
-                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+                          min_sq_f32, min_sq_f16,  kcenter_one};
 
 }  // namespace generic
 

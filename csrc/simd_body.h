@@ -1,6 +1,6 @@
 // The SIMD inner loops shared by isa_*.cpp.  Included INSIDE an ISA namespace
 // that defines: V, W (lanes), QB x RB (register block: queries x bank rows),
-// zero, load(float*), load(uint16_t*), store, sub, fma, hsum,
+// zero, load(float*), load(uint16_t*), store, sub, add, fma, hsum,
 // to_float(uint16_t); and two lane sets Full and Half (a batch's
 // queries across the lanes, Half::W <= Full::W), each with V, W, RB (rows per
 // register block), zero, load, store, bsub(v, x) = v - broadcast(x), fma,
@@ -173,7 +173,8 @@ inline float row_seq(const float* q, const T* r, int64_t D) {
     const V t = sub(load(q + d), load(r + d));
     a0 = fma(t, t, a0);
   }
-  float s = hsum(a0) + hsum(a1) + hsum(a2) + hsum(a3);
+  // One horizontal sum per row, not four.
+  float s = hsum(add(add(a0, a1), add(a2, a3)));
   for (; d < D; ++d) {
     const float t = q[d] - as_float(r[d]);
     s += t * t;
@@ -378,19 +379,4 @@ void kcenter_one(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out, 
     }
     c = next;
   }
-}
-
-double sum(const float* x, int64_t n) {
-  V a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
-  const V one = load_one();
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = fma(load(x + i), one, a0);
-    a1 = fma(load(x + i + W), one, a1);
-    a2 = fma(load(x + i + 2 * W), one, a2);
-    a3 = fma(load(x + i + 3 * W), one, a3);
-  }
-  double s = static_cast<double>(hsum(a0)) + hsum(a1) + hsum(a2) + hsum(a3);
-  for (; i < n; ++i) s += x[i];
-  return s;
 }

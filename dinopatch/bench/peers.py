@@ -52,7 +52,19 @@ def faiss_flat(b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-PEERS = {"numpy-gemm": numpy_gemm, "torch.cdist": torch_cdist, "faiss IndexFlatL2": faiss_flat}
+def numba_plain(b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The 20-line parallel numba loop with full fastmath: the bar of our numba fallback."""
+    from .numba_peer import plain_loop
+
+    return lambda q: plain_loop(q, b)
+
+
+PEERS = {
+    "numpy-gemm": numpy_gemm,
+    "torch.cdist": torch_cdist,
+    "faiss IndexFlatL2": faiss_flat,
+    "numba plain loop": numba_plain,
+}
 
 
 def distance_peers(b: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -64,3 +76,4 @@ def distance_peers(b: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray
         except ImportError:
             pass
     return out
+
