@@ -27,8 +27,9 @@ class MemoryBank:
         grid: ``(h, w)`` token grid, ``h * w == L``.
         radius: spatial tolerance in grid steps (0: own location only).
 
-    ``features`` is read-only through the bank: the device copy is made once,
-    so rows changed behind the bank's back would leave it stale.
+    ``features`` is read-only through the bank (neither its rows nor the
+    attribute can be changed): the device copy is made once, so a changed
+    bank would leave it stale.
     """
 
     def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0):
@@ -40,8 +41,8 @@ class MemoryBank:
         if int(radius) < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
         # A read-only view: the caller's own array stays writable.
-        self.features = np.ascontiguousarray(features).view()
-        self.features.flags.writeable = False
+        self._features = np.ascontiguousarray(features).view()
+        self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
         self.radius = int(radius)
         self._device = None
@@ -56,7 +57,7 @@ class MemoryBank:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.features.flags.writeable = False
+        self._features.flags.writeable = False
         self._device_lock = threading.Lock()
 
     def device_bank(self):
@@ -109,6 +110,11 @@ class MemoryBank:
         bank = self.device_bank() if backend == "cuda" else self.features
         extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
         return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
+
+    @property
+    def features(self) -> np.ndarray:
+        """``[L, K, D]`` rows, read-only (the device copy is made from them once)."""
+        return self._features
 
     @property
     def dim(self) -> int:

@@ -180,3 +180,9 @@ def test_upload_without_cuda_names_the_backends(monkeypatch, rng):
     monkeypatch.setattr(kernels, "_cuda", lambda: None)
     with pytest.raises(ValueError, match="'cuda' is not available"):
         kernels.upload(rng.standard_normal((2, 3, 4)).astype(np.float32))
+
+
+def test_features_cannot_be_replaced(rng):
+    bank = _bank(rng)
+    with pytest.raises(AttributeError):
+        bank.features = np.zeros_like(bank.features)
