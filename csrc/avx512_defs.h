@@ -11,7 +11,6 @@ inline V load(const uint16_t* p) {
 }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
 inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 inline float to_float(uint16_t x) { return _cvtsh_ss(x); }

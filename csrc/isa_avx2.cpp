@@ -18,7 +18,6 @@ inline V load(const uint16_t* p) {
 }
 inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
 inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-inline V add(V a, V b) { return _mm256_add_ps(a, b); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(V a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

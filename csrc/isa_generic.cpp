@@ -34,7 +34,6 @@ inline float to_float(uint16_t h) {
 inline V load(const uint16_t* p) { return to_float(*p); }
 inline void store(float* p, V a) { *p = a; }
 inline V sub(V a, V b) { return a - b; }
-inline V add(V a, V b) { return a + b; }
 inline V fma(V a, V b, V c) { return a * b + c; }
 inline float hsum(V a) { return a; }
 

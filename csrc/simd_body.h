@@ -1,6 +1,6 @@
 // The SIMD inner loops shared by isa_*.cpp.  Included INSIDE an ISA namespace
 // that defines: V, W (lanes), QB x RB (register block: queries x bank rows),
-// zero, load(float*), load(uint16_t*), store, sub, add, fma, hsum,
+// zero, load(float*), load(uint16_t*), store, sub, fma, hsum,
 // to_float(uint16_t); and two lane sets Full and Half (a batch's
 // queries across the lanes, Half::W <= Full::W), each with V, W, RB (rows per
 // register block), zero, load, store, bsub(v, x) = v - broadcast(x), fma,
@@ -173,8 +173,7 @@ inline float row_seq(const float* q, const T* r, int64_t D) {
     const V t = sub(load(q + d), load(r + d));
     a0 = fma(t, t, a0);
   }
-  // One horizontal sum per row, not four.
-  float s = hsum(add(add(a0, a1), add(a2, a3)));
+  float s = hsum(a0) + hsum(a1) + hsum(a2) + hsum(a3);
   for (; d < D; ++d) {
     const float t = q[d] - as_float(r[d]);
     s += t * t;
