@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-from dinopatch.backbone.bench import ENGINES, build_engines, sample_images  # noqa: E402
+from dinopatch.bench.stages.backbone import ENGINES, build_engines, sample_images  # noqa: E402
 
 SIZE = int(os.environ.get("DINOPATCH_BENCH_SIZE", 448))
 

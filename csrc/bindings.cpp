@@ -99,17 +99,6 @@ radius -> [B,L] f32 min Euclidean distance over the neighbourhood.)pbdoc");
       R"pbdoc(x [L,N,D] f32 -> [L,k] int64 greedy k-center indices per location.)pbdoc");
 
   m.def(
-      "stream_read",
-      [](f32 x) {
-        const float* p = x.data();
-        const auto n = x.size();
-        py::gil_scoped_release release;
-        return dinopatch::stream_read_cpu(p, n);
-      },
-      py::arg("x"),
-      R"pbdoc(Sum of a float32 array read by all OpenMP threads: a memory-bandwidth probe.)pbdoc");
-
-  m.def(
       "isas",
       [] {
         int n = 0;

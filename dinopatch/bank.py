@@ -5,10 +5,14 @@ location's stack is shrunk to ``k = ceil(ratio * N)`` rows by greedy k-center
 selection.  A query token is scored by its distance to the nearest row at its
 own location, or at any location within ``radius`` grid steps (the spatial
 tolerance that absorbs residual misalignment).
+
+On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
+first use and freed with the bank (like a faiss GPU index over its C++ core).
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -22,6 +26,10 @@ class MemoryBank:
         features: ``[L, K, D]`` float32 or float16 bank rows.
         grid: ``(h, w)`` token grid, ``h * w == L``.
         radius: spatial tolerance in grid steps (0: own location only).
+
+    ``features`` is read-only through the bank (neither its rows nor the
+    attribute can be changed): the device copy is made once, so a changed
+    bank would leave it stale.
     """
 
     def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0):
@@ -32,9 +40,39 @@ class MemoryBank:
             raise ValueError(f"bank features must be float32 or float16, got {features.dtype}")
         if int(radius) < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
-        self.features = np.ascontiguousarray(features)
+        # A read-only view: the caller's own array stays writable.
+        self._features = np.ascontiguousarray(features).view()
+        self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
         self.radius = int(radius)
+        self._device = None
+        self._device_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles (Ray, joblib) carry the host rows only; the copy
+        # uploads its own device bank when it first needs one.
+        state = self.__dict__.copy()
+        state["_device"] = state["_device_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._features.flags.writeable = False
+        self._device_lock = threading.Lock()
+
+    def device_bank(self):
+        """The bank on the GPU (``dinopatch._C_cuda.DeviceBank``), uploaded once.
+
+        Threads predicting at once share one upload.  The device memory is
+        freed when the bank is.
+        """
+        device = self._device
+        if device is None:
+            with self._device_lock:
+                if self._device is None:
+                    self._device = kernels.upload(self.features)
+                device = self._device
+        return device
 
     @classmethod
     def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
@@ -68,8 +106,15 @@ class MemoryBank:
         if (h, w) != self.grid or d != self.dim:
             raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
         q = tokens.reshape(b, h * w, d)
+        backend = kernels.resolve(backend)
+        bank = self.device_bank() if backend == "cuda" else self.features
         extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
-        return kernels.min_distance(q, self.features, backend=backend, **extra).reshape(b, h, w)
+        return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
+
+    @property
+    def features(self) -> np.ndarray:
+        """``[L, K, D]`` rows, read-only (the device copy is made from them once)."""
+        return self._features
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,3 @@
+"""The bench's stages; importing this package registers them all."""
+
+from . import backbone, cuda, kernels, pipeline  # noqa: F401
