@@ -112,7 +112,7 @@ MAX_PIXELS = 100_000_000
 """The default cap on width x height of any image read or passed in (100 MP);
 the environment variable ``DINOPATCH_MAX_PIXELS`` overrides it."""
 MAX_PIXELS_ENV = "DINOPATCH_MAX_PIXELS"
-_MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA, uncompressed: the most any supported format spends on a pixel
+_MAX_BYTES_PER_PIXEL = 16  # float32 RGBA TIFF, uncompressed: the most a supported format spends on a pixel
 _HEADER_SLACK = 1 << 20
 
 
