@@ -120,8 +120,8 @@ def write(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray], 
     saving to one path. On any failure, ``KeyboardInterrupt`` included, the
     temporary is removed and ``path`` is left as it was. A process killed
     outright (SIGKILL, power loss) leaves its temporary behind; the next save
-    to the same folder removes those that no live process holds a lock on and
-    that are older than a minute (POSIX only).
+    to the same path removes those that no live process holds a lock on and
+    that are older than a minute (POSIX only; elsewhere they stay).
 
     Args:
         path: the model file.
