@@ -442,9 +442,9 @@ def test_concurrent_saves_never_expose_a_corrupt_file(tmp_path):
         else:
             assert (arrays["bank"] == header["writer"] * 1000 + header["i"]).all()
         loads += 1
-    for p in savers:
-        assert p.wait(timeout=60) == 0, p.stderr.read().decode()
+    failed_saves = [p.stderr.read().decode() for p in savers if p.wait(timeout=60) != 0]
     assert not corrupt, f"{len(corrupt)} of {loads} loads saw a corrupt file: {corrupt[:3]}"
+    assert not failed_saves, failed_saves
     assert os.listdir(tmp_path) == ["m.npz"]
 
 
