@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "size_checks.h"
 
 namespace py = pybind11;
 namespace dc = dinopatch::cuda;
@@ -119,9 +120,9 @@ class DeviceBank {
   f32 min_distance(f32 queries, int64_t h, int64_t w, int64_t radius) {
     if (queries.ndim() != 3 || queries.shape(1) != L_ || queries.shape(2) != D_)
       throw std::invalid_argument("queries must be [B,L,D] matching the bank's L and D");
-    if (h < 1 || w < 1 || h * w != L_ || radius < 0)
-      throw std::invalid_argument("grid h x w must equal L and radius be >= 0");
+    radius = dinopatch::grid_radius(h, w, L_, radius);
     const int64_t B = queries.shape(0);
+    dinopatch::checked_size({B, L_, D_, sizeof(float)}, "B * L * D bytes");
     f32 out({B, static_cast<int64_t>(L_)});
     if (B == 0) return out;
     const float* qh = queries.data();
@@ -202,6 +203,8 @@ The caller guarantees the sizes; both pointers must be device memory.)pbdoc")
         if (x.ndim() != 3 || k < 1 || k > x.shape(1))
           throw std::invalid_argument("x must be [L,N,D] with 1 <= k <= N");
         const int64_t L = x.shape(0), N = x.shape(1), D = x.shape(2);
+        dinopatch::checked_size({L, N, D, sizeof(float)}, "L * N * D bytes");
+        dinopatch::checked_size({L, k, sizeof(int64_t)}, "L * k bytes");
         py::array_t<int64_t> out({L, k});
         const float* xh = x.data();
         int64_t* oh = out.mutable_data();

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .data import as_image
+
 __all__ = ["Aligner", "Alignment"]
 
 _STATE_VERSION = 2  # 2: the nominal size is relative to the frame
@@ -107,12 +109,12 @@ class Aligner:
         """Learn the nominal size, shape and polarity from good parts.
 
         Args:
-            images: uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays.
+            images: ``[H, W]`` gray / ``[H, W, 3]`` BGR arrays, coerced by :func:`dinopatch.data.as_image`.
 
         Returns:
             self
         """
-        images = [_check_image(im) for im in images]
+        images = [as_image(im) for im in images]
         if not images:
             raise ValueError("Aligner.fit needs at least one image, got none")
         if not self.enabled:
@@ -151,14 +153,14 @@ class Aligner:
         """Warp one image into the canonical frame.
 
         Args:
-            image: uint8 ``[H, W]`` gray or ``[H, W, 3]`` BGR.
+            image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`.
 
         Returns:
             canonical uint8 ``[size, size, 3]`` BGR, validity float32
             ``[size, size]`` (1 where the pixel came from inside the image, 0
             from padding), and the :class:`Alignment`.
         """
-        image = _check_image(image)
+        image = as_image(image)
         s = self.size
         if not self.enabled:
             h, w = image.shape[:2]
@@ -266,20 +268,6 @@ class Aligner:
         except KeyError as e:
             raise ValueError(f"Aligner state lacks {e}") from None
         return al
-
-
-def _check_image(image) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.size == 0:
-        raise ValueError(f"image is empty (shape {image.shape})")
-    if image.dtype != np.uint8:
-        raise TypeError(f"image must be uint8, got {image.dtype}")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"image must be [H, W] gray or [H, W, 3] BGR, got shape {image.shape}")
-    return np.ascontiguousarray(image)
 
 
 def _bgr(image: np.ndarray) -> np.ndarray:

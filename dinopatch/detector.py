@@ -164,28 +164,32 @@ class DinoPatch(EstimatorMixin):
         return [raw for i in range(0, len(images), bs)
                 for raw in self.distances_aligned(self._align(model, images[i:i + bs]))]
 
-    def align_images(self, images: list[np.ndarray]) -> tuple:
+    def align_images(self, images: list[np.ndarray]) -> list[tuple]:
         """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages.
 
-        Returns an opaque batch for :meth:`distances_aligned`, bound to the model in force now.
+        Returns one opaque item per image for :meth:`distances_aligned`, bound to the model in force now;
+        items of several calls can be batched together.
         """
         return self._align(self._fitted(), images)
 
     @staticmethod
-    def _align(model: Fitted, images: list[np.ndarray]) -> tuple:
-        return model, [(im, model.aligner.transform(im)) for im in images]
+    def _align(model: Fitted, images: list[np.ndarray]) -> list[tuple]:
+        return [(model, im, *model.aligner.transform(im)) for im in images]
 
-    def distances_aligned(self, batch: tuple) -> list[PatchDistances]:
-        """Second stage of :meth:`patch_distances`: backbone and bank on one batch from :meth:`align_images`."""
-        model, items = batch
+    def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
+        """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`."""
+        if len({id(model) for model, *_ in items}) > 1:  # aligned across a refit: each part by its own model
+            split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
+            return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
+        model = items[0][0]
         engine = self._engine(backbone_key(model.params), model.fingerprint)
-        tokens = engine(np.stack([canonical for _, (canonical, _, _) in items]))
+        tokens = engine(np.stack([canonical for _, _, canonical, _, _ in items]))
         flips = np.zeros(len(items), bool)
         if model.polarity is not None:
             tokens, flips = model.polarity.orient(tokens)
         dists = model.bank.distances(tokens, backend=self._kernel())
         return [PatchDistances(_unflip(d, flip), valid, al, im.shape[:2], model)
-                for (im, (_, valid, al)), d, flip in zip(items, dists, flips)]
+                for (_, im, _, valid, al), d, flip in zip(items, dists, flips)]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:

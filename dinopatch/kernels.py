@@ -120,9 +120,11 @@ def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
         return L, 1, 0
     if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid):
         raise ValueError(f"grid must be two integers (h, w), got {tuple(grid)}")
-    if int(grid[0]) * int(grid[1]) != L or min(grid) < 1:
+    h, w = int(grid[0]), int(grid[1])
+    if h * w != L or min(h, w) < 1:
         raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
-    return int(grid[0]), int(grid[1]), radius
+    # Past the grid every location is a neighbour already; clamped, y + radius cannot overflow in a kernel.
+    return h, w, min(radius, max(h, w))
 
 
 def _is_uploaded(bank) -> bool:

@@ -65,3 +65,48 @@ def screw_detector():
     from dinopatch import DinoPatch
 
     return DinoPatch(**FAST).fit(screws("good", 10, seed=1))
+
+
+_MEASURED_READ = """
+import importlib, resource, sys, time
+module, name, path = sys.argv[1:]
+read = getattr(importlib.import_module(module), name)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# A ceiling, so that a reader that inflates a bomb fails here instead of taking the machine's memory.
+with open("/proc/self/statm") as f:
+    size = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 30), resource.RLIM_INFINITY))
+t = time.perf_counter()
+try:
+    read(path)
+    print("LOADED")
+except ValueError as e:
+    print("VALUEERROR", e)
+except Exception as e:
+    print("OTHER", type(e).__name__, str(e).strip().splitlines()[-1:])
+print("SECONDS", time.perf_counter() - t)
+print("PEAK_MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+@pytest.fixture
+def measured_read():
+    """``measured_read("pkg.module.reader", path)``: what the reader says of ``path`` in a fresh process.
+
+    Returns a dict with ``LOADED``, ``VALUEERROR`` (the message) or ``OTHER``,
+    and ``SECONDS``; and the growth of the peak resident memory in MB that the
+    read cost over the process's baseline after imports.
+    """
+    import subprocess
+    import sys
+
+    def run(reader: str, path):
+        module, name = reader.rsplit(".", 1)
+        out = subprocess.run([sys.executable, "-c", _MEASURED_READ, module, name, str(path)],
+                             capture_output=True, text=True, check=False, timeout=120, cwd=os.path.dirname(path),
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert out.returncode == 0, out.stderr
+        said = dict(line.partition(" ")[::2] for line in out.stdout.splitlines())
+        return said, float(said["PEAK_MB"])
+
+    return run
