@@ -393,6 +393,12 @@ def bench_stream(args) -> list[dict]:
                            lambda v: v <= 1.5)]
 
 
+# The service's stage lives beside the service.
+from .serve_bench import bench_serve
+
+stage("serve", groups=("scale",))(bench_serve)
+
+
 def _target(what: str, target: str, value: float, ok: Callable[[float], bool]) -> dict:
     return {"stage": "target", "method": what, "target": target, "measured": value, "met": bool(ok(value))}
 

@@ -238,9 +238,10 @@ class ServiceConfig:
         if self.engine not in TORCH_FREE_ENGINES and not self.engine.endswith(".onnx"):
             raise ValueError(f"the service runs without torch: engine must be one of {TORCH_FREE_ENGINES} or an "
                              f".onnx export, got {self.engine!r}")
-        for name, low in (("replicas", 1), ("max_batch", 1), ("max_bytes", 1), ("max_pixels", 1)):
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("replicas", "max_batch", "max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s}")
         if not 0 <= self.batch_wait_ms <= 1000 * self.timeout_s:
@@ -260,6 +261,8 @@ class Scorer:
         self.config = config
         self.det = DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel,
                                   batch_size=config.max_batch, progress=False)
+        mtime = Path(config.model).stat().st_mtime
+        self.saved_at = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(timespec="seconds")
         # Batched per replica, with the sizes of this service.
         self._batched = serve.batch(max_batch_size=config.max_batch,
                                     batch_wait_timeout_s=config.batch_wait_ms / 1e3)(self._predict_batch)
@@ -292,11 +295,10 @@ class Scorer:
     def info(self) -> dict:
         """What ``GET /model`` answers."""
         det, path = self.det, Path(self.config.model)
-        saved = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
         return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
                 "engine": det.engine, "kernel": det.kernel, "threshold": _finite(det.threshold),
                 "model_id": getattr(det, "model_id", None), "model_file": str(path.resolve()),
-                "model_saved_at": saved.isoformat(timespec="seconds"), "dinopatch_version": __version__,
+                "model_saved_at": self.saved_at, "dinopatch_version": __version__,
                 "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
                 "max_batch": self.config.max_batch, "batch_wait_ms": self.config.batch_wait_ms,
                 "timeout_s": self.config.timeout_s, "max_bytes": self.config.max_bytes,
