@@ -427,7 +427,9 @@ def build_app(config: ServiceConfig):
         # per replica waiting, a flood is answered 503 at once instead of holding bodies until the deadline.
         max_ongoing_requests=2 * config.max_batch, max_queued_requests=8 * config.max_batch * config.replicas,
         # A replica that cannot load its model fails the deployment quickly instead of retrying for minutes.
-        max_constructor_retry_count=2)
+        max_constructor_retry_count=2,
+        # A lost replica is noticed in seconds (the check runs beside the scoring, not behind it).
+        health_check_period_s=2)
     gateway = serve.deployment(Gateway, name="Gateway", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=16 * config.max_batch * config.replicas)
     return gateway.bind(scorer.bind(config), config)

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import screws
+
 from dinopatch import DinoPatch
 from dinopatch.archive import done_paths, list_images, main, score_archive
 
