@@ -190,7 +190,9 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
         n = int(workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo) // int(batch_size), 10_000)))
-        worker = {"model": os.fspath(model), "engine": engine, "kernel": kernel, "batch_size": int(batch_size)}
+        # Absolute paths: workers may start in another folder (or on another machine).
+        engine = os.path.abspath(engine) if os.fspath(engine).endswith(".onnx") else engine
+        worker = {"model": os.path.abspath(model), "engine": engine, "kernel": kernel, "batch_size": int(batch_size)}
         ds = ds.map_batches(ArchiveScorer, fn_constructor_kwargs=worker,
                             batch_size=int(batch_size), batch_format="numpy", concurrency=n, num_cpus=1)
         out.mkdir(parents=True, exist_ok=True)

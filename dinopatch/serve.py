@@ -233,11 +233,14 @@ class ServiceConfig:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        self.model = os.fspath(self.model)
+        # Absolute, because replicas may start in another folder (or on another machine).
+        self.model = os.path.abspath(self.model)
         self.engine = os.fspath(self.engine)
         if self.engine not in TORCH_FREE_ENGINES and not self.engine.endswith(".onnx"):
             raise ValueError(f"the service runs without torch: engine must be one of {TORCH_FREE_ENGINES} or an "
                              f".onnx export, got {self.engine!r}")
+        if self.engine.endswith(".onnx"):
+            self.engine = os.path.abspath(self.engine)
         for name in ("replicas", "max_batch", "max_bytes", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

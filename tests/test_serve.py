@@ -143,8 +143,11 @@ def test_bad_bodies_are_refused_with_their_status(make, shape, status):
     assert e.value.status == status and e.value.message
 
 
-def test_config_refuses_torch_and_nonsense(onnx_model):
+def test_config_refuses_torch_and_nonsense(onnx_model, tmp_path, monkeypatch):
     model, onnx = onnx_model
+    monkeypatch.chdir(tmp_path)
+    relative = ServiceConfig(model="screw.npz", engine="backbone.onnx")  # replicas start elsewhere
+    assert (relative.model, relative.engine) == (str(tmp_path / "screw.npz"), str(tmp_path / "backbone.onnx"))
     for engine in ("torch", "auto", "onnx:int4"):
         with pytest.raises(ValueError, match="without torch"):
             ServiceConfig(model=model, engine=engine)
