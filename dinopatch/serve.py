@@ -192,7 +192,10 @@ def decode_image(body: bytes, shape: str | None = None, max_pixels: int = 40_000
             raise RequestError(400, f"{fmt.upper()} header claims {h}x{w} pixels")
         if h * w > max_pixels:
             raise RequestError(413, f"{fmt.upper()} of {h}x{w} pixels exceeds the limit of {max_pixels}")
-        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+        try:
+            image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error as e:
+            raise RequestError(400, f"damaged {fmt.upper()}: {e}") from None
         if image is None or image.shape[:2] != (h, w):
             raise RequestError(400, f"damaged {fmt.upper()}: it does not decode to the {h}x{w} its header claims")
     try:

@@ -143,6 +143,29 @@ def test_bad_bodies_are_refused_with_their_status(make, shape, status):
     assert e.value.status == status and e.value.message
 
 
+def test_damaged_files_raise_only_request_errors():
+    """Random bytes changed in and cut from PNG and JPEG files: a 4xx or an image, never another exception."""
+    im = screws("good", 1, seed=3)[0]
+    bases = [png(im), cv2.imencode(".jpg", im)[1].tobytes(),
+             cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()]
+    rng = np.random.default_rng(0)
+    statuses = set()
+    for k in range(600):
+        b = bytearray(bases[k % 3])
+        for _ in range(rng.integers(1, 8)):
+            # Mostly in the headers, where the size and the segment lengths are.
+            b[rng.integers(0, min(len(b), 400) if rng.random() < 0.7 else len(b))] = rng.integers(0, 256)
+        if rng.random() < 0.3:
+            b = b[:rng.integers(1, len(b))]
+        try:
+            out = decode_image(bytes(b), max_pixels=4_000_000)
+        except RequestError as e:
+            statuses.add(e.status)
+        else:
+            assert out.dtype == np.uint8 and out.shape[:2] == image_size(bytes(b))[1:]
+    assert statuses == {400, 413, 415}
+
+
 def test_config_refuses_torch_and_nonsense(onnx_model, tmp_path, monkeypatch):
     model, onnx = onnx_model
     monkeypatch.chdir(tmp_path)
