@@ -154,8 +154,8 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
         engine, kernel: as for :meth:`dinopatch.DinoPatch.load`.
         batch_size: images per backbone call in a worker.
         workers: engines running at once (default: the cluster's CPUs).
-        rows_per_part: rows gathered before a part is written (at most this
-            many images are scored again after an interruption).
+        rows_per_part: a part is written once this many rows have come
+            (about this many images are scored again after an interruption).
         address: Ray cluster to join.
         progress: show a progress bar.
 
@@ -184,9 +184,9 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images; Ray's count blocks
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours counts images; Ray's count blocks
         n = int(workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo) // int(batch_size), 10_000)))
@@ -219,6 +219,7 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
                 # Ctrl-C keeps what was scored.
                 flush()
     finally:
+        ctx.enable_progress_bars = bars
         if started:
             ray.shutdown()
     return summary
