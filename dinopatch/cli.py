@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import sys
 from pathlib import Path
 
@@ -121,6 +122,11 @@ def cmd_export(args) -> int:
     return export_main(args.rest)
 
 
+# Sub-commands that parse their own flags in their own modules: (module, help).
+RAY_COMMANDS = {"serve": ("serve", "serve a model over HTTP"),
+                "score-archive": ("archive", "score a folder, glob or list of images into Parquet")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dinopatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_export)
+    for name, (_, what) in RAY_COMMANDS.items():
+        sub.add_parser(name, help=f"{what}, on Ray (see python -m dinopatch {name} -h)", add_help=False)
     return parser
 
 
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     # export parses its own flags: argparse's REMAINDER in a subparser rejects leading options.
     if argv[:1] == ["export"]:
         return cmd_export(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] and argv[0] in RAY_COMMANDS:
+        # Imported only when run: `import dinopatch.cli` must not need Ray.
+        return importlib.import_module(f".{RAY_COMMANDS[argv[0]][0]}", __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -110,3 +110,15 @@ def measured_read():
         return said, float(said["PEAK_MB"])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory):
+    """``(model file, .onnx export)``: six good screws at 112 px, the backbone exported for torch-free engines."""
+    from dinopatch import DinoPatch
+    from dinopatch.backbone.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx-model")
+    det = DinoPatch(**FAST).fit(screws("good", 6, seed=1))
+    onnx = export_onnx(det.backbone, det.weights, det.image_size, out=folder / "backbone.onnx", seed=det.seed)
+    return det.save(folder / "screw.npz"), onnx

@@ -19,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
         "stages",
         nargs="*",
         metavar="stage",
-        help=f"stages or groups: {', '.join(names)} (default all but the cuda group)",
+        help=f"stages or groups: {', '.join(names)} (default all but the cuda and scale groups)",
     )
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (best is reported)")
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.bank = min(args.bank, 12)
     chosen = []
-    for s in args.stages or [n for n in sorted(STAGES) if n not in GROUPS.get("cuda", [])]:
+    named_only = set(GROUPS.get("cuda", [])) | set(GROUPS.get("scale", []))
+    for s in args.stages or [n for n in sorted(STAGES) if n not in named_only]:
         if s not in STAGES and s not in GROUPS:
             p.error(f"unknown stage {s!r}; choose from {', '.join(sorted(STAGES) + sorted(GROUPS))}")
         chosen += [n for n in GROUPS.get(s, [s]) if n not in chosen]
