@@ -1,4 +1,4 @@
-"""Backbone throughput: eager torch against ONNX Runtime fp32 and int8, in one run.
+"""Backbone throughput: eager torch against ONNX Runtime fp32 and int8 and OpenVINO, in one run.
 
 Registered as the ``backbone`` stage of ``python -m dinopatch.bench``; the
 pytest-benchmark suite ``benchmarks/test_backbone_bench.py`` times the same
@@ -7,12 +7,13 @@ neighbour on a shared machine slows all of them alike; the median round counts.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
 import numpy as np
 
-ENGINES = ("torch", "onnx", "onnx:int8")
+ENGINES = ("torch", "onnx", "onnx:int8", "openvino:f32", "openvino:bf16")
 
 
 def physical_cores() -> int:
@@ -33,17 +34,21 @@ def build_engines(image_size: int = 448, threads: int | None = None, name: str =
     """
     import torch
 
-    from dinopatch.backbone import OnnxBackbone, TorchBackbone
+    from dinopatch.backbone import OnnxBackbone, OpenVinoBackbone, TorchBackbone, cpu_has_bf16
 
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     out = {}
     for engine in engines:
+        kind, _, precision = engine.partition(":")
         if engine == "torch":
             out[engine] = TorchBackbone(name, "random", image_size)
+        elif kind == "openvino":
+            # Engines not installed, or bf16 on a CPU without it, are left out of the table, not failed.
+            if importlib.util.find_spec("openvino") and (precision != "bf16" or cpu_has_bf16()):
+                out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
         else:
-            precision = engine.partition(":")[2] or "fp32"
-            out[engine] = OnnxBackbone(name, "random", image_size, precision=precision, threads=threads,
+            out[engine] = OnnxBackbone(name, "random", image_size, precision=precision or "fp32", threads=threads,
                                        providers=["CPUExecutionProvider"])
     return out
 

@@ -61,9 +61,13 @@ def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, pr
                        fingerprint=fingerprint)
 
 
-def read_onnx_metadata(session, path) -> dict:
-    """The DinoPatch metadata of an export open in ``session``, checked; ValueError if foreign."""
-    meta = session.get_modelmeta().custom_metadata_map
+def read_export_metadata(meta: dict, path, inputs, outputs) -> dict:
+    """The DinoPatch metadata of an export, checked against its signature; ValueError if foreign.
+
+    Args:
+        meta: the file's metadata (key -> string), as the runtime that opened it reads it.
+        inputs, outputs: ``(name, shape)`` of the graph's inputs and outputs.
+    """
     if meta.get("format") != ONNX_FORMAT:
         raise ValueError(f"{path}: not a DinoPatch backbone export (metadata format {meta.get('format')!r}, "
                          f"expected {ONNX_FORMAT!r}); make one with `python -m dinopatch export`")
@@ -74,15 +78,57 @@ def read_onnx_metadata(session, path) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: damaged DinoPatch metadata ({type(e).__name__}: {e})") from None
     side = out["image_size"]
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if ([i.name for i in inputs] != ["images"] or inputs[0].shape[1:] != [3, side, side]
-            or [o.name for o in outputs] != ["tokens"]):
+    if ([n for n, _ in inputs] != ["images"] or list(inputs[0][1][1:]) != [3, side, side]
+            or [n for n, _ in outputs] != ["tokens"]):
         raise ValueError(f"{path}: expected input 'images' [B, 3, {side}, {side}] and output 'tokens', found "
-                         f"{[(i.name, i.shape) for i in inputs]} -> {[(o.name, o.shape) for o in outputs]}")
+                         f"{inputs} -> {outputs}")
+    out["spec"] = spec = get_spec(out["backbone"])
+    if (spec.patch_size, spec.embed_dim) != (out["patch_size"], out["embed_dim"]):
+        raise ValueError(f"{path}: patch size / width {out['patch_size']}/{out['embed_dim']} do not match "
+                         f"{spec.name}")
     return out
 
 
-class OnnxBackbone:
+def check_export_matches(meta: dict, path, fingerprint=None, **wanted) -> None:
+    """Refuse an export whose configuration (``wanted``: name -> value or None) or weights differ."""
+    wrong = {k: (v, meta[k]) for k, v in wanted.items() if v is not None and v != meta[k]}
+    if wrong:
+        raise ValueError(f"{path}: export does not match the configuration: "
+                         + ", ".join(f"{k} {want!r} wanted, file has {got!r}" for k, (want, got) in wrong.items()))
+    if fingerprint is not None and fingerprint != meta["weights_fingerprint"]:
+        raise ValueError(f"{path}: exported from weights {meta['weights_fingerprint'][:16]}..., but the detector "
+                         f"was fitted with {fingerprint[:16]}...; export the right weights")
+
+
+def locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint) -> Path:
+    """``path`` when given, else the cached fp32/int8/fp16 export of the configuration (made when missing)."""
+    if path is None:
+        name = name or "dinov2_vits14"
+        path = find_or_export_onnx(name, weights, check_image_size(image_size or 448, get_spec(name).patch_size),
+                                   int(layers or 1), precision or "fp32", seed, fingerprint)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    return path
+
+
+class ExportedBackbone:
+    """What every engine that runs an export knows of it: the checked metadata, and the token grid."""
+
+    def _adopt(self, meta: dict, path: Path) -> None:
+        self.path = path
+        self.spec = meta["spec"]
+        self.image_size, self.layers = meta["image_size"], meta["layers"]
+        self.mean, self.std = meta["mean"], meta["std"]
+        self.fingerprint = meta["weights_fingerprint"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.spec.patch_size
+        return side, side
+
+
+class OnnxBackbone(ExportedBackbone):
     """DINOv2 patch tokens from an ONNX export, on ONNX Runtime; called like :class:`TorchBackbone`.
 
     Give ``path`` to run a given export, or a configuration whose export is
@@ -114,13 +160,7 @@ class OnnxBackbone:
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
-        if path is None:
-            cfg_name = name or "dinov2_vits14"
-            path = find_or_export_onnx(cfg_name, weights, check_image_size(image_size or 448, get_spec(cfg_name).patch_size),
-                                       int(layers or 1), precision or "fp32", seed, fingerprint)
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
+        path = locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or 0)
@@ -134,32 +174,17 @@ class OnnxBackbone:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-        meta = read_onnx_metadata(self.session, path)
-        wanted = {"backbone": name, "image_size": image_size, "layers": layers, "precision": precision}
-        wrong = {k: (v, meta[k]) for k, v in wanted.items() if v is not None and v != meta[k]}
-        if wrong:
-            raise ValueError(f"{path}: export does not match the configuration: "
-                             + ", ".join(f"{k} {want!r} wanted, file has {got!r}" for k, (want, got) in wrong.items()))
-        if fingerprint is not None and fingerprint != meta["weights_fingerprint"]:
-            raise ValueError(f"{path}: exported from weights {meta['weights_fingerprint'][:16]}..., but the detector "
-                             f"was fitted with {fingerprint[:16]}...; export the right weights")
-        self.path = path
-        self.spec = get_spec(meta["backbone"])
-        if (self.spec.patch_size, self.spec.embed_dim) != (meta["patch_size"], meta["embed_dim"]):
-            raise ValueError(f"{path}: patch size / width {meta['patch_size']}/{meta['embed_dim']} do not match "
-                             f"{self.spec.name}")
-        self.image_size, self.layers, self.precision = meta["image_size"], meta["layers"], meta["precision"]
-        self.mean, self.std = meta["mean"], meta["std"]
-        self.fingerprint = meta["weights_fingerprint"]
+        meta = read_export_metadata(self.session.get_modelmeta().custom_metadata_map, path,
+                                    [(i.name, i.shape) for i in self.session.get_inputs()],
+                                    [(o.name, o.shape) for o in self.session.get_outputs()])
+        check_export_matches(meta, path, fingerprint, backbone=name, image_size=image_size, layers=layers,
+                             precision=precision)
+        self._adopt(meta, path)
+        self.precision = meta["precision"]
         self.provider = self.session.get_providers()[0]
         if self.precision == "fp16" and self.provider == "CPUExecutionProvider":
             warnings.warn(f"{path}: an fp16 export on the CPU provider runs slower than fp32; fp16 is for GPUs",
                           stacklevel=2)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.spec.patch_size
-        return side, side
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
