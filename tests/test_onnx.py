@@ -20,7 +20,14 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
 from dinopatch import modelfile  # noqa: E402
-from dinopatch.backbone import OnnxBackbone, TorchBackbone, find_or_export_onnx, get_spec, make_backbone  # noqa: E402
+from dinopatch.backbone import (  # noqa: E402
+    OnnxBackbone,
+    TorchBackbone,
+    find_or_export_onnx,
+    get_spec,
+    make_backbone,
+    onnx_cache_path,
+)
 from dinopatch.backbone.onnx_export import export_backbone, export_onnx, token_cosine, token_error  # noqa: E402
 
 NAME, SIZE = "dinov2_vits14", 224
@@ -107,11 +114,29 @@ def test_graph_and_metadata(fp32_file, reference):
     assert inp.name == "images" and out.name == "tokens" and dims == ["batch", 3, SIZE, SIZE]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["backbone"] == NAME and meta["image_size"] == str(SIZE) and meta["patch_size"] == "14"
-    assert meta["layers"] == "1" and meta["precision"] == "fp32"
+    assert meta["layers"] == "1" and meta["precision"] == "fp32" and meta["attention"] == "fused"
     assert json.loads(meta["mean"]) == pytest.approx(get_spec(NAME).mean)
     assert json.loads(meta["std"]) == pytest.approx(get_spec(NAME).std)
     assert meta["weights_fingerprint"] == reference.fingerprint
     assert float(meta["check_max_rel_error"]) <= 1e-4 and "dinopatch_version" in meta
+
+
+def test_portable_export_has_standard_ops_only(weights, reference):
+    path = export_onnx(NAME, weights, SIZE, portable=True)
+    # A cache entry of its own: the fused graph is never taken for it, nor it for the fused graph.
+    assert path == onnx_cache_path(NAME, SIZE, 1, "fp32", reference.fingerprint, portable=True)
+    assert "_portable_" in path.name and path != onnx_cache_path(NAME, SIZE, 1, "fp32", reference.fingerprint)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    domains = {n.domain for n in model.graph.node} | {o.domain for o in model.opset_import}
+    assert domains <= {"", "ai.onnx"}, f"non-standard op domains {domains}"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Softmax") == 12 and "MultiHeadAttention" not in ops
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["attention"] == "portable" and float(meta["check_max_rel_error"]) <= 1e-4
+    x = textures(2)
+    err = token_error(OnnxBackbone(path=path)(x), reference(x))
+    assert err <= 1e-4, f"portable: max |onnx - torch| = {err:.2e} of max |torch|"
 
 
 def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):

@@ -21,10 +21,12 @@ GRAPH_VERSION = 2
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
-def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str) -> Path:
+def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str,
+                    portable: bool = False) -> Path:
     """The cached export of one configuration; named by the weights' fingerprint."""
+    kind = "_portable" if portable else ""
     return (cache_dir() / "onnx"
-            / f"{name}_{image_size}px_l{layers}_{precision}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
+            / f"{name}_{image_size}px_l{layers}_{precision}{kind}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
 
 
 def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, precision: str = "fp32",
