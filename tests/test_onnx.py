@@ -239,7 +239,7 @@ def test_fp16_export_keeps_float32_io(reference, tmp_path):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     with pytest.warns(UserWarning, match="fp16 is for GPUs"):
-        engine = OnnxBackbone(path=path, providers=["CPUExecutionProvider"])
+        engine = OnnxBackbone(path=path, device="cpu")
     x = textures(1)
     assert token_cosine(engine(x), reference(x)) >= 0.999
 

@@ -49,7 +49,7 @@ def build_engines(image_size: int = 448, threads: int | None = None, name: str =
                 out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
         else:
             out[engine] = OnnxBackbone(name, "random", image_size, precision=precision or "fp32", threads=threads,
-                                       providers=["CPUExecutionProvider"])
+                                       device="cpu")
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .device import CPU_PROVIDER, CUDA_PROVIDER, DeviceUnavailableError, onnx_providers, parse_device
 from .specs import check_image_size, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
 
@@ -102,6 +103,25 @@ def check_export_matches(meta: dict, path, fingerprint=None, **wanted) -> None:
                          f"was fitted with {fingerprint[:16]}...; export the right weights")
 
 
+# ONNX Runtime's exception types that mean the file itself is not a model it can read.
+_UNREADABLE = ("InvalidProtobuf", "InvalidGraph", "NoModel", "NoSuchFile")
+
+
+def _start_session(ort, path: Path, options, providers: list):
+    """An InferenceSession; an unreadable file is a ValueError, any other start-up failure a RuntimeError."""
+    if any(p[0] == CUDA_PROVIDER for p in providers if isinstance(p, tuple)) and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN installed from pip are found only once loaded (or after torch was imported).
+        ort.preload_dlls()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types, one per status code
+        if type(e).__name__ in _UNREADABLE:
+            raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        raise RuntimeError(f"{path}: ONNX Runtime could not start a session on {names} "
+                           f"({type(e).__name__}: {e})") from e
+
+
 def locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint) -> Path:
     """``path`` when given, else the cached fp32/int8/fp16 export of the configuration (made when missing)."""
     if path is None:
@@ -150,18 +170,25 @@ class OnnxBackbone(ExportedBackbone):
         fingerprint: the weights fingerprint the caller expects (from a model
             file); an export from other weights is refused.
         threads: intra-op threads (default: ONNX Runtime's, one per physical core).
-        providers: execution providers by preference (default: CUDA, when
-            onnxruntime-gpu is installed, then CPU).
+        device: ``"auto"`` (the first GPU when onnxruntime-gpu can use it,
+            else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU asked
+            for by name that the session cannot run on raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
+
+    Attributes:
+        device: where the session runs (``"cpu"`` or ``"cuda:N"``).
+        provider: the execution provider the session runs on.
     """
 
     engine = "onnx"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, providers=None):
+                 path=None, fingerprint=None, threads=None, device="auto"):
         import onnxruntime as ort
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
+        self.device, providers = onnx_providers(device, ort.get_available_providers())
         path = locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -169,13 +196,7 @@ class OnnxBackbone(ExportedBackbone):
         so.inter_op_num_threads = 1
         # A spinning pool burns the cores the kernels and post-processing need between calls.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        self.session = _start_session(ort, path, so, providers)
         meta = read_export_metadata(self.session.get_modelmeta().custom_metadata_map, path,
                                     [(i.name, i.shape) for i in self.session.get_inputs()],
                                     [(o.name, o.shape) for o in self.session.get_outputs()])
@@ -184,15 +205,25 @@ class OnnxBackbone(ExportedBackbone):
         self._adopt(meta, path)
         self.precision = meta["precision"]
         self.provider = self.session.get_providers()[0]
-        if self.precision == "fp16" and self.provider == "CPUExecutionProvider":
+        if self.device != "cpu" and self.provider != CUDA_PROVIDER:
+            # onnxruntime-gpu without usable CUDA libraries or device falls back to the CPU, logging to stderr only.
+            if parse_device(device)[0] == "cuda":
+                raise DeviceUnavailableError(f"device {device!r} asked for, but ONNX Runtime could not start "
+                                             f"{CUDA_PROVIDER} on it (no such GPU, or the CUDA/cuDNN libraries "
+                                             f"are missing; see its log above) and would run on {self.provider}")
+            warnings.warn(f"{path}: ONNX Runtime runs on {self.provider}, not {CUDA_PROVIDER} as asked "
+                          f"(see its log above)", stacklevel=2)
+            self.device = "cpu"
+        # On a GPU, input and output are bound to host buffers: one upload, tokens written straight to host memory.
+        self.io_binding = self.provider != CPU_PROVIDER
+        if self.precision == "fp16" and self.provider == CPU_PROVIDER:
             warnings.warn(f"{path}: an fp16 export on the CPU provider runs slower than fp32; fp16 is for GPUs",
                           stacklevel=2)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
         x = preprocess(images, self.image_size, self.mean, self.std)
-        if self.provider == "CUDAExecutionProvider":
-            # One upload, tokens written straight into host memory.
+        if self.io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input("images", x)
             binding.bind_output("tokens", "cpu")

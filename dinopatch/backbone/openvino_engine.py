@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .device import cpu_only
 from .onnx_engine import ExportedBackbone, check_export_matches, locate_export, read_export_metadata
 from .specs import preprocess
 
@@ -48,6 +49,8 @@ class OpenVinoBackbone(ExportedBackbone):
         precision: ``"f32"`` or ``"bf16"``; default bf16 where the CPU has it
             (:func:`cpu_has_bf16`), else f32.  bf16 on a CPU without it is an error.
         threads: inference threads (default: one per physical core, OpenVINO's own count).
+        device: ``"auto"`` or ``"cpu"``; a GPU asked for by name raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
 
     The CPU plugin's threads are not pinned to cores (``ENABLE_CPU_PINNING``
     off), so that the distance kernels' OpenMP threads and OpenCV can share the
@@ -58,9 +61,10 @@ class OpenVinoBackbone(ExportedBackbone):
     engine = "openvino"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None):
+                 path=None, fingerprint=None, threads=None, device="auto"):
         import openvino as ov
 
+        self.device = cpu_only(device, "openvino")
         if precision is None:
             precision = "bf16" if cpu_has_bf16() else "f32"
         if precision not in OV_PRECISIONS:
