@@ -148,7 +148,9 @@ def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
     monkeypatch.setattr(dinopatch.backbone.onnx_export, "export_onnx", no_export)
     stamp = fp32_file.stat().st_mtime_ns
     engine = make_backbone("onnx", name=NAME, weights=weights, image_size=SIZE, layers=1)
-    assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == "CPUExecutionProvider"
+    # The GPU package runs on CUDA wherever a GPU is usable; device names it either way.
+    provider = "CUDAExecutionProvider" if engine.device.startswith("cuda") else "CPUExecutionProvider"
+    assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == provider
     assert find_or_export_onnx(NAME, weights, SIZE, fingerprint=engine.fingerprint) == fp32_file
     assert fp32_file.stat().st_mtime_ns == stamp
     assert isinstance(make_backbone("auto", engine.fingerprint, name=NAME, weights=weights, image_size=SIZE),

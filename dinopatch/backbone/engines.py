@@ -48,7 +48,7 @@ def auto_engine(device: str = "auto") -> str:
 
 
 def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = None, device: str = "auto",
-                  **kwargs):
+                  sha256: str | None = None, **kwargs):
     """A backbone for ``engine`` on ``device``.
 
     Args:
@@ -78,18 +78,24 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             :class:`~dinopatch.backbone.device.DeviceUnavailableError` at once;
             ``"auto"`` logs the device it chose (logger ``dinopatch``), and the
             backbone's ``device`` attribute names it.
+        sha256: the graph's hash recorded with a model, for the engines that
+            run an export (ONNX Runtime, OpenVINO; unused by torch): another
+            graph is refused, or a cached one exported again where torch is.
+            Their backbones carry the hash of what they loaded as ``sha256``.
         **kwargs: ``name``, ``weights``, ``image_size``, ``layers``, ``seed``.
     """
     engine = os.fspath(engine)
     if engine == "auto":
         engine = auto_engine(device)
     if engine.endswith(".onnx"):
-        return OnnxBackbone(path=engine, fingerprint=fingerprint, device=device, **kwargs)
+        return OnnxBackbone(path=engine, fingerprint=fingerprint, device=device, sha256=sha256, **kwargs)
     kind, _, precision = engine.partition(":")
     if kind == "torch" and precision in ("", *AUTOCAST):
         return TorchBackbone(fingerprint=fingerprint, device=device, precision=precision or "fp32", **kwargs)
     if kind == "onnx" and precision in ("", *PRECISIONS):
-        return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, device=device, **kwargs)
+        return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, device=device, sha256=sha256,
+                            **kwargs)
     if kind == "openvino" and precision in ("", *OV_PRECISIONS):
-        return OpenVinoBackbone(precision=precision or None, fingerprint=fingerprint, device=device, **kwargs)
+        return OpenVinoBackbone(precision=precision or None, fingerprint=fingerprint, device=device, sha256=sha256,
+                                **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or a path to an .onnx export")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .device import CPU_PROVIDER, CUDA_PROVIDER, DeviceUnavailableError, onnx_providers, parse_device
+from .graph_file import check_graph_file, graph_sha256
 from .specs import check_image_size, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
 
@@ -122,16 +123,46 @@ def _start_session(ort, path: Path, options, providers: list):
                            f"({type(e).__name__}: {e})") from e
 
 
-def locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint) -> Path:
-    """``path`` when given, else the cached fp32/int8/fp16 export of the configuration (made when missing)."""
-    if path is None:
+def open_graph(name, weights, image_size, layers, seed, precision, path, fingerprint, sha256=None):
+    """The export to run, checked as bytes before any runtime opens it; ``(path, sha256)``.
+
+    ``path`` when given, else the cached export of the configuration (made
+    with torch when missing).  The file must pass
+    :func:`~dinopatch.backbone.graph_file.check_graph_file`.  With ``sha256``
+    (from a model file) a given file whose hash differs is refused; a cached one
+    is exported again where torch is installed (a warning if the fresh export,
+    checked against torch, still hashes otherwise: other library versions),
+    and refused where it is not.
+    """
+    given = path is not None
+    if not given:
         name = name or "dinov2_vits14"
-        path = find_or_export_onnx(name, weights, check_image_size(image_size or 448, get_spec(name).patch_size),
-                                   int(layers or 1), precision or "fp32", seed, fingerprint)
+        image_size = check_image_size(image_size or 448, get_spec(name).patch_size)
+        path = find_or_export_onnx(name, weights, image_size, int(layers or 1), precision or "fp32", seed,
+                                   fingerprint)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
-    return path
+    digest = graph_sha256(check_graph_file(path))
+    if sha256 is None or digest == sha256:
+        return path, digest
+    differs = f"{path}: sha256 {digest[:16]}... differs from the {sha256[:16]}... recorded with the model"
+    if given:
+        raise ValueError(f"{differs}: not the graph the model was checked with; refused")
+    try:
+        import torch  # noqa: F401  (only to say clearly why the graph cannot be made again)
+    except ImportError:
+        raise ValueError(f"{differs}, and torch is not installed to export it again: refused; copy the "
+                         f"model's own graph here or export it where torch is") from None
+    from .onnx_export import export_onnx
+
+    export_onnx(name, weights, image_size, int(layers or 1), precision or "fp32", out=path, seed=seed,
+                fingerprint=fingerprint)
+    digest = graph_sha256(check_graph_file(path))
+    if digest != sha256:
+        warnings.warn(f"{differs}; exported again and checked against torch, it hashes {digest[:16]}... "
+                      f"(other torch/onnx versions than at fit)", stacklevel=3)
+    return path, digest
 
 
 class ExportedBackbone:
@@ -174,22 +205,26 @@ class OnnxBackbone(ExportedBackbone):
             else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU asked
             for by name that the session cannot run on raises
             :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
+        sha256: the graph's hash recorded with a model (see :func:`open_graph`).
 
     Attributes:
         device: where the session runs (``"cpu"`` or ``"cuda:N"``).
+        sha256: the hash of the graph file(s) loaded
+            (:func:`~dinopatch.backbone.graph_file.graph_sha256`).
         provider: the execution provider the session runs on.
     """
 
     engine = "onnx"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, device="auto"):
+                 path=None, fingerprint=None, threads=None, device="auto", sha256=None):
         import onnxruntime as ort
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
         self.device, providers = onnx_providers(device, ort.get_available_providers())
-        path = locate_export(name, weights, image_size, layers, seed, precision, path, fingerprint)
+        path, self.sha256 = open_graph(name, weights, image_size, layers, seed, precision, path, fingerprint,
+                                       sha256)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or 0)

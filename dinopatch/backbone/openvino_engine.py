@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .device import cpu_only
-from .onnx_engine import ExportedBackbone, check_export_matches, locate_export, read_export_metadata
+from .onnx_engine import ExportedBackbone, check_export_matches, open_graph, read_export_metadata
 from .specs import preprocess
 
 OV_PRECISIONS = ("f32", "bf16")
@@ -44,8 +44,9 @@ class OpenVinoBackbone(ExportedBackbone):
     """DINOv2 patch tokens from the ONNX export, compiled by OpenVINO for the CPU.
 
     Args:
-        name, weights, image_size, layers, seed, path, fingerprint: as for
-            :class:`~dinopatch.backbone.OnnxBackbone`; the fp32 export is read.
+        name, weights, image_size, layers, seed, path, fingerprint, sha256: as for
+            :class:`~dinopatch.backbone.OnnxBackbone`; the fp32 export is read, and its
+            hash kept as ``sha256``.
         precision: ``"f32"`` or ``"bf16"``; default bf16 where the CPU has it
             (:func:`cpu_has_bf16`), else f32.  bf16 on a CPU without it is an error.
         threads: inference threads (default: one per physical core, OpenVINO's own count).
@@ -61,7 +62,7 @@ class OpenVinoBackbone(ExportedBackbone):
     engine = "openvino"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, device="auto"):
+                 path=None, fingerprint=None, threads=None, device="auto", sha256=None):
         import openvino as ov
 
         self.device = cpu_only(device, "openvino")
@@ -72,7 +73,7 @@ class OpenVinoBackbone(ExportedBackbone):
         if precision == "bf16" and not cpu_has_bf16():
             raise ValueError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX, and this one has neither "
                              "(OpenVINO would silently run f32); use engine='openvino:f32'")
-        path = locate_export(name, weights, image_size, layers, seed, "fp32", path, fingerprint)
+        path, self.sha256 = open_graph(name, weights, image_size, layers, seed, "fp32", path, fingerprint, sha256)
         core = ov.Core()
         try:
             model = core.read_model(str(path))
