@@ -1,7 +1,10 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 # Tests never read or write the user's export cache: what they find there
@@ -15,6 +18,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def set_layerscale(model, value: float) -> None:
+    """Every LayerScale gamma of a timm ViT (``blocks.*.ls1.gamma``, ``ls2.gamma``) set to ``value``."""
+    for name, p in model.named_parameters():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            p.data.fill_(value)
 
 
 def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int = 0) -> str:
@@ -34,9 +44,7 @@ def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, num_classes=0)
-        for module in model.modules():
-            if hasattr(module, "gamma"):
-                module.gamma.data.fill_(1.0)
+        set_layerscale(model, 1.0)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
 
@@ -122,3 +130,34 @@ def onnx_model(tmp_path_factory):
     det = DinoPatch(**FAST).fit(screws("good", 6, seed=1))
     onnx = export_onnx(det.backbone, det.weights, det.image_size, out=folder / "backbone.onnx", seed=det.seed)
     return det.save(folder / "screw.npz"), onnx
+
+
+def textures(batch: int, side: int = 200, seed: int = 1) -> np.ndarray:
+    """Smooth random textures, not at the backbone size, so the resize is exercised too."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (batch, side // 10, side // 10, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in small])
+
+
+_BLOCK = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"blocked: {{name}}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without(blocked: tuple[str, ...], code: str, cwd) -> None:
+    """Run ``code`` in a fresh interpreter where the top-level packages ``blocked`` cannot be imported."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    script = (_BLOCK.format(blocked=tuple(blocked)) + textwrap.dedent(code)
+              + f"\nassert not set({tuple(blocked)!r}) & set(sys.modules), 'a blocked package was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

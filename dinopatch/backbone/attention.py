@@ -73,3 +73,22 @@ def fused_attention(model: torch.nn.Module):
     finally:
         for m in attns:
             del m.forward
+
+
+@contextlib.contextmanager
+def unfused_attention(model: torch.nn.Module):
+    """Within the block, every timm ``Attention`` of ``model`` computes its scores explicitly.
+
+    timm's unfused path (``fused_attn = False``): ``q @ k^T * scale``, softmax,
+    ``@ v``, which exports as standard ONNX MatMul and Softmax ops rather than
+    ``scaled_dot_product_attention``.
+    """
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    before = [m.fused_attn for m in attns]
+    try:
+        for m in attns:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, fused in zip(attns, before):
+            m.fused_attn = fused

@@ -8,13 +8,14 @@ engines.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
 
 from ..registry import round_robin, stage
 
-ENGINES = ("torch", "onnx", "onnx:int8")
+ENGINES = ("torch", "onnx", "onnx:int8", "openvino:f32", "openvino:bf16")
 
 
 def physical_cores() -> int:
@@ -36,26 +37,24 @@ def build_engines(
     """
     import torch
 
-    from dinopatch.backbone import OnnxBackbone, TorchBackbone
+    from dinopatch.backbone import OnnxBackbone, OpenVinoBackbone, TorchBackbone, cpu_has_bf16
 
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     out = {}
     for engine in engines:
+        kind, _, precision = engine.partition(":")
         if engine == "torch":
             out[engine] = TorchBackbone(name, "random", image_size)
+        elif kind == "openvino":
+            # Engines not installed, or bf16 on a CPU without it, are left out of the table, not failed.
+            if importlib.util.find_spec("openvino") and (precision != "bf16" or cpu_has_bf16()):
+                out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
+        elif kind == "onnx":
+            out[engine] = OnnxBackbone(name, "random", image_size, precision=precision or "fp32", threads=threads,
+                                       device="cpu")
         else:
-            kind, _, precision = engine.partition(":")
-            if kind != "onnx":
-                raise ValueError(f"unknown backbone engine {engine!r}; choose from {ENGINES}")
-            out[engine] = OnnxBackbone(
-                name,
-                "random",
-                image_size,
-                precision=precision or "fp32",
-                threads=threads,
-                providers=["CPUExecutionProvider"],
-            )
+            raise ValueError(f"unknown backbone engine {engine!r}; choose from {ENGINES}")
     return out
 
 
