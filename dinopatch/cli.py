@@ -25,8 +25,9 @@ EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 DESCRIPTION = ("DinoPatch finds defects in images of parts after seeing only good ones: fit a model on good "
                "parts, predict on new ones, evaluate on a folder in the MVTec AD layout.")
-EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr; --debug shows the traceback); "
-          f"{EXIT_SOME_FAILED} predict scored some inputs but not all (see the error field in predictions.jsonl).")
+EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr; --debug shows the "
+          f"traceback); {EXIT_SOME_FAILED} predict scored some inputs but not all (see the error field in "
+          "predictions.jsonl).")
 # Flags that describe what is fitted: a model file fixes them.
 FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
                 "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
@@ -58,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
 def _engine(value: str) -> str:
     if value in ENGINES or value.endswith(".onnx"):
         return value
-    raise argparse.ArgumentTypeError(f"{value!r}: choose one of {', '.join(ENGINES)} or a path to an .onnx export")
+    raise argparse.ArgumentTypeError(f"{value!r}: choose one of {', '.join(ENGINES)} or a path to an .onnx "
+                                     "export")
 
 
 def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False):
@@ -79,7 +81,7 @@ def _number(kind, low: float, high: float, *, low_open: bool = False, high_open:
 # ----------------------------------------------------------------------------- outputs
 
 def _claim(paths: list[Path], force: bool, *, folders_ok: bool = False) -> None:
-    """Refuse outputs that exist unless ``force``; with it, remove them (folders only where ``folders_ok``)."""
+    """Refuse outputs that exist unless ``force``; with it, remove them (folders only if ``folders_ok``)."""
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     if not existing:
         return
@@ -107,8 +109,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector (what is fitted)")
     g.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
     g.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a checkpoint "
-                        "file (.pth or .safetensors)")
+                   help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a "
+                        "checkpoint file (.pth or .safetensors)")
     g.add_argument("--image-size", type=_number(int, 14, 2016), default=448,
                    help="backbone input side in pixels, a multiple of 14")
     g.add_argument("--no-align", dest="align", action="store_false",
@@ -118,7 +120,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=_number(int, 0, 16), default=1,
                    help="a patch is compared with good patches up to this many grid steps away")
     g.add_argument("--score", default="max", choices=SCORES, help="image score from the anomaly map")
-    g.add_argument("--seed", type=int, default=0, help="seeds random weights, calibration and the evaluation split")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds random weights, calibration and the evaluation split")
     _add_runtime_args(p, default_engine="auto")
 
 
@@ -126,8 +129,10 @@ def _add_runtime_args(p: argparse.ArgumentParser, default_engine: str | None) ->
     g = p.add_argument_group("run time (how to run; may differ from the model file's)")
     model = " (default: the model file's)" if default_engine is None else ""
     g.add_argument("--engine", type=_engine, default=default_engine,
-                   help=f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch){model}")
-    g.add_argument("--kernel", default=None if default_engine is None else "auto", choices=("auto", *BACKENDS),
+                   help=f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch)"
+                        f"{model}")
+    g.add_argument("--kernel", default=None if default_engine is None else "auto",
+                   choices=("auto", *BACKENDS),
                    help=f"distance kernel; 'auto' takes the fastest installed{model}")
     g.add_argument("--batch-size", type=_number(int, 1, 1024), default=None if default_engine is None else 8,
                    help=f"images per backbone call{model}")
@@ -142,17 +147,18 @@ def _explicit(argv: list[str]) -> set[str]:
 def _new_detector(args):
     from .detector import DinoPatch
 
-    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size, align=args.align,
-                     engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
-                     coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score, seed=args.seed)
+    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                     align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
+                     coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
+                     seed=args.seed)
 
 
 def _load_model(path: str, runtime: dict):
     from .detector import DinoPatch
 
     if path.lower().endswith(".onnx"):
-        raise ValueError(f"{path} is a backbone export, not a model file: give the model (.npz) with -m and the "
-                         f"export with --engine {path}")
+        raise ValueError(f"{path} is a backbone export, not a model file: give the model (.npz) with -m "
+                         f"and the export with --engine {path}")
     return DinoPatch.load(path, **runtime)
 
 
@@ -187,9 +193,10 @@ def cmd_predict(args) -> int:
     _output_folder(out)
     for item in args.images:
         if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
-            raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read its "
-                             "overlays as parts; choose another -o")
-    det = _load_model(args.model, {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None})
+            raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
+                             "its overlays as parts; choose another -o")
+    runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+    det = _load_model(args.model, runtime)
     _claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
     if masks:
         print(f"left out {masks} ground-truth masks (files under ground_truth/)")
@@ -202,7 +209,8 @@ def cmd_predict(args) -> int:
           f"results in {out / 'predictions.jsonl'} and {out / 'scores.csv'}")
     if summary.failed:
         path, error = summary.first_error
-        print(f"dinopatch: {summary.failed} input(s) could not be scored, e.g. {path}: {error}", file=sys.stderr)
+        print(f"dinopatch: {summary.failed} input(s) could not be scored, e.g. {path}: {error}",
+              file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0
 
@@ -216,22 +224,26 @@ def cmd_evaluate(args) -> int:
     out = Path(args.output)
     _output_folder(out)
     if args.model:
-        fixed = sorted(FITTED_FLAGS[k] for k in _explicit(args.argv) & set(FITTED_FLAGS))
+        given = _explicit(args.argv)
+        fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: the model file fixes {'this' if len(fixed) == 1 else 'these'}; "
-                             "such flags apply only when evaluate fits (without -m)")
-        det = _load_model(args.model, {k: getattr(args, k) for k in _explicit(args.argv) & set(RUNTIME_FLAGS)})
+            raise ValueError(f"{', '.join(fixed)}: the model file fixes "
+                             f"{'this' if len(fixed) == 1 else 'these'}; such flags apply only when evaluate "
+                             "fits (without -m)")
+        det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
     else:
         det = None
     outputs = [out / name for name in REPORT_FILES] + ([Path(args.save_model)] if args.save_model else [])
     _claim(outputs, args.force, folders_ok=True)
     if det is None:
         det = _new_detector(args)
-        print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px on {folder.root}/train/good")
+        print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px on "
+              f"{folder.root}/train/good")
         det.fit(folder.train_paths())
     m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
                  tune_on_report=args.tune_on_report, save_model=args.save_model)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall",
+            "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
         print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")
@@ -269,7 +281,7 @@ def cmd_export(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """The parser; with ``defaults=False`` the detector flags not given are left out (see :func:`_explicit`)."""
+    """The parser; ``defaults=False`` leaves out the detector flags not given (see :func:`_explicit`)."""
     parser = _Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help,
                      allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"dinopatch {__version__}")
@@ -289,7 +301,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
     p = command("fit", "fit on good images and save a model file", cmd_fit)
     p.add_argument("images", nargs="+",
-                   help="good images: files, folders, or an MVTec AD category folder (its train/good is taken)")
+                   help="good images: files, folders, or an MVTec AD category folder (its train/good is "
+                        "taken)")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     _add_detector_args(p)
 
@@ -300,16 +313,18 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="predictions", help="output folder")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlays/<input path>.png")
     p.add_argument("--save-maps", choices=("npy", "png"), default=None,
-                   help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; png "
-                        "is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
+                   help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; "
+                        "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(p, default_engine=None)
 
-    p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder", cmd_evaluate)
+    p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder",
+                cmd_evaluate)
     p.add_argument("data", help="folder with train/good, test/good, test/<defect>, ground_truth/<defect>")
-    p.add_argument("-m", "--model", help="a model file (default: fit one on DATA/train/good with the detector "
-                                         "flags); with it, --engine, --kernel and --batch-size replace the file's, "
-                                         "and the other detector flags are refused")
+    p.add_argument("-m", "--model",
+                   help="a model file (default: fit one on DATA/train/good with the detector flags); with "
+                        "it, --engine, --kernel and --batch-size replace the file's, and the other detector "
+                        "flags are refused")
     p.add_argument("-o", "--output", default="report", help="report folder")
     p.add_argument("--tune-fraction", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.5,
                    help="share of each defect type used to tune post-processing; the rest is reported")
@@ -336,7 +351,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_number(int, 14, 2016), default=448,
                    help="input side in pixels, a multiple of 14 (the export runs at this size only)")
     p.add_argument("--layers", type=_number(int, 1, 24), default=1, help="mean of the last LAYERS blocks")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="int8 for CPUs with VNNI, fp16 for GPUs")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="int8 for CPUs with VNNI, fp16 for GPUs")
     p.add_argument("--seed", type=int, default=0, help="for --weights random")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
     return parser

@@ -245,7 +245,8 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
 
 def _few_images_warnings(defects: list[str], report: np.ndarray) -> list[str]:
     reported = [defects[i] for i in report]
-    return [f"test/{d}: {reported.count(d)} reported image(s), fewer than {FEW_IMAGES}: its figures say little"
+    return [f"test/{d}: {reported.count(d)} reported image(s), fewer than {FEW_IMAGES}: its figures say "
+            "little"
             for d in sorted(set(defects)) if reported.count(d) < FEW_IMAGES]
 
 

@@ -89,7 +89,8 @@ def training_files(items: list[str]) -> tuple[list[Path], list[str]]:
             rest.append(item)
     for f, folder in _expand(rest):
         below = f.relative_to(folder).parts[:-1] if folder is not None else ()
-        if {"test", "ground_truth"} & set(below) or f.stem.endswith("_mask") or f.parent.name == "ground_truth":
+        if {"test", "ground_truth"} & set(below) or f.stem.endswith("_mask") \
+                or f.parent.name == "ground_truth":
             raise ValueError(f"{f}: a test image or mask in the training set; fit on good parts only: give a "
                              f"train/good folder, or a folder in {MVTEC_LAYOUT}")
         files.append(f)

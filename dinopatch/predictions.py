@@ -79,10 +79,11 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
                     summary.scored += 1
                     summary.anomalous += bool(outcome.is_anomaly)
                     if overlays:
-                        _write_overlay(out / "overlays" / relative_name(path, root, ".png"), image, outcome, vmax)
+                        name = relative_name(path, root, ".png")
+                        _write_overlay(out / "overlays" / name, image, outcome, vmax)
                     if save_maps:
-                        _write_map(out / "maps" / relative_name(path, root, f".{save_maps}"), outcome.anomaly_map,
-                                   vmax)
+                        name = relative_name(path, root, f".{save_maps}")
+                        _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
                 jsonl.write(json.dumps(record, allow_nan=False) + "\n")
                 rows.writerow({k: int(v) if isinstance(v, bool) else v for k, v in record.items()})
             # A reader tailing the files, or a run cut short, sees every finished batch.

@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import BLOCKS_MATTER
+
 from dinopatch import kernels
 from dinopatch._version import __version__
 from dinopatch.backbone import BACKBONES, ENGINES
@@ -66,11 +66,13 @@ def test_predict_with_the_tuned_model_survives_bad_files(work, tmp_path, capsys)
     assert code == EXIT_SOME_FAILED
     assert "2 scored" in stdout and "1 failed" in stdout and "cam1/001.png" in stderr
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["path"] for r in lines] == [str(inputs / n) for n in ("cam1/000.png", "cam1/001.png", "cam2/000.png")]
+    names = ("cam1/000.png", "cam1/001.png", "cam2/000.png")
+    assert [r["path"] for r in lines] == [str(inputs / n) for n in names]
     part, broken, defect = lines
     assert broken["score"] is None and "not a readable image" in broken["error"]
     assert part["error"] is None and defect["error"] is None
-    assert part["score"] < part["threshold"] < defect["score"] and defect["is_anomaly"] and not part["is_anomaly"]
+    assert part["score"] < part["threshold"] < defect["score"]
+    assert defect["is_anomaly"] and not part["is_anomaly"]
     assert defect["defect_area_px"] > 0 and defect["defect_boxes"]
     for r in (part, defect):
         assert r["threshold_source"].startswith("tuned by evaluation") and r["model_id"] == tuned.model_id
@@ -95,7 +97,8 @@ def test_predict_with_the_tuned_model_survives_bad_files(work, tmp_path, capsys)
 
 def test_predict_exits_0_when_every_input_is_scored(work, tmp_path, capsys):
     tmp, root = work
-    code, _, _ = run(["predict", root / "test" / "good", "-m", tmp / "screw.npz", "-o", tmp_path, "-q"], capsys)
+    argv = ["predict", root / "test" / "good", "-m", tmp / "screw.npz", "-o", tmp_path, "-q"]
+    code, _, _ = run(argv, capsys)
     assert code == 0
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2
 

@@ -104,7 +104,8 @@ def strict_json(path) -> dict:
 
 
 @pytest.mark.parametrize("goods, defects", [(3, 0), (3, 1), (1, 1)])
-def test_one_or_no_defect_image_gives_null_for_what_cannot_be_computed(screw_report, tmp_path, goods, defects):
+def test_one_or_no_defect_image_gives_null_for_what_cannot_be_computed(screw_report, tmp_path, goods,
+                                                                        defects):
     folder, det, _, _ = screw_report
     small = small_folder(folder, tmp_path / "data", goods=goods, defects=defects)
     m = evaluate(det, small, tmp_path / "r", progress=False, save_model=tmp_path / "tuned.npz")

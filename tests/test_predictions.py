@@ -3,8 +3,8 @@ import json
 
 import cv2
 import numpy as np
-
 from conftest import screws
+
 from dinopatch.predictions import predict_files
 
 
@@ -24,7 +24,8 @@ def read_records(out):
 def test_one_image_failing_in_a_batch_fails_alone_and_records_come_batch_by_batch(screw_detector, tmp_path,
                                                                                   monkeypatch):
     det = screw_detector
-    images = screws("good", 3, seed=7) + [np.full((77, 77), 128, np.uint8)] + screws("missing_washer", 1, seed=8)
+    flat = np.full((77, 77), 128, np.uint8)
+    images = screws("good", 3, seed=7) + [flat] + screws("missing_washer", 1, seed=8)
     paths = write_images(tmp_path / "in", images)
     out = tmp_path / "out"
     predict = det.predict
@@ -45,14 +46,14 @@ def test_one_image_failing_in_a_batch_fails_alone_and_records_come_batch_by_batc
     assert [r["path"] for r in records] == [str(p) for p in paths]
     assert records[3]["error"] == "ValueError: cannot score this one" and records[3]["score"] is None
     expected = predict(images[:3] + images[4:])
-    np.testing.assert_allclose([r["score"] for i, r in enumerate(records) if i != 3], [r.score for r in expected],
-                               rtol=1e-6)
+    scored = [r["score"] for i, r in enumerate(records) if i != 3]
+    np.testing.assert_allclose(scored, [r.score for r in expected], rtol=1e-6)
     assert (summary.scored, summary.failed, summary.anomalous) == (4, 1, sum(r.is_anomaly for r in expected))
     assert records[4]["is_anomaly"]
     # Batches [0, 1], [2, 3] (fails, then 2 and 3 alone), [4].
     assert written == [0, 2, 2, 2, 4]
-    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000.png.png", "001.png.png", "002.png.png",
-                                                                   "004.png.png"]
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == ["000.png.png", "001.png.png", "002.png.png", "004.png.png"]
 
 
 def test_map_files_hold_the_maps(screw_detector, tmp_path):
@@ -65,7 +66,8 @@ def test_map_files_hold_the_maps(screw_detector, tmp_path):
     exact = np.load(tmp_path / "npy" / "maps" / "000.png.npy")
     np.testing.assert_array_equal(exact, det.predict(paths)[0].anomaly_map)
     png = cv2.imread(str(tmp_path / "png" / "maps" / "000.png.png"), cv2.IMREAD_UNCHANGED)
-    assert png.dtype == np.uint16 and png.shape == exact.shape and not (tmp_path / "png" / "overlays").exists()
+    assert png.dtype == np.uint16 and png.shape == exact.shape
+    assert not (tmp_path / "png" / "overlays").exists()
     # 65535 stands for twice the pixel threshold; above it, the map saturates.
     full = 2 * det.threshold_.pixel
     below = exact < full
