@@ -162,6 +162,16 @@ def _load_model(path: str, runtime: dict):
     return DinoPatch.load(path, **runtime)
 
 
+def _start_engine(det) -> str:
+    """Build the model's backbone engine now, and name it.
+
+    A missing or foreign export then fails before any output is touched, and
+    the first batch's latency measures images, not loading the backbone.
+    """
+    backbone = det._get_backbone()
+    return backbone.engine if det.engine == "auto" else os.fspath(det.engine)
+
+
 # ----------------------------------------------------------------------------- commands
 
 def cmd_fit(args) -> int:
@@ -197,13 +207,14 @@ def cmd_predict(args) -> int:
                              "its overlays as parts; choose another -o")
     runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
     det = _load_model(args.model, runtime)
+    engine = _start_engine(det)
     _claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
     if masks:
         print(f"left out {masks} ground-truth masks (files under ground_truth/)")
     # Each unreadable file is recorded with its error; OpenCV's own warning about it is noise.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
-                            save_maps=args.save_maps, progress=not args.quiet)
+                            save_maps=args.save_maps, progress=not args.quiet, engine=engine)
     print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed; "
           f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); model id {det.model_id}; "
           f"results in {out / 'predictions.jsonl'} and {out / 'scores.csv'}")
@@ -231,6 +242,7 @@ def cmd_evaluate(args) -> int:
                              f"{'this' if len(fixed) == 1 else 'these'}; such flags apply only when evaluate "
                              "fits (without -m)")
         det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
+        _start_engine(det)
     else:
         det = None
     outputs = [out / name for name in REPORT_FILES] + ([Path(args.save_model)] if args.save_model else [])

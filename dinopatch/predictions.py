@@ -42,7 +42,7 @@ class Summary:
 
 
 def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path, overlays: bool = True,
-                  save_maps: str | None = None, progress: bool = True) -> Summary:
+                  save_maps: str | None = None, progress: bool = True, engine: str | None = None) -> Summary:
     """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
 
     Args:
@@ -53,13 +53,17 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         overlays: write ``overlays/<name>.png`` per scored input.
         save_maps: ``"npy"`` or ``"png"`` (see :data:`MAP_FORMATS`) to write ``maps/<name>.<format>``.
         progress: show a progress bar.
+        engine: the engine name the records give (default: ``det.engine``).
+
+    The first batch's ``latency_ms`` includes building the backbone engine
+    unless it was built before (the CLI builds it first).
     """
     if save_maps is not None and save_maps not in MAP_FORMATS:
         raise ValueError(f"save_maps must be one of {MAP_FORMATS}, got {save_maps!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vmax = PNG_FULL_SCALE_THRESHOLDS * det.threshold_.pixel
-    engine = os.fspath(det.engine)
+    engine = os.fspath(det.engine) if engine is None else engine
     summary = Summary()
     bs = int(det.batch_size)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl, \

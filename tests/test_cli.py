@@ -76,6 +76,7 @@ def test_predict_with_the_tuned_model_survives_bad_files(work, tmp_path, capsys)
     assert defect["defect_area_px"] > 0 and defect["defect_boxes"]
     for r in (part, defect):
         assert r["threshold_source"].startswith("tuned by evaluation") and r["model_id"] == tuned.model_id
+        assert r["engine"] == "torch" and r["latency_ms"] > 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert [r["path"] for r in rows] == [r["path"] for r in lines] and rows[0]["score"] == str(part["score"])
     assert sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png")) == \
@@ -126,6 +127,7 @@ def mistakes(tmp, root):
         (["predict", root, "-m", text], "not a readable DinoPatch model file"),
         (["predict", root, "-m", model, "-o", root / "preds"], "inside the input folder"),
         (["predict", root, "-m", model, "-o", text], "is a file"),
+        (["predict", root, "-m", model, "-o", tmp / "p1", "--engine", tmp / "missing.onnx"], "no such ONNX file"),
         (["evaluate", flat, "-m", model, "-o", tmp / "r1"], "MVTec AD layout"),
         (["evaluate", root, "-m", model, "-o", tmp / "r2", "--tune-fraction", "0"], "--tune-fraction"),
         (["evaluate", root, "-m", model, "-o", tmp / "r3", "--tune-fraction", "1.5"], "--tune-fraction"),
@@ -148,7 +150,7 @@ def test_every_mistake_prints_one_line_and_exits_2(work, capsys):
         assert word in stderr, (argv, stderr)
     # Nothing was written by a refused command: no report folders, no models.
     assert not any((tmp / f"r{i}").exists() for i in range(1, 7)) and not (tmp / "m.npz").exists()
-    assert not (root / "preds").exists()
+    assert not (root / "preds").exists() and not (tmp / "p1").exists()
 
 
 def test_debug_shows_the_traceback(work):
@@ -161,8 +163,8 @@ def test_evaluate_honours_run_time_flags_given_with_a_model(work, tmp_path, caps
     tmp, root = work
     code, _, stderr = run(["evaluate", root, "-m", tmp / "screw.npz", "-o", tmp_path / "r1", "--engine",
                            tmp_path / "missing.onnx"], capsys)
-    # The export was looked for: the engine given replaced the file's torch.
-    assert code == 2 and "missing.onnx: no such ONNX file" in stderr
+    # The export was looked for, before any output: the engine given replaced the file's torch.
+    assert code == 2 and "missing.onnx: no such ONNX file" in stderr and not (tmp_path / "r1").exists()
     code, _, _ = run(["evaluate", root, "-m", tmp / "screw.npz", "-o", tmp_path / "r2", "--kernel", "numpy",
                       "--batch-size", "3"], capsys)
     detector = json.loads((tmp_path / "r2" / "metrics.json").read_text())["detector"]
