@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
+from .fitted import MAX_LAYERS
 from .kernels import BACKENDS
 from .postprocess import SCORES
 
@@ -69,7 +70,8 @@ def _number(kind, low: float, high: float, *, low_open: bool = False, high_open:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
                 or (high_open and value == high):
             raise argparse.ArgumentTypeError(
@@ -111,13 +113,14 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a "
                         "checkpoint file (.pth or .safetensors)")
-    g.add_argument("--image-size", type=_number(int, 14, 2016), default=448,
+    # Ranges are checked where every parameter is, before any work (dinopatch.fitted.check_params).
+    g.add_argument("--image-size", type=int, default=448,
                    help="backbone input side in pixels, a multiple of 14")
     g.add_argument("--no-align", dest="align", action="store_false",
                    help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
-    g.add_argument("--coreset-ratio", type=_number(float, 0, 1, low_open=True), default=1.0,
+    g.add_argument("--coreset-ratio", type=float, default=1.0,
                    help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=_number(int, 0, 16), default=1,
+    g.add_argument("--tolerance", type=int, default=1,
                    help="a patch is compared with good patches up to this many grid steps away")
     g.add_argument("--score", default="max", choices=SCORES, help="image score from the anomaly map")
     g.add_argument("--seed", type=int, default=0,
@@ -134,7 +137,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, default_engine: str | None) ->
     g.add_argument("--kernel", default=None if default_engine is None else "auto",
                    choices=("auto", *BACKENDS),
                    help=f"distance kernel; 'auto' takes the fastest installed{model}")
-    g.add_argument("--batch-size", type=_number(int, 1, 1024), default=None if default_engine is None else 8,
+    g.add_argument("--batch-size", type=int, default=None if default_engine is None else 8,
                    help=f"images per backbone call{model}")
 
 
@@ -360,9 +363,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p = command("export", "export a backbone to ONNX, checked against torch", cmd_export)
     p.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
     p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint file")
-    p.add_argument("--image-size", type=_number(int, 14, 2016), default=448,
+    p.add_argument("--image-size", type=int, default=448,
                    help="input side in pixels, a multiple of 14 (the export runs at this size only)")
-    p.add_argument("--layers", type=_number(int, 1, 24), default=1, help="mean of the last LAYERS blocks")
+    p.add_argument("--layers", type=_number(int, 1, MAX_LAYERS), default=1,
+                   help="mean of the last LAYERS blocks")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="int8 for CPUs with VNNI, fp16 for GPUs")
     p.add_argument("--seed", type=int, default=0, help="for --weights random")
