@@ -127,7 +127,8 @@ def mistakes(tmp, root):
         (["predict", root, "-m", text], "not a readable DinoPatch model file"),
         (["predict", root, "-m", model, "-o", root / "preds"], "inside the input folder"),
         (["predict", root, "-m", model, "-o", text], "is a file"),
-        (["predict", root, "-m", model, "-o", tmp / "p1", "--engine", tmp / "missing.onnx"], "no such ONNX file"),
+        (["predict", root, "-m", model, "-o", tmp / "p1", "--engine", tmp / "missing.onnx"],
+         "no such ONNX file"),
         (["evaluate", flat, "-m", model, "-o", tmp / "r1"], "MVTec AD layout"),
         (["evaluate", root, "-m", model, "-o", tmp / "r2", "--tune-fraction", "0"], "--tune-fraction"),
         (["evaluate", root, "-m", model, "-o", tmp / "r3", "--tune-fraction", "1.5"], "--tune-fraction"),
@@ -208,3 +209,16 @@ def test_choices_come_from_the_registries():
         assert actions["engine"].type(engine) == engine
     with pytest.raises(argparse.ArgumentTypeError):
         actions["engine"].type("tensorrt")
+
+
+def test_export_writes_a_checked_export_and_refuses_to_replace_it(tmp_path, capsys):
+    from dinopatch.backbone import OnnxBackbone
+
+    out = tmp_path / "b112.onnx"
+    argv = ["export", "--weights", BLOCKS_MATTER, "--image-size", "112", "-o", out]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "checked against torch" in stdout
+    engine = OnnxBackbone(path=out, providers=["CPUExecutionProvider"])
+    assert (engine.image_size, engine.layers, engine.precision) == (112, 1, "fp32")
+    code, _, stderr = run(argv, capsys)
+    assert code == 2 and "exists" in stderr
