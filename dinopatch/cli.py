@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ._version import __version__
 from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
 from .fitted import MAX_LAYERS
 from .kernels import BACKENDS
+from .outputs import claim, output_folder
 from .postprocess import SCORES
 
 EXIT_USAGE = 2
@@ -78,31 +78,6 @@ def _number(kind, low: float, high: float, *, low_open: bool = False, high_open:
                 f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
         return value
     return check
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def _claim(paths: list[Path], force: bool, *, folders_ok: bool = False) -> None:
-    """Refuse outputs that exist unless ``force``; with it, remove them (folders only if ``folders_ok``)."""
-    existing = [p for p in paths if p.exists() or p.is_symlink()]
-    if not existing:
-        return
-    folders = [p for p in existing if p.is_dir() and not p.is_symlink()]
-    if folders and not folders_ok:
-        raise ValueError(f"{folders[0]} is a folder; give a file name")
-    if not force:
-        more = f" (and {len(existing) - 1} more of this command's outputs)" if len(existing) > 1 else ""
-        raise ValueError(f"{existing[0]} exists{more}; pass --force to replace")
-    for p in existing:
-        if p in folders:
-            shutil.rmtree(p)  # old overlays must not stay beside new ones
-        else:
-            p.unlink()
-
-
-def _output_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; -o/--output names a folder")
 
 
 # ----------------------------------------------------------------------------- detector flags
@@ -182,7 +157,7 @@ def cmd_fit(args) -> int:
 
     files, notes = training_files(args.images)
     out = Path(args.output)
-    _claim([out], args.force)
+    claim([out], args.force)
     for note in notes:
         print(note)
     det = _new_detector(args)
@@ -203,7 +178,7 @@ def cmd_predict(args) -> int:
 
     files, masks = prediction_files(args.images)
     out = Path(args.output)
-    _output_folder(out)
+    output_folder(out)
     for item in args.images:
         if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
             raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
@@ -211,7 +186,7 @@ def cmd_predict(args) -> int:
     runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
     det = _load_model(args.model, runtime)
     engine = _start_engine(det)
-    _claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
+    claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
     if masks:
         print(f"left out {masks} ground-truth masks (files under ground_truth/)")
     # Each unreadable file is recorded with its error; OpenCV's own warning about it is noise.
@@ -236,7 +211,7 @@ def cmd_evaluate(args) -> int:
     folder = MVTecFolder(args.data)
     check_layout(folder, need_train=args.model is None)
     out = Path(args.output)
-    _output_folder(out)
+    output_folder(out)
     if args.model:
         given = _explicit(args.argv)
         fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
@@ -249,7 +224,7 @@ def cmd_evaluate(args) -> int:
     else:
         det = None
     outputs = [out / name for name in REPORT_FILES] + ([Path(args.save_model)] if args.save_model else [])
-    _claim(outputs, args.force, folders_ok=True)
+    claim(outputs, args.force, folders_ok=True)
     if det is None:
         det = _new_detector(args)
         print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px on "
@@ -286,7 +261,7 @@ def cmd_export(args) -> int:
     from .backbone.onnx_export import export_onnx
 
     if args.output:
-        _claim([Path(args.output)], args.force)
+        claim([Path(args.output)], args.force)
     path = export_onnx(args.backbone, args.weights, args.image_size, args.layers, args.precision, args.output,
                        args.seed)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB), checked against torch")
