@@ -16,11 +16,12 @@ import numpy as np
 from . import fitted
 from .align import Aligner
 from .backbone import EngineCache, embed
+from .backbone.device import require as require_device
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
 from .data import load_images
-from .fitted import Fitted, backbone_key, check_params
-from .polarity import Polarity
+from .fitted import Fitted, backbone_key, check_params, graph_record
+from .polarity import Polarity, unflip
 from .postprocess import PostProcess, image_score
 from .presets import PRESETS
 from .result import PatchDistances, Result
@@ -56,16 +57,18 @@ class DinoPatch(EstimatorMixin):
         mirror: parts can lie on either face (alignment resolves mirroring).
         batch_size: images per backbone call.
         progress: show progress bars.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance=1,
                  bank_dtype="float32", sigma=4.0, score="max", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, batch_size=8,
-                 progress=True):
+                 progress=True, device="auto"):
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
+        require_device(device)  # a GPU asked for that is not there fails here, not at the first image
         self._engines = EngineCache()
 
     @classmethod
@@ -91,7 +94,7 @@ class DinoPatch(EstimatorMixin):
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         canon = [aligner.transform(im) for im in images]
-        engine = self._engine(backbone_key(params), None)
+        engine = self._engine(backbone_key(params), None, None)
         tokens = embed(engine, [c[0] for c in canon], int(self.batch_size), self.progress, "fit: embedding")
         polarity, flips = None, np.zeros(len(images), bool)
         if self.align:
@@ -100,7 +103,7 @@ class DinoPatch(EstimatorMixin):
 
         def score_held_out(train, held):
             dists = self._make_bank(tokens[train]).distances(tokens[held], backend=self._kernel())
-            maps = [post.score_map(_unflip(d, flips[i]), canon[i][1]) for i, d in zip(held, dists)]
+            maps = [post.score_map(unflip(d, flips[i]), canon[i][1]) for i, d in zip(held, dists)]
             return (np.array([s for _, s in maps]),
                     np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
 
@@ -108,7 +111,8 @@ class DinoPatch(EstimatorMixin):
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
         self._model = Fitted(params=params, aligner=aligner, polarity=polarity, bank=self._make_bank(tokens),
-                             threshold=threshold, fingerprint=engine.fingerprint, model_id="unsaved")
+                             threshold=threshold, fingerprint=engine.fingerprint, model_id="unsaved",
+                             graph=graph_record(self.engine, engine))
         return self
 
     def _make_bank(self, tokens: np.ndarray) -> MemoryBank:
@@ -118,15 +122,15 @@ class DinoPatch(EstimatorMixin):
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
 
-    def _engine(self, key: tuple, fingerprint: str | None):
+    def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
         name, weights, image_size, layers, seed = key
-        return self._engines.get(self.engine, fingerprint, name=name, weights=weights, image_size=image_size,
-                                 layers=layers, seed=seed)
+        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
+                                 weights=weights, image_size=image_size, layers=layers, seed=seed)
 
     def _get_backbone(self):
-        """The engine of the fitted model (the bench reports which)."""
+        """The engine of the fitted model, built now if not yet (the bench and the CLI report which)."""
         model = self._fitted()
-        return self._engine(backbone_key(model.params), model.fingerprint)
+        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
 
     def _fitted(self) -> Fitted:
         model = getattr(self, "_model", None)
@@ -182,13 +186,13 @@ class DinoPatch(EstimatorMixin):
             split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
             return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
         model = items[0][0]
-        engine = self._engine(backbone_key(model.params), model.fingerprint)
+        engine = self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
         tokens = engine(np.stack([canonical for _, _, canonical, _, _ in items]))
         flips = np.zeros(len(items), bool)
         if model.polarity is not None:
             tokens, flips = model.polarity.orient(tokens)
         dists = model.bank.distances(tokens, backend=self._kernel())
-        return [PatchDistances(_unflip(d, flip), valid, al, im.shape[:2], model)
+        return [PatchDistances(unflip(d, flip), valid, al, im.shape[:2], model)
                 for (_, im, _, valid, al), d, flip in zip(items, dists, flips)]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
@@ -232,21 +236,10 @@ class DinoPatch(EstimatorMixin):
         Args:
             threshold: use this threshold instead of the file's (its source becomes "user").
             false_alarm_rate: re-read the file's calibration scores at this rate.
-            **runtime: ``engine``, ``kernel``, ``batch_size``, ``progress``: how
-                to run, not what was fitted.
+            **runtime: ``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``: how to run.
         """
-        if threshold is not None and false_alarm_rate is not None:
-            raise ValueError("give threshold or false_alarm_rate, not both")
-        model, params = fitted.load_detector(path, runtime)
-        if threshold is not None:
-            model = dataclasses.replace(model, threshold=Threshold.given(threshold))
-        elif false_alarm_rate is not None:
-            model = dataclasses.replace(model, threshold=model.threshold.at_false_alarm_rate(false_alarm_rate))
+        model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
         det._model = model
         return det
 
-
-def _unflip(distances: np.ndarray, flipped: bool) -> np.ndarray:
-    """A grid scored rotated goes back to its canonical image's orientation."""
-    return distances[::-1, ::-1] if flipped else distances

@@ -42,6 +42,11 @@ class Polarity:
         return out, flip
 
 
+def unflip(distances: np.ndarray, flipped: bool) -> np.ndarray:
+    """A grid scored turned goes back to its canonical image's orientation."""
+    return distances[::-1, ::-1] if flipped else distances
+
+
 def _profile(tokens: np.ndarray) -> np.ndarray:
     """Token grids ``[B, h, w, D]`` -> their profile along the principal (horizontal) axis ``[B, w, D]``."""
     return tokens.mean(axis=1)

@@ -24,8 +24,9 @@ method, 413 too large (bytes or pixels), 415 neither PNG, JPEG nor raw, 422
 decoded but not scorable, 503 no answer before the deadline or overloaded,
 500 a bug.
 
-This module imports Ray only where it is used: :func:`result_record` and
-:func:`score_images` serve :mod:`dinopatch.archive` too.  Replicas stay
+This module imports Ray only where it is used: :func:`score_images` serves
+:mod:`dinopatch.archive` too; its records are :mod:`dinopatch.records`, as
+``predict`` writes them.  Replicas stay
 torch-free: only ONNX engines are accepted.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ import numpy as np
 
 from . import __version__
 from .data import load_image
+from .records import error_record, result_record
 
 APP_NAME = "dinopatch"
 # Engines that run without torch; "auto" may pick torch where onnxruntime is missing.
@@ -58,26 +60,8 @@ log = logging.getLogger("dinopatch.serve")
 
 # ----------------------------------------------------------------------------- records
 
-def _finite(x) -> float | None:
-    """``x`` as a float, or None where JSON has no number for it (NaN, inf)."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def result_record(result) -> dict:
-    """The JSON-able verdict of one :class:`dinopatch.Result` (no maps).
-
-    Keys: ``score`` (None when not finite), ``is_anomaly``, ``aligned``,
-    ``reason`` (why the alignment is not trusted, "" when it is),
-    ``threshold`` and ``threshold_source``.
-    """
-    return {"score": _finite(result.score), "is_anomaly": bool(result.is_anomaly), "aligned": bool(result.aligned),
-            "reason": str(result.alignment.reason), "threshold": result.threshold,
-            "threshold_source": result.threshold_source}
-
-
 def score_images(det, images: list[np.ndarray], masks: bool = False) -> list[dict]:
-    """:func:`result_record` of each image, scored together; an image that fails gets ``{"error": ...}``.
+    """The :mod:`dinopatch.records` record of each image, scored together; one that fails gets its error record.
 
     Args:
         det: a fitted :class:`dinopatch.DinoPatch`.
@@ -88,13 +72,13 @@ def score_images(det, images: list[np.ndarray], masks: bool = False) -> list[dic
         results = det.predict(images)
     except Exception as e:  # noqa: BLE001  (one bad image must not sink the others: they go one by one)
         if len(images) == 1:
-            return [{"error": f"{type(e).__name__}: {e}"}]
+            return [error_record(e, det)]
         return [rec for im in images for rec in score_images(det, [im], masks)]
-    return [_record(r, masks) for r in results]
+    return [_record(r, det, masks) for r in results]
 
 
-def _record(result, masks: bool) -> dict:
-    rec = result_record(result)
+def _record(result, det, masks: bool) -> dict:
+    rec = result_record(result, det)
     if masks:
         _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
         rec["mask_png"] = base64.b64encode(png.tobytes()).decode("ascii")
@@ -279,7 +263,7 @@ class Scorer:
         except RequestError as e:
             return {"status": e.status, "body": {"error": e.message}}
         record = await self._batched((image, mask))
-        if "error" in record:
+        if record["error"] is not None:
             return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}
         return {"status": 200, "body": dict(record, model_id=self.det.model_id)}
 

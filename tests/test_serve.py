@@ -20,7 +20,8 @@ import pytest
 from conftest import screws
 
 from dinopatch import DinoPatch
-from dinopatch.serve import RequestError, ServiceConfig, decode_image, deploy, image_size, main, result_record
+from dinopatch.records import result_record
+from dinopatch.serve import RequestError, ServiceConfig, decode_image, deploy, image_size, main
 
 RTOL = 1e-5
 TIMEOUT_S = 8.0
@@ -196,7 +197,7 @@ def test_record_is_strict_json(reference):
     blank = np.zeros((64, 64), np.uint8)
     [r] = reference.predict([blank])
     r.score = float("nan")
-    rec = result_record(r)
+    rec = result_record(r, reference)
     assert rec["score"] is None and rec["is_anomaly"] is True and rec["aligned"] is False and rec["reason"]
     json.dumps(rec, allow_nan=False)
 

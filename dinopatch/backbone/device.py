@@ -84,3 +84,28 @@ def cpu_only(device: str, engine: str) -> str:
         raise DeviceUnavailableError(f"device {device!r} asked for, but the {engine} engine runs on the CPU "
                                      f"only; use engine='onnx' or 'torch' on a GPU")
     return "cpu"
+
+
+def require(device: str) -> None:
+    """Raise at once when a GPU asked for by name is usable by no installed engine; nothing for cpu or auto."""
+    import importlib.util
+
+    kind, _ = parse_device(device)
+    if kind != "cuda":
+        return
+    reasons = []
+    if importlib.util.find_spec("torch") is not None:
+        try:
+            torch_device(device)
+            return
+        except DeviceUnavailableError as e:
+            reasons.append(str(e).split("; use")[0].split("but ")[-1])
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        if CUDA_PROVIDER in ort.get_available_providers():
+            return  # onnxruntime-gpu: its session reports at start-up a GPU it cannot open
+        reasons.append("onnxruntime has no CUDA provider (the [gpu] extra installs onnxruntime-gpu)")
+    raise DeviceUnavailableError(f"device {device!r} asked for, but no CUDA GPU is usable here: "
+                                 f"{'; '.join(reasons) or 'neither torch nor onnxruntime is installed'}; "
+                                 f"use device='cpu' or 'auto'")
