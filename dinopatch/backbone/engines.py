@@ -67,9 +67,9 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
               CPU has AVX512-BF16 or AMX (1.8x ONNX Runtime fp32, token cosine
               0.99999, measured in issue 14 on such a CPU); else ``onnx`` (fp32)
               when onnxruntime is installed (OpenVINO f32 measured 1.09x of it
-              in issue 14 and within noise of it on an AVX2-only CPU: not
-              enough to move the default); else ``openvino:f32``; else
-              ``torch``.
+              in issue 14 and 7-9% less CPU an image on a loaded AVX2-only
+              CPU: a margin to confirm on an idle machine before the default
+              moves); else ``openvino:f32``; else ``torch``.
 
             int8 engines are never chosen automatically: their accuracy is
             judged per data set, by AUROC.
