@@ -71,9 +71,10 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             * on the CPU: ``openvino:bf16`` when openvino is installed and the
               CPU has AVX512-BF16 or AMX (1.8x ONNX Runtime fp32, token cosine
               0.99999, measured in issue 14 on such a CPU); else ``onnx`` (fp32)
-              when onnxruntime is installed (on an AVX2-only CPU OpenVINO f32
-              is no faster than ONNX Runtime fp32: README); else
-              ``openvino:f32``; else ``torch``.
+              when onnxruntime is installed (OpenVINO f32 measured 1.09x of it
+              in issue 14 and 7-9% less CPU an image on a loaded AVX2-only
+              CPU: a margin to confirm on an idle machine before the default
+              moves); else ``openvino:f32``; else ``torch``.
 
             int8 engines are never chosen automatically: their accuracy is
             judged per data set, by AUROC.
