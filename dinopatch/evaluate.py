@@ -300,14 +300,18 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
         f"<img src='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png' width=160 "
         f"title='{html.escape(it.defect)} {_fmt(im['score'])} ({im['part']})'></a>"
         for it, im in zip(items, m["images"]))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>DinoPatch report: {html.escape(Path(folder.root).name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{margin:2px}}</style></head><body>
+    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} img{margin:2px}")
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>DinoPatch report: {html.escape(Path(folder.root).name)}</title><style>{style}</style></head><body>
 <h1>DinoPatch report: {html.escape(Path(folder.root).name)}</h1>{warn}
-<p>Post-processing tuned on {len(m['split']['tune'])} test images, metrics reported on the other {len(m['split']['report'])}
+<p>Post-processing tuned on {len(m['split']['tune'])} test images,
+metrics reported on the other {len(m['split']['report'])}
 (stratified by defect type, seed {m['split']['seed']}). Threshold from: {m['threshold_from']}.<br>Chosen: {settings}</p>
 <table><tr><th>metric</th><th>tuning part</th><th>reported part</th></tr>{rows}</table>
 <h2>Per defect type (reported part)</h2>
-<table><tr><th>type</th><th>n</th><th>image AUROC vs good</th><th>recall</th><th>pixel AUROC</th><th>AUPRO</th></tr>{per}</table>
+<table><tr><th>type</th><th>n</th><th>image AUROC vs good</th><th>recall</th><th>pixel AUROC</th>
+<th>AUPRO</th></tr>{per}</table>
 <h2>Curves</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
 <h2>Every test image</h2><p>Heat: anomaly map; green: ground truth; white: predicted defect.</p>{thumbs}
 </body></html>"""

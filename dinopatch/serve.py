@@ -284,7 +284,8 @@ class Scorer:
         det, path = self.det, Path(self.config.model)
         return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
                 "engine": det.engine, "kernel": det.kernel, "threshold": det.threshold_.image,
-                "threshold_source": det.threshold_.describe(), "model_id": det.model_id, "model_file": str(path.resolve()),
+                "threshold_source": det.threshold_.describe(), "model_id": det.model_id,
+                "model_file": str(path.resolve()),
                 "model_saved_at": self.saved_at, "dinopatch_version": __version__,
                 "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
                 "max_batch": self.config.max_batch, "batch_wait_ms": self.config.batch_wait_ms,
@@ -445,7 +446,8 @@ def check_model(config: ServiceConfig):
     from .modelfile import ModelFileError
 
     if config.engine.endswith(".onnx") and not Path(config.engine).is_file():
-        raise SystemExit(f"dinopatch: {config.engine}: no such ONNX export (make one with `python -m dinopatch export`)")
+        raise SystemExit(f"dinopatch: {config.engine}: no such ONNX export "
+                         "(make one with `python -m dinopatch export`)")
     try:
         return DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel, progress=False)
     except (ModelFileError, ValueError) as e:

@@ -23,5 +23,5 @@ from .weights import WeightsUnavailableError, build_model, cache_dir, weights_fi
 
 __all__ = ["BACKBONES", "ENGINES", "EngineCache", "ONNX_FORMAT", "OV_PRECISIONS", "PRECISIONS", "BackboneSpec",
            "DeviceUnavailableError", "OnnxBackbone", "OpenVinoBackbone", "TorchBackbone", "WeightsUnavailableError",
-           "auto_engine", "build_model", "cache_dir", "check_image_size", "cpu_has_bf16", "embed", "find_or_export_onnx",
-           "get_spec", "make_backbone", "onnx_cache_path", "preprocess", "weights_fingerprint"]
+           "auto_engine", "build_model", "cache_dir", "check_image_size", "cpu_has_bf16", "embed",
+           "find_or_export_onnx", "get_spec", "make_backbone", "onnx_cache_path", "preprocess", "weights_fingerprint"]

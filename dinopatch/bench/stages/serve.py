@@ -1,4 +1,6 @@
-"""``python -m dinopatch.bench serve`` (group ``scale``, run only when named): the HTTP service against in-process predict, same model and engine.
+"""``python -m dinopatch.bench serve``: the HTTP service against in-process predict, same model and engine.
+
+In the group ``scale``, which runs only when named (it starts Ray).
 
 One scorer replica holds all the CPUs (as the in-process detector does);
 clients send PNG frames over HTTP from threads of this process, which
