@@ -202,8 +202,10 @@ class Aligner:
 
     def _silhouette(self, part: _Part) -> np.ndarray:
         """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
-        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False), _TEMPLATE)
-        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE), flags=cv2.INTER_LINEAR)
+        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False),
+                              _TEMPLATE)
+        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE),
+                              flags=cv2.INTER_LINEAR)
 
     def _measure(self, image: np.ndarray) -> _Part:
         part = _measure_part(image, self.analysis_size)
@@ -233,7 +235,8 @@ class Aligner:
         if not self.enabled:
             return cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         return cv2.warpAffine(amap, np.asarray(alignment.matrix, np.float64), (w, h),
-                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
 
     # -- persistence -----------------------------------------------------------
 
@@ -307,7 +310,8 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.n
         m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
     canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     ones = np.ones(image.shape[:2], np.uint8)
-    valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=0)
     return canon, valid.astype(np.float32)
 
 
