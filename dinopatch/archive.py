@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data import IMAGE_SUFFIXES, load_image
-from .serve import score_images
+from .records import score_images
 
 _TEXT = ("path", "reason", "threshold_source", "model_id", "error")
 _FLOAT = ("score", "threshold")

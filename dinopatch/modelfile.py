@@ -32,21 +32,19 @@ against damage but not origin.
 """
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import hmac
 import io
 import json
 import os
 import re
-import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from . import atomic
 
 FORMAT = "dinopatch-model"
 VERSION = 1
@@ -67,12 +65,6 @@ _NPY_HEADER_MAX = 4096  # numpy writes 128 bytes for the shapes a model holds
 _CHUNK = 1 << 20
 _NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _HEADER_MEMBER = "__header__.npy"
-_STALE_TMP_S = 60.0
-
-try:  # advisory locks mark a temporary that a live process is still writing
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: stale temporaries are not swept
-    fcntl = None
 
 
 class ModelFileError(ValueError):
@@ -114,14 +106,8 @@ def write(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray], 
           key: str | bytes | None = None) -> Path:
     """Write ``header`` (JSON-able) and named arrays to ``path``, atomically.
 
-    The file is written to a unique temporary ``.<name>.tmp-XXXXXXXX`` in the
-    target folder, flushed to disk and renamed over ``path``, so a reader sees
-    the old file or the new one, never a mix, also with several processes
-    saving to one path. On any failure, ``KeyboardInterrupt`` included, the
-    temporary is removed and ``path`` is left as it was. A process killed
-    outright (SIGKILL, power loss) leaves its temporary behind; the next save
-    to the same path removes those that no live process holds a lock on and
-    that are older than a minute (POSIX only; elsewhere they stay).
+    A reader sees the old file or the new one, never a mix, also with several
+    processes saving to one path (see :func:`dinopatch.atomic.write`).
 
     Args:
         path: the model file.
@@ -151,59 +137,7 @@ def write(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray], 
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
     if blob.size > MAX_HEADER_BYTES:
         raise ValueError(f"the header is {blob.size} bytes, over the {MAX_HEADER_BYTES} a model file holds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with open(fd, "wb") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            np.savez(f, __header__=blob, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-            os.chmod(tmp, _file_mode(path))
-            os.replace(tmp, path)  # while the lock is held: a sweeper never sees this temporary unlocked
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a plain ``open`` would give ``path``: mkstemp's 0600 would hide the model from other users."""
-    with contextlib.suppress(OSError):
-        return path.stat().st_mode & 0o7777
-    umask = 0o022
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        # Read, not os.umask(): setting it to read it races with other threads creating files.
-        status = Path("/proc/self/status").read_text()
-        umask = int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; not every platform lets a folder be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _sweep_stale(path: Path) -> None:
-    """Remove temporaries of ``path`` left by killed saves: unlocked and over a minute old."""
-    if fcntl is None:
-        return
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - tmp.stat().st_mtime < _STALE_TMP_S:
-                continue  # perhaps a live save between mkstemp and its lock
-            with open(tmp, "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer is alive
-                tmp.unlink()
+    return atomic.write(path, lambda f: np.savez(f, __header__=blob, **arrays))
 
 
 # ----------------------------------------------------------------------------- reading

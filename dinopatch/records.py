@@ -8,6 +8,7 @@ NaN literal.
 """
 from __future__ import annotations
 
+import base64
 import math
 import os
 
@@ -85,3 +86,28 @@ def defect_boxes(mask: np.ndarray, limit: int = MAX_BOXES) -> tuple[list[list[in
 def _finite_or_none(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def score_images(det, images: list[np.ndarray], masks: bool = False) -> list[dict]:
+    """The :mod:`dinopatch.records` record of each image, scored together; one that fails gets its error record.
+
+    Args:
+        det: a fitted :class:`dinopatch.DinoPatch`.
+        images: uint8 images, as :func:`dinopatch.data.load_image` returns them.
+        masks: add ``mask_png``, the defect mask as a base64 PNG (0/255).
+    """
+    try:
+        results = det.predict(images)
+    except Exception as e:  # noqa: BLE001  (one bad image must not sink the others: they go one by one)
+        if len(images) == 1:
+            return [error_record(e, det)]
+        return [rec for im in images for rec in score_images(det, [im], masks)]
+    return [_record(r, det, masks) for r in results]
+
+
+def _record(result, det, masks: bool) -> dict:
+    rec = result_record(result, det)
+    if masks:
+        _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
+        rec["mask_png"] = base64.b64encode(png.tobytes()).decode("ascii")
+    return rec
