@@ -161,3 +161,19 @@ def run_without(blocked: tuple[str, ...], code: str, cwd) -> None:
     proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_refuses_foreign_graphs(engine_class, folder) -> None:
+    """An engine reading .onnx files refuses junk bytes and a valid graph that is no DinoPatch export."""
+    import onnx
+
+    junk = folder / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        engine_class(path=junk)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), str(folder / "foreign.onnx"))
+    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
+        engine_class(path=folder / "foreign.onnx")

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_without, set_layerscale, textures
+from conftest import BLOCKS_MATTER, assert_refuses_foreign_graphs, run_without, set_layerscale, textures
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from conftest import BLOCKS_MATTER  # noqa: E402
 
 from dinopatch import modelfile  # noqa: E402
 from dinopatch.backbone import (  # noqa: E402
@@ -160,16 +159,7 @@ def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
 
 
 def test_bad_files_and_mismatches_are_clear_errors(fp32_file, reference, tmp_path):
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"not a protobuf at all" * 10)
-    with pytest.raises(ValueError, match="not a readable ONNX model"):
-        OnnxBackbone(path=junk)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
-                                                            [onnx.helper.make_tensor_value_info("y", 1, [1])]))
-    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
-    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
-        OnnxBackbone(path=tmp_path / "foreign.onnx")
+    assert_refuses_foreign_graphs(OnnxBackbone, tmp_path)
     with pytest.raises(FileNotFoundError):
         OnnxBackbone(path=tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="image_size 448 wanted"):

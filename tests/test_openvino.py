@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BLOCKS_MATTER, run_without, textures
+from conftest import BLOCKS_MATTER, assert_refuses_foreign_graphs, run_without, textures
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("torch")
@@ -99,16 +99,7 @@ def test_refuses_other_exports(fp32_file, tmp_path):
     onnx.save(relabelled, str(tmp_path / "int8.onnx"))
     with pytest.raises(ValueError, match="OpenVINO reads the fp32 export"):
         OpenVinoBackbone(path=tmp_path / "int8.onnx")
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"not a protobuf at all" * 10)
-    with pytest.raises(ValueError, match="not a readable ONNX model"):
-        OpenVinoBackbone(path=junk)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
-                                                            [onnx.helper.make_tensor_value_info("y", 1, [1])]))
-    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
-    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
-        OpenVinoBackbone(path=tmp_path / "foreign.onnx")
+    assert_refuses_foreign_graphs(OpenVinoBackbone, tmp_path)
     with pytest.raises(ValueError, match="must be one of"):
         OpenVinoBackbone(path=fp32_file, precision="fp16")
 
