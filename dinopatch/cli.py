@@ -1,4 +1,7 @@
-"""The command line: ``dinopatch {fit,predict,evaluate,demo,export}`` (also ``python -m dinopatch``).
+"""The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
+
+Commands: fit, predict, evaluate, demo, export; serve, score-archive and benchmark-quality
+parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
 line, ``dinopatch: error: ...``, and exits with :data:`EXIT_USAGE`; ``--debug``
@@ -352,21 +355,23 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="standard ONNX ops only (attention as MatMul and Softmax), for runtimes without "
                         "ONNX Runtime's contrib ops (TensorRT, others)")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
-    for name, (_, what) in RAY_COMMANDS.items():
-        sub.add_parser(name, help=f"{what}, on Ray (`dinopatch {name} -h` lists its options)", add_help=False)
+    for name, (_, what) in OWN_PARSER_COMMANDS.items():
+        sub.add_parser(name, help=f"{what} (`dinopatch {name} -h` lists its options)", add_help=False)
     return parser
 
 
 # Sub-commands that parse their own flags in their own modules, imported only when run so that
-# `import dinopatch.cli` needs no Ray: name -> (module, help).
-RAY_COMMANDS = {"serve": ("serve", "serve a model over HTTP"),
-                "score-archive": ("archive", "score a folder, glob or list of images into Parquet")}
+# `import dinopatch.cli` needs neither Ray nor the benchmark's renderers: name -> (module, help).
+OWN_PARSER_COMMANDS = {
+    "serve": ("serve", "serve a model over HTTP, on Ray"),
+    "score-archive": ("archive", "score a folder, glob or list of images into Parquet, on Ray"),
+    "benchmark-quality": ("benchmark_quality", "the harder synthetic benchmark: AUROC and AUPRO per defect")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in RAY_COMMANDS:
-        return importlib.import_module(f".{RAY_COMMANDS[argv[0]][0]}", __package__).main(argv[1:])
+    if argv[:1] and argv[0] in OWN_PARSER_COMMANDS:
+        return importlib.import_module(f".{OWN_PARSER_COMMANDS[argv[0]][0]}", __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:

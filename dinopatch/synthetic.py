@@ -63,21 +63,23 @@ def _circle(r, n=24):
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
 
-def _check(category: str, defect: str, size: int = 256) -> None:
-    if int(size) < 32:
-        raise ValueError(f"synthetic images need size >= 32 px, got {size}")
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
-    if defect != "good" and defect not in DEFECTS[category]:
-        raise ValueError(f"{category} has no defect {defect!r}; choose from good, {', '.join(DEFECTS[category])}")
+def _check(category: str, defect: str, size: int = 256, defects: dict | None = None, min_size: int = 32) -> None:
+    """ValueError unless ``category`` and ``defect`` are among ``defects`` (default :data:`DEFECTS`)."""
+    defects = DEFECTS if defects is None else defects
+    if int(size) < min_size:
+        raise ValueError(f"synthetic images need size >= {min_size} px, got {size}")
+    if category not in defects:
+        raise ValueError(f"unknown category {category!r}; choose from {', '.join(defects)}")
+    if defect != "good" and defect not in defects[category]:
+        raise ValueError(f"{category} has no defect {defect!r}; choose from good, {', '.join(defects[category])}")
 
 
-def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Light the scene: per-channel gain, a gentle gradient, sensor noise."""
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: float, drift: float = 0.05) -> np.ndarray:
+    """Light the scene: per-channel gain, a gradient of up to ``drift`` across the frame, sensor noise."""
     h, w = img.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w) - 0.5
     t = rng.uniform(0, 2 * np.pi)
-    light = 1 + rng.uniform(-0.05, 0.05) * (xx * np.cos(t) + yy * np.sin(t))
+    light = 1 + rng.uniform(-drift, drift) * (xx * np.cos(t) + yy * np.sin(t))
     gain = rng.uniform(0.95, 1.05) * rng.uniform(0.98, 1.02, 3)
     out = img.astype(np.float32) * light[..., None].astype(np.float32) * gain.astype(np.float32)
     out += rng.normal(0, noise, out.shape).astype(np.float32)

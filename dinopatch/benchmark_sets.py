@@ -1,0 +1,262 @@
+"""A harder synthetic benchmark: subtle defects the demo's saturated sets do not have.
+
+Three categories, each deterministic by seed:
+
+* ``weave``: a woven texture in a fixed framing, jittered by a fraction of a
+  patch and lit with a drifting gradient (alignment off).  Defects: a thin
+  low-contrast ``scratch``, a faint ``stain``, a ``pulled`` thread (two
+  cells woven the wrong way).
+* ``circuit``: a board with thin traces in a fixed layout, jittered by a few
+  pixels (alignment off).  Defects: an ``open`` trace (a short gap), a
+  ``short`` (a thin bridge between two traces), a ``missing_pad``.
+* ``comb``: a comb with thin teeth at a random pose (alignment on).  Defects:
+  a ``broken_tooth`` (its tip missing), a ``bent_tooth``, a ``nick`` (a
+  small notch in the spine).
+
+Each ``render_<category>(rng, size, defect)`` returns the image, uint8
+``[size, size, 3]`` BGR, and its defect mask, uint8 ``[size, size]`` (255 =
+defect); :func:`make_set` renders one category's training and test images.
+:mod:`dinopatch.benchmark_quality` scores a detector on them.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .synthetic import _check as check_names
+from .synthetic import _circle, _fill, _finish, _line, _pose
+
+CATEGORIES = ("weave", "circuit", "comb")
+DEFECTS = {
+    "weave": ("scratch", "stain", "pulled"),
+    "circuit": ("open", "short", "missing_pad"),
+    "comb": ("broken_tooth", "bent_tooth", "nick"),
+}
+ALIGN = {"weave": False, "circuit": False, "comb": True}
+# Lighting drift of these sets: a stronger gradient than the demo's (0.05).
+DRIFT = 0.1
+
+
+def _check(category: str, defect: str, size: int) -> None:
+    check_names(category, defect, size, DEFECTS, min_size=64)
+
+
+def _changed(good: np.ndarray, img: np.ndarray, size: int) -> np.ndarray:
+    """The defect mask: where the picture visibly changed, closed over a pixel or two."""
+    mask = (np.abs(good.astype(np.int16) - img).max(axis=2) > 12).astype(np.uint8) * 255
+    k = max(3, round(0.012 * size) | 1)
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
+
+
+# ----------------------------------------------------------------------------- weave
+
+_WEAVE = np.array([95, 120, 150], np.float32)  # BGR of the thread
+
+
+def render_weave(
+    rng: np.random.Generator, size: int = 224, defect: str = "good"
+) -> tuple[np.ndarray, np.ndarray]:
+    """A plain weave: cells of three threads, alternately along x and y."""
+    _check("weave", defect, size)
+    cell = 0.047 * size  # not a divisor of the 14 px patch: patches see different phases
+    shift = rng.uniform(-0.2, 0.2, 2) * size / 16  # a fifth of a patch at most
+    look = np.random.default_rng(rng.integers(2**63))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    x, y = xx / cell + shift[0] / cell, yy / cell + shift[1] / cell
+    ci, cj = np.floor(x).astype(int), np.floor(y).astype(int)
+    along_x = (ci + cj) % 2 == 0
+    mask = np.zeros((size, size), np.uint8)
+    if defect == "pulled":
+        i, j = (int(v) for v in rng.integers(3, int(size / cell) - 4, 2))
+        sel = ((cj == j) | (cj == j + 1)) & ((ci == i) | (ci == i + 1))
+        along_x = np.where(sel, ~along_x, along_x)
+        mask[sel] = 255
+    across = np.where(along_x, y - cj, x - ci)
+    along = np.where(along_x, x, y)
+    grain = look.uniform(0.96, 1.04, (int(size / cell) + 3,) * 2)[
+        cj + 1, ci + 1
+    ]  # thread-to-thread variation
+    shade = (0.72 + 0.28 * np.cos(2 * np.pi * 3 * across) ** 2) * (0.97 + 0.03 * np.sin(2 * np.pi * along))
+    img = (_WEAVE * (shade * grain)[..., None]).astype(np.float32)
+    if defect == "scratch":
+        c, t = rng.uniform(0.25, 0.75, 2) * size, rng.uniform(0, np.pi)
+        d = np.array([np.cos(t), np.sin(t)]) * rng.uniform(0.08, 0.12) * size
+        cv2.line(
+            mask,
+            tuple(np.rint((c - d) * 16).astype(int)),
+            tuple(np.rint((c + d) * 16).astype(int)),
+            255,
+            max(1, round(0.009 * size)),
+            cv2.LINE_8,
+            4,
+        )
+        img[mask > 0] += 40
+    elif defect == "stain":
+        c = rng.uniform(0.2, 0.8, 2) * size
+        r = rng.uniform(0.03, 0.04) * size
+        blob = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r)).astype(np.float32)
+        img *= 1 - 0.4 * blob[..., None] * np.array([1.0, 0.8, 0.5], np.float32)
+        mask[blob > 0.4] = 255
+    return _finish(np.clip(img, 0, 255).astype(np.uint8), look, 3.0, drift=DRIFT), mask
+
+
+# ----------------------------------------------------------------------------- circuit
+
+_BOARD, _COPPER, _PAD = (60, 95, 40), (70, 150, 185), (150, 190, 210)
+
+
+def _circuit_layout(size: int) -> dict:
+    """The board's design, the same for every image (its own fixed seed)."""
+    rng = np.random.default_rng(1234)
+    traces, y = [], 0.12
+    while y < 0.9:  # horizontal runs with one jog each
+        x0, x1 = rng.uniform(0.08, 0.3), rng.uniform(0.7, 0.92)
+        xj = rng.uniform(0.45, 0.6)  # first runs of neighbours overlap in [0.3, 0.45]: room for a short
+        dy = rng.choice([-1, 1]) * 0.03
+        traces.append([(x0, y), (xj, y), (xj + 0.03, y + dy), (x1, y + dy)])
+        y += rng.uniform(0.065, 0.085)
+    pads = [(p[0], p[1]) for t in traces for p in (t[0], t[-1])]
+    return {"traces": [np.array(t) * size for t in traces], "pads": np.array(pads) * size}
+
+
+def _draw_circuit(size, shift, layout, skip_pad=None, gap=None, bridge=None) -> np.ndarray:
+    img = np.full((size, size, 3), _BOARD, np.uint8)
+    m = _pose(0, 1, shift)
+    width = 0.011 * size
+    for t in layout["traces"]:
+        for a, b in zip(t[:-1], t[1:]):
+            _line(img, m, a, b, _COPPER, width)
+    for k, p in enumerate(layout["pads"]):
+        if k != skip_pad:
+            _fill(img, m, _circle(0.018 * size) + p, _PAD, outline=_COPPER)
+    if gap is not None:
+        _line(img, m, gap[0], gap[1], _BOARD, 2.2 * width)
+    if bridge is not None:
+        _line(img, m, bridge[0], bridge[1], _COPPER, 0.8 * width)
+    return img
+
+
+def render_circuit(
+    rng: np.random.Generator, size: int = 224, defect: str = "good"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copper traces and pads on a board, fixed layout, jittered by up to 1.5% of the side.
+
+    That is a quarter patch at 224 px: aligned to within a patch, as a fixtured part is.
+    """
+    _check("circuit", defect, size)
+    layout = _circuit_layout(size)
+    shift = rng.uniform(-0.015, 0.015, 2) * size
+    look = np.random.default_rng(rng.integers(2**63))
+    traces = layout["traces"]
+    kw = {}
+    if defect == "missing_pad":
+        kw["skip_pad"] = int(rng.integers(len(layout["pads"])))
+    elif defect == "open":
+        t = traces[rng.integers(len(traces))]
+        s = rng.uniform(0.2, 0.8)
+        p = t[0] + s * (t[1] - t[0])  # on the first run, away from the jog
+        kw["gap"] = (p - (0.012 * size, 0), p + (0.012 * size, 0))
+    elif defect == "short":
+        k = int(rng.integers(len(traces) - 1))
+        x = rng.uniform(
+            max(traces[k][0][0], traces[k + 1][0][0]) + 0.03 * size,
+            min(traces[k][1][0], traces[k + 1][1][0]) - 0.03 * size,
+        )
+        kw["bridge"] = ((x, traces[k][0][1]), (x + 0.02 * size, traces[k + 1][0][1]))
+    good = _draw_circuit(size, shift, layout)
+    img = _draw_circuit(size, shift, layout, **kw)
+    mask = _changed(good, img, size)
+    return _finish(img, look, 3.0, drift=DRIFT), mask
+
+
+# ----------------------------------------------------------------------------- comb
+
+_PLASTIC, _PLASTIC_EDGE, _TABLE = (50, 60, 150), (30, 35, 90), (205, 210, 212)
+_TEETH, _SPINE, _TOOTH = (
+    15,
+    (-0.32, 0.32, -0.2, -0.12),
+    (0.012, 0.2),
+)  # spine x0, x1, y0, y1; tooth half, length
+
+
+def _draw_comb(img, m, wobble, broken=None, bent=None, nick=None):
+    """The comb; ``wobble`` ``[teeth, 2]``: each tooth's length factor and angle in degrees.
+
+    The wobble is the spread of moulding: nominal, and as large as the subtlest defects.
+    """
+    x0, x1, y0, y1 = _SPINE
+    _fill(img, m, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], _PLASTIC, outline=_PLASTIC_EDGE)
+    half, length = _TOOTH
+    for k, x in enumerate(np.linspace(x0 + 0.02, x1 - 0.02, _TEETH)):
+        end = y1 + length * wobble[k, 0] * (0.8 if k == broken else 1.0)
+        turn = _pose(wobble[k, 1] + (bent[1] if k == (bent[0] if bent else None) else 0), 1, (0, 0))[:, :2]
+        t = np.hstack([m[:, :2] @ turn, m[:, :2] @ (np.array([x, y1]) - turn @ (x, y1))[:, None] + m[:, 2:]])
+        _fill(
+            img,
+            t,
+            [(x - half, y1 - 0.005), (x + half, y1 - 0.005), (x + half * 0.7, end), (x - half * 0.7, end)],
+            _PLASTIC,
+            outline=_PLASTIC_EDGE,
+        )
+    if nick is not None:
+        _fill(img, m, _circle(0.009, 12) + (nick, y0), _TABLE)
+
+
+def render_comb(
+    rng: np.random.Generator, size: int = 224, defect: str = "good"
+) -> tuple[np.ndarray, np.ndarray]:
+    """A comb with thin teeth on a table, at a random pose; its teeth vary a little in length and angle."""
+    _check("comb", defect, size)
+    angle, scale = rng.uniform(0, 360), rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-0.06, 0.06, 2) * size
+    look = np.random.default_rng(rng.integers(2**63))
+    m = _pose(angle, scale * size, np.array([size / 2, size / 2]) + shift)
+    wobble = np.stack([rng.uniform(0.96, 1.04, _TEETH), rng.uniform(-1, 1, _TEETH)], 1)
+    kw = {}
+    tooth = int(rng.integers(1, _TEETH - 1))
+    if defect == "broken_tooth":
+        kw["broken"] = tooth
+    elif defect == "bent_tooth":
+        kw["bent"] = (tooth, rng.choice([-1, 1]) * rng.uniform(4, 6))
+    elif defect == "nick":
+        kw["nick"] = rng.uniform(_SPINE[0] + 0.08, _SPINE[1] - 0.08)
+    good, img = (np.full((size, size, 3), _TABLE, np.uint8) for _ in range(2))
+    _draw_comb(good, m, wobble)
+    _draw_comb(img, m, wobble, **kw)
+    mask = _changed(good, img, size)
+    return _finish(img, look, 2.5, drift=DRIFT), mask
+
+
+# ----------------------------------------------------------------------------- sets
+
+_RENDER = {"weave": render_weave, "circuit": render_circuit, "comb": render_comb}
+
+
+def make_set(
+    category: str,
+    *,
+    n_train: int = 20,
+    n_test_good: int = 10,
+    n_test_defect: int = 5,
+    size: int = 224,
+    seed: int = 0,
+) -> dict:
+    """One category's images in memory: ``train`` (good), ``test`` images, their ``masks`` and ``defects``.
+
+    One generator per group, so the training images do not depend on the test counts.
+    """
+    _check(category, "good", size)
+    groups = [("good", n_train), ("good", n_test_good)] + [(d, n_test_defect) for d in DEFECTS[category]]
+    out = {"train": [], "test": [], "masks": [], "defects": []}
+    for k, (defect, n) in enumerate(groups):
+        rng = np.random.default_rng([seed, CATEGORIES.index(category), k])
+        for _ in range(n):
+            im, mask = _RENDER[category](rng, size, defect=defect)
+            if k == 0:
+                out["train"].append(im)
+            else:
+                out["test"].append(im)
+                out["masks"].append(mask > 0)
+                out["defects"].append(defect)
+    return out
