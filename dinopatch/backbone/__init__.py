@@ -13,10 +13,10 @@ imports neither torch nor onnxruntime.
 """
 from .engines import ENGINES, EngineCache, embed, make_backbone
 from .onnx_engine import ONNX_FORMAT, PRECISIONS, OnnxBackbone, find_or_export_onnx, onnx_cache_path
-from .specs import BACKBONES, BackboneSpec, check_image_size, get_spec, preprocess
+from .specs import BACKBONES, BackboneSpec, check_image_size, check_positions, get_spec, preprocess
 from .torch_engine import TorchBackbone
 from .weights import WeightsUnavailableError, build_model, cache_dir, weights_fingerprint
 
 __all__ = ["BACKBONES", "ENGINES", "EngineCache", "embed", "ONNX_FORMAT", "PRECISIONS", "BackboneSpec", "OnnxBackbone", "TorchBackbone",
-           "WeightsUnavailableError", "build_model", "cache_dir", "check_image_size", "find_or_export_onnx",
+           "WeightsUnavailableError", "build_model", "cache_dir", "check_image_size", "check_positions", "find_or_export_onnx",
            "get_spec", "make_backbone", "onnx_cache_path", "preprocess", "weights_fingerprint"]

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .specs import check_image_size, get_spec, preprocess
+from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
 
-ONNX_FORMAT = "dinopatch-backbone-tokens/1"
+# 2: the graph takes the patch positions to run as an input ``positions`` (int64 [n]) and
+# gives ``tokens`` [B, n, D]; format 1 had only ``images`` and gave [B, h, w, D].
+ONNX_FORMAT = "dinopatch-backbone-tokens/2"
 # Bumped when the exported graph changes (same inputs and outputs, faster ops),
 # so that a cache made by an older DinoPatch is not reused.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
@@ -75,9 +77,10 @@ def read_onnx_metadata(session, path) -> dict:
         raise ValueError(f"{path}: damaged DinoPatch metadata ({type(e).__name__}: {e})") from None
     side = out["image_size"]
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if ([i.name for i in inputs] != ["images"] or inputs[0].shape[1:] != [3, side, side]
-            or [o.name for o in outputs] != ["tokens"]):
-        raise ValueError(f"{path}: expected input 'images' [B, 3, {side}, {side}] and output 'tokens', found "
+    if ([i.name for i in inputs] != ["images", "positions"] or inputs[0].shape[1:] != [3, side, side]
+            or inputs[1].type != "tensor(int64)" or [o.name for o in outputs] != ["tokens"]):
+        raise ValueError(f"{path}: expected inputs 'images' [B, 3, {side}, {side}] and 'positions' int64 [n], "
+                         f"and output 'tokens', found "
                          f"{[(i.name, i.shape) for i in inputs]} -> {[(o.name, o.shape) for o in outputs]}")
     return out
 
@@ -161,16 +164,19 @@ class OnnxBackbone:
         side = self.image_size // self.spec.patch_size
         return side, side
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
+    def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
         x = preprocess(images, self.image_size, self.mean, self.std)
+        h, w = self.grid
+        pos = np.arange(h * w, dtype=np.int64) if positions is None else check_positions(positions, self.grid)
         if self.provider == "CUDAExecutionProvider":
             # One upload, tokens written straight into host memory.
             binding = self.session.io_binding()
             binding.bind_cpu_input("images", x)
+            binding.bind_cpu_input("positions", pos)
             binding.bind_output("tokens", "cpu")
             self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
-        return self.session.run(["tokens"], {"images": x})[0]
-
-
+            tokens = binding.copy_outputs_to_cpu()[0]
+        else:
+            tokens = self.session.run(["tokens"], {"images": x, "positions": pos})[0]
+        return tokens.reshape(len(x), h, w, -1) if positions is None else tokens
