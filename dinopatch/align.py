@@ -5,8 +5,10 @@ external contours, filled); the moments of the filled outline give its centre,
 principal axis and size (the standard deviation along the axis). The full
 resolution image is then warped once into a square canonical frame: axis
 horizontal, part centred, scaled to the nominal length learned in
-:meth:`Aligner.fit`, reflect padding where the frame leaves the image (with a
-validity mask saying where). The 180-degree ambiguity of the axis (and, with
+:meth:`Aligner.fit`, padded where the frame leaves the image (with a validity
+mask saying where): by reflection, or with the background level of the image's
+border, which leaves no mirrored pieces of a part near the edge in the frame.
+The 180-degree ambiguity of the axis (and, with
 ``mirror=True``, the side the part lies on) is resolved by matching a small
 canonical silhouette against the mean nominal silhouette.
 """
@@ -19,7 +21,8 @@ import numpy as np
 
 __all__ = ["Aligner", "Alignment"]
 
-_STATE_VERSION = 2  # 2: the nominal size is relative to the frame
+_STATE_VERSION = 3  # 2: the nominal size is relative to the frame; 3: padding
+PADDINGS = ("reflect", "background")
 _TEMPLATE = 64           # side of the silhouettes that settle polarity and mirroring
 _PAD = 4                 # analysis-image padding, so outlines cut by the border still close
 _MIN_SIDE = 8            # analysis images smaller than this hold no measurable part
@@ -85,10 +88,12 @@ class Aligner:
             side, differs from the nominal median by more than this factor
             (either way) is not trusted.
         analysis_size: longest side of the image the outline is measured on.
+        padding: ``"reflect"``, or ``"background"``: the per-channel median of
+            the image's border pixels.
     """
 
     def __init__(self, *, size: int = 448, enabled: bool = True, mirror: bool = False, zoom: float = 0.75,
-                 scale_tolerance: float = 1.5, analysis_size: int = 256):
+                 scale_tolerance: float = 1.5, analysis_size: int = 256, padding: str = "reflect"):
         if int(size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0.0 < zoom <= 1.0:
@@ -97,6 +102,9 @@ class Aligner:
             raise ValueError(f"scale_tolerance must be >= 1, got {scale_tolerance}")
         if int(analysis_size) < 2 * _MIN_SIDE:
             raise ValueError(f"analysis_size must be >= {2 * _MIN_SIDE}, got {analysis_size}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.padding = padding
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
@@ -167,8 +175,39 @@ class Aligner:
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
             al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
+        _, m, (centre, scale, orient), reason = self._place(image)
+        canon, valid = _warp(image, m, s, self.padding)
+        x_dir = np.linalg.inv(m[:, :2])[:, 0]
+        angle = float(np.degrees(np.arctan2(x_dir[1], x_dir[0])) % 360.0)
+        al = Alignment(angle, float(scale), (float(centre[0]), float(centre[1])), orient[0], orient[1],
+                       not reason, reason, m)
+        return _bgr(canon), valid, al
+
+    def silhouette(self, image: np.ndarray) -> np.ndarray | None:
+        """The part's filled outline, as :meth:`transform` places it, in the canonical frame.
+
+        Args:
+            image: uint8 ``[H, W]`` gray or ``[H, W, 3]`` BGR.
+
+        Returns:
+            float32 ``[size, size]`` in [0, 1]; None where the pose is not trusted
+            (or alignment is off): there is no part to place.
+        """
+        image = _check_image(image)
+        if not self.enabled:
+            return None
+        part, m, _, reason = self._place(image)
+        if reason:
+            return None
+        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (self.size, self.size),
+                              flags=cv2.INTER_LINEAR)
+
+    def _place(self, image: np.ndarray) -> tuple[_Part, np.ndarray, tuple, str]:
+        """The measured part, its input -> canonical matrix, the pose ``(centre, scale, orientation)``
+        it was made from, and why the pose is not trusted ("")."""
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
+        s = self.size
         part = self._measure(image)
         reason = part.reason or self._doubt(part)
         if reason:  # a centred resize of the whole image
@@ -178,13 +217,7 @@ class Aligner:
         else:
             centre, axis, scale = part.centre, part.axis, self._scale(part)
             orient = self._best_orientation(self._silhouette(part))
-        m = _canonical_matrix(centre, axis, scale, orient, s)
-        canon, valid = _warp(image, m, s)
-        x_dir = np.linalg.inv(m[:, :2])[:, 0]
-        angle = float(np.degrees(np.arctan2(x_dir[1], x_dir[0])) % 360.0)
-        al = Alignment(angle, float(scale), (float(centre[0]), float(centre[1])), orient[0], orient[1],
-                       not reason, reason, m)
-        return _bgr(canon), valid, al
+        return part, _canonical_matrix(centre, axis, scale, orient, s), (centre, scale, orient), reason
 
     def _scale(self, part: _Part) -> float:
         return self.zoom * self.size / (self.nominal_length_ * part.sigma)
@@ -239,18 +272,20 @@ class Aligner:
         """Everything :meth:`fit` learned and the constructor arguments, JSON-serialisable."""
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
+                "padding": self.padding,
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "template": None if self.template_ is None else self.template_.tolist()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Aligner":
         """The :class:`Aligner` that :meth:`state_dict` described."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not an Aligner state of version {_STATE_VERSION}: "
+        if not isinstance(state, dict) or state.get("version") not in (2, _STATE_VERSION):
+            raise ValueError(f"not an Aligner state of version 2 or {_STATE_VERSION}: "
                              f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
         try:
             al = cls(size=state["size"], enabled=state["enabled"], mirror=state["mirror"], zoom=state["zoom"],
-                     scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"])
+                     scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"],
+                     padding=state["padding"] if state["version"] >= 3 else "reflect")
             if state["template"] is not None:
                 template = np.asarray(state["template"], np.float64)
                 if template.shape != (_TEMPLATE, _TEMPLATE):
@@ -308,8 +343,8 @@ def _orient(sil: np.ndarray, orient) -> np.ndarray:
     return sil[::-1] if mirror else sil
 
 
-def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Warp to ``size x size`` with reflect padding; also the validity of each canonical pixel."""
+def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+    """Warp to ``size x size``, padded as ``padding`` says; also the validity of each canonical pixel."""
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     # warpAffine does not low-pass: halve until the warp is about 1:1 (2x2 means,
     # INTER_AREA's fast path for even sides; the odd last row/column is dropped).
@@ -317,7 +352,13 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.n
         h, w = image.shape[:2]
         image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
         m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
-    canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if padding == "reflect":
+        canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    else:
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).reshape(-1, *image.shape[2:])
+        level = np.median(border, axis=0).reshape(-1).tolist()
+        canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=level + level[-1:] * (4 - len(level)))
     ones = np.ones(image.shape[:2], np.uint8)
     valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return canon, valid.astype(np.float32)

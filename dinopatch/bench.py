@@ -268,7 +268,7 @@ def _peak_rss_mib() -> float:
 def _detector(args, **overrides):
     from .detector import DinoPatch
 
-    params = dict(backbone=args.backbone, weights="random", image_size=args.image_size, engine=args.engine,
+    params = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, engine=args.engine,
                   batch_size=args.batch, progress=False)
     params.update(overrides)
     return DinoPatch(**params)
@@ -279,7 +279,7 @@ _FITTED: dict = {}
 
 def _fitted(args):
     """The detector of the pipeline stages, fitted once per run on ``--bank`` good screws."""
-    key = (args.backbone, args.image_size, args.engine, args.batch, args.bank)
+    key = (args.backbone, args.weights, args.image_size, args.engine, args.batch, args.bank)
     if key not in _FITTED:
         _FITTED[key] = _detector(args).fit(_frames(args.bank, seed=1))
     return _FITTED[key]
@@ -351,6 +351,53 @@ def bench_e2e(args) -> list[dict]:
     rows[0]["speedup_vs_notebook"] = float(speedup)
     rows.append(_target("end-to-end predict over the notebook pipeline", ">= 1.5", speedup, lambda v: v >= 1.5))
     rows.append(_target("end-to-end score deviation / score spread", "<= 1e-3", dev, lambda v: v <= 1e-3))
+    return rows
+
+
+@stage("foreground", groups=("pipeline",))
+def bench_foreground(args) -> list[dict]:
+    """Foreground-only tokens against every token on aligned screws: speed and accuracy, in one run.
+
+    Both detectors are fitted on the same ``--bank`` good screws and judge the
+    same test set (good, and each defect); the backbone and end-to-end predict
+    are timed in turn, round after round.
+    """
+    from .metrics import auroc
+    from .synthetic import DEFECTS, make_sample
+
+    rng = np.random.default_rng(3)
+    n = 3 if args.quick else 6
+    test = [(make_sample("screw", d, rng), d != "good") for d in ("good",) * 2 + DEFECTS["screw"] for _ in range(n)]
+    frames = [im for (im, _), _ in test]
+    dets = {fg: _detector(args, foreground=fg).fit(_frames(args.bank, seed=1)) for fg in (False, True)}
+    region = dets[True]._model.foreground
+    if region is None:
+        raise RuntimeError("no foreground region was fitted")
+    batch = np.stack([c for c, _, _ in map(dets[True]._model.aligner.transform, frames[:args.batch])])
+    engine = dets[True]._get_backbone()
+    runs = {("backbone", False): lambda: engine(batch), ("backbone", True): lambda: engine(batch, region.positions),
+            ("e2e", False): lambda: dets[False].predict(frames), ("e2e", True): lambda: dets[True].predict(frames)}
+    times, out = {k: [] for k in runs}, {}
+    for i in range(max(1, args.repeats // 2) + 1):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            if i:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+    labels = np.array([bad for _, bad in test])
+    masks = np.concatenate([(m > 0).ravel() for (_, m), _ in test])
+    rows = []
+    for fg in dets:
+        results = out["e2e", fg]
+        scores = np.array([r.score for r in results])
+        pixels = np.concatenate([r.anomaly_map.ravel() for r in results])
+        what = f"foreground tokens ({region.fraction:.0%} kept)" if fg else "every token"
+        rows.append(_latency_row("foreground", f"backbone, {what}", times["backbone", fg], len(batch)))
+        rows.append(_latency_row("foreground", f"predict, {what}", times["e2e", fg], len(frames),
+                                 note=f"image AUROC {auroc(labels, scores):.4f}, pixel AUROC "
+                                      f"{auroc(masks, pixels):.4f}, weights {args.weights}"))
+    speedup = float(np.median(times["e2e", False]) / np.median(times["e2e", True]))
+    rows.append(_target("foreground tokens: end-to-end speed-up", "> 1", speedup, lambda v: v > 1))
     return rows
 
 
@@ -430,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="pipeline stages: images per backbone call")
     p.add_argument("--bank", type=int, default=40, help="pipeline stages: good images in the memory bank")
     p.add_argument("--engine", default="auto", help="pipeline stages: detector engine")
+    p.add_argument("--weights", default="random", help="pipeline stages: 'random' or a checkpoint path (accuracy "
+                   "figures need weights whose blocks matter: timm's random init leaves them near the identity)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -84,3 +84,174 @@ def test_onnx_subset_matches_torch(reference, tmp_path):
     assert token_error(engine(x), reference(x)) <= 1e-4  # the full grid, [B, h, w, D]
     with pytest.raises(ValueError, match="positions"):
         engine(x, np.array([64]))
+
+
+# --- the region, the padding and the background check ------------------------------------------------
+
+def test_region_is_the_dilated_union_made_half_turn_symmetric():
+    from dinopatch.foreground import region
+
+    a, b = np.zeros((112, 112), np.float32), np.zeros((112, 112), np.float32)
+    a[20:24, 30:34] = 1  # patch (1, 2)
+    b[60, 60] = 1        # patch (4, 4)
+    cells = np.zeros((8, 8), bool)
+    cells[0:3, 1:4] = cells[3:6, 3:6] = True   # each dilated by one patch
+    cells |= cells[::-1, ::-1]
+    np.testing.assert_array_equal(region([a, b], (8, 8), margin=1), np.flatnonzero(cells))
+    assert len(region([a], (8, 8), margin=0)) == 2  # the patch and its twin
+
+
+def test_background_padding_pastes_no_part_into_the_frame():
+    from dinopatch.align import Aligner
+    from dinopatch.synthetic import render_screw
+
+    rng = np.random.default_rng(0)
+    nominal = [render_screw(rng, 256)[0] for _ in range(6)]
+    # The part near the photo's edge: the canonical frame reaches far beyond the photo.
+    edge, _ = render_screw(rng, 256, angle=0.0, scale=1.0, shift=(0, 95))
+    dark = {}
+    for padding in ("reflect", "background"):
+        al = Aligner(size=224, padding=padding).fit(nominal)
+        canon, valid, alignment = al.transform(edge)
+        assert alignment.trusted and (valid == 0).mean() > 0.1
+        gray = canon.mean(axis=2)[valid == 0]
+        dark[padding] = (gray < 160).mean()  # steel is below 160, the background about 212
+    assert dark["reflect"] > 0.02 and dark["background"] == 0.0
+
+
+def test_silhouette_lies_on_the_part_in_the_canonical_frame():
+    from dinopatch.align import Aligner
+    from dinopatch.synthetic import render_screw
+
+    rng = np.random.default_rng(1)
+    al = Aligner(size=224).fit([render_screw(rng, 256)[0] for _ in range(6)])
+    image, _ = render_screw(rng, 256)
+    canon, _, _ = al.transform(image)
+    sil = al.silhouette(image) > 0.5
+    steel = canon.mean(axis=2) < 170
+    assert (steel & sil).sum() > 0.9 * steel.sum()  # the part's pixels are inside its silhouette
+    assert sil.mean() < 0.3
+    assert al.silhouette(np.full((64, 64, 3), 200, np.uint8)) is None  # no part, nothing to place
+
+
+def test_patch_stats_are_means_and_gray_spread_per_patch(rng):
+    from dinopatch.foreground import patch_stats
+
+    images = rng.integers(0, 256, (2, 28, 42, 3), dtype=np.uint8)
+    images = np.stack([np.pad(im, ((0, 14), (0, 0), (0, 0))) for im in images])  # 42 x 42: 3 x 3 patches
+    got = patch_stats(images, (3, 3))
+    cells = images.reshape(2, 3, 14, 3, 14, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 9, 196, 3).astype(np.float64)
+    gray = cells @ np.array([0.114, 0.587, 0.299])  # BGR weights of OpenCV's gray
+    means = cells.mean(axis=2)
+    np.testing.assert_allclose(got[..., :3], means - np.median(means, axis=1, keepdims=True), atol=1e-3)
+    np.testing.assert_allclose(got[..., 3], gray.std(axis=2), atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, radius):
+    from dinopatch import kernels
+    from dinopatch.bank import MemoryBank
+
+    if backend not in kernels.available():
+        pytest.skip(f"{backend} is not built here")
+    grid, positions = (6, 7), np.array([3, 8, 9, 10, 16, 17, 24, 25, 26, 31, 32, 33, 38])
+    tokens = rng.standard_normal((5, 6, 7, 16)).astype(np.float32)
+    queries = rng.standard_normal((3, 6, 7, 16)).astype(np.float32)
+    queries[0, 2, 3] = tokens[1, 2, 3]  # an exact match
+    bank = MemoryBank.fit(tokens, radius=radius, positions=positions)
+    got = bank.distances(queries, backend=backend).reshape(3, -1)
+    flat_t, flat_q = tokens.reshape(5, 42, 16), queries.reshape(3, 42, 16)
+    kept = set(positions.tolist())
+    for l in range(42):
+        if l not in kept:
+            assert np.isnan(got[:, l]).all()
+            continue
+        y, x = divmod(l, 7)
+        near = [m for m in kept if abs(m // 7 - y) <= radius and abs(m % 7 - x) <= radius]
+        rows = flat_t[:, near].reshape(-1, 16).astype(np.float64)
+        want = np.sqrt(((flat_q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(got[:, l], want, rtol=1e-5, atol=1e-4)
+    assert got[0, 2 * 7 + 3] <= 1e-3
+
+
+# --- the detector on foreground tokens ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fg_detector():
+    """Foreground tokens at 224 px (a 16x16 grid: the region leaves background to drop)."""
+    from conftest import FAST, screws
+    from dinopatch import DinoPatch
+
+    return DinoPatch(**dict(FAST, image_size=224, foreground=True)).fit(screws("good", 8, seed=1))
+
+
+def test_detector_runs_on_the_region_and_sees_an_object_beside_the_part(fg_detector):
+    import cv2
+    from conftest import screws
+
+    fg = fg_detector._model.foreground
+    assert 0.3 < fg.fraction < 0.9 and fg_detector._model.aligner.padding == "background"
+    assert fg_detector._model.bank.features.shape[0] == len(fg.positions)
+    clean = screws("good", 3, seed=2)
+    litter = [cv2.circle(im.copy(), (28, 28), 9, (60, 60, 60), -1) for im in clean]  # a dark nut in a corner
+    raws = fg_detector.patch_distances(clean + litter)
+    inside = np.zeros(256, bool)
+    inside[fg.positions] = True
+    for raw in raws[3:]:  # the worst location is outside the region: the background check found the object
+        worst = np.argmax(np.where(np.isfinite(raw.distances), raw.distances, -1).ravel())
+        assert not inside[worst]
+    results = [fg_detector.result_from(r) for r in raws]
+    assert all(not r.is_anomaly for r in results[:3]) and all(r.is_anomaly for r in results[3:])
+    assert min(r.score for r in results[3:]) > 2 * max(r.score for r in results[:3])
+    # Defects on the part itself are judged by the tokens of the region.
+    bent = [fg_detector.result_from(r) for r in fg_detector.patch_distances(screws("bent_thread", 3, seed=3))]
+    assert min(r.score for r in bent) > max(r.score for r in results[:3])
+
+
+def test_model_file_keeps_the_region_and_onnx_scores_match_torch(fg_detector, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conftest import screws
+    from dinopatch import DinoPatch
+
+    images = screws("good", 2, seed=4) + screws("bent_thread", 2, seed=5)
+    path = fg_detector.save(tmp_path / "fg.npz")
+    loaded = DinoPatch.load(path)
+    assert loaded.foreground is True
+    np.testing.assert_array_equal(loaded._model.foreground.positions, fg_detector._model.foreground.positions)
+    want = fg_detector.score_images(images)
+    np.testing.assert_allclose(loaded.score_images(images), want, rtol=1e-6)
+    onnx = DinoPatch.load(path, engine="onnx")
+    np.testing.assert_allclose(onnx.score_images(images), want, rtol=1e-3)
+
+
+def test_edited_region_is_refused(fg_detector, tmp_path):
+    from dinopatch import DinoPatch, modelfile
+    from dinopatch.modelfile import ModelFileError
+
+    header, arrays = modelfile.read(fg_detector.save(tmp_path / "fg.npz"))
+    for name, value in (("positions", arrays["positions"][1:]),
+                        ("background_scale", np.zeros_like(arrays["background_scale"]))):
+        edited = dict(arrays, **{name: value})
+        path = modelfile.write(tmp_path / f"{name}.npz", {k: v for k, v in header.items() if k != "arrays"}, edited)
+        with pytest.raises(ModelFileError):
+            DinoPatch.load(path)
+
+
+def test_foreground_option_is_checked():
+    from conftest import FAST, screws
+    from dinopatch import DinoPatch
+
+    images = screws("good", 3, seed=1)
+    with pytest.raises(ValueError, match="align=True"):
+        DinoPatch(**dict(FAST, foreground=True, align=False)).fit(images)
+    with pytest.raises(ValueError, match="foreground must be"):
+        DinoPatch(**dict(FAST, foreground="yes")).fit(images)
+    with pytest.raises(ValueError, match="at least 2"):
+        DinoPatch(**dict(FAST, foreground=True, threshold=1.0)).fit(images[:1])
+
+
+def test_auto_keeps_every_token_where_the_part_fills_the_frame(screw_detector):
+    # At 112 px (an 8x8 grid) the dilated silhouette covers the frame: nothing to drop.
+    assert screw_detector.foreground == "auto" and screw_detector._model.foreground is None
+    assert screw_detector._model.aligner.padding == "reflect"
