@@ -29,6 +29,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=int, default=1)
     g.add_argument("--score", default="max", choices=["max", "mean", "p99", "topk"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
+                   help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
 
 
 def _detector(args):
@@ -36,7 +38,8 @@ def _detector(args):
 
     return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size, align=args.align,
                      engine=args.engine, kernel=args.kernel, coreset_ratio=args.coreset_ratio,
-                     tolerance=args.tolerance, score=args.score, seed=args.seed)
+                     tolerance=args.tolerance, score=args.score, seed=args.seed,
+                     foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
 
 
 def _image_paths(items: list[str]) -> list[Path]:

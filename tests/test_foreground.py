@@ -255,3 +255,14 @@ def test_auto_keeps_every_token_where_the_part_fills_the_frame(screw_detector):
     # At 112 px (an 8x8 grid) the dilated silhouette covers the frame: nothing to drop.
     assert screw_detector.foreground == "auto" and screw_detector._model.foreground is None
     assert screw_detector._model.aligner.padding == "reflect"
+
+
+def test_cli_option_reaches_the_detector():
+    import argparse
+
+    from dinopatch import cli
+
+    p = argparse.ArgumentParser()
+    cli._add_detector_args(p)
+    for flag, want in (("on", True), ("off", False), ("auto", "auto")):
+        assert cli._detector(p.parse_args(["--foreground", flag])).foreground == want
