@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import BLOCKS_MATTER  # noqa: E402
+
 from dinopatch.backbone import TorchBackbone, check_positions, preprocess  # noqa: E402
 from dinopatch.backbone.onnx_export import token_error  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, ra
 
     if backend not in kernels.available():
         pytest.skip(f"{backend} is not built here")
-    grid, positions = (6, 7), np.array([3, 8, 9, 10, 16, 17, 24, 25, 26, 31, 32, 33, 38])
+    positions = np.array([3, 8, 9, 10, 16, 17, 24, 25, 26, 31, 32, 33, 38])
     tokens = rng.standard_normal((5, 6, 7, 16)).astype(np.float32)
     queries = rng.standard_normal((3, 6, 7, 16)).astype(np.float32)
     queries[0, 2, 3] = tokens[1, 2, 3]  # an exact match
@@ -181,6 +182,7 @@ def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, ra
 def fg_detector():
     """Foreground tokens at 224 px (a 16x16 grid: the region leaves background to drop)."""
     from conftest import FAST, screws
+
     from dinopatch import DinoPatch
 
     return DinoPatch(**dict(FAST, image_size=224, foreground=True)).fit(screws("good", 8, seed=1))
@@ -212,6 +214,7 @@ def test_detector_runs_on_the_region_and_sees_an_object_beside_the_part(fg_detec
 def test_model_file_keeps_the_region_and_onnx_scores_match_torch(fg_detector, tmp_path):
     pytest.importorskip("onnxruntime")
     from conftest import screws
+
     from dinopatch import DinoPatch
 
     images = screws("good", 2, seed=4) + screws("bent_thread", 2, seed=5)
@@ -240,6 +243,7 @@ def test_edited_region_is_refused(fg_detector, tmp_path):
 
 def test_foreground_option_is_checked():
     from conftest import FAST, screws
+
     from dinopatch import DinoPatch
 
     images = screws("good", 3, seed=1)

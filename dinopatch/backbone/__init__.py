@@ -17,6 +17,7 @@ from .specs import BACKBONES, BackboneSpec, check_image_size, check_positions, g
 from .torch_engine import TorchBackbone
 from .weights import WeightsUnavailableError, build_model, cache_dir, weights_fingerprint
 
-__all__ = ["BACKBONES", "ENGINES", "EngineCache", "embed", "ONNX_FORMAT", "PRECISIONS", "BackboneSpec", "OnnxBackbone", "TorchBackbone",
-           "WeightsUnavailableError", "build_model", "cache_dir", "check_image_size", "check_positions", "find_or_export_onnx",
-           "get_spec", "make_backbone", "onnx_cache_path", "preprocess", "weights_fingerprint"]
+__all__ = ["BACKBONES", "ENGINES", "EngineCache", "embed", "ONNX_FORMAT", "PRECISIONS", "BackboneSpec",
+           "OnnxBackbone", "TorchBackbone", "WeightsUnavailableError", "build_model", "cache_dir",
+           "check_image_size", "check_positions", "find_or_export_onnx", "get_spec", "make_backbone",
+           "onnx_cache_path", "preprocess", "weights_fingerprint"]
