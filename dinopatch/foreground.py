@@ -32,7 +32,9 @@ import numpy as np
 
 OPTIONS = ("auto", True, False)
 MARGIN = 2  # patches around the union of silhouettes: pose noise of new parts, defects just outside
-# "auto" runs foreground tokens where the region keeps at most this fraction of the patches.
+# "auto" runs foreground tokens where the region keeps at most this fraction of the patches: the
+# bench's foreground stage found them faster end to end at 44% and 67% kept, image AUROC unchanged;
+# the limit stays clear of the larger of the two, the only evidence near it.
 AUTO_MAX_FRACTION = 0.6
 # Standard deviations below this (gray levels) are sensor noise, not a scale to divide by.
 FLOOR = 2.0
