@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pybind11
-
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -46,12 +45,12 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_temp, check=True)
 
     def copy_extensions_to_source(self) -> None:
-        # setuptools copies only the declared _C; the same CMake run may also
-        # have built _C_cuda next to it (in-place and editable builds).
+        # setuptools copies only the declared _C; the same CMake run also
+        # built _bench_C and maybe _C_cuda next to it (in-place and editable builds).
         super().copy_extensions_to_source()
         build_py = self.get_finalized_command("build_py")
         built = Path(self.build_lib) / "dinopatch"
-        for extra in built.glob("_C_cuda*"):
+        for extra in [*built.glob("_C_cuda*"), *built.glob("_bench_C*")]:
             shutil.copy2(extra, Path(build_py.get_package_dir("dinopatch")) / extra.name)
 
 

@@ -1,55 +1,69 @@
 #!/usr/bin/env bash
-# CUDA check for a machine with an NVIDIA GPU: builds dinopatch._C_cuda in
-# place, runs the CUDA parity tests, then times the GPU kernel at
-# L=3136 K=200 D=768 (ViT-B/14 at 784 px), batch 32, fp32 and fp16 banks,
-# against the H200's ~4.3 TB/s.  Usage: bash benchmarks/gpu_check.sh
+# The one prepared GPU check: build dinopatch._C_cuda, run the whole kernel
+# test module with the cuda backend required, then the bench's cuda group
+# (kernel call and event times on device-resident queries at L=3136 K=200
+# D=768, radius 0 and 1, fp32 and fp16, against --peak-gbs and a measured
+# device copy; full-size parity, exact zeros and k-center identity are
+# required checks).  Under 6 minutes on one H200.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (or DINOPATCH_GPU_OUT=OUT_DIR)
+#
+# OUT_DIR (default ./gpu_check_out) receives gpu_check.log (everything
+# printed), build.log, test_kernels.xml and gpu_check.json (every figure).
+# Extra bench options: DINOPATCH_GPU_BENCH_ARGS="--peak-gbs 3350" (H100).
+# Needs on the machine: a Python 3.10+ with numpy, pybind11, pytest and
+# hypothesis, CMake >= 3.18 and a CUDA toolkit; no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi -L
-CMAKE_ARGS="-DDINOPATCH_CUDA=ON ${CMAKE_ARGS:-}" python setup.py build_ext --inplace > /tmp/dinopatch_gpu_build.log 2>&1 \
-  || { tail -40 /tmp/dinopatch_gpu_build.log; exit 1; }
-python -m pytest tests/test_kernels.py -q -m cuda -rs
-python - <<'PY'
-import time
-import numpy as np
-from dinopatch import _C_cuda, kernels
+OUT="${1:-${DINOPATCH_GPU_OUT:-gpu_check_out}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+fail() { echo "gpu_check: FAILED: $*"; exit 1; }
+date -u
 
-L, K, D, B, PEAK = 3136, 200, 768, 32, 4.3e12
-h = w = 56
-assert "cuda" in kernels.available(), kernels.available()
-rng = np.random.default_rng(0)
-bank32 = rng.standard_normal((L, K, D), dtype=np.float32)
-q = rng.standard_normal((B, L, D), dtype=np.float32)
-rows = []
-for name, bank, f16 in (("fp32", bank32, False), ("fp16", bank32.astype(np.float16), True)):
-    dev = _C_cuda.DeviceBank(bank.view(np.uint16) if f16 else bank, f16)
-    for b in (1, B):
-        qb = np.ascontiguousarray(q[:b])
-        for radius in (0, 1):
-            dev.min_distance(qb, h, w, radius)
-            _C_cuda.synchronize()
-            times = []
-            for _ in range(10):
-                t0 = time.perf_counter()
-                dev.min_distance(qb, h, w, radius)  # includes query upload + result download
-                times.append(time.perf_counter() - t0)
-            t = min(times)
-            reads = bank.nbytes * (1 if radius == 0 else 9)
-            rows.append((name, b, radius, t * 1e3, t / b * 1e3, bank.nbytes / t / 1e9,
-                         bank.nbytes / t / PEAK, 2.0 * b * L * K * D * (1 if radius == 0 else 9) / t / 1e12))
-    if f16:
-        ref = kernels.min_distance(q[:2], bank, "cpp" if "cpp" in kernels.available() else "numpy")
-        got = dev.min_distance(np.ascontiguousarray(q[:2]), h, w, 0)
-        print(f"fp16 parity vs CPU on the full size: max rel err {np.abs(got - ref).max() / ref.max():.2e}")
-x = rng.standard_normal((64, 400, D), dtype=np.float32)
-kernels.kcenter_greedy(x, 40, "cuda")
-t0 = time.perf_counter(); idx = kernels.kcenter_greedy(x, 40, "cuda"); tk = time.perf_counter() - t0
-t0 = time.perf_counter(); ref = kernels.kcenter_greedy(x, 40, "cpp"); tc = time.perf_counter() - t0
-print(f"\nL={L} K={K} D={D} ({bank32.nbytes / 2**30:.2f} GiB fp32), ms include query upload and result download;"
-      f"\nGB/s = bank bytes / call time (radius 1 compares each row with up to 9 locations; TFLOP/s counts that)")
-print(f"{'bank':5} {'batch':>5} {'radius':>6} {'ms/call':>8} {'ms/img':>8} {'GB/s':>8} {'of 4.3TB/s':>10} {'TFLOP/s':>8}")
-for r in rows:
-    print(f"{r[0]:5} {r[1]:5d} {r[2]:6d} {r[3]:8.3f} {r[4]:8.3f} {r[5]:8.0f} {r[6]:10.1%} {r[7]:8.2f}")
-print(f"\nk-center L={x.shape[0]} N={x.shape[1]} D={D} k=40: cuda {tk*1e3:.1f} ms, cpp {tc*1e3:.1f} ms, same indices: {np.array_equal(idx, ref)}")
+PY="$(command -v python3 || command -v python || true)"
+[ -n "$PY" ] || fail "no python3 or python on PATH"
+"$PY" - <<'PY' || fail "this Python cannot run the check (see above)"
+import importlib.util, sys
+assert sys.version_info >= (3, 10), f"Python 3.10+ needed, this is {sys.version}"
+missing = [m for m in ("numpy", "pybind11", "pytest", "hypothesis") if importlib.util.find_spec(m) is None]
+assert not missing, f"missing Python packages: {missing}"
 PY
+echo "python: $PY ($("$PY" --version 2>&1))"
+
+# CMake finds nvcc only on PATH; CUDA installs often leave it off.
+if ! command -v nvcc >/dev/null; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$d/nvcc" ]; then export PATH="$d:$PATH"; break; fi
+  done
+fi
+command -v nvcc >/dev/null || fail "no nvcc on PATH or in /usr/local/cuda*/bin"
+CMAKE="$(command -v cmake || true)"
+[ -n "$CMAKE" ] || fail "no cmake on PATH (pip install cmake, or the distribution's)"
+nvidia-smi -L || fail "nvidia-smi sees no GPU"
+nvcc --version | tail -1
+
+# CMake directly, not setup.py: pyproject's licence field needs setuptools >= 77.
+echo "building into dinopatch/ (log: $OUT/build.log)"
+{
+  "$CMAKE" -S . -B build/gpu_check -DCMAKE_BUILD_TYPE=Release -DDINOPATCH_CUDA=ON \
+    -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
+    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/dinopatch" -DDINOPATCH_VERSION_INFO=gpu-check &&
+  "$CMAKE" --build build/gpu_check -j "$(nproc)"
+} > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "from dinopatch import _C_cuda as c; n = c.device_count(); assert n > 0, 'the CUDA runtime sees no device'; print(n, 'device(s):', c.device_name(0))" \
+  || fail "dinopatch._C_cuda does not see a device"
+
+# Every parity test on every backend, cuda among them; DINOPATCH_REQUIRE_CUDA
+# turns the CUDA tests' skips into failures.
+DINOPATCH_REQUIRE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_bank.py -q -rs -p no:cacheprovider \
+  --junitxml "$OUT/test_kernels.xml" || fail "kernel tests"
+
+# shellcheck disable=SC2086  # the extra arguments are meant to split
+"$PY" -m dinopatch.bench cuda --strict --repeats 10 --json "$OUT/gpu_check.json" ${DINOPATCH_GPU_BENCH_ARGS:-} \
+  || fail "bench cuda group (a required check failed, see the targets table)"
+echo "gpu_check: OK; figures in $OUT/gpu_check.json"
+date -u

@@ -10,8 +10,8 @@ import pytest
 
 from dinopatch import DinoPatch
 from dinopatch.align import Aligner
-from dinopatch.synthetic import make_images
 from dinopatch.stream import stream
+from dinopatch.synthetic import make_images
 
 SIZE = int(os.environ.get("DINOPATCH_BENCH_SIZE", 448))
 

@@ -5,7 +5,6 @@ using V = __m512;
 constexpr int W = 16;
 constexpr int QB = 4, RB = 4;  // 16 accumulators + 4 rows + temporaries of 32 registers
 inline V zero() { return _mm512_setzero_ps(); }
-inline V load_one() { return _mm512_set1_ps(1.f); }
 inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline V load(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "size_checks.h"
 
 namespace py = pybind11;
 using f32 = py::array_t<float, py::array::c_style>;
@@ -26,16 +27,16 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-void check_min_distance(const f32& q, const py::array& bank, const py::object& counts, int64_t h,
-                        int64_t w, int64_t radius) {
+// Returns the radius to use (see grid_radius).
+int64_t check_min_distance(const f32& q, const py::array& bank, const py::object& counts, int64_t h,
+                           int64_t w, int64_t radius) {
   if (q.ndim() != 3 || bank.ndim() != 3 || q.shape(1) != bank.shape(0) ||
       q.shape(2) != bank.shape(2) || bank.shape(1) < 1 || bank.shape(2) < 1)
     throw std::invalid_argument("queries " + shape_str(q) + " [B,L,D] and bank " +
                                 shape_str(bank) + " [L,K,D] must agree on L and D, K >= 1, D >= 1");
-  if (h < 1 || w < 1 || h * w != bank.shape(0) || radius < 0)
-    throw std::invalid_argument("grid (" + std::to_string(h) + ", " + std::to_string(w) +
-                                ") / radius " + std::to_string(radius) + " do not fit L = " +
-                                std::to_string(bank.shape(0)));
+  dinopatch::checked_size({q.shape(0), q.shape(1), q.shape(2)}, "B * L * D");
+  dinopatch::checked_size({bank.shape(0), bank.shape(1), bank.shape(2)}, "L * K * D");
+  radius = dinopatch::grid_radius(h, w, bank.shape(0), radius);
   if (!counts.is_none()) {
     const auto c = counts.cast<i64>();
     if (c.ndim() != 1 || c.shape(0) != bank.shape(0))
@@ -44,12 +45,13 @@ void check_min_distance(const f32& q, const py::array& bank, const py::object& c
       if (c.at(i) < 1 || c.at(i) > bank.shape(1))
         throw std::invalid_argument("counts must lie in [1, K]");
   }
+  return radius;
 }
 
 template <typename Array, typename T>
 f32 min_distance(f32 queries, Array bank, py::object counts, int64_t h, int64_t w,
                  int64_t radius) {
-  check_min_distance(queries, bank, counts, h, w, radius);
+  radius = check_min_distance(queries, bank, counts, h, w, radius);
   const auto B = queries.shape(0), L = queries.shape(1), D = queries.shape(2);
   const auto K = bank.shape(1);
   f32 out({B, L});
@@ -86,6 +88,7 @@ radius -> [B,L] f32 min Euclidean distance over the neighbourhood.)pbdoc");
         if (x.ndim() != 3 || k < 1 || k > x.shape(1))
           throw std::invalid_argument("x " + shape_str(x) + " must be [L,N,D] with 1 <= k <= N");
         const auto L = x.shape(0), N = x.shape(1), D = x.shape(2);
+        dinopatch::checked_size({L, N, D}, "L * N * D");
         py::array_t<int64_t> out({L, static_cast<py::ssize_t>(k)});
         const float* p = x.data();
         int64_t* o = out.mutable_data();
@@ -97,17 +100,6 @@ radius -> [B,L] f32 min Euclidean distance over the neighbourhood.)pbdoc");
       },
       py::arg("x"), py::arg("k"),
       R"pbdoc(x [L,N,D] f32 -> [L,k] int64 greedy k-center indices per location.)pbdoc");
-
-  m.def(
-      "stream_read",
-      [](f32 x) {
-        const float* p = x.data();
-        const auto n = x.size();
-        py::gil_scoped_release release;
-        return dinopatch::stream_read_cpu(p, n);
-      },
-      py::arg("x"),
-      R"pbdoc(Sum of a float32 array read by all OpenMP threads: a memory-bandwidth probe.)pbdoc");
 
   m.def(
       "isas",

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "size_checks.h"
 
 namespace py = pybind11;
 namespace dc = dinopatch::cuda;
@@ -23,6 +24,60 @@ struct Buffer {
   ~Buffer() { dc::release(p); }
 };
 
+// Device memory held by Python, for callers that keep queries on the GPU.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t nbytes) : nbytes_(nbytes), buf_(nbytes) {}
+  uintptr_t ptr() const { return reinterpret_cast<uintptr_t>(buf_.p); }
+  size_t nbytes() const { return nbytes_; }
+  void copy_from_host(const py::array& a) {
+    same_size(a);
+    dc::to_device(buf_.p, a.data(), nbytes_);
+  }
+  void copy_to_host(py::array& a) {
+    same_size(a);
+    if (!a.writeable()) throw std::invalid_argument("the host array is read-only");
+    dc::to_host(a.mutable_data(), buf_.p, nbytes_);
+  }
+  void copy_from_device(const DeviceBuffer& src) {
+    if (src.nbytes_ != nbytes_) throw std::invalid_argument("buffers differ in size");
+    dc::device_to_device(buf_.p, src.buf_.p, nbytes_);
+  }
+
+ private:
+  void same_size(const py::array& a) const {
+    if (!(a.flags() & py::array::c_style) || static_cast<size_t>(a.nbytes()) != nbytes_)
+      throw std::invalid_argument("the host array must be C-contiguous with " +
+                                  std::to_string(nbytes_) + " bytes, got " +
+                                  std::to_string(a.nbytes()));
+  }
+  size_t nbytes_;
+  Buffer buf_;
+};
+
+// A CUDA event that frees itself.
+struct Event {
+  void* e = dc::event_create();
+  Event() = default;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() { dc::event_destroy(e); }
+};
+
+// Times what a Python callable enqueues on the default stream, by events.
+class EventTimer {
+ public:
+  float time(const py::function& fn) {
+    dc::event_record(start_.e);
+    fn();
+    dc::event_record(stop_.e);
+    return dc::event_elapsed_ms(start_.e, stop_.e);
+  }
+
+ private:
+  Event start_, stop_;
+};
+
 // Checked before anything is allocated on the device.
 const py::array& checked(const py::array& bank, bool f16) {
   const char kind = bank.dtype().kind();
@@ -35,8 +90,8 @@ const py::array& checked(const py::array& bank, bool f16) {
   return bank;
 }
 
-// A bank uploaded once and queried many times (dinopatch.kernels caches one
-// per bank array; the GPU benchmark uses it directly).
+// A bank uploaded once and queried many times (dinopatch.kernels.upload; a
+// MemoryBank keeps one).  The device memory is freed with the object.
 class DeviceBank {
  public:
   DeviceBank(py::array bank, bool f16, py::object counts)
@@ -65,9 +120,9 @@ class DeviceBank {
   f32 min_distance(f32 queries, int64_t h, int64_t w, int64_t radius) {
     if (queries.ndim() != 3 || queries.shape(1) != L_ || queries.shape(2) != D_)
       throw std::invalid_argument("queries must be [B,L,D] matching the bank's L and D");
-    if (h < 1 || w < 1 || h * w != L_ || radius < 0)
-      throw std::invalid_argument("grid h x w must equal L and radius be >= 0");
+    radius = dinopatch::grid_radius(h, w, L_, radius);
     const int64_t B = queries.shape(0);
+    dinopatch::checked_size({B, L_, D_, sizeof(float)}, "B * L * D bytes");
     f32 out({B, static_cast<int64_t>(L_)});
     if (B == 0) return out;
     const float* qh = queries.data();
@@ -84,7 +139,27 @@ class DeviceBank {
     return out;
   }
 
+  // Queries already on the device: no host copies, no allocation; launched on
+  // the default stream and not waited for.
+  void min_distance_device(uintptr_t queries, uintptr_t out, int64_t B, int64_t h, int64_t w,
+                           int64_t radius) {
+    if (h < 1 || w < 1 || h * w != L_ || radius < 0 || B < 0)
+      throw std::invalid_argument("grid h x w must equal L, radius be >= 0 and the batch >= 0");
+    if (B == 0) return;
+    const void* q = reinterpret_cast<const void*>(queries);
+    void* o = reinterpret_cast<void*>(out);
+    if (!dc::is_device_pointer(q) || !dc::is_device_pointer(o))
+      throw std::invalid_argument(
+          "queries and out must be device pointers (DeviceBuffer.ptr, or data_ptr() of a CUDA "
+          "tensor)");
+    dc::min_distance(static_cast<const float*>(q), bank_.p, f16_,
+                     has_counts_ ? static_cast<const int64_t*>(counts_.p) : nullptr,
+                     static_cast<float*>(o), B, L_, K_, D_, h, w, radius);
+  }
+
   size_t nbytes() const { return static_cast<size_t>(L_ * K_ * D_ * (f16_ ? 2 : 4)); }
+  py::tuple shape() const { return py::make_tuple(L_, K_, D_); }
+  bool f16() const { return f16_; }
 
  private:
   py::ssize_t L_, K_, D_;
@@ -103,8 +178,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       .def(py::init<py::array, bool, py::object>(), py::arg("bank"), py::arg("f16") = false,
            py::arg("counts") = py::none())
       .def("min_distance", &DeviceBank::min_distance, py::arg("queries"), py::arg("h"),
-           py::arg("w"), py::arg("radius") = 0)
-      .def_property_readonly("nbytes", &DeviceBank::nbytes);
+           py::arg("w"), py::arg("radius") = 0,
+           R"pbdoc(Host queries [B,L,D] f32 -> host [B,L] f32; copies both ways, synchronous.)pbdoc")
+      .def("min_distance_device", &DeviceBank::min_distance_device, py::arg("queries_ptr"),
+           py::arg("out_ptr"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("radius") = 0,
+           R"pbdoc(Device queries [batch,L,D] f32 at queries_ptr -> device [batch,L] f32 at out_ptr.
+Launched on the default stream without waiting: synchronize() (or an event) before reading out.
+The caller guarantees the sizes; both pointers must be device memory.)pbdoc")
+      .def_property_readonly("nbytes", &DeviceBank::nbytes)
+      .def_property_readonly("shape", &DeviceBank::shape, "(L, K, D) of the uploaded bank.")
+      .def_property_readonly("f16", &DeviceBank::f16, "Whether the rows are stored as float16.");
 
   m.def(
       "min_distance",
@@ -120,6 +203,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         if (x.ndim() != 3 || k < 1 || k > x.shape(1))
           throw std::invalid_argument("x must be [L,N,D] with 1 <= k <= N");
         const int64_t L = x.shape(0), N = x.shape(1), D = x.shape(2);
+        dinopatch::checked_size({L, N, D, sizeof(float)}, "L * N * D bytes");
+        dinopatch::checked_size({L, k, sizeof(int64_t)}, "L * k bytes");
         py::array_t<int64_t> out({L, k});
         const float* xh = x.data();
         int64_t* oh = out.mutable_data();
@@ -134,5 +219,20 @@ PYBIND11_MODULE(_C_cuda, m) {
         return out;
       },
       py::arg("x"), py::arg("k"));
-  m.def("synchronize", &dc::synchronize);
+  m.def("synchronize", &dc::synchronize, "Wait for the device; kernel errors surface here.");
+  m.def("device_name", &dc::device_name, py::arg("device") = 0);
+
+  py::class_<DeviceBuffer>(m, "DeviceBuffer", "Device memory of nbytes, freed with the object.")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def_property_readonly("ptr", &DeviceBuffer::ptr)
+      .def_property_readonly("nbytes", &DeviceBuffer::nbytes)
+      .def("copy_from_host", &DeviceBuffer::copy_from_host, py::arg("array"))
+      .def("copy_to_host", &DeviceBuffer::copy_to_host, py::arg("array"))
+      .def("copy_from_device", &DeviceBuffer::copy_from_device, py::arg("src"),
+           "Device-to-device copy of a buffer of the same size.");
+
+  py::class_<EventTimer>(m, "EventTimer", "CUDA events around what a callable enqueues.")
+      .def(py::init<>())
+      .def("time", &EventTimer::time, py::arg("fn"),
+           "Milliseconds on the device between events recorded before and after fn().");
 }

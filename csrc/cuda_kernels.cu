@@ -224,6 +224,36 @@ void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int
   check(cudaGetLastError(), "kcenter kernel launch");
 }
 
+std::string device_name(int device) {
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "device properties");
+  return prop.name;
+}
+
+bool is_device_pointer(const void* p) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    cudaGetLastError();  // a plain host pointer on older runtimes: not an error to keep
+    return false;
+  }
+  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
+}
+
+void* event_create() {
+  cudaEvent_t e;
+  check(cudaEventCreate(&e), "cudaEventCreate");
+  return e;
+}
+void event_destroy(void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); }
+void event_record(void* e) { check(cudaEventRecord(static_cast<cudaEvent_t>(e)), "cudaEventRecord"); }
+float event_elapsed_ms(void* start, void* stop) {
+  check(cudaEventSynchronize(static_cast<cudaEvent_t>(stop)), "kernel");
+  float ms = 0.f;
+  check(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start), static_cast<cudaEvent_t>(stop)),
+        "cudaEventElapsedTime");
+  return ms;
+}
+
 void* alloc(size_t bytes) {
   void* p = nullptr;
   check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
@@ -235,6 +265,9 @@ void to_device(void* dst, const void* src, size_t bytes) {
 }
 void to_host(void* dst, const void* src, size_t bytes) {
   check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "copy to host");
+}
+void device_to_device(void* dst, const void* src, size_t bytes) {
+  check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), "device-to-device copy");
 }
 void synchronize() { check(cudaDeviceSynchronize(), "kernel"); }
 

@@ -2,7 +2,9 @@
 // cuda_bindings.cpp.  Pointers are device pointers; shapes are checked in
 // Python and in the bindings.  Errors throw std::runtime_error.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace dinopatch::cuda {
 
@@ -18,10 +20,23 @@ void min_distance(const float* queries, const void* bank, bool f16, const int64_
 void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int64_t N,
                     int64_t D, int64_t k);
 
+// The device's name, e.g. "NVIDIA H200".
+std::string device_name(int device);
+// Whether p points to device (or managed) memory this process can use.
+bool is_device_pointer(const void* p);
+
+// Events on the default stream, for timing kernels without the host's view.
+void* event_create();
+void event_destroy(void* e);
+void event_record(void* e);
+// Milliseconds from start to stop; waits for stop.
+float event_elapsed_ms(void* start, void* stop);
+
 void* alloc(size_t bytes);
 void release(void* p);
 void to_device(void* dst, const void* src, size_t bytes);
 void to_host(void* dst, const void* src, size_t bytes);
+void device_to_device(void* dst, const void* src, size_t bytes);
 void synchronize();
 
 }  // namespace dinopatch::cuda

@@ -12,7 +12,6 @@ constexpr int W = 8;
 constexpr int QB = 2, RB = 4;  // 8 accumulators + 4 rows + temporaries of 16 registers
 constexpr const char* ISA_NAME = "avx2";
 inline V zero() { return _mm256_setzero_ps(); }
-inline V load_one() { return _mm256_set1_ps(1.f); }
 inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline V load(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -37,7 +36,7 @@ using Half = Lanes128<8>;
 #include "simd_body.h"
 
 const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
-                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+                          min_sq_f32, min_sq_f16,  kcenter_one};
 
 }  // namespace avx2
 

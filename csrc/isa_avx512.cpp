@@ -13,7 +13,7 @@ constexpr const char* ISA_NAME = "avx512";
 #include "simd_body.h"
 
 const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
-                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+                          min_sq_f32, min_sq_f16,  kcenter_one};
 
 }  // namespace avx512
 

@@ -269,7 +269,7 @@ void bf_min_sq_f16(const float* packed, int64_t nq, const uint16_t* rows, int64_
 }
 
 const IsaKernels table = {ISA_NAME,      bf_packed_size, bf_scratch_size, bf_pack,
-                          bf_min_sq_f32, bf_min_sq_f16,  kcenter_one,     sum};
+                          bf_min_sq_f32, bf_min_sq_f16,  kcenter_one};
 
 }  // namespace avx512bf16
 

@@ -11,7 +11,6 @@ constexpr int W = 1;
 constexpr int QB = 2, RB = 4;
 constexpr const char* ISA_NAME = "generic";
 inline V zero() { return 0.f; }
-inline V load_one() { return 1.f; }
 inline V load(const float* p) { return *p; }
 inline float to_float(uint16_t h) {
   // IEEE half -> float, subnormals and inf/NaN included.
@@ -55,7 +54,7 @@ using Half = Full;
 #include "simd_body.h"
 
 const IsaKernels table = {ISA_NAME,   packed_size, scratch_size, pack,
-                          min_sq_f32, min_sq_f16,  kcenter_one,  sum};
+                          min_sq_f32, min_sq_f16,  kcenter_one};
 
 }  // namespace generic
 

@@ -32,8 +32,6 @@ struct IsaKernels {
   // mind and dist [N].
   void (*kcenter_one)(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out,
                       double* mean, float* mind, float* dist);
-  // Sum of x[0..n), read with full-width loads (memory bandwidth probe).
-  double (*sum)(const float* x, int64_t n);
 };
 
 const IsaKernels* isa_generic();
@@ -63,8 +61,5 @@ void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t*
 
 // For each location l, k indices into x[l] chosen by greedy k-center.
 void kcenter_greedy_cpu(const float* x, int64_t* out, int64_t L, int64_t N, int64_t D, int64_t k);
-
-// Multi-threaded sum of x[0..n): reads the array once at full memory bandwidth.
-double stream_read_cpu(const float* x, int64_t n);
 
 }  // namespace dinopatch

@@ -79,22 +79,4 @@ void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t*
   run(isa, isa.min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius);
 }
 
-double stream_read_cpu(const float* x, int64_t n) {
-  const auto sum = active_isa().sum;
-  double total = 0.0;
-#pragma omp parallel reduction(+ : total) if (n > (1 << 20))
-  {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    // Contiguous slices, 64-float aligned, one per thread.
-    const int64_t per = ((n + nt - 1) / nt + 63) / 64 * 64;
-    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
-    total += sum(x + lo, hi - lo);
-  }
-  return total;
-}
-
 }  // namespace dinopatch

@@ -379,18 +379,3 @@ void kcenter_one(const float* x, int64_t N, int64_t D, int64_t k, int64_t* out, 
     c = next;
   }
 }
-
-double sum(const float* x, int64_t n) {
-  V a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
-  const V one = load_one();
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = fma(load(x + i), one, a0);
-    a1 = fma(load(x + i + W), one, a1);
-    a2 = fma(load(x + i + 2 * W), one, a2);
-    a3 = fma(load(x + i + 3 * W), one, a3);
-  }
-  double s = static_cast<double>(hsum(a0)) + hsum(a1) + hsum(a2) + hsum(a3);
-  for (; i < n; ++i) s += x[i];
-  return s;
-}

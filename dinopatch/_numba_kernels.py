@@ -24,6 +24,11 @@ def min_distance(q, bank, counts, h, w, radius):
         y, x = l // w, l % w
         for b in range(B):
             best = np.float32(np.inf)
+            # A NaN query or row makes the answer NaN.  Summing the squared
+            # distances (all >= 0, so never inf - inf) finds one after the
+            # loop; a NaN test per row kept the minimum from being a plain
+            # min and cost a quarter of the time at batch 16.
+            total = np.float32(0.0)
             for yy in range(max(0, y - radius), min(h, y + radius + 1)):
                 for xx in range(max(0, x - radius), min(w, x + radius + 1)):
                     m = yy * w + xx
@@ -32,9 +37,9 @@ def min_distance(q, bank, counts, h, w, radius):
                         for d in range(D):
                             t = q[b, l, d] - bank[m, k, d]
                             acc += t * t
-                        if best == best and (acc < best or acc != acc):
-                            best = acc
-            out[b, l] = np.sqrt(best)
+                        total += acc
+                        best = min(best, acc)
+            out[b, l] = np.sqrt(best) if total == total else np.float32(np.nan)
     return out
 
 

@@ -12,10 +12,15 @@ clipped to kept locations, as it is clipped at the grid's edges.  The kernels
 take a full grid, so the dropped locations are given one row each, a sentinel
 :data:`SENTINEL` in every feature, far beyond any token: a query nearer to it
 than to every nominal row is beyond ``SENTINEL * sqrt(D) - |q|`` of all of them.
+
+On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
+first use and freed with the bank (like a faiss GPU index over its C++ core);
+a region bank with a radius uploads its padded full grid with its row counts.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -31,6 +36,10 @@ class MemoryBank:
         grid: ``(h, w)`` token grid, ``h * w == L``.
         radius: spatial tolerance in grid steps (0: own location only).
         positions: flat grid indices of the locations the rows are of (default: every one).
+
+    ``features`` is read-only through the bank (neither its rows nor the
+    attribute can be changed): the device copy is made once, so a changed
+    bank would leave it stale.
     """
 
     def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None):
@@ -46,10 +55,42 @@ class MemoryBank:
             raise ValueError(f"bank features must be float32 or float16, got {features.dtype}")
         if int(radius) < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
-        self.features = np.ascontiguousarray(features)
+        # A read-only view: the caller's own array stays writable.
+        self._features = np.ascontiguousarray(features).view()
+        self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
         self.radius = int(radius)
         self._full = None  # the sentinel-padded full grid, made on first use
+        self._device = None
+        self._device_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles (Ray, joblib) carry the host rows only; the copy
+        # uploads its own device bank when it first needs one.
+        state = self.__dict__.copy()
+        state["_device"] = state["_device_lock"] = state["_full"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._features.flags.writeable = False
+        self._device_lock = threading.Lock()
+
+    def device_bank(self):
+        """The bank on the GPU (``dinopatch._C_cuda.DeviceBank``), uploaded once.
+
+        A region bank with a radius is uploaded as its padded full grid with
+        its row counts (see :meth:`_padded`).  Threads predicting at once share
+        one upload.  The device memory is freed when the bank is.
+        """
+        device = self._device
+        if device is None:
+            with self._device_lock:
+                if self._device is None:
+                    padded = self.positions is not None and self.radius
+                    self._device = kernels.upload(*self._padded()) if padded else kernels.upload(self.features)
+                device = self._device
+        return device
 
     @classmethod
     def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
@@ -88,16 +129,21 @@ class MemoryBank:
         if (h, w) != self.grid or d != self.dim:
             raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
         q = tokens.reshape(b, h * w, d)
+        backend = kernels.resolve(backend)
+        cuda = backend == "cuda"
         if self.positions is None:
             extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
-            return kernels.min_distance(q, self.features, backend=backend, **extra).reshape(b, h, w)
+            bank = self.device_bank() if cuda else self.features
+            return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
         out = np.full((b, h * w), np.nan, np.float32)
         if self.radius:
             full, counts = self._padded()
-            out[:, self.positions] = kernels.min_distance(q, full, backend=backend, counts=counts, grid=self.grid,
+            bank, counts = (self.device_bank(), None) if cuda else (full, counts)
+            out[:, self.positions] = kernels.min_distance(q, bank, backend=backend, counts=counts, grid=self.grid,
                                                           radius=self.radius)[:, self.positions]
         else:
-            out[:, self.positions] = kernels.min_distance(q[:, self.positions], self.features, backend=backend)
+            bank = self.device_bank() if cuda else self.features
+            out[:, self.positions] = kernels.min_distance(q[:, self.positions], bank, backend=backend)
         return out.reshape(b, h, w)
 
     def _padded(self) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +157,11 @@ class MemoryBank:
             counts[self.positions] = k
             self._full = (full, counts)
         return self._full
+
+    @property
+    def features(self) -> np.ndarray:
+        """``[L, K, D]`` rows, read-only (the device copy is made from them once)."""
+        return self._features
 
     @property
     def dim(self) -> int:

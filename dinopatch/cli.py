@@ -1,115 +1,260 @@
-"""``python -m dinopatch {fit,predict,evaluate,demo,export}``."""
+"""The command line: ``dinopatch {fit,predict,evaluate,demo,export}`` (also ``python -m dinopatch``).
+
+A mistake (a wrong path, a flag out of range, an output that exists) prints one
+line, ``dinopatch: error: ...``, and exits with :data:`EXIT_USAGE`; ``--debug``
+shows the traceback instead.  ``predict`` exits with :data:`EXIT_SOME_FAILED`
+when some inputs could not be scored (each has its error in
+``predictions.jsonl``).  The choices of backbones, engines, kernels and image
+scores are read from the registries, so a new one appears here by itself.
+"""
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib
+import math
+import os
 import sys
 from pathlib import Path
 
-import cv2
+from ._version import __version__
+from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
+from .fitted import MAX_LAYERS
+from .kernels import BACKENDS
+from .outputs import claim, output_folder
+from .postprocess import SCORES
 
-from .backbone import ENGINES
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3
+DESCRIPTION = ("DinoPatch finds defects in images of parts after seeing only good ones: fit a model on good "
+               "parts, predict on new ones, evaluate on a folder in the MVTec AD layout.")
+EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr; --debug shows the "
+          f"traceback); {EXIT_SOME_FAILED} predict scored some inputs but not all (see the error field in "
+          "predictions.jsonl).")
+# Flags that describe what is fitted: a model file fixes them.
+FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
+                "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
+                "score": "--score", "foreground": "--foreground"}
+# Flags that say how to run a model, honoured with -m.
+RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
+# The default of every detector flag in the parser that finds which were given.
+_UNSET = object()
+PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps")
+REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "overlays")
 
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line, not a usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"dinopatch: error: {message} (see {self.prog} -h)\n")
+
+
+# ----------------------------------------------------------------------------- argument types
 
 def _engine(value: str) -> str:
     if value in ENGINES or value.endswith(".onnx"):
         return value
-    raise argparse.ArgumentTypeError(f"choose one of {', '.join(ENGINES)} or a path to an .onnx export")
+    raise argparse.ArgumentTypeError(f"{value!r}: choose one of {', '.join(ENGINES)} or a path to an .onnx "
+                                     "export")
 
+
+def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high``."""
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        return value
+    return check
+
+
+# ----------------------------------------------------------------------------- detector flags
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector")
-    g.add_argument("--backbone", default="dinov2_vits14")
-    g.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint path")
-    g.add_argument("--image-size", type=int, default=448)
-    g.add_argument("--no-align", dest="align", action="store_false", help="fixtured parts and flat textures")
-    g.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
-    g.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
-    g.add_argument("--coreset-ratio", type=float, default=1.0)
-    g.add_argument("--tolerance", type=int, default=1)
-    g.add_argument("--score", default="max", choices=["max", "mean", "p99", "topk"])
-    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("detector (what is fitted)")
+    g.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
+    g.add_argument("--weights", default="pretrained",
+                   help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a "
+                        "checkpoint file (.pth or .safetensors)")
+    # Ranges are checked where every parameter is, before any work (dinopatch.fitted.check_params).
+    g.add_argument("--image-size", type=int, default=448,
+                   help="backbone input side in pixels, a multiple of 14")
+    g.add_argument("--no-align", dest="align", action="store_false",
+                   help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
+    g.add_argument("--coreset-ratio", type=float, default=1.0,
+                   help="share of the good patches kept per location")
+    g.add_argument("--tolerance", type=int, default=1,
+                   help="a patch is compared with good patches up to this many grid steps away")
+    g.add_argument("--score", default="max", choices=SCORES, help="image score from the anomaly map")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds random weights, calibration and the evaluation split")
     g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
                    help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
+    _add_runtime_args(p, default_engine="auto")
 
 
-def _detector(args):
+def _add_runtime_args(p: argparse.ArgumentParser, default_engine: str | None) -> None:
+    g = p.add_argument_group("run time (how to run; may differ from the model file's)")
+    model = " (default: the model file's)" if default_engine is None else ""
+    g.add_argument("--engine", type=_engine, default=default_engine,
+                   help=f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch)"
+                        f"{model}")
+    g.add_argument("--kernel", default=None if default_engine is None else "auto",
+                   choices=("auto", *BACKENDS),
+                   help=f"distance kernel; 'auto' takes the fastest installed{model}")
+    g.add_argument("--batch-size", type=int, default=None if default_engine is None else 8,
+                   help=f"images per backbone call{model}")
+    g.add_argument("--device", default=None if default_engine is None else "auto",
+                   help=f"auto, cpu, cuda or cuda:N; a GPU named but not there is an error{model}")
+
+
+def _explicit(argv: list[str]) -> set[str]:
+    """The detector flags given on the command line (not left at their defaults)."""
+    args = build_parser(defaults=False).parse_args(argv)
+    return {k for k, v in vars(args).items() if v is not _UNSET}
+
+
+def _new_detector(args):
     from .detector import DinoPatch
 
-    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size, align=args.align,
-                     engine=args.engine, kernel=args.kernel, coreset_ratio=args.coreset_ratio,
-                     tolerance=args.tolerance, score=args.score, seed=args.seed,
+    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                     align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
+                     coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
+                     seed=args.seed, device=args.device,
                      foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
 
 
-def _image_paths(items: list[str]) -> list[Path]:
-    from .data import IMAGE_SUFFIXES
+def _load_model(path: str, runtime: dict):
+    from .detector import DinoPatch
 
-    paths = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise SystemExit(f"dinopatch: {item}: no such file or folder")
-    if not paths:
-        raise SystemExit(f"dinopatch: no images found in {items}")
-    return paths
+    if path.lower().endswith(".onnx"):
+        raise ValueError(f"{path} is a backbone export, not a model file: give the model (.npz) with -m "
+                         f"and the export with --engine {path}")
+    return DinoPatch.load(path, **runtime)
 
+
+def _start_engine(det) -> str:
+    """Build the model's backbone engine now, and name it.
+
+    A missing or foreign export then fails before any output is touched, and
+    the first batch's latency measures images, not loading the backbone.
+    """
+    backbone = det._get_backbone()
+    return backbone.engine if det.engine == "auto" else os.fspath(det.engine)
+
+
+# ----------------------------------------------------------------------------- commands
 
 def cmd_fit(args) -> int:
-    paths = _image_paths(args.images)
-    det = _detector(args).fit(paths)
-    path = det.save(args.output)
-    print(f"fitted on {len(paths)} images; threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path}")
+    from .inputs import training_files
+
+    files, notes = training_files(args.images)
+    out = Path(args.output)
+    claim([out], args.force)
+    for note in notes:
+        print(note)
+    det = _new_detector(args)
+    print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px, "
+          f"{'aligned' if det.align else 'not aligned'}, on {len(files)} images")
+    det.fit(files)
+    path = det.save(out)
+    print(f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
+          f"(model id {det.model_id})")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .data import read_image
-    from .detector import DinoPatch
-    from .viz import overlay
+    import cv2
 
-    det = DinoPatch.load(args.model, **({"engine": args.engine} if args.engine else {}))
-    paths = _image_paths(args.images)
+    from .inputs import common_root, prediction_files
+    from .predictions import predict_files
+
+    files, masks = prediction_files(args.images)
     out = Path(args.output)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    results = det.predict(paths)
-    vmax = 2 * det.threshold_.image
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "score", "is_anomaly", "aligned"])
-        for p, r in zip(paths, results):
-            w.writerow([str(p), f"{r.score:.6f}", int(r.is_anomaly), int(r.aligned)])
-            pic = overlay(read_image(p), r.anomaly_map, vmax=vmax, pred_mask=r.mask,
-                          text=f"{r.score:.3f}{' ANOMALY' if r.is_anomaly else ''}")
-            cv2.imwrite(str(out / "overlays" / f"{p.parent.name}_{p.stem}.png"), pic)
-    print(f"{sum(r.is_anomaly for r in results)}/{len(results)} anomalous; scores in {out / 'scores.csv'}")
+    output_folder(out)
+    for item in args.images:
+        if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
+            raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
+                             "its overlays as parts; choose another -o")
+    runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+    det = _load_model(args.model, runtime)
+    engine = _start_engine(det)
+    claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
+    if masks:
+        print(f"left out {masks} ground-truth masks (files under ground_truth/)")
+    # Each unreadable file is recorded with its error; OpenCV's own warning about it is noise.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
+                            save_maps=args.save_maps, progress=not args.quiet, engine=engine)
+    print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed; "
+          f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); model id {det.model_id}; "
+          f"results in {out / 'predictions.jsonl'} and {out / 'scores.csv'}")
+    if summary.failed:
+        path, error = summary.first_error
+        print(f"dinopatch: {summary.failed} input(s) could not be scored, e.g. {path}: {error}",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .data import MVTecFolder
-    from .detector import DinoPatch
-    from .evaluate import evaluate
+    from .evaluate import check_layout, evaluate
 
     folder = MVTecFolder(args.data)
+    check_layout(folder, need_train=args.model is None)
+    out = Path(args.output)
+    output_folder(out)
     if args.model:
-        det = DinoPatch.load(args.model)
+        given = _explicit(args.argv)
+        fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: the model file fixes "
+                             f"{'this' if len(fixed) == 1 else 'these'}; such flags apply only when evaluate "
+                             "fits (without -m)")
+        det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
+        _start_engine(det)
     else:
-        det = _detector(args).fit(folder.train_paths())
-    m = evaluate(det, folder, args.output, tune_fraction=args.tune_fraction, seed=args.seed,
-                 threshold=args.threshold, tune_on_report=args.tune_on_report)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+        det = None
+    outputs = [out / name for name in REPORT_FILES] + ([Path(args.save_model)] if args.save_model else [])
+    claim(outputs, args.force, folders_ok=True)
+    if det is None:
+        det = _new_detector(args)
+        print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px on "
+              f"{folder.root}/train/good")
+        det.fit(folder.train_paths())
+    m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
+                 tune_on_report=args.tune_on_report, save_model=args.save_model)
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall",
+            "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
-        print(f"{k:<18}{m['tuned'][k]:>12.3f}{m[k]:>10.3f}")
+        print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")
+    for warning in m["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if m["optimistic"]:
         print("OPTIMISTIC: tuned on the reported images (--tune-on-report)")
-    print(f"report: {(Path(args.output) / 'index.html').resolve()}")
+    if args.save_model:
+        print(f"tuned model: {m['saved_model']} (threshold {m['settings']['threshold_source']})")
+    print(f"report: {(out / 'index.html').resolve()}")
     return 0
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def cmd_demo(args) -> int:
@@ -119,63 +264,125 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .backbone.onnx_export import main as export_main
+    from .backbone.onnx_export import export_onnx
 
-    return export_main(args.rest)
+    if args.output:
+        claim([Path(args.output)], args.force)
+    path = export_onnx(args.backbone, args.weights, args.image_size, args.layers, args.precision, args.output,
+                       args.seed, portable=args.portable)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB), checked against torch")
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dinopatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------- parser
 
-    p = sub.add_parser("fit", help="fit on good images and save a model file")
-    p.add_argument("images", nargs="+", help="image files or folders of good parts")
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``defaults=False`` leaves out the detector flags not given (see :func:`_explicit`)."""
+    parser = _Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help,
+                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"dinopatch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; `dinopatch COMMAND -h` lists its options")
+    common = _Parser(add_help=False, allow_abbrev=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    common.add_argument("--force", action="store_true", help="replace outputs that exist")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Help,
+                           allow_abbrev=False)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("fit", "fit on good images and save a model file", cmd_fit)
+    p.add_argument("images", nargs="+",
+                   help="good images: files, folders, or an MVTec AD category folder (its train/good is "
+                        "taken)")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="score images: scores.csv and heatmap overlays")
-    p.add_argument("images", nargs="+")
-    p.add_argument("-m", "--model", required=True)
-    p.add_argument("-o", "--output", default="predictions")
-    p.add_argument("--engine", type=_engine, help="override the model file's engine, e.g. an .onnx export "
-                   "(runs without torch)")
-    p.set_defaults(func=cmd_predict)
+    p = command("predict", "score images: predictions.jsonl, scores.csv and heatmap overlays", cmd_predict)
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively; ground_truth/ "
+                                             "folders and hidden files are left out)")
+    p.add_argument("-m", "--model", required=True, help="model file from fit or evaluate --save-model")
+    p.add_argument("-o", "--output", default="predictions", help="output folder")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays/<input path>.png")
+    p.add_argument("--save-maps", choices=("npy", "png"), default=None,
+                   help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; "
+                        "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_runtime_args(p, default_engine=None)
 
-    p = sub.add_parser("evaluate", help="metrics.json, overlays and roc.png on an MVTec-layout folder")
-    p.add_argument("data", help="folder with train/good, test/<type>, ground_truth/<type>")
-    p.add_argument("-m", "--model", help="a fitted model file; without it, fit on DATA/train/good")
-    p.add_argument("-o", "--output", default="report")
-    p.add_argument("--tune-fraction", type=float, default=0.5,
+    p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder",
+                cmd_evaluate)
+    p.add_argument("data", help="folder with train/good, test/good, test/<defect>, ground_truth/<defect>")
+    p.add_argument("-m", "--model",
+                   help="a model file (default: fit one on DATA/train/good with the detector flags); with "
+                        "it, --engine, --kernel and --batch-size replace the file's, and the other detector "
+                        "flags are refused")
+    p.add_argument("-o", "--output", default="report", help="report folder")
+    p.add_argument("--tune-fraction", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.5,
                    help="share of each defect type used to tune post-processing; the rest is reported")
     p.add_argument("--threshold", choices=["tuned", "good"], default="tuned",
                    help="'tuned': best F1 on the tuning part; 'good': from held-out good parts only")
     p.add_argument("--tune-on-report", action="store_true",
                    help="tune on the reported images too (the report says it is optimistic)")
+    p.add_argument("--save-model", help="write the model with the tuned threshold and post-processing here "
+                                        "(default: none)")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_evaluate)
+    if not defaults:
+        # Not a string: argparse would run a string default through the option's type.
+        p.set_defaults(**{dest: _UNSET for dest in (*FITTED_FLAGS, *RUNTIME_FLAGS)})
 
-    p = sub.add_parser("demo", help="synthetic pasta and screw: generate, fit, evaluate (offline)")
-    p.add_argument("-o", "--output", default="dinopatch-demo")
+    p = command("demo", "synthetic pasta and screw: generate, fit, evaluate (offline)", cmd_demo)
+    p.add_argument("-o", "--output", default="dinopatch-demo", help="folder for the data and the reports")
     p.add_argument("--weights", default="pretrained", help="falls back to 'random', loudly, when offline")
     p.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
-    p.add_argument("--quick", action="store_true", help="fewer, smaller images")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--quick", action="store_true", help="fewer, smaller images (about 20 s)")
 
-    p = sub.add_parser("export", help="export a backbone to ONNX (see python -m dinopatch export -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_export)
+    p = command("export", "export a backbone to ONNX, checked against torch", cmd_export)
+    p.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
+    p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint file")
+    p.add_argument("--image-size", type=int, default=448,
+                   help="input side in pixels, a multiple of 14 (the export runs at this size only)")
+    p.add_argument("--layers", type=_number(int, 1, MAX_LAYERS), default=1,
+                   help="mean of the last LAYERS blocks")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="int8 for CPUs with VNNI, fp16 for GPUs")
+    p.add_argument("--seed", type=int, default=0, help="for --weights random")
+    p.add_argument("--portable", action="store_true",
+                   help="standard ONNX ops only (attention as MatMul and Softmax), for runtimes without "
+                        "ONNX Runtime's contrib ops (TensorRT, others)")
+    p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
+    for name, (_, what) in RAY_COMMANDS.items():
+        sub.add_parser(name, help=f"{what}, on Ray (`dinopatch {name} -h` lists its options)", add_help=False)
     return parser
+
+
+# Sub-commands that parse their own flags in their own modules, imported only when run so that
+# `import dinopatch.cli` needs no Ray: name -> (module, help).
+RAY_COMMANDS = {"serve": ("serve", "serve a model over HTTP"),
+                "score-archive": ("archive", "score a folder, glob or list of images into Parquet")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # export parses its own flags: argparse's REMAINDER in a subparser rejects leading options.
-    if argv[:1] == ["export"]:
-        return cmd_export(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] and argv[0] in RAY_COMMANDS:
+        return importlib.import_module(f".{RAY_COMMANDS[argv[0]][0]}", __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dinopatch: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, WeightsUnavailableError) as e:
+        if args.debug:
+            raise
+        hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""
+        print(f"dinopatch: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import numpy as np
 from . import fitted, foreground
 from .align import Aligner
 from .backbone import EngineCache
+from .backbone.device import require as require_device
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
 from .data import load_images
-from .fitted import Fitted, backbone_key, check_params
-from .polarity import Polarity
+from .fitted import Fitted, backbone_key, check_params, graph_record
+from .polarity import Polarity, unflip
 from .postprocess import PostProcess, image_score
 from .presets import PRESETS
 from .result import PatchDistances, Result
@@ -58,16 +59,18 @@ class DinoPatch(EstimatorMixin):
             False, or ``"auto"``: where aligned parts leave most of the frame to the background.
         batch_size: images per backbone call.
         progress: show progress bars.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance=1,
                  bank_dtype="float32", sigma=4.0, score="max", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True):
+                 batch_size=8, progress=True, device="auto"):
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
+        require_device(device)  # a GPU asked for that is not there fails here, not at the first image
         self._engines = EngineCache()
 
     @classmethod
@@ -92,7 +95,7 @@ class DinoPatch(EstimatorMixin):
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
-        engine = self._engine(backbone_key(params), None)
+        engine = self._engine(backbone_key(params), None, None)
         canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, int(self.batch_size),
                                                      self.progress)
         frames, positions = np.stack([c[0] for c in canon]), fg and fg.positions
@@ -112,7 +115,7 @@ class DinoPatch(EstimatorMixin):
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
         self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions), threshold,
-                             engine.fingerprint, "unsaved", fg)
+                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine))
         return self
 
     def _make_bank(self, tokens: np.ndarray, positions) -> MemoryBank:
@@ -122,14 +125,15 @@ class DinoPatch(EstimatorMixin):
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
 
-    def _engine(self, key: tuple, fingerprint: str | None):
+    def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
         name, weights, image_size, layers, seed = key
-        return self._engines.get(self.engine, fingerprint, name=name, weights=weights, image_size=image_size,
-                                 layers=layers, seed=seed)
+        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
+                                 weights=weights, image_size=image_size, layers=layers, seed=seed)
 
     def _get_backbone(self):
-        """The engine of the fitted model (the bench reports which)."""
-        return self._engine(backbone_key((model := self._fitted()).params), model.fingerprint)
+        """The engine of the fitted model, built now if not yet (the bench and the CLI report which)."""
+        return self._engine(backbone_key((model := self._fitted()).params), model.fingerprint,
+                            model.graph_sha256(self.engine))
 
     def _fitted(self) -> Fitted:
         if (model := getattr(self, "_model", None)) is None:
@@ -164,28 +168,32 @@ class DinoPatch(EstimatorMixin):
         return [raw for i in range(0, len(images), bs)
                 for raw in self.distances_aligned(self._align(model, images[i:i + bs]))]
 
-    def align_images(self, images: list[np.ndarray]) -> tuple:
+    def align_images(self, images: list[np.ndarray]) -> list[tuple]:
         """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages.
 
-        Returns an opaque batch for :meth:`distances_aligned`, bound to the model in force now.
+        Returns one opaque item per image for :meth:`distances_aligned`, bound to the model in force now;
+        items of several calls can be batched together.
         """
         return self._align(self._fitted(), images)
 
     @staticmethod
-    def _align(model: Fitted, images: list[np.ndarray]) -> tuple:
-        return model, [(im, model.aligner.transform(im)) for im in images]
+    def _align(model: Fitted, images: list[np.ndarray]) -> list[tuple]:
+        return [(model, im, *model.aligner.transform(im)) for im in images]
 
-    def distances_aligned(self, batch: tuple) -> list[PatchDistances]:
-        """Second stage of :meth:`patch_distances`: backbone and bank on one batch from :meth:`align_images`."""
-        model, items = batch
-        engine = self._engine(backbone_key(model.params), model.fingerprint)
-        frames, fg = np.stack([canonical for _, (canonical, _, _) in items]), model.foreground
+    def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
+        """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`."""
+        if len({id(model) for model, *_ in items}) > 1:  # aligned across a refit: each part by its own model
+            split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
+            return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
+        model = items[0][0]
+        engine = self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
+        frames, fg = np.stack([canonical for _, _, canonical, _, _ in items]), model.foreground
         tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
         flips = np.zeros(len(items), bool)
         if model.polarity is not None:
             tokens, flips = model.polarity.orient(tokens)
         dists = _finish(model.bank.distances(tokens, backend=self._kernel()), flips, fg, frames)
-        return [PatchDistances(d, valid, al, im.shape[:2], model) for (im, (_, valid, al)), d in zip(items, dists)]
+        return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:
@@ -228,22 +236,15 @@ class DinoPatch(EstimatorMixin):
         Args:
             threshold: use this threshold instead of the file's (its source becomes "user").
             false_alarm_rate: re-read the file's calibration scores at this rate.
-            **runtime: ``engine``, ``kernel``, ``batch_size``, ``progress``: how
-                to run, not what was fitted.
+            **runtime: ``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``: how to run.
         """
-        if threshold is not None and false_alarm_rate is not None:
-            raise ValueError("give threshold or false_alarm_rate, not both")
-        model, params = fitted.load_detector(path, runtime)
-        if threshold is not None:
-            model = dataclasses.replace(model, threshold=Threshold.given(threshold))
-        elif false_alarm_rate is not None:
-            model = dataclasses.replace(model, threshold=model.threshold.at_false_alarm_rate(false_alarm_rate))
+        model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
         det._model = model
         return det
 
 
 def _finish(distances: np.ndarray, flips: np.ndarray, fg, frames: np.ndarray, background=None) -> np.ndarray:
-    """Grids scored rotated go back to their canonical images' orientation; then the background term."""
-    out = np.stack([d[::-1, ::-1] if f else d for d, f in zip(distances, flips)])
+    """Grids scored turned go back to their canonical images' orientation; then the background term."""
+    out = np.stack([unflip(d, f) for d, f in zip(distances, flips)])
     return out if fg is None else fg.complete(out, frames, background)

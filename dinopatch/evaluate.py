@@ -9,8 +9,10 @@ tuning part.  Tuning on the reported images takes an explicit
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -21,12 +23,45 @@ from tqdm.auto import tqdm
 from . import metrics
 from .calibration import Threshold
 from .data import read_image, read_mask
+from .inputs import MVTEC_LAYOUT
 from .postprocess import SCORES
 from .viz import overlay, plot_curves, plot_histogram
 
 SIGMAS = (2.0, 4.0, 8.0)
 MORPH_KERNELS = (1, 3, 5, 9)
 PIXEL_QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+# Below this many reported images of one kind (good or a defect type), the
+# report warns that its figures for that kind say little.
+FEW_IMAGES = 10
+
+
+def check_layout(folder, *, need_train: bool = False) -> list:
+    """The test items of ``folder``; ValueError naming the expected layout when there are none.
+
+    Args:
+        need_train: also require ``train/good`` images (to fit on).
+    """
+    items = folder.test_items()
+    if not items:
+        raise ValueError(f"{folder.root}: no test images; expected {MVTEC_LAYOUT}")
+    if need_train:
+        try:
+            folder.train_paths()
+        except ValueError as e:
+            raise ValueError(f"{e}; expected {MVTEC_LAYOUT}") from None
+    return items
+
+
+def check_arguments(tune_fraction, threshold: str) -> None:
+    """Raise before any work on arguments that would fail after every image was scored."""
+    _check_tune_fraction(tune_fraction)
+    if threshold not in ("tuned", "good"):
+        raise ValueError(f"threshold must be 'tuned' or 'good', got {threshold!r}")
+
+
+def _check_tune_fraction(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"tune_fraction must be a number in (0, 1), got {value!r}")
 
 
 def split(defects: list[str], tune_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +70,7 @@ def split(defects: list[str], tune_fraction: float = 0.5, seed: int = 0) -> tupl
     Each type with at least two images gives ``round(tune_fraction * n)`` of
     them (at least one, at most ``n - 1``) to tuning; a lone image is reported.
     """
-    if not 0.0 < tune_fraction < 1.0:
-        raise ValueError(f"tune_fraction must be in (0, 1), got {tune_fraction}")
+    _check_tune_fraction(tune_fraction)
     rng = np.random.default_rng(seed)
     defects = np.asarray(defects)
     tune = []
@@ -67,7 +101,10 @@ def _pixel_metrics(gts, maps, preds) -> dict:
 
 
 def _tune(det, raws, labels, gts, threshold: str) -> dict:
-    """Choose the post-processing on the tuning part only."""
+    """Choose the post-processing on the tuning part only; with an empty tuning part, the detector's own."""
+    if not raws:
+        return dict(sigma=det.sigma, score=det.score, threshold=det.threshold_.image,
+                    pixel_threshold=det.threshold_.pixel, morph_kernel=det.morph_kernel)
     # The detector's own settings come first: they stand when the tuning part
     # cannot rank (one class only), and ties keep them.
     best, best_auc = None, -np.inf
@@ -129,13 +166,10 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         plus ``tuned`` (the same metrics on the tuning part), ``settings``,
         ``split`` and ``per_defect``.
     """
-    if threshold not in ("tuned", "good"):
-        raise ValueError(f"threshold must be 'tuned' or 'good', got {threshold!r}")
+    check_arguments(tune_fraction, threshold)
+    items = check_layout(folder)
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    items = folder.test_items()
-    if not items:
-        raise ValueError(f"{folder.root}: no test images")
     raws = []
     bs = det.batch_size
     for i in tqdm(range(0, len(items), bs), desc="evaluate", disable=not progress, leave=False):
@@ -152,11 +186,14 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         tune, report = split(defects, tune_fraction, seed)
     settings = _tune(det, [raws[i] for i in tune], labels[tune], [gts[i] for i in tune], threshold)
     post = {k: settings[k] for k in ("sigma", "score", "morph_kernel")}
-    source = det.threshold_.source
     if settings["threshold"] != det.threshold_.image:
         source = {"method": "evaluation", "images": len(tune), "split": "all test images (optimistic)"
                   if tune_on_report else f"tuning split of {folder.root}, fraction {tune_fraction:g}, seed {seed}"}
-    tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
+        tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
+    else:
+        # The image threshold is still the calibrated one: keep its evidence, which
+        # a model file must carry for a leave-one-out or held-out source.
+        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"])
     settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]
@@ -181,6 +218,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     tuned_set = set(tune.tolist()) if not tune_on_report else set()
     report_metrics = {
         **part(report),
+        "warnings": _few_images_warnings(defects, report),
         "optimistic": bool(tune_on_report),
         "threshold_from": threshold,
         "settings": settings,
@@ -197,10 +235,34 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     if save_model is not None:
         report_metrics["saved_model"] = os.fspath(det.tuned(tuned_threshold, **post).save(save_model))
     _write_pictures(out, items, images, gts, results, scores, labels, report, settings, folder)
+    # Strict JSON: a metric that cannot be computed (one class only) is null, not NaN.
+    report_metrics = _json_safe(report_metrics)
     with open(out / "metrics.json", "w") as f:
-        json.dump(report_metrics, f, indent=1, default=float)
+        json.dump(report_metrics, f, indent=1, allow_nan=False)
     _write_html(out, report_metrics, items, folder)
     return report_metrics
+
+
+def _few_images_warnings(defects: list[str], report: np.ndarray) -> list[str]:
+    reported = [defects[i] for i in report]
+    return [f"test/{d}: {reported.count(d)} reported image(s), fewer than {FEW_IMAGES}: its figures say "
+            "little"
+            for d in sorted(set(defects)) if reported.count(d) < FEW_IMAGES]
+
+
+def _json_safe(value):
+    """``value`` with numpy scalars as Python numbers and every NaN or infinity as None."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _write_pictures(out, items, images, gts, results, scores, labels, report, settings, folder):
@@ -218,6 +280,8 @@ def _write_pictures(out, items, images, gts, results, scores, labels, report, se
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
 
 
@@ -230,19 +294,24 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
                   for d, v in m["per_defect"].items())
     settings = ", ".join(f"{k}={_fmt(v)}" for k, v in m["settings"].items())
     warn = ("<p style='color:#b00'><b>Optimistic:</b> tuned on the reported images.</p>" if m["optimistic"] else "")
+    warn += "".join(f"<p style='color:#b00'><b>Few images:</b> {html.escape(w)}</p>" for w in m["warnings"])
     thumbs = "".join(
         f"<a href='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png'>"
         f"<img src='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png' width=160 "
         f"title='{html.escape(it.defect)} {_fmt(im['score'])} ({im['part']})'></a>"
         for it, im in zip(items, m["images"]))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>DinoPatch report: {html.escape(Path(folder.root).name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{margin:2px}}</style></head><body>
+    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} img{margin:2px}")
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>DinoPatch report: {html.escape(Path(folder.root).name)}</title><style>{style}</style></head><body>
 <h1>DinoPatch report: {html.escape(Path(folder.root).name)}</h1>{warn}
-<p>Post-processing tuned on {len(m['split']['tune'])} test images, metrics reported on the other {len(m['split']['report'])}
+<p>Post-processing tuned on {len(m['split']['tune'])} test images,
+metrics reported on the other {len(m['split']['report'])}
 (stratified by defect type, seed {m['split']['seed']}). Threshold from: {m['threshold_from']}.<br>Chosen: {settings}</p>
 <table><tr><th>metric</th><th>tuning part</th><th>reported part</th></tr>{rows}</table>
 <h2>Per defect type (reported part)</h2>
-<table><tr><th>type</th><th>n</th><th>image AUROC vs good</th><th>recall</th><th>pixel AUROC</th><th>AUPRO</th></tr>{per}</table>
+<table><tr><th>type</th><th>n</th><th>image AUROC vs good</th><th>recall</th><th>pixel AUROC</th>
+<th>AUPRO</th></tr>{per}</table>
 <h2>Curves</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
 <h2>Every test image</h2><p>Heat: anomaly map; green: ground truth; white: predicted defect.</p>{thumbs}
 </body></html>"""

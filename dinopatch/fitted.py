@@ -22,6 +22,7 @@ from . import kernels, modelfile
 from ._version import __version__
 from .align import Aligner
 from .backbone import BACKBONES, get_spec
+from .backbone.device import parse_device
 from .backbone.specs import check_image_size
 from .bank import MemoryBank
 from .calibration import METHODS, Threshold, check_calibration, check_rate
@@ -31,7 +32,7 @@ from .polarity import Polarity
 from .postprocess import PostProcess
 
 # How to run, not what was fitted: these may differ between save and load.
-RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress")
+RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress", "device")
 MAX_IMAGE_SIZE = 14 * 144  # 2016 px: 20736 tokens, beyond any DINOv2 use
 MAX_BATCH = 1024
 MAX_LAYERS = 24  # the deepest DINOv2 (ViT-L/14, ViT-g has 40 but is not registered)
@@ -52,6 +53,12 @@ class Fitted:
     fingerprint: str
     model_id: str
     foreground: Foreground | None = None  # the region the backbone runs on, and the background check
+    # {"engine", "sha256"}: the exact graph the engine used at fit ran, where it ran one.
+    graph: dict | None = None
+
+    def graph_sha256(self, engine) -> str | None:
+        """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
+        return self.graph["sha256"] if self.graph and self.graph["engine"] == os.fspath(engine) else None
 
     @property
     def post(self) -> PostProcess:
@@ -62,6 +69,12 @@ class Fitted:
 def backbone_key(params: dict) -> tuple:
     """What selects the backbone's weights and graph (the engine is chosen at run time)."""
     return params["backbone"], params["weights"], params["image_size"], params["layers"], params["seed"]
+
+
+def graph_record(engine_name, engine) -> dict | None:
+    """What a model file records of the graph an engine ran (torch runs none)."""
+    digest = getattr(engine, "sha256", None)
+    return {"engine": os.fspath(engine_name), "sha256": digest} if digest else None
 
 
 def _int(params: dict, name: str, lo: int, hi: int) -> int:
@@ -107,6 +120,7 @@ def check_params(params: dict) -> dict:
     if p["threshold"] is not None:
         p["threshold"] = Threshold.given(p["threshold"]).image
     p["batch_size"] = _int(p, "batch_size", 1, MAX_BATCH)
+    parse_device(p["device"])
     return p
 
 
@@ -121,6 +135,7 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         "grid": list(model.bank.grid),
         "aligner": model.aligner.state_dict(),
         "weights_fingerprint": model.fingerprint,
+        "graph": model.graph,
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
               "calibration_maxima": np.asarray(t.maxima, np.float64)}
@@ -142,18 +157,30 @@ def _content_id(header: dict, arrays: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def load_detector(path: str | os.PathLike, runtime: dict) -> tuple[Fitted, dict]:
-    """The fitted model and parameters of a model file, every value checked; raises :class:`ModelFileError`."""
+def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | None = None,
+                  false_alarm_rate: float | None = None) -> tuple[Fitted, dict]:
+    """The fitted model and parameters of a model file, every value checked; raises :class:`ModelFileError`.
+
+    ``threshold`` replaces the file's (its source becomes the user); ``false_alarm_rate`` re-reads the
+    file's calibration scores at that rate.
+    """
     bad = set(runtime) - set(RUNTIME_PARAMS)
     if bad:
         raise ValueError(f"only {list(RUNTIME_PARAMS)} can be overridden on load, got {sorted(bad)}")
+    if threshold is not None and false_alarm_rate is not None:
+        raise ValueError("give threshold or false_alarm_rate, not both")
     header, arrays = modelfile.read(path)
     try:
-        return _unpack(header, arrays, runtime)
+        model, params = _unpack(header, arrays, runtime)
     except ModelFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path}: invalid model file ({type(e).__name__}: {e})") from None
+    if threshold is not None:
+        model = dataclasses.replace(model, threshold=Threshold.given(threshold))
+    elif false_alarm_rate is not None:
+        model = dataclasses.replace(model, threshold=model.threshold.at_false_alarm_rate(false_alarm_rate))
+    return model, params
 
 
 def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
@@ -196,8 +223,12 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     model_id = header["model_id"]
     if not isinstance(model_id, str) or not re.fullmatch(r"[0-9a-f]{12}", model_id):
         raise ValueError(f"model id malformed ({model_id!r})")
+    graph = header.get("graph")
+    if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
+                              or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
+        raise ValueError(f"graph record malformed ({graph!r})")
     membank = MemoryBank(bank, (side, side), params["tolerance"], None if fg is None else fg.positions)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg), params
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph), params
 
 
 def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:

@@ -18,17 +18,15 @@ takes the first available; the environment variable ``DINOPATCH_KERNEL``
 overrides that choice.  ``cpp`` picks AVX-512 with BF16, AVX-512, AVX2 or
 portable loops at run time (``_C.isa()``, ``_C.set_isa()``); the BF16 loops
 screen batches of 16 with bf16 dot products and a rigorous error bound, then
-compute every candidate's distance exactly, so all give the same answers.  ``cuda`` keeps a device copy of the
-last two banks it was given while the caller's arrays live (see
-:func:`clear_device_cache` after changing a bank in place).
+compute every candidate's distance exactly, so all give the same answers.
+``cuda`` uploads a host bank for each call; :func:`upload` copies a bank to
+the GPU once for many calls (:class:`dinopatch.bank.MemoryBank` keeps one).
 ``numba`` has no float16 and widens an fp16 bank to float32 per call.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import threading
-import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -122,9 +120,39 @@ def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
         return L, 1, 0
     if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid):
         raise ValueError(f"grid must be two integers (h, w), got {tuple(grid)}")
-    if int(grid[0]) * int(grid[1]) != L or min(grid) < 1:
+    h, w = int(grid[0]), int(grid[1])
+    if h * w != L or min(h, w) < 1:
         raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
-    return int(grid[0]), int(grid[1]), radius
+    # Past the grid every location is a neighbour already; clamped, y + radius cannot overflow in a kernel.
+    return h, w, min(radius, max(h, w))
+
+
+def _is_uploaded(bank) -> bool:
+    cuda = _cuda()
+    return cuda is not None and isinstance(bank, cuda.DeviceBank)
+
+
+def upload(bank, counts=None):
+    """Copy a bank to the GPU once, for many :func:`min_distance` calls.
+
+    Args:
+        bank: ``[L, K, D]`` float rows; float16 is kept as storage.
+        counts: optional ``[L]`` valid rows per location, fixed with the copy.
+
+    Returns:
+        a ``dinopatch._C_cuda.DeviceBank`` to pass as ``min_distance``'s bank
+        (backend ``"cuda"``); its device memory is freed when it is collected.
+        Changing ``bank`` afterwards does not change the copy.
+    """
+    cuda = _cuda()
+    if cuda is None:
+        raise ValueError(f"kernel backend 'cuda' is not available here; available: {available()}")
+    b = _as_float("bank", bank, 3, keep_f16=True)
+    if 0 in b.shape[1:]:
+        raise ValueError(f"bank {b.shape} has no rows per location or no feature dimension")
+    c = _check_counts(counts, b.shape[0], b.shape[1])
+    f16 = b.dtype == np.float16
+    return cuda.DeviceBank(b.view(np.uint16) if f16 else b, f16, c)
 
 
 def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid=None,
@@ -135,9 +163,12 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
         queries: ``[B, L, D]`` float features, one row per image and location.
         bank: ``[L, K, D]`` float nominal features, ``K`` per location; float16
             is kept as storage (half the bytes to read), other floats become
-            float32.  Accumulation is float32 or better in every backend.
+            float32.  Accumulation is float32 or better in every backend.  Or a
+            bank on the GPU from :func:`upload` (backend ``"cuda"``); a host
+            bank on ``"cuda"`` is uploaded for this call only.
         backend: one of :data:`BACKENDS`, or None/"auto".
-        counts: optional ``[L]`` integers in ``[1, K]``: valid rows per location.
+        counts: optional ``[L]`` integers in ``[1, K]``: valid rows per location
+            (an uploaded bank has its counts from :func:`upload`).
         grid: ``(h, w)`` token grid with ``h * w == L``; needed when ``radius > 0``.
         radius: spatial tolerance in grid steps (Chebyshev neighbourhood,
             clipped at the grid edges).
@@ -146,21 +177,26 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
         ``[B, L]`` float32 Euclidean distances; NaN where the query has a NaN.
     """
     q = _as_float("queries", queries, 3)
-    b = _as_float("bank", bank, 3, keep_f16=True)
-    if q.shape[1] != b.shape[0] or q.shape[2] != b.shape[2]:
-        raise ValueError(f"queries {q.shape} [B,L,D] and bank {b.shape} [L,K,D] disagree on L or D")
-    L, K, D = b.shape
+    uploaded = _is_uploaded(bank)
+    b = None if uploaded else _as_float("bank", bank, 3, keep_f16=True)
+    L, K, D = tuple(bank.shape) if uploaded else b.shape
+    if q.shape[1] != L or q.shape[2] != D:
+        raise ValueError(f"queries {q.shape} [B,L,D] and bank {(L, K, D)} [L,K,D] disagree on L or D")
     if K == 0:
-        raise ValueError(f"bank {b.shape} has no rows per location (K = 0)")
+        raise ValueError(f"bank {(L, K, D)} has no rows per location (K = 0)")
     if D == 0:
-        raise ValueError(f"queries {q.shape} and bank {b.shape} have no feature dimension (D = 0)")
+        raise ValueError(f"queries {q.shape} and bank {(L, K, D)} have no feature dimension (D = 0)")
+    if uploaded and counts is not None:
+        raise ValueError("an uploaded bank has the counts given to upload(); pass counts=None")
     c = _check_counts(counts, L, K)
     h, w, r = _check_grid(grid, radius, L)
     backend = resolve(backend)
+    if uploaded and backend != "cuda":
+        raise ValueError(f"the bank is on the GPU (kernels.upload); backend {backend!r} needs a host array")
     if q.shape[0] == 0 or L == 0:
         return np.empty(q.shape[:2], dtype=np.float32)
     if backend == "cuda":
-        return _device_bank(bank, b, c).min_distance(q, h, w, r)
+        return (bank if uploaded else upload(b, c)).min_distance(q, h, w, r)
     if backend == "cpp":
         if b.dtype == np.float16:
             return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
@@ -169,52 +205,6 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
         full = np.full(L, K, dtype=np.int64) if c is None else c
         return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, r)
     return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
-
-
-# Device copies of banks, keyed by the caller's array object (and its address,
-# shape, dtype and counts); dropped when that array is freed.  Uploading the
-# seed configuration's bank (about 2 GB) would otherwise cost more than the
-# distances themselves on every call.
-_DEVICE_BANKS: dict[tuple, object] = {}
-_DEVICE_BANKS_MAX = 2
-_DEVICE_LOCK = threading.Lock()
-_FINALIZED: set[tuple] = set()  # keys with a finalizer registered: one per array
-
-
-def _device_bank(bank, b: np.ndarray, counts: np.ndarray | None):
-    """The uploaded ``b``; cached only when ``b`` is the caller's own array."""
-    f16 = b.dtype == np.float16
-    key = (id(bank), b.__array_interface__["data"][0], b.shape, b.dtype.str,
-           None if counts is None else counts.tobytes())
-    # Threads predicting at once must not upload the same bank several times.
-    with _DEVICE_LOCK:
-        dev = _DEVICE_BANKS.get(key)
-        if dev is None:
-            dev = _cuda().DeviceBank(b.view(np.uint16) if f16 else b, f16, counts)
-            if b is bank:  # not a converted copy, so the key outlives this call
-                while len(_DEVICE_BANKS) >= _DEVICE_BANKS_MAX:
-                    _DEVICE_BANKS.pop(next(iter(_DEVICE_BANKS)), None)
-                if key not in _FINALIZED:
-                    _FINALIZED.add(key)
-                    weakref.finalize(bank, _forget, key)
-                _DEVICE_BANKS[key] = dev
-    return dev
-
-
-def _forget(key: tuple) -> None:
-    with _DEVICE_LOCK:
-        _DEVICE_BANKS.pop(key, None)
-        _FINALIZED.discard(key)
-
-
-def clear_device_cache() -> None:
-    """Forget the device copies of banks.
-
-    The ``cuda`` backend keeps the last banks it was given on the GPU while the
-    caller's arrays live; call this after changing such an array in place.
-    """
-    with _DEVICE_LOCK:
-        _DEVICE_BANKS.clear()
 
 
 def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:

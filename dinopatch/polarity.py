@@ -20,7 +20,8 @@ class Polarity:
     def __init__(self, reference: np.ndarray):
         reference = np.asarray(reference)
         if reference.ndim != 2 or reference.dtype != np.float32 or not np.isfinite(reference).all():
-            raise ValueError(f"polarity reference must be finite float32 [w, D], got {reference.dtype}{reference.shape}")
+            raise ValueError(f"polarity reference must be finite float32 [w, D], "
+                             f"got {reference.dtype}{reference.shape}")
         self.reference = reference
 
     @classmethod
@@ -39,6 +40,11 @@ class Polarity:
         out = tokens.copy()
         out[flip] = tokens[flip][:, ::-1, ::-1]
         return out, flip
+
+
+def unflip(distances: np.ndarray, flipped: bool) -> np.ndarray:
+    """A grid scored turned goes back to its canonical image's orientation."""
+    return distances[::-1, ::-1] if flipped else distances
 
 
 def _profile(tokens: np.ndarray) -> np.ndarray:

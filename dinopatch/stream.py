@@ -13,6 +13,7 @@ Results come out in input order and equal ``predict`` with the same
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -58,7 +59,19 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
         depth: capacity of each queue between stages, in batches.
 
     Yields:
-        :class:`Frame` per input frame, in input order.
+        :class:`Frame` per input frame, in input order. When a frame cannot be
+        read or aligned, the frames before it are yielded first, then its
+        error is raised.
+
+    Closing the generator (``close()``, ``break`` out of a loop over it, an
+    exception in the consumer) stops both stage threads and waits for them, so
+    no thread of the stream runs on afterwards. It waits for the step each is
+    in: the backbone call in flight (one batch) and the current frame's
+    alignment. One wait is bounded instead: a frame source blocked inside its
+    own ``next()`` (a camera waiting for a trigger) cannot be interrupted from
+    Python, so after 0.2 s close returns and leaves that thread, a daemon, to
+    end as soon as ``next()`` returns, dropping that frame and never calling
+    ``next()`` again.
     """
     # Checked here, not at the first next(): a generator would report them late.
     det._fitted()
@@ -67,16 +80,22 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     return _pipeline(det, frames, int(batch_size), int(depth))
 
 
+_POLL = 0.05  # how often a stage blocked on a queue looks whether the consumer went away
+_SOURCE_GRACE = 0.2  # how long close() waits for a frame source blocked in its own next()
+
+
 def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> Iterator[Frame]:
+    """The generator behind :func:`stream`; see there for what closing it does."""
     aligned_q: queue.Queue = queue.Queue(depth)
     scored_q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
+    in_source = threading.Event()  # set while the align thread waits in the source's next()
 
     def put(q: queue.Queue, item) -> bool:
         # Give up when the consumer went away, so no thread blocks for ever.
         while not stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                q.put(item, timeout=_POLL)
                 return True
             except queue.Full:
                 continue
@@ -85,27 +104,41 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
     def get(q: queue.Queue):
         while not stop.is_set():
             try:
-                return q.get(timeout=0.1)
+                return q.get(timeout=_POLL)
             except queue.Empty:
                 continue
         return _DONE
 
-    def align_stage():
+    def next_frame(source: Iterator):
+        in_source.set()
         try:
-            batch, start = [], []
-            for index, frame in enumerate(frames):
-                start.append(time.perf_counter())
-                batch.append(load_image(frame, index))  # errors name the frame's place in the stream
+            return next(source, _DONE)
+        finally:
+            in_source.clear()
+
+    def align_stage():
+        # Frames are aligned one by one as they arrive, so that when frame k fails, the frames
+        # before it in its batch are already aligned and go on to be scored before the error.
+        batch, start = [], []
+        try:
+            source = iter(frames)
+            for index in itertools.count():
+                frame = next_frame(source)
+                if frame is _DONE or stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                batch += det.align_images([load_image(frame, index)])  # errors name the frame's place
+                start.append(t0)
                 if len(batch) == batch_size:
-                    if not put(aligned_q, (start, det.align_images(batch))):
+                    if not put(aligned_q, (start, batch)):
                         return
                     batch, start = [], []
-            if batch:
-                put(aligned_q, (start, det.align_images(batch)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            put(aligned_q, _Failure(e))
+            if not batch or put(aligned_q, (start, batch)):
+                put(aligned_q, _Failure(e))
             return
-        put(aligned_q, _DONE)
+        if not batch or put(aligned_q, (start, batch)):
+            put(aligned_q, _DONE)
 
     def infer_stage():
         while True:
@@ -122,10 +155,10 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
             if not put(scored_q, (start, raw)):
                 return
 
-    threads = [threading.Thread(target=align_stage, name="dinopatch-align", daemon=True),
-               threading.Thread(target=infer_stage, name="dinopatch-infer", daemon=True)]
-    for t in threads:
-        t.start()
+    align = threading.Thread(target=align_stage, name="dinopatch-align", daemon=True)
+    infer = threading.Thread(target=infer_stage, name="dinopatch-infer", daemon=True)
+    align.start()
+    infer.start()
     index = 0
     try:
         while True:
@@ -140,5 +173,9 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
                 index += 1
     finally:
         stop.set()
-        for t in threads:
-            t.join(timeout=5)
+        infer.join()
+        waited_from = time.monotonic()
+        while align.is_alive():
+            align.join(_POLL / 5)
+            if in_source.is_set() and time.monotonic() - waited_from > _SOURCE_GRACE:
+                break

@@ -33,7 +33,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
     if text:
         scale = max(0.35, out.shape[1] / 700)
         cv2.putText(out, text, (4, int(16 * scale + 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, text, (4, int(16 * scale + 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(out, text, (4, int(16 * scale + 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                    cv2.LINE_AA)
     return out
 
 

@@ -1,7 +1,10 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 # Tests never read or write the user's export cache: what they find there
@@ -15,6 +18,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def set_layerscale(model, value: float) -> None:
+    """Every LayerScale gamma of a timm ViT (``blocks.*.ls1.gamma``, ``ls2.gamma``) set to ``value``."""
+    for name, p in model.named_parameters():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            p.data.fill_(value)
 
 
 def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int = 0) -> str:
@@ -34,9 +44,7 @@ def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, num_classes=0)
-        for module in model.modules():
-            if hasattr(module, "gamma"):
-                module.gamma.data.fill_(1.0)
+        set_layerscale(model, 1.0)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
 
@@ -65,3 +73,107 @@ def screw_detector():
     from dinopatch import DinoPatch
 
     return DinoPatch(**FAST).fit(screws("good", 10, seed=1))
+
+
+_MEASURED_READ = """
+import importlib, resource, sys, time
+module, name, path = sys.argv[1:]
+read = getattr(importlib.import_module(module), name)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# A ceiling, so that a reader that inflates a bomb fails here instead of taking the machine's memory.
+with open("/proc/self/statm") as f:
+    size = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 30), resource.RLIM_INFINITY))
+t = time.perf_counter()
+try:
+    read(path)
+    print("LOADED")
+except ValueError as e:
+    print("VALUEERROR", e)
+except Exception as e:
+    print("OTHER", type(e).__name__, str(e).strip().splitlines()[-1:])
+print("SECONDS", time.perf_counter() - t)
+print("PEAK_MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+@pytest.fixture
+def measured_read():
+    """``measured_read("pkg.module.reader", path)``: what the reader says of ``path`` in a fresh process.
+
+    Returns a dict with ``LOADED``, ``VALUEERROR`` (the message) or ``OTHER``,
+    and ``SECONDS``; and the growth of the peak resident memory in MB that the
+    read cost over the process's baseline after imports.
+    """
+    import subprocess
+    import sys
+
+    def run(reader: str, path):
+        module, name = reader.rsplit(".", 1)
+        out = subprocess.run([sys.executable, "-c", _MEASURED_READ, module, name, str(path)],
+                             capture_output=True, text=True, check=False, timeout=120, cwd=os.path.dirname(path),
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert out.returncode == 0, out.stderr
+        said = dict(line.partition(" ")[::2] for line in out.stdout.splitlines())
+        return said, float(said["PEAK_MB"])
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory):
+    """``(model file, .onnx export)``: six good screws at 112 px, the backbone exported for torch-free engines."""
+    from dinopatch import DinoPatch
+    from dinopatch.backbone.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx-model")
+    det = DinoPatch(**FAST).fit(screws("good", 6, seed=1))
+    onnx = export_onnx(det.backbone, det.weights, det.image_size, out=folder / "backbone.onnx", seed=det.seed)
+    return det.save(folder / "screw.npz"), onnx
+
+
+def textures(batch: int, side: int = 200, seed: int = 1) -> np.ndarray:
+    """Smooth random textures, not at the backbone size, so the resize is exercised too."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (batch, side // 10, side // 10, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in small])
+
+
+_BLOCK = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"blocked: {{name}}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without(blocked: tuple[str, ...], code: str, cwd) -> None:
+    """Run ``code`` in a fresh interpreter where the top-level packages ``blocked`` cannot be imported."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    script = (_BLOCK.format(blocked=tuple(blocked)) + textwrap.dedent(code)
+              + f"\nassert not set({tuple(blocked)!r}) & set(sys.modules), 'a blocked package was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_refuses_foreign_graphs(engine_class, folder) -> None:
+    """An engine reading .onnx files refuses junk bytes and a valid graph that is no DinoPatch export."""
+    import onnx
+
+    junk = folder / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        engine_class(path=junk)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), str(folder / "foreign.onnx"))
+    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
+        engine_class(path=folder / "foreign.onnx")

@@ -229,8 +229,10 @@ def test_mirror_resolves_a_part_lying_on_its_other_face():
 def test_bad_inputs(fitted):
     with pytest.raises(TypeError, match="numpy array"):
         fitted.transform([[0, 1], [2, 3]])
-    with pytest.raises(TypeError, match="uint8"):
-        fitted.transform(np.zeros((8, 8), np.float32))
+    with pytest.raises(TypeError, match="list"):
+        fitted.fit([np.zeros((8, 8), np.uint8), [[0, 1]]])
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.transform(np.full((8, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="empty"):
         fitted.transform(np.zeros((0, 5), np.uint8))
     with pytest.raises(ValueError, match="shape"):

@@ -1,49 +1,175 @@
-"""The bench command's registry and report (the timings themselves are not tested)."""
+"""The bench command: registry, table, and one small run of every stage held to the README's schema.
+
+Timings are not checked (they depend on the machine); what each stage must
+have run is: every method it names, with correct distances where it reports
+them, and its targets.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from dinopatch import bench
+from dinopatch import bench, kernels
+from dinopatch.bench import report
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_schema() -> dict[str, set[str]]:
+    """``stage -> keys`` from the README's table of row keys."""
+    text = README.read_text()
+    schema = {}
+    for line in text[text.index("## Benchmarks") :].splitlines():
+        m = re.match(r"\| `(\w+)` \| (`.*`) \|$", line)
+        if m:
+            schema[m.group(1)] = set(re.findall(r"`(\w+)`", m.group(2)))
+    return schema
 
 
 def test_registry_and_groups():
-    assert {"min_distance", "coreset"} <= set(bench.STAGES)
-    assert bench.GROUPS["kernels"] == ["min_distance", "coreset"]
+    assert bench.GROUPS["kernels"] == ["bandwidth", "min_distance", "coreset"]
+    assert bench.GROUPS["cuda"] == ["cuda_bandwidth", "cuda_min_distance", "cuda_kcenter"]
+    assert bench.GROUPS["scale"] == ["serve"]
+    assert set(bench.GROUPS["pipeline"]) == {"align", "backbone", "post", "e2e", "stream", "foreground"}
+    assert set(readme_schema()) == set(bench.STAGES) | {"target"}
 
 
 def test_stage_decorator_registers_one_function(monkeypatch):
-    monkeypatch.setattr(bench, "STAGES", dict(bench.STAGES))
-    monkeypatch.setattr(bench, "GROUPS", {k: list(v) for k, v in bench.GROUPS.items()})
+    monkeypatch.setattr(bench.registry, "STAGES", dict(bench.STAGES))
+    monkeypatch.setattr(bench.registry, "GROUPS", {k: list(v) for k, v in bench.GROUPS.items()})
 
     @bench.stage("toy", groups=("e2e",))
     def toy(args):
         return [{"stage": "toy", "method": "x", "ms_per_image": 1.0}]
 
-    assert bench.STAGES["toy"] is toy and bench.GROUPS["e2e"] == ["toy"]
+    assert bench.registry.STAGES["toy"] is toy and bench.registry.GROUPS["e2e"] == ["toy"]
 
 
 def test_table_aligns_and_skips_empty_columns():
-    rows = [{"stage": "a", "method": "m", "ms_per_image": 1.23456}, {"stage": "bb", "method": "mm"}]
-    lines = bench.format_table(rows, bench.COLUMNS).splitlines()
+    rows = [
+        {"stage": "a", "method": "m", "ms_per_image": 1.23456, "rel_err": None},
+        {"stage": "bb", "method": "mm"},
+    ]
+    lines = report.format_table(rows, report.COLUMNS).splitlines()
     assert lines[0].split() == ["stage", "method", "ms_per_image"]
     assert "1.235" in lines[2] and len(lines) == 4
 
 
-def test_unknown_stage_is_an_error(capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["nope"], "unknown stage 'nope'"),
+        (["--size", "3,4"], "--size takes"),
+        (["--repeats", "0"], "--repeats must be"),
+    ],
+)
+def test_bad_arguments_are_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
-        bench.main(["nope"])
-    assert "unknown stage 'nope'" in capsys.readouterr().err
+        bench.main(argv)
+    assert message in capsys.readouterr().err
 
 
-def test_pipeline_stages_write_the_documented_json(tmp_path, capsys):
-    out = tmp_path / "run.json"
-    assert bench.main(["align", "post", "stream", "--quick", "--repeats", "1", "--engine", "torch",
-                       "--image-size", "112", "--bank", "4", "--json", str(out)]) == 0
-    import json
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Every stage once, small: kernels at L=64 K=20 D=32, pipeline at 112 px, the cuda group on cpp."""
+    out = tmp_path_factory.mktemp("bench") / "run.json"
+    argv = [
+        "kernels",
+        "pipeline",
+        "cuda",
+        "--quick",
+        "--repeats",
+        "1",
+        "--size",
+        "64,20,32",
+        "--engine",
+        "torch",
+        "--engines",
+        "torch",
+        "--image-size",
+        "112",
+        "--bank",
+        "4",
+        "--batch",
+        "2",
+        "--kernel",
+        "cpp",
+        "--strict",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
+    return json.loads(out.read_text())
 
-    report = json.loads(out.read_text())
-    assert {"hardware", "versions", "args", "rows", "load_avg_after"} <= set(report)
-    rows = {r["stage"]: r for r in report["rows"]}
-    assert {"align", "post", "stream", "target"} <= set(rows)
-    for key in ("ms_per_image", "ms_p50", "ms_p95", "ms_p99", "images_s", "peak_rss_mib"):
-        assert rows["stream"][key] > 0, key
-    assert rows["target"]["method"].startswith("streaming p99") and isinstance(rows["target"]["met"], bool)
-    assert "stream" in capsys.readouterr().out
+
+def test_every_row_has_the_readme_keys_and_every_stage_ran(run):
+    assert {"hardware", "versions", "args", "rows", "load_avg_after"} <= set(run)
+    schema = readme_schema()
+    stages = {r["stage"] for r in run["rows"]}
+    # `serve` starts Ray and an HTTP service: tests/test_serve.py covers the service, the stage runs when named.
+    assert stages == set(schema) - {"serve"}, (set(schema) - {"serve"}) ^ stages
+    for row in run["rows"]:
+        assert set(row) == schema[row["stage"]], (row["stage"], set(row) ^ schema[row["stage"]])
+
+
+def test_kernel_stages_ran_every_method_exactly(run):
+    rows = [r for r in run["rows"] if r["stage"] == "min_distance"]
+    ours = [b for b in kernels.available() if b not in ("numpy", "cuda")]
+    names = {r["method"] for r in rows}
+    assert {f"cpp[{i}]" for i in kernels._C.isas() if i != "generic"} <= names and "numpy-gemm" in names
+    assert ("numba" in names) == ("numba" in ours)
+    assert {(r["dtype"], r["batch"]) for r in rows} == {(d, b) for d in ("fp32", "fp16") for b in (1, 16)}
+    for r in rows:
+        if not r["method"].startswith(("numpy-gemm", "torch.cdist", "faiss")):  # GEMM expansions are inexact
+            assert r["exact_match"] == 0, r
+            assert r["rel_err"] is None if r["dtype"] == "fp16" else r["rel_err"] <= 1e-4, r
+    coreset = {r["method"]: r for r in run["rows"] if r["stage"] == "coreset"}
+    assert "numpy" in coreset and coreset["numpy"]["speedup_vs_numpy"] == 1
+    bw = [r for r in run["rows"] if r["stage"] == "bandwidth"]
+    assert len(bw) == 1 and bw[0]["GB_s"] > 0
+
+
+def test_pipeline_stages_ran(run):
+    by = {}
+    for r in run["rows"]:
+        by.setdefault(r["stage"], []).append(r)
+    assert [r["method"] for r in by["backbone"]] == ["torch", "torch"] and by["backbone"][0]["vs_torch"] == 1
+    assert len(by["e2e"]) == 2 and "notebook" in by["e2e"][1]["method"]
+    assert len(by["stream"]) == 2 and all(r["ms_p99"] >= r["ms_p50"] for r in by["stream"])
+    targets = {r["method"] for r in by["target"]}
+    assert {"end-to-end score deviation / score spread", "coreset cpp speed-up over numpy"} <= targets
+
+
+def test_cuda_group_dry_run_checked_parity_zeros_and_kcenter(run):
+    rows = [r for r in run["rows"] if r["stage"] == "cuda_min_distance"]
+    assert {(r["dtype"], r["batch"], r["radius"]) for r in rows} == {
+        (d, b, r) for d in ("fp32", "fp16") for b in (1, 4) for r in (0, 1)
+    }
+    checks = [r for r in run["rows"] if r["stage"] == "target" and r["required"]]
+    assert len(checks) == 9 and all(
+        r["met"] for r in checks
+    )  # 2 dtypes x 2 radii x (parity, zeros) + k-center
+
+
+def test_strict_fails_on_an_unmet_required_check(monkeypatch, capsys):
+    monkeypatch.setitem(
+        bench.registry.STAGES,
+        "bandwidth",
+        lambda args: [bench.registry.target("always wrong", "== 0", 1.0, lambda v: v == 0, required=True)],
+    )
+    assert bench.main(["bandwidth", "--repeats", "1"]) == 0
+    assert bench.main(["bandwidth", "--repeats", "1", "--strict"]) == 1
+    assert "FAILED required checks: ['always wrong']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, (1 << 20) + 5])
+def test_bandwidth_probe_reads_every_element(n):
+    """The probe's sum is exact on small integers: no element skipped or read twice, on any split."""
+    from dinopatch import _bench_C
+
+    x = np.random.default_rng(n).integers(0, 4, n).astype(np.float32)
+    assert _bench_C.stream_read(x) == float(x.sum(dtype=np.float64))
+    assert _bench_C.stream_read(x[1:]) == float(x[1:].sum(dtype=np.float64))  # unaligned start

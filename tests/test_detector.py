@@ -1,13 +1,13 @@
 """The public API contract of DinoPatch, on small synthetic parts (112 px input: 8x8 tokens)."""
 import numpy as np
 import pytest
-
 from conftest import FAST
 from conftest import screws as make_screws
+
 from dinopatch import DinoPatch, Result
-from dinopatch.synthetic import make_sample
 from dinopatch.detector import NotFittedError
 from dinopatch.modelfile import ModelFileError
+from dinopatch.synthetic import make_sample
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import FAST
+
 from dinopatch import DinoPatch
 from dinopatch.data import MVTecFolder
 from dinopatch.evaluate import evaluate, split
@@ -79,3 +79,69 @@ def test_tuned_model_is_saved_with_its_source(screw_report, tmp_path):
     results = tuned.predict([img["path"] for img in m["images"]])
     assert [r.is_anomaly for r in results] == [img["is_anomaly"] for img in m["images"]]
     assert all("tuned by evaluation" in r.threshold_source for r in results)
+
+
+def small_folder(source: MVTecFolder, root, goods: int, defects: int) -> MVTecFolder:
+    """An MVTec folder with ``goods`` good and ``defects`` defective test images taken from ``source``."""
+    import shutil
+
+    items = source.test_items()
+    keep = [it for it in items if it.label == 0][:goods] + [it for it in items if it.label == 1][:defects]
+    for it in keep:
+        (root / "test" / it.defect).mkdir(parents=True, exist_ok=True)
+        shutil.copy(it.path, root / "test" / it.defect / it.path.name)
+        if it.mask_path:
+            (root / "ground_truth" / it.defect).mkdir(parents=True, exist_ok=True)
+            shutil.copy(it.mask_path, root / "ground_truth" / it.defect / it.mask_path.name)
+    return MVTecFolder(root)
+
+
+def strict_json(path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"{name} literal in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("goods, defects", [(3, 0), (3, 1), (1, 1)])
+def test_one_or_no_defect_image_gives_null_for_what_cannot_be_computed(screw_report, tmp_path, goods,
+                                                                        defects):
+    folder, det, _, _ = screw_report
+    small = small_folder(folder, tmp_path / "data", goods=goods, defects=defects)
+    m = evaluate(det, small, tmp_path / "r", progress=False, save_model=tmp_path / "tuned.npz")
+    assert strict_json(tmp_path / "r" / "metrics.json") == m
+    assert m["n_good"] >= 1 and m["n_defect"] == defects and m["accuracy"] is not None
+    # The tuning part has good parts only, or nothing: nothing to rank there.
+    assert m["tuned"]["image_auroc"] is None
+    if defects:  # the lone defect is reported beside good parts: its ranking is known (see above)
+        assert m["image_auroc"] == 1.0 and m["pixel_auroc"] is not None
+    else:
+        assert m["image_auroc"] is None and m["pixel_auroc"] is None and m["average_precision"] is None
+    # Few images: every kind is named in the warnings.
+    assert any("test/good" in w for w in m["warnings"]) and len(m["warnings"]) == 1 + defects
+    assert "Few images" in (tmp_path / "r" / "index.html").read_text()
+    assert DinoPatch.load(tmp_path / "tuned.npz").threshold_.image == m["settings"]["threshold"]
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(tune_fraction=0.0), "tune_fraction"),
+                                           (dict(tune_fraction=float("nan")), "tune_fraction"),
+                                           (dict(tune_fraction=1.5), "tune_fraction"),
+                                           (dict(threshold="best"), "threshold")])
+def test_arguments_are_checked_before_any_work(screw_report, tmp_path, monkeypatch, kwargs, match):
+    folder, det, _, _ = screw_report
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before the arguments were checked")
+
+    monkeypatch.setattr(det, "patch_distances", no_scoring)
+    with pytest.raises(ValueError, match=match):
+        evaluate(det, folder, tmp_path / "r", progress=False, **kwargs)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_wrong_layout_names_the_expected_one_and_writes_nothing(screw_report, tmp_path):
+    _, det, _, _ = screw_report
+    (tmp_path / "data" / "good").mkdir(parents=True)
+    with pytest.raises(ValueError, match="MVTec AD layout: train/good"):
+        evaluate(det, MVTecFolder(tmp_path / "data"), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

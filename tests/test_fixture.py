@@ -1,7 +1,6 @@
 """The shared test backbone is one whose blocks matter, so pipeline tests can see attention and MLP bugs."""
 import numpy as np
 import pytest
-
 from conftest import BLOCKS_MATTER, screws
 
 torch = pytest.importorskip("torch")

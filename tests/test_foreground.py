@@ -5,6 +5,8 @@ The reference for a subset of patches is independent of the gather in
 mask that hides the dropped patches from every query gives, at the kept
 patches, what running only those patches gives.
 """
+import pickle
+
 import numpy as np
 import pytest
 
@@ -148,7 +150,7 @@ def test_patch_stats_are_means_and_gray_spread_per_patch(rng):
     np.testing.assert_allclose(got[..., 3], gray.std(axis=2), atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp", "cuda"])
 @pytest.mark.parametrize("radius", [0, 1, 2])
 def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, radius):
     from dinopatch import kernels
@@ -162,6 +164,9 @@ def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, ra
     queries[0, 2, 3] = tokens[1, 2, 3]  # an exact match
     bank = MemoryBank.fit(tokens, radius=radius, positions=positions)
     got = bank.distances(queries, backend=backend).reshape(3, -1)
+    # A copy (as Ray and joblib make) pads and uploads its own bank.
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(bank)).distances(queries, backend=backend).reshape(3, -1),
+                                  got)
     flat_t, flat_q = tokens.reshape(5, 42, 16), queries.reshape(3, 42, 16)
     kept = set(positions.tolist())
     for l in range(42):
@@ -269,4 +274,4 @@ def test_cli_option_reaches_the_detector():
     p = argparse.ArgumentParser()
     cli._add_detector_args(p)
     for flag, want in (("on", True), ("off", False), ("auto", "auto")):
-        assert cli._detector(p.parse_args(["--foreground", flag])).foreground == want
+        assert cli._new_detector(p.parse_args(["--foreground", flag])).foreground == want

@@ -2,11 +2,11 @@
 import cv2
 import numpy as np
 import pytest
+from conftest import screws
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import screws
 from dinopatch.data import as_image
 
 

@@ -5,6 +5,8 @@ call; exact matches give exactly 0.  The cpp backend is run once per
 instruction set the CPU has (avx512, avx2, generic), so the AVX2 path is
 tested on an AVX-512 machine too.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -315,12 +317,47 @@ def _cuda_reason():
     return None
 
 
-@pytest.mark.cuda
-def test_cuda_is_listed_when_present():
+def _need_cuda():
+    """Skip without a GPU; fail instead where DINOPATCH_REQUIRE_CUDA is set (benchmarks/gpu_check.sh)."""
     reason = _cuda_reason()
+    if reason and os.environ.get("DINOPATCH_REQUIRE_CUDA"):
+        pytest.fail(f"DINOPATCH_REQUIRE_CUDA is set but {reason}")
     if reason:
         pytest.skip(reason)
-    assert kernels.available()[0] == "cuda"
+
+
+@pytest.mark.cuda
+def test_cuda_is_listed_when_present():
+    _need_cuda()
+    assert kernels.available()[0] == "cuda" and ("cuda", None) in CASES  # every parity test runs on it
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cuda_device_resident_queries(rng, dtype):
+    """min_distance_device on device buffers equals the host call; host pointers are refused."""
+    _need_cuda()
+    from dinopatch import _C_cuda
+
+    q, b = make(rng, 5, 12, 33, 200)
+    b = b.astype(dtype)
+    q[0] = b[:, 3]
+    dev = kernels.upload(b)
+    qd, out = _C_cuda.DeviceBuffer(q.nbytes), _C_cuda.DeviceBuffer(5 * 12 * 4)
+    qd.copy_from_host(q)
+    for radius in (0, 1):
+        ms = _C_cuda.EventTimer().time(lambda: dev.min_distance_device(qd.ptr, out.ptr, 5, 3, 4, radius))
+        got = np.empty((5, 12), np.float32)
+        out.copy_to_host(got)
+        assert ms > 0 and (got[0] == 0).all()
+        close(got, kernels.min_distance_numpy(q, b, grid=(3, 4), radius=radius))
+        np.testing.assert_array_equal(got, kernels.min_distance(q, dev, "cuda", grid=(3, 4), radius=radius))
+    with pytest.raises(ValueError, match="device pointers"):
+        dev.min_distance_device(q.ctypes.data, out.ptr, 5, 3, 4, 0)
+    with pytest.raises(ValueError, match="grid"):
+        dev.min_distance_device(qd.ptr, out.ptr, 5, 4, 4, 0)
+    with pytest.raises(ValueError, match="C-contiguous with"):
+        qd.copy_from_host(q[:2])
 
 
 @pytest.mark.cuda
@@ -328,9 +365,7 @@ def test_cuda_is_listed_when_present():
 @pytest.mark.parametrize("shape,grid,radius", [((17, 12, 33, 383), (3, 4), 1), ((32, 64, 200, 768), (8, 8), 0),
                                                ((1, 1, 1, 1), None, 0)])
 def test_cuda_parity(rng, dtype, shape, grid, radius):
-    reason = _cuda_reason()
-    if reason:
-        pytest.skip(reason)
+    _need_cuda()
     q, b = make(rng, *shape)
     b = b.astype(dtype)
     q[0] = b[:, 0]  # row 0 is valid under any counts: exact matches
@@ -344,48 +379,9 @@ def test_cuda_parity(rng, dtype, shape, grid, radius):
 
 @pytest.mark.cuda
 def test_cuda_kcenter_parity(rng):
-    reason = _cuda_reason()
-    if reason:
-        pytest.skip(reason)
+    _need_cuda()
     x = rng.standard_normal((5, 300, 384)).astype(np.float32)
     np.testing.assert_array_equal(kernels.kcenter_greedy(x, 40, "cuda"), kernels.kcenter_greedy_numpy(x, 40))
-
-
-class _FakeDeviceBank:
-    """Stands in for _C_cuda.DeviceBank: counts uploads, computes with numpy."""
-
-    uploads = 0
-
-    def __init__(self, bank, f16, counts):
-        type(self).uploads += 1
-        self.bank = (bank.view(np.float16) if f16 else bank).copy()  # an upload holds no reference
-        self.counts = counts
-
-    def min_distance(self, q, h, w, radius):
-        return kernels.min_distance_numpy(q, self.bank, self.counts, (h, w), radius)
-
-
-def test_cuda_bank_upload_is_cached_per_array(monkeypatch, rng):
-    import gc
-    import types
-
-    fake = types.SimpleNamespace(DeviceBank=_FakeDeviceBank, device_count=lambda: 1)
-    monkeypatch.setattr(kernels, "_cuda", lambda: fake)
-    monkeypatch.setattr(kernels, "_DEVICE_BANKS", {})
-    _FakeDeviceBank.uploads = 0
-    q, b = make(rng, 2, 4, 3, 8)
-    for _ in range(3):
-        close(kernels.min_distance(q, b, "cuda"), kernels.min_distance_numpy(q, b))
-    assert _FakeDeviceBank.uploads == 1
-    kernels.min_distance(q, b, "cuda", counts=np.array([1, 2, 3, 1]))  # other counts: another copy
-    assert _FakeDeviceBank.uploads == 2
-    kernels.min_distance(q, b.astype(np.float64), "cuda")  # converted per call: never cached
-    kernels.min_distance(q, b.astype(np.float64), "cuda")
-    assert _FakeDeviceBank.uploads == 4 and len(kernels._DEVICE_BANKS) == 2
-    del b
-    gc.collect()
-    assert kernels._DEVICE_BANKS == {}
-    kernels.clear_device_cache()
 
 
 # -- property tests: any small shape, any backend, the reference's answer ----------

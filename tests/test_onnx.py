@@ -1,49 +1,38 @@
 """ONNX export and the onnx engine against the torch reference.
 
-The weights are random but every block matters: DINOv2 initialises LayerScale
-at 1e-5, which leaves a random model nearly the identity past the patch
-embedding and would hide errors in attention and MLP, so the gammas are set
-to 1 (``test_every_block_matters`` shows the difference).
+The weights are random but every block matters: LayerScale gammas at 1
+(``conftest.BLOCKS_MATTER``; ``test_every_block_matters``
+shows the difference).
 """
 import copy
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BLOCKS_MATTER, assert_refuses_foreign_graphs, run_without, set_layerscale, textures
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from conftest import BLOCKS_MATTER  # noqa: E402
+
 from dinopatch import modelfile  # noqa: E402
-from dinopatch.backbone import (OnnxBackbone, TorchBackbone, build_model, find_or_export_onnx, get_spec,  # noqa: E402
-                                make_backbone)
-from dinopatch.backbone.onnx_export import export_backbone, export_onnx  # noqa: E402
-from dinopatch.backbone.onnx_export import token_cosine, token_error  # noqa: E402
+from dinopatch.backbone import (  # noqa: E402
+    OnnxBackbone,
+    TorchBackbone,
+    find_or_export_onnx,
+    get_spec,
+    make_backbone,
+    onnx_cache_path,
+)
+from dinopatch.backbone.onnx_export import export_backbone, export_onnx, token_cosine, token_error  # noqa: E402
 
 NAME, SIZE = "dinov2_vits14", 224
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _set_gammas(model, value: float) -> None:
-    for name, p in model.named_parameters():
-        if name.endswith(("ls1.gamma", "ls2.gamma")):
-            p.data.fill_(value)
-
-
-def _images(batch: int, side: int = 200, seed: int = 1) -> np.ndarray:
-    """Smooth random textures, not at the backbone size, so the resize is exercised too."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (batch, side // 10, side // 10, 3), dtype=np.uint8)
-    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in small])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,18 +64,18 @@ def test_every_block_matters(reference):
     gammas = [p for n, p in reference.model.named_parameters() if n.endswith("gamma")]
     assert gammas and all(bool((g == 1).all()) for g in gammas)
     embed_only = TorchBackbone(NAME, image_size=SIZE, model=copy.deepcopy(reference.model))
-    _set_gammas(embed_only.model, 0.0)
-    x = _images(2)
+    set_layerscale(embed_only.model, 0.0)
+    x = textures(2)
     bare = embed_only(x)
     assert token_cosine(reference(x), bare) < 0.9, "the blocks barely change the patch embedding"
-    _set_gammas(embed_only.model, 1e-5)  # DINOv2's own initialisation: the blocks hardly count
+    set_layerscale(embed_only.model, 1e-5)  # DINOv2's own initialisation: the blocks hardly count
     assert token_cosine(embed_only(x), bare) > 0.999
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fp32_tokens_match_torch(fp32_file, reference, batch):
     engine = OnnxBackbone(path=fp32_file)
-    x = _images(batch)
+    x = textures(batch)
     got, ref = engine(x), reference(x)
     assert got.shape == ref.shape == (batch, 16, 16, 384) and got.dtype == np.float32
     err = token_error(got, ref)
@@ -96,7 +85,7 @@ def test_fp32_tokens_match_torch(fp32_file, reference, batch):
 def test_mean_of_last_blocks_matches_torch(reference, tmp_path):
     four = TorchBackbone(NAME, image_size=SIZE, layers=4, model=reference.model)
     path = export_backbone(four, tmp_path / "l4.onnx")
-    x = _images(3)
+    x = textures(3)
     ref = four(x)
     err = token_error(OnnxBackbone(path=path, layers=4)(x), ref)
     assert err <= 1e-4, f"layers=4: max |onnx - torch| = {err:.2e} of max |torch|"
@@ -106,7 +95,7 @@ def test_mean_of_last_blocks_matches_torch(reference, tmp_path):
 @pytest.mark.slow
 def test_fp32_tokens_match_torch_at_448(weights, tmp_path):
     big = TorchBackbone(NAME, weights, 448)
-    x = _images(1, side=448)
+    x = textures(1, side=448)
     err = token_error(OnnxBackbone(path=export_backbone(big, tmp_path / "448.onnx"))(x), big(x))
     assert err <= 1e-4, f"448 px: max |onnx - torch| = {err:.2e} of max |torch|"
 
@@ -129,11 +118,29 @@ def test_graph_and_metadata(fp32_file, reference):
     assert [d.dim_param for d in out.type.tensor_type.shape.dim][:2] == ["batch", "patches"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["backbone"] == NAME and meta["image_size"] == str(SIZE) and meta["patch_size"] == "14"
-    assert meta["layers"] == "1" and meta["precision"] == "fp32"
+    assert meta["layers"] == "1" and meta["precision"] == "fp32" and meta["attention"] == "fused"
     assert json.loads(meta["mean"]) == pytest.approx(get_spec(NAME).mean)
     assert json.loads(meta["std"]) == pytest.approx(get_spec(NAME).std)
     assert meta["weights_fingerprint"] == reference.fingerprint
     assert float(meta["check_max_rel_error"]) <= 1e-4 and "dinopatch_version" in meta
+
+
+def test_portable_export_has_standard_ops_only(weights, reference):
+    path = export_onnx(NAME, weights, SIZE, portable=True)
+    # A cache entry of its own: the fused graph is never taken for it, nor it for the fused graph.
+    assert path == onnx_cache_path(NAME, SIZE, 1, "fp32", reference.fingerprint, portable=True)
+    assert "_portable_" in path.name and path != onnx_cache_path(NAME, SIZE, 1, "fp32", reference.fingerprint)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    domains = {n.domain for n in model.graph.node} | {o.domain for o in model.opset_import}
+    assert domains <= {"", "ai.onnx"}, f"non-standard op domains {domains}"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Softmax") == 12 and "MultiHeadAttention" not in ops
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["attention"] == "portable" and float(meta["check_max_rel_error"]) <= 1e-4
+    x = textures(2)
+    err = token_error(OnnxBackbone(path=path)(x), reference(x))
+    assert err <= 1e-4, f"portable: max |onnx - torch| = {err:.2e} of max |torch|"
 
 
 def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
@@ -145,7 +152,9 @@ def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
     monkeypatch.setattr(dinopatch.backbone.onnx_export, "export_onnx", no_export)
     stamp = fp32_file.stat().st_mtime_ns
     engine = make_backbone("onnx", name=NAME, weights=weights, image_size=SIZE, layers=1)
-    assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == "CPUExecutionProvider"
+    # The GPU package runs on CUDA wherever a GPU is usable; device names it either way.
+    provider = "CUDAExecutionProvider" if engine.device.startswith("cuda") else "CPUExecutionProvider"
+    assert isinstance(engine, OnnxBackbone) and engine.path == fp32_file and engine.provider == provider
     assert find_or_export_onnx(NAME, weights, SIZE, fingerprint=engine.fingerprint) == fp32_file
     assert fp32_file.stat().st_mtime_ns == stamp
     assert isinstance(make_backbone("auto", engine.fingerprint, name=NAME, weights=weights, image_size=SIZE),
@@ -153,16 +162,7 @@ def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
 
 
 def test_bad_files_and_mismatches_are_clear_errors(fp32_file, reference, tmp_path):
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"not a protobuf at all" * 10)
-    with pytest.raises(ValueError, match="not a readable ONNX model"):
-        OnnxBackbone(path=junk)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
-                                                            [onnx.helper.make_tensor_value_info("y", 1, [1])]))
-    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
-    with pytest.raises(ValueError, match="not a DinoPatch backbone export"):
-        OnnxBackbone(path=tmp_path / "foreign.onnx")
+    assert_refuses_foreign_graphs(OnnxBackbone, tmp_path)
     with pytest.raises(FileNotFoundError):
         OnnxBackbone(path=tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="image_size 448 wanted"):
@@ -175,27 +175,13 @@ def test_bad_files_and_mismatches_are_clear_errors(fp32_file, reference, tmp_pat
         make_backbone("onnx:int4")
 
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "timm", "onnx"):
-            raise ModuleNotFoundError(f"blocked: {name}")
-sys.meta_path.insert(0, Block())
-"""
-
-
 def _run_torch_free(code: str, cwd: Path) -> None:
     """Run ``code`` where torch, timm and onnx cannot be imported: onnxruntime must suffice."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    script = BLOCK_TORCH + textwrap.dedent(code) + "\nassert not {'torch', 'timm', 'onnx'} & set(sys.modules)\n"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_without(("torch", "timm", "onnx"), code, cwd)
 
 
 def test_backbone_runs_without_torch(fp32_file, reference, tmp_path):
-    x = _images(2)
+    x = textures(2)
     np.save(tmp_path / "x.npy", x)
     _run_torch_free(f"""
         import numpy as np
@@ -237,7 +223,7 @@ def test_detector_predicts_without_torch(fp32_file, weights, tmp_path):
 
 def test_int8_tokens_close_to_torch(reference, tmp_path, capsys):
     path = export_backbone(reference, tmp_path / "int8.onnx", precision="int8")
-    x = _images(2)
+    x = textures(2)
     cosine = token_cosine(OnnxBackbone(path=path, precision="int8")(x), reference(x))
     with capsys.disabled():
         print(f"\nint8 token cosine vs torch: {cosine:.5f}")
@@ -250,8 +236,8 @@ def test_fp16_export_keeps_float32_io(reference, tmp_path):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     with pytest.warns(UserWarning, match="fp16 is for GPUs"):
-        engine = OnnxBackbone(path=path, providers=["CPUExecutionProvider"])
-    x = _images(1)
+        engine = OnnxBackbone(path=path, device="cpu")
+    x = textures(1)
     assert token_cosine(engine(x), reference(x)) >= 0.999
 
 
@@ -266,9 +252,9 @@ def test_export_command(tmp_path):
 @pytest.mark.parametrize("category", ["pasta", "screw"])
 def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     """Whole pipeline (align, backbone, distances, post-processing) per engine, fitted and scored."""
-    from dinopatch.synthetic import DEFECTS, make_images
     from dinopatch.detector import DinoPatch
     from dinopatch.metrics import auroc
+    from dinopatch.synthetic import DEFECTS, make_images
 
     def sample(defect, n, seed):
         return make_images(category, defect, n, seed, size=160)

@@ -1,13 +1,16 @@
 """The line runtime: streaming equals predict, predict is thread-safe, memory stays flat."""
 import gc
+import itertools
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psutil
 import pytest
-
 from conftest import screws
+
 from dinopatch.stream import stream
 
 
@@ -83,3 +86,91 @@ def test_stream_checks_arguments_when_called(screw_detector):
         stream(DinoPatch(), [])
     with pytest.raises(ValueError, match="batch_size"):
         stream(screw_detector, [], batch_size=0)
+
+
+def _stream_threads(before):
+    return [t for t in threading.enumerate() if t not in before and t.name.startswith("dinopatch-")]
+
+
+class _Camera:
+    """A frame source that hands out ``n`` frames, then blocks in ``next()`` until released."""
+
+    def __init__(self, frames, n):
+        self.frames, self.n, self.calls = frames, n, 0
+        self.release = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls > self.n:
+            self.release.wait()
+        return self.frames[self.calls % len(self.frames)]
+
+
+def test_close_while_the_source_blocks(screw_detector, frames):
+    """close() gives up on a source blocked in its own next() after its grace of 0.2 s (main: 5 s and a
+    thread left running); the thread it leaves ends when next() returns, and next() is not called again."""
+    before = set(threading.enumerate())
+    camera = _Camera(frames, 2)
+    out = stream(screw_detector, camera)
+    assert [next(out).index, next(out).index] == [0, 1]
+    while not camera.calls > 2:  # the align thread is now waiting in the source
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    out.close()
+    closing = time.monotonic() - t0
+    assert closing < 2, f"close took {closing:.1f} s"
+    left = _stream_threads(before)
+    assert [t.name for t in left] == ["dinopatch-align"] and left[0].daemon
+    camera.release.set()
+    left[0].join(timeout=5)
+    assert not left[0].is_alive() and camera.calls == 3
+
+
+@pytest.mark.parametrize("how", ["close", "break", "raise"])
+def test_no_thread_outlives_close_with_full_queues(screw_detector, frames, how):
+    """A fast endless source and a consumer that stops after one frame: every queue is full."""
+    before = set(threading.enumerate())
+    out = stream(screw_detector, itertools.cycle(frames), depth=1)
+    first = next(out)
+    time.sleep(0.3)  # both stages fill their queues and block
+    if how == "close":
+        out.close()
+    elif how == "break":
+        for _ in out:
+            break
+        del out
+    else:
+        with pytest.raises(KeyError):
+            for _ in out:
+                raise KeyError("consumer failed")
+        del out
+    gc.collect()
+    assert first.index == 0 and not _stream_threads(before)
+
+
+@pytest.fixture(scope="module")
+def frame_scores(screw_detector, frames):
+    return screw_detector.score_images(frames)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("k", [0, 1, 5])
+@pytest.mark.parametrize("failure", ["bad frame", "source raises"])
+def test_frames_before_an_error_are_scored(screw_detector, frames, frame_scores, tmp_path, batch_size, k,
+                                           failure):
+    """With batch_size=4 an error on frame k used to drop the frames of k's batch read before it."""
+    def source():
+        yield from frames[:k]
+        if failure == "bad frame":
+            yield tmp_path / "missing.png"
+        raise OSError("camera unplugged")
+
+    got = []
+    with pytest.raises(FileNotFoundError if failure == "bad frame" else OSError):
+        for f in stream(screw_detector, source(), batch_size=batch_size):
+            got.append(f)
+    assert [f.index for f in got] == list(range(k))
+    np.testing.assert_allclose([f.result.score for f in got], frame_scores[:k], rtol=1e-4)

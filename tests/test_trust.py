@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import FAST, screws
+
 from dinopatch import DinoPatch, modelfile
 from dinopatch.modelfile import ModelFileError
 
@@ -156,3 +156,43 @@ def test_refit_while_predicting_never_mixes_models(parts):
     assert not errors and len(seen) == 6
     for s in seen:
         assert np.allclose(s, old, rtol=1e-5) or np.allclose(s, new, rtol=1e-5), (s, old, new)
+
+
+def test_a_gpu_that_is_not_there_fails_at_construction():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from dinopatch.backbone.device import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="'cuda:1'.*no CUDA GPU is usable"):
+        DinoPatch(**FAST, device="cuda:1")
+    with pytest.raises(ValueError, match="device"):
+        DinoPatch(**FAST, device="gpu").fit(screws("good", 2, seed=1))
+
+
+def test_auto_device_runs_on_the_cpu_and_says_so(parts, caplog):
+    pytest.importorskip("torch")
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dinopatch")
+    det = DinoPatch(**FAST, device="auto").fit(parts[0][:2])
+    assert det._get_backbone().device in ("cpu", "cuda:0")
+    assert any("device='auto'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_swapped_cached_graph_is_never_used(parts, tmp_path):
+    pytest.importorskip("onnxruntime")
+    good, bad = parts
+    det = DinoPatch(**dict(FAST, engine="onnx")).fit(good[:2])
+    graph = det._model.graph
+    assert graph["engine"] == "onnx" and graph["sha256"] == det._get_backbone().sha256
+    path = det.save(tmp_path / "m.npz")
+    cached = det._get_backbone().path
+    onnx = pytest.importorskip("onnx")
+    swapped = onnx.load(str(cached))
+    swapped.doc_string = "another graph with the genuine metadata"  # a valid graph, other bytes
+    onnx.save(swapped, str(cached))
+    loaded = DinoPatch.load(path)
+    np.testing.assert_allclose(loaded.score_images(bad[:1]), det.score_images(bad[:1]), rtol=1e-5)
+    # Torch is installed here, so the graph was exported again rather than used as found.
+    assert loaded._get_backbone().sha256 == graph["sha256"]

@@ -5,12 +5,12 @@ timm ViT (one packed qkv projection), and the op-by-op graph materialises the
 ``[heads, N, N]`` scores and transposes around them.  The contrib op
 ``com.microsoft.MultiHeadAttention`` runs the same arithmetic fused, on the CPU
 and the CUDA execution providers; at 448 px (1025 tokens) attention is a
-third of ViT-S's time on the CPU.
+large share of ViT-S's time on the CPU.
 
 The q, k and v projections are exported as three MatMuls with their bias fed
 to the op (which adds it while laying out the heads), not one packed product
-sliced in three: the slices and the separate bias pass cost ViT-S at 448 px,
-batch 8, about 3% on 2 CPU cores.  ONNX Runtime's packed-QKV input would be
+sliced in three: the slices and the separate bias pass cost time for
+nothing.  ONNX Runtime's packed-QKV input would be
 the other way to drop them, but its CPU kernel does not implement it.
 """
 from __future__ import annotations
@@ -73,3 +73,22 @@ def fused_attention(model: torch.nn.Module):
     finally:
         for m in attns:
             del m.forward
+
+
+@contextlib.contextmanager
+def unfused_attention(model: torch.nn.Module):
+    """Within the block, every timm ``Attention`` of ``model`` computes its scores explicitly.
+
+    timm's unfused path (``fused_attn = False``): ``q @ k^T * scale``, softmax,
+    ``@ v``, which exports as standard ONNX MatMul and Softmax ops rather than
+    ``scaled_dot_product_attention``.
+    """
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    before = [m.fused_attn for m in attns]
+    try:
+        for m in attns:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, fused in zip(attns, before):
+            m.fused_attn = fused

@@ -9,32 +9,101 @@ from collections import OrderedDict
 import numpy as np
 from tqdm.auto import tqdm
 
+from .device import CUDA_PROVIDER, parse_device
 from .onnx_engine import PRECISIONS, OnnxBackbone
-from .torch_engine import TorchBackbone
+from .openvino_engine import OV_PRECISIONS, OpenVinoBackbone, cpu_has_bf16
+from .torch_engine import AUTOCAST, TorchBackbone
 
-ENGINES = ("auto", "torch", "onnx", "onnx:int8", "onnx:fp16")
+ENGINES = ("auto", "torch", "torch:fp16", "torch:bf16", "onnx", "onnx:int8", "onnx:fp16", "openvino",
+           "openvino:f32", "openvino:bf16")
 
 
-def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = None, **kwargs):
-    """A backbone for ``engine``.
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def onnx_has_cuda() -> bool:
+    """onnxruntime-gpu is installed (whether a GPU is usable shows only when a session starts)."""
+    import onnxruntime as ort
+
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def auto_engine(device: str = "auto") -> str:
+    """The engine ``"auto"`` stands for on this machine and ``device`` (see :func:`make_backbone`)."""
+    kind, _ = parse_device(device)
+    if kind != "cpu":
+        if installed("onnxruntime") and onnx_has_cuda():
+            return "onnx"
+        if kind == "cuda" or (installed("torch") and torch_has_cuda()):
+            return "torch"
+    if installed("openvino") and cpu_has_bf16():
+        return "openvino:bf16"
+    if installed("onnxruntime"):
+        return "onnx"
+    if installed("openvino"):
+        return "openvino:f32"
+    return "torch"
+
+
+def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = None, device: str = "auto",
+                  sha256: str | None = None, **kwargs):
+    """A backbone for ``engine`` on ``device``.
 
     Args:
-        engine: ``"torch"``; ``"onnx"`` (fp32), ``"onnx:int8"`` or
-            ``"onnx:fp16"``; a path to an ``.onnx`` export; or ``"auto"``:
-            onnx when onnxruntime is installed, else torch.
+        engine: ``"torch"`` (``"torch:fp16"``, ``"torch:bf16"``: autocast);
+            ``"onnx"`` (fp32), ``"onnx:int8"`` or ``"onnx:fp16"`` (ONNX
+            Runtime); ``"openvino"`` (bf16 where the CPU has it, else f32),
+            ``"openvino:f32"`` or ``"openvino:bf16"`` (CPU only); a path to an
+            ``.onnx`` export (ONNX Runtime); or ``"auto"``, the fastest
+            installed engine for ``device`` by this rule, from ViT-S/14 at
+            448 px (README, "Engines"):
+
+            * on a GPU (``device`` ``"cuda[:N]"``, or ``"auto"`` where one is
+              usable): ``onnx`` when onnxruntime-gpu is installed, else
+              ``torch``;
+            * on the CPU: ``openvino:bf16`` when openvino is installed and the
+              CPU has AVX512-BF16 or AMX (1.8x ONNX Runtime fp32, token cosine
+              0.99999, measured in issue 14 on such a CPU); else ``onnx`` (fp32)
+              when onnxruntime is installed (OpenVINO f32 measured 1.09x of it
+              in issue 14 and 7-9% less CPU an image on a loaded AVX2-only
+              CPU: a margin to confirm on an idle machine before the default
+              moves); else ``openvino:f32``; else ``torch``.
+
+            int8 engines are never chosen automatically: their accuracy is
+            judged per data set, by AUROC.
         fingerprint: the weights fingerprint expected (from a model file).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.  A GPU
+            asked for by name that the engine cannot use raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError` at once;
+            ``"auto"`` logs the device it chose (logger ``dinopatch``), and the
+            backbone's ``device`` attribute names it.
+        sha256: the graph's hash recorded with a model, for the engines that
+            run an export (ONNX Runtime, OpenVINO; unused by torch): another
+            graph is refused, or a cached one exported again where torch is.
+            Their backbones carry the hash of what they loaded as ``sha256``.
         **kwargs: ``name``, ``weights``, ``image_size``, ``layers``, ``seed``.
     """
     engine = os.fspath(engine)
     if engine == "auto":
-        engine = "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
-    if engine == "torch":
-        return TorchBackbone(fingerprint=fingerprint, **kwargs)
+        engine = auto_engine(device)
     if engine.endswith(".onnx"):
-        return OnnxBackbone(path=engine, fingerprint=fingerprint, **kwargs)
+        return OnnxBackbone(path=engine, fingerprint=fingerprint, device=device, sha256=sha256, **kwargs)
     kind, _, precision = engine.partition(":")
+    if kind == "torch" and precision in ("", *AUTOCAST):
+        return TorchBackbone(fingerprint=fingerprint, device=device, precision=precision or "fp32", **kwargs)
     if kind == "onnx" and precision in ("", *PRECISIONS):
-        return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, **kwargs)
+        return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, device=device, sha256=sha256,
+                            **kwargs)
+    if kind == "openvino" and precision in ("", *OV_PRECISIONS):
+        return OpenVinoBackbone(precision=precision or None, fingerprint=fingerprint, device=device, sha256=sha256,
+                                **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or a path to an .onnx export")
 
 

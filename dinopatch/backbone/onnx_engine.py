@@ -6,11 +6,14 @@ inspection PC needs only onnxruntime, numpy and OpenCV.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .device import CPU_PROVIDER, CUDA_PROVIDER, DeviceUnavailableError, onnx_providers, parse_device
+from .graph_file import check_graph_file, graph_sha256
 from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
 
@@ -23,10 +26,12 @@ GRAPH_VERSION = 3
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
-def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str) -> Path:
+def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str,
+                    portable: bool = False) -> Path:
     """The cached export of one configuration; named by the weights' fingerprint."""
+    kind = "_portable" if portable else ""
     return (cache_dir() / "onnx"
-            / f"{name}_{image_size}px_l{layers}_{precision}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
+            / f"{name}_{image_size}px_l{layers}_{precision}{kind}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
 
 
 def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, precision: str = "fp32",
@@ -59,13 +64,21 @@ def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, pr
             f"as the engine") from None
     from .onnx_export import export_onnx
 
+    # Exporting takes seconds to minutes: say why the first run pauses, and where the file goes.
+    print(f"dinopatch: exporting {name} at {image_size} px ({precision}) to ONNX once, into "
+          f"{cache_dir() / 'onnx'}", file=sys.stderr, flush=True)
     return export_onnx(name, weights, image_size, layers=layers, precision=precision, seed=seed,
                        fingerprint=fingerprint)
 
 
-def read_onnx_metadata(session, path) -> dict:
-    """The DinoPatch metadata of an export open in ``session``, checked; ValueError if foreign."""
-    meta = session.get_modelmeta().custom_metadata_map
+def read_export_metadata(meta: dict, path, inputs, outputs) -> dict:
+    """The DinoPatch metadata of an export, checked against its signature; ValueError if foreign.
+
+    Args:
+        meta: the file's metadata (key -> string), as the runtime that opened it reads it.
+        inputs: ``(name, shape, element type)`` of the graph's inputs, the type as numpy names it.
+        outputs: ``(name, shape)`` of its outputs.
+    """
     if meta.get("format") != ONNX_FORMAT:
         raise ValueError(f"{path}: not a DinoPatch backbone export (metadata format {meta.get('format')!r}, "
                          f"expected {ONNX_FORMAT!r}); make one with `python -m dinopatch export`")
@@ -76,16 +89,118 @@ def read_onnx_metadata(session, path) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: damaged DinoPatch metadata ({type(e).__name__}: {e})") from None
     side = out["image_size"]
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if ([i.name for i in inputs] != ["images", "positions"] or inputs[0].shape[1:] != [3, side, side]
-            or inputs[1].type != "tensor(int64)" or [o.name for o in outputs] != ["tokens"]):
+    if ([n for n, _, _ in inputs] != ["images", "positions"] or list(inputs[0][1][1:]) != [3, side, side]
+            or len(inputs[1][1]) != 1 or inputs[1][2] != "int64" or [n for n, _ in outputs] != ["tokens"]):
         raise ValueError(f"{path}: expected inputs 'images' [B, 3, {side}, {side}] and 'positions' int64 [n], "
-                         f"and output 'tokens', found "
-                         f"{[(i.name, i.shape) for i in inputs]} -> {[(o.name, o.shape) for o in outputs]}")
+                         f"and output 'tokens', found {inputs} -> {outputs}")
+    out["spec"] = spec = get_spec(out["backbone"])
+    if (spec.patch_size, spec.embed_dim) != (out["patch_size"], out["embed_dim"]):
+        raise ValueError(f"{path}: patch size / width {out['patch_size']}/{out['embed_dim']} do not match "
+                         f"{spec.name}")
     return out
 
 
-class OnnxBackbone:
+def check_export_matches(meta: dict, path, fingerprint=None, **wanted) -> None:
+    """Refuse an export whose configuration (``wanted``: name -> value or None) or weights differ."""
+    wrong = {k: (v, meta[k]) for k, v in wanted.items() if v is not None and v != meta[k]}
+    if wrong:
+        raise ValueError(f"{path}: export does not match the configuration: "
+                         + ", ".join(f"{k} {want!r} wanted, file has {got!r}" for k, (want, got) in wrong.items()))
+    if fingerprint is not None and fingerprint != meta["weights_fingerprint"]:
+        raise ValueError(f"{path}: exported from weights {meta['weights_fingerprint'][:16]}..., but the detector "
+                         f"was fitted with {fingerprint[:16]}...; export the right weights")
+
+
+# ONNX Runtime's names of the input types, as numpy names them.
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+
+# ONNX Runtime's exception types that mean the file itself is not a model it can read.
+_UNREADABLE = ("InvalidProtobuf", "InvalidGraph", "NoModel", "NoSuchFile")
+
+
+def _start_session(ort, path: Path, options, providers: list):
+    """An InferenceSession; an unreadable file is a ValueError, any other start-up failure a RuntimeError."""
+    if any(p[0] == CUDA_PROVIDER for p in providers if isinstance(p, tuple)) and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN installed from pip are found only once loaded (or after torch was imported).
+        ort.preload_dlls()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types, one per status code
+        if type(e).__name__ in _UNREADABLE:
+            raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        raise RuntimeError(f"{path}: ONNX Runtime could not start a session on {names} "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def open_graph(name, weights, image_size, layers, seed, precision, path, fingerprint, sha256=None):
+    """The export to run, checked as bytes before any runtime opens it; ``(path, sha256)``.
+
+    ``path`` when given, else the cached export of the configuration (made
+    with torch when missing).  The file must pass
+    :func:`~dinopatch.backbone.graph_file.check_graph_file`.  With ``sha256``
+    (from a model file) a given file whose hash differs is refused; a cached one
+    is exported again where torch is installed (a warning if the fresh export,
+    checked against torch, still hashes otherwise: other library versions),
+    and refused where it is not.
+    """
+    given = path is not None
+    if not given:
+        name = name or "dinov2_vits14"
+        image_size = check_image_size(image_size or 448, get_spec(name).patch_size)
+        path = find_or_export_onnx(name, weights, image_size, int(layers or 1), precision or "fp32", seed,
+                                   fingerprint)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    digest = graph_sha256(check_graph_file(path))
+    if sha256 is None or digest == sha256:
+        return path, digest
+    differs = f"{path}: sha256 {digest[:16]}... differs from the {sha256[:16]}... recorded with the model"
+    if given:
+        raise ValueError(f"{differs}: not the graph the model was checked with; refused")
+    try:
+        import torch  # noqa: F401  (only to say clearly why the graph cannot be made again)
+    except ImportError:
+        raise ValueError(f"{differs}, and torch is not installed to export it again: refused; copy the "
+                         f"model's own graph here or export it where torch is") from None
+    from .onnx_export import export_onnx
+
+    export_onnx(name, weights, image_size, int(layers or 1), precision or "fp32", out=path, seed=seed,
+                fingerprint=fingerprint)
+    digest = graph_sha256(check_graph_file(path))
+    if digest != sha256:
+        warnings.warn(f"{differs}; exported again and checked against torch, it hashes {digest[:16]}... "
+                      f"(other torch/onnx versions than at fit)", stacklevel=3)
+    return path, digest
+
+
+class ExportedBackbone:
+    """What every engine that runs an export knows of it: the checked metadata, and the token grid."""
+
+    def _adopt(self, meta: dict, path: Path) -> None:
+        self.path = path
+        self.spec = meta["spec"]
+        self.image_size, self.layers = meta["image_size"], meta["layers"]
+        self.mean, self.std = meta["mean"], meta["std"]
+        self.fingerprint = meta["weights_fingerprint"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.spec.patch_size
+        return side, side
+
+    def positions(self, positions=None) -> np.ndarray:
+        """The graph's ``positions`` input: the checked flat indices, or every patch when None."""
+        h, w = self.grid
+        return np.arange(h * w, dtype=np.int64) if positions is None else check_positions(positions, self.grid)
+
+    def shape_tokens(self, tokens: np.ndarray, positions=None) -> np.ndarray:
+        """The graph's ``[B, n, D]`` tokens, as the grid ``[B, h, w, D]`` when every patch ran."""
+        return tokens.reshape(len(tokens), *self.grid, -1) if positions is None else tokens
+
+
+class OnnxBackbone(ExportedBackbone):
     """DINOv2 patch tokens from an ONNX export, on ONNX Runtime; called like :class:`TorchBackbone`.
 
     Give ``path`` to run a given export, or a configuration whose export is
@@ -105,72 +220,66 @@ class OnnxBackbone:
         fingerprint: the weights fingerprint the caller expects (from a model
             file); an export from other weights is refused.
         threads: intra-op threads (default: ONNX Runtime's, one per physical core).
-        providers: execution providers by preference (default: CUDA, when
-            onnxruntime-gpu is installed, then CPU).
+        device: ``"auto"`` (the first GPU when onnxruntime-gpu can use it,
+            else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU asked
+            for by name that the session cannot run on raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
+        sha256: the graph's hash recorded with a model (see :func:`open_graph`).
+
+    Attributes:
+        device: where the session runs (``"cpu"`` or ``"cuda:N"``).
+        sha256: the hash of the graph file(s) loaded
+            (:func:`~dinopatch.backbone.graph_file.graph_sha256`).
+        provider: the execution provider the session runs on.
     """
 
     engine = "onnx"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, providers=None):
+                 path=None, fingerprint=None, threads=None, device="auto", sha256=None):
         import onnxruntime as ort
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
-        if path is None:
-            cfg_name = name or "dinov2_vits14"
-            path = find_or_export_onnx(cfg_name, weights, check_image_size(image_size or 448, get_spec(cfg_name).patch_size),
-                                       int(layers or 1), precision or "fp32", seed, fingerprint)
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
+        self.device, providers = onnx_providers(device, ort.get_available_providers())
+        path, self.sha256 = open_graph(name, weights, image_size, layers, seed, precision, path, fingerprint,
+                                       sha256)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or 0)
         so.inter_op_num_threads = 1
         # A spinning pool burns the cores the kernels and post-processing need between calls.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-        meta = read_onnx_metadata(self.session, path)
-        wanted = {"backbone": name, "image_size": image_size, "layers": layers, "precision": precision}
-        wrong = {k: (v, meta[k]) for k, v in wanted.items() if v is not None and v != meta[k]}
-        if wrong:
-            raise ValueError(f"{path}: export does not match the configuration: "
-                             + ", ".join(f"{k} {want!r} wanted, file has {got!r}" for k, (want, got) in wrong.items()))
-        if fingerprint is not None and fingerprint != meta["weights_fingerprint"]:
-            raise ValueError(f"{path}: exported from weights {meta['weights_fingerprint'][:16]}..., but the detector "
-                             f"was fitted with {fingerprint[:16]}...; export the right weights")
-        self.path = path
-        self.spec = get_spec(meta["backbone"])
-        if (self.spec.patch_size, self.spec.embed_dim) != (meta["patch_size"], meta["embed_dim"]):
-            raise ValueError(f"{path}: patch size / width {meta['patch_size']}/{meta['embed_dim']} do not match "
-                             f"{self.spec.name}")
-        self.image_size, self.layers, self.precision = meta["image_size"], meta["layers"], meta["precision"]
-        self.mean, self.std = meta["mean"], meta["std"]
-        self.fingerprint = meta["weights_fingerprint"]
+        self.session = _start_session(ort, path, so, providers)
+        meta = read_export_metadata(self.session.get_modelmeta().custom_metadata_map, path,
+                                    [(i.name, i.shape, _ORT_TYPES.get(i.type, i.type))
+                                     for i in self.session.get_inputs()],
+                                    [(o.name, o.shape) for o in self.session.get_outputs()])
+        check_export_matches(meta, path, fingerprint, backbone=name, image_size=image_size, layers=layers,
+                             precision=precision)
+        self._adopt(meta, path)
+        self.precision = meta["precision"]
         self.provider = self.session.get_providers()[0]
-        if self.precision == "fp16" and self.provider == "CPUExecutionProvider":
+        if self.device != "cpu" and self.provider != CUDA_PROVIDER:
+            # onnxruntime-gpu without usable CUDA libraries or device falls back to the CPU, logging to stderr only.
+            if parse_device(device)[0] == "cuda":
+                raise DeviceUnavailableError(f"device {device!r} asked for, but ONNX Runtime could not start "
+                                             f"{CUDA_PROVIDER} on it (no such GPU, or the CUDA/cuDNN libraries "
+                                             f"are missing; see its log above) and would run on {self.provider}")
+            warnings.warn(f"{path}: ONNX Runtime runs on {self.provider}, not {CUDA_PROVIDER} as asked "
+                          f"(see its log above)", stacklevel=2)
+            self.device = "cpu"
+        # On a GPU, input and output are bound to host buffers: one upload, tokens written straight to host memory.
+        self.io_binding = self.provider != CPU_PROVIDER
+        if self.precision == "fp16" and self.provider == CPU_PROVIDER:
             warnings.warn(f"{path}: an fp16 export on the CPU provider runs slower than fp32; fp16 is for GPUs",
                           stacklevel=2)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.spec.patch_size
-        return side, side
 
     def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
         """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
         x = preprocess(images, self.image_size, self.mean, self.std)
-        h, w = self.grid
-        pos = np.arange(h * w, dtype=np.int64) if positions is None else check_positions(positions, self.grid)
-        if self.provider == "CUDAExecutionProvider":
-            # One upload, tokens written straight into host memory.
+        pos = self.positions(positions)
+        if self.io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input("images", x)
             binding.bind_cpu_input("positions", pos)
@@ -179,4 +288,4 @@ class OnnxBackbone:
             tokens = binding.copy_outputs_to_cpu()[0]
         else:
             tokens = self.session.run(["tokens"], {"images": x, "positions": pos})[0]
-        return tokens.reshape(len(x), h, w, -1) if positions is None else tokens
+        return self.shape_tokens(tokens, positions)

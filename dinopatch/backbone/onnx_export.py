@@ -9,7 +9,9 @@ is built at ``S``, so no bicubic-antialias interpolation (which exporters get
 wrong or refuse) enters the graph.  ``layers > 1`` averages the last blocks'
 normed tokens exactly as :class:`~dinopatch.backbone.TorchBackbone` does.
 Attention is exported as ONNX Runtime's fused ``MultiHeadAttention``
-(:mod:`.attention`).
+(:mod:`.attention`), or, with ``portable=True``, as standard ONNX ops only
+(MatMul, Softmax) for runtimes without ONNX Runtime's contrib ops (TensorRT,
+others); the cache name and the metadata (``attention``) say which.
 
 Precisions: ``fp32``; ``int8``, ONNX Runtime's dynamic quantisation of the
 MatMul weights (a CPU speed-up on VNNI hardware); ``fp16``, float16 weights and
@@ -45,7 +47,7 @@ FP16_BLOCK_LIST = ["LayerNormalization", "Softmax"]
 
 def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: int = 448, layers: int = 1,
                 precision: str = "fp32", out: str | os.PathLike | None = None, seed: int = 0,
-                fingerprint: str | None = None) -> Path:
+                fingerprint: str | None = None, portable: bool = False) -> Path:
     """Export a backbone configuration to ONNX.
 
     Args:
@@ -58,6 +60,7 @@ def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: i
             ``engine="onnx"`` finds it.
         seed: for ``weights="random"``.
         fingerprint: refuse weights whose fingerprint differs from this.
+        portable: standard ONNX ops only (attention as MatMul and Softmax).
 
     Returns:
         path of the written file.
@@ -67,8 +70,8 @@ def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: i
     backbone = TorchBackbone(name, weights, image_size, layers, seed, fingerprint=fingerprint)
     label = weights if weights in ("pretrained", "random") else Path(weights).name
     if out is None:
-        out = onnx_cache_path(name, backbone.image_size, backbone.layers, precision, backbone.fingerprint)
-    path = export_backbone(backbone, out, precision, weights_label=label)
+        out = onnx_cache_path(name, backbone.image_size, backbone.layers, precision, backbone.fingerprint, portable)
+    path = export_backbone(backbone, out, precision, weights_label=label, portable=portable)
     record = weights_record_path(name, weights, backbone.image_size, seed)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +80,10 @@ def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: i
 
 
 def export_backbone(backbone: TorchBackbone, out: str | os.PathLike, precision: str = "fp32",
-                    weights_label: str = "") -> Path:
+                    weights_label: str = "", portable: bool = False) -> Path:
     """Export a built :class:`TorchBackbone` (its weights as they are) to ``out``.
+
+    ``portable``: standard ONNX ops only, no ONNX Runtime contrib op.
 
     Returns:
         ``out`` as a Path, written atomically.
@@ -91,7 +96,7 @@ def export_backbone(backbone: TorchBackbone, out: str | os.PathLike, precision: 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         graph = Path(tmp) / "fp32.onnx"
-        _trace(backbone, graph)
+        _trace(backbone, graph, portable)
         if precision == "int8":
             model = _quantize_int8(graph, Path(tmp) / "int8.onnx")
         elif precision == "fp16":
@@ -109,6 +114,7 @@ def export_backbone(backbone: TorchBackbone, out: str | os.PathLike, precision: 
             "std": json.dumps(list(spec.std)),
             "layers": str(backbone.layers),
             "precision": precision,
+            "attention": "portable" if portable else "fused",
             "weights": str(weights_label),
             "weights_fingerprint": backbone.fingerprint,
             "dinopatch_version": __version__,
@@ -130,23 +136,24 @@ def _save(model, meta: dict, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _trace(backbone: TorchBackbone, path: Path) -> None:
-    """fp32 graph of ``backbone.forward_tensor``, attention fused (see :mod:`.attention`).
+def _trace(backbone: TorchBackbone, path: Path, portable: bool = False) -> None:
+    """fp32 graph of ``backbone.forward_tensor``, attention fused (see :mod:`.attention`) unless ``portable``.
+
+    Portable attention is timm's own unfused arithmetic (``fused_attn`` off
+    while tracing): MatMul, Softmax and the transposes around them.
 
     No offline pass of ``onnxruntime.transformers.optimizer`` follows: its
-    SkipLayerNormalization/BiasGelu fusions (model_type "vit", opt_level 0)
-    made ViT-S at 448 px, batch 8, 5% slower on 2 cores than the session's own
-    ORT_ENABLE_ALL; ``set_denormal_as_zero`` and ``enable_mem_pattern=False``
-    were within noise (measured in 2026-11).
+    SkipLayerNormalization/BiasGelu fusions were slower on the CPU than the
+    session's own ORT_ENABLE_ALL (the figures are in the project's history).
 
-    The TorchScript exporter: it works offline, takes a second or two where the
-    dynamo exporter takes several, and its graphs ran as fast or faster here.
+    The TorchScript exporter: it works offline, is several times quicker than
+    the dynamo exporter, and its graphs ran at least as fast.
     """
     import warnings
 
     import torch
 
-    from .attention import fused_attention
+    from .attention import fused_attention, unfused_attention
 
     class Tokens(torch.nn.Module):
         def __init__(self):
@@ -158,7 +165,8 @@ def _trace(backbone: TorchBackbone, path: Path) -> None:
 
     sample = _check_input(backbone.image_size, batch=1, mean=backbone.spec.mean, std=backbone.spec.std)
     every = torch.arange(backbone.grid[0] * backbone.grid[1], device=backbone.device)
-    with torch.no_grad(), warnings.catch_warnings(), fused_attention(backbone.model):
+    with torch.no_grad(), warnings.catch_warnings(), \
+            (unfused_attention if portable else fused_attention)(backbone.model):
         # timm asserts the input size in Python; the graph is for that one size anyway.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # The legacy exporter is chosen on purpose (see above); its deprecation notice is not news.
@@ -173,8 +181,8 @@ def _quantize_int8(src: Path, dst: Path):
     """Dynamic quantisation of the MatMul weights (activations quantised per call).
 
     Per output channel: with one scale per matrix its largest column sets the
-    step for all; per channel raised the token cosine of ViT-S at 448 px from
-    0.9987 to 0.9999 at no measurable cost in speed.
+    step for all; per channel keeps the tokens markedly closer to fp32 at no
+    measurable cost in speed.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -264,14 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=1, help="mean of the last LAYERS blocks")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--seed", type=int, default=0, help="for --weights random")
+    p.add_argument("--portable", action="store_true",
+                   help="standard ONNX ops only (attention as MatMul and Softmax), for runtimes without "
+                        "ONNX Runtime's contrib ops, e.g. TensorRT")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
     args = p.parse_args(argv)
     path = export_onnx(args.backbone, args.weights, args.image_size, args.layers, args.precision, args.output,
-                       args.seed)
+                       args.seed, portable=args.portable)
     import onnx
 
     meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {meta['backbone']} at {meta['image_size']} px, "
-          f"layers {meta['layers']}, {meta['precision']}; vs torch: max relative error "
+          f"layers {meta['layers']}, {meta['precision']}, {meta['attention']} attention; vs torch: max relative error "
           f"{meta['check_max_rel_error']}, token cosine {meta['check_cosine']}")
     return 0

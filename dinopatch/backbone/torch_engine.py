@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .device import torch_device
 from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import build_model, weights_fingerprint
+
+# precision -> autocast dtype (None: plain float32).
+AUTOCAST = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
 
 
 class TorchBackbone:
@@ -24,20 +28,34 @@ class TorchBackbone:
         layers: mean of the patch tokens of the last ``layers`` blocks (each
             through the final norm).
         seed: for ``weights="random"``.
-        device: torch device string.
+        device: ``"cpu"`` (default: exports trace here and are checked
+            against it), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first
+            GPU torch sees, else the CPU); a GPU that is not there raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
+        precision: ``"fp32"``, or ``"fp16"`` / ``"bf16"`` autocast (the
+            weights stay float32; tokens are returned as float32).
+        model: a built timm model to use instead of building one.
+        fingerprint: the weights fingerprint expected; other weights are refused.
+
+    Attributes:
+        device: the torch device the model runs on (``"cpu"``, ``"cuda:N"``).
     """
 
     engine = "torch"
 
     def __init__(self, name="dinov2_vits14", weights="pretrained", image_size=448, layers=1, seed=0,
-                 device="cpu", model=None, fingerprint=None):
+                 device="cpu", model=None, fingerprint=None, precision="fp32"):
+        if precision not in AUTOCAST:
+            raise ValueError(f"torch precision {precision!r} must be one of {tuple(AUTOCAST)}")
+        self.precision = precision
+        self.device = torch_device(device)
         self.spec = get_spec(name)
         self.image_size = check_image_size(image_size, self.spec.patch_size)
         if int(layers) < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.layers = int(layers)
-        self.device = device
-        self.model = (model if model is not None else build_model(self.spec, weights, self.image_size, seed)).to(device)
+        self.model = (model if model is not None else build_model(self.spec, weights, self.image_size, seed))
+        self.model = self.model.to(self.device)
         self._fingerprint = None
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise ValueError(f"weights {str(weights)!r} have fingerprint {self.fingerprint[:16]}..., "
@@ -98,7 +116,10 @@ class TorchBackbone:
 
         x = preprocess(images, self.image_size, self.spec.mean, self.spec.std)
         pos = None if positions is None else torch.from_numpy(check_positions(positions, self.grid)).to(self.device)
-        with torch.inference_mode():
+        dtype = AUTOCAST[self.precision]
+        autocast = torch.autocast(self.device.partition(":")[0], dtype=getattr(torch, dtype or "float32"),
+                                  enabled=dtype is not None)
+        with torch.inference_mode(), autocast:
             out = self.forward_tensor(torch.from_numpy(x).to(self.device), pos)
         return out.float().cpu().numpy()
 

@@ -1,0 +1,253 @@
+"""``python -m dinopatch score-archive``: score a folder, glob or list of images on Ray Data into Parquet.
+
+The output ``OUT`` is a folder of Parquet parts (``pandas.read_parquet(OUT)``
+reads it whole) with one row per image: ``path`` (absolute), ``score``,
+``is_anomaly``, ``aligned``, ``reason``, ``threshold``, ``threshold_source``,
+``model_id`` and ``error`` (null when the image was scored).  Each part is
+written under a temporary name and then renamed, so an interrupted run
+leaves only whole parts, and a run on the same ``OUT`` skips the paths
+already there.
+
+Ray Data runs one engine per worker (an actor holding the model); the
+driver only lists paths and writes rows, so on a cluster the images and the
+model must be readable at the same paths on every node, and ``OUT`` where
+the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import IMAGE_SUFFIXES, load_image
+from .records import score_images
+
+_TEXT = ("path", "reason", "threshold_source", "model_id", "error")
+_FLOAT = ("score", "threshold")
+_BOOL = ("is_anomaly", "aligned")
+COLUMNS = ("path", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source", "model_id", "error")
+
+
+def _schema():
+    import pyarrow as pa
+
+    types = {**{c: pa.string() for c in _TEXT}, **{c: pa.float64() for c in _FLOAT}, **{c: pa.bool_() for c in _BOOL}}
+    return pa.schema([(c, types[c]) for c in COLUMNS])
+
+
+def list_images(source: str | os.PathLike) -> list[str]:
+    """Absolute paths of the images named by ``source``, in order, without repeats.
+
+    Args:
+        source: a folder (searched recursively for image suffixes), a glob
+            pattern (``**`` recurses), an image file, or a list file with one
+            path a line (blank lines and ``#`` comments skipped; relative
+            paths are relative to the list file's folder).
+    """
+    source = os.fspath(source)
+    p = Path(source)
+    if p.is_dir():
+        found = sorted(str(q) for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            found = [source]
+        else:
+            try:
+                lines = p.read_text().splitlines()
+            except UnicodeDecodeError:
+                raise ValueError(f"{source}: neither an image (by its suffix) nor a text list of paths") from None
+            names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            found = [n if os.path.isabs(n) else str(p.parent / n) for n in names]
+    elif glob.has_magic(source):
+        found = sorted(q for q in glob.glob(source, recursive=True) if os.path.isfile(q))
+    else:
+        raise FileNotFoundError(f"{source}: no such folder, file or matching files")
+    paths = list(dict.fromkeys(os.path.abspath(q) for q in found))
+    if not paths:
+        raise ValueError(f"{source}: no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def done_paths(out: str | os.PathLike) -> set[str]:
+    """Paths already scored in the output folder ``out`` (empty when it does not exist yet).
+
+    Leftover temporary parts of an interrupted run are removed.
+    """
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a score-archive output folder; choose another -o")
+    parts = sorted(out.glob("part-*.parquet"))
+    if not parts and any(out.iterdir()):
+        raise ValueError(f"{out}: a folder with other content than score-archive parts; choose another -o")
+    for tmp in out.glob(".part-*.tmp"):
+        tmp.unlink()
+    done = set()
+    for part in parts:
+        try:
+            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+            raise ValueError(f"{part}: not a readable score-archive part ({type(e).__name__}: {e}); "
+                             f"move it away and run again to rescore its images") from None
+    return done
+
+
+class ArchiveScorer:
+    """A Ray Data worker: one detector, scoring batches of paths into rows of :data:`COLUMNS`."""
+
+    def __init__(self, model: str, engine: str, kernel: str, batch_size: int):
+        from .detector import DinoPatch
+
+        self.det = DinoPatch.load(model, engine=engine, kernel=kernel, batch_size=batch_size, progress=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        paths = [str(p) for p in batch["path"]]
+        rows: list[dict] = [{} for _ in paths]
+        images, where = [], []
+        for i, path in enumerate(paths):
+            try:
+                images.append(load_image(path))
+                where.append(i)
+            except Exception as e:  # noqa: BLE001  (an unreadable file is a row with its error)
+                rows[i] = {"error": f"{type(e).__name__}: {e}"}
+        for i, rec in zip(where, score_images(self.det, images) if images else []):
+            rows[i] = rec
+        model_id = self.det.model_id
+        for path, row in zip(paths, rows):
+            row.update(path=path, model_id=model_id)
+        return {c: [row.get(c) for row in rows] for c in COLUMNS}
+
+
+def _write_part(out: Path, name: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    tmp = out / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / name)
+
+
+def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "auto", batch_size: int = 8,
+                  workers: int | None = None, rows_per_part: int = 1000, address: str | None = None,
+                  progress: bool = True) -> dict:
+    """Score every image of ``source`` not yet in ``out``; a summary of what was done.
+
+    Uses the Ray this process is connected to, else joins ``address``, else
+    starts a local one (and stops what it started).
+
+    Args:
+        source: see :func:`list_images`.
+        model: model file (on every node).
+        out: output folder of Parquet parts; created when missing.
+        engine, kernel: as for :meth:`dinopatch.DinoPatch.load`.
+        batch_size: images per backbone call in a worker.
+        workers: engines running at once (default: the cluster's CPUs).
+        rows_per_part: a part is written once this many rows have come
+            (about this many images are scored again after an interruption).
+        address: Ray cluster to join.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"images", "skipped", "scored", "errors", "output"}``.
+    """
+    from .detector import DinoPatch
+
+    if int(batch_size) < 1 or int(rows_per_part) < 1 or (workers is not None and int(workers) < 1):
+        raise ValueError(f"batch_size, rows_per_part and workers must be >= 1, got {batch_size}, "
+                         f"{rows_per_part}, {workers}")
+    paths = list_images(source)
+    out = Path(out)
+    done = done_paths(out)
+    todo = [p for p in paths if p not in done]
+    summary = {"images": len(paths), "skipped": len(paths) - len(todo), "scored": 0, "errors": 0,
+               "output": str(out)}
+    if not todo:
+        return summary
+    # Fail here in a second, not in every worker after Ray has started them.
+    DinoPatch.load(model, engine=engine, kernel=kernel, progress=False)
+
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images; Ray's count blocks
+    try:
+        n = int(workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1))))
+        ds = ray.data.from_items([{"path": p} for p in todo],
+                                 override_num_blocks=max(1, min(len(todo) // int(batch_size), 10_000)))
+        # Absolute paths: workers may start in another folder (or on another machine).
+        engine = os.path.abspath(engine) if os.fspath(engine).endswith(".onnx") else engine
+        worker = {"model": os.path.abspath(model), "engine": engine, "kernel": kernel, "batch_size": int(batch_size)}
+        ds = ds.map_batches(ArchiveScorer, fn_constructor_kwargs=worker,
+                            batch_size=int(batch_size), batch_format="numpy", concurrency=n, num_cpus=1)
+        out.mkdir(parents=True, exist_ok=True)
+        run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        pending: list[dict] = []
+        parts = 0
+
+        def flush():
+            nonlocal parts, pending
+            if pending:
+                _write_part(out, f"part-{run}-{parts:05d}.parquet", pending)
+                summary["scored"] += len(pending)
+                summary["errors"] += sum(r["error"] is not None for r in pending)
+                parts, pending = parts + 1, []
+
+        with tqdm(total=len(todo), desc="score-archive", unit="image", disable=not progress) as bar:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    pending += batch.to_pylist()
+                    bar.update(batch.num_rows)
+                    if len(pending) >= rows_per_part:
+                        flush()
+            finally:
+                # Ctrl-C keeps what was scored.
+                flush()
+    finally:
+        ctx.enable_progress_bars = bars
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dinopatch score-archive``."""
+    p = argparse.ArgumentParser(prog="python -m dinopatch score-archive",
+                                description="Score a folder, glob or list of images on Ray Data into Parquet.")
+    p.add_argument("input", help="a folder, a glob pattern (quote it), an image, or a text file of paths")
+    p.add_argument("-m", "--model", required=True, help="model file (on every node of a cluster)")
+    p.add_argument("-o", "--output", required=True, help="output folder of Parquet parts (OUT.parquet); "
+                   "paths already in it are skipped")
+    p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
+    p.add_argument("--engine", default="onnx", help="onnx, onnx:int8, onnx:fp16, torch, or an .onnx export")
+    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
+    p.add_argument("--batch-size", type=int, default=8, help="images per backbone call")
+    p.add_argument("--workers", type=int, help="engines at once (default: the cluster's CPUs)")
+    p.add_argument("--rows-per-part", type=int, default=1000, help="rows per Parquet part")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        s = score_archive(args.input, args.model, args.output, engine=args.engine, kernel=args.kernel,
+                          batch_size=args.batch_size, workers=args.workers, rows_per_part=args.rows_per_part,
+                          address=args.address, progress=args.progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dinopatch: {e}", file=sys.stderr)
+        return 2
+    print(f"{s['scored']} scored ({s['errors']} with errors), {s['skipped']} already in {s['output']}, "
+          f"of {s['images']} images")
+    return 0

@@ -1,0 +1,94 @@
+"""Backbone stage: eager torch against ONNX Runtime fp32 and int8, in one run.
+
+Engines are timed in turn, round after round, so that a noisy neighbour on a
+shared machine slows all of them alike; the median round counts.  The
+pytest-benchmark suite ``benchmarks/test_backbone_bench.py`` times the same
+engines.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from ..registry import round_robin, stage
+
+ENGINES = ("torch", "onnx", "onnx:int8", "openvino:f32", "openvino:bf16")
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def build_engines(
+    image_size: int = 448, threads: int | None = None, name: str = "dinov2_vits14", engines=ENGINES
+) -> dict:
+    """The backbones to compare, with deliberate thread counts (one per physical core).
+
+    Random weights: speed does not depend on their values.  ONNX exports come
+    from the user cache, made on first use.
+    """
+    import torch
+
+    from dinopatch.backbone import OnnxBackbone, OpenVinoBackbone, TorchBackbone, cpu_has_bf16
+
+    threads = threads or physical_cores()
+    torch.set_num_threads(threads)
+    out = {}
+    for engine in engines:
+        kind, _, precision = engine.partition(":")
+        if engine == "torch":
+            out[engine] = TorchBackbone(name, "random", image_size)
+        elif kind == "openvino":
+            # Engines not installed, or bf16 on a CPU without it, are left out of the table, not failed.
+            if importlib.util.find_spec("openvino") and (precision != "bf16" or cpu_has_bf16()):
+                out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
+        elif kind == "onnx":
+            out[engine] = OnnxBackbone(name, "random", image_size, precision=precision or "fp32", threads=threads,
+                                       device="cpu")
+        else:
+            raise ValueError(f"unknown backbone engine {engine!r}; choose from {ENGINES}")
+    return out
+
+
+def sample_images(batch: int, image_size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+
+
+@stage("backbone", groups=("pipeline",))
+def bench_backbone(args) -> list[dict]:
+    """Milliseconds per image of each engine (``--engines``) and its speed-up over eager torch.
+
+    ViT-S/14 (``--backbone``) at ``--image-size`` px, batches 1 and 8 (1 and 2
+    with ``--quick``), one intra-op thread per physical core.
+    """
+    batches = (1, 2) if args.quick else (1, 8)
+    names = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    threads = physical_cores()
+    load = os.getloadavg()[0]
+    engines = build_engines(args.image_size, threads, args.backbone, names)
+    rows = []
+    for batch in batches:
+        x = sample_images(batch, args.image_size)
+        times = round_robin({e: (lambda run=run: run(x)) for e, run in engines.items()}, args.repeats)
+        medians = {e: float(np.median(t)) * 1e3 / batch for e, t in times.items()}
+        for engine, t in times.items():
+            rows.append(
+                {
+                    "stage": "backbone",
+                    "method": engine,
+                    "batch": batch,
+                    "ms_per_image": medians[engine],
+                    "ms_per_image_min": float(np.min(t)) * 1e3 / batch,
+                    "vs_torch": medians["torch"] / medians[engine] if "torch" in medians else None,
+                    "note": f"{args.backbone} at {args.image_size} px, {threads} threads, load {load:.2f}",
+                }
+            )
+    return rows

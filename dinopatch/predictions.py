@@ -1,0 +1,154 @@
+"""Scoring image files into an output folder: one record per input, written as results come.
+
+``predictions.jsonl`` holds one :func:`~dinopatch.records.result_record` per
+input, in input order, and ``scores.csv`` the same records' flat fields.  A
+file that cannot be read or scored gets a record with its ``error`` and the
+run goes on.  Only one batch of images and maps is held at a time, so the
+memory does not grow with the number of inputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import read_image
+from .inputs import relative_name
+from .records import CSV_FIELDS, error_record, result_record
+from .viz import overlay
+
+# --save-maps: exact float32 arrays, or 16-bit PNGs any image viewer opens.
+MAP_FORMATS = ("npy", "png")
+# In a 16-bit map PNG, 65535 stands for twice the pixel threshold (the overlays'
+# colour scale); larger values saturate.
+PNG_FULL_SCALE_THRESHOLDS = 2.0
+
+
+@dataclass
+class Summary:
+    """What a run did: counts, and the first failure (input path and error) for the message."""
+
+    scored: int = 0
+    anomalous: int = 0
+    failed: int = 0
+    first_error: tuple[str, str] | None = field(default=None)
+
+
+def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path, overlays: bool = True,
+                  save_maps: str | None = None, progress: bool = True, engine: str | None = None) -> Summary:
+    """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
+
+    Args:
+        det: a fitted :class:`~dinopatch.DinoPatch`; it runs ``det.batch_size`` images at a time.
+        files: image files, scored and written in this order.
+        out: output folder (created).
+        root: folder the overlay and map names are relative to (see :func:`~dinopatch.inputs.relative_name`).
+        overlays: write ``overlays/<name>.png`` per scored input.
+        save_maps: ``"npy"`` or ``"png"`` (see :data:`MAP_FORMATS`) to write ``maps/<name>.<format>``.
+        progress: show a progress bar.
+        engine: the engine name the records give (default: ``det.engine``).
+
+    The first batch's ``latency_ms`` includes building the backbone engine
+    unless it was built before (the CLI builds it first).
+    """
+    if save_maps is not None and save_maps not in MAP_FORMATS:
+        raise ValueError(f"save_maps must be one of {MAP_FORMATS}, got {save_maps!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vmax = PNG_FULL_SCALE_THRESHOLDS * det.threshold_.pixel
+    engine = os.fspath(det.engine) if engine is None else engine
+    summary = Summary()
+    bs = int(det.batch_size)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl, \
+            open(out / "scores.csv", "w", newline="", encoding="utf-8") as table, \
+            tqdm(total=len(files), desc="predict", unit="image", disable=not progress) as bar:
+        rows = csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore")
+        rows.writeheader()
+        for start in range(0, len(files), bs):
+            chunk = files[start:start + bs]
+            for path, image, outcome, latency_ms in _score_batch(det, chunk):
+                if isinstance(outcome, BaseException):
+                    record = error_record(outcome, det, path=path, engine=engine)
+                    summary.failed += 1
+                    summary.first_error = summary.first_error or (str(path), record["error"])
+                else:
+                    record = result_record(outcome, det, path=path, latency_ms=latency_ms, engine=engine)
+                    summary.scored += 1
+                    summary.anomalous += bool(outcome.is_anomaly)
+                    if overlays:
+                        name = relative_name(path, root, ".png")
+                        _write_overlay(out / "overlays" / name, image, outcome, vmax)
+                    if save_maps:
+                        name = relative_name(path, root, f".{save_maps}")
+                        _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
+                jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+                rows.writerow({k: int(v) if isinstance(v, bool) else v for k, v in record.items()})
+            # A reader tailing the files, or a run cut short, sees every finished batch.
+            jsonl.flush()
+            table.flush()
+            bar.update(len(chunk))
+    return summary
+
+
+def _score_batch(det, paths: list[Path]):
+    """``(path, image, Result or the exception, latency in ms)`` per path, in order.
+
+    Latency runs from the start of reading the batch to its results: with
+    ``batch_size=1``, one image's own.
+    """
+    t0 = time.perf_counter()
+    images, outcomes = [], []
+    for p in paths:
+        try:
+            images.append(read_image(p))
+            outcomes.append(None)
+        except (ValueError, OSError) as e:
+            images.append(None)
+            outcomes.append(e)
+    readable = [i for i, o in enumerate(outcomes) if o is None]
+    for i, outcome in zip(readable, _predict_each([images[i] for i in readable], det)):
+        outcomes[i] = outcome
+    latency_ms = (time.perf_counter() - t0) * 1e3
+    return [(p, im, o, latency_ms) for p, im, o in zip(paths, images, outcomes)]
+
+
+def _predict_each(images: list[np.ndarray], det) -> list:
+    """``det.predict`` on the batch; if the batch fails, each image alone, so one bad image fails alone."""
+    if not images:
+        return []
+    try:
+        return det.predict(images)
+    except (ValueError, cv2.error) as e:
+        if len(images) == 1:
+            return [e]
+    return [outcome for im in images for outcome in _predict_each([im], det)]
+
+
+def _write_overlay(path: Path, image: np.ndarray, result, vmax: float) -> None:
+    caption = f"{result.score:.3f}{' ANOMALY' if result.is_anomaly else ''}" \
+              f"{'' if result.aligned else ' (unaligned: ' + result.alignment.reason + ')'}"
+    _write_png(path, overlay(image, result.anomaly_map, vmax=vmax, pred_mask=result.mask, text=caption))
+
+
+def _write_map(path: Path, amap: np.ndarray, vmax: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, amap.astype(np.float32, copy=False), allow_pickle=False)
+    else:
+        _write_png(path, np.rint(np.clip(amap / vmax, 0.0, 1.0) * 65535).astype(np.uint16))
+
+
+def _write_png(path: Path, picture: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # imencode and a Python write, not imwrite: paths of any encoding work.
+    ok, data = cv2.imencode(".png", picture)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    path.write_bytes(data.tobytes())

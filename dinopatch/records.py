@@ -1,0 +1,113 @@
+"""One machine-readable record per input: what ``predict`` writes, and what a service answers.
+
+The CLI writes one record per line of ``predictions.jsonl`` and the flat part
+of it as a row of ``scores.csv``; a service can answer with the same record, so
+a line engineer reads the same fields wherever a verdict came from.  Records
+hold only JSON values: a score that could not be measured is ``null``, never a
+NaN literal.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import os
+
+import cv2
+import numpy as np
+
+# Every record has these keys, in this order.
+FIELDS = ("path", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source", "model_id",
+          "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
+# The keys that fit in a CSV cell (defect_boxes is a list).
+CSV_FIELDS = tuple(f for f in FIELDS if f != "defect_boxes")
+# A mask broken into thousands of specks is one verdict, not thousands of boxes:
+# the largest are kept, and the record says how many there were.
+MAX_BOXES = 32
+
+
+def result_record(result, det, *, path: str | os.PathLike | None = None, latency_ms: float | None = None,
+                  engine: str | None = None) -> dict:
+    """The record of one scored image.
+
+    Args:
+        result: a :class:`~dinopatch.result.Result`.
+        det: the detector that made it (gives the model id).
+        path: where the image came from (None for an image sent as bytes or an array).
+        latency_ms: time from reading the image to its result.
+        engine: the backbone engine that ran (default: the detector's setting).
+
+    Returns:
+        a dict with the keys of :data:`FIELDS`; ``defect_boxes`` lists
+        ``[x, y, width, height]`` of the largest :data:`MAX_BOXES` connected
+        defect regions in input pixels, largest first; ``defect_regions``
+        says how many there were in all.
+    """
+    boxes, regions = defect_boxes(result.mask)
+    return {
+        "path": None if path is None else os.fspath(path),
+        "score": _finite_or_none(result.score),
+        "is_anomaly": bool(result.is_anomaly),
+        "aligned": bool(result.aligned),
+        "reason": result.alignment.reason,
+        "threshold": _finite_or_none(result.threshold),
+        "threshold_source": result.threshold_source,
+        "model_id": det.model_id,
+        "engine": os.fspath(det.engine) if engine is None else engine,
+        "latency_ms": None if latency_ms is None else round(float(latency_ms), 3),
+        "defect_area_px": int(np.count_nonzero(result.mask)),
+        "defect_regions": regions,
+        "defect_boxes": boxes,
+        "error": None,
+    }
+
+
+def error_record(error: BaseException | str, det, *, path: str | os.PathLike | None = None,
+                 engine: str | None = None) -> dict:
+    """The record of an input that could not be scored: every verdict field ``null``, ``error`` says why."""
+    record = dict.fromkeys(FIELDS)
+    record.update(path=None if path is None else os.fspath(path), model_id=det.model_id,
+                  engine=os.fspath(det.engine) if engine is None else engine,
+                  error=error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+    return record
+
+
+def defect_boxes(mask: np.ndarray, limit: int = MAX_BOXES) -> tuple[list[list[int]], int]:
+    """Bounding boxes ``[x, y, width, height]`` of the 8-connected regions of ``mask``, largest area first.
+
+    Returns:
+        at most ``limit`` boxes, and the number of regions in all.
+    """
+    n, _, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask, np.uint8), connectivity=8)
+    stats = stats[1:]  # row 0 is the background
+    order = np.argsort(-stats[:, cv2.CC_STAT_AREA], kind="stable")[:limit]
+    return [[int(v) for v in stats[i, :4]] for i in order], int(n - 1)
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def score_images(det, images: list[np.ndarray], masks: bool = False) -> list[dict]:
+    """The :mod:`dinopatch.records` record of each image, scored together; one that fails gets its error record.
+
+    Args:
+        det: a fitted :class:`dinopatch.DinoPatch`.
+        images: uint8 images, as :func:`dinopatch.data.load_image` returns them.
+        masks: add ``mask_png``, the defect mask as a base64 PNG (0/255).
+    """
+    try:
+        results = det.predict(images)
+    except Exception as e:  # noqa: BLE001  (one bad image must not sink the others: they go one by one)
+        if len(images) == 1:
+            return [error_record(e, det)]
+        return [rec for im in images for rec in score_images(det, [im], masks)]
+    return [_record(r, det, masks) for r in results]
+
+
+def _record(result, det, masks: bool) -> dict:
+    rec = result_record(result, det)
+    if masks:
+        _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
+        rec["mask_png"] = base64.b64encode(png.tobytes()).decode("ascii")
+    return rec

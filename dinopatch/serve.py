@@ -1,0 +1,385 @@
+"""``python -m dinopatch serve``: a DinoPatch model behind HTTP, as a Ray Serve application.
+
+Two deployments.  :class:`Scorer` replicas each load the model once, decode
+and check the images they are sent, and score them in dynamic batches
+(``@serve.batch``).  One :class:`Gateway` takes the HTTP requests from Ray
+Serve's proxies: it caps the request size, bounds every request by a
+deadline (503 when it passes), retries a request whose replica died on
+another one, and answers JSON.
+
+HTTP:
+
+- ``POST /predict``: the body is a PNG or JPEG file, or raw uint8 pixels
+  with ``?shape=H,W`` or ``?shape=H,W,C`` (C = 1, 3 for BGR, or 4 for BGRA).
+  Query: ``mask=1`` adds the defect mask as a base64 PNG (0/255, the input's
+  size); ``timeout_s=T`` shortens the server's deadline for this request.
+  Answers ``score``, ``is_anomaly``, ``aligned``, ``reason``, ``threshold``,
+  ``threshold_source``, ``model_id``, ``latency_ms`` and ``batch`` (how many
+  images were scored together).  A non-finite score or threshold is ``null``.
+- ``GET /health``: 200 when a scorer replica answers, else 503.
+- ``GET /model``: backbone, image size, engine, threshold, model id, ...
+
+Errors answer ``{"error": message}``: 400 malformed, 404/405 wrong route or
+method, 413 too large (bytes or pixels), 415 neither PNG, JPEG nor raw, 422
+decoded but not scorable, 503 no answer before the deadline or overloaded,
+500 a bug.
+
+This module imports Ray only where it is used.  Answers are the records of
+:mod:`dinopatch.records`, as ``predict`` writes them; request bodies are
+decoded by :mod:`dinopatch.request_images`.  Replicas stay
+torch-free: only ONNX engines are accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .records import score_images
+from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
+
+APP_NAME = "dinopatch"
+# Engines that run without torch; "auto" may pick torch where onnxruntime is missing.
+TORCH_FREE_ENGINES = ("onnx", "onnx:int8", "onnx:fp16")
+
+log = logging.getLogger("dinopatch.serve")
+
+
+# ----------------------------------------------------------------------------- the service
+
+@dataclass
+class ServiceConfig:
+    """What ``python -m dinopatch serve`` runs.
+
+    Attributes:
+        model: model file, readable at this path on every node that runs a replica.
+        engine: ``"onnx"``, ``"onnx:int8"``, ``"onnx:fp16"`` or an ``.onnx``
+            export (readable on every node); never torch.
+        kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
+        replicas: scorer replicas, each holding one model.
+        num_cpus: CPUs Ray reserves for each scorer replica.
+        max_batch: most images scored in one backbone call.
+        batch_wait_ms: how long a replica waits for a batch to fill.
+        timeout_s: deadline of a request; 503 when it passes.
+        max_bytes: largest request body (413 beyond).
+        max_pixels: largest image, in pixels (413 beyond).
+    """
+
+    model: str
+    engine: str = "onnx"
+    kernel: str = "auto"
+    replicas: int = 1
+    num_cpus: float = 1.0
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    timeout_s: float = 30.0
+    max_bytes: int = 32 << 20
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        # Absolute, because replicas may start in another folder (or on another machine).
+        self.model = os.path.abspath(self.model)
+        self.engine = os.fspath(self.engine)
+        if self.engine not in TORCH_FREE_ENGINES and not self.engine.endswith(".onnx"):
+            raise ValueError(f"the service runs without torch: engine must be one of {TORCH_FREE_ENGINES} or an "
+                             f".onnx export, got {self.engine!r}")
+        if self.engine.endswith(".onnx"):
+            self.engine = os.path.abspath(self.engine)
+        for name in ("replicas", "max_batch", "max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s}")
+        if not 0 <= self.batch_wait_ms <= 1000 * self.timeout_s:
+            raise ValueError(f"batch_wait_ms must be in [0, timeout], got {self.batch_wait_ms}")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+
+
+class Scorer:
+    """A Ray Serve replica holding one model; decodes, checks and scores images in dynamic batches."""
+
+    def __init__(self, config: ServiceConfig):
+        from ray import serve
+
+        from .detector import DinoPatch
+
+        self.config = config
+        self.det = DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel,
+                                  batch_size=config.max_batch, progress=False)
+        mtime = Path(config.model).stat().st_mtime
+        self.saved_at = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+        # Batched per replica, with the sizes of this service.
+        self._batched = serve.batch(max_batch_size=config.max_batch,
+                                    batch_wait_timeout_s=config.batch_wait_ms / 1e3)(self._predict_batch)
+        # Load the engine now: a replica that cannot run fails at start, not on its first request.
+        self.det.predict([np.zeros((self.det.image_size,) * 2, np.uint8)])
+
+    async def predict(self, body: bytes, shape: str | None, mask: bool) -> dict:
+        """``{"status": HTTP status, "body": JSON}`` for one request body."""
+        try:
+            image = decode_image(body, shape, self.config.max_pixels)
+        except RequestError as e:
+            return {"status": e.status, "body": {"error": e.message}}
+        record = await self._batched((image, mask))
+        if record["error"] is not None:
+            return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}
+        return {"status": 200, "body": dict(record, model_id=self.det.model_id)}
+
+    async def _predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[dict]:
+        """Score the queued images together (``serve.batch`` collects them)."""
+        images = [im for im, _ in items]
+        # Off the event loop, so that requests keep queueing (and health checks answer) meanwhile.
+        records = await asyncio.to_thread(score_images, self.det, images, any(m for _, m in items))
+        out = []
+        for (_, want_mask), rec in zip(items, records):
+            if not want_mask:
+                rec.pop("mask_png", None)
+            out.append(dict(rec, batch=len(items)))
+        return out
+
+    def info(self) -> dict:
+        """What ``GET /model`` answers."""
+        det, path = self.det, Path(self.config.model)
+        return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
+                "engine": det.engine, "kernel": det.kernel, "threshold": det.threshold_.image,
+                "threshold_source": det.threshold_.describe(), "model_id": det.model_id,
+                "model_file": str(path.resolve()),
+                "model_saved_at": self.saved_at, "dinopatch_version": __version__,
+                "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
+                "max_batch": self.config.max_batch, "batch_wait_ms": self.config.batch_wait_ms,
+                "timeout_s": self.config.timeout_s, "max_bytes": self.config.max_bytes,
+                "max_pixels": self.config.max_pixels}
+
+    def ping(self) -> bool:
+        return True
+
+
+class Gateway:
+    """The HTTP ingress: routes, size cap, deadline, retries on lost replicas, JSON answers."""
+
+    # A replica lost mid-request is replaced by Serve; the request goes to another one meanwhile.
+    ATTEMPTS = 3
+
+    def __init__(self, scorer, config: ServiceConfig):
+        self.scorer = scorer
+        self.config = config
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        t0 = time.perf_counter()
+        routes = {"/predict": ("POST", self._predict), "/health": ("GET", self._health),
+                  "/model": ("GET", self._model)}
+        path = request.url.path.rstrip("/") or "/"
+        try:
+            if path not in routes:
+                raise RequestError(404, f"no route {path}; use POST /predict, GET /health or GET /model")
+            method, handler = routes[path]
+            if request.method != method:
+                raise RequestError(405, f"{path} takes {method}, got {request.method}")
+            status, body = await handler(request)
+        except RequestError as e:
+            status, body = e.status, {"error": e.message}
+        except Exception as e:  # a bug answers 500 and the service stays up
+            log.exception("request failed")
+            status, body = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+        if path == "/predict" and status == 200:
+            body["latency_ms"] = (time.perf_counter() - t0) * 1e3
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def _predict(self, request) -> tuple[int, dict]:
+        query = dict(request.query_params)
+        unknown = set(query) - {"shape", "mask", "timeout_s"}
+        if unknown:
+            raise RequestError(400, f"unknown query parameters {sorted(unknown)}; known: shape, mask, timeout_s")
+        mask = query.get("mask", "0").lower()
+        if mask not in ("0", "1", "true", "false"):
+            raise RequestError(400, f"mask must be 0 or 1, got {mask!r}")
+        timeout = self.config.timeout_s
+        if "timeout_s" in query:
+            try:
+                asked = float(query["timeout_s"])
+            except ValueError:
+                asked = float("nan")
+            if not asked > 0:
+                raise RequestError(400, f"timeout_s must be a positive number, got {query['timeout_s']!r}")
+            timeout = min(timeout, asked)
+        deadline = time.monotonic() + timeout
+        try:
+            body = await asyncio.wait_for(self._read_body(request), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"the body did not arrive within {timeout:g} s") from None
+        answer = await self._call(lambda: self.scorer.predict.remote(body, query.get("shape"), mask in ("1", "true")),
+                                  deadline, timeout)
+        return answer["status"], answer["body"]
+
+    async def _read_body(self, request) -> bytes:
+        cap = self.config.max_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise RequestError(413, f"body of {int(declared)} bytes exceeds the limit of {cap}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise RequestError(413, f"body exceeds the limit of {cap} bytes")
+        return bytes(body)
+
+    async def _call(self, remote, deadline: float, timeout: float):
+        """Await ``remote()`` before ``deadline``; again on another replica when one dies meanwhile.
+
+        Raises:
+            RequestError: 503 when the deadline passes, the replicas keep
+                dying, or the scorers are overloaded.
+        """
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        for attempt in range(1, self.ATTEMPTS + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(remote(), left)
+            except asyncio.TimeoutError:
+                break
+            except BackPressureError as e:
+                raise RequestError(503, f"overloaded, try again: {e}") from None
+            except RayActorError as e:
+                log.warning("replica lost (attempt %d of %d): %s", attempt, self.ATTEMPTS, e)
+                if attempt == self.ATTEMPTS:
+                    raise RequestError(503, f"replicas lost {attempt} times in a row; try again") from None
+        raise RequestError(503, f"no answer within {timeout:g} s; try again")
+
+    async def _health(self, request) -> tuple[int, dict]:
+        timeout = min(5.0, self.config.timeout_s)
+        await self._call(lambda: self.scorer.ping.remote(), time.monotonic() + timeout, timeout)
+        return 200, {"status": "ok"}
+
+    async def _model(self, request) -> tuple[int, dict]:
+        timeout = self.config.timeout_s
+        return 200, await self._call(lambda: self.scorer.info.remote(), time.monotonic() + timeout, timeout)
+
+
+def build_app(config: ServiceConfig):
+    """The Ray Serve application of ``config``: a :class:`Gateway` in front of :class:`Scorer` replicas."""
+    from ray import serve
+
+    scorer = serve.deployment(
+        Scorer, name="Scorer", num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.num_cpus},
+        # Enough requests in a replica to fill a batch while the previous one runs; beyond a few batches
+        # per replica waiting, a flood is answered 503 at once instead of holding bodies until the deadline.
+        max_ongoing_requests=2 * config.max_batch, max_queued_requests=8 * config.max_batch * config.replicas,
+        # A replica that cannot load its model fails the deployment quickly instead of retrying for minutes.
+        max_constructor_retry_count=2,
+        # A lost replica is noticed in seconds (the check runs beside the scoring, not behind it).
+        health_check_period_s=2)
+    gateway = serve.deployment(Gateway, name="Gateway", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=16 * config.max_batch * config.replicas)
+    return gateway.bind(scorer.bind(config), config)
+
+
+def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Ray Serve's HTTP proxy and run the application on the Ray that is connected; its URL.
+
+    The proxy's own request timeout is a backstop a little after the
+    gateway's deadline (it answers 408, and clients can lift it with a header).
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": config.timeout_s + 10})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def check_model(config: ServiceConfig):
+    """The detector of ``config`` loaded here (bank and settings, no engine yet), or SystemExit saying why not.
+
+    Run where the command starts, so that a wrong path fails in a second
+    instead of after Ray has started replicas that cannot load it.
+    """
+    from .detector import DinoPatch
+    from .modelfile import ModelFileError
+
+    if config.engine.endswith(".onnx") and not Path(config.engine).is_file():
+        raise SystemExit(f"dinopatch: {config.engine}: no such ONNX export "
+                         "(make one with `python -m dinopatch export`)")
+    try:
+        return DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel, progress=False)
+    except (ModelFileError, ValueError) as e:
+        raise SystemExit(f"dinopatch: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dinopatch serve``: run the service until Ctrl-C or SIGTERM."""
+    defaults = ServiceConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m dinopatch serve",
+                                description="Serve a DinoPatch model over HTTP with Ray Serve.")
+    p.add_argument("-m", "--model", required=True, help="model file (on every node of a cluster)")
+    p.add_argument("--replicas", type=int, default=defaults["replicas"].default, help="scorer replicas")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxies listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=defaults["max_batch"].default, help="images per backbone call")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults["batch_wait_ms"].default,
+                   help="how long a replica waits for a batch to fill")
+    p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
+    p.add_argument("--engine", default=defaults["engine"].default,
+                   help=f"{', '.join(TORCH_FREE_ENGINES)} or an .onnx export (on every node)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
+    p.add_argument("--timeout-s", type=float, default=defaults["timeout_s"].default,
+                   help="deadline of a request; 503 after it")
+    p.add_argument("--max-mb", type=float, default=defaults["max_bytes"].default / 2**20,
+                   help="largest request body in MiB; 413 beyond")
+    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"].default,
+                   help="largest image in pixels; 413 beyond")
+    p.add_argument("--num-cpus", type=float, default=defaults["num_cpus"].default,
+                   help="CPUs Ray reserves for each replica")
+    args = p.parse_args(argv)
+    try:
+        config = ServiceConfig(model=args.model, engine=args.engine, kernel=args.kernel, replicas=args.replicas,
+                               num_cpus=args.num_cpus, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                               timeout_s=args.timeout_s, max_bytes=int(args.max_mb * 2**20),
+                               max_pixels=args.max_pixels)
+    except ValueError as e:
+        p.error(str(e))
+    check_model(config)
+
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address)
+    # SIGTERM (a service manager stopping us) takes the same way out as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        url = deploy(config, args.host, args.port)
+        print(f"serving {config.model} at {url} with {config.replicas} replica(s): POST /predict, GET /health, "
+              f"GET /model; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as e:  # serve.run: the application failed to deploy
+        print(f"dinopatch: the service did not start: {e}", file=sys.stderr)
+        return 1
+    finally:
+        # On a shared cluster only our application goes; a local Ray goes entirely.
+        if args.address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()

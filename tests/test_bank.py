@@ -1,0 +1,188 @@
+"""MemoryBank: its device copy on the cuda backend, copies and pickles.
+
+No GPU here: a stand-in for ``dinopatch._C_cuda`` counts uploads and computes
+with the numpy reference, so the real code paths of ``bank.py`` and
+``kernels.py`` run up to the compiled call.
+"""
+
+import copy
+import gc
+import pickle
+import threading
+import time
+import types
+import weakref
+
+import numpy as np
+import pytest
+
+from dinopatch import kernels
+from dinopatch.bank import MemoryBank
+
+
+class FakeDeviceBank:
+    """Stands in for ``_C_cuda.DeviceBank``: a slow upload, counted."""
+
+    uploads = 0
+    during_upload = None  # called inside the constructor when set
+
+    def __init__(self, bank, f16, counts):
+        if FakeDeviceBank.during_upload is not None:
+            FakeDeviceBank.during_upload()
+        time.sleep(0.05)  # wide enough for racing threads to all miss a cache without a lock
+        FakeDeviceBank.uploads += 1
+        self.rows = (bank.view(np.float16) if f16 else bank).copy()  # a device copy holds no reference
+        self.counts = counts
+        self.shape = self.rows.shape
+        self.f16 = f16
+
+    def min_distance(self, q, h, w, radius):
+        return kernels.min_distance_numpy(q, self.rows, self.counts, (h, w), radius)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    FakeDeviceBank.uploads = 0
+    FakeDeviceBank.during_upload = None
+    monkeypatch.setattr(
+        kernels, "_cuda", lambda: types.SimpleNamespace(DeviceBank=FakeDeviceBank, device_count=lambda: 1)
+    )
+    yield FakeDeviceBank
+    FakeDeviceBank.during_upload = None
+
+
+def _bank(rng, radius=1, dtype=np.float32):
+    return MemoryBank(rng.standard_normal((12, 5, 16)).astype(dtype), (3, 4), radius)
+
+
+def _tokens(rng, n=3):
+    return rng.standard_normal((n, 3, 4, 16)).astype(np.float32)
+
+
+def _reference(bank, tokens):
+    q = tokens.reshape(len(tokens), -1, bank.dim)
+    return kernels.min_distance_numpy(q, bank.features, grid=bank.grid, radius=bank.radius).reshape(
+        tokens.shape[:3]
+    )
+
+
+def test_concurrent_first_use_uploads_once(fake_cuda, rng):
+    bank, tokens = _bank(rng), _tokens(rng)
+    start = threading.Barrier(6)
+    results, errors = [None] * 6, []
+
+    def predict(i):
+        try:
+            start.wait()
+            results[i] = bank.distances(tokens, backend="cuda")
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=predict, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and fake_cuda.uploads == 1
+    for r in results:
+        np.testing.assert_allclose(r, _reference(bank, tokens), rtol=1e-6)
+    bank.distances(tokens, backend="cuda")
+    assert fake_cuda.uploads == 1
+
+
+def test_host_backends_never_upload(fake_cuda, rng):
+    bank, tokens = _bank(rng), _tokens(rng)
+    for backend in [b for b in kernels.available() if b != "cuda"]:
+        np.testing.assert_allclose(
+            bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4
+        )
+    assert fake_cuda.uploads == 0 and bank._device is None
+
+
+def test_device_copy_dies_with_the_bank_and_collection_never_deadlocks(fake_cuda, rng):
+    """A garbage collection inside one bank's upload frees another bank's device
+    copy; nothing in that path takes a lock (the old global cache's finalizer did,
+    and a collection inside its locked region deadlocked the thread on itself)."""
+    old, tokens = _bank(rng), _tokens(rng)
+    old.distances(tokens, backend="cuda")
+    copy_of_old = weakref.ref(old._device)
+    old.cycle = old  # only the collector frees it
+    del old
+    fake_cuda.during_upload = gc.collect
+    new = _bank(rng)
+    worker = threading.Thread(target=new.distances, args=(tokens, "cuda"), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "collection inside an upload deadlocked"
+    assert copy_of_old() is None and fake_cuda.uploads == 2 and new._device is not None
+
+
+def test_copies_and_pickles_carry_host_rows_only(fake_cuda, rng):
+    bank, tokens = _bank(rng, dtype=np.float16), _tokens(rng)
+    want = bank.distances(tokens, backend="cuda")
+    for other in (pickle.loads(pickle.dumps(bank)), copy.deepcopy(bank)):
+        assert other._device is None and other.features.dtype == np.float16
+        np.testing.assert_array_equal(other.features, bank.features)
+        np.testing.assert_array_equal(other.distances(tokens, backend="cuda"), want)
+        with pytest.raises(ValueError, match="read-only"):
+            other.features[0, 0, 0] = 1
+    assert fake_cuda.uploads == 3
+
+
+def test_features_read_only_through_the_bank_only(rng):
+    rows = rng.standard_normal((12, 5, 16)).astype(np.float32)
+    bank = MemoryBank(rows, (3, 4))
+    with pytest.raises(ValueError, match="read-only"):
+        bank.features[0, 0, 0] = 1.0
+    rows[0, 0, 0] = 1.0  # the caller's own array is untouched by the bank
+    assert rows.flags.writeable
+
+
+def test_host_array_on_cuda_uploads_per_call_and_upload_once(fake_cuda, rng):
+    q = rng.standard_normal((2, 12, 16)).astype(np.float32)
+    b = rng.standard_normal((12, 5, 16)).astype(np.float32)
+    counts = rng.integers(1, 6, 12)
+    ref = kernels.min_distance_numpy(q, b, counts, (3, 4), 1)
+    for _ in range(2):
+        np.testing.assert_allclose(
+            kernels.min_distance(q, b, "cuda", counts=counts, grid=(3, 4), radius=1), ref, rtol=1e-6
+        )
+    assert fake_cuda.uploads == 2
+    dev = kernels.upload(b, counts)
+    for _ in range(2):
+        np.testing.assert_allclose(kernels.min_distance(q, dev, grid=(3, 4), radius=1), ref, rtol=1e-6)
+    assert fake_cuda.uploads == 3
+
+
+def test_uploaded_bank_misuse_is_a_clear_error(fake_cuda, rng):
+    b = rng.standard_normal((6, 3, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    dev = kernels.upload(b)
+    bad = [
+        (dict(counts=np.full(6, 2)), "counts given to upload"),
+        (dict(backend="numpy"), "on the GPU"),
+        (dict(queries=q[:, :4]), "disagree on L or D"),
+        (dict(queries=q[..., :5]), "disagree on L or D"),
+    ]
+    for change, message in bad:
+        args = dict(queries=q, backend="cuda") | change
+        with pytest.raises(ValueError, match=message):
+            kernels.min_distance(args.pop("queries"), dev, **args)
+    for bank, message in ((b[:, :0], "no rows"), (b[0], "3 dimensions"), (b.astype(int), "float array")):
+        with pytest.raises(ValueError, match=message):
+            kernels.upload(bank)
+    with pytest.raises(ValueError, match=r"\[1, K = 3\]"):
+        kernels.upload(b, np.full(6, 4))
+    assert fake_cuda.uploads == 1
+
+
+def test_upload_without_cuda_names_the_backends(monkeypatch, rng):
+    monkeypatch.setattr(kernels, "_cuda", lambda: None)
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        kernels.upload(rng.standard_normal((2, 3, 4)).astype(np.float32))
+
+
+def test_features_cannot_be_replaced(rng):
+    bank = _bank(rng)
+    with pytest.raises(AttributeError):
+        bank.features = np.zeros_like(bank.features)
