@@ -28,6 +28,7 @@ from . import kernels
 
 SENTINEL = 1e4  # in every feature of a dropped location's row; representable in float16
 
+
 class MemoryBank:
     """Nominal features per location.
 
@@ -37,16 +38,19 @@ class MemoryBank:
         radius: spatial tolerance in grid steps (0: own location only).
         positions: flat grid indices of the locations the rows are of (default: every one).
 
-    ``features`` is read-only through the bank (neither its rows nor the
-    attribute can be changed): the device copy is made once, so a changed
-    bank would leave it stale.
+    ``features`` and ``positions`` are read-only through the bank (neither
+    their values nor the attributes can be changed): the padded grid and the
+    device copy are made once, so a changed bank would leave them stale.
     """
 
     def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None):
         from .backbone import check_positions
 
         features = np.asarray(features)
-        self.positions = None if positions is None else check_positions(positions, grid)
+        # Read-only like the rows (the padded grid and the device copy are made from both once).
+        self._positions = None if positions is None else check_positions(positions, grid).copy()
+        if self._positions is not None:
+            self._positions.flags.writeable = False
         n = grid[0] * grid[1] if positions is None else len(self.positions)
         if features.ndim != 3 or features.shape[0] != n:
             raise ValueError(f"bank features {features.shape} do not match grid {grid} and {n} positions "
@@ -73,7 +77,9 @@ class MemoryBank:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._features.flags.writeable = False
+        for array in (self._features, self._positions):
+            if array is not None:
+                array.flags.writeable = False
         self._device_lock = threading.Lock()
 
     def device_bank(self):
@@ -162,6 +168,11 @@ class MemoryBank:
     def features(self) -> np.ndarray:
         """``[L, K, D]`` rows, read-only (the device copy is made from them once)."""
         return self._features
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """Flat grid indices of the locations covered, read-only; None: every one."""
+        return self._positions
 
     @property
     def dim(self) -> int:

@@ -179,6 +179,12 @@ def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, ra
         want = np.sqrt(((flat_q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
         np.testing.assert_allclose(got[:, l], want, rtol=1e-5, atol=1e-4)
     assert got[0, 2 * 7 + 3] <= 1e-3
+    with pytest.raises(ValueError, match="read-only"):
+        bank.positions[0] = 4  # the padded grid and the device copy were made from it
+    with pytest.raises(AttributeError):
+        bank.positions = positions[1:]
+    positions[0] = 4  # the caller's own array stays writable, and the bank's is a copy
+    assert bank.positions[0] == 3
 
 
 # --- the detector on foreground tokens ------------------------------------------------------------------
