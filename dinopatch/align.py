@@ -5,8 +5,10 @@ external contours, filled); the moments of the filled outline give its centre,
 principal axis and size (the standard deviation along the axis). The full
 resolution image is then warped once into a square canonical frame: axis
 horizontal, part centred, scaled to the nominal length learned in
-:meth:`Aligner.fit`, reflect padding where the frame leaves the image (with a
-validity mask saying where). The 180-degree ambiguity of the axis (and, with
+:meth:`Aligner.fit`, padded where the frame leaves the image (with a validity
+mask saying where): by reflection, or with the background level of the image's
+border, which leaves no mirrored pieces of a part near the edge in the frame.
+The 180-degree ambiguity of the axis (and, with
 ``mirror=True``, the side the part lies on) is resolved by matching a small
 canonical silhouette against the mean nominal silhouette.
 """
@@ -18,16 +20,13 @@ import cv2
 import numpy as np
 
 from .data import as_image
+from .outline import MIN_SIDE, Part, measure_part
 
 __all__ = ["Aligner", "Alignment"]
 
-_STATE_VERSION = 2  # 2: the nominal size is relative to the frame
+_STATE_VERSION = 3  # 2: the nominal size is relative to the frame; 3: padding
+PADDINGS = ("reflect", "background")
 _TEMPLATE = 64           # side of the silhouettes that settle polarity and mirroring
-_PAD = 4                 # analysis-image padding, so outlines cut by the border still close
-_MIN_SIDE = 8            # analysis images smaller than this hold no measurable part
-_MIN_CONTRAST = 12.0     # gray levels between part and background
-_MIN_AREA = 0.002        # smallest part, as a fraction of the analysis image
-_BORDER_CONTACT = 0.5    # border contact, in part widths, beyond which the part is cut off
 _ROUND = 0.85            # minor/major eigenvalue ratio above which the axis is undefined
 
 
@@ -59,21 +58,6 @@ class Alignment:
     matrix: np.ndarray = field(repr=False)
 
 
-@dataclass
-class _Part:
-    """A part measured in input-pixel units."""
-
-    centre: np.ndarray        # (x, y)
-    axis: np.ndarray          # unit principal axis (x, y), pointing towards +x
-    sigma: float              # standard deviation of the silhouette along the axis
-    frame: float              # the image's longest side
-    elongation: float         # minor / major eigenvalue
-    length: float             # outline extent along the axis / sigma
-    silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
-    to_input: np.ndarray      # 2x3 affine, analysis pixel -> input pixel
-    reason: str = ""
-
-
 class Aligner:
     """Warps images of a part into a canonical pose.
 
@@ -87,18 +71,23 @@ class Aligner:
             side, differs from the nominal median by more than this factor
             (either way) is not trusted.
         analysis_size: longest side of the image the outline is measured on.
+        padding: ``"reflect"``, or ``"background"``: the per-channel median of
+            the image's border pixels.
     """
 
     def __init__(self, *, size: int = 448, enabled: bool = True, mirror: bool = False, zoom: float = 0.75,
-                 scale_tolerance: float = 1.5, analysis_size: int = 256):
+                 scale_tolerance: float = 1.5, analysis_size: int = 256, padding: str = "reflect"):
         if int(size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0.0 < zoom <= 1.0:
             raise ValueError(f"zoom must be in (0, 1], got {zoom}")
         if scale_tolerance < 1.0:
             raise ValueError(f"scale_tolerance must be >= 1, got {scale_tolerance}")
-        if int(analysis_size) < 2 * _MIN_SIDE:
-            raise ValueError(f"analysis_size must be >= {2 * _MIN_SIDE}, got {analysis_size}")
+        if int(analysis_size) < 2 * MIN_SIDE:
+            raise ValueError(f"analysis_size must be >= {2 * MIN_SIDE}, got {analysis_size}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.padding = padding
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
@@ -169,8 +158,39 @@ class Aligner:
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
             al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
+        _, m, (centre, scale, orient), reason = self._place(image)
+        canon, valid = _warp(image, m, s, self.padding)
+        x_dir = np.linalg.inv(m[:, :2])[:, 0]
+        angle = float(np.degrees(np.arctan2(x_dir[1], x_dir[0])) % 360.0)
+        al = Alignment(angle, float(scale), (float(centre[0]), float(centre[1])), orient[0], orient[1],
+                       not reason, reason, m)
+        return _bgr(canon), valid, al
+
+    def silhouette(self, image: np.ndarray) -> np.ndarray | None:
+        """The part's filled outline, as :meth:`transform` places it, in the canonical frame.
+
+        Args:
+            image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`.
+
+        Returns:
+            float32 ``[size, size]`` in [0, 1]; None where the pose is not trusted
+            (or alignment is off): there is no part to place.
+        """
+        image = as_image(image)
+        if not self.enabled:
+            return None
+        part, m, _, reason = self._place(image)
+        if reason:
+            return None
+        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (self.size, self.size),
+                              flags=cv2.INTER_LINEAR)
+
+    def _place(self, image: np.ndarray) -> tuple[Part, np.ndarray, tuple, str]:
+        """The measured part, its input -> canonical matrix, the pose ``(centre, scale, orientation)``
+        it was made from, and why the pose is not trusted ("")."""
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
+        s = self.size
         part = self._measure(image)
         reason = part.reason or self._doubt(part)
         if reason:  # a centred resize of the whole image
@@ -180,18 +200,12 @@ class Aligner:
         else:
             centre, axis, scale = part.centre, part.axis, self._scale(part)
             orient = self._best_orientation(self._silhouette(part))
-        m = _canonical_matrix(centre, axis, scale, orient, s)
-        canon, valid = _warp(image, m, s)
-        x_dir = np.linalg.inv(m[:, :2])[:, 0]
-        angle = float(np.degrees(np.arctan2(x_dir[1], x_dir[0])) % 360.0)
-        al = Alignment(angle, float(scale), (float(centre[0]), float(centre[1])), orient[0], orient[1],
-                       not reason, reason, m)
-        return _bgr(canon), valid, al
+        return part, _canonical_matrix(centre, axis, scale, orient, s), (centre, scale, orient), reason
 
-    def _scale(self, part: _Part) -> float:
+    def _scale(self, part: Part) -> float:
         return self.zoom * self.size / (self.nominal_length_ * part.sigma)
 
-    def _doubt(self, part: _Part) -> str:
+    def _doubt(self, part: Part) -> str:
         # Relative to the frame, so that the same scene at another resolution is the same size.
         ratio = part.sigma / part.frame / self.nominal_size_
         if not 1 / self.scale_tolerance <= ratio <= self.scale_tolerance:
@@ -200,15 +214,15 @@ class Aligner:
             return f"near-round outline (axis ratio {part.elongation:.2f}): principal axis undefined"
         return ""
 
-    def _silhouette(self, part: _Part) -> np.ndarray:
+    def _silhouette(self, part: Part) -> np.ndarray:
         """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
         m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False),
                               _TEMPLATE)
         return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE),
                               flags=cv2.INTER_LINEAR)
 
-    def _measure(self, image: np.ndarray) -> _Part:
-        part = _measure_part(image, self.analysis_size)
+    def _measure(self, image: np.ndarray) -> Part:
+        part = measure_part(image, self.analysis_size)
         if self.round_:  # the axis of a round part is noise: keep the image's own x axis
             part.axis = np.array([1.0, 0.0])
         return part
@@ -244,18 +258,20 @@ class Aligner:
         """Everything :meth:`fit` learned and the constructor arguments, JSON-serialisable."""
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
+                "padding": self.padding,
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "template": None if self.template_ is None else self.template_.tolist()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Aligner":
         """The :class:`Aligner` that :meth:`state_dict` described."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not an Aligner state of version {_STATE_VERSION}: "
+        if not isinstance(state, dict) or state.get("version") not in (2, _STATE_VERSION):
+            raise ValueError(f"not an Aligner state of version 2 or {_STATE_VERSION}: "
                              f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
         try:
             al = cls(size=state["size"], enabled=state["enabled"], mirror=state["mirror"], zoom=state["zoom"],
-                     scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"])
+                     scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"],
+                     padding=state["padding"] if state["version"] >= 3 else "reflect")
             if state["template"] is not None:
                 template = np.asarray(state["template"], np.float64)
                 if template.shape != (_TEMPLATE, _TEMPLATE):
@@ -299,8 +315,8 @@ def _orient(sil: np.ndarray, orient) -> np.ndarray:
     return sil[::-1] if mirror else sil
 
 
-def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Warp to ``size x size`` with reflect padding; also the validity of each canonical pixel."""
+def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+    """Warp to ``size x size``, padded as ``padding`` says; also the validity of each canonical pixel."""
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     # warpAffine does not low-pass: halve until the warp is about 1:1 (2x2 means,
     # INTER_AREA's fast path for even sides; the odd last row/column is dropped).
@@ -308,69 +324,14 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int) -> tuple[np.ndarray, np.n
         h, w = image.shape[:2]
         image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
         m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
-    canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if padding == "reflect":
+        canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    else:
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).reshape(-1, *image.shape[2:])
+        level = np.median(border, axis=0).reshape(-1).tolist()
+        canon = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=level + level[-1:] * (4 - len(level)))
     ones = np.ones(image.shape[:2], np.uint8)
     valid = cv2.warpAffine(ones, m, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
                            borderValue=0)
     return canon, valid.astype(np.float32)
-
-
-def _measure_part(image: np.ndarray, analysis_size: int) -> _Part:
-    """Measure the part's outline (see the module docstring); ``reason`` says why it could not be."""
-    h, w = image.shape[:2]
-    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
-    f = min(1.0, analysis_size / max(h, w))
-    sw, sh = max(1, round(w * f)), max(1, round(h * f))
-    small = cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA) if f < 1 else gray
-    to_input = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5]])
-
-    def failed(reason: str) -> _Part:
-        return _Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
-                     np.zeros((sh, sw), np.float32), to_input, reason)
-
-    if min(sw, sh) < _MIN_SIDE:
-        return failed(f"image of {h}x{w} pixels is too small to find a part in")
-    blur = cv2.GaussianBlur(small, (5, 5), 0)
-    t, _ = cv2.threshold(blur, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-    hi, lo = blur[blur > t], blur[blur <= t]
-    contrast = float(hi.mean() - lo.mean()) if hi.size and lo.size else 0.0
-    if contrast < _MIN_CONTRAST:
-        return failed(f"no part found (contrast {contrast:.1f} gray levels)")
-    # Pad with the background level so an outline cut by the border still closes.
-    background = float(np.median(np.concatenate([blur[0], blur[-1], blur[:, 0], blur[:, -1]])))
-    padded = cv2.copyMakeBorder(blur, _PAD, _PAD, _PAD, _PAD, cv2.BORDER_CONSTANT, value=background)
-    edges = cv2.Canny(padded, 0.5 * contrast, contrast)
-    edges = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if not contours:
-        return failed("no part outline found")
-    outline = max(contours, key=cv2.contourArea)
-    mask = np.zeros(edges.shape, np.uint8)
-    cv2.drawContours(mask, [outline], -1, 255, cv2.FILLED)
-    # Canny leaves gaps (at sharp tips, say) that no small closing bridges, and an
-    # open outline fills to a thin band: add the pixels of the part's gray level
-    # (Otsu's side away from the background) inside the outline's convex hull.
-    hull = np.zeros_like(mask)
-    cv2.fillConvexPoly(hull, cv2.convexHull(outline), 255)
-    part_side = padded > t if background <= t else padded <= t
-    mask[(hull > 0) & part_side] = 255
-    mask = mask[_PAD:-_PAD, _PAD:-_PAD]
-    mom = cv2.moments(mask, binaryImage=True)
-    if mom["m00"] < _MIN_AREA * sw * sh:
-        return failed(f"part outline too small ({int(mom['m00'])} of {sw * sh} analysis pixels)")
-    pts = outline[:, 0].astype(np.float64) - _PAD
-    contact = ((pts < 1) | (pts > [sw - 2, sh - 2])).any(axis=1).sum() * np.sqrt(w * h / (sw * sh))
-    # Covariance in input pixels: the analysis image may be scaled slightly differently along x and y.
-    d = np.diag(to_input[:, :2].diagonal())
-    cov = d @ np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) @ d / mom["m00"]
-    evals, evecs = np.linalg.eigh(cov)
-    axis = evecs[:, 1] if evecs[0, 1] > 0 or (evecs[0, 1] == 0 and evecs[1, 1] > 0) else -evecs[:, 1]
-    centre = to_input @ np.array([mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], 1.0])
-    sigma = float(np.sqrt(max(evals[1], 1e-12)))
-    proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
-    part = _Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
-                 mask.astype(np.float32) / 255, to_input=to_input)
-    width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
-    if contact > _BORDER_CONTACT * width:
-        part.reason = f"part cut off by the image border (contact {contact / width:.1f} part widths)"
-    return part

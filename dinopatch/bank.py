@@ -6,8 +6,16 @@ selection.  A query token is scored by its distance to the nearest row at its
 own location, or at any location within ``radius`` grid steps (the spatial
 tolerance that absorbs residual misalignment).
 
+A bank may cover only some locations of the grid (``positions``, the part's
+region with foreground tokens): the neighbourhood of a kept location is then
+clipped to kept locations, as it is clipped at the grid's edges.  The kernels
+take a full grid, so the dropped locations are given one row each, a sentinel
+:data:`SENTINEL` in every feature, far beyond any token: a query nearer to it
+than to every nominal row is beyond ``SENTINEL * sqrt(D) - |q|`` of all of them.
+
 On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
-first use and freed with the bank (like a faiss GPU index over its C++ core).
+first use and freed with the bank (like a faiss GPU index over its C++ core);
+a region bank with a radius uploads its padded full grid with its row counts.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ import numpy as np
 
 from . import kernels
 
+SENTINEL = 1e4  # in every feature of a dropped location's row; representable in float16
+
 
 class MemoryBank:
     """Nominal features per location.
@@ -26,16 +36,25 @@ class MemoryBank:
         features: ``[L, K, D]`` float32 or float16 bank rows.
         grid: ``(h, w)`` token grid, ``h * w == L``.
         radius: spatial tolerance in grid steps (0: own location only).
+        positions: flat grid indices of the locations the rows are of (default: every one).
 
-    ``features`` is read-only through the bank (neither its rows nor the
-    attribute can be changed): the device copy is made once, so a changed
-    bank would leave it stale.
+    ``features`` and ``positions`` are read-only through the bank (neither
+    their values nor the attributes can be changed): the padded grid and the
+    device copy are made once, so a changed bank would leave them stale.
     """
 
-    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0):
+    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None):
+        from .backbone import check_positions
+
         features = np.asarray(features)
-        if features.ndim != 3 or features.shape[0] != grid[0] * grid[1]:
-            raise ValueError(f"bank features {features.shape} do not match grid {grid} ([h*w, K, D] expected)")
+        # Read-only like the rows (the padded grid and the device copy are made from both once).
+        self._positions = None if positions is None else check_positions(positions, grid).copy()
+        if self._positions is not None:
+            self._positions.flags.writeable = False
+        n = grid[0] * grid[1] if positions is None else len(self.positions)
+        if features.ndim != 3 or features.shape[0] != n:
+            raise ValueError(f"bank features {features.shape} do not match grid {grid} and {n} positions "
+                             f"([{n}, K, D] expected)")
         if features.dtype not in (np.float32, np.float16):
             raise ValueError(f"bank features must be float32 or float16, got {features.dtype}")
         if int(radius) < 0:
@@ -45,6 +64,7 @@ class MemoryBank:
         self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
         self.radius = int(radius)
+        self._full = None  # the sentinel-padded full grid, made on first use
         self._device = None
         self._device_lock = threading.Lock()
 
@@ -52,31 +72,35 @@ class MemoryBank:
         # Copies and pickles (Ray, joblib) carry the host rows only; the copy
         # uploads its own device bank when it first needs one.
         state = self.__dict__.copy()
-        state["_device"] = state["_device_lock"] = None
+        state["_device"] = state["_device_lock"] = state["_full"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._features.flags.writeable = False
+        for array in (self._features, self._positions):
+            if array is not None:
+                array.flags.writeable = False
         self._device_lock = threading.Lock()
 
     def device_bank(self):
         """The bank on the GPU (``dinopatch._C_cuda.DeviceBank``), uploaded once.
 
-        Threads predicting at once share one upload.  The device memory is
-        freed when the bank is.
+        A region bank with a radius is uploaded as its padded full grid with
+        its row counts (see :meth:`_padded`).  Threads predicting at once share
+        one upload.  The device memory is freed when the bank is.
         """
         device = self._device
         if device is None:
             with self._device_lock:
                 if self._device is None:
-                    self._device = kernels.upload(self.features)
+                    padded = self.positions is not None and self.radius
+                    self._device = kernels.upload(*self._padded()) if padded else kernels.upload(self.features)
                 device = self._device
         return device
 
     @classmethod
     def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
-            backend: str | None = None) -> "MemoryBank":
+            backend: str | None = None, positions=None) -> "MemoryBank":
         """Build a bank from nominal tokens ``[N, h, w, D]``.
 
         Args:
@@ -87,34 +111,68 @@ class MemoryBank:
             dtype: storage type, float32 or float16 (half the bytes to read per
                 image; distances are still accumulated in float32).
             backend: kernel backend for the coreset selection.
+            positions: keep only these flat grid locations.
         """
         if tokens.ndim != 4 or len(tokens) == 0:
             raise ValueError(f"tokens must be [N, h, w, D] with N >= 1, got {tokens.shape}")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
         n, h, w, d = tokens.shape
-        stack = np.ascontiguousarray(tokens.reshape(n, h * w, d).transpose(1, 0, 2), dtype=np.float32)
+        stack = tokens.reshape(n, h * w, d).transpose(1, 0, 2)
+        stack = np.ascontiguousarray(stack if positions is None else stack[positions], dtype=np.float32)
         k = max(1, math.ceil(ratio * n))
         if k < n:
             idx = kernels.kcenter_greedy(stack, k, backend=backend)
             stack = np.take_along_axis(stack, idx[:, :, None], axis=1)
-        return cls(stack.astype(dtype), (h, w), radius)
+        return cls(stack.astype(dtype), (h, w), radius, positions)
 
     def distances(self, tokens: np.ndarray, backend: str | None = None) -> np.ndarray:
-        """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]``."""
+        """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]``.
+
+        NaN at locations the bank does not cover (see ``positions``).
+        """
         b, h, w, d = tokens.shape
         if (h, w) != self.grid or d != self.dim:
             raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
         q = tokens.reshape(b, h * w, d)
         backend = kernels.resolve(backend)
-        bank = self.device_bank() if backend == "cuda" else self.features
-        extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
-        return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
+        cuda = backend == "cuda"
+        if self.positions is None:
+            extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
+            bank = self.device_bank() if cuda else self.features
+            return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
+        out = np.full((b, h * w), np.nan, np.float32)
+        if self.radius:
+            full, counts = self._padded()
+            bank, counts = (self.device_bank(), None) if cuda else (full, counts)
+            out[:, self.positions] = kernels.min_distance(q, bank, backend=backend, counts=counts, grid=self.grid,
+                                                          radius=self.radius)[:, self.positions]
+        else:
+            bank = self.device_bank() if cuda else self.features
+            out[:, self.positions] = kernels.min_distance(q[:, self.positions], bank, backend=backend)
+        return out.reshape(b, h, w)
+
+    def _padded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The full-grid bank (a :data:`SENTINEL` row at dropped locations) and its row counts."""
+        if self._full is None:
+            l, (k, d) = self.grid[0] * self.grid[1], self.features.shape[1:]
+            full = np.zeros((l, k, d), self.features.dtype)
+            full[:, 0] = SENTINEL
+            full[self.positions] = self.features
+            counts = np.ones(l, np.int64)
+            counts[self.positions] = k
+            self._full = (full, counts)
+        return self._full
 
     @property
     def features(self) -> np.ndarray:
         """``[L, K, D]`` rows, read-only (the device copy is made from them once)."""
         return self._features
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """Flat grid indices of the locations covered, read-only; None: every one."""
+        return self._positions
 
     @property
     def dim(self) -> int:
@@ -131,5 +189,6 @@ class MemoryBank:
 
     def __repr__(self) -> str:
         l, k, d = self.features.shape
-        return (f"MemoryBank(grid={self.grid}, rows={k}, dim={d}, radius={self.radius}, "
+        where = "" if self.positions is None else f", {l} of {self.grid[0] * self.grid[1]} locations"
+        return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, radius={self.radius}, "
                 f"dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")

@@ -36,7 +36,7 @@ EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr
 # Flags that describe what is fitted: a model file fixes them.
 FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
                 "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
-                "score": "--score"}
+                "score": "--score", "foreground": "--foreground"}
 # Flags that say how to run a model, honoured with -m.
 RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
 # The default of every detector flag in the parser that finds which were given.
@@ -104,6 +104,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score", default="max", choices=SCORES, help="image score from the anomaly map")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds random weights, calibration and the evaluation split")
+    g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
+                   help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
     _add_runtime_args(p, default_engine="auto")
 
 
@@ -134,7 +136,8 @@ def _new_detector(args):
     return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                      align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
                      coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
-                     seed=args.seed, device=args.device)
+                     seed=args.seed, device=args.device,
+                     foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
 
 
 def _load_model(path: str, runtime: dict):

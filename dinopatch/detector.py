@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fitted
+from . import fitted, foreground
 from .align import Aligner
-from .backbone import EngineCache, embed
+from .backbone import EngineCache
 from .backbone.device import require as require_device
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
@@ -55,6 +55,8 @@ class DinoPatch(EstimatorMixin):
         false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
         threshold: a threshold to use instead of calibrating one.
         mirror: parts can lie on either face (alignment resolves mirroring).
+        foreground: run the backbone only on the part's region (:mod:`.foreground`): True,
+            False, or ``"auto"``: where aligned parts leave most of the frame to the background.
         batch_size: images per backbone call.
         progress: show progress bars.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
@@ -63,8 +65,8 @@ class DinoPatch(EstimatorMixin):
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance=1,
                  bank_dtype="float32", sigma=4.0, score="max", topk=0.01, morph_kernel=5,
-                 calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, batch_size=8,
-                 progress=True, device="auto"):
+                 calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
+                 batch_size=8, progress=True, device="auto"):
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
@@ -93,31 +95,32 @@ class DinoPatch(EstimatorMixin):
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
-        canon = [aligner.transform(im) for im in images]
         engine = self._engine(backbone_key(params), None, None)
-        tokens = embed(engine, [c[0] for c in canon], int(self.batch_size), self.progress, "fit: embedding")
+        canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, int(self.batch_size),
+                                                     self.progress)
+        frames, positions = np.stack([c[0] for c in canon]), fg and fg.positions
         polarity, flips = None, np.zeros(len(images), bool)
         if self.align:
             polarity = Polarity.fit(tokens)
             tokens, flips = polarity.orient(tokens)
 
         def score_held_out(train, held):
-            dists = self._make_bank(tokens[train]).distances(tokens[held], backend=self._kernel())
-            maps = [post.score_map(unflip(d, flips[i]), canon[i][1]) for i, d in zip(held, dists)]
+            dists = self._make_bank(tokens[train], positions).distances(tokens[held], backend=self._kernel())
+            dists = _finish(dists, flips[held], fg, frames[held], fg and fg.background_of(frames[train]))
+            maps = [post.score_map(d, canon[i][1]) for i, d in zip(held, dists)]
             return (np.array([s for _, s in maps]),
                     np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
 
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
-        self._model = Fitted(params=params, aligner=aligner, polarity=polarity, bank=self._make_bank(tokens),
-                             threshold=threshold, fingerprint=engine.fingerprint, model_id="unsaved",
-                             graph=graph_record(self.engine, engine))
+        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions), threshold,
+                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine))
         return self
 
-    def _make_bank(self, tokens: np.ndarray) -> MemoryBank:
+    def _make_bank(self, tokens: np.ndarray, positions) -> MemoryBank:
         return MemoryBank.fit(tokens, ratio=self.coreset_ratio, radius=self.tolerance,
-                              dtype=np.dtype(self.bank_dtype), backend=self._kernel())
+                              dtype=np.dtype(self.bank_dtype), backend=self._kernel(), positions=positions)
 
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
@@ -129,12 +132,11 @@ class DinoPatch(EstimatorMixin):
 
     def _get_backbone(self):
         """The engine of the fitted model, built now if not yet (the bench and the CLI report which)."""
-        model = self._fitted()
-        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
+        return self._engine(backbone_key((model := self._fitted()).params), model.fingerprint,
+                            model.graph_sha256(self.engine))
 
     def _fitted(self) -> Fitted:
-        model = getattr(self, "_model", None)
-        if model is None:
+        if (model := getattr(self, "_model", None)) is None:
             raise NotFittedError("this DinoPatch is not fitted yet: call fit(images) or DinoPatch.load(path)")
         return model
 
@@ -162,9 +164,7 @@ class DinoPatch(EstimatorMixin):
         Evaluation sweeps post-processing settings over these without running
         the backbone again (see :meth:`result_from`).
         """
-        model = self._fitted()
-        images = load_images(images)
-        bs = int(self.batch_size)
+        model, images, bs = self._fitted(), load_images(images), int(self.batch_size)
         return [raw for i in range(0, len(images), bs)
                 for raw in self.distances_aligned(self._align(model, images[i:i + bs]))]
 
@@ -187,13 +187,13 @@ class DinoPatch(EstimatorMixin):
             return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
         model = items[0][0]
         engine = self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
-        tokens = engine(np.stack([canonical for _, _, canonical, _, _ in items]))
+        frames, fg = np.stack([canonical for _, _, canonical, _, _ in items]), model.foreground
+        tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
         flips = np.zeros(len(items), bool)
         if model.polarity is not None:
             tokens, flips = model.polarity.orient(tokens)
-        dists = model.bank.distances(tokens, backend=self._kernel())
-        return [PatchDistances(unflip(d, flip), valid, al, im.shape[:2], model)
-                for (_, im, _, valid, al), d, flip in zip(items, dists, flips)]
+        dists = _finish(model.bank.distances(tokens, backend=self._kernel()), flips, fg, frames)
+        return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:
@@ -243,3 +243,8 @@ class DinoPatch(EstimatorMixin):
         det._model = model
         return det
 
+
+def _finish(distances: np.ndarray, flips: np.ndarray, fg, frames: np.ndarray, background=None) -> np.ndarray:
+    """Grids scored turned go back to their canonical images' orientation; then the background term."""
+    out = np.stack([unflip(d, f) for d, f in zip(distances, flips)])
+    return out if fg is None else fg.complete(out, frames, background)

@@ -26,6 +26,7 @@ from .backbone.device import parse_device
 from .backbone.specs import check_image_size
 from .bank import MemoryBank
 from .calibration import METHODS, Threshold, check_calibration, check_rate
+from .foreground import Foreground, check_option
 from .modelfile import ModelFileError
 from .polarity import Polarity
 from .postprocess import PostProcess
@@ -51,6 +52,7 @@ class Fitted:
     threshold: Threshold
     fingerprint: str
     model_id: str
+    foreground: Foreground | None = None  # the region the backbone runs on, and the background check
     # {"engine", "sha256"}: the exact graph the engine used at fit ran, where it ran one.
     graph: dict | None = None
 
@@ -102,6 +104,7 @@ def check_params(params: dict) -> dict:
     for name in ("align", "mirror", "progress"):
         if not isinstance(p[name], bool):
             raise ValueError(f"{name} must be True or False, got {p[name]!r}")
+    p["foreground"] = check_option(p.get("foreground", False), p["align"])
     p["engine"] = os.fspath(p["engine"])
     if p["kernel"] != "auto" and p["kernel"] not in kernels.BACKENDS:
         raise ValueError(f"kernel {p['kernel']!r} must be 'auto' or one of {kernels.BACKENDS}")
@@ -138,6 +141,9 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
               "calibration_maxima": np.asarray(t.maxima, np.float64)}
     if model.polarity is not None:
         arrays["polarity"] = model.polarity.reference
+    if model.foreground is not None:
+        header["foreground"], fg_arrays = model.foreground.state()
+        arrays.update(fg_arrays)
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -186,11 +192,19 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     grid = header["grid"]
     if grid != [side, side]:
         raise ValueError(f"grid {grid} does not fit {spec.name} at {params['image_size']} px ([{side}, {side}])")
+    fg = None
+    if header.get("foreground") is not None:
+        if not params["align"]:
+            raise ValueError("a foreground region without alignment")
+        fg = Foreground.from_state(header["foreground"], arrays, (side, side))
+        if header["aligner"].get("padding") != "background":
+            raise ValueError("a foreground region with an aligner that pads by reflection")
+    locations = side * side if fg is None else len(fg.positions)
     bank = arrays["bank"]
-    if bank.ndim != 3 or bank.shape[0] != side * side or bank.shape[2] != spec.embed_dim or bank.shape[1] < 1 \
+    if bank.ndim != 3 or bank.shape[0] != locations or bank.shape[2] != spec.embed_dim or bank.shape[1] < 1 \
             or bank.dtype.name != params["bank_dtype"]:
         raise ValueError(f"bank {bank.dtype}{list(bank.shape)} does not fit {spec.name} at {params['image_size']} px "
-                         f"({params['bank_dtype']}[{side * side}, K, {spec.embed_dim}] expected)")
+                         f"({params['bank_dtype']}[{locations}, K, {spec.embed_dim}] expected)")
     if not np.isfinite(bank).all():
         raise ValueError("bank holds non-finite values")
     aligner = Aligner.from_state_dict(header["aligner"])
@@ -213,8 +227,8 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
         raise ValueError(f"graph record malformed ({graph!r})")
-    membank = MemoryBank(bank, (side, side), params["tolerance"])
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, graph), params
+    membank = MemoryBank(bank, (side, side), params["tolerance"], None if fg is None else fg.positions)
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph), params
 
 
 def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:

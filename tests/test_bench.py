@@ -33,7 +33,7 @@ def test_registry_and_groups():
     assert bench.GROUPS["kernels"] == ["bandwidth", "min_distance", "coreset"]
     assert bench.GROUPS["cuda"] == ["cuda_bandwidth", "cuda_min_distance", "cuda_kcenter"]
     assert bench.GROUPS["scale"] == ["serve"]
-    assert set(bench.GROUPS["pipeline"]) == {"align", "backbone", "post", "e2e", "stream"}
+    assert set(bench.GROUPS["pipeline"]) == {"align", "backbone", "post", "e2e", "stream", "foreground"}
     assert set(readme_schema()) == set(bench.STAGES) | {"target"}
 
 

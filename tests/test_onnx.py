@@ -110,9 +110,12 @@ def test_graph_and_metadata(fp32_file, reference):
     # Attention runs as ONNX Runtime's fused op, one per block; the torch model is left as it was.
     assert ops.count("MultiHeadAttention") == 12 and "Softmax" not in ops
     assert not any("forward" in vars(m) for m in reference.model.modules())
-    (inp,), (out,) = model.graph.input, model.graph.output
+    (inp, pos), (out,) = model.graph.input, model.graph.output
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert inp.name == "images" and out.name == "tokens" and dims == ["batch", 3, SIZE, SIZE]
+    assert pos.name == "positions" and pos.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param for d in pos.type.tensor_type.shape.dim] == ["patches"]
+    assert [d.dim_param for d in out.type.tensor_type.shape.dim][:2] == ["batch", "patches"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["backbone"] == NAME and meta["image_size"] == str(SIZE) and meta["patch_size"] == "14"
     assert meta["layers"] == "1" and meta["precision"] == "fp32" and meta["attention"] == "fused"

@@ -54,6 +54,19 @@ def test_f32_tokens_match_torch(fp32_file, reference, weights, batch):
     assert err <= 1e-4, f"max |openvino - torch| = {err:.2e} of max |torch|"
 
 
+def test_f32_tokens_at_positions_match_torch(fp32_file, reference, weights):
+    """Foreground tokens: the export's ``positions`` input, fed the region's flat indices."""
+    engine = make_backbone("openvino:f32", name=NAME, weights=weights, image_size=SIZE)
+    x = textures(2)
+    for positions in (np.arange(1, 64, 3), np.array([63])):
+        got, ref = engine(x, positions), reference(x, positions)
+        assert got.shape == ref.shape == (2, len(positions), 384)
+        err = token_error(got, ref)
+        assert err <= 1e-4, f"max |openvino - torch| = {err:.2e} of max |torch| at {len(positions)} positions"
+    with pytest.raises(ValueError, match="positions"):
+        engine(x, np.array([5, 3]))
+
+
 def test_reads_the_fused_attention_of_the_export(fp32_file):
     """OpenVINO's ONNX reader maps com.microsoft.MultiHeadAttention to its own attention op, one per block."""
     onnx_ops = [n.op_type for n in onnx.load(str(fp32_file)).graph.node]

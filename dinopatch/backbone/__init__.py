@@ -17,11 +17,11 @@ from .device import DeviceUnavailableError
 from .engines import ENGINES, EngineCache, auto_engine, embed, make_backbone
 from .onnx_engine import ONNX_FORMAT, PRECISIONS, OnnxBackbone, find_or_export_onnx, onnx_cache_path
 from .openvino_engine import OV_PRECISIONS, OpenVinoBackbone, cpu_has_bf16
-from .specs import BACKBONES, BackboneSpec, check_image_size, get_spec, preprocess
+from .specs import BACKBONES, BackboneSpec, check_image_size, check_positions, get_spec, preprocess
 from .torch_engine import TorchBackbone
 from .weights import WeightsUnavailableError, build_model, cache_dir, weights_fingerprint
 
 __all__ = ["BACKBONES", "ENGINES", "EngineCache", "ONNX_FORMAT", "OV_PRECISIONS", "PRECISIONS", "BackboneSpec",
            "DeviceUnavailableError", "OnnxBackbone", "OpenVinoBackbone", "TorchBackbone", "WeightsUnavailableError",
-           "auto_engine", "build_model", "cache_dir", "check_image_size", "cpu_has_bf16", "embed",
+           "auto_engine", "build_model", "cache_dir", "check_image_size", "check_positions", "cpu_has_bf16", "embed",
            "find_or_export_onnx", "get_spec", "make_backbone", "onnx_cache_path", "preprocess", "weights_fingerprint"]

@@ -130,9 +130,10 @@ class EngineCache:
             return self._engines[key]
 
 
-def embed(engine, images: list[np.ndarray], batch_size: int, progress: bool = False, desc: str = "embedding"):
-    """Tokens ``[N, h, w, D]`` of canonical images, ``batch_size`` at a time, with a progress bar."""
+def embed(engine, images: list[np.ndarray], batch_size: int, progress: bool = False, desc: str = "embedding",
+          positions=None):
+    """Tokens ``[N, h, w, D]`` (``[N, n, D]`` at ``positions``) of canonical images, ``batch_size`` at a time."""
     chunks = range(0, len(images), batch_size)
-    out = [engine(np.stack(images[i:i + batch_size]))
+    out = [engine(np.stack(images[i:i + batch_size]), positions)
            for i in tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2, leave=False)]
     return np.concatenate(out)

@@ -14,13 +14,15 @@ import numpy as np
 
 from .device import CPU_PROVIDER, CUDA_PROVIDER, DeviceUnavailableError, onnx_providers, parse_device
 from .graph_file import check_graph_file, graph_sha256
-from .specs import check_image_size, get_spec, preprocess
+from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
 
-ONNX_FORMAT = "dinopatch-backbone-tokens/1"
+# 2: the graph takes the patch positions to run as an input ``positions`` (int64 [n]) and
+# gives ``tokens`` [B, n, D]; format 1 had only ``images`` and gave [B, h, w, D].
+ONNX_FORMAT = "dinopatch-backbone-tokens/2"
 # Bumped when the exported graph changes (same inputs and outputs, faster ops),
 # so that a cache made by an older DinoPatch is not reused.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
@@ -74,7 +76,8 @@ def read_export_metadata(meta: dict, path, inputs, outputs) -> dict:
 
     Args:
         meta: the file's metadata (key -> string), as the runtime that opened it reads it.
-        inputs, outputs: ``(name, shape)`` of the graph's inputs and outputs.
+        inputs: ``(name, shape, element type)`` of the graph's inputs, the type as numpy names it.
+        outputs: ``(name, shape)`` of its outputs.
     """
     if meta.get("format") != ONNX_FORMAT:
         raise ValueError(f"{path}: not a DinoPatch backbone export (metadata format {meta.get('format')!r}, "
@@ -86,10 +89,10 @@ def read_export_metadata(meta: dict, path, inputs, outputs) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: damaged DinoPatch metadata ({type(e).__name__}: {e})") from None
     side = out["image_size"]
-    if ([n for n, _ in inputs] != ["images"] or list(inputs[0][1][1:]) != [3, side, side]
-            or [n for n, _ in outputs] != ["tokens"]):
-        raise ValueError(f"{path}: expected input 'images' [B, 3, {side}, {side}] and output 'tokens', found "
-                         f"{inputs} -> {outputs}")
+    if ([n for n, _, _ in inputs] != ["images", "positions"] or list(inputs[0][1][1:]) != [3, side, side]
+            or len(inputs[1][1]) != 1 or inputs[1][2] != "int64" or [n for n, _ in outputs] != ["tokens"]):
+        raise ValueError(f"{path}: expected inputs 'images' [B, 3, {side}, {side}] and 'positions' int64 [n], "
+                         f"and output 'tokens', found {inputs} -> {outputs}")
     out["spec"] = spec = get_spec(out["backbone"])
     if (spec.patch_size, spec.embed_dim) != (out["patch_size"], out["embed_dim"]):
         raise ValueError(f"{path}: patch size / width {out['patch_size']}/{out['embed_dim']} do not match "
@@ -107,6 +110,9 @@ def check_export_matches(meta: dict, path, fingerprint=None, **wanted) -> None:
         raise ValueError(f"{path}: exported from weights {meta['weights_fingerprint'][:16]}..., but the detector "
                          f"was fitted with {fingerprint[:16]}...; export the right weights")
 
+
+# ONNX Runtime's names of the input types, as numpy names them.
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 
 # ONNX Runtime's exception types that mean the file itself is not a model it can read.
 _UNREADABLE = ("InvalidProtobuf", "InvalidGraph", "NoModel", "NoSuchFile")
@@ -184,6 +190,15 @@ class ExportedBackbone:
         side = self.image_size // self.spec.patch_size
         return side, side
 
+    def positions(self, positions=None) -> np.ndarray:
+        """The graph's ``positions`` input: the checked flat indices, or every patch when None."""
+        h, w = self.grid
+        return np.arange(h * w, dtype=np.int64) if positions is None else check_positions(positions, self.grid)
+
+    def shape_tokens(self, tokens: np.ndarray, positions=None) -> np.ndarray:
+        """The graph's ``[B, n, D]`` tokens, as the grid ``[B, h, w, D]`` when every patch ran."""
+        return tokens.reshape(len(tokens), *self.grid, -1) if positions is None else tokens
+
 
 class OnnxBackbone(ExportedBackbone):
     """DINOv2 patch tokens from an ONNX export, on ONNX Runtime; called like :class:`TorchBackbone`.
@@ -237,7 +252,8 @@ class OnnxBackbone(ExportedBackbone):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = _start_session(ort, path, so, providers)
         meta = read_export_metadata(self.session.get_modelmeta().custom_metadata_map, path,
-                                    [(i.name, i.shape) for i in self.session.get_inputs()],
+                                    [(i.name, i.shape, _ORT_TYPES.get(i.type, i.type))
+                                     for i in self.session.get_inputs()],
                                     [(o.name, o.shape) for o in self.session.get_outputs()])
         check_export_matches(meta, path, fingerprint, backbone=name, image_size=image_size, layers=layers,
                              precision=precision)
@@ -259,15 +275,17 @@ class OnnxBackbone(ExportedBackbone):
             warnings.warn(f"{path}: an fp16 export on the CPU provider runs slower than fp32; fp16 is for GPUs",
                           stacklevel=2)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
+    def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
         x = preprocess(images, self.image_size, self.mean, self.std)
+        pos = self.positions(positions)
         if self.io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input("images", x)
+            binding.bind_cpu_input("positions", pos)
             binding.bind_output("tokens", "cpu")
             self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
-        return self.session.run(["tokens"], {"images": x})[0]
-
-
+            tokens = binding.copy_outputs_to_cpu()[0]
+        else:
+            tokens = self.session.run(["tokens"], {"images": x, "positions": pos})[0]
+        return self.shape_tokens(tokens, positions)

@@ -80,7 +80,8 @@ class OpenVinoBackbone(ExportedBackbone):
         except Exception as e:  # openvino raises its own RuntimeError subclasses for unreadable files
             raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         meta = read_export_metadata(_framework_metadata(model), path,
-                                    [(p.any_name, _dims(p)) for p in model.inputs],
+                                    [(p.any_name, _dims(p), str(p.get_element_type().to_dtype()))
+                                     for p in model.inputs],
                                     [(p.any_name, _dims(p)) for p in model.outputs])
         check_export_matches(meta, path, fingerprint, backbone=name, image_size=image_size, layers=layers)
         if meta["precision"] != "fp32":
@@ -95,8 +96,9 @@ class OpenVinoBackbone(ExportedBackbone):
         self.compiled = core.compile_model(model, "CPU", config)
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
+    def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
         x = preprocess(images, self.image_size, self.mean, self.std)
         # A fresh request per call: the engine may be called from several threads.
-        return self.compiled.create_infer_request().infer({"images": x})[0].copy()
+        tokens = self.compiled.create_infer_request().infer({"images": x, "positions": self.positions(positions)})
+        return self.shape_tokens(tokens[0].copy(), positions)

@@ -54,6 +54,24 @@ def check_image_size(image_size: int, patch_size: int = 14) -> int:
     return image_size
 
 
+def check_positions(positions, grid: tuple[int, int]) -> np.ndarray:
+    """Flat patch indices to run the backbone on: int64 ``[n]``, strictly increasing, within the grid.
+
+    Raises:
+        ValueError: empty, not integers, out of ``[0, h * w)``, repeated or unsorted.
+    """
+    p = np.asarray(positions)
+    size = grid[0] * grid[1]
+    if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
+        raise ValueError(f"positions must be a non-empty 1-D integer array of flat patch indices, "
+                         f"got {p.dtype}{list(p.shape)}")
+    if p[0] < 0 or p[-1] >= size or not (np.diff(p) > 0).all():
+        raise ValueError(f"positions must be strictly increasing flat indices in [0, {size}) of the "
+                         f"{grid[0]}x{grid[1]} patch grid, got range [{p.min()}, {p.max()}] (sorted: "
+                         f"{bool((np.diff(p) > 0).all())})")
+    return np.ascontiguousarray(p, dtype=np.int64)
+
+
 def preprocess(images: np.ndarray, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """uint8 BGR ``[B, H, W, 3]`` -> normalised float32 RGB ``[B, 3, S, S]``.
 

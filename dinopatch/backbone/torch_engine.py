@@ -1,10 +1,17 @@
-"""The reference engine: timm DINOv2 in eager torch."""
+"""The reference engine: timm DINOv2 in eager torch.
+
+It runs either every patch (timm's ``forward_intermediates``) or only the
+patches at given flat ``positions`` (with the class and register tokens): the
+patch embeddings and their position embeddings are gathered there before the
+blocks, so attention sees only those tokens.  That path is what the ONNX export
+traces, with the positions as a graph input.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .device import torch_device
-from .specs import check_image_size, get_spec, preprocess
+from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import build_model, weights_fingerprint
 
 # precision -> autocast dtype (None: plain float32).
@@ -66,25 +73,59 @@ class TorchBackbone:
         side = self.image_size // self.spec.patch_size
         return side, side
 
-    def forward_tensor(self, x):
-        """``[B, 3, S, S]`` normalised tensor -> ``[B, h, w, D]`` tokens (differentiable, exportable)."""
+    def forward_tensor(self, x, positions=None):
+        """``[B, 3, S, S]`` normalised tensor -> tokens (differentiable, exportable).
+
+        Args:
+            x: normalised images.
+            positions: None for every patch, giving ``[B, h, w, D]``; or an int64
+                tensor ``[n]`` of flat patch indices, giving ``[B, n, D]``.
+        """
         import torch
 
-        feats = self.model.forward_intermediates(
-            x, indices=self.layers, norm=True, output_fmt="NLC", intermediates_only=True
-        )
-        tokens = torch.stack(feats, 0).mean(0) if len(feats) > 1 else feats[0]
-        h, w = self.grid
-        return tokens.reshape(x.shape[0], h, w, -1)
+        if positions is None:
+            feats = self.model.forward_intermediates(
+                x, indices=self.layers, norm=True, output_fmt="NLC", intermediates_only=True
+            )
+            h, w = self.grid
+            return _mean(feats).reshape(x.shape[0], h, w, -1)
+        m = self.model
+        if m.dynamic_img_size or m.pos_embed is None:
+            raise ValueError(f"{self.spec.name}: positions need a fixed-size absolute position embedding")
+        patches = torch.index_select(m.patch_embed(x), 1, positions)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        # As timm's _pos_embed, with the embedding gathered at the kept patches.
+        if m.no_embed_class:
+            t = torch.cat(prefix + [patches + torch.index_select(m.pos_embed, 1, positions)], dim=1)
+        else:
+            n_prefix = len(prefix)
+            rows = torch.cat([torch.arange(n_prefix, dtype=positions.dtype, device=positions.device),
+                              positions + n_prefix])
+            t = torch.cat(prefix + [patches], dim=1) + torch.index_select(m.pos_embed, 1, rows)
+        t = m.norm_pre(m.patch_drop(m.pos_drop(t)))
+        feats = []
+        for i, block in enumerate(m.blocks):
+            t = block(t)
+            if i >= len(m.blocks) - self.layers:
+                feats.append(m.norm(t)[:, m.num_prefix_tokens:])
+        return _mean(feats)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``."""
+    def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
         import torch
 
         x = preprocess(images, self.image_size, self.spec.mean, self.spec.std)
+        pos = None if positions is None else torch.from_numpy(check_positions(positions, self.grid)).to(self.device)
         dtype = AUTOCAST[self.precision]
         autocast = torch.autocast(self.device.partition(":")[0], dtype=getattr(torch, dtype or "float32"),
                                   enabled=dtype is not None)
         with torch.inference_mode(), autocast:
-            out = self.forward_tensor(torch.from_numpy(x).to(self.device))
+            out = self.forward_tensor(torch.from_numpy(x).to(self.device), pos)
         return out.float().cpu().numpy()
+
+
+def _mean(feats: list):
+    """The mean of the last blocks' tokens (one block: itself)."""
+    import torch
+
+    return torch.stack(feats, 0).mean(0) if len(feats) > 1 else feats[0]

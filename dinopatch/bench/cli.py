@@ -33,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="pipeline stages: images per backbone call")
     p.add_argument("--bank", type=int, default=40, help="pipeline stages: good images in the memory bank")
     p.add_argument("--engine", default="auto", help="pipeline stages: detector engine")
+    p.add_argument(
+        "--weights",
+        default="random",
+        help="pipeline stages: 'random' or a checkpoint path (accuracy figures need weights whose blocks "
+        "matter: timm's random init leaves them near the identity)",
+    )
     p.add_argument("--engines", default="torch,onnx,onnx:int8", help="backbone stage: engines to compare")
     p.add_argument(
         "--size",

@@ -22,7 +22,7 @@ def _detector(args, **overrides):
 
     params = dict(
         backbone=args.backbone,
-        weights="random",
+        weights=args.weights,
         image_size=args.image_size,
         engine=args.engine,
         batch_size=args.batch,
@@ -37,7 +37,7 @@ _FITTED: dict = {}
 
 def _fitted(args):
     """The detector of the pipeline stages, fitted once per run on ``--bank`` good screws."""
-    key = (args.backbone, args.image_size, args.engine, args.batch, args.bank)
+    key = (args.backbone, args.weights, args.image_size, args.engine, args.batch, args.bank)
     if key not in _FITTED:
         _FITTED[key] = _detector(args).fit(_frames(args.bank, seed=1))
     return _FITTED[key]

@@ -1,0 +1,94 @@
+"""A part's outline measured in one image: gray, blur, Canny, external contours, filled.
+
+The moments of the filled outline give the part's centre, principal axis and
+size (the standard deviation along the axis); :mod:`.align` turns them into a
+pose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+_PAD = 4                 # analysis-image padding, so outlines cut by the border still close
+MIN_SIDE = 8             # analysis images smaller than this hold no measurable part
+_MIN_CONTRAST = 12.0     # gray levels between part and background
+_MIN_AREA = 0.002        # smallest part, as a fraction of the analysis image
+_BORDER_CONTACT = 0.5    # border contact, in part widths, beyond which the part is cut off
+
+
+@dataclass
+class Part:
+    """A part measured in input-pixel units."""
+
+    centre: np.ndarray        # (x, y)
+    axis: np.ndarray          # unit principal axis (x, y), pointing towards +x
+    sigma: float              # standard deviation of the silhouette along the axis
+    frame: float              # the image's longest side
+    elongation: float         # minor / major eigenvalue
+    length: float             # outline extent along the axis / sigma
+    silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
+    to_input: np.ndarray      # 2x3 affine, analysis pixel -> input pixel
+    reason: str = ""
+
+
+def measure_part(image: np.ndarray, analysis_size: int) -> Part:
+    """Measure the part's outline (see the module docstring); ``reason`` says why it could not be."""
+    h, w = image.shape[:2]
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    f = min(1.0, analysis_size / max(h, w))
+    sw, sh = max(1, round(w * f)), max(1, round(h * f))
+    small = cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA) if f < 1 else gray
+    to_input = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5]])
+
+    def failed(reason: str) -> Part:
+        return Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
+                     np.zeros((sh, sw), np.float32), to_input, reason)
+
+    if min(sw, sh) < MIN_SIDE:
+        return failed(f"image of {h}x{w} pixels is too small to find a part in")
+    blur = cv2.GaussianBlur(small, (5, 5), 0)
+    t, _ = cv2.threshold(blur, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    hi, lo = blur[blur > t], blur[blur <= t]
+    contrast = float(hi.mean() - lo.mean()) if hi.size and lo.size else 0.0
+    if contrast < _MIN_CONTRAST:
+        return failed(f"no part found (contrast {contrast:.1f} gray levels)")
+    # Pad with the background level so an outline cut by the border still closes.
+    background = float(np.median(np.concatenate([blur[0], blur[-1], blur[:, 0], blur[:, -1]])))
+    padded = cv2.copyMakeBorder(blur, _PAD, _PAD, _PAD, _PAD, cv2.BORDER_CONSTANT, value=background)
+    edges = cv2.Canny(padded, 0.5 * contrast, contrast)
+    edges = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return failed("no part outline found")
+    outline = max(contours, key=cv2.contourArea)
+    mask = np.zeros(edges.shape, np.uint8)
+    cv2.drawContours(mask, [outline], -1, 255, cv2.FILLED)
+    # Canny leaves gaps (at sharp tips, say) that no small closing bridges, and an
+    # open outline fills to a thin band: add the pixels of the part's gray level
+    # (Otsu's side away from the background) inside the outline's convex hull.
+    hull = np.zeros_like(mask)
+    cv2.fillConvexPoly(hull, cv2.convexHull(outline), 255)
+    part_side = padded > t if background <= t else padded <= t
+    mask[(hull > 0) & part_side] = 255
+    mask = mask[_PAD:-_PAD, _PAD:-_PAD]
+    mom = cv2.moments(mask, binaryImage=True)
+    if mom["m00"] < _MIN_AREA * sw * sh:
+        return failed(f"part outline too small ({int(mom['m00'])} of {sw * sh} analysis pixels)")
+    pts = outline[:, 0].astype(np.float64) - _PAD
+    contact = ((pts < 1) | (pts > [sw - 2, sh - 2])).any(axis=1).sum() * np.sqrt(w * h / (sw * sh))
+    # Covariance in input pixels: the analysis image may be scaled slightly differently along x and y.
+    d = np.diag(to_input[:, :2].diagonal())
+    cov = d @ np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) @ d / mom["m00"]
+    evals, evecs = np.linalg.eigh(cov)
+    axis = evecs[:, 1] if evecs[0, 1] > 0 or (evecs[0, 1] == 0 and evecs[1, 1] > 0) else -evecs[:, 1]
+    centre = to_input @ np.array([mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], 1.0])
+    sigma = float(np.sqrt(max(evals[1], 1e-12)))
+    proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
+    part = Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
+                 mask.astype(np.float32) / 255, to_input=to_input)
+    width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
+    if contact > _BORDER_CONTACT * width:
+        part.reason = f"part cut off by the image border (contact {contact / width:.1f} part widths)"
+    return part
