@@ -130,10 +130,10 @@ class DinoPatch(EstimatorMixin):
         return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
                                  weights=weights, image_size=image_size, layers=layers, seed=seed)
 
-    def _get_backbone(self):
-        """The engine of the fitted model, built now if not yet (the bench and the CLI report which)."""
-        return self._engine(backbone_key((model := self._fitted()).params), model.fingerprint,
-                            model.graph_sha256(self.engine))
+    def _get_backbone(self, model: Fitted | None = None):
+        """The engine of a fitted model (default: the one in force), built now if not yet."""
+        model = model or self._fitted()
+        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
 
     def _fitted(self) -> Fitted:
         if (model := getattr(self, "_model", None)) is None:
@@ -186,7 +186,7 @@ class DinoPatch(EstimatorMixin):
             split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
             return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
         model = items[0][0]
-        engine = self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
+        engine = self._get_backbone(model)
         frames, fg = np.stack([canonical for _, _, canonical, _, _ in items]), model.foreground
         tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
         flips = np.zeros(len(items), bool)
