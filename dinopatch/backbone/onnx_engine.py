@@ -6,7 +6,6 @@ inspection PC needs only onnxruntime, numpy and OpenCV.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -64,9 +63,6 @@ def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, pr
             f"as the engine") from None
     from .onnx_export import export_onnx
 
-    # Exporting takes seconds to minutes: say why the first run pauses, and where the file goes.
-    print(f"dinopatch: exporting {name} at {image_size} px ({precision}) to ONNX once, into "
-          f"{cache_dir() / 'onnx'}", file=sys.stderr, flush=True)
     return export_onnx(name, weights, image_size, layers=layers, precision=precision, seed=seed,
                        fingerprint=fingerprint)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: i
     label = weights if weights in ("pretrained", "random") else Path(weights).name
     if out is None:
         out = onnx_cache_path(name, backbone.image_size, backbone.layers, precision, backbone.fingerprint, portable)
+        # Exporting takes seconds to minutes: say why the first run pauses, and where the file goes.  Said
+        # once the weights are loaded, so weights that cannot be had do not announce an export.
+        print(f"dinopatch: exporting {name} at {backbone.image_size} px ({precision}) to ONNX once, into "
+              f"{out.parent}", file=sys.stderr, flush=True)
     path = export_backbone(backbone, out, precision, weights_label=label, portable=portable)
     record = weights_record_path(name, weights, backbone.image_size, seed)
     if record is not None:
@@ -169,8 +174,11 @@ def _trace(backbone: TorchBackbone, path: Path, portable: bool = False) -> None:
             (unfused_attention if portable else fused_attention)(backbone.model):
         # timm asserts the input size in Python; the graph is for that one size anyway.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # The legacy exporter is chosen on purpose (see above); its deprecation notice is not news.
+        # The legacy exporter is chosen on purpose (see above); its deprecation notices are not news.
+        # The main one is attributed to this module (by its stack level), so it is matched by message.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
         torch.onnx.export(Tokens().eval(), (torch.from_numpy(sample).to(backbone.device), every), str(path),
                           input_names=["images", "positions"], output_names=["tokens"], opset_version=OPSET,
                           dynamo=False, dynamic_axes={"images": {0: "batch"}, "positions": {0: "patches"},
