@@ -85,9 +85,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "from dinopatch import _C_cuda as c; n = c.device_count(); assert n > 0, 'the CUDA runtime sees no device'; print(n, 'device(s):', c.device_name(0))" \
   || fail "dinopatch._C_cuda does not see a device"
 
-# Every parity test on every backend, cuda among them; DINOPATCH_REQUIRE_CUDA
+# Every parity test on every backend, cuda among them, and device-resident
+# queries from torch (DLPack) against the host path; DINOPATCH_REQUIRE_CUDA
 # turns the CUDA tests' skips into failures.
-DINOPATCH_REQUIRE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_bank.py -q -rs -p no:cacheprovider \
+DINOPATCH_REQUIRE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_bank.py tests/test_cuda_queries.py \
+  -q -rs -p no:cacheprovider \
   --junitxml "$OUT/test_kernels.xml" || fail "kernel tests"
 
 # shellcheck disable=SC2086  # the extra arguments are meant to split
