@@ -154,6 +154,7 @@ def _tensorrt(device: str, batch: int, common: dict, folder: Path):
     path = export_onnx(name, common["weights"], size, seed=common["seed"], portable=True,
                        out=folder / f"{name}_{size}px_portable.onnx")
     index, n = parse_device(device)[1], (size // get_spec(name).patch_size) ** 2
+    (folder / "trt").mkdir(exist_ok=True)
     shapes = lambda b: f"images:{b}x3x{size}x{size},positions:{n}"  # noqa: E731
     options = {"device_id": index, "trt_fp16_enable": False, "trt_engine_cache_enable": True,
                "trt_engine_cache_path": str(folder / "trt"), "trt_profile_min_shapes": shapes(1),
