@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "dlpack_view.h"
 #include "size_checks.h"
 
 namespace py = pybind11;
@@ -95,7 +96,8 @@ const py::array& checked(const py::array& bank, bool f16) {
 class DeviceBank {
  public:
   DeviceBank(py::array bank, bool f16, py::object counts)
-      : L_(checked(bank, f16).shape(0)),
+      : device_(dc::current_device()),
+        L_(checked(bank, f16).shape(0)),
         K_(bank.shape(1)),
         D_(bank.shape(2)),
         f16_(f16),
@@ -129,12 +131,58 @@ class DeviceBank {
     float* oh = out.mutable_data();
     {
       py::gil_scoped_release release;
-      Buffer q(queries.nbytes()), o(B * L_ * sizeof(float));
+      Buffer q(queries.nbytes());
       dc::to_device(q.p, qh, queries.nbytes());
-      dc::min_distance(static_cast<const float*>(q.p), bank_.p, f16_,
-                       has_counts_ ? static_cast<const int64_t*>(counts_.p) : nullptr,
-                       static_cast<float*>(o.p), B, L_, K_, D_, h, w, radius);
-      dc::to_host(oh, o.p, B * L_ * sizeof(float));
+      run_to_host(static_cast<const float*>(q.p), oh, B, h, w, radius);
+    }
+    return out;
+  }
+
+  // Queries already in CUDA memory, handed over as a DLPack capsule: read in place, no host
+  // copy.  The producer was asked (__dlpack__(stream=1)) to order its writes before the legacy
+  // default stream, where the kernel runs; the result's copy to the host waits for the kernel,
+  // so the queries are no longer read when this returns and the caller may free them.
+  f32 min_distance_dlpack(const py::capsule& capsule, int64_t h, int64_t w, int64_t radius) {
+    auto* managed =
+        static_cast<const dinopatch::dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (managed == nullptr) {
+      PyErr_Clear();
+      throw std::invalid_argument("queries must be an unused DLPack capsule named 'dltensor'");
+    }
+    const dinopatch::dlpack::Tensor& t = managed->dl_tensor;
+    namespace dl = dinopatch::dlpack;
+    if (t.device.device_type != dl::kCUDA && t.device.device_type != dl::kCUDAManaged)
+      throw std::invalid_argument("queries are not in CUDA memory (DLPack device type " +
+                                  std::to_string(t.device.device_type) + ")");
+    if (t.device.device_id != device_)
+      throw std::invalid_argument("queries are on CUDA device " + std::to_string(t.device.device_id) +
+                                  ", the bank on device " + std::to_string(device_));
+    if (t.dtype.code != dl::kFloat || t.dtype.bits != 32 || t.dtype.lanes != 1)
+      throw std::invalid_argument("queries on the GPU must be float32 (code 2, 32 bits, 1 lane), got code " +
+                                  std::to_string(t.dtype.code) + ", " + std::to_string(t.dtype.bits) +
+                                  " bits, " + std::to_string(t.dtype.lanes) + " lanes");
+    if (t.ndim != 3 || t.shape[0] < 0 || t.shape[1] != L_ || t.shape[2] != D_)
+      throw std::invalid_argument("queries must be [B,L,D] matching the bank's L and D");
+    if (t.strides != nullptr) {
+      int64_t step = 1;  // row-major; the stride of a dimension of size 1 is never used
+      for (int i = 2; i >= 0; --i) {
+        if (t.shape[i] != 1 && t.strides[i] != step)
+          throw std::invalid_argument("queries on the GPU must be C-contiguous (tensor.contiguous())");
+        step *= t.shape[i];
+      }
+    }
+    radius = dinopatch::grid_radius(h, w, L_, radius);
+    const int64_t B = t.shape[0];
+    dinopatch::checked_size({B, L_, D_, sizeof(float)}, "B * L * D bytes");
+    f32 out({B, static_cast<int64_t>(L_)});
+    if (B == 0) return out;
+    const auto* q = reinterpret_cast<const float*>(static_cast<const char*>(t.data) + t.byte_offset);
+    if (reinterpret_cast<uintptr_t>(q) % alignof(float) != 0 || !dc::is_device_pointer(q))
+      throw std::invalid_argument("queries' data is not an aligned device pointer");
+    float* oh = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      run_to_host(q, oh, B, h, w, radius);
     }
     return out;
   }
@@ -158,10 +206,20 @@ class DeviceBank {
   }
 
   size_t nbytes() const { return static_cast<size_t>(L_ * K_ * D_ * (f16_ ? 2 : 4)); }
+  int device() const { return device_; }
   py::tuple shape() const { return py::make_tuple(L_, K_, D_); }
   bool f16() const { return f16_; }
 
  private:
+  // Device queries [B, L, D] -> host out [B, L]; the copy back waits for the kernel.
+  void run_to_host(const float* queries, float* out, int64_t B, int64_t h, int64_t w, int64_t radius) {
+    Buffer o(B * L_ * sizeof(float));
+    dc::min_distance(queries, bank_.p, f16_, has_counts_ ? static_cast<const int64_t*>(counts_.p) : nullptr,
+                     static_cast<float*>(o.p), B, L_, K_, D_, h, w, radius);
+    dc::to_host(out, o.p, B * L_ * sizeof(float));
+  }
+
+  int device_;
   py::ssize_t L_, K_, D_;
   bool f16_;
   Buffer bank_, counts_;
@@ -185,7 +243,13 @@ PYBIND11_MODULE(_C_cuda, m) {
            R"pbdoc(Device queries [batch,L,D] f32 at queries_ptr -> device [batch,L] f32 at out_ptr.
 Launched on the default stream without waiting: synchronize() (or an event) before reading out.
 The caller guarantees the sizes; both pointers must be device memory.)pbdoc")
+      .def("min_distance_dlpack", &DeviceBank::min_distance_dlpack, py::arg("queries"), py::arg("h"),
+           py::arg("w"), py::arg("radius") = 0,
+           R"pbdoc(CUDA queries [B,L,D] f32 as a DLPack capsule (q.__dlpack__(stream=1)) -> host [B,L] f32.
+Read in place on the bank's device, no host copy of the queries; shape, strides (C-contiguous),
+dtype and device are checked.  Synchronous: the capsule may be dropped when it returns.)pbdoc")
       .def_property_readonly("nbytes", &DeviceBank::nbytes)
+      .def_property_readonly("device", &DeviceBank::device, "The CUDA device the bank lives on.")
       .def_property_readonly("shape", &DeviceBank::shape, "(L, K, D) of the uploaded bank.")
       .def_property_readonly("f16", &DeviceBank::f16, "Whether the rows are stored as float16.");
 

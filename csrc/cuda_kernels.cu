@@ -224,6 +224,12 @@ void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int
   check(cudaGetLastError(), "kcenter kernel launch");
 }
 
+int current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
 std::string device_name(int device) {
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, device), "device properties");

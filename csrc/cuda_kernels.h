@@ -20,6 +20,8 @@ void min_distance(const float* queries, const void* bank, bool f16, const int64_
 void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int64_t N,
                     int64_t D, int64_t k);
 
+// The calling thread's current device (where alloc allocates).
+int current_device();
 // The device's name, e.g. "NVIDIA H200".
 std::string device_name(int device);
 // Whether p points to device (or managed) memory this process can use.

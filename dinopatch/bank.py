@@ -16,6 +16,7 @@ than to every nominal row is beyond ``SENTINEL * sqrt(D) - |q|`` of all of them.
 On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
 first use and freed with the bank (like a faiss GPU index over its C++ core);
 a region bank with a radius uploads its padded full grid with its row counts.
+Query tokens already on the GPU are read there, without a trip to the host.
 """
 from __future__ import annotations
 
@@ -127,9 +128,11 @@ class MemoryBank:
         return cls(stack.astype(dtype), (h, w), radius, positions)
 
     def distances(self, tokens: np.ndarray, backend: str | None = None) -> np.ndarray:
-        """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]``.
+        """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]`` (host float32).
 
-        NaN at locations the bank does not cover (see ``positions``).
+        NaN at locations the bank does not cover (see ``positions``).  On the
+        ``cuda`` backend the tokens may also be float32 in CUDA memory (a CUDA
+        torch tensor): they are read there, without a copy to the host.
         """
         b, h, w, d = tokens.shape
         if (h, w) != self.grid or d != self.dim:
@@ -149,7 +152,9 @@ class MemoryBank:
                                                           radius=self.radius)[:, self.positions]
         else:
             bank = self.device_bank() if cuda else self.features
-            out[:, self.positions] = kernels.min_distance(q[:, self.positions], bank, backend=backend)
+            # A list index: torch and CuPy gather device tokens with it (a read-only numpy index makes torch warn).
+            kept = self.positions if isinstance(q, np.ndarray) else self.positions.tolist()
+            out[:, self.positions] = kernels.min_distance(q[:, kept], bank, backend=backend)
         return out.reshape(b, h, w)
 
     def _padded(self) -> tuple[np.ndarray, np.ndarray]:

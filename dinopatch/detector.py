@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fitted, foreground
+from . import fitted, foreground, kernels
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone.device import require as require_device
@@ -188,12 +188,20 @@ class DinoPatch(EstimatorMixin):
         model = items[0][0]
         engine = self._get_backbone(model)
         frames, fg = np.stack([canonical for _, _, canonical, _, _ in items]), model.foreground
-        tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
+        if fg is None and self._tokens_stay_on_gpu(engine):
+            tokens = engine(frames, on_device=True)
+        else:
+            tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
         flips = np.zeros(len(items), bool)
         if model.polarity is not None:
             tokens, flips = model.polarity.orient(tokens)
         dists = _finish(model.bank.distances(tokens, backend=self._kernel()), flips, fg, frames)
         return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
+
+    def _tokens_stay_on_gpu(self, engine) -> bool:
+        """Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host."""
+        return (getattr(engine, "engine", None) == "torch" and str(engine.device).startswith("cuda")
+                and kernels.resolve(self._kernel()) == "cuda")
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:

@@ -21,6 +21,12 @@ screen batches of 16 with bf16 dot products and a rigorous error bound, then
 compute every candidate's distance exactly, so all give the same answers.
 ``cuda`` uploads a host bank for each call; :func:`upload` copies a bank to
 the GPU once for many calls (:class:`dinopatch.bank.MemoryBank` keeps one).
+``cuda`` also takes queries already in CUDA memory (a CUDA torch tensor, a
+CuPy array: anything with ``__dlpack__``) and reads them in place, with no
+trip through the host: they must be C-contiguous float32 on the bank's device.
+They are taken with ``__dlpack__(stream=1)``, which makes the producer's
+current stream finish writing them before the legacy default stream, where the
+kernel runs; the call returns once the kernel is done (host results).
 ``numba`` has no float16 and widens an fp16 bank to float32 per call.
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 BACKENDS = ("cuda", "cpp", "numba", "numpy")
+_DLPACK_CUDA = (2, 13)  # DLPack's device types of CUDA memory: device, managed
 
 # Spinning OpenMP threads cost milliseconds per call on a machine whose cores
 # are shared (measured: 12 ms instead of 0.2 ms for a small k-center call);
@@ -132,6 +139,12 @@ def _is_uploaded(bank) -> bool:
     return cuda is not None and isinstance(bank, cuda.DeviceBank)
 
 
+def on_cuda(a) -> bool:
+    """Whether ``a`` is an array in CUDA memory that DLPack can hand over (a CUDA torch tensor, a CuPy array)."""
+    device = getattr(a, "__dlpack_device__", None)
+    return device is not None and not isinstance(a, np.ndarray) and device()[0] in _DLPACK_CUDA
+
+
 def upload(bank, counts=None):
     """Copy a bank to the GPU once, for many :func:`min_distance` calls.
 
@@ -160,7 +173,8 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     """Distance from each query to the nearest bank row at its location.
 
     Args:
-        queries: ``[B, L, D]`` float features, one row per image and location.
+        queries: ``[B, L, D]`` float features, one row per image and location;
+            on backend ``"cuda"`` also float32 in CUDA memory (see the module).
         bank: ``[L, K, D]`` float nominal features, ``K`` per location; float16
             is kept as storage (half the bytes to read), other floats become
             float32.  Accumulation is float32 or better in every backend.  Or a
@@ -176,16 +190,19 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     Returns:
         ``[B, L]`` float32 Euclidean distances; NaN where the query has a NaN.
     """
-    q = _as_float("queries", queries, 3)
+    on_gpu = on_cuda(queries)
+    q = queries if on_gpu else _as_float("queries", queries, 3)
+    if on_gpu and len(q.shape) != 3:
+        raise ValueError(f"queries must have 3 dimensions, got shape {tuple(q.shape)}")
     uploaded = _is_uploaded(bank)
     b = None if uploaded else _as_float("bank", bank, 3, keep_f16=True)
     L, K, D = tuple(bank.shape) if uploaded else b.shape
     if q.shape[1] != L or q.shape[2] != D:
-        raise ValueError(f"queries {q.shape} [B,L,D] and bank {(L, K, D)} [L,K,D] disagree on L or D")
+        raise ValueError(f"queries {tuple(q.shape)} [B,L,D] and bank {(L, K, D)} [L,K,D] disagree on L or D")
     if K == 0:
         raise ValueError(f"bank {(L, K, D)} has no rows per location (K = 0)")
     if D == 0:
-        raise ValueError(f"queries {q.shape} and bank {(L, K, D)} have no feature dimension (D = 0)")
+        raise ValueError(f"queries {tuple(q.shape)} and bank {(L, K, D)} have no feature dimension (D = 0)")
     if uploaded and counts is not None:
         raise ValueError("an uploaded bank has the counts given to upload(); pass counts=None")
     c = _check_counts(counts, L, K)
@@ -193,10 +210,15 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     backend = resolve(backend)
     if uploaded and backend != "cuda":
         raise ValueError(f"the bank is on the GPU (kernels.upload); backend {backend!r} needs a host array")
+    if on_gpu and backend != "cuda":
+        raise ValueError(f"the queries are in GPU memory; backend {backend!r} needs host arrays (or use 'cuda')")
     if q.shape[0] == 0 or L == 0:
-        return np.empty(q.shape[:2], dtype=np.float32)
+        return np.empty(tuple(q.shape[:2]), dtype=np.float32)
     if backend == "cuda":
-        return (bank if uploaded else upload(b, c)).min_distance(q, h, w, r)
+        device = bank if uploaded else upload(b, c)
+        if on_gpu:  # read in place: stream 1 asks the producer to finish writing them first (see the module)
+            return device.min_distance_dlpack(q.__dlpack__(stream=1), h, w, r)
+        return device.min_distance(q, h, w, r)
     if backend == "cpp":
         if b.dtype == np.float16:
             return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)

@@ -35,8 +35,19 @@ class Polarity:
         return cls(ref.astype(np.float32))
 
     def orient(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Grids ``[B, h, w, D]`` turned where that matches better, and which were turned ``[B]``."""
-        flip = _flip_better(_profile(tokens), self.reference)
+        """Grids ``[B, h, w, D]`` turned where that matches better, and which were turned ``[B]``.
+
+        ``tokens`` may also be a torch tensor on a GPU: it is turned there, and
+        only its profile ``[B, w, D]`` comes to the host.
+        """
+        profile = _profile(tokens)
+        profile = profile if isinstance(profile, np.ndarray) else profile.cpu().numpy()
+        flip = _flip_better(profile, self.reference)
+        if not isinstance(tokens, np.ndarray):
+            import torch
+
+            turn = torch.from_numpy(flip).to(tokens.device)[:, None, None, None]
+            return torch.where(turn, tokens.flip(1, 2), tokens), flip
         out = tokens.copy()
         out[flip] = tokens[flip][:, ::-1, ::-1]
         return out, flip

@@ -56,6 +56,31 @@ BLOCKS_MATTER = _blocks_matter_checkpoint()
 FAST = dict(backbone="dinov2_vits14", weights=BLOCKS_MATTER, image_size=112, engine="torch", progress=False)
 
 
+def _cuda_reason(torch: bool) -> str | None:
+    try:
+        from dinopatch import _C_cuda
+    except ImportError as e:
+        return f"dinopatch._C_cuda is not built or cannot load ({e}); build with CMAKE_ARGS=-DDINOPATCH_CUDA=ON"
+    if _C_cuda.device_count() == 0:
+        return "dinopatch._C_cuda is built but this machine has no CUDA GPU"
+    if torch:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            return f"torch {_torch.__version__} sees no CUDA GPU"
+    return None
+
+
+def need_cuda(torch: bool = False) -> None:
+    """Skip without a GPU (and, with ``torch``, a CUDA torch); fail instead where DINOPATCH_REQUIRE_CUDA is set
+    (benchmarks/gpu_check.sh)."""
+    reason = _cuda_reason(torch)
+    if reason and os.environ.get("DINOPATCH_REQUIRE_CUDA"):
+        pytest.fail(f"DINOPATCH_REQUIRE_CUDA is set but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

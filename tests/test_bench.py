@@ -31,7 +31,7 @@ def readme_schema() -> dict[str, set[str]]:
 
 def test_registry_and_groups():
     assert bench.GROUPS["kernels"] == ["bandwidth", "min_distance", "coreset"]
-    assert bench.GROUPS["cuda"] == ["cuda_bandwidth", "cuda_min_distance", "cuda_kcenter"]
+    assert bench.GROUPS["cuda"] == ["cuda_bandwidth", "cuda_min_distance", "cuda_kcenter", "cuda_e2e"]
     assert bench.GROUPS["scale"] == ["serve"]
     assert set(bench.GROUPS["pipeline"]) == {"align", "backbone", "post", "e2e", "stream", "foreground"}
     assert set(readme_schema()) == set(bench.STAGES) | {"target"}
@@ -149,9 +149,9 @@ def test_cuda_group_dry_run_checked_parity_zeros_and_kcenter(run):
         (d, b, r) for d in ("fp32", "fp16") for b in (1, 4) for r in (0, 1)
     }
     checks = [r for r in run["rows"] if r["stage"] == "target" and r["required"]]
-    assert len(checks) == 9 and all(
-        r["met"] for r in checks
-    )  # 2 dtypes x 2 radii x (parity, zeros) + k-center
+    assert all(r["met"] for r in checks)
+    # 2 dtypes x 2 radii x (parity, zeros) + k-center; cuda_e2e checks each engine's device (test_gpu_check.py)
+    assert len([r for r in checks if ": runs on " not in r["method"]]) == 9
 
 
 def test_strict_fails_on_an_unmet_required_check(monkeypatch, capsys):

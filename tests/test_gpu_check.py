@@ -17,7 +17,9 @@ import pytest
 from dinopatch import bench
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-DRY_RUN = ["--kernel", "cpp", "--quick", "--size", "64,20,32", "--repeats", "1"]
+# The cpp kernel at small sizes; end to end ViT-S/14 at 112 px on 4 bank parts, batches of 4.
+DRY_RUN = ["--kernel", "cpp", "--quick", "--size", "64,20,32", "--repeats", "1", "--image-size", "112", "--bank", "4",
+           "--batch", "4"]
 
 
 def script_bench_argv(json_path: str) -> list[str]:
@@ -54,10 +56,41 @@ def test_the_scripts_bench_command_as_a_cpu_dry_run(tmp_path, capsys):
     }
     assert all(r["method"] == "cpp" and r["ms_call"] > 0 and r["ms_kernel"] is None for r in timed)
     checks = {r["method"]: r for r in rows if r["stage"] == "target" and r["required"]}
-    assert len(checks) == 9 and all(r["met"] for r in checks.values())
+    assert all(r["met"] for r in checks.values()), [m for m, r in checks.items() if not r["met"]]
     assert "cpp k-center indices equal to numpy's (fraction)" in checks
     assert [r["stage"] for r in rows if r["stage"].startswith("cuda_")].count("cuda_bandwidth") == 1
     assert "cuda_kcenter" in capsys.readouterr().out
+    e2e = {r["method"].split(", ", 1)[1]: r for r in rows if r["stage"] == "cuda_e2e"}
+    assert all(r["method"].startswith("dinov2_vits14 112px, ") for r in rows if r["stage"] == "cuda_e2e")
+    trt = "onnxruntime TensorrtExecutionProvider, portable graph"
+    assert e2e.pop(trt)["note"].startswith("skipped: TensorRT runs on a GPU only")
+    ran = {"torch fp32", "torch fp16 autocast", "onnxruntime CPUExecutionProvider"}
+    assert ran < set(e2e) and len(e2e) == 4 and next(m for m in e2e if m not in ran).startswith("foreground tokens")
+    for method, r in e2e.items():
+        split = [r[f"ms_{k}"] for k in ("align", "backbone", "distances", "post")]
+        assert min(split) > 0 and r["ms_per_image"] == pytest.approx(sum(split)), method
+        assert r["images_s"] == pytest.approx(1e3 / r["ms_per_image"]) and 0 <= r["auroc"] <= 1, method
+        assert r["note"].startswith("6 of 6 test parts") and r["provider"] in ("cpu", "CPUExecutionProvider")
+        assert checks[f"dinov2_vits14 112px, {method}: runs on {r['provider']}"]["measured"] == 1
+    assert len(checks) == 9 + 4  # the kernel checks, and one per engine that ran
+
+
+def test_an_engine_on_another_provider_than_asked_fails_the_strict_run(tmp_path, monkeypatch):
+    """ONNX Runtime asked for CUDA but landing on the CPU must fail ``--strict``, not pass as a CPU figure."""
+    from dinopatch.bench.stages import cuda_e2e
+
+    plans = cuda_e2e.engine_plans
+
+    def onnx_asked_on_cuda(device, batch, common, folder):  # and torch fp32: the stage fits with it
+        torch, _, onnx, _ = plans(device, batch, common, folder)
+        return [torch, (onnx[0], "CUDAExecutionProvider", onnx[2])]
+
+    monkeypatch.setattr(cuda_e2e, "engine_plans", onnx_asked_on_cuda)
+    out = tmp_path / "run.json"
+    argv = ["cuda_e2e", "--strict", "--json", str(out)] + DRY_RUN
+    assert bench.main(argv) == 1
+    failed = [r["method"] for r in json.loads(out.read_text())["rows"] if r.get("required") and not r["met"]]
+    assert failed == ["dinov2_vits14 112px, onnxruntime CPUExecutionProvider: runs on CUDAExecutionProvider"]
 
 
 def test_cuda_kernel_without_a_device_fails_loudly(monkeypatch):

@@ -5,10 +5,10 @@ call; exact matches give exactly 0.  The cpp backend is run once per
 instruction set the CPU has (avx512, avx2, generic), so the AVX2 path is
 tested on an AVX-512 machine too.
 """
-import os
 
 import numpy as np
 import pytest
+from conftest import need_cuda
 
 from dinopatch import kernels
 
@@ -307,28 +307,9 @@ def test_kcenter_errors(backend, rng):
 
 # --- CUDA ----------------------------------------------------------------------
 
-def _cuda_reason():
-    try:
-        from dinopatch import _C_cuda
-    except ImportError as e:
-        return f"dinopatch._C_cuda is not built or cannot load ({e}); build with CMAKE_ARGS=-DDINOPATCH_CUDA=ON"
-    if _C_cuda.device_count() == 0:
-        return "dinopatch._C_cuda is built but this machine has no CUDA GPU"
-    return None
-
-
-def _need_cuda():
-    """Skip without a GPU; fail instead where DINOPATCH_REQUIRE_CUDA is set (benchmarks/gpu_check.sh)."""
-    reason = _cuda_reason()
-    if reason and os.environ.get("DINOPATCH_REQUIRE_CUDA"):
-        pytest.fail(f"DINOPATCH_REQUIRE_CUDA is set but {reason}")
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.mark.cuda
 def test_cuda_is_listed_when_present():
-    _need_cuda()
+    need_cuda()
     assert kernels.available()[0] == "cuda" and ("cuda", None) in CASES  # every parity test runs on it
 
 
@@ -336,7 +317,7 @@ def test_cuda_is_listed_when_present():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_cuda_device_resident_queries(rng, dtype):
     """min_distance_device on device buffers equals the host call; host pointers are refused."""
-    _need_cuda()
+    need_cuda()
     from dinopatch import _C_cuda
 
     q, b = make(rng, 5, 12, 33, 200)
@@ -365,7 +346,7 @@ def test_cuda_device_resident_queries(rng, dtype):
 @pytest.mark.parametrize("shape,grid,radius", [((17, 12, 33, 383), (3, 4), 1), ((32, 64, 200, 768), (8, 8), 0),
                                                ((1, 1, 1, 1), None, 0)])
 def test_cuda_parity(rng, dtype, shape, grid, radius):
-    _need_cuda()
+    need_cuda()
     q, b = make(rng, *shape)
     b = b.astype(dtype)
     q[0] = b[:, 0]  # row 0 is valid under any counts: exact matches
@@ -379,7 +360,7 @@ def test_cuda_parity(rng, dtype, shape, grid, radius):
 
 @pytest.mark.cuda
 def test_cuda_kcenter_parity(rng):
-    _need_cuda()
+    need_cuda()
     x = rng.standard_normal((5, 300, 384)).astype(np.float32)
     np.testing.assert_array_equal(kernels.kcenter_greedy(x, 40, "cuda"), kernels.kcenter_greedy_numpy(x, 40))
 

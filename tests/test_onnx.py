@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 
 from dinopatch import modelfile  # noqa: E402
 from dinopatch.backbone import (  # noqa: E402
+    DeviceUnavailableError,
     OnnxBackbone,
     TorchBackbone,
     find_or_export_onnx,
@@ -145,6 +146,19 @@ def test_cache_hit_reuses_the_file(fp32_file, weights, monkeypatch):
     assert fp32_file.stat().st_mtime_ns == stamp
     assert isinstance(make_backbone("auto", engine.fingerprint, name=NAME, weights=weights, image_size=SIZE),
                       OnnxBackbone)
+
+
+def test_a_session_off_the_first_provider_asked_for_is_an_error(fp32_file):
+    """TensorRT asked for (the GPU check's row) but not where the session runs: an error, not a CPU run."""
+    import onnxruntime as ort
+
+    trt = "TensorrtExecutionProvider"
+    if trt in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorRT: the session may well start on it")
+    with pytest.raises(DeviceUnavailableError, match=f"could not start {trt}.*would run on CPUExecution"):
+        OnnxBackbone(path=fp32_file, device="cpu", providers=[(trt, {}), "CPUExecutionProvider"])
+    engine = OnnxBackbone(path=fp32_file, device="cpu", providers=["CPUExecutionProvider"])
+    assert engine.provider == "CPUExecutionProvider"
 
 
 def test_bad_files_and_mismatches_are_clear_errors(fp32_file, reference, tmp_path):

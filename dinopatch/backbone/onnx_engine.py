@@ -221,6 +221,10 @@ class OnnxBackbone(ExportedBackbone):
             for by name that the session cannot run on raises
             :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
         sha256: the graph's hash recorded with a model (see :func:`open_graph`).
+        providers: ONNX Runtime providers (with options) to ask for instead of
+            ``device``'s, e.g. TensorRT's first; a session that does not run on
+            the first of them raises
+            :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
 
     Attributes:
         device: where the session runs (``"cpu"`` or ``"cuda:N"``).
@@ -232,12 +236,13 @@ class OnnxBackbone(ExportedBackbone):
     engine = "onnx"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, device="auto", sha256=None):
+                 path=None, fingerprint=None, threads=None, device="auto", sha256=None, providers=None):
         import onnxruntime as ort
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
-        self.device, providers = onnx_providers(device, ort.get_available_providers())
+        self.device, default = onnx_providers(device, ort.get_available_providers())
+        providers = list(providers or default)
         path, self.sha256 = open_graph(name, weights, image_size, layers, seed, precision, path, fingerprint,
                                        sha256)
         so = ort.SessionOptions()
@@ -256,7 +261,11 @@ class OnnxBackbone(ExportedBackbone):
         self._adopt(meta, path)
         self.precision = meta["precision"]
         self.provider = self.session.get_providers()[0]
-        if self.device != "cpu" and self.provider != CUDA_PROVIDER:
+        asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if asked not in (CUDA_PROVIDER, CPU_PROVIDER) and self.provider != asked:
+            raise DeviceUnavailableError(f"{path}: ONNX Runtime could not start {asked} (see its log above) and "
+                                         f"would run on {self.provider}")
+        if self.device != "cpu" and self.provider != CUDA_PROVIDER and asked == CUDA_PROVIDER:
             # onnxruntime-gpu without usable CUDA libraries or device falls back to the CPU, logging to stderr only.
             if parse_device(device)[0] == "cuda":
                 raise DeviceUnavailableError(f"device {device!r} asked for, but ONNX Runtime could not start "

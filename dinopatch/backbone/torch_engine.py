@@ -110,8 +110,13 @@ class TorchBackbone:
                 feats.append(m.norm(t)[:, m.num_prefix_tokens:])
         return _mean(feats)
 
-    def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
-        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""
+    def __call__(self, images: np.ndarray, positions=None, *, on_device: bool = False):
+        """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``.
+
+        ``on_device``: a C-contiguous float32 tensor on the engine's device
+        instead of a host array (the cuda kernel reads it in place); its
+        computation may still be running when it is returned.
+        """
         import torch
 
         x = preprocess(images, self.image_size, self.spec.mean, self.spec.std)
@@ -121,7 +126,8 @@ class TorchBackbone:
                                   enabled=dtype is not None)
         with torch.inference_mode(), autocast:
             out = self.forward_tensor(torch.from_numpy(x).to(self.device), pos)
-        return out.float().cpu().numpy()
+        out = out.float().contiguous()
+        return out if on_device else out.cpu().numpy()
 
 
 def _mean(feats: list):

@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
         help="cuda stages: the GPU's memory bandwidth, GB/s (H200: 4800)",
     )
     p.add_argument(
+        "--e2e-budget",
+        type=float,
+        default=150.0,
+        help="cuda_e2e stage: seconds after which engines not yet started are skipped (reported as such)",
+    )
+    p.add_argument(
         "--strict", action="store_true", help="exit 1 when a required check (a correctness target) is not met"
     )
     return p
