@@ -103,12 +103,12 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
                    help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
     g.add_argument("--coreset-ratio", type=float, default=1.0,
                    help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=_number(int, 0, MAX_IMAGE_SIZE, auto=True), default=1,
+    g.add_argument("--tolerance", type=_number(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
                    help="a patch is compared with good patches up to this many grid steps away ('auto': fit "
                         "chooses it from the good images, as it can --sigma, --score and --match)")
-    g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default=4.0,
+    g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default="auto",
                    help="Gaussian smoothing of the anomaly map, in canonical pixels")
-    g.add_argument("--score", default="max", choices=("auto", *SCORES), help="image score from the anomaly map")
+    g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
     g.add_argument("--match", default="local", choices=("auto", *MATCHES),
                    help="each patch against its own place's good patches, all of them, or both")
     g.add_argument("--seed", type=int, default=0,

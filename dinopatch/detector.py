@@ -68,8 +68,8 @@ class DinoPatch(EstimatorMixin):
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
-                 engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance=1,
-                 match="local", bank_dtype="float32", sigma=4.0, score="max", topk=0.01, morph_kernel=5,
+                 engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
+                 match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
                  batch_size=8, progress=True, device="auto"):
         for name, value in locals().items():

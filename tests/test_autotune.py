@@ -4,13 +4,18 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import FAST, screws
+from conftest import FAST, SEED_SETTINGS, screws
 
 from dinopatch import DinoPatch, autotune, modelfile
 from dinopatch.bank import MemoryBank
 from dinopatch.modelfile import ModelFileError
 
 AUTO = dict(tolerance="auto", sigma="auto", score="auto")
+DEFAULTS = {k: v for k, v in FAST.items() if k not in SEED_SETTINGS}  # the constructor's "auto"
+
+
+def _det(**kwargs) -> DinoPatch:
+    return DinoPatch(**dict(FAST, **kwargs))
 
 
 def _pattern(seed: int = 3, side: int = 200) -> np.ndarray:
@@ -34,18 +39,23 @@ def _parts(n: int, shift: int, seed: int = 0) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def auto_screws():
     """Fitted once with every parameter "auto" on good screws (aligned, foreground on)."""
-    return DinoPatch(**FAST, **AUTO, match="auto", foreground=True).fit(screws("good", 6, seed=1))
+    return DinoPatch(**DEFAULTS, match="auto", foreground=True).fit(screws("good", 6, seed=1))
 
 
 def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones():
     # 200 px parts at 112 px: a grid step is 25 px of the part; jitter of up to 40 px is 1-2 steps.
-    still = DinoPatch(**FAST, align=False, tolerance="auto").fit(_parts(6, 0))
-    moved = DinoPatch(**FAST, align=False, tolerance="auto").fit(_parts(6, 40))
+    still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
+    moved = _det(align=False, tolerance="auto").fit(_parts(6, 40))
     assert still.auto_["evidence"]["offset_share"][0] > 0.95
     assert still.auto_["chosen"] == {"tolerance": 0} and still._fitted().bank.radius == 0
     assert moved.auto_["evidence"]["offset_share"][0] < 0.9
     assert moved.auto_["chosen"]["tolerance"] > 0 and moved._fitted().bank.radius == moved.auto_["chosen"]["tolerance"]
     assert still.get_params()["tolerance"] == moved.get_params()["tolerance"] == "auto"
+
+
+def test_auto_is_the_default():
+    params = DinoPatch().get_params()
+    assert {k: params[k] for k in AUTO} == AUTO and params["match"] == "local"
 
 
 def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tmp_path):
@@ -60,6 +70,15 @@ def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tm
     images = screws("good", 2, seed=5) + screws("extra_object", 2, seed=5)
     np.testing.assert_allclose([r.score for r in loaded.predict(images)],
                                [r.score for r in auto_screws.predict(images)], rtol=1e-6)
+
+
+def test_settings_tuned_by_hand_leave_the_rest_of_the_choice(auto_screws, tmp_path):
+    """What evaluation's --save-model writes: sigma and score tuned, the tolerance and match still auto's."""
+    tuned = auto_screws.tuned(auto_screws.threshold_, sigma=2.0, score="p99")
+    loaded = DinoPatch.load(tuned.save(tmp_path / "tuned.npz"))
+    assert loaded.auto_["chosen"] == {k: auto_screws.auto_["chosen"][k] for k in ("tolerance", "match")}
+    assert (loaded.sigma, loaded.score, loaded.get_params()["tolerance"]) == (2.0, "p99", "auto")
+    assert loaded._fitted().post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
 
 
 def _chosen_key(chosen: dict) -> str:
@@ -93,7 +112,7 @@ def test_edited_or_invalid_record_is_refused(auto_screws, tmp_path, name, edit, 
 
 
 def test_explicit_values_are_never_overridden():
-    det = DinoPatch(**FAST, tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
+    det = _det(tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
     assert det.auto_["chosen"].keys() == {"sigma"} and det._fitted().bank.radius == 2
     assert all(k.startswith("tolerance=2 match=local ") and k.endswith(" score=p99")
                for k in det.auto_["evidence"]["image_auroc"])
@@ -103,7 +122,7 @@ def test_explicit_values_are_never_overridden():
 @pytest.mark.parametrize("n", [1, 2])
 def test_few_images_fall_back_to_the_documented_defaults(n):
     kwargs = {"threshold": 1.0} if n == 1 else {}  # one image cannot calibrate a threshold either
-    det = DinoPatch(**FAST, **AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
+    det = _det(**AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
     assert det.auto_["fallback"] is True and det.auto_["chosen"] == autotune.DEFAULTS
     assert det._fitted().bank.radius == autotune.DEFAULTS["tolerance"]
     assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
@@ -111,8 +130,8 @@ def test_few_images_fall_back_to_the_documented_defaults(n):
 
 def test_calibration_runs_after_auto_with_the_chosen_settings():
     images = _parts(6, 40)
-    det = DinoPatch(**FAST, align=False, tolerance="auto").fit(images)
-    fixed = DinoPatch(**FAST, align=False, tolerance=det.auto_["chosen"]["tolerance"]).fit(images)
+    det = _det(align=False, tolerance="auto").fit(images)
+    fixed = _det(align=False, tolerance=det.auto_["chosen"]["tolerance"]).fit(images)
     assert det.threshold_.source["method"] == "leave-one-out"
     assert det.threshold_.image == fixed.threshold_.image  # calibrated as if the choice had been given
 
@@ -139,7 +158,7 @@ def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
     from dinopatch import bank
 
     monkeypatch.setattr(bank, "GLOBAL_ROWS", 50)
-    det = DinoPatch(**FAST, match="local+global").fit(screws("good", 4, seed=1))
+    det = _det(match="local+global").fit(screws("good", 4, seed=1))
     rows = det._fitted().bank.global_features
     assert rows.shape[0] == 50 and not rows.flags.writeable
     loaded = DinoPatch.load(det.save(tmp_path / "lg.npz"))
@@ -154,7 +173,7 @@ def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
 ])
 def test_bad_values_are_refused_before_any_work(params, message):
     with pytest.raises(ValueError, match=message):
-        DinoPatch(**FAST, **params).fit([np.zeros((8, 8), np.uint8)])
+        _det(**params).fit([np.zeros((8, 8), np.uint8)])
 
 
 def test_cli_accepts_auto_and_refuses_bad_values(tmp_path, capsys):
