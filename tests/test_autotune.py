@@ -81,6 +81,18 @@ def test_settings_tuned_by_hand_leave_the_rest_of_the_choice(auto_screws, tmp_pa
     assert loaded._fitted().post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
 
 
+def test_evaluation_report_shows_the_choice(auto_screws, tmp_path):
+    from dinopatch.data import MVTecFolder
+    from dinopatch.evaluate import evaluate
+    from dinopatch.synthetic import synthesize
+
+    folder = MVTecFolder(synthesize("screw", tmp_path / "screw", n_train=1, n_test_good=2, n_test_defect=1, size=128))
+    m = evaluate(auto_screws, folder, tmp_path / "report", progress=False)
+    assert m["auto"]["chosen"] == auto_screws.auto_["chosen"] and m["detector"]["sigma"] == "auto"
+    assert "Chosen at fit from good parts alone" in (tmp_path / "report" / "index.html").read_text()
+    assert m["settings"]["sigma"] in autotune.SIGMAS  # the sweep started from the fitted value, not "auto"
+
+
 def _chosen_key(chosen: dict) -> str:
     return (f"tolerance={chosen['tolerance']} match={chosen['match']} sigma={chosen['sigma']:g} "
             f"score={chosen['score']}")
