@@ -48,12 +48,12 @@ class DinoPatch(EstimatorMixin):
         seed: seeds random weights and the calibration split.
         layers: average the patch tokens of the last ``layers`` blocks.
         coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"``.
+        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"`` (the default).
         match: ``"local"`` (each patch against its own location's bank), ``"global"`` (against the whole
             bank), ``"local+global"`` (their mean; :mod:`.bank`) or ``"auto"``.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
         sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`); ``sigma``
-            and ``score`` may be ``"auto"``.  Every ``"auto"`` is chosen at fit from the nominal images
+            and ``score`` default to ``"auto"``.  Every ``"auto"`` is chosen at fit from the nominal images
             alone (:mod:`.autotune`) and read back from :attr:`auto_`.
         calibration: ``"cv"``: each nominal image scored against a bank without it
             (leave-one-out, :mod:`.calibration`); or a fraction of them held out.
