@@ -42,10 +42,16 @@ def auto_screws():
     return DinoPatch(**DEFAULTS, match="auto", foreground=True).fit(screws("good", 6, seed=1))
 
 
-def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones():
-    # 200 px parts at 112 px: a grid step is 25 px of the part; jitter of up to 40 px is 1-2 steps.
+@pytest.fixture(scope="module")
+def jittered():
+    """Parts moved by up to 40 px of 200: a grid step is 25 px of the part at 112 px, so 1-2 steps."""
+    images = _parts(6, 40)
+    return images, _det(align=False, tolerance="auto").fit(images)
+
+
+def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones(jittered):
     still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
-    moved = _det(align=False, tolerance="auto").fit(_parts(6, 40))
+    moved = jittered[1]
     assert still.auto_["evidence"]["offset_share"][0] > 0.95
     assert still.auto_["chosen"] == {"tolerance": 0} and still._fitted().bank.radius == 0
     assert moved.auto_["evidence"]["offset_share"][0] < 0.9
@@ -140,9 +146,8 @@ def test_few_images_fall_back_to_the_documented_defaults(n):
     assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
 
 
-def test_calibration_runs_after_auto_with_the_chosen_settings():
-    images = _parts(6, 40)
-    det = _det(align=False, tolerance="auto").fit(images)
+def test_calibration_runs_after_auto_with_the_chosen_settings(jittered):
+    images, det = jittered
     fixed = _det(align=False, tolerance=det.auto_["chosen"]["tolerance"]).fit(images)
     assert det.threshold_.source["method"] == "leave-one-out"
     assert det.threshold_.image == fixed.threshold_.image  # calibrated as if the choice had been given
