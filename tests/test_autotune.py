@@ -71,6 +71,7 @@ def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tm
     best = max(v for v in table.values() if v is not None)
     assert table[_chosen_key(record["chosen"])] >= best - autotune.WIN_MARGIN  # the best, or near it
     assert auto_screws._fitted().bank.match == record["chosen"]["match"]
+    assert auto_screws._fitted().bank.positions is not None  # measured on the region bank
     loaded = DinoPatch.load(auto_screws.save(tmp_path / "auto.npz"))
     assert loaded.auto_ == record and loaded.get_params()["sigma"] == "auto"
     images = screws("good", 2, seed=5) + screws("extra_object", 2, seed=5)
