@@ -109,8 +109,7 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default="auto",
                    help="Gaussian smoothing of the anomaly map, in canonical pixels")
     g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
-    g.add_argument("--match", default="local", choices=("auto", *MATCHES),
-                   help="each patch against its own place's good patches, all of them, or both")
+    g.add_argument("--match", default="local", choices=("auto", *MATCHES), help="own place, all, or both")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds random weights, calibration and the evaluation split")
     g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
