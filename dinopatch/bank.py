@@ -13,6 +13,12 @@ take a full grid, so the dropped locations are given one row each, a sentinel
 :data:`SENTINEL` in every feature, far beyond any token: a query nearer to it
 than to every nominal row is beyond ``SENTINEL * sqrt(D) - |q|`` of all of them.
 
+With ``match="global"`` a query is scored by its distance to the whole bank
+instead (the rows of every location, shrunk by k-center to at most
+:data:`GLOBAL_ROWS`); ``"local+global"`` averages the two terms, so a patch
+unlike anything nominal scores on both and a patch that is nominal somewhere
+but not at its own place still scores on the local one.
+
 On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
 first use and freed with the bank (like a faiss GPU index over its C++ core);
 a region bank with a radius uploads its padded full grid with its row counts.
@@ -28,6 +34,10 @@ import numpy as np
 from . import kernels
 
 SENTINEL = 1e4  # in every feature of a dropped location's row; representable in float16
+MATCHES = ("local", "global", "local+global")
+# Rows of the global bank: every query token is compared with all of them, so
+# their number bounds the cost per token (8192 rows x 384 dims: 3 MFLOP a token).
+GLOBAL_ROWS = 8192
 
 
 class MemoryBank:
@@ -38,13 +48,17 @@ class MemoryBank:
         grid: ``(h, w)`` token grid, ``h * w == L``.
         radius: spatial tolerance in grid steps (0: own location only).
         positions: flat grid indices of the locations the rows are of (default: every one).
+        match: one of :data:`MATCHES`.
+        global_features: ``[G, D]`` rows of the whole bank, of ``features``' dtype; needed unless
+            ``match="local"``.
 
-    ``features`` and ``positions`` are read-only through the bank (neither
+    ``features``, ``positions`` and ``global_features`` are read-only through the bank (neither
     their values nor the attributes can be changed): the padded grid and the
     device copy are made once, so a changed bank would leave them stale.
     """
 
-    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None):
+    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None,
+                 match: str = "local", global_features: np.ndarray | None = None):
         from .backbone import check_positions
 
         features = np.asarray(features)
@@ -65,6 +79,7 @@ class MemoryBank:
         self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
         self.radius = int(radius)
+        self.match, self._global = match, _global_rows(match, global_features, self._features)
         self._full = None  # the sentinel-padded full grid, made on first use
         self._device = None
         self._device_lock = threading.Lock()
@@ -78,7 +93,7 @@ class MemoryBank:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        for array in (self._features, self._positions):
+        for array in (self._features, self._positions, self._global):
             if array is not None:
                 array.flags.writeable = False
         self._device_lock = threading.Lock()
@@ -101,7 +116,7 @@ class MemoryBank:
 
     @classmethod
     def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
-            backend: str | None = None, positions=None) -> "MemoryBank":
+            backend: str | None = None, positions=None, match: str = "local") -> "MemoryBank":
         """Build a bank from nominal tokens ``[N, h, w, D]``.
 
         Args:
@@ -113,6 +128,8 @@ class MemoryBank:
                 image; distances are still accumulated in float32).
             backend: kernel backend for the coreset selection.
             positions: keep only these flat grid locations.
+            match: one of :data:`MATCHES`; the global rows are the k-center coreset of all kept rows,
+                at most :data:`GLOBAL_ROWS`.
         """
         if tokens.ndim != 4 or len(tokens) == 0:
             raise ValueError(f"tokens must be [N, h, w, D] with N >= 1, got {tokens.shape}")
@@ -125,7 +142,13 @@ class MemoryBank:
         if k < n:
             idx = kernels.kcenter_greedy(stack, k, backend=backend)
             stack = np.take_along_axis(stack, idx[:, :, None], axis=1)
-        return cls(stack.astype(dtype), (h, w), radius, positions)
+        rows = None
+        if match != "local":
+            rows = stack.reshape(1, -1, d)
+            if rows.shape[1] > GLOBAL_ROWS:
+                rows = rows[:, kernels.kcenter_greedy(rows, GLOBAL_ROWS, backend=backend)[0]]
+            rows = rows[0].astype(dtype)
+        return cls(stack.astype(dtype), (h, w), radius, positions, match, rows)
 
     def distances(self, tokens: np.ndarray, backend: str | None = None) -> np.ndarray:
         """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]`` (host float32).
@@ -137,8 +160,23 @@ class MemoryBank:
         b, h, w, d = tokens.shape
         if (h, w) != self.grid or d != self.dim:
             raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
-        q = tokens.reshape(b, h * w, d)
         backend = kernels.resolve(backend)
+        local = self._local(tokens, backend) if self.match != "global" else None
+        if self.match == "local":
+            return local
+        # Every token is a one-location query against one location that holds all the global rows.
+        q = tokens.reshape(b * h * w, 1, d)
+        if self.positions is not None:
+            q = tokens.reshape(b, h * w, d)[:, self.positions].reshape(-1, 1, d)
+        far = np.full((b, h * w), np.nan, np.float32)
+        far[:, self.positions if self.positions is not None else slice(None)] = kernels.min_distance(
+            q, self._global[None], backend=backend).reshape(b, -1)
+        far = far.reshape(b, h, w)
+        return far if local is None else 0.5 * (local + far)
+
+    def _local(self, tokens: np.ndarray, backend: str) -> np.ndarray:
+        b, h, w, d = tokens.shape
+        q = tokens.reshape(b, h * w, d)
         cuda = backend == "cuda"
         if self.positions is None:
             extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
@@ -180,6 +218,11 @@ class MemoryBank:
         return self._positions
 
     @property
+    def global_features(self) -> np.ndarray | None:
+        """``[G, D]`` rows of the whole bank, read-only; None with ``match="local"``."""
+        return self._global
+
+    @property
     def dim(self) -> int:
         return self.features.shape[2]
 
@@ -190,10 +233,27 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        return self.features.nbytes
+        return self.features.nbytes + (0 if self._global is None else self._global.nbytes)
 
     def __repr__(self) -> str:
         l, k, d = self.features.shape
         where = "" if self.positions is None else f", {l} of {self.grid[0] * self.grid[1]} locations"
         return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, radius={self.radius}, "
-                f"dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
+                f"match={self.match}, dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+def _global_rows(match: str, rows, features: np.ndarray) -> np.ndarray | None:
+    """The checked, read-only global rows a ``match`` needs (None for ``"local"``)."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    if match == "local":
+        return None
+    if rows is None:
+        raise ValueError(f"match={match!r} needs the global rows")
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or len(rows) == 0 or rows.shape[1] != features.shape[2] or rows.dtype != features.dtype:
+        raise ValueError(f"global rows {rows.dtype}{list(rows.shape)} do not fit the bank "
+                         f"({features.dtype}[G, {features.shape[2]}] expected)")
+    rows = np.ascontiguousarray(rows).view()
+    rows.flags.writeable = False
+    return rows

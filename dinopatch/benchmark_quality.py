@@ -60,6 +60,7 @@ def score_category(det, data: dict) -> dict:
         "seconds": seconds,
         "n_train": len(data["train"]),
         "n_test": len(data["test"]),
+        "auto": det.auto_,
     }
 
 
@@ -146,7 +147,8 @@ def format_table(report: dict) -> str:
 
 
 def compare(reports: dict[str, dict]) -> str:
-    """Reports of several runs side by side: image / pixel AUROC per category and defect.
+    """Reports of several runs side by side: image / pixel AUROC per category and defect, then what
+    ``"auto"`` chose in each run and category.
 
     Args:
         reports: column name -> a report of :func:`run` (its JSON); the first one's rows are shown.
@@ -168,6 +170,11 @@ def compare(reports: dict[str, dict]) -> str:
         for d in m["per_defect"]:
             row(f"  {d}", lambda r, c=cat, d=d: r["categories"].get(c, {}).get("per_defect", {}).get(d))
     row("mean", lambda r: {"image_auroc": r["mean_image_auroc"], "pixel_auroc": r["mean_pixel_auroc"]})
+    for n, report in reports.items():
+        for cat, m in report["categories"].items():
+            if m.get("auto"):
+                chosen = ", ".join(f"{k}={v}" for k, v in m["auto"]["chosen"].items())
+                lines.append(f"{n}: {cat} auto chose {chosen}{' (fallback)' if m['auto']['fallback'] else ''}")
     return "\n".join(lines)
 
 

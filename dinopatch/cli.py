@@ -21,10 +21,11 @@ from pathlib import Path
 
 from ._version import __version__
 from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
-from .fitted import MAX_LAYERS
+from .bank import MATCHES
+from .fitted import MAX_IMAGE_SIZE, MAX_LAYERS
 from .kernels import BACKENDS
 from .outputs import claim, output_folder
-from .postprocess import SCORES
+from .postprocess import MAX_SIGMA, SCORES
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
@@ -36,7 +37,7 @@ EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr
 # Flags that describe what is fitted: a model file fixes them.
 FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
                 "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
-                "score": "--score", "foreground": "--foreground"}
+                "sigma": "--sigma", "score": "--score", "match": "--match", "foreground": "--foreground"}
 # Flags that say how to run a model, honoured with -m.
 RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
 # The default of every detector flag in the parser that finds which were given.
@@ -68,13 +69,16 @@ def _engine(value: str) -> str:
                                      "export")
 
 
-def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False):
-    """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high``."""
+def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+            auto: bool = False):
+    """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high`` (or "auto")."""
     def check(text: str):
+        if auto and text == "auto":
+            return text
         try:
             value = kind(text)
         except ValueError:
-            what = "an integer" if kind is int else "a number"
+            what = ("an integer" if kind is int else "a number") + (" or 'auto'" if auto else "")
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
                 or (high_open and value == high):
@@ -99,9 +103,13 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
                    help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
     g.add_argument("--coreset-ratio", type=float, default=1.0,
                    help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=int, default=1,
-                   help="a patch is compared with good patches up to this many grid steps away")
-    g.add_argument("--score", default="max", choices=SCORES, help="image score from the anomaly map")
+    g.add_argument("--tolerance", type=_number(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
+                   help="a patch is compared with good patches up to this many grid steps away ('auto': fit "
+                        "chooses it from the good images, as it can --sigma, --score and --match)")
+    g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default="auto",
+                   help="Gaussian smoothing of the anomaly map, in canonical pixels")
+    g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
+    g.add_argument("--match", default="local", choices=("auto", *MATCHES), help="own place, all, or both")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds random weights, calibration and the evaluation split")
     g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
@@ -136,7 +144,7 @@ def _new_detector(args):
     return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                      align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
                      coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
-                     seed=args.seed, device=args.device,
+                     sigma=args.sigma, match=args.match, seed=args.seed, device=args.device,
                      foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
 
 
@@ -150,11 +158,8 @@ def _load_model(path: str, runtime: dict):
 
 
 def _start_engine(det) -> str:
-    """Build the model's backbone engine now, and name it.
-
-    A missing or foreign export then fails before any output is touched, and
-    the first batch's latency measures images, not loading the backbone.
-    """
+    """Build the model's engine now and name it: a foreign export fails before any output is touched, and
+    the first batch's latency measures images, not loading the backbone."""
     backbone = det._get_backbone()
     return backbone.engine if det.engine == "auto" else os.fspath(det.engine)
 
@@ -173,6 +178,8 @@ def cmd_fit(args) -> int:
     print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px, "
           f"{'aligned' if det.align else 'not aligned'}, on {len(files)} images")
     det.fit(files)
+    if det.auto_:
+        print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     path = det.save(out)
     print(f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
           f"(model id {det.model_id})")
@@ -225,9 +232,8 @@ def cmd_evaluate(args) -> int:
         given = _explicit(args.argv)
         fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: the model file fixes "
-                             f"{'this' if len(fixed) == 1 else 'these'}; such flags apply only when evaluate "
-                             "fits (without -m)")
+            raise ValueError(f"{', '.join(fixed)}: the model file fixes {'this' if len(fixed) == 1 else 'these'}; "
+                             "such flags apply only when evaluate fits (without -m)")
         det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
         _start_engine(det)
     else:
@@ -241,8 +247,7 @@ def cmd_evaluate(args) -> int:
         det.fit(folder.train_paths())
     m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
                  tune_on_report=args.tune_on_report, save_model=args.save_model)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall",
-            "accuracy")
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
         print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fitted, foreground, kernels
+from . import autotune, fitted, foreground, kernels
 from .align import Aligner
 from .backbone import EngineCache
+from .backbone import embed as embed_frames
 from .backbone.device import require as require_device
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
@@ -47,9 +48,13 @@ class DinoPatch(EstimatorMixin):
         seed: seeds random weights and the calibration split.
         layers: average the patch tokens of the last ``layers`` blocks.
         coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: spatial tolerance of the bank, in grid steps.
+        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"`` (the default).
+        match: ``"local"`` (each patch against its own location's bank), ``"global"`` (against the whole
+            bank), ``"local+global"`` (their mean; :mod:`.bank`) or ``"auto"``.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
-        sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`).
+        sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`); ``sigma``
+            and ``score`` default to ``"auto"``.  Every ``"auto"`` is chosen at fit from the nominal images
+            alone (:mod:`.autotune`) and read back from :attr:`auto_`.
         calibration: ``"cv"``: each nominal image scored against a bank without it
             (leave-one-out, :mod:`.calibration`); or a fraction of them held out.
         false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
@@ -63,8 +68,8 @@ class DinoPatch(EstimatorMixin):
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
-                 engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance=1,
-                 bank_dtype="float32", sigma=4.0, score="max", topk=0.01, morph_kernel=5,
+                 engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
+                 match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
                  batch_size=8, progress=True, device="auto"):
         for name, value in locals().items():
@@ -90,23 +95,34 @@ class DinoPatch(EstimatorMixin):
             self
         """
         params = check_params(self.get_params())
-        post = PostProcess(self.sigma, self.score, self.topk, self.morph_kernel)
         images = load_images(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         engine = self._engine(backbone_key(params), None, None)
-        canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, int(self.batch_size),
-                                                     self.progress)
+        bs = int(self.batch_size)
+        canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, bs, self.progress)
         frames, positions = np.stack([c[0] for c in canon]), fg and fg.positions
-        polarity, flips = None, np.zeros(len(images), bool)
-        if self.align:
-            polarity = Polarity.fit(tokens)
-            tokens, flips = polarity.orient(tokens)
+        polarity = Polarity.fit(tokens) if self.align else None
+        tokens, flips = _orient(polarity, tokens)
+
+        def embed(canonical: list[np.ndarray]):
+            grids = embed_frames(engine, canonical, bs, positions=positions)
+            return _orient(polarity, grids if fg is None else fg.scatter(grids))
+
+        def held_out(settings, train, queries, q_flips, q_frames):
+            bank = self._make_bank(tokens[train], positions, dict(params, **settings))
+            return _finish(bank.distances(queries, backend=self._kernel()), q_flips, fg, q_frames,
+                           fg and fg.background_of(frames[train]))
+
+        # Auto first, then calibration: the threshold must be measured with the settings the model
+        # will score with, and the choice does not use a threshold (it ranks by AUROC).
+        auto = autotune.resolve(params, tokens, canon, embed, held_out, positions, self._kernel())
+        chosen = autotune.resolved(params, auto)
+        post = PostProcess(chosen["sigma"], chosen["score"], chosen["topk"], chosen["morph_kernel"])
 
         def score_held_out(train, held):
-            dists = self._make_bank(tokens[train], positions).distances(tokens[held], backend=self._kernel())
-            dists = _finish(dists, flips[held], fg, frames[held], fg and fg.background_of(frames[train]))
+            dists = held_out(chosen, train, tokens[held], flips[held], frames[held])
             maps = [post.score_map(d, canon[i][1]) for i, d in zip(held, dists)]
             return (np.array([s for _, s in maps]),
                     np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
@@ -114,13 +130,14 @@ class DinoPatch(EstimatorMixin):
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
-        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions), threshold,
-                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine))
+        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen), threshold,
+                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto)
         return self
 
-    def _make_bank(self, tokens: np.ndarray, positions) -> MemoryBank:
-        return MemoryBank.fit(tokens, ratio=self.coreset_ratio, radius=self.tolerance,
-                              dtype=np.dtype(self.bank_dtype), backend=self._kernel(), positions=positions)
+    def _make_bank(self, tokens: np.ndarray, positions, params: dict) -> MemoryBank:
+        return MemoryBank.fit(tokens, ratio=params["coreset_ratio"], radius=params["tolerance"],
+                              dtype=np.dtype(params["bank_dtype"]), backend=self._kernel(), positions=positions,
+                              match=params["match"])
 
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
@@ -144,6 +161,17 @@ class DinoPatch(EstimatorMixin):
     def threshold_(self) -> Threshold:
         """The decision threshold in force, with its source (see :class:`~.calibration.Threshold`)."""
         return self._fitted().threshold
+
+    @property
+    def auto_(self) -> dict | None:
+        """What fit chose for the parameters set to ``"auto"``, and why; None when none was.
+
+        ``{"chosen": {name: value}, "fallback": bool, "evidence": {...}}`` (see :mod:`.autotune`):
+        ``fallback`` is True where too few nominal images left nothing to measure and the
+        documented defaults (:data:`.autotune.DEFAULTS`) stand.  :meth:`get_params` keeps saying
+        ``"auto"``; this is the one place the fitted values are read from.
+        """
+        return self._fitted().auto
 
     @property
     def model_id(self) -> str:
@@ -192,9 +220,7 @@ class DinoPatch(EstimatorMixin):
             tokens = engine(frames, on_device=True)
         else:
             tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
-        flips = np.zeros(len(items), bool)
-        if model.polarity is not None:
-            tokens, flips = model.polarity.orient(tokens)
+        tokens, flips = _orient(model.polarity, tokens)
         dists = _finish(model.bank.distances(tokens, backend=self._kernel()), flips, fg, frames)
         return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
 
@@ -224,7 +250,7 @@ class DinoPatch(EstimatorMixin):
         settings = dataclasses.asdict(dataclasses.replace(model.post, **post))
         det = copy.copy(self).set_params(**settings)  # shares the engines: the weights are the same
         det._model = dataclasses.replace(model, params=dict(model.params, **settings), threshold=threshold,
-                                         model_id="unsaved")
+                                         model_id="unsaved", auto=autotune.without(model.auto, settings))
         return det
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -250,6 +276,11 @@ class DinoPatch(EstimatorMixin):
         det = cls(**params)
         det._model = model
         return det
+
+
+def _orient(polarity: Polarity | None, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens turned to the fitted polarity (unchanged without alignment), and which were turned."""
+    return (tokens, np.zeros(len(tokens), bool)) if polarity is None else polarity.orient(tokens)
 
 
 def _finish(distances: np.ndarray, flips: np.ndarray, fg, frames: np.ndarray, background=None) -> np.ndarray:

@@ -102,13 +102,15 @@ def _pixel_metrics(gts, maps, preds) -> dict:
 
 def _tune(det, raws, labels, gts, threshold: str) -> dict:
     """Choose the post-processing on the tuning part only; with an empty tuning part, the detector's own."""
+    # What fit settled on: the constructor may say "auto" (see DinoPatch.auto_).
+    chosen = (det.auto_ or {}).get("chosen", {})
+    own = {k: chosen.get(k, getattr(det, k)) for k in ("sigma", "score", "morph_kernel")}
     if not raws:
-        return dict(sigma=det.sigma, score=det.score, threshold=det.threshold_.image,
-                    pixel_threshold=det.threshold_.pixel, morph_kernel=det.morph_kernel)
+        return dict(own, threshold=det.threshold_.image, pixel_threshold=det.threshold_.pixel)
     # The detector's own settings come first: they stand when the tuning part
     # cannot rank (one class only), and ties keep them.
     best, best_auc = None, -np.inf
-    for sigma, score in [(det.sigma, det.score)] + [(g, s) for g in SIGMAS for s in SCORES]:
+    for sigma, score in [(own["sigma"], own["score"])] + [(g, s) for g in SIGMAS for s in SCORES]:
         s = np.array([det.result_from(r, sigma=sigma, score=score).score for r in raws])
         auc = metrics.auroc(labels[np.isfinite(s)], s[np.isfinite(s)])
         if best is None or auc > best_auc + 1e-12:
@@ -127,7 +129,7 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
     candidates = sorted({det.threshold_.pixel} | set(np.quantile(np.concatenate([m.ravel() for m in maps]),
                                                                  PIXEL_QUANTILES).tolist()))
     candidates = [c for c in candidates if np.isfinite(c)]
-    best_f1, best["pixel_threshold"], best["morph_kernel"] = -1.0, det.threshold_.pixel, det.morph_kernel
+    best_f1, best["pixel_threshold"], best["morph_kernel"] = -1.0, det.threshold_.pixel, own["morph_kernel"]
     if any(g.any() for g in gts) and candidates:
         from .postprocess import segment
 
@@ -227,6 +229,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         "split": {"seed": seed, "tune_fraction": tune_fraction,
                   "tune": [str(items[i].path) for i in tune], "report": [str(items[i].path) for i in report]},
         "detector": {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in det.get_params().items()},
+        "auto": det.auto_,  # what fit chose for the "auto" parameters, and its evidence
         "images": [{"path": str(it.path), "defect": it.defect, "label": int(it.label), "score": r.score,
                     "is_anomaly": bool(r.is_anomaly), "aligned": bool(r.aligned),
                     "part": "tune" if i in tuned_set else "report"}
@@ -294,6 +297,10 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
                   for d, v in m["per_defect"].items())
     settings = ", ".join(f"{k}={_fmt(v)}" for k, v in m["settings"].items())
     warn = ("<p style='color:#b00'><b>Optimistic:</b> tuned on the reported images.</p>" if m["optimistic"] else "")
+    if m["auto"]:
+        chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in m["auto"]["chosen"].items())
+        fallback = " (too few good images to measure: the defaults)" if m["auto"]["fallback"] else ""
+        warn += f"<p>Chosen at fit from good parts alone (\"auto\"): {html.escape(chosen)}{fallback}</p>"
     warn += "".join(f"<p style='color:#b00'><b>Few images:</b> {html.escape(w)}</p>" for w in m["warnings"])
     thumbs = "".join(
         f"<a href='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png'>"

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels, modelfile
+from . import autotune, kernels, modelfile
 from ._version import __version__
 from .align import Aligner
 from .backbone import BACKBONES, get_spec
 from .backbone.device import parse_device
 from .backbone.specs import check_image_size
-from .bank import MemoryBank
+from .bank import MATCHES, MemoryBank
 from .calibration import METHODS, Threshold, check_calibration, check_rate
 from .foreground import Foreground, check_option
 from .modelfile import ModelFileError
@@ -55,14 +55,21 @@ class Fitted:
     foreground: Foreground | None = None  # the region the backbone runs on, and the background check
     # {"engine", "sha256"}: the exact graph the engine used at fit ran, where it ran one.
     graph: dict | None = None
+    # What fit chose for the parameters set to "auto", and its evidence (:func:`.autotune.resolve`).
+    auto: dict | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
         return self.graph["sha256"] if self.graph and self.graph["engine"] == os.fspath(engine) else None
 
     @property
+    def resolved(self) -> dict:
+        """The parameters with every ``"auto"`` replaced by fit's choice."""
+        return autotune.resolved(self.params, self.auto)
+
+    @property
     def post(self) -> PostProcess:
-        p = self.params
+        p = self.resolved
         return PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
 
 
@@ -111,10 +118,16 @@ def check_params(params: dict) -> dict:
     p["seed"] = _int(p, "seed", 0, 2**32 - 1)
     p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
     p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
-    p["tolerance"] = _int(p, "tolerance", 0, side - 1)
+    auto = autotune.wanted(p)
+    if "tolerance" not in auto:
+        p["tolerance"] = _int(p, "tolerance", 0, side - 1)
+    p["match"] = p.get("match", "local")  # model files from before the global bank
+    if p["match"] not in MATCHES + ("auto",):
+        raise ValueError(f"match must be 'auto' or one of {MATCHES}, got {p['match']!r}")
     if p["bank_dtype"] not in ("float32", "float16"):
         raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {p['bank_dtype']!r}")
-    PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
+    PostProcess(*(autotune.DEFAULTS[n] if n in auto else p[n] for n in ("sigma", "score")), p["topk"],
+                p["morph_kernel"])
     p["calibration"] = check_calibration(p["calibration"])
     p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
     if p["threshold"] is not None:
@@ -136,11 +149,14 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         "aligner": model.aligner.state_dict(),
         "weights_fingerprint": model.fingerprint,
         "graph": model.graph,
+        "auto": model.auto,
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
               "calibration_maxima": np.asarray(t.maxima, np.float64)}
     if model.polarity is not None:
         arrays["polarity"] = model.polarity.reference
+    if model.bank.global_features is not None:
+        arrays["global_bank"] = model.bank.global_features
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
@@ -227,8 +243,14 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
         raise ValueError(f"graph record malformed ({graph!r})")
-    membank = MemoryBank(bank, (side, side), params["tolerance"], None if fg is None else fg.positions)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph), params
+    auto = autotune.check_record(header.get("auto"), params, side)
+    chosen = check_params(autotune.resolved(params, auto))
+    rows = arrays.get("global_bank") if chosen["match"] != "local" else None
+    if rows is not None and not np.isfinite(rows).all():
+        raise ValueError("global bank holds non-finite values")
+    membank = MemoryBank(bank, (side, side), chosen["tolerance"], None if fg is None else fg.positions,
+                         chosen["match"], rows)
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto), params
 
 
 def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:

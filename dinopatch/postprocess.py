@@ -61,6 +61,11 @@ def segment(amap: np.ndarray, threshold: float, kernel: int = 5) -> np.ndarray:
     return mask.astype(bool)
 
 
+def _is_number(v) -> bool:
+    """A real number (a string such as "4" or "auto" is not one: it would fail later, or pass unchecked)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
 @dataclass(frozen=True)
 class PostProcess:
     """The post-processing settings, checked.
@@ -78,11 +83,11 @@ class PostProcess:
     morph_kernel: int = 5
 
     def __post_init__(self):
-        if isinstance(self.sigma, bool) or not 0.0 <= float(self.sigma) <= MAX_SIGMA:
+        if not _is_number(self.sigma) or not 0.0 <= float(self.sigma) <= MAX_SIGMA:
             raise ValueError(f"sigma must be in [0, {MAX_SIGMA}] canonical pixels, got {self.sigma!r}")
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r} must be one of {SCORES}")
-        if isinstance(self.topk, bool) or not 0.0 < float(self.topk) <= 1.0:
+        if not _is_number(self.topk) or not 0.0 < float(self.topk) <= 1.0:
             raise ValueError(f"topk must be in (0, 1], got {self.topk!r}")
         if isinstance(self.morph_kernel, bool) or int(self.morph_kernel) != self.morph_kernel \
                 or not 0 <= self.morph_kernel <= MAX_MORPH_KERNEL:

@@ -10,6 +10,7 @@ from conftest import BLOCKS_MATTER
 from dinopatch import kernels
 from dinopatch._version import __version__
 from dinopatch.backbone import BACKBONES, ENGINES
+from dinopatch.bank import MATCHES
 from dinopatch.cli import EXIT_SOME_FAILED, build_parser, main
 from dinopatch.modelfile import ModelFileError
 from dinopatch.postprocess import SCORES
@@ -203,7 +204,8 @@ def test_choices_come_from_the_registries():
     subs = subparsers(build_parser())
     actions = {a.dest: a for a in subs["evaluate"]._actions}
     assert actions["kernel"].choices == ("auto", *kernels.BACKENDS)
-    assert actions["score"].choices == SCORES
+    assert actions["score"].choices == ("auto", *SCORES)
+    assert actions["match"].choices == ("auto", *MATCHES)
     assert actions["backbone"].choices == sorted(BACKBONES)
     for engine in ENGINES:
         assert actions["engine"].type(engine) == engine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BLOCKS_MATTER, assert_refuses_foreign_graphs, run_without, textures
+from conftest import BLOCKS_MATTER, SEED_SETTINGS, assert_refuses_foreign_graphs, run_without, textures
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -265,7 +265,7 @@ def test_image_scores_match_torch_end_to_end(weights, category, capsys):
     scores = {}
     for engine in ("torch", "onnx", "onnx:int8"):
         det = DinoPatch(weights=str(weights), image_size=SIZE, align=category == "screw", engine=engine,
-                        progress=False).fit(train)
+                        progress=False, **SEED_SETTINGS).fit(train)
         scores[engine] = det.score_images(test)
     spread = np.ptp(scores["torch"])
     deviation = np.abs(scores["onnx"] - scores["torch"]).max() / spread

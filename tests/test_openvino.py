@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BLOCKS_MATTER, assert_refuses_foreign_graphs, run_without, textures
+from conftest import BLOCKS_MATTER, SEED_SETTINGS, assert_refuses_foreign_graphs, run_without, textures
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("torch")
@@ -166,7 +166,7 @@ def test_image_scores_match_torch_end_to_end(weights, engine, capsys):
     labels = np.r_[np.zeros(6), np.ones(6)]
     scores = {}
     for name in ("torch", engine):
-        det = DinoPatch(weights=str(weights), image_size=SIZE, engine=name, progress=False)
+        det = DinoPatch(weights=str(weights), image_size=SIZE, engine=name, progress=False, **SEED_SETTINGS)
         scores[name] = det.fit(train).score_images(test)
     deviation = np.abs(scores[engine] - scores["torch"]).max() / np.ptp(scores["torch"])
     aucs = {e: auroc(labels, s) for e, s in scores.items()}

@@ -1,0 +1,206 @@
+"""Settings chosen from good parts alone (dinopatch.autotune) and the global bank, end to end."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FAST, SEED_SETTINGS, screws
+
+from dinopatch import DinoPatch, autotune, modelfile
+from dinopatch.bank import MemoryBank
+from dinopatch.modelfile import ModelFileError
+
+AUTO = dict(tolerance="auto", sigma="auto", score="auto")
+DEFAULTS = {k: v for k, v in FAST.items() if k not in SEED_SETTINGS}  # the constructor's "auto"
+
+
+def _det(**kwargs) -> DinoPatch:
+    return DinoPatch(**dict(FAST, **kwargs))
+
+
+def _pattern(seed: int = 3, side: int = 200) -> np.ndarray:
+    """A fixed part: coarse random blocks, so every patch of the grid looks different from its neighbours."""
+    rng = np.random.default_rng(seed)
+    return cv2.resize(rng.integers(0, 256, (side // 25, side // 25, 3), dtype=np.uint8), (side, side),
+                      interpolation=cv2.INTER_NEAREST)
+
+
+def _parts(n: int, shift: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` copies of the part with sensor noise, each moved by up to ``shift`` pixels each way."""
+    rng = np.random.default_rng(seed)
+    base, out = _pattern(), []
+    for _ in range(n):
+        dy, dx = rng.integers(-shift, shift + 1, 2) if shift else (0, 0)
+        noisy = base.astype(np.int16) + rng.integers(-6, 7, base.shape)
+        out.append(np.roll(np.clip(noisy, 0, 255).astype(np.uint8), (int(dy), int(dx)), axis=(0, 1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_screws():
+    """Fitted once with every parameter "auto" on good screws (aligned, foreground on)."""
+    return DinoPatch(**DEFAULTS, match="auto", foreground=True).fit(screws("good", 6, seed=1))
+
+
+@pytest.fixture(scope="module")
+def jittered():
+    """Parts moved by up to 40 px of 200: a grid step is 25 px of the part at 112 px, so 1-2 steps."""
+    images = _parts(6, 40)
+    return images, _det(align=False, tolerance="auto").fit(images)
+
+
+def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones(jittered):
+    still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
+    moved = jittered[1]
+    assert still.auto_["evidence"]["offset_share"][0] > 0.95
+    assert still.auto_["chosen"] == {"tolerance": 0} and still._fitted().bank.radius == 0
+    assert moved.auto_["evidence"]["offset_share"][0] < 0.9
+    assert moved.auto_["chosen"]["tolerance"] > 0 and moved._fitted().bank.radius == moved.auto_["chosen"]["tolerance"]
+    assert still.get_params()["tolerance"] == moved.get_params()["tolerance"] == "auto"
+
+
+def test_auto_is_the_default():
+    params = DinoPatch().get_params()
+    assert {k: params[k] for k in AUTO} == AUTO and params["match"] == "local"
+
+
+def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tmp_path):
+    record = auto_screws.auto_
+    assert not record["fallback"] and set(record["chosen"]) == {"tolerance", "sigma", "score", "match"}
+    table = record["evidence"]["image_auroc"]
+    best = max(v for v in table.values() if v is not None)
+    assert table[_chosen_key(record["chosen"])] >= best - autotune.WIN_MARGIN  # the best, or near it
+    assert auto_screws._fitted().bank.match == record["chosen"]["match"]
+    assert auto_screws._fitted().bank.positions is not None  # measured on the region bank
+    loaded = DinoPatch.load(auto_screws.save(tmp_path / "auto.npz"))
+    assert loaded.auto_ == record and loaded.get_params()["sigma"] == "auto"
+    images = screws("good", 2, seed=5) + screws("extra_object", 2, seed=5)
+    np.testing.assert_allclose([r.score for r in loaded.predict(images)],
+                               [r.score for r in auto_screws.predict(images)], rtol=1e-6)
+
+
+def test_settings_tuned_by_hand_leave_the_rest_of_the_choice(auto_screws, tmp_path):
+    """What evaluation's --save-model writes: sigma and score tuned, the tolerance and match still auto's."""
+    tuned = auto_screws.tuned(auto_screws.threshold_, sigma=2.0, score="p99")
+    loaded = DinoPatch.load(tuned.save(tmp_path / "tuned.npz"))
+    assert loaded.auto_["chosen"] == {k: auto_screws.auto_["chosen"][k] for k in ("tolerance", "match")}
+    assert (loaded.sigma, loaded.score, loaded.get_params()["tolerance"]) == (2.0, "p99", "auto")
+    assert loaded._fitted().post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
+
+
+def test_evaluation_report_shows_the_choice(auto_screws, tmp_path):
+    from dinopatch.data import MVTecFolder
+    from dinopatch.evaluate import evaluate
+    from dinopatch.synthetic import synthesize
+
+    folder = MVTecFolder(synthesize("screw", tmp_path / "screw", n_train=1, n_test_good=2, n_test_defect=1, size=128))
+    m = evaluate(auto_screws, folder, tmp_path / "report", progress=False)
+    assert m["auto"]["chosen"] == auto_screws.auto_["chosen"] and m["detector"]["sigma"] == "auto"
+    assert "Chosen at fit from good parts alone" in (tmp_path / "report" / "index.html").read_text()
+    assert m["settings"]["sigma"] in autotune.SIGMAS  # the sweep started from the fitted value, not "auto"
+
+
+def _chosen_key(chosen: dict) -> str:
+    return (f"tolerance={chosen['tolerance']} match={chosen['match']} sigma={chosen['sigma']:g} "
+            f"score={chosen['score']}")
+
+
+def _edited(det, tmp_path, name: str, edit) -> str:
+    header, arrays = modelfile.read(det.save(tmp_path / "base.npz"))
+    header = json.loads(json.dumps({k: v for k, v in header.items() if k not in ("format", "version", "arrays")}))
+    edit(header)
+    return modelfile.write(tmp_path / f"{name}.npz", header, arrays)
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("chosen", lambda h: h["auto"]["chosen"].update(tolerance=1 - h["auto"]["chosen"]["tolerance"]), "edited"),
+    ("evidence", lambda h: h["auto"]["evidence"]["image_auroc"].update({_chosen_key(h["auto"]["chosen"]): 0.0}),
+     "edited"),
+    ("search", lambda h: h["auto"]["evidence"]["image_auroc"].pop(_chosen_key(h["auto"]["chosen"])), "search"),
+    ("shares", lambda h: h["auto"]["evidence"].update(offset_share=[0.1, 0.1, 0.1]), "offset shares"),
+    ("missing", lambda h: h["auto"]["chosen"].pop("sigma"), "exactly"),
+    ("type", lambda h: h.update(auto="tolerance=0"), "malformed"),
+    ("dropped", lambda h: h.update(auto=None), "malformed"),
+    ("fallback", lambda h: h["auto"].update(fallback=True), "edited"),
+    ("param", lambda h: h["params"].update(sigma="auto2"), "sigma"),
+])
+def test_edited_or_invalid_record_is_refused(auto_screws, tmp_path, name, edit, message):
+    path = _edited(auto_screws, tmp_path, name, edit)
+    with pytest.raises(ModelFileError, match=message):
+        DinoPatch.load(path)
+
+
+def test_explicit_values_are_never_overridden():
+    det = _det(tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
+    assert det.auto_["chosen"].keys() == {"sigma"} and det._fitted().bank.radius == 2
+    assert all(k.startswith("tolerance=2 match=local ") and k.endswith(" score=p99")
+               for k in det.auto_["evidence"]["image_auroc"])
+    assert det._fitted().post.score == "p99" and det.get_params()["tolerance"] == 2
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_few_images_fall_back_to_the_documented_defaults(n):
+    kwargs = {"threshold": 1.0} if n == 1 else {}  # one image cannot calibrate a threshold either
+    det = _det(**AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
+    assert det.auto_["fallback"] is True and det.auto_["chosen"] == autotune.DEFAULTS
+    assert det._fitted().bank.radius == autotune.DEFAULTS["tolerance"]
+    assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
+
+
+def test_calibration_runs_after_auto_with_the_chosen_settings(jittered):
+    images, det = jittered
+    fixed = _det(align=False, tolerance=det.auto_["chosen"]["tolerance"]).fit(images)
+    assert det.threshold_.source["method"] == "leave-one-out"
+    assert det.threshold_.image == fixed.threshold_.image  # calibrated as if the choice had been given
+
+
+def test_global_and_local_terms():
+    """A patch that is nominal elsewhere but not here: only the local term scores it; a patch
+    unlike anything: both do; "local+global" scores both kinds."""
+    rng = np.random.default_rng(0)
+    d = 16
+    a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, d)).astype(np.float32))
+    nominal = np.stack([a, b])[None, :, None, :] + 0.01 * rng.normal(size=(5, 2, 1, d)).astype(np.float32)
+    misplaced = np.stack([b, b])[None, :, None, :]
+    novel = np.stack([a, -a])[None, :, None, :]
+    banks = {m: MemoryBank.fit(nominal.astype(np.float32), match=m) for m in ("local", "global", "local+global")}
+    score = {m: (bank.distances(misplaced)[0, 0, 0], bank.distances(novel)[0, 1, 0]) for m, bank in banks.items()}
+    assert score["global"][0] < 0.1 < 1.0 < score["local"][0]  # b at a's place: only local sees it
+    assert score["global"][1] > 1.0 and score["local"][1] > 1.0  # -a: nothing like it anywhere
+    assert score["local+global"][0] > 0.5 and score["local+global"][1] > 1.0
+    np.testing.assert_allclose(banks["local+global"].distances(novel),
+                               0.5 * (banks["local"].distances(novel) + banks["global"].distances(novel)), rtol=1e-6)
+
+
+def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
+    from dinopatch import bank
+
+    monkeypatch.setattr(bank, "GLOBAL_ROWS", 50)
+    det = _det(match="local+global").fit(screws("good", 4, seed=1))
+    rows = det._fitted().bank.global_features
+    assert rows.shape[0] == 50 and not rows.flags.writeable
+    loaded = DinoPatch.load(det.save(tmp_path / "lg.npz"))
+    np.testing.assert_array_equal(loaded._fitted().bank.global_features, rows)
+    images = screws("extra_object", 2, seed=4)
+    np.testing.assert_allclose([r.score for r in loaded.predict(images)], [r.score for r in det.predict(images)])
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(tolerance="Auto"), "tolerance"), (dict(sigma="automatic"), "sigma"), (dict(score="best"), "score"),
+    (dict(match="near"), "match"), (dict(tolerance=-1), "tolerance"),
+])
+def test_bad_values_are_refused_before_any_work(params, message):
+    with pytest.raises(ValueError, match=message):
+        _det(**params).fit([np.zeros((8, 8), np.uint8)])
+
+
+def test_cli_accepts_auto_and_refuses_bad_values(tmp_path, capsys):
+    from dinopatch.cli import build_parser, main
+
+    args = build_parser().parse_args(["fit", "x.png", "-o", "m.npz", "--tolerance", "auto", "--sigma", "auto",
+                                      "--score", "auto", "--match", "local+global"])
+    assert (args.tolerance, args.sigma, args.score, args.match) == ("auto", "auto", "auto", "local+global")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "x.png", "-o", str(tmp_path / "m.npz"), "--sigma", "wide"])
+    assert e.value.code == 2
+    assert "'wide' is not a number or 'auto'" in capsys.readouterr().err
