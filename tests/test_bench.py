@@ -48,6 +48,13 @@ def test_stage_decorator_registers_one_function(monkeypatch):
     assert bench.registry.STAGES["toy"] is toy and bench.registry.GROUPS["e2e"] == ["toy"]
 
 
+def test_paired_ratio_pairs_each_round():
+    # A round taken at a high load slows both alike: the pairs say 2x, the medians 4x.
+    times = {"slow": [2.0, 10.0, 4.0], "fast": [1.0, 5.0, 1.0]}
+    assert bench.registry.paired_ratio(times, "slow", "fast") == 2.0
+    assert bench.registry.paired_ratio(times, "fast", "fast") == 1.0
+
+
 def test_table_aligns_and_skips_empty_columns():
     rows = [
         {"stage": "a", "method": "m", "ms_per_image": 1.23456, "rel_err": None},

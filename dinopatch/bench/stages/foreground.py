@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..registry import latency_row, round_robin, stage, target
+from ..registry import latency_row, paired_ratio, round_robin, stage, target
 from .pipeline import _detector, _frames, aurocs, labelled
 
 
@@ -36,6 +36,6 @@ def bench_foreground(args) -> list[dict]:
         rows.append(latency_row("foreground", f"backbone, {what}", times["backbone", fg], len(batch)))
         rows.append(latency_row("foreground", f"predict, {what}", times["e2e", fg], len(frames),
                                 note=f"image AUROC {image:.4f}, pixel AUROC {pixel:.4f}, weights {args.weights}"))
-    speedup = float(np.median(times["e2e", False]) / np.median(times["e2e", True]))
+    speedup = paired_ratio(times, ("e2e", False), ("e2e", True))
     rows.append(target("foreground tokens: end-to-end speed-up", "> 1", speedup, lambda v: v > 1))
     return rows

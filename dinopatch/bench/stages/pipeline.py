@@ -8,7 +8,7 @@ import numpy as np
 
 from dinopatch import kernels
 
-from ..registry import calls, latency_row, round_robin, stage, target
+from ..registry import calls, latency_row, paired_ratio, round_robin, stage, target
 
 
 def _frames(n: int, seed: int) -> list[np.ndarray]:
@@ -118,7 +118,7 @@ def bench_e2e(args) -> list[dict]:
     dev = float(np.abs(a - b).max()) / spread
     engine = {k: type(dets[k]._get_backbone()).__name__ for k in ("ours", "previous")}
     n = len(frames)
-    speedup = {k: float(np.median(times[k]) / np.median(times["ours"])) for k in ("previous", "notebook")}
+    speedup = {k: paired_ratio(times, k, "ours") for k in ("previous", "notebook")}
     acc = {k: aurocs(test, out[k]) for k in ("ours", "previous")}
 
     def quality(k):
