@@ -80,7 +80,7 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             int8 engines are never chosen automatically: their accuracy is
             judged per data set, by AUROC, and without VNNI they are slower
             (ONNX Runtime int8 0.81x of fp32 end to end on that CPU; OpenVINO
-            int8 quantised with NNCF 0.57x / 0.68x of OpenVINO f32 at batch 1 / 8).
+            int8 quantised with NNCF 0.51x of OpenVINO f32 at batch 1 and 8, near idle).
         fingerprint: the weights fingerprint expected (from a model file).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.  A GPU
             asked for by name that the engine cannot use raises
