@@ -48,6 +48,13 @@ def test_stage_decorator_registers_one_function(monkeypatch):
     assert bench.registry.STAGES["toy"] is toy and bench.registry.GROUPS["e2e"] == ["toy"]
 
 
+def test_paired_ratio_pairs_each_round():
+    # A round taken at a high load slows both alike: the pairs say 2x, the medians 4x.
+    times = {"slow": [2.0, 10.0, 4.0], "fast": [1.0, 5.0, 1.0]}
+    assert bench.registry.paired_ratio(times, "slow", "fast") == 2.0
+    assert bench.registry.paired_ratio(times, "fast", "fast") == 1.0
+
+
 def test_table_aligns_and_skips_empty_columns():
     rows = [
         {"stage": "a", "method": "m", "ms_per_image": 1.23456, "rel_err": None},
@@ -137,10 +144,20 @@ def test_pipeline_stages_ran(run):
     for r in run["rows"]:
         by.setdefault(r["stage"], []).append(r)
     assert [r["method"] for r in by["backbone"]] == ["torch", "torch"] and by["backbone"][0]["vs_torch"] == 1
-    assert len(by["e2e"]) == 2 and "notebook" in by["e2e"][1]["method"]
+    ours, previous, notebook = by["e2e"]
+    assert ours["method"].startswith("defaults: predict (TorchBackbone") and "foreground auto" in ours["method"]
+    assert previous["method"] == "previous defaults: predict (OnnxBackbone fp32, foreground False)"
+    assert "notebook" in notebook["method"] and all(r["batch"] == 6 for r in by["e2e"])  # good x2 + 4 defects
+    for row in (ours, previous):
+        image, pixel, tokens = re.search(r"image AUROC ([\d.]+), pixel AUROC ([\d.]+), (\d+)% of the tokens",
+                                         row["note"]).groups()
+        assert 0 <= float(image) <= 1 and 0 <= float(pixel) <= 1 and 0 < int(tokens) <= 100
+    assert previous["note"].count("100% of the tokens") == 1
     assert len(by["stream"]) == 2 and all(r["ms_p99"] >= r["ms_p50"] for r in by["stream"])
     targets = {r["method"] for r in by["target"]}
-    assert {"end-to-end score deviation / score spread", "coreset cpp speed-up over numpy"} <= targets
+    assert {"end-to-end score deviation / score spread", "coreset cpp speed-up over numpy",
+            "end-to-end predict, defaults over the previous defaults",
+            "image AUROC, previous defaults minus defaults"} <= targets
 
 
 def test_cuda_group_dry_run_checked_parity_zeros_and_kcenter(run):

@@ -71,13 +71,16 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             * on the CPU: ``openvino:bf16`` when openvino is installed and the
               CPU has AVX512-BF16 or AMX (1.8x ONNX Runtime fp32, token cosine
               0.99999, measured in issue 14 on such a CPU); else ``onnx`` (fp32)
-              when onnxruntime is installed (OpenVINO f32 measured 1.09x of it
-              in issue 14 and 7-9% less CPU an image on a loaded AVX2-only
-              CPU: a margin to confirm on an idle machine before the default
-              moves); else ``openvino:f32``; else ``torch``.
+              when onnxruntime is installed: on an AVX2-only CPU (no VNNI)
+              OpenVINO f32 predicted as fast as it end to end on foreground
+              tokens (845 against 838 ms a part, 33% of the tokens, one
+              round-robin run at load 8-9), so nothing is gained by the extra
+              runtime; else ``openvino:f32``; else ``torch``.
 
             int8 engines are never chosen automatically: their accuracy is
-            judged per data set, by AUROC.
+            judged per data set, by AUROC, and without VNNI they are slower
+            (ONNX Runtime int8 0.81x of fp32 end to end on that CPU; OpenVINO
+            int8 quantised with NNCF 0.51x of OpenVINO f32 at batch 1 and 8, near idle).
         fingerprint: the weights fingerprint expected (from a model file).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.  A GPU
             asked for by name that the engine cannot use raises

@@ -65,6 +65,16 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return times
 
 
+def paired_ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over the rounds of :func:`round_robin` of ``slow``'s time over ``fast``'s in the same round.
+
+    On a shared machine the load changes from round to round; a ratio of each
+    round's pair follows it, where a ratio of the medians may pair rounds
+    taken at different loads.
+    """
+    return float(np.median(np.asarray(times[slow]) / np.asarray(times[fast])))
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

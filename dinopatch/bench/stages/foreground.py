@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..registry import latency_row, round_robin, stage, target
-from .pipeline import _detector, _frames
+from ..registry import latency_row, paired_ratio, round_robin, stage, target
+from .pipeline import _detector, _frames, aurocs, labelled
 
 
 @stage("foreground", groups=("pipeline",))
@@ -16,13 +16,8 @@ def bench_foreground(args) -> list[dict]:
     same test set (good, and each defect); the backbone and end-to-end predict
     are timed in turn, round after round.
     """
-    from dinopatch.metrics import auroc
-    from dinopatch.synthetic import DEFECTS, make_sample
-
-    rng = np.random.default_rng(3)
-    n = 1 if args.quick else 6
-    test = [(make_sample("screw", d, rng), d != "good") for d in ("good",) * 2 + DEFECTS["screw"] for _ in range(n)]
-    frames = [im for (im, _), _ in test]
+    test = labelled(1 if args.quick else 6)
+    frames = [im for im, _, _ in test]
     dets = {fg: _detector(args, foreground=fg).fit(_frames(args.bank, seed=1)) for fg in (False, True)}
     region = dets[True]._model.foreground
     if region is None:
@@ -34,17 +29,13 @@ def bench_foreground(args) -> list[dict]:
     out = {}
     times = round_robin({k: lambda k=k, fn=fn: out.__setitem__(k, fn()) for k, fn in runs.items()},
                         max(1, args.repeats // 2))
-    labels = np.array([bad for _, bad in test])
-    masks = np.concatenate([(m > 0).ravel() for (_, m), _ in test])
     rows = []
     for fg in dets:
-        scores = np.array([r.score for r in out["e2e", fg]])
-        pixels = np.concatenate([r.anomaly_map.ravel() for r in out["e2e", fg]])
+        image, pixel = aurocs(test, out["e2e", fg])
         what = f"foreground tokens ({region.fraction:.0%} kept)" if fg else "every token"
         rows.append(latency_row("foreground", f"backbone, {what}", times["backbone", fg], len(batch)))
         rows.append(latency_row("foreground", f"predict, {what}", times["e2e", fg], len(frames),
-                                note=f"image AUROC {auroc(labels, scores):.4f}, pixel AUROC "
-                                     f"{auroc(masks, pixels):.4f}, weights {args.weights}"))
-    speedup = float(np.median(times["e2e", False]) / np.median(times["e2e", True]))
+                                note=f"image AUROC {image:.4f}, pixel AUROC {pixel:.4f}, weights {args.weights}"))
+    speedup = paired_ratio(times, ("e2e", False), ("e2e", True))
     rows.append(target("foreground tokens: end-to-end speed-up", "> 1", speedup, lambda v: v > 1))
     return rows

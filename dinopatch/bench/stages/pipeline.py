@@ -8,7 +8,7 @@ import numpy as np
 
 from dinopatch import kernels
 
-from ..registry import calls, latency_row, round_robin, stage, target
+from ..registry import calls, latency_row, paired_ratio, round_robin, stage, target
 
 
 def _frames(n: int, seed: int) -> list[np.ndarray]:
@@ -63,44 +63,87 @@ def bench_post(args) -> list[dict]:
     return [latency_row("post", "opencv", times, note="256 px frame")]
 
 
+def labelled(n: int, seed: int = 3) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """``(image, defect mask, defective)`` of ``n`` screws of each defect and ``2 n`` good ones."""
+    from dinopatch.synthetic import DEFECTS, make_sample
+
+    rng = np.random.default_rng(seed)
+    kinds = ("good",) * 2 + DEFECTS["screw"]
+    return [(*make_sample("screw", d, rng), d != "good") for d in kinds for _ in range(n)]
+
+
+def aurocs(test: list, results: list) -> tuple[float, float]:
+    """Image and pixel AUROC of predictions ``results`` of :func:`labelled` images ``test``."""
+    from dinopatch.metrics import auroc
+
+    labels = np.array([bad for _, _, bad in test])
+    masks = np.concatenate([(m > 0).ravel() for _, m, _ in test])
+    pixels = np.concatenate([r.anomaly_map.ravel() for r in results])
+    return auroc(labels, np.array([r.score for r in results])), auroc(masks, pixels)
+
+
+def kept(det) -> float:
+    """Fraction of the patches a fitted detector's backbone runs on."""
+    fg = det._model.foreground
+    return 1.0 if fg is None else fg.fraction
+
+
+# The default before issue 14: ONNX Runtime fp32 on every token.
+PREVIOUS_DEFAULT = dict(engine="onnx", foreground=False)
+
+
 @stage("e2e", groups=("pipeline",))
 def bench_e2e(args) -> list[dict]:
-    """End-to-end predict against a notebook-style pipeline, at equal scores.
+    """End-to-end predict of the defaults, the previous defaults and a notebook-style pipeline, in one run.
 
-    The notebook way: eager torch one image at a time and numpy distances
-    (the numpy reference kernel), the same alignment and post-processing.
+    On aligned screws, good and each defect: the defaults (``--engine``,
+    foreground tokens ``"auto"``), the defaults before issue 14
+    (:data:`PREVIOUS_DEFAULT`: ONNX Runtime fp32, every token), each fitted on
+    the same ``--bank`` good screws, and the notebook way (eager torch one
+    image at a time, numpy distances) on the defaults' fitted model, at equal
+    scores.  Predict is timed round-robin; the AUROCs are of the same calls.
     """
     det = _fitted(args)
-    frames = _frames(args.batch * (1 if args.quick else 2), seed=3)
+    previous = _detector(args, **PREVIOUS_DEFAULT).fit(_frames(args.bank, seed=1))
     notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
     notebook._model = det._model  # the same fitted model, judged the notebook way
-    times = round_robin(
-        {"ours": lambda: det.predict(frames), "notebook": lambda: notebook.predict(frames)},
-        max(1, args.repeats // 2),
-    )
-    ours, theirs = times["ours"], times["notebook"]
-    a, b = det.score_images(frames), notebook.score_images(frames)
+    test = labelled(1 if args.quick else 4)
+    frames = [im for im, _, _ in test]
+    dets = {"ours": det, "previous": previous, "notebook": notebook}
+    out = {}
+    times = round_robin({k: lambda k=k, d=d: out.__setitem__(k, d.predict(frames)) for k, d in dets.items()},
+                        max(1, args.repeats // 2))
+    a, b = (np.array([r.score for r in out[k]]) for k in ("ours", "notebook"))
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
-    engine = type(det._get_backbone()).__name__
+    engine = {k: type(dets[k]._get_backbone()).__name__ for k in ("ours", "previous")}
     n = len(frames)
-    speedup = float(np.median(theirs) / np.median(ours))
+    speedup = {k: paired_ratio(times, k, "ours") for k in ("previous", "notebook")}
+    acc = {k: aurocs(test, out[k]) for k in ("ours", "previous")}
+
+    def quality(k):
+        return (f"image AUROC {acc[k][0]:.4f}, pixel AUROC {acc[k][1]:.4f}, {kept(dets[k]):.0%} of the tokens; "
+                f"weights {args.weights}")
+
     rows = [
-        latency_row(
-            "e2e",
-            f"predict ({engine}, kernel {kernels.resolve(det._kernel())})",
-            ours,
-            n,
-            note=f"batch_size {det.batch_size}; score deviation {dev:.1e} of the spread; "
-            f"{speedup:.2f}x the notebook",
-        ),
-        latency_row("e2e", "notebook (torch per image, numpy distances)", theirs, n),
+        latency_row("e2e", f"defaults: predict ({engine['ours']}, kernel {kernels.resolve(det._kernel())}, foreground "
+                    f"{det.foreground})", times["ours"], n,
+                    note=f"batch_size {det.batch_size}; {quality('ours')}; {speedup['previous']:.2f}x the previous "
+                         f"defaults, {speedup['notebook']:.2f}x the notebook; score deviation from the notebook "
+                         f"{dev:.1e} of the spread"),
+        latency_row("e2e", f"previous defaults: predict ({engine['previous']} {previous._get_backbone().precision}, "
+                    f"foreground {previous.foreground})", times["previous"], n,
+                    note=quality("previous")),
+        latency_row("e2e", "notebook (torch per image, numpy distances)", times["notebook"], n),
     ]
-    rows.append(
-        target("end-to-end predict over the notebook pipeline", ">= 1.5", speedup, lambda v: v >= 1.5)
-    )
-    rows.append(target("end-to-end score deviation / score spread", "<= 1e-3", dev, lambda v: v <= 1e-3))
-    return rows
+    drop = acc["previous"][0] - acc["ours"][0]
+    return rows + [
+        target("end-to-end predict, defaults over the previous defaults", ">= 3", speedup["previous"],
+               lambda v: v >= 3),
+        target("image AUROC, previous defaults minus defaults", "<= 0.01", drop, lambda v: v <= 0.01),
+        target("end-to-end predict over the notebook pipeline", ">= 1.5", speedup["notebook"], lambda v: v >= 1.5),
+        target("end-to-end score deviation / score spread", "<= 1e-3", dev, lambda v: v <= 1e-3),
+    ]
 
 
 @stage("stream", groups=("pipeline",))
