@@ -190,3 +190,20 @@ def test_bandwidth_probe_reads_every_element(n):
     x = np.random.default_rng(n).integers(0, 4, n).astype(np.float32)
     assert _bench_C.stream_read(x) == float(x.sum(dtype=np.float64))
     assert _bench_C.stream_read(x[1:]) == float(x[1:].sum(dtype=np.float64))  # unaligned start
+
+
+def test_backbone_engines_that_cannot_run_are_rows_saying_why(monkeypatch):
+    import argparse
+    import importlib.util
+
+    from dinopatch.bench.stages import backbone
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    args = argparse.Namespace(quick=True, engines="torch,openvino:f32", repeats=1, image_size=56,
+                              backbone="dinov2_vits14")
+    rows = backbone.bench_backbone(args)
+    skipped = [r for r in rows if r["method"] == "openvino:f32"]
+    assert len(skipped) == 1 and skipped[0]["note"].startswith("skipped: openvino is not installed")
+    assert skipped[0]["ms_per_image"] is None
+    assert sorted(r["batch"] for r in rows if r["method"] == "torch") == [1, 2]

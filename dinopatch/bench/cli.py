@@ -7,6 +7,7 @@ import os
 
 from . import report
 from .registry import GROUPS, STAGES
+from .stages.backbone import ENGINES as BACKBONE_ENGINES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
         help="pipeline stages: 'random' or a checkpoint path (accuracy figures need weights whose blocks "
         "matter: timm's random init leaves them near the identity)",
     )
-    p.add_argument("--engines", default="torch,onnx,onnx:int8", help="backbone stage: engines to compare")
+    p.add_argument("--engines", default=",".join(BACKBONE_ENGINES),
+                   help="backbone stage: engines to compare (one not installed here is a row saying so)")
     p.add_argument(
         "--size",
         metavar="L,K,D",

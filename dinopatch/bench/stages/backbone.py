@@ -1,4 +1,4 @@
-"""Backbone stage: eager torch against ONNX Runtime fp32 and int8, in one run.
+"""Backbone stage: eager torch against ONNX Runtime (fp32, int8) and OpenVINO (f32, bf16), in one run.
 
 Engines are timed in turn, round after round, so that a noisy neighbour on a
 shared machine slows all of them alike; the median round counts.  The
@@ -34,6 +34,10 @@ def build_engines(
 
     Random weights: speed does not depend on their values.  ONNX exports come
     from the user cache, made on first use.
+
+    Returns:
+        engine name -> the backbone, or the reason it cannot run here (an
+        engine not installed, bf16 on a CPU without it): a row says so.
     """
     import torch
 
@@ -47,8 +51,11 @@ def build_engines(
         if engine == "torch":
             out[engine] = TorchBackbone(name, "random", image_size)
         elif kind == "openvino":
-            # Engines not installed, or bf16 on a CPU without it, are left out of the table, not failed.
-            if importlib.util.find_spec("openvino") and (precision != "bf16" or cpu_has_bf16()):
+            if not importlib.util.find_spec("openvino"):
+                out[engine] = "openvino is not installed (pip install dinopatch[openvino])"
+            elif precision == "bf16" and not cpu_has_bf16():
+                out[engine] = "this CPU has neither AVX512-BF16 nor AMX"
+            else:
                 out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
         elif kind == "onnx":
             out[engine] = OnnxBackbone(name, "random", image_size, precision=precision or "fp32", threads=threads,
@@ -73,8 +80,10 @@ def bench_backbone(args) -> list[dict]:
     names = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     threads = physical_cores()
     load = os.getloadavg()[0]
-    engines = build_engines(args.image_size, threads, args.backbone, names)
-    rows = []
+    built = build_engines(args.image_size, threads, args.backbone, names)
+    engines = {e: run for e, run in built.items() if not isinstance(run, str)}
+    rows = [{"stage": "backbone", "method": e, "batch": None, "ms_per_image": None, "ms_per_image_min": None,
+             "vs_torch": None, "note": f"skipped: {why}"} for e, why in built.items() if isinstance(why, str)]
     for batch in batches:
         x = sample_images(batch, args.image_size)
         times = round_robin({e: (lambda run=run: run(x)) for e, run in engines.items()}, args.repeats)
