@@ -29,7 +29,7 @@ from .calibration import METHODS, Threshold, check_calibration, check_rate
 from .foreground import Foreground, check_option
 from .modelfile import ModelFileError
 from .polarity import Polarity
-from .postprocess import PostProcess
+from .postprocess import SCORES, PostProcess
 
 # How to run, not what was fitted: these may differ between save and load.
 RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress", "device")
@@ -119,15 +119,23 @@ def check_params(params: dict) -> dict:
     p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
     p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
     auto = autotune.wanted(p)
-    if "tolerance" not in auto:
-        p["tolerance"] = _int(p, "tolerance", 0, side - 1)
+    try:
+        if "tolerance" not in auto:
+            p["tolerance"] = _int(p, "tolerance", 0, side - 1)
+        PostProcess(*(autotune.DEFAULTS[n] if n in auto else p[n] for n in ("sigma", "score")), p["topk"],
+                    p["morph_kernel"])
+    except ValueError as e:
+        # A near miss of "auto" ('AUTO', 'auto ') should hear that "auto" exists.
+        near = [n for n in ("tolerance", "sigma", "score") if n not in auto and isinstance(p[n], str)
+                and p[n] not in SCORES]
+        if near:
+            raise ValueError(f"{e}; {near[0]} may also be 'auto'") from None
+        raise
     p["match"] = p.get("match", "local")  # model files from before the global bank
     if p["match"] not in MATCHES + ("auto",):
         raise ValueError(f"match must be 'auto' or one of {MATCHES}, got {p['match']!r}")
     if p["bank_dtype"] not in ("float32", "float16"):
         raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {p['bank_dtype']!r}")
-    PostProcess(*(autotune.DEFAULTS[n] if n in auto else p[n] for n in ("sigma", "score")), p["topk"],
-                p["morph_kernel"])
     p["calibration"] = check_calibration(p["calibration"])
     p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
     if p["threshold"] is not None:

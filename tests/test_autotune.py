@@ -186,8 +186,10 @@ def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(tolerance="Auto"), "tolerance"), (dict(sigma="automatic"), "sigma"), (dict(score="best"), "score"),
-    (dict(match="near"), "match"), (dict(tolerance=-1), "tolerance"),
+    (dict(tolerance="Auto"), "tolerance .* may also be 'auto'"), (dict(sigma="automatic"), "sigma .* may also be"),
+    (dict(score="best"), "score .* may also be 'auto'"), (dict(match="near"), "match"),
+    (dict(tolerance=-1), r"tolerance must be an integer in \[0, 7\], got -1$"),
+    (dict(topk=5.0), r"topk must be in \(0, 1\], got 5.0$"),
 ])
 def test_bad_values_are_refused_before_any_work(params, message):
     with pytest.raises(ValueError, match=message):
