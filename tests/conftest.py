@@ -20,32 +20,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def set_layerscale(model, value: float) -> None:
-    """Every LayerScale gamma of a timm ViT (``blocks.*.ls1.gamma``, ``ls2.gamma``) set to ``value``."""
-    for name, p in model.named_parameters():
-        if name.endswith(("ls1.gamma", "ls2.gamma")):
-            p.data.fill_(value)
+def _blocks_matter_checkpoint(name: str = "dinov2_vits14", seed: int = 0) -> str:
+    """The session's random weights whose blocks matter (see ``write_blocks_matter_checkpoint``), written once."""
+    from dinopatch.backbone import get_spec
+    from dinopatch.backbone.weights import write_blocks_matter_checkpoint
 
-
-def _blocks_matter_checkpoint(name: str = "vit_small_patch14_dinov2", seed: int = 0) -> str:
-    """Random DINOv2 weights with every LayerScale gamma at 1, as a timm .safetensors file.
-
-    timm's random init sets LayerScale to 1e-5, which makes the 12 blocks a no-op
-    (tokens with and without them have cosine 0.99999999996): a test on it cannot
-    see a bug in attention or the MLP.  Written once per session, loaded through
-    the real checkpoint reader like a user's file.
-    """
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    path = Path(os.environ["DINOPATCH_CACHE"]) / f"{name}_ls1_seed{seed}.safetensors"
+    spec = get_spec(name)
+    path = Path(os.environ["DINOPATCH_CACHE"]) / f"{spec.timm_name}_ls1_seed{seed}.safetensors"
     if not path.is_file():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-        set_layerscale(model, 1.0)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        write_blocks_matter_checkpoint(spec, path, seed)
     return str(path)
 
 

@@ -101,6 +101,29 @@ def build_model(spec: BackboneSpec, weights: str | os.PathLike, image_size: int,
     return model.eval()
 
 
+def write_blocks_matter_checkpoint(spec: BackboneSpec, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Random ``spec`` weights with every LayerScale gamma at 1, written to ``path`` as timm .safetensors.
+
+    timm's random init sets DINOv2's LayerScale to 1e-5, which leaves the blocks
+    near the identity (tokens with and without them have cosine 0.99999999996):
+    a check on those weights cannot see a bug in attention or the MLP.  With
+    these, random as they are, every block matters.  The file loads through the
+    checkpoint reader like a user's, at any image size.
+    """
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+    for name, p in model.named_parameters():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            p.data.fill_(1.0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Path(path)
+
+
 def _cached_hub_file(spec: BackboneSpec) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import stage, target
+from .pipeline import labelled
 
 MODELS = (("dinov2_vits14", 448), ("dinov2_vitb14", 784))
 # Seconds of timed predict per engine and model at most (it stops after the batch that passes it).
@@ -81,34 +82,11 @@ class _Given:
         return self.engine
 
 
-def blocks_matter_weights(name: str, image_size: int, folder: Path, seed: int = 0) -> str:
-    """A timm checkpoint of random ``name`` weights with every LayerScale gamma at 1, written into ``folder``.
-
-    timm's init sets LayerScale to 1e-5, which leaves the blocks near the
-    identity: an engine that gets attention wrong would still look right.
-    """
-    from safetensors.torch import save_file
-
-    from dinopatch.backbone import build_model, get_spec
-
-    model = build_model(get_spec(name), "random", image_size, seed)
-    for key, p in model.named_parameters():
-        if key.endswith(("ls1.gamma", "ls2.gamma")):
-            p.data.fill_(1.0)
-    path = folder / f"{name}_{image_size}px_layerscale1.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
 def judged_parts(n: int, seed: int = 3) -> tuple[list[np.ndarray], np.ndarray]:
-    """``2n`` good screws and ``n`` of each defect, shuffled so that any prefix mixes both classes."""
-    from dinopatch.synthetic import DEFECTS, make_sample
-
-    rng = np.random.default_rng(seed)
-    kinds = ["good"] * (2 * n) + [d for d in DEFECTS["screw"] for _ in range(n)]
-    order = rng.permutation(len(kinds))
-    images = [make_sample("screw", kinds[i], rng)[0] for i in order]
-    return images, np.array([kinds[i] != "good" for i in order])
+    """The e2e stage's screws (:func:`.pipeline.labelled`), shuffled so that any prefix mixes both classes."""
+    test = labelled(n, seed)
+    order = np.random.default_rng(seed).permutation(len(test))
+    return [test[i][0] for i in order], np.array([test[i][2] for i in order])
 
 
 def engine_plans(device: str, batch: int, common: dict, folder: Path) -> list[tuple[str, str, object]]:
@@ -210,11 +188,13 @@ class ModelRun:
     """One model: its weights, its two fitted detectors (every token, foreground), and its engines to time."""
 
     def __init__(self, name: str, size: int, args, folder: Path):
+        from dinopatch.backbone import get_spec
+        from dinopatch.backbone.weights import write_blocks_matter_checkpoint
         from dinopatch.synthetic import make_images
 
         self.args, self.model = args, f"{name} {size}px"
         device = "cuda" if args.kernel == "cuda" else "cpu"
-        weights = blocks_matter_weights(name, size, folder)
+        weights = str(write_blocks_matter_checkpoint(get_spec(name), folder / f"{name}_layerscale1.safetensors"))
         common = dict(name=name, weights=weights, image_size=size, layers=1, seed=0)
         self.images, self.labels = judged_parts(1 if args.quick else 6)
         self.plans = engine_plans(device, args.batch, common, folder)
