@@ -165,11 +165,9 @@ class MemoryBank:
         if self.match == "local":
             return local
         # Every token is a one-location query against one location that holds all the global rows.
-        q = tokens.reshape(b * h * w, 1, d)
-        if self.positions is not None:
-            q = tokens.reshape(b, h * w, d)[:, self.positions].reshape(-1, 1, d)
+        q = self._covered(tokens.reshape(b, h * w, d)).reshape(-1, 1, d)
         far = np.full((b, h * w), np.nan, np.float32)
-        far[:, self.positions if self.positions is not None else slice(None)] = kernels.min_distance(
+        far[:, slice(None) if self.positions is None else self.positions] = kernels.min_distance(
             q, self._global[None], backend=backend).reshape(b, -1)
         far = far.reshape(b, h, w)
         return far if local is None else 0.5 * (local + far)
@@ -190,10 +188,15 @@ class MemoryBank:
                                                           radius=self.radius)[:, self.positions]
         else:
             bank = self.device_bank() if cuda else self.features
-            # A list index: torch and CuPy gather device tokens with it (a read-only numpy index makes torch warn).
-            kept = self.positions if isinstance(q, np.ndarray) else self.positions.tolist()
-            out[:, self.positions] = kernels.min_distance(q[:, kept], bank, backend=backend)
+            out[:, self.positions] = kernels.min_distance(self._covered(q), bank, backend=backend)
         return out.reshape(b, h, w)
+
+    def _covered(self, q):
+        """Queries ``[B, L, D]`` at the locations the bank covers (host arrays or device tokens)."""
+        if self.positions is None:
+            return q
+        # A list index: torch and CuPy gather device tokens with it (a read-only numpy index makes torch warn).
+        return q[:, self.positions if isinstance(q, np.ndarray) else self.positions.tolist()]
 
     def _padded(self) -> tuple[np.ndarray, np.ndarray]:
         """The full-grid bank (a :data:`SENTINEL` row at dropped locations) and its row counts."""
