@@ -1,16 +1,23 @@
-"""Alignment of parts to a canonical pose, from the silhouette's principal axis.
+"""Alignment of parts to a canonical pose, and the judgement of what the pose normalises away.
 
-The part's outline is found at a reduced resolution (gray, blur, Canny,
-external contours, filled); the moments of the filled outline give its centre,
-principal axis and size (the standard deviation along the axis). The full
-resolution image is then warped once into a square canonical frame: axis
-horizontal, part centred, scaled to the nominal length learned in
-:meth:`Aligner.fit`, padded where the frame leaves the image (with a validity
-mask saying where): by reflection, or with the background level of the image's
-border, which leaves no mirrored pieces of a part near the edge in the frame.
-The 180-degree ambiguity of the axis (and, with
-``mirror=True``, the side the part lies on) is resolved by matching a small
-canonical silhouette against the mean nominal silhouette.
+The part's outline is found at a reduced resolution (:mod:`.outline`): its
+moments give the centre, principal axis and size. The rotation (and, with
+``mirror=True``, the face) is then found against a nominal template, the mean
+image of the good parts in their common pose, built iteratively in
+:meth:`Aligner.fit` (align to the template, rebuild it, repeat): all angles in
+one polar cross-correlation for round parts, a window around the principal
+axis (either way) for elongated ones, then refined below a pixel and a degree
+by ECC (:mod:`.pose`). The full resolution image is warped once into the square
+canonical frame, padded where the frame leaves the image (with a validity
+mask): by reflection, or with the background level of the image's border.
+
+What a line must still judge is kept: the part's size against the nominal
+range, how clearly the best pose beat the next (peak ratio), how well the
+aligned part matches the template (residual), and other objects anywhere in
+the image. Each is checked against its range among the good parts; a part
+outside one is not trusted (``aligned=False`` in the detector's Result), with
+a reason. A template that looks the same turned by ``360/N`` degrees is
+recognised at fit, and poses are compared modulo that angle.
 """
 from __future__ import annotations
 
@@ -21,13 +28,23 @@ import numpy as np
 
 from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
+from .pose import MAX_FOLD, SIDE, PolarTemplate, crop, pose_matrix, refine, residual, robust_range
 
 __all__ = ["Aligner", "Alignment"]
 
-_STATE_VERSION = 3  # 2: the nominal size is relative to the frame; 3: padding
+_STATE_VERSION = 4  # 4: image template, symmetry, and the good parts' pose evidence
 PADDINGS = ("reflect", "background")
-_TEMPLATE = 64           # side of the silhouettes that settle polarity and mirroring
+_TEMPLATE = 64           # side of the silhouettes that give elongated parts their first orientation
 _ROUND = 0.85            # minor/major eigenvalue ratio above which the axis is undefined
+_WINDOW = 20.0           # degrees either side of the principal axis searched on elongated parts
+_ROUNDS = 3              # template rebuilds at fit
+_SIZE_K = 4.0            # robust standard deviations of the good parts' sizes in the nominal range
+_RATIO_FLOOR = 1.02      # a best pose that beats the next by less is always ambiguous
+_RESIDUAL_K = 6.0
+_RESIDUAL_FLOOR = 0.03
+_STRAY_K = 6.0
+_STRAY_FLOOR = 0.002     # of the image: smaller objects away from the part are dust
+_MAX_RATIO = 1e3         # peak ratios are capped here (a pose without a rival)
 
 
 @dataclass
@@ -39,13 +56,21 @@ class Alignment:
             ``[0, 360)`` from the input's +x towards +y.
         scale: canonical pixels per input pixel.
         centre: ``(x, y)`` input point at the centre of the canonical frame.
-        flipped: the principal axis, taken pointing towards the input's +x,
-            was turned by 180 degrees to match the nominal polarity.
+        flipped: the canonical axis points against the principal axis taken
+            towards the input's +x (elongated parts only).
         mirrored: the part was mirrored about its axis (``mirror=True`` only).
-        trusted: False where the pose could not be measured reliably; the
-            warp is then a centred resize of the whole image.
+        trusted: False where the pose could not be measured reliably, or the
+            part's size, pose, match or surroundings lie outside the nominal
+            range; the warp is a centred resize of the whole image where no
+            pose could be measured.
         reason: why the alignment is not trusted ("" when it is).
         matrix: float64 ``[2, 3]`` forward affine, input pixel -> canonical pixel.
+        peak_ratio: best pose's score over the next best pose's (NaN where no pose was searched).
+        residual: 1 - correlation of the aligned part with the nominal template (NaN likewise).
+        size: the part's size over the nominal size (NaN likewise).
+        outside: uint8 ``[h, w]`` mask of objects away from the part, at analysis
+            resolution, or None; :meth:`outside_map` puts it in the input frame.
+        outside_to_input: ``[2, 3]`` analysis pixel -> input pixel, with ``outside``.
     """
 
     angle: float
@@ -56,10 +81,34 @@ class Alignment:
     trusted: bool
     reason: str
     matrix: np.ndarray = field(repr=False)
+    peak_ratio: float = float("nan")
+    residual: float = float("nan")
+    size: float = float("nan")
+    outside: np.ndarray | None = field(default=None, repr=False)
+    outside_to_input: np.ndarray | None = field(default=None, repr=False)
+
+    def outside_map(self, shape) -> np.ndarray | None:
+        """float32 ``[H, W]`` 0/1: the objects away from the part in the input frame ``shape``; None if none."""
+        if self.outside is None or not self.outside.any():
+            return None
+        h, w = (int(v) for v in tuple(shape)[:2])
+        return cv2.warpAffine(self.outside.astype(np.float32) / 255, np.asarray(self.outside_to_input), (w, h),
+                              flags=cv2.INTER_NEAREST)
+
+
+@dataclass
+class _Located:
+    """A part placed against the template: input -> template-frame matrix and the evidence of the pose."""
+
+    matrix: np.ndarray
+    peak_ratio: float
+    residual: float
+    mirrored: bool
+    image: np.ndarray
 
 
 class Aligner:
-    """Warps images of a part into a canonical pose.
+    """Warps images of a part into a canonical pose, and judges what that pose hides.
 
     Args:
         size: side of the canonical frame in pixels.
@@ -69,14 +118,18 @@ class Aligner:
         zoom: fraction of the frame the nominal part's length fills.
         scale_tolerance: a part whose size, relative to the image's longest
             side, differs from the nominal median by more than this factor
-            (either way) is not trusted.
+            (either way) cannot be placed (a centred resize, not trusted).
         analysis_size: longest side of the image the outline is measured on.
         padding: ``"reflect"``, or ``"background"``: the per-channel median of
             the image's border pixels.
+        size_tolerance: smallest half-width of the nominal size range, relative
+            (0.03: 0.97-1.03); the range is wider where the good parts' sizes
+            vary more. Lines whose camera distance varies widen it.
     """
 
     def __init__(self, *, size: int = 448, enabled: bool = True, mirror: bool = False, zoom: float = 0.75,
-                 scale_tolerance: float = 1.5, analysis_size: int = 256, padding: str = "reflect"):
+                 scale_tolerance: float = 1.5, analysis_size: int = 256, padding: str = "reflect",
+                 size_tolerance: float = 0.03):
         if int(size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0.0 < zoom <= 1.0:
@@ -87,15 +140,19 @@ class Aligner:
             raise ValueError(f"analysis_size must be >= {2 * MIN_SIDE}, got {analysis_size}")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if isinstance(size_tolerance, bool) or not 0.0 <= float(size_tolerance) < 1.0:
+            raise ValueError(f"size_tolerance must be in [0, 1), got {size_tolerance!r}")
         self.padding = padding
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
+        self.size_tolerance = float(size_tolerance)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
+        self.fold_, self.evidence_, self._polar = 1, None, None
 
     # -- fitting ---------------------------------------------------------------
 
     def fit(self, images) -> "Aligner":
-        """Learn the nominal size, shape and polarity from good parts.
+        """Learn the nominal size, shape, template, symmetry and pose ranges from good parts.
 
         Args:
             images: ``[H, W]`` gray / ``[H, W, 3]`` BGR arrays, coerced by :func:`dinopatch.data.as_image`.
@@ -108,23 +165,45 @@ class Aligner:
             raise ValueError("Aligner.fit needs at least one image, got none")
         if not self.enabled:
             return self
-        parts = [p for p in (self._measure(im) for im in images) if not p.reason]
+        parts = [p for p in (measure_part(im, self.analysis_size) for im in images) if not p.reason]
         if not parts:
             raise ValueError(f"no part outline found in any of the {len(images)} nominal images; "
                              "use align=False for fixtured parts and textures")
         self.nominal_size_ = float(np.median([p.sigma / p.frame for p in parts]))
         self.nominal_length_ = float(np.median([p.length for p in parts]))
         self.round_ = bool(np.median([p.elongation for p in parts]) > _ROUND)
-        for p in parts if self.round_ else ():
-            p.axis = np.array([1.0, 0.0])
-        sils = np.stack([self._silhouette(p) for p in parts])
-        # Start from the sign of the mass skew, then let each sample take the
-        # orientation that best matches the mean (as k-means with one centre).
-        oriented = [_orient(s, o) for s, o in zip(sils, map(self._skew_orientation, sils))]
-        self.template_ = np.mean(oriented, axis=0)
-        for _ in range(3):
-            self.template_ = np.mean([_orient(s, self._best_orientation(s)) for s in sils], axis=0)
+        if self.round_:  # any one part's own pose starts the template
+            first = [(0.0, False)] * len(parts)
+            start = [parts[0]]
+        else:
+            first, start = self._first_orientations(parts), parts
+        template = np.mean([crop(p.gray, _compose(pose_matrix(p.centre, a, self._scale(p, SIDE), m, SIDE),
+                                                  p.to_input)) for p, (a, m) in zip(start, first)], axis=0)
+        for _ in range(_ROUNDS):
+            self._set_template(template, 1)
+            template = np.mean([self._locate(p).image for p in parts], axis=0)
+        self._set_template(template, PolarTemplate(template).symmetry())
+        located = [self._locate(p) for p in parts]
+        self.evidence_ = {"size": [p.sigma / p.frame / self.nominal_size_ for p in parts],
+                          "peak_ratio": [min(loc.peak_ratio, _MAX_RATIO) for loc in located],
+                          "residual": [loc.residual for loc in located],
+                          "stray": [p.stray_area for p in parts]}
         return self
+
+    def _set_template(self, template: np.ndarray, fold: int) -> None:
+        self.template_, self.fold_ = template.astype(np.float32), int(fold)
+        self._polar = PolarTemplate(self.template_, self.fold_)
+
+    def _first_orientations(self, parts: list[Part]) -> list[tuple[float, bool]]:
+        """Angle and mirroring of elongated parts from their silhouettes alone: the sign of the
+        mass skew, then each sample in the orientation that best matches the mean (k-means with one centre)."""
+        sils = np.stack([self._silhouette(p) for p in parts])
+        mean = np.mean([_orient(s, o) for s, o in zip(sils, map(self._skew_orientation, sils))], axis=0)
+        options = [(f, m) for m in ((False, True) if self.mirror else (False,)) for f in (False, True)]
+        for _ in range(3):
+            best = [max(options, key=lambda o: float((_orient(s, o) * mean).sum())) for s in sils]
+            mean = np.mean([_orient(s, o) for s, o in zip(sils, best)], axis=0)
+        return [((_axis_angle(p) + 180.0 * f) % 360.0, m) for p, (f, m) in zip(parts, best)]
 
     def _skew_orientation(self, sil: np.ndarray) -> tuple[bool, bool]:
         x = np.arange(_TEMPLATE) - (_TEMPLATE - 1) / 2
@@ -132,9 +211,44 @@ class Aligner:
         mirror = self.mirror and float(_orient(sil, (flip, False)).sum(1) @ x ** 3) < 0
         return flip, mirror
 
-    def _best_orientation(self, sil: np.ndarray) -> tuple[bool, bool]:
-        options = [(f, m) for m in ((False, True) if self.mirror else (False,)) for f in (False, True)]
-        return max(options, key=lambda o: float((_orient(sil, o) * self.template_).sum()))
+    def _silhouette(self, part: Part) -> np.ndarray:
+        """The part's silhouette at the template side, at nominal scale, along its axis."""
+        m = pose_matrix(part.centre, _axis_angle(part), self._scale(part, _TEMPLATE), False, _TEMPLATE)
+        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE),
+                              flags=cv2.INTER_LINEAR)
+
+    def _locate(self, part: Part) -> _Located:
+        """The part's pose against the template: rotation search, then ECC refinement."""
+        scale = self._scale(part, SIDE)
+        upright = crop(part.gray, _compose(pose_matrix(part.centre, 0.0, scale, False, SIDE), part.to_input))
+        axis = _axis_angle(part)
+        windows = None if self.round_ else [(axis, _WINDOW), (axis + 180.0, _WINDOW)]
+        pose = self._polar.search(upright, self.mirror, windows)
+        m = pose_matrix(part.centre, pose.angle, scale, pose.mirrored, SIDE)
+        m = _compose(refine(self.template_, crop(part.gray, _compose(m, part.to_input))), m)
+        image = crop(part.gray, _compose(m, part.to_input))
+        return _Located(m, pose.peak_ratio, residual(self.template_, image), pose.mirrored, image)
+
+    # -- nominal ranges ----------------------------------------------------------
+
+    def ranges(self) -> dict:
+        """The nominal ranges the good parts' evidence gives: ``size`` (lo, hi), ``peak_ratio`` (lowest),
+        ``residual`` (highest), ``stray`` (largest object away from the part, fraction of the image)."""
+        if self.evidence_ is None:
+            raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
+        e = self.evidence_
+        ratio = float(np.median(e["peak_ratio"]))
+        res = float(np.median(e["residual"]))
+        return {"size": robust_range(e["size"], _SIZE_K, self.size_tolerance, centre=1.0),
+                "peak_ratio": max(_RATIO_FLOOR, 1.0 + 0.25 * (ratio - 1.0)),
+                "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 0.5 * res))[1],
+                "stray": robust_range(e["stray"], _STRAY_K, _STRAY_FLOOR)[1]}
+
+    def symmetry(self) -> str:
+        """The symmetry found at fit, said once."""
+        if self.fold_ <= 1:
+            return "no rotational symmetry: poses compared over the full turn"
+        return f"symmetric under {self.fold_}-fold rotation: poses compared modulo {360 / self.fold_:g} degrees"
 
     # -- transform -------------------------------------------------------------
 
@@ -158,12 +272,8 @@ class Aligner:
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
             al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
             return _bgr(canon), np.ones((s, s), np.float32), al
-        _, m, (centre, scale, orient), reason = self._place(image)
+        _, m, al = self._place(image)
         canon, valid = _warp(image, m, s, self.padding)
-        x_dir = np.linalg.inv(m[:, :2])[:, 0]
-        angle = float(np.degrees(np.arctan2(x_dir[1], x_dir[0])) % 360.0)
-        al = Alignment(angle, float(scale), (float(centre[0]), float(centre[1])), orient[0], orient[1],
-                       not reason, reason, m)
         return _bgr(canon), valid, al
 
     def silhouette(self, image: np.ndarray) -> np.ndarray | None:
@@ -179,33 +289,42 @@ class Aligner:
         image = as_image(image)
         if not self.enabled:
             return None
-        part, m, _, reason = self._place(image)
-        if reason:
+        part, m, al = self._place(image)
+        if not al.trusted:
             return None
         return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (self.size, self.size),
                               flags=cv2.INTER_LINEAR)
 
-    def _place(self, image: np.ndarray) -> tuple[Part, np.ndarray, tuple, str]:
-        """The measured part, its input -> canonical matrix, the pose ``(centre, scale, orientation)``
-        it was made from, and why the pose is not trusted ("")."""
+    def _place(self, image: np.ndarray) -> tuple[Part, np.ndarray, Alignment]:
+        """The measured part, its input -> canonical matrix and the :class:`Alignment` that says it."""
         if self.template_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
         s = self.size
-        part = self._measure(image)
-        reason = part.reason or self._doubt(part)
+        part = measure_part(image, self.analysis_size)
+        reason = part.reason or self._unplaceable(part)
         if reason:  # a centred resize of the whole image
             h, w = image.shape[:2]
-            centre, axis, scale = np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), s / max(h, w)
-            orient = (False, False)
-        else:
-            centre, axis, scale = part.centre, part.axis, self._scale(part)
-            orient = self._best_orientation(self._silhouette(part))
-        return part, _canonical_matrix(centre, axis, scale, orient, s), (centre, scale, orient), reason
+            m = pose_matrix(((w - 1) / 2, (h - 1) / 2), 0.0, s / max(h, w), False, s)
+            return part, m, Alignment(0.0, s / max(h, w), ((w - 1) / 2, (h - 1) / 2), False, False, False,
+                                      reason, m)
+        loc = self._locate(part)
+        f = s / SIDE  # the template frame, pixel centres kept, resized to the canonical frame
+        m = _compose(np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]]), loc.matrix)
+        inv = cv2.invertAffineTransform(m)
+        angle = float(np.degrees(np.arctan2(inv[1, 0], inv[0, 0])) % 360.0)
+        centre = inv @ [(s - 1) / 2, (s - 1) / 2, 1.0]
+        flipped = not self.round_ and abs((angle - _axis_angle(part) + 180.0) % 360.0 - 180.0) > 90.0
+        size = part.sigma / part.frame / self.nominal_size_
+        reason, stray = self._judge(part, loc, size)
+        al = Alignment(angle, float(np.sqrt(abs(np.linalg.det(m[:, :2])))), (float(centre[0]), float(centre[1])),
+                       flipped, loc.mirrored, not reason, reason, m, float(loc.peak_ratio), float(loc.residual),
+                       float(size), part.stray if stray else None, part.to_input)
+        return part, m, al
 
-    def _scale(self, part: Part) -> float:
-        return self.zoom * self.size / (self.nominal_length_ * part.sigma)
+    def _scale(self, part: Part, side: int) -> float:
+        return self.zoom * side / (self.nominal_length_ * part.sigma)
 
-    def _doubt(self, part: Part) -> str:
+    def _unplaceable(self, part: Part) -> str:
         # Relative to the frame, so that the same scene at another resolution is the same size.
         ratio = part.sigma / part.frame / self.nominal_size_
         if not 1 / self.scale_tolerance <= ratio <= self.scale_tolerance:
@@ -214,18 +333,26 @@ class Aligner:
             return f"near-round outline (axis ratio {part.elongation:.2f}): principal axis undefined"
         return ""
 
-    def _silhouette(self, part: Part) -> np.ndarray:
-        """The part's silhouette at the template side, at nominal canonical scale, unoriented."""
-        m = _canonical_matrix(part.centre, part.axis, self._scale(part) * _TEMPLATE / self.size, (False, False),
-                              _TEMPLATE)
-        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (_TEMPLATE, _TEMPLATE),
-                              flags=cv2.INTER_LINEAR)
-
-    def _measure(self, image: np.ndarray) -> Part:
-        part = measure_part(image, self.analysis_size)
-        if self.round_:  # the axis of a round part is noise: keep the image's own x axis
-            part.axis = np.array([1.0, 0.0])
-        return part
+    def _judge(self, part: Part, loc: _Located, size: float) -> tuple[str, bool]:
+        """Why a placed part is not trusted ("" if it is): its size, pose, match or surroundings off the
+        nominal ranges; and whether other objects lie away from it."""
+        r = self.ranges()
+        lo, hi = r["size"]
+        stray = part.stray_area
+        reasons = []
+        if not lo <= size <= hi:
+            reasons.append(f"part {size:.2f}x the nominal length; nominal range {lo:.2f}-{hi:.2f}")
+        if not loc.peak_ratio >= r["peak_ratio"]:
+            reasons.append(f"ambiguous pose: the best rotation beats the next by {loc.peak_ratio:.3f}x "
+                           f"(nominal >= {r['peak_ratio']:.3f}x)")
+        if not loc.residual <= r["residual"]:
+            reasons.append(f"part does not match the nominal template (residual {loc.residual:.3f}, "
+                           f"nominal <= {r['residual']:.3f})")
+        if stray > r["stray"]:
+            ys, xs = np.nonzero(part.stray)
+            x, y = part.to_input @ [xs.mean(), ys.mean(), 1.0]
+            reasons.append(f"an object away from the part near ({x:.0f}, {y:.0f}), {100 * stray:.1f}% of the image")
+        return "; ".join(reasons), stray > r["stray"]
 
     # -- inverse ---------------------------------------------------------------
 
@@ -256,37 +383,73 @@ class Aligner:
 
     def state_dict(self) -> dict:
         """Everything :meth:`fit` learned and the constructor arguments, JSON-serialisable."""
+        fitted = self.template_ is not None
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
-                "padding": self.padding,
+                "padding": self.padding, "size_tolerance": self.size_tolerance,
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
-                "template": None if self.template_ is None else self.template_.tolist()}
+                "fold": self.fold_,
+                "template": np.round(self.template_, 2).tolist() if fitted else None,
+                "evidence": {k: [float(x) for x in v] for k, v in self.evidence_.items()} if fitted else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Aligner":
-        """The :class:`Aligner` that :meth:`state_dict` described."""
-        if not isinstance(state, dict) or state.get("version") not in (2, _STATE_VERSION):
-            raise ValueError(f"not an Aligner state of version 2 or {_STATE_VERSION}: "
-                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+        """The :class:`Aligner` that :meth:`state_dict` described; the symmetry is re-derived from the template."""
+        version = state.get("version") if isinstance(state, dict) else type(state).__name__
+        if version in (2, 3):
+            raise ValueError(f"an Aligner state of version {version}: fitted by an older DinoPatch whose alignment "
+                             f"kept no image template; fit the model again")
+        if version != _STATE_VERSION:
+            raise ValueError(f"not an Aligner state of version {_STATE_VERSION}: {version}")
         try:
             al = cls(size=state["size"], enabled=state["enabled"], mirror=state["mirror"], zoom=state["zoom"],
                      scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"],
-                     padding=state["padding"] if state["version"] >= 3 else "reflect")
+                     padding=state["padding"], size_tolerance=state["size_tolerance"])
             if state["template"] is not None:
                 template = np.asarray(state["template"], np.float64)
-                if template.shape != (_TEMPLATE, _TEMPLATE):
-                    raise ValueError(f"template of shape {template.shape}, expected ({_TEMPLATE}, {_TEMPLATE})")
-                al.template_ = template
+                if template.shape != (SIDE, SIDE) or not np.isfinite(template).all():
+                    raise ValueError(f"template of shape {template.shape}, expected finite ({SIDE}, {SIDE})")
                 al.nominal_size_ = float(state["nominal_size"])
                 al.nominal_length_ = float(state["nominal_length"])
                 al.round_ = bool(state["round"])
                 # A zero or non-finite nominal size divides by zero, or trusts no part, at predict time.
-                if not (np.isfinite(template).all() and 0 < al.nominal_size_ <= 1 and 0 < al.nominal_length_ < 1e6):
+                if not (0 < al.nominal_size_ <= 1 and 0 < al.nominal_length_ < 1e6):
                     raise ValueError(f"nominal size {al.nominal_size_!r} or length {al.nominal_length_!r} "
-                                     "out of range, or a non-finite template")
+                                     "out of range")
+                al.evidence_ = _checked_evidence(state["evidence"])
+                fold = state["fold"]
+                if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= MAX_FOLD:
+                    raise ValueError(f"fold {fold!r} is not an integer in [1, {MAX_FOLD}]")
+                found = PolarTemplate(template.astype(np.float32)).symmetry()
+                if found != fold:
+                    raise ValueError(f"the template is {found}-fold symmetric, the state says {fold}")
+                al._set_template(template, fold)
         except KeyError as e:
             raise ValueError(f"Aligner state lacks {e}") from None
         return al
+
+
+def _checked_evidence(evidence) -> dict:
+    """The good parts' pose evidence, checked: the same keys, one finite number per part in each."""
+    keys = ("size", "peak_ratio", "residual", "stray")
+    if not isinstance(evidence, dict) or set(evidence) != set(keys):
+        raise ValueError(f"pose evidence must hold {keys}, got {evidence if evidence is None else sorted(evidence)}")
+    out = {}
+    for k in keys:
+        v = evidence[k]
+        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"pose evidence {k!r} must be a non-empty list of numbers")
+        a = np.asarray(v, np.float64)
+        if not np.isfinite(a).all() or (a < 0).any() or (k == "peak_ratio" and (a > _MAX_RATIO).any()):
+            raise ValueError(f"pose evidence {k!r} holds values out of range")
+        out[k] = a.tolist()
+    if len({len(v) for v in out.values()}) != 1:
+        raise ValueError("pose evidence lists of different lengths")
+    return out
+
+
+def _axis_angle(part: Part) -> float:
+    return float(np.degrees(np.arctan2(part.axis[1], part.axis[0])) % 360.0)
 
 
 def _bgr(image: np.ndarray) -> np.ndarray:
@@ -296,15 +459,6 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The 2x3 affine ``a`` after ``b``."""
     return (np.vstack([a, [0, 0, 1]]) @ np.vstack([b, [0, 0, 1]]))[:2]
-
-
-def _canonical_matrix(centre, axis, scale, orient, size) -> np.ndarray:
-    """Input -> canonical: ``axis`` to +x (turned/mirrored per ``orient``), ``centre`` to the frame's centre."""
-    flip, mirror = orient
-    f = np.diag([-1.0 if flip else 1.0, (-1.0 if flip else 1.0) * (-1.0 if mirror else 1.0)])
-    ux, uy = axis
-    a = scale * f @ np.array([[ux, uy], [-uy, ux]])
-    return np.hstack([a, ((size - 1) / 2 - a @ np.asarray(centre))[:, None]])
 
 
 def _orient(sil: np.ndarray, orient) -> np.ndarray:

@@ -12,6 +12,14 @@ Three categories, each deterministic by seed:
 * ``comb``: a comb with thin teeth at a random pose (alignment on).  Defects:
   a ``broken_tooth`` (its tip missing), a ``bent_tooth``, a ``nick`` (a
   small notch in the spine).
+* ``wheel``: a toothed wheel with a bore, a keyway and two holes (a few
+  asymmetric features on a near-round outline), turned anywhere in 0-360
+  degrees (alignment on).  Defects: a ``broken_tooth``, a ``burr`` on the
+  rim, a thin ``crack`` from a tooth's root.
+* ``wheel_size``: the same wheel at a fixed scale (the camera's distance is
+  fixed), turned anywhere (alignment on).  Defects: an ``oversize`` or
+  ``undersize`` wheel (10-20% off), and a ``stray_object`` (a nut lying in a
+  corner of the image, away from the wheel).
 
 Each ``render_<category>(rng, size, defect)`` returns the image, uint8
 ``[size, size, 3]`` BGR, and its defect mask, uint8 ``[size, size]`` (255 =
@@ -27,13 +35,15 @@ import numpy as np
 from .synthetic import _check as check_names
 from .synthetic import _circle, _fill, _finish, _line, _pose
 
-CATEGORIES = ("weave", "circuit", "comb")
+CATEGORIES = ("weave", "circuit", "comb", "wheel", "wheel_size")
 DEFECTS = {
     "weave": ("scratch", "stain", "pulled"),
     "circuit": ("open", "short", "missing_pad"),
     "comb": ("broken_tooth", "bent_tooth", "nick"),
+    "wheel": ("broken_tooth", "burr", "crack"),
+    "wheel_size": ("oversize", "undersize", "stray_object"),
 }
-ALIGN = {"weave": False, "circuit": False, "comb": True}
+ALIGN = {"weave": False, "circuit": False, "comb": True, "wheel": True, "wheel_size": True}
 # Lighting drift of these sets: a stronger gradient than the demo's (0.05).
 DRIFT = 0.1
 
@@ -228,9 +238,90 @@ def render_comb(
     return _finish(img, look, 2.5, drift=DRIFT), mask
 
 
+# ----------------------------------------------------------------------------- wheel
+
+_BRASS, _BRASS_EDGE, _BRASS_DARK, _BENCH = (60, 150, 190), (30, 80, 110), (25, 50, 70), (200, 205, 208)
+# In units of the image side: tip and root radius, teeth, bore, keyway (half width, depth), holes (radius, angles).
+_RIM, _ROOT, _WHEEL_TEETH, _BORE, _KEY, _HOLE = 0.3, 0.265, 24, 0.07, (0.018, 0.03), (0.03, (20.0, 140.0))
+_HOLE_RADIUS = 0.175
+
+
+def _wheel_outline(broken: int | None = None, burr: float | None = None) -> np.ndarray:
+    """The rim's polygon ``[n, 2]``: trapezoid teeth; tooth ``broken`` cut to the root, a ``burr`` at that angle."""
+    t = np.linspace(0, 2 * np.pi, _WHEEL_TEETH * 32, endpoint=False)
+    phase = (t * _WHEEL_TEETH / (2 * np.pi)) % 1.0
+    lift = np.clip(np.minimum(phase - 0.1, 0.9 - phase) / 0.15, 0, 1)  # 0 at the root, 1 on the tip
+    if broken is not None:
+        lift[(t * _WHEEL_TEETH / (2 * np.pi)).astype(int) == broken] *= 0.35
+    r = _ROOT + (_RIM - _ROOT) * lift
+    if burr is not None:
+        r += 0.022 * np.exp(-0.5 * ((np.angle(np.exp(1j * (t - burr)))) / 0.02) ** 2)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _draw_wheel(img, m, broken=None, burr=None, crack=None):
+    _fill(img, m, _wheel_outline(broken, burr), _BRASS, outline=_BRASS_EDGE)
+    _fill(img, m, _circle(0.2, 48), _BRASS_EDGE)  # the hub's step
+    _fill(img, m, _circle(0.195, 48), _BRASS)
+    _fill(img, m, _circle(_BORE, 32), _BENCH, outline=_BRASS_EDGE)
+    kh, kd = _KEY
+    _fill(img, m, [(_BORE - 0.01, -kh), (_BORE + kd, -kh), (_BORE + kd, kh), (_BORE - 0.01, kh)], _BENCH,
+          outline=_BRASS_EDGE)
+    for a in _HOLE[1]:
+        c = _HOLE_RADIUS * np.array([np.cos(np.radians(a)), np.sin(np.radians(a))])
+        _fill(img, m, _circle(_HOLE[0], 24) + c, _BENCH, outline=_BRASS_EDGE)
+    if crack is not None:  # from a tooth's root inwards, a little crooked
+        d = np.array([np.cos(crack), np.sin(crack)])
+        pts = [d * r + d[::-1] * (-1, 1) * w for r, w in ((_ROOT + 0.005, 0), (0.245, 0.004), (0.225, -0.003))]
+        for a, b in zip(pts[:-1], pts[1:]):
+            _line(img, m, a, b, _BRASS_DARK, 0.006 * np.hypot(m[0, 0], m[1, 0]))
+
+
+def _nut(img, centre, size):
+    """A hexagonal nut (with its hole) lying at ``centre``."""
+    m = _pose(float(np.degrees(np.arctan2(*centre))) % 60, size, centre)
+    _fill(img, m, _circle(0.05, 6), (120, 118, 115), outline=(50, 50, 50))
+    _fill(img, m, _circle(0.022, 16), _BENCH, outline=(50, 50, 50))
+
+
+def render_wheel(
+    rng: np.random.Generator, size: int = 224, defect: str = "good", category: str = "wheel"
+) -> tuple[np.ndarray, np.ndarray]:
+    """A toothed wheel at any rotation; ``category="wheel_size"`` keeps its scale fixed and judges size."""
+    _check(category, defect, size)
+    angle = rng.uniform(0, 360)
+    scale = rng.uniform(0.95, 1.05) if category == "wheel" else rng.uniform(0.995, 1.005)
+    shift = rng.uniform(-0.05, 0.05, 2) * size
+    look = np.random.default_rng(rng.integers(2**63))
+    kw, factor = {}, 1.0
+    if defect == "broken_tooth":
+        kw["broken"] = int(rng.integers(_WHEEL_TEETH))
+    elif defect == "burr":
+        kw["burr"] = rng.uniform(0, 2 * np.pi)
+    elif defect == "crack":
+        kw["crack"] = (int(rng.integers(_WHEEL_TEETH)) + 0.02) * 2 * np.pi / _WHEEL_TEETH
+    elif defect in ("oversize", "undersize"):
+        factor = rng.uniform(1.1, 1.2) if defect == "oversize" else rng.uniform(0.8, 0.9)
+    centre = np.array([size / 2, size / 2]) + shift
+    good, img = (np.full((size, size, 3), _BENCH, np.uint8) for _ in range(2))
+    _draw_wheel(good, _pose(angle, scale * size, centre))
+    _draw_wheel(img, _pose(angle, scale * factor * size, centre), **kw)
+    if defect == "stray_object":
+        corner = rng.integers(2, size=2)
+        _nut(img, np.where(corner, 0.9, 0.1) * size + rng.uniform(-0.02, 0.02, 2) * size, scale * size)
+    mask = _changed(good, img, size)
+    return _finish(img, look, 2.5, drift=DRIFT), mask
+
+
+def render_wheel_size(rng: np.random.Generator, size: int = 224, defect: str = "good"):
+    """The wheel at a fixed scale: :func:`render_wheel` with ``category="wheel_size"``."""
+    return render_wheel(rng, size, defect, category="wheel_size")
+
+
 # ----------------------------------------------------------------------------- sets
 
-_RENDER = {"weave": render_weave, "circuit": render_circuit, "comb": render_comb}
+_RENDER = {"weave": render_weave, "circuit": render_circuit, "comb": render_comb, "wheel": render_wheel,
+           "wheel_size": render_wheel_size}
 
 
 def make_set(

@@ -16,6 +16,7 @@ MIN_SIDE = 8             # analysis images smaller than this hold no measurable 
 _MIN_CONTRAST = 12.0     # gray levels between part and background
 _MIN_AREA = 0.002        # smallest part, as a fraction of the analysis image
 _BORDER_CONTACT = 0.5    # border contact, in part widths, beyond which the part is cut off
+_STRAY_MARGIN = 0.03     # of the analysis side: outlines this near the part's hull belong to the part
 
 
 @dataclass
@@ -30,7 +31,15 @@ class Part:
     length: float             # outline extent along the axis / sigma
     silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
     to_input: np.ndarray      # 2x3 affine, analysis pixel -> input pixel
+    gray: np.ndarray          # the gray image at analysis resolution, uint8
+    stray: np.ndarray         # uint8 0/255: outlines of other objects, away from the part, analysis resolution
     reason: str = ""
+
+    @property
+    def stray_area(self) -> float:
+        """Largest connected object away from the part, as a fraction of the image."""
+        n, _, stats, _ = cv2.connectedComponentsWithStats(self.stray, connectivity=8)
+        return float(stats[1:, cv2.CC_STAT_AREA].max()) / self.stray.size if n > 1 else 0.0
 
 
 def measure_part(image: np.ndarray, analysis_size: int) -> Part:
@@ -44,7 +53,7 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
 
     def failed(reason: str) -> Part:
         return Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
-                     np.zeros((sh, sw), np.float32), to_input, reason)
+                     np.zeros((sh, sw), np.float32), to_input, small, np.zeros((sh, sw), np.uint8), reason)
 
     if min(sw, sh) < MIN_SIDE:
         return failed(f"image of {h}x{w} pixels is too small to find a part in")
@@ -62,7 +71,9 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return failed("no part outline found")
-    outline = max(contours, key=cv2.contourArea)
+    # By hull area: Canny may leave the part's rim open, and an open contour encloses nothing, while a
+    # closed inner edge (a hub, a bore) does.
+    outline = max(contours, key=lambda c: cv2.contourArea(cv2.convexHull(c)))
     mask = np.zeros(edges.shape, np.uint8)
     cv2.drawContours(mask, [outline], -1, 255, cv2.FILLED)
     # Canny leaves gaps (at sharp tips, say) that no small closing bridges, and an
@@ -87,8 +98,25 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     sigma = float(np.sqrt(max(evals[1], 1e-12)))
     proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
     part = Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
-                 mask.astype(np.float32) / 255, to_input=to_input)
+                 mask.astype(np.float32) / 255, to_input, small, _stray(contours, outline, hull, (sh, sw)))
     width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
     if contact > _BORDER_CONTACT * width:
         part.reason = f"part cut off by the image border (contact {contact / width:.1f} part widths)"
     return part
+
+
+def _stray(contours, outline, hull: np.ndarray, shape) -> np.ndarray:
+    """Other objects' filled outlines, outside the part's convex hull widened by a margin (padding removed).
+
+    Args:
+        contours: every external contour of the padded analysis image; ``outline`` is the part's.
+        hull: uint8 padded-analysis mask of the part's convex hull.
+        shape: ``(h, w)`` of the analysis image.
+    """
+    others = np.zeros(hull.shape, np.uint8)
+    cv2.drawContours(others, [c for c in contours if c is not outline], -1, 255, cv2.FILLED)
+    k = 2 * max(1, round(_STRAY_MARGIN * max(shape))) + 1
+    others[cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0] = 0
+    # An object has an inside; the open outlines that lighting steps leave along the border do not.
+    others = cv2.morphologyEx(others, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    return others[_PAD:-_PAD, _PAD:-_PAD].copy()

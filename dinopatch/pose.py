@@ -1,0 +1,209 @@
+"""A part's rotation against a nominal template: polar cross-correlation for every angle, then ECC refinement.
+
+A *crop* is a square ``SIDE x SIDE`` gray image of the part: centred on it, at
+the nominal scale, turned by a pose. The template is the mean crop of the
+good parts in their common pose. The polar unwrapping (``ANGLES`` angles x
+radii) of a crop's intensity and gradient magnitude, cross-correlated with the
+template's along the angle axis by FFT, scores every rotation in one pass; the
+mirrored part's unwrapping is the same array read backwards, so mirroring
+costs one more FFT. The best pose is then refined by OpenCV's ECC (rotation
+and translation, a bounded number of iterations) against the template image.
+
+Angles are degrees in ``[0, 360)`` from the input's +x towards +y: the
+direction of the canonical +x axis in the input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["SIDE", "Pose", "PolarTemplate", "pose_matrix", "crop", "refine", "residual", "symmetry"]
+
+SIDE = 128                 # side of crops and of the template
+ANGLES = 360               # angle bins of the polar unwrapping
+_RADII = 40
+_SEPARATION = 10.0         # degrees: a second peak nearer than this is the same pose
+_ECC_ITERATIONS = 30
+_ECC_MAX_TURN = 4.0        # degrees: a refinement that turns further than this has run off
+_ECC_MAX_SHIFT = 0.06      # of SIDE, likewise
+_SYMMETRY = 0.93           # template self-correlation at 360/N degrees above which it is N-fold symmetric
+MAX_FOLD = 36
+
+
+@dataclass
+class Pose:
+    """One rotation search's answer.
+
+    Attributes:
+        angle: degrees in ``[0, 360)``.
+        mirrored: the part lies on its other face.
+        score: normalised correlation of the best pose, in [-1, 1].
+        peak_ratio: best score over the best score of a pose that is not
+            equivalent to it (further than a few degrees, modulo the symmetry).
+    """
+
+    angle: float
+    mirrored: bool
+    score: float
+    peak_ratio: float
+
+
+def pose_matrix(centre, angle: float, scale: float, mirrored: bool, side: int) -> np.ndarray:
+    """Input -> frame ``[2, 3]``: direction ``angle`` to +x (mirrored about it), ``centre`` to the frame's centre."""
+    t = np.radians(angle)
+    c, s = np.cos(t), np.sin(t)
+    a = scale * np.diag([1.0, -1.0 if mirrored else 1.0]) @ np.array([[c, s], [-s, c]])
+    return np.hstack([a, ((side - 1) / 2 - a @ np.asarray(centre, np.float64))[:, None]])
+
+
+def crop(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32 ``[SIDE, SIDE]`` crop of ``gray`` by the input -> crop ``matrix`` (edges replicated)."""
+    return cv2.warpAffine(gray, matrix, (SIDE, SIDE), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+
+
+def _polar_grid():
+    c = (SIDE - 1) / 2
+    r = np.linspace(0.05, 0.49, _RADII) * SIDE
+    t = np.arange(ANGLES) * (2 * np.pi / ANGLES)
+    mx = (c + r[None] * np.cos(t)[:, None]).astype(np.float32)
+    my = (c + r[None] * np.sin(t)[:, None]).astype(np.float32)
+    return mx, my, np.sqrt(r / r.max()).astype(np.float32)  # amplitude weight: energy per ring ~ its length
+
+
+_MX, _MY, _WEIGHT = _polar_grid()
+
+
+def _features(image: np.ndarray) -> np.ndarray:
+    """float32 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each zero-mean, unit energy."""
+    smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
+    grad = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
+    out = []
+    for channel in (smooth, grad):
+        p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR) * _WEIGHT
+        p -= p.mean()
+        out.append(p / max(float(np.linalg.norm(p)), 1e-6) / np.sqrt(2))
+    return np.concatenate(out, axis=1)
+
+
+def _correlate(f: np.ndarray, conj_t: np.ndarray) -> np.ndarray:
+    """``out[k] = sum_theta f[theta + k] . t[theta]`` for every shift ``k`` (``conj_t``: conj rfft of t)."""
+    return np.fft.irfft((np.fft.rfft(f, axis=0) * conj_t).sum(axis=1), n=ANGLES)
+
+
+def _peak(scores: np.ndarray, k: int) -> float:
+    """Sub-bin position of the peak at bin ``k`` (parabola through it and its neighbours)."""
+    a, b, c = scores[(k - 1) % ANGLES], scores[k], scores[(k + 1) % ANGLES]
+    d = a - 2 * b + c
+    return k + (0.5 * (a - c) / d if d < 0 else 0.0)
+
+
+def _gap(a, b, period: float):
+    """Circular distance between angles, modulo ``period`` degrees."""
+    d = np.abs(np.asarray(a) - b) % period
+    return np.minimum(d, period - d)
+
+
+class PolarTemplate:
+    """The template's unwrapping, ready to score every rotation of a crop.
+
+    Args:
+        image: float32 ``[SIDE, SIDE]`` template (the mean aligned crop).
+        fold: the part looks the same turned by ``360 / fold`` degrees.
+    """
+
+    def __init__(self, image: np.ndarray, fold: int = 1):
+        self.image, self.fold = image.astype(np.float32), int(fold)
+        self._conj = np.conj(np.fft.rfft(_features(self.image), axis=0))
+
+    def search(self, upright: np.ndarray, mirror: bool, windows=None) -> Pose:
+        """The best pose of the part in ``upright``, a crop taken at angle 0, unmirrored.
+
+        Args:
+            upright: float32 ``[SIDE, SIDE]``.
+            mirror: also try the part mirrored.
+            windows: ``[(centre, half_width)]`` in degrees where the pose may be; None: anywhere.
+        """
+        f = _features(upright)
+        # Unmirrored, the template at angle k shows at shift k; mirrored, the crop's
+        # unwrapping runs backwards and the template at angle k shows at shift -k.
+        options = [(False, _correlate(f, self._conj))]
+        if mirror:
+            options.append((True, np.roll(_correlate(np.roll(f[::-1], 1, axis=0), self._conj)[::-1], 1)))
+        angles = np.arange(ANGLES) * (360.0 / ANGLES)
+        allowed = np.ones(ANGLES, bool) if windows is None else np.zeros(ANGLES, bool)
+        for centre, half in windows or ():
+            allowed |= _gap(angles, centre, 360.0) <= half
+        period = 360.0 / self.fold
+        best = None
+        for mirrored, scores in options:
+            s = np.where(allowed, scores, -np.inf)
+            k = int(np.argmax(s))
+            nxt = np.max(np.where(_gap(angles, angles[k], period) > _SEPARATION, s, -np.inf), initial=-np.inf)
+            if best is None or s[k] > best[2]:
+                angle = (_peak(scores, k) * 360.0 / ANGLES) % 360.0
+                best = (angle, mirrored, float(s[k]), float(nxt))
+        angle, mirrored, score, nxt = best
+        ratio = score / max(nxt, 1e-3) if np.isfinite(nxt) else float("inf")
+        return Pose(float(angle), bool(mirrored), score, float(max(ratio, 0.0)))
+
+    def symmetry(self) -> int:
+        """The largest N (<= MAX_FOLD) under whose turns by 360/N degrees the template looks the same; 1 if none."""
+        auto = _correlate(_features(self.image), self._conj)
+        for n in range(MAX_FOLD, 1, -1):
+            shifts = [j * ANGLES / n for j in range(1, n)]
+            if all(_interp(auto, s) >= _SYMMETRY * auto[0] for s in shifts):
+                return n
+        return 1
+
+
+def _interp(values: np.ndarray, x: float) -> float:
+    k = int(np.floor(x))
+    t = x - k
+    return float((1 - t) * values[k % ANGLES] + t * values[(k + 1) % ANGLES])
+
+
+def refine(template: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """ECC (rotation + translation) of ``image`` onto ``template``, both float32 ``[SIDE, SIDE]``.
+
+    Returns:
+        float64 ``[2, 3]`` crop -> template matrix (the identity where ECC fails
+        or runs further than a coarse pose can be off).
+    """
+    warp = np.eye(2, 3, dtype=np.float32)
+    try:
+        _, warp = cv2.findTransformECC(template, image, warp, cv2.MOTION_EUCLIDEAN,
+                                       (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, _ECC_ITERATIONS, 1e-5),
+                                       None, 3)
+    except cv2.error:  # no convergence (a flat or badly damaged part): keep the coarse pose
+        return np.eye(2, 3)
+    turn = np.degrees(np.arctan2(warp[1, 0], warp[0, 0]))
+    if abs(turn) > _ECC_MAX_TURN or np.abs(warp[:, 2]).max() > _ECC_MAX_SHIFT * SIDE:
+        return np.eye(2, 3)
+    return cv2.invertAffineTransform(warp.astype(np.float64))  # ECC maps template -> image
+
+
+_YY, _XX = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+_DISC = (_XX ** 2 + _YY ** 2) <= (0.49 * SIDE) ** 2
+
+
+def residual(template: np.ndarray, image: np.ndarray) -> float:
+    """1 - normalised correlation of an aligned crop with the template, over the inscribed disc."""
+    a, b = template[_DISC].astype(np.float64), image[_DISC].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float(1.0 - (a @ b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-9))
+
+
+def symmetry(template: np.ndarray) -> int:
+    """The rotational symmetry of a template image (see :meth:`PolarTemplate.symmetry`)."""
+    return PolarTemplate(template).symmetry()
+
+
+def robust_range(values, k: float, floor: float, centre: float | None = None) -> tuple[float, float]:
+    """``median -+ max(k * 1.4826 * MAD, floor)`` of ``values`` (``centre`` replaces the median where given)."""
+    v = np.asarray(values, np.float64)
+    med = float(np.median(v)) if centre is None else centre
+    half = max(k * 1.4826 * float(np.median(np.abs(v - np.median(v)))), floor)
+    return med - half, med + half
