@@ -77,13 +77,16 @@ _MX, _MY, _WEIGHT = _polar_grid()
 
 
 def _features(image: np.ndarray) -> np.ndarray:
-    """float32 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each zero-mean, unit energy."""
+    """float32 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each ring zero-mean (what
+    is the same at every angle says nothing about the angle), each channel of unit energy."""
     smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
     grad = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
+    # Less the light's slow drift across the frame, which turns with the camera, not with the part.
+    detail = smooth - cv2.GaussianBlur(smooth, (0, 0), SIDE / 8)
     out = []
-    for channel in (smooth, grad):
+    for channel in (detail, grad):
         p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR) * _WEIGHT
-        p -= p.mean()
+        p -= p.mean(axis=0)
         out.append(p / max(float(np.linalg.norm(p)), 1e-6) / np.sqrt(2))
     return np.concatenate(out, axis=1)
 

@@ -1,0 +1,170 @@
+"""The pose of round and symmetric parts, and what the pose must not hide: size, ambiguity, other objects."""
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from dinopatch import benchmark_sets as bs
+from dinopatch.align import Aligner
+from dinopatch.pose import SIDE, PolarTemplate, crop, pose_matrix
+from dinopatch.synthetic import _circle, _fill, _finish, _pose
+
+SCENE = 224
+SIZE = 224
+
+
+def wheel(rng, scale=1.0, plain=False, nut=None, angle=None):
+    """A toothed wheel (bore, keyway, two holes) at a random rotation; its part -> input matrix.
+
+    ``plain``: the teeth and the bore only, nothing that tells one tooth from the next.
+    ``nut``: ``(x, y)`` of a nut lying in the image too.
+    """
+    angle = rng.uniform(0, 360) if angle is None else angle
+    m = _pose(angle, scale * rng.uniform(0.995, 1.005) * SCENE, SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE)
+    img = np.full((SCENE, SCENE, 3), bs._BENCH, np.uint8)
+    if plain:
+        _fill(img, m, bs._wheel_outline(), bs._BRASS, outline=bs._BRASS_EDGE)
+        _fill(img, m, _circle(bs._BORE, 32), bs._BENCH, outline=bs._BRASS_EDGE)
+    else:
+        bs._draw_wheel(img, m)
+    if nut is not None:
+        bs._nut(img, np.asarray(nut, float), SCENE)
+    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(0)
+    return Aligner(size=SIZE).fit([wheel(rng)[0] for _ in range(10)])
+
+
+def _turn(alignment, part_to_input):
+    """Degrees the part's own frame is turned in the canonical frame (the same for every part when aligned)."""
+    c = alignment.matrix[:, :2] @ part_to_input[:, :2]
+    return float(np.degrees(np.arctan2(c[1, 0], c[0, 0])))
+
+
+def test_round_part_is_turned_to_one_pose(fitted):
+    rng = np.random.default_rng(1)
+    scenes = [wheel(rng) for _ in range(10)]
+    results = [fitted.transform(im)[2] for im, _ in scenes]
+    assert all(al.trusted for al in results), [al.reason for al in results]
+    turns = np.array([_turn(al, m) for al, (_, m) in zip(results, scenes)])
+    spread = np.abs((turns - turns[0] + 180) % 360 - 180)
+    assert spread.max() < 0.5, spread
+    # The part's centre lands on the frame's centre within a pixel.
+    centres = np.array([al.matrix @ [*m[:, 2], 1.0] for al, (_, m) in zip(results, scenes)])
+    assert np.abs(centres - centres.mean(0)).max() < 1.0, centres
+    assert all(al.peak_ratio > 1.05 and al.residual < 0.1 for al in results)
+    assert fitted.fold_ == 1 and "no rotational symmetry" in fitted.symmetry()
+
+
+@pytest.mark.parametrize("scale", [1.1, 0.9])
+def test_wrong_size_is_not_trusted(fitted, scale):
+    im, _ = wheel(np.random.default_rng(2), scale=scale)
+    _, _, al = fitted.transform(im)
+    assert not al.trusted
+    said = re.search(r"part (\d\.\d\d)x the nominal length; nominal range 0\.97-1\.03", al.reason)
+    assert said and float(said.group(1)) == pytest.approx(scale, abs=0.02), al.reason
+    assert al.size == pytest.approx(scale, abs=0.02)
+
+
+def test_size_tolerance_widens_the_range():
+    rng = np.random.default_rng(3)
+    aligner = Aligner(size=SIZE, size_tolerance=0.15).fit([wheel(rng)[0] for _ in range(6)])
+    _, _, al = aligner.transform(wheel(rng, scale=1.1)[0])
+    assert al.trusted, al.reason
+    assert Aligner.from_state_dict(json.loads(json.dumps(aligner.state_dict()))).size_tolerance == 0.15
+
+
+def test_object_in_a_corner_is_found_and_placed(fitted):
+    rng = np.random.default_rng(4)
+    im, _ = wheel(rng, nut=(0.9 * SCENE, 0.1 * SCENE))
+    _, _, al = fitted.transform(im)
+    assert not al.trusted and "an object away from the part near" in al.reason, al.reason
+    where = al.outside_map(im.shape)
+    assert where is not None and where.shape == im.shape[:2]
+    ys, xs = np.nonzero(where)
+    assert abs(xs.mean() - 0.9 * SCENE) < 6 and abs(ys.mean() - 0.1 * SCENE) < 6
+    # The corner lies outside the canonical frame: the pose is found all the same.
+    assert fitted.transform(wheel(np.random.default_rng(4))[0])[2].trusted
+
+
+def test_ambiguous_pose_is_not_trusted(fitted):
+    """Without its holes and keyway the wheel looks alike at every tooth: no pose may pass."""
+    im, _ = wheel(np.random.default_rng(5), plain=True)
+    _, _, al = fitted.transform(im)
+    assert not al.trusted and "ambiguous pose" in al.reason, al.reason
+    assert al.peak_ratio < fitted.ranges()["peak_ratio"]
+
+
+def _plate(rng, holes=6):
+    """A hexagonal plate with a ring of holes at a random rotation: 6-fold symmetric for 6 holes."""
+    m = _pose(rng.uniform(0, 360), SCENE * rng.uniform(0.99, 1.01), SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE)
+    img = np.full((SCENE, SCENE, 3), bs._BENCH, np.uint8)
+    _fill(img, m, _circle(0.3, 6), bs._BRASS, outline=bs._BRASS_EDGE)
+    for k in range(holes):
+        t = np.radians(60 * k + 30)
+        _fill(img, m, _circle(0.03, 16) + 0.17 * np.array([np.cos(t), np.sin(t)]), bs._BENCH,
+              outline=bs._BRASS_EDGE)
+    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
+
+
+def test_symmetric_part_is_compared_modulo_its_symmetry():
+    rng = np.random.default_rng(6)
+    aligner = Aligner(size=SIZE).fit([_plate(rng)[0] for _ in range(6)])
+    assert aligner.fold_ == 6
+    assert aligner.symmetry() == "symmetric under 6-fold rotation: poses compared modulo 60 degrees"
+    scenes = [_plate(rng) for _ in range(6)]
+    results = [aligner.transform(im)[2] for im, _ in scenes]
+    assert all(al.trusted for al in results), [al.reason for al in results]
+    turns = np.array([_turn(al, m) for al, (_, m) in zip(results, scenes)])
+    assert (np.abs((turns - turns[0] + 30) % 60 - 30) < 0.5).all(), turns
+    # One hole missing breaks the symmetry of that part: it does not match the template.
+    lacking = Aligner(size=SIZE).fit([_plate(rng, holes=5)[0] for _ in range(6)])
+    assert lacking.fold_ == 1
+
+
+def test_polar_search_finds_a_known_turn():
+    rng = np.random.default_rng(7)
+    im, m = wheel(rng, angle=0.0)
+    gray = cv2.cvtColor(im, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    centre = m[:, 2]
+    template = crop(gray, _pose_matrix(centre, 0.0, False))
+    polar = PolarTemplate(template)
+    for turn in (0.0, 37.5, 200.25):
+        turned = cv2.warpAffine(gray, cv2.getRotationMatrix2D(tuple(centre), -turn, 1.0), (SCENE, SCENE),
+                                borderMode=cv2.BORDER_REPLICATE)
+        pose = polar.search(crop(turned, _pose_matrix(centre, 0.0, False)), mirror=True)
+        assert abs((pose.angle - turn + 180) % 360 - 180) < 0.3 and not pose.mirrored, (turn, pose)
+        mirrored = cv2.flip(turned, 0)
+        c = np.array([centre[0], SCENE - 1 - centre[1]])
+        pose = polar.search(crop(mirrored, _pose_matrix(c, 0.0, False)), mirror=True)
+        assert pose.mirrored, (turn, pose)
+
+
+def _pose_matrix(centre, angle, mirrored):
+    return pose_matrix(centre, angle, SIDE / SCENE, mirrored, SIDE)
+
+
+def test_state_round_trip_and_checks(fitted):
+    state = json.loads(json.dumps(fitted.state_dict()))
+    restored = Aligner.from_state_dict(state)
+    im = wheel(np.random.default_rng(8))[0]
+    a, b = fitted.transform(im)[2], restored.transform(im)[2]
+    np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-3)
+    assert restored.ranges() == pytest.approx(fitted.ranges())
+    with pytest.raises(ValueError, match="older DinoPatch"):
+        Aligner.from_state_dict(dict(state, version=3))
+    with pytest.raises(ValueError, match="6-fold|1-fold|says"):
+        Aligner.from_state_dict(dict(state, fold=6))
+    with pytest.raises(ValueError, match="evidence"):
+        Aligner.from_state_dict(dict(state, evidence=dict(state["evidence"], size=[float("nan")])))
+    with pytest.raises(ValueError, match="evidence"):
+        Aligner.from_state_dict(dict(state, evidence=dict(state["evidence"], residual=[0.1])))
+    with pytest.raises(ValueError, match="template"):
+        Aligner.from_state_dict(dict(state, template=[[0.0]]))
+    with pytest.raises(ValueError, match="size_tolerance"):
+        Aligner.from_state_dict(dict(state, size_tolerance=-1))
