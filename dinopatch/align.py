@@ -41,7 +41,7 @@ _ROUNDS = 3              # template rebuilds at fit
 _SIZE_K = 4.0            # robust standard deviations of the good parts' sizes in the nominal range
 _RATIO_FLOOR = 1.02      # a best pose that beats the next by less is always ambiguous
 _RESIDUAL_K = 6.0
-_RESIDUAL_FLOOR = 0.03
+_RESIDUAL_FLOOR = 0.1    # the residual catches a part that is not this one or not in pose; the backbone judges detail
 _STRAY_K = 6.0
 _STRAY_FLOOR = 0.002     # of the image: smaller objects away from the part are dust
 _MAX_RATIO = 1e3         # peak ratios are capped here (a pose without a rival)
@@ -191,7 +191,9 @@ class Aligner:
         return self
 
     def _set_template(self, template: np.ndarray, fold: int) -> None:
-        self.template_, self.fold_ = template.astype(np.float32), int(fold)
+        # To a hundredth of a gray level, as the model file keeps it: a loaded model places parts identically.
+        self.template_ = np.round(np.asarray(template, np.float64), 2).astype(np.float32)
+        self.fold_ = int(fold)
         self._polar = PolarTemplate(self.template_, self.fold_)
 
     def _first_orientations(self, parts: list[Part]) -> list[tuple[float, bool]]:
@@ -241,7 +243,7 @@ class Aligner:
         res = float(np.median(e["residual"]))
         return {"size": robust_range(e["size"], _SIZE_K, self.size_tolerance, centre=1.0),
                 "peak_ratio": max(_RATIO_FLOOR, 1.0 + 0.25 * (ratio - 1.0)),
-                "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 0.5 * res))[1],
+                "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 2.0 * res))[1],
                 "stray": robust_range(e["stray"], _STRAY_K, _STRAY_FLOOR)[1]}
 
     def symmetry(self) -> str:
@@ -389,7 +391,7 @@ class Aligner:
                 "padding": self.padding, "size_tolerance": self.size_tolerance,
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "fold": self.fold_,
-                "template": np.round(self.template_, 2).tolist() if fitted else None,
+                "template": np.round(self.template_.astype(np.float64), 2).tolist() if fitted else None,
                 "evidence": {k: [float(x) for x in v] for k, v in self.evidence_.items()} if fitted else None}
 
     @classmethod
