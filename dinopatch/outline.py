@@ -38,6 +38,8 @@ class Part:
     @property
     def stray_area(self) -> float:
         """Largest connected object away from the part, as a fraction of the image."""
+        if not self.stray.any():
+            return 0.0
         n, _, stats, _ = cv2.connectedComponentsWithStats(self.stray, connectivity=8)
         return float(stats[1:, cv2.CC_STAT_AREA].max()) / self.stray.size if n > 1 else 0.0
 
