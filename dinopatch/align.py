@@ -125,6 +125,18 @@ class Aligner:
         size_tolerance: smallest half-width of the nominal size range, relative
             (0.03: 0.97-1.03); the range is wider where the good parts' sizes
             vary more. Lines whose camera distance varies widen it.
+
+    Attributes (after :meth:`fit`):
+        template_: float32 ``[SIDE, SIDE]`` mean gray image of the good parts in their common pose.
+        fold_: the template looks the same turned by ``360 / fold_`` degrees (1: no symmetry).
+        evidence_: per good part, ``size`` (over the nominal), ``peak_ratio``, ``residual`` and ``stray``
+            (largest object away from the part, fraction of the image); :meth:`ranges` derives the
+            nominal ranges from it, at fit and on load alike.
+        report_: the fit-time pose report (not kept in the model file): ``mean_part`` (the template),
+            ``misalignment`` (float32 ``[SIDE, SIDE]``: mean absolute difference of the aligned good parts
+            from it, each standardised; where parts land apart, in template standard deviations),
+            ``symmetry`` (the sentence), ``fold``, ``ranges`` and ``doubtful`` ({index in fit's images:
+            reason} for good images without a part or outside the ranges).
     """
 
     def __init__(self, *, size: int = 448, enabled: bool = True, mirror: bool = False, zoom: float = 0.75,
@@ -147,7 +159,7 @@ class Aligner:
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.size_tolerance = float(size_tolerance)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
-        self.fold_, self.evidence_, self._polar = 1, None, None
+        self.fold_, self.evidence_, self._polar, self.report_ = 1, None, None, None
 
     # -- fitting ---------------------------------------------------------------
 
@@ -165,7 +177,8 @@ class Aligner:
             raise ValueError("Aligner.fit needs at least one image, got none")
         if not self.enabled:
             return self
-        parts = [p for p in (measure_part(im, self.analysis_size) for im in images) if not p.reason]
+        measured = [measure_part(im, self.analysis_size) for im in images]
+        parts = [p for p in measured if not p.reason]
         if not parts:
             raise ValueError(f"no part outline found in any of the {len(images)} nominal images; "
                              "use align=False for fixtured parts and textures")
@@ -188,7 +201,27 @@ class Aligner:
                           "peak_ratio": [min(loc.peak_ratio, _MAX_RATIO) for loc in located],
                           "residual": [loc.residual for loc in located],
                           "stray": [p.stray_area for p in parts]}
+        self.report_ = self._pose_report(measured, parts, located)
         return self
+
+    def _pose_report(self, measured: list[Part], parts: list[Part], located: list[_Located]) -> dict:
+        """What fit saw: the mean aligned part, how far the good parts stray from it per location,
+        the symmetry and ranges found, and the good images whose pose is doubtful (by index in fit's list)."""
+        doubtful, it = {}, iter(zip(parts, located))
+        for i, m in enumerate(measured):
+            if m.reason:
+                doubtful[i] = m.reason
+                continue
+            part, loc = next(it)
+            reason, _ = self._judge(part, loc, part.sigma / part.frame / self.nominal_size_)
+            if reason:
+                doubtful[i] = reason
+        def z(a):  # gain and level of the light removed, as the residual does
+            return (a - a.mean()) / max(float(a.std()), 1e-6)
+
+        gap = np.mean([np.abs(z(loc.image) - z(self.template_)) for loc in located], axis=0)
+        return {"mean_part": self.template_.copy(), "misalignment": gap.astype(np.float32),
+                "symmetry": self.symmetry(), "fold": self.fold_, "ranges": self.ranges(), "doubtful": doubtful}
 
     def _set_template(self, template: np.ndarray, fold: int) -> None:
         # To a hundredth of a gray level, as the model file keeps it: a loaded model places parts identically.

@@ -104,9 +104,11 @@ class PostProcess:
         amap, score = self.score_map(raw.distances, raw.valid)
         amap_in = aligner.inverse_map(amap, raw.alignment, raw.shape)
         outside = raw.alignment.outside_map(raw.shape)
-        if outside is not None:  # an object away from the part: as anomalous as the worst place, and in the mask
+        if outside is not None:  # an object away from the part: above the worst place and both thresholds
             worst = max((v for v in (float(amap_in.max()), threshold, pixel_threshold) if np.isfinite(v)), default=1.0)
-            amap_in = np.where(outside > 0, np.nextafter(np.float32(worst), np.float32(np.inf)), amap_in)
+            worst = float(np.nextafter(np.float32(worst), np.float32(np.inf)))
+            amap_in = np.where(outside > 0, np.float32(worst), amap_in)
+            score = max(score, worst)
         trusted = bool(raw.alignment.trusted)
         # NaN compares False: a non-finite score never passes.
         return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold and trusted),

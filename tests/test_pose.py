@@ -168,3 +168,44 @@ def test_state_round_trip_and_checks(fitted):
         Aligner.from_state_dict(dict(state, template=[[0.0]]))
     with pytest.raises(ValueError, match="size_tolerance"):
         Aligner.from_state_dict(dict(state, size_tolerance=-1))
+
+
+def test_fit_reports_the_pose_it_learned():
+    rng = np.random.default_rng(9)
+    images = [wheel(rng)[0] for _ in range(8)]
+    images[3] = wheel(rng, scale=1.15)[0]  # one odd good image: named, and the range does not follow it
+    images.append(np.full((SCENE, SCENE, 3), 200, np.uint8))
+    aligner = Aligner(size=SIZE).fit(images)
+    report = aligner.report_
+    assert set(report["doubtful"]) == {3, 8}, report["doubtful"]
+    assert "1.1" in report["doubtful"][3] and "no part" in report["doubtful"][8]
+    assert report["ranges"]["size"][1] < 1.05
+    assert report["mean_part"].shape == report["misalignment"].shape == (SIDE, SIDE)
+    assert report["fold"] == 1 and report["symmetry"] == aligner.symmetry()
+    # Aligned good parts agree with the mean part: a small fraction of its contrast on average.
+    assert float(report["misalignment"].mean()) < 0.2, float(report["misalignment"].mean())
+
+
+def test_detector_flags_what_the_pose_hides():
+    """A wrong-size wheel and a nut in a corner: is_anomaly, aligned=False, the reason in the record,
+    and the nut's place in the anomaly map and mask."""
+    from conftest import FAST
+
+    from dinopatch import DinoPatch
+    from dinopatch.records import result_record
+
+    rng = np.random.default_rng(10)
+    det = DinoPatch(**FAST).fit([wheel(rng)[0] for _ in range(6)])
+    big, _ = wheel(rng, scale=1.1)
+    nut, _ = wheel(rng, nut=(0.1 * SCENE, 0.9 * SCENE))
+    good, _ = wheel(rng)
+    r_big, r_nut, r_good = det.predict([big, nut, good])
+    assert r_good.aligned and not r_good.is_anomaly, r_good.alignment.reason
+    for r in (r_big, r_nut):
+        assert r.is_anomaly and not r.aligned
+    assert "nominal length" in result_record(r_big, det)["reason"]
+    assert "object away from the part" in result_record(r_nut, det)["reason"]
+    corner = np.zeros((SCENE, SCENE), bool)
+    corner[int(0.8 * SCENE):, :int(0.2 * SCENE)] = True
+    assert r_nut.mask[corner].any() and r_nut.anomaly_map[corner].max() == r_nut.anomaly_map.max()
+    assert r_nut.score > r_nut.threshold
