@@ -37,7 +37,8 @@ EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr
 # Flags that describe what is fitted: a model file fixes them.
 FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
                 "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
-                "sigma": "--sigma", "score": "--score", "match": "--match", "foreground": "--foreground"}
+                "sigma": "--sigma", "score": "--score", "match": "--match", "foreground": "--foreground",
+                "size_tolerance": "--size-tolerance"}
 # Flags that say how to run a model, honoured with -m.
 RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
 # The default of every detector flag in the parser that finds which were given.
@@ -114,6 +115,9 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
                    help="seeds random weights, calibration and the evaluation split")
     g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
                    help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
+    g.add_argument("--size-tolerance", type=float, default=0.03,
+                   help="aligned parts whose size is off the good parts' median by more than this (relative), "
+                        "or than their own spread, are anomalies; widen it where the camera's distance varies")
     _add_runtime_args(p, default_engine="auto")
 
 
@@ -145,6 +149,7 @@ def _new_detector(args):
                      align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
                      coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
                      sigma=args.sigma, match=args.match, seed=args.seed, device=args.device,
+                     size_tolerance=args.size_tolerance,
                      foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
 
 

@@ -65,13 +65,16 @@ class DinoPatch(EstimatorMixin):
         batch_size: images per backbone call.
         progress: show progress bars.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
+        size_tolerance: smallest half-width of the nominal size range of aligned parts (0.03: 0.97-1.03
+            of the good parts' median size); a part outside the range is an anomaly. Widen it where the
+            camera's distance varies.
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True, device="auto"):
+                 batch_size=8, progress=True, device="auto", size_tolerance=0.03):
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
@@ -98,7 +101,8 @@ class DinoPatch(EstimatorMixin):
         images = load_images(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
-        aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
+        aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror,
+                          size_tolerance=params["size_tolerance"]).fit(images)
         engine = self._engine(backbone_key(params), None, None)
         bs = int(self.batch_size)
         canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, bs, self.progress)

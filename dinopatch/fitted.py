@@ -118,6 +118,10 @@ def check_params(params: dict) -> dict:
     p["seed"] = _int(p, "seed", 0, 2**32 - 1)
     p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
     p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
+    tol = p.get("size_tolerance", 0.03)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 <= tol < 1:
+        raise ValueError(f"size_tolerance must be a number in [0, 1), got {tol!r}")
+    p["size_tolerance"] = float(tol)
     auto = autotune.wanted(p)
     try:
         if "tolerance" not in auto:
@@ -232,9 +236,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if not np.isfinite(bank).all():
         raise ValueError("bank holds non-finite values")
     aligner = Aligner.from_state_dict(header["aligner"])
-    if aligner.size != params["image_size"] or aligner.enabled != params["align"]:
-        raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}) does not fit image_size "
-                         f"{params['image_size']} (align={params['align']})")
+    if aligner.size != params["image_size"] or aligner.enabled != params["align"] \
+            or aligner.size_tolerance != params["size_tolerance"]:
+        raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}, size_tolerance "
+                         f"{aligner.size_tolerance:g}) does not fit image_size {params['image_size']} "
+                         f"(align={params['align']}, size_tolerance {params['size_tolerance']:g})")
     polarity = None
     if params["align"]:
         if "polarity" not in arrays or arrays["polarity"].shape != (side, spec.embed_dim):

@@ -209,3 +209,18 @@ def test_detector_flags_what_the_pose_hides():
     corner[int(0.8 * SCENE):, :int(0.2 * SCENE)] = True
     assert r_nut.mask[corner].any() and r_nut.anomaly_map[corner].max() == r_nut.anomaly_map.max()
     assert r_nut.score > r_nut.threshold
+
+
+def test_size_tolerance_is_a_detector_parameter_kept_in_the_model_file(tmp_path):
+    from conftest import FAST
+
+    from dinopatch import DinoPatch
+
+    with pytest.raises(ValueError, match="size_tolerance"):
+        DinoPatch(**FAST, size_tolerance=1.5).fit([wheel(np.random.default_rng(0))[0]])
+    rng = np.random.default_rng(11)
+    det = DinoPatch(**FAST, size_tolerance=0.15).fit([wheel(rng)[0] for _ in range(4)])
+    loaded = DinoPatch.load(det.save(tmp_path / "wheel.npz"))
+    assert loaded.size_tolerance == 0.15 and loaded._model.aligner.size_tolerance == 0.15
+    big = wheel(rng, scale=1.1)[0]
+    assert loaded.predict([big])[0].aligned  # within the widened range
