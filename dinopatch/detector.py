@@ -107,7 +107,7 @@ class DinoPatch(EstimatorMixin):
         bs = int(self.batch_size)
         canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, bs, self.progress)
         frames, positions = np.stack([c[0] for c in canon]), fg and fg.positions
-        polarity = Polarity.fit(tokens) if self.align else None
+        polarity = None  # the aligner settles the half turn in image space, before the backbone
         tokens, flips = _orient(polarity, tokens)
 
         def embed(canonical: list[np.ndarray]):

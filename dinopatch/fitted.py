@@ -241,11 +241,9 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}, size_tolerance "
                          f"{aligner.size_tolerance:g}) does not fit image_size {params['image_size']} "
                          f"(align={params['align']}, size_tolerance {params['size_tolerance']:g})")
+    # The aligner settles the half turn in image space: a file with a token-grid polarity is of an older
+    # aligner, which Aligner.from_state_dict has refused already.
     polarity = None
-    if params["align"]:
-        if "polarity" not in arrays or arrays["polarity"].shape != (side, spec.embed_dim):
-            raise ValueError("polarity reference missing or of the wrong shape")
-        polarity = Polarity(arrays["polarity"])
     fingerprint = header["weights_fingerprint"]
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")

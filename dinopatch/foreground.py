@@ -7,9 +7,9 @@ part's region from the part itself: the union of the nominal parts'
 silhouettes as the aligner measures and places them (not their bright pixels:
 reflection padding pastes mirrored pieces of a part near the photo's edge into
 the frame, which is why the frame is padded with the background level
-instead), taken to the patch grid, dilated by :data:`MARGIN` patches, and made
-symmetric under the half turn so that :class:`~.polarity.Polarity` can still
-turn a grid.  The backbone then runs on those patches only (plus the class and
+instead), taken to the patch grid and dilated by :data:`MARGIN` patches (the
+aligner settles the half turn in image space, so the region need not be
+symmetric under it).  The backbone then runs on those patches only (plus the class and
 register tokens), a fixed count per model, so batches and exported shapes stay
 static, and the bank holds those locations only.
 
@@ -67,14 +67,13 @@ def region(silhouettes, grid: tuple[int, int], margin: int = MARGIN) -> np.ndarr
 
     Returns:
         int64 ``[n]``, sorted; a patch is in if any silhouette covers any of its pixels,
-        or one within ``margin`` patches does, or its half-turn twin is in.
+        or one within ``margin`` patches does.
     """
     union = np.max(np.stack(list(silhouettes)), axis=0) > 0.5
     h, w = grid
     cells = cv2.resize(union.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
     if margin:
         cells = cv2.dilate(cells.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)) > 0
-    cells |= cells[::-1, ::-1]
     return np.flatnonzero(cells).astype(np.int64)
 
 
@@ -201,9 +200,8 @@ class Foreground:
         from .backbone import check_positions
 
         positions = check_positions(arrays["positions"], grid)
-        mirrored = np.sort(grid[0] * grid[1] - 1 - positions)
-        if len(positions) != record["positions"] or not np.array_equal(positions, mirrored):
-            raise ValueError("foreground positions disagree with their count or are not half-turn symmetric")
+        if len(positions) != record["positions"]:
+            raise ValueError("foreground positions disagree with their count")
         mean, scale = arrays["background_mean"], arrays["background_scale"]
         want = (grid[0] * grid[1], STATS)
         if mean.shape != want or scale.shape != want or mean.dtype != np.float32 or scale.dtype != np.float32:
