@@ -28,7 +28,8 @@ import numpy as np
 
 from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
-from .pose import MAX_FOLD, SIDE, PolarTemplate, crop, pose_matrix, refine, residual, robust_range
+from .pose import MAX_FOLD, SIDE, PolarTemplate, crop, pose_matrix, refine, residual
+from .pose_ranges import MAX_RATIO, PoseEvidence
 
 __all__ = ["Aligner", "Alignment"]
 
@@ -38,13 +39,6 @@ _TEMPLATE = 64           # side of the silhouettes that give elongated parts the
 _ROUND = 0.85            # minor/major eigenvalue ratio above which the axis is undefined
 _WINDOW = 20.0           # degrees either side of the principal axis searched on elongated parts
 _ROUNDS = 3              # template rebuilds at fit
-_SIZE_K = 4.0            # robust standard deviations of the good parts' sizes in the nominal range
-_RATIO_FLOOR = 1.02      # a best pose that beats the next by less is always ambiguous
-_RESIDUAL_K = 6.0
-_RESIDUAL_FLOOR = 0.1    # the residual catches a part that is not this one or not in pose; the backbone judges detail
-_STRAY_K = 6.0
-_STRAY_FLOOR = 0.002     # of the image: smaller objects away from the part are dust
-_MAX_RATIO = 1e3         # peak ratios are capped here (a pose without a rival)
 
 
 @dataclass
@@ -129,9 +123,8 @@ class Aligner:
     Attributes (after :meth:`fit`):
         template_: float32 ``[SIDE, SIDE]`` mean gray image of the good parts in their common pose.
         fold_: the template looks the same turned by ``360 / fold_`` degrees (1: no symmetry).
-        evidence_: per good part, ``size`` (over the nominal), ``peak_ratio``, ``residual`` and ``stray``
-            (largest object away from the part, fraction of the image); :meth:`ranges` derives the
-            nominal ranges from it, at fit and on load alike.
+        evidence_: the :class:`.PoseEvidence` of the good parts (size, peak ratio, residual, objects
+            away from the part); :meth:`ranges` derives the nominal ranges from it, at fit and on load alike.
         report_: the fit-time pose report (not kept in the model file): ``mean_part`` (the template),
             ``misalignment`` (float32 ``[SIDE, SIDE]``: mean absolute difference of the aligned good parts
             from it, each standardised; where parts land apart, in template standard deviations),
@@ -197,10 +190,10 @@ class Aligner:
             template = np.mean([self._locate(p).image for p in parts], axis=0)
         self._set_template(template, PolarTemplate(template).symmetry())
         located = [self._locate(p) for p in parts]
-        self.evidence_ = {"size": [p.sigma / p.frame / self.nominal_size_ for p in parts],
-                          "peak_ratio": [min(loc.peak_ratio, _MAX_RATIO) for loc in located],
-                          "residual": [loc.residual for loc in located],
-                          "stray": [p.stray_area for p in parts]}
+        self.evidence_ = PoseEvidence({"size": [p.sigma / p.frame / self.nominal_size_ for p in parts],
+                                       "peak_ratio": [min(loc.peak_ratio, MAX_RATIO) for loc in located],
+                                       "residual": [loc.residual for loc in located],
+                                       "stray": [p.stray_area for p in parts]}, self.size_tolerance)
         self.report_ = self._pose_report(measured, parts, located)
         return self
 
@@ -267,17 +260,10 @@ class Aligner:
     # -- nominal ranges ----------------------------------------------------------
 
     def ranges(self) -> dict:
-        """The nominal ranges the good parts' evidence gives: ``size`` (lo, hi), ``peak_ratio`` (lowest),
-        ``residual`` (highest), ``stray`` (largest object away from the part, fraction of the image)."""
+        """The nominal ranges the good parts' evidence gives (see :meth:`.PoseEvidence.ranges`)."""
         if self.evidence_ is None:
             raise RuntimeError("this Aligner is not fitted yet: call fit(images) first")
-        e = self.evidence_
-        ratio = float(np.median(e["peak_ratio"]))
-        res = float(np.median(e["residual"]))
-        return {"size": robust_range(e["size"], _SIZE_K, self.size_tolerance, centre=1.0),
-                "peak_ratio": max(_RATIO_FLOOR, 1.0 + 0.25 * (ratio - 1.0)),
-                "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 2.0 * res))[1],
-                "stray": robust_range(e["stray"], _STRAY_K, _STRAY_FLOOR)[1]}
+        return self.evidence_.ranges()
 
     def symmetry(self) -> str:
         """The symmetry found at fit, said once."""
@@ -369,25 +355,12 @@ class Aligner:
         return ""
 
     def _judge(self, part: Part, loc: _Located, size: float) -> tuple[str, bool]:
-        """Why a placed part is not trusted ("" if it is): its size, pose, match or surroundings off the
-        nominal ranges; and whether other objects lie away from it."""
-        r = self.ranges()
-        lo, hi = r["size"]
-        stray = part.stray_area
-        reasons = []
-        if not lo <= size <= hi:
-            reasons.append(f"part {size:.2f}x the nominal length; nominal range {lo:.2f}-{hi:.2f}")
-        if not loc.peak_ratio >= r["peak_ratio"]:
-            reasons.append(f"ambiguous pose: the best rotation beats the next by {loc.peak_ratio:.3f}x "
-                           f"(nominal >= {r['peak_ratio']:.3f}x)")
-        if not loc.residual <= r["residual"]:
-            reasons.append(f"part does not match the nominal template (residual {loc.residual:.3f}, "
-                           f"nominal <= {r['residual']:.3f})")
-        if stray > r["stray"]:
+        """Why a placed part is not trusted ("" if it is), and whether an object lies away from it."""
+        stray, at = part.stray_area, None
+        if stray > 0:
             ys, xs = np.nonzero(part.stray)
-            x, y = part.to_input @ [xs.mean(), ys.mean(), 1.0]
-            reasons.append(f"an object away from the part near ({x:.0f}, {y:.0f}), {100 * stray:.1f}% of the image")
-        return "; ".join(reasons), stray > r["stray"]
+            at = part.to_input @ [xs.mean(), ys.mean(), 1.0]
+        return self.evidence_.judge(size, loc.peak_ratio, loc.residual, stray, at)
 
     # -- inverse ---------------------------------------------------------------
 
@@ -425,7 +398,7 @@ class Aligner:
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "fold": self.fold_,
                 "template": np.round(self.template_.astype(np.float64), 2).tolist() if fitted else None,
-                "evidence": {k: [float(x) for x in v] for k, v in self.evidence_.items()} if fitted else None}
+                "evidence": self.evidence_.values if fitted else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Aligner":
@@ -451,7 +424,7 @@ class Aligner:
                 if not (0 < al.nominal_size_ <= 1 and 0 < al.nominal_length_ < 1e6):
                     raise ValueError(f"nominal size {al.nominal_size_!r} or length {al.nominal_length_!r} "
                                      "out of range")
-                al.evidence_ = _checked_evidence(state["evidence"])
+                al.evidence_ = PoseEvidence(state["evidence"], al.size_tolerance)
                 fold = state["fold"]
                 if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= MAX_FOLD:
                     raise ValueError(f"fold {fold!r} is not an integer in [1, {MAX_FOLD}]")
@@ -462,25 +435,6 @@ class Aligner:
         except KeyError as e:
             raise ValueError(f"Aligner state lacks {e}") from None
         return al
-
-
-def _checked_evidence(evidence) -> dict:
-    """The good parts' pose evidence, checked: the same keys, one finite number per part in each."""
-    keys = ("size", "peak_ratio", "residual", "stray")
-    if not isinstance(evidence, dict) or set(evidence) != set(keys):
-        raise ValueError(f"pose evidence must hold {keys}, got {evidence if evidence is None else sorted(evidence)}")
-    out = {}
-    for k in keys:
-        v = evidence[k]
-        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-            raise ValueError(f"pose evidence {k!r} must be a non-empty list of numbers")
-        a = np.asarray(v, np.float64)
-        if not np.isfinite(a).all() or (a < 0).any() or (k == "peak_ratio" and (a > _MAX_RATIO).any()):
-            raise ValueError(f"pose evidence {k!r} holds values out of range")
-        out[k] = a.tolist()
-    if len({len(v) for v in out.values()}) != 1:
-        raise ValueError("pose evidence lists of different lengths")
-    return out
 
 
 def _axis_angle(part: Part) -> float:

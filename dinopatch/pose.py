@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["SIDE", "Pose", "PolarTemplate", "pose_matrix", "crop", "refine", "residual", "symmetry"]
+__all__ = ["SIDE", "Pose", "PolarTemplate", "pose_matrix", "crop", "refine", "residual"]
 
 SIDE = 128                 # side of crops and of the template
 ANGLES = 360               # angle bins of the polar unwrapping
@@ -200,16 +200,3 @@ def residual(template: np.ndarray, image: np.ndarray) -> float:
     a, b = template[_DISC].astype(np.float64), image[_DISC].astype(np.float64)
     a, b = a - a.mean(), b - b.mean()
     return float(1.0 - (a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-9))
-
-
-def symmetry(template: np.ndarray) -> int:
-    """The rotational symmetry of a template image (see :meth:`PolarTemplate.symmetry`)."""
-    return PolarTemplate(template).symmetry()
-
-
-def robust_range(values, k: float, floor: float, centre: float | None = None) -> tuple[float, float]:
-    """``median -+ max(k * 1.4826 * MAD, floor)`` of ``values`` (``centre`` replaces the median where given)."""
-    v = np.asarray(values, np.float64)
-    med = float(np.median(v)) if centre is None else centre
-    half = max(k * 1.4826 * float(np.median(np.abs(v - np.median(v)))), floor)
-    return med - half, med + half
