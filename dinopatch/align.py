@@ -38,6 +38,7 @@ PADDINGS = ("reflect", "background")
 _TEMPLATE = 64           # side of the silhouettes that give elongated parts their first orientation
 _ROUND = 0.85            # minor/major eigenvalue ratio above which the axis is undefined
 _WINDOW = 20.0           # degrees either side of the principal axis searched on elongated parts
+_CLEAR_AXIS = 0.5        # ... whose minor/major eigenvalue ratio is below this (else the axis is searched for)
 _ROUNDS = 3              # template rebuilds at fit
 
 
@@ -209,6 +210,7 @@ class Aligner:
             reason, _ = self._judge(part, loc, part.sigma / part.frame / self.nominal_size_)
             if reason:
                 doubtful[i] = reason
+
         def z(a):  # gain and level of the light removed, as the residual does
             return (a - a.mean()) / max(float(a.std()), 1e-6)
 
@@ -250,7 +252,8 @@ class Aligner:
         scale = self._scale(part, SIDE)
         upright = crop(part.gray, _compose(pose_matrix(part.centre, 0.0, scale, False, SIDE), part.to_input))
         axis = _axis_angle(part)
-        windows = None if self.round_ else [(axis, _WINDOW), (axis + 180.0, _WINDOW)]
+        clear = not self.round_ and part.elongation < _CLEAR_AXIS
+        windows = [(axis, _WINDOW), (axis + 180.0, _WINDOW)] if clear else None
         pose = self._polar.search(upright, self.mirror, windows)
         m = pose_matrix(part.centre, pose.angle, scale, pose.mirrored, SIDE)
         m = _compose(refine(self.template_, crop(part.gray, _compose(m, part.to_input))), m)
