@@ -2,7 +2,7 @@
 
 A line has no defect samples to tune with, so the choices are measured on the
 nominal images themselves, each scored against a bank built without it
-(:data:`FOLDS` folds):
+(the folds of :class:`~.nominal.NominalSet`'s one plan, which the threshold uses too):
 
 * **tolerance** is bounded by the residual misalignment among nominal parts.
   Each held-out patch is matched within growing neighbourhoods (Chebyshev
@@ -29,13 +29,13 @@ choice disagrees, and into the evaluation report.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import cv2
 import numpy as np
 
 from . import metrics
 from .bank import MATCHES, MemoryBank
+from .nominal import NominalSet
 from .postprocess import SCORES, PostProcess
 
 AUTO_PARAMS = ("tolerance", "sigma", "score", "match")
@@ -48,7 +48,6 @@ SIGMAS = (4.0, 0.0, 2.0, 8.0)
 # nearer rows of pure noise differ by less.
 MARGIN = 0.1
 SHARE = 0.05
-FOLDS = 5
 # Image AUROC a candidate must gain over the one before it in search order to be chosen: with 6 nominal
 # and 12 pasted images one pair is 0.014, and candidates on random weights differ by that at chance.
 WIN_MARGIN = 0.02
@@ -76,20 +75,12 @@ def without(record: dict | None, names) -> dict | None:
     return dict(record, chosen={k: v for k, v in record["chosen"].items() if k not in names})
 
 
-def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held_out: Callable,
-            positions=None, backend: str | None = None) -> dict | None:
+def resolve(params: dict, nominal: NominalSet) -> dict | None:
     """Measure a value for every ``"auto"`` in ``params``.
 
     Args:
         params: checked detector parameters.
-        tokens: ``[N, h, w, D]`` oriented tokens of the nominal images (zero outside ``positions``).
-        canon: per nominal image ``(canonical uint8 image, valid [S, S], alignment)``.
-        embed: canonical images -> ``(tokens, flips)``, oriented and placed like ``tokens``.
-        held_out: ``(settings, train, tokens, flips, frames) -> [B, h, w]`` distances of query tokens
-            against a bank of nominal images ``train`` built with ``settings`` (``tolerance``, ``match``),
-            turned back and completed as the detector scores them.
-        positions: the region the bank covers (None: the whole grid).
-        backend: distance kernel backend.
+        nominal: the good parts, embedded, with their fold plan.
 
     Returns:
         ``{"chosen": {name: value}, "fallback": bool, "evidence": {...}}``, or None when nothing is "auto".
@@ -97,31 +88,29 @@ def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held
     names = wanted(params)
     if not names:
         return None
-    n = len(tokens)
+    n = len(nominal)
     if n < MIN_IMAGES:
         return {"chosen": {k: DEFAULTS[k] for k in names}, "fallback": True,
                 "evidence": {"images": n, "note": f"fewer than {MIN_IMAGES} nominal images: defaults used"}}
-    folds = np.array_split(np.random.default_rng(params["seed"]).permutation(n), min(FOLDS, n))
     evidence: dict = {"images": n, "searched": names}
     bound = int(params["tolerance"]) if "tolerance" not in names else None
     if bound is None:
         # Rounded before choosing, so that the model file's check derives the same bound from them.
-        evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(tokens, folds, positions, backend)]
-        bound = choose_tolerance(evidence["offset_share"], tokens.shape[1] - 1)
-    table = _separation(params, names, bound, tokens, canon, embed, held_out, folds)
+        evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(nominal)]
+        bound = choose_tolerance(evidence["offset_share"], nominal.tokens.shape[1] - 1)
+    table = _separation(params, names, bound, nominal)
     evidence["image_auroc"] = table
     return {"chosen": dict(zip(names, _winner(table, names, params, bound))), "fallback": False,
             "evidence": evidence}
 
 
-def offset_shares(tokens: np.ndarray, folds: list, positions=None, backend=None) -> np.ndarray:
+def offset_shares(nominal: NominalSet) -> np.ndarray:
     """Share of held-out nominal patches whose match lies at each radius of :data:`RADII`."""
-    n, h, w, _ = tokens.shape
+    tokens, positions, backend = nominal.tokens, nominal.positions, nominal.backend
     counts = np.zeros(len(RADII))
-    for held in folds:
-        rest = np.setdiff1d(np.arange(n), held)
-        base = MemoryBank.fit(tokens[rest], backend=backend, positions=positions)
-        dist = np.stack([MemoryBank(base.features, (h, w), r, positions).distances(tokens[held], backend)
+    for held in nominal.plan.folds:
+        base = MemoryBank.fit(tokens[nominal.plan.train(held)], backend=backend, positions=positions)
+        dist = np.stack([MemoryBank(base.features, base.grid, r, positions).distances(tokens[held], backend)
                          for r in RADII])
         dist = dist[:, np.isfinite(dist[0])]  # the region's locations only
         offset = np.argmax(dist <= (1 + MARGIN) * dist.min(axis=0), axis=0)  # the first radius close enough
@@ -185,37 +174,27 @@ def _key(tolerance, match, sigma, score) -> str:
     return f"tolerance={tolerance} match={match} sigma={sigma:g} score={score}"
 
 
-def _separation(params, names, bound, tokens, canon, embed, held_out, folds) -> dict:
+def _separation(params, names, bound, nominal: NominalSet) -> dict:
     """Image AUROC of held-out nominal vs. pasted-defect images, per candidate (:func:`_candidates`)."""
     rng = np.random.default_rng([params["seed"], 1])
-    n = len(tokens)
+    n = len(nominal)
     pasted, origin = [], []
     for i in rng.permutation(n)[:min(SOURCES, n // 2)]:
         for kind in KINDS:
-            donor = canon[int(rng.integers(n))][0]
-            pasted.append(paste_defect(canon[i][0], canon[i][1], donor, kind, rng))
+            donor = nominal.frames[int(rng.integers(n))]
+            pasted.append(paste_defect(nominal.frames[i], nominal.valid[i], donor, kind, rng))
             origin.append(int(i))
-    p_tokens, p_flips = embed(pasted)
-    origin, p_frames = np.array(origin), np.stack(pasted)
-    frames, flips = np.stack([c[0] for c in canon]), np.zeros(n, bool)  # nominal tokens are oriented
+    queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
     table, maps = {}, {}
     for tolerance, match, sigma, score in _candidates(names, params, bound):
-        if (tolerance, match) not in maps:
-            nominal = np.empty(tokens.shape[:3], np.float32)
-            defect = np.empty((len(pasted),) + tokens.shape[1:3], np.float32)
-            settings = dict(tolerance=tolerance, match=match)
-            for held in folds:
-                train = np.setdiff1d(np.arange(n), held)
-                nominal[held] = held_out(settings, train, tokens[held], flips[held], frames[held])
-                here = np.flatnonzero(np.isin(origin, held))
-                if here.size:
-                    defect[here] = held_out(settings, train, p_tokens[here], p_flips[here], p_frames[here])
-            maps = {(tolerance, match): (nominal, defect)}  # the candidates come grouped by bank
-        nominal, defect = maps[(tolerance, match)]
+        if (tolerance, match) not in maps:  # the candidates come grouped by bank
+            maps = {(tolerance, match): nominal.held_out(dict(params, tolerance=tolerance, match=match),
+                                                         extra=queries)}
+        good, defect = maps[(tolerance, match)]
         post = PostProcess(sigma, score, params["topk"], params["morph_kernel"])
-        s = np.array([post.score_map(d, canon[i][1])[1] for i, d in enumerate(nominal)]
-                     + [post.score_map(d, canon[origin[j]][1])[1] for j, d in enumerate(defect)])
+        s = np.array([post.score_map(d, nominal.valid[i])[1] for i, d in enumerate(good)]
+                     + [post.score_map(d, nominal.valid[queries.origin[j]])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
         table[_key(tolerance, match, sigma, score)] = round(auc, 4) if math.isfinite(auc) else None

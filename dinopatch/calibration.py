@@ -2,8 +2,9 @@
 
 A line has only good parts to set a threshold with.  Each nominal image is
 scored against a bank built without it (leave-one-out; above
-:data:`MAX_FOLDS` images, that many folds), so two images already give a finite
-threshold and every image serves both bank and calibration.  A fraction held
+:data:`.nominal.MAX_FOLDS` images, that many folds: the nominal set's one
+fold plan), so two images already give a finite threshold and every image
+serves both bank and calibration.  A fraction held
 out instead (``calibration=0.2``) scores those images against a bank of the
 rest.  The threshold is the ``1 - false_alarm_rate`` quantile of the held-out
 scores.  It is never infinite or NaN: where it cannot be measured, fitting
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-# Above this many nominal images, leave-one-out becomes this many folds: one
-# bank per fold, so calibration costs at most MAX_FOLDS bank builds.
-MAX_FOLDS = 10
+if TYPE_CHECKING:
+    from .nominal import NominalSet
+
 METHODS = ("leave-one-out", "k-fold", "held-out", "evaluation", "user")
 
 
@@ -102,44 +103,26 @@ def check_calibration(calibration):
     return float(calibration)
 
 
-def folds(n: int, calibration, seed: int) -> tuple[str, list[np.ndarray]]:
-    """The calibration method and its held-out index sets for ``n`` nominal images.
-
-    A held-out fraction too small to hold out one image (or too large to leave
-    one for the bank) falls back to leave-one-out, and the source says so.
-    """
-    if n < 2:
-        raise ValueError(f"a threshold needs at least 2 nominal images to be measured (got {n}): fit on more "
-                         "good parts, or give one with DinoPatch(threshold=...)")
-    order = np.random.default_rng(seed).permutation(n)
-    if calibration != "cv":
-        n_cal = int(math.floor(calibration * n))
-        if 1 <= n_cal < n:
-            return "held-out", [order[:n_cal]]
-    k = min(n, MAX_FOLDS)
-    return ("leave-one-out" if k == n else "k-fold"), np.array_split(order, k)
-
-
-def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], *,
-              calibration="cv", false_alarm_rate: float = 0.0, seed: int = 0) -> Threshold:
+def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_alarm_rate: float = 0.0
+              ) -> Threshold:
     """Measure the threshold on nominal images.
 
     Args:
-        n: number of nominal images.
-        score_held_out: ``(train, held) -> (scores, maxima)``: the image scores
-            and map maxima of images ``held`` against a bank of ``train``.
-        calibration: ``"cv"`` or a fraction held out (see :func:`folds`).
+        nominal: the good parts and their fold plan (:class:`~.nominal.NominalSet`).
+        settings: the model's resolved parameters (bank and post-processing).
+        calibration: ``"cv"``, every fold of the plan held out in turn; or a fraction held out,
+            the first images of the plan's order (too small to hold out one image, or too large
+            to leave one for the bank, it falls back to ``"cv"`` and the source says so).
         false_alarm_rate: the threshold is the ``1 - rate`` quantile (0: the maximum).
-        seed: seeds the split.
     """
-    method, held_sets = folds(n, calibration, seed)
-    everyone = np.arange(n)
-    scores, maxima = [], []
-    for held in held_sets:
-        s, m = score_held_out(np.setdiff1d(everyone, held), np.sort(held))
-        scores.append(s)
-        maxima.append(m)
-    scores, maxima = np.concatenate(scores), np.concatenate(maxima)
+    n = len(nominal)
+    if n < 2:
+        raise ValueError(f"a threshold needs at least 2 nominal images to be measured (got {n}): fit on more "
+                         "good parts, or give one with DinoPatch(threshold=...)")
+    held_sets = None if calibration == "cv" else nominal.plan.fraction(calibration)
+    method = "held-out" if held_sets else nominal.plan.method
+    held_sets = held_sets or nominal.plan.folds
+    _, scores, maxima = nominal.held_out_scores(settings, held_sets)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "

@@ -160,7 +160,7 @@ def _load_model(path: str, runtime: dict):
 def _start_engine(det) -> str:
     """Build the model's engine now and name it: a foreign export fails before any output is touched, and
     the first batch's latency measures images, not loading the backbone."""
-    backbone = det._get_backbone()
+    backbone = det.backbone_for()
     return backbone.engine if det.engine == "auto" else os.fspath(det.engine)
 
 

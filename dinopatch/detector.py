@@ -13,24 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, foreground, kernels
+from . import autotune, fitted, kernels
 from .align import Aligner
 from .backbone import EngineCache
-from .backbone import embed as embed_frames
 from .backbone.device import require as require_device
-from .bank import MemoryBank
 from .calibration import Threshold, calibrate
 from .data import load_images
-from .fitted import Fitted, backbone_key, check_params, graph_record
-from .polarity import Polarity, unflip
-from .postprocess import PostProcess, image_score
+from .fitted import Fitted, NotFittedError, backbone_key, check_params, graph_record
+from .nominal import NominalSet
 from .presets import PRESETS
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
-
-
-class NotFittedError(ValueError, AttributeError):
-    """``predict`` or ``save`` was called before ``fit`` (scikit-learn's bases)."""
 
 
 class DinoPatch(EstimatorMixin):
@@ -100,59 +93,39 @@ class DinoPatch(EstimatorMixin):
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         engine = self._engine(backbone_key(params), None, None)
-        bs = int(self.batch_size)
-        canon, tokens, fg = foreground.embed_nominal(self.foreground, aligner, images, engine, bs, self.progress)
-        frames, positions = np.stack([c[0] for c in canon]), fg and fg.positions
-        polarity = Polarity.fit(tokens) if self.align else None
-        tokens, flips = _orient(polarity, tokens)
-
-        def embed(canonical: list[np.ndarray]):
-            grids = embed_frames(engine, canonical, bs, positions=positions)
-            return _orient(polarity, grids if fg is None else fg.scatter(grids))
-
-        def held_out(settings, train, queries, q_flips, q_frames):
-            bank = self._make_bank(tokens[train], positions, dict(params, **settings))
-            return _finish(bank.distances(queries, backend=self._kernel()), q_flips, fg, q_frames,
-                           fg and fg.background_of(frames[train]))
-
+        nominal = NominalSet.build(images, aligner, engine, foreground=self.foreground, seed=self.seed,
+                                   batch_size=int(self.batch_size), backend=self._kernel(), progress=self.progress)
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
-        auto = autotune.resolve(params, tokens, canon, embed, held_out, positions, self._kernel())
+        auto = autotune.resolve(params, nominal)
         chosen = autotune.resolved(params, auto)
-        post = PostProcess(chosen["sigma"], chosen["score"], chosen["topk"], chosen["morph_kernel"])
-
-        def score_held_out(train, held):
-            dists = held_out(chosen, train, tokens[held], flips[held], frames[held])
-            maps = [post.score_map(d, canon[i][1]) for i, d in zip(held, dists)]
-            return (np.array([s for _, s in maps]),
-                    np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
-
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
-                     calibrate(len(images), score_held_out, calibration=self.calibration,
-                               false_alarm_rate=self.false_alarm_rate, seed=self.seed))
-        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen), threshold,
-                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto)
+                     calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
+        self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
+                             engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto)
         return self
-
-    def _make_bank(self, tokens: np.ndarray, positions, params: dict) -> MemoryBank:
-        return MemoryBank.fit(tokens, ratio=params["coreset_ratio"], radius=params["tolerance"],
-                              dtype=np.dtype(params["bank_dtype"]), backend=self._kernel(), positions=positions,
-                              match=params["match"])
 
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
+
+    def use_engine(self, engine) -> "DinoPatch":
+        """Run ``engine``, a backbone built elsewhere, instead of building one; it must have the model's weights."""
+        self._engines.pin(engine)
+        return self
 
     def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
         name, weights, image_size, layers, seed = key
         return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
                                  weights=weights, image_size=image_size, layers=layers, seed=seed)
 
-    def _get_backbone(self, model: Fitted | None = None):
-        """The engine of a fitted model (default: the one in force), built now if not yet."""
-        model = model or self._fitted()
+    def backbone_for(self, model: Fitted | None = None):
+        """The backbone engine of a fitted model (default: the one in force), built now if not yet."""
+        model = model or self.model_
         return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
 
-    def _fitted(self) -> Fitted:
+    @property
+    def model_(self) -> Fitted:
+        """The fitted model in force (:class:`~.fitted.Fitted`); NotFittedError before fit or load."""
         if (model := getattr(self, "_model", None)) is None:
             raise NotFittedError("this DinoPatch is not fitted yet: call fit(images) or DinoPatch.load(path)")
         return model
@@ -160,7 +133,7 @@ class DinoPatch(EstimatorMixin):
     @property
     def threshold_(self) -> Threshold:
         """The decision threshold in force, with its source (see :class:`~.calibration.Threshold`)."""
-        return self._fitted().threshold
+        return self.model_.threshold
 
     @property
     def auto_(self) -> dict | None:
@@ -171,12 +144,12 @@ class DinoPatch(EstimatorMixin):
         documented defaults (:data:`.autotune.DEFAULTS`) stand.  :meth:`get_params` keeps saying
         ``"auto"``; this is the one place the fitted values are read from.
         """
-        return self._fitted().auto
+        return self.model_.auto
 
     @property
     def model_id(self) -> str:
         """Short content id of the model file this detector was saved to or loaded from."""
-        return self._fitted().model_id
+        return self.model_.model_id
 
     def predict(self, images) -> list[Result]:
         """Score images; one :class:`Result` per image, in order.
@@ -192,9 +165,9 @@ class DinoPatch(EstimatorMixin):
         Evaluation sweeps post-processing settings over these without running
         the backbone again (see :meth:`result_from`).
         """
-        model, images, bs = self._fitted(), load_images(images), int(self.batch_size)
+        model, images, bs = self.model_, load_images(images), int(self.batch_size)
         return [raw for i in range(0, len(images), bs)
-                for raw in self.distances_aligned(self._align(model, images[i:i + bs]))]
+                for raw in self.distances_aligned(_aligned(model, images[i:i + bs]))]
 
     def align_images(self, images: list[np.ndarray]) -> list[tuple]:
         """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages.
@@ -202,11 +175,7 @@ class DinoPatch(EstimatorMixin):
         Returns one opaque item per image for :meth:`distances_aligned`, bound to the model in force now;
         items of several calls can be batched together.
         """
-        return self._align(self._fitted(), images)
-
-    @staticmethod
-    def _align(model: Fitted, images: list[np.ndarray]) -> list[tuple]:
-        return [(model, im, *model.aligner.transform(im)) for im in images]
+        return _aligned(self.model_, images)
 
     def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
         """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`."""
@@ -214,14 +183,9 @@ class DinoPatch(EstimatorMixin):
             split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
             return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
         model = items[0][0]
-        engine = self._get_backbone(model)
-        frames, fg = np.stack([canonical for _, _, canonical, _, _ in items]), model.foreground
-        if fg is None and self._tokens_stay_on_gpu(engine):
-            tokens = engine(frames, on_device=True)
-        else:
-            tokens = engine(frames) if fg is None else fg.scatter(engine(frames, fg.positions))
-        tokens, flips = _orient(model.polarity, tokens)
-        dists = _finish(model.bank.distances(tokens, backend=self._kernel()), flips, fg, frames)
+        engine = self.backbone_for(model)
+        frames = np.stack([canonical for _, _, canonical, _, _ in items])
+        dists = model.distances(engine, frames, self._kernel(), self._tokens_stay_on_gpu(engine))
         return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
 
     def _tokens_stay_on_gpu(self, engine) -> bool:
@@ -239,14 +203,14 @@ class DinoPatch(EstimatorMixin):
             pixel_threshold: map threshold of the defect mask (default: the model's).
             **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
         """
-        model = raw.model or self._fitted()
+        model = raw.model or self.model_
         t = model.threshold if threshold is None else Threshold.given(threshold)
         pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
         return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t.image, pixel, t.describe())
 
     def tuned(self, threshold: Threshold, **post) -> "DinoPatch":
         """A copy that judges with a threshold and post-processing measured elsewhere (by evaluation)."""
-        model = self._fitted()
+        model = self.model_
         settings = dataclasses.asdict(dataclasses.replace(model.post, **post))
         det = copy.copy(self).set_params(**settings)  # shares the engines: the weights are the same
         det._model = dataclasses.replace(model, params=dict(model.params, **settings), threshold=threshold,
@@ -255,7 +219,7 @@ class DinoPatch(EstimatorMixin):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted detector to one model file (data only; see :mod:`dinopatch.fitted`)."""
-        model = self._fitted()
+        model = self.model_
         runtime = {k: getattr(self, k) for k in fitted.RUNTIME_PARAMS}
         saved, path = fitted.save_detector(path, model, runtime)
         if self._model is model:  # not if a refit swapped in another model meanwhile
@@ -278,12 +242,5 @@ class DinoPatch(EstimatorMixin):
         return det
 
 
-def _orient(polarity: Polarity | None, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens turned to the fitted polarity (unchanged without alignment), and which were turned."""
-    return (tokens, np.zeros(len(tokens), bool)) if polarity is None else polarity.orient(tokens)
-
-
-def _finish(distances: np.ndarray, flips: np.ndarray, fg, frames: np.ndarray, background=None) -> np.ndarray:
-    """Grids scored turned go back to their canonical images' orientation; then the background term."""
-    out = np.stack([unflip(d, f) for d, f in zip(distances, flips)])
-    return out if fg is None else fg.complete(out, frames, background)
+def _aligned(model: Fitted, images: list[np.ndarray]) -> list[tuple]:
+    return [(model, im, *model.aligner.transform(im)) for im in images]

@@ -28,6 +28,7 @@ from .bank import MATCHES, MemoryBank
 from .calibration import METHODS, Threshold, check_calibration, check_rate
 from .foreground import Foreground, check_option
 from .modelfile import ModelFileError
+from .nominal import finish, orient
 from .polarity import Polarity
 from .postprocess import SCORES, PostProcess
 
@@ -71,6 +72,23 @@ class Fitted:
     def post(self) -> PostProcess:
         p = self.resolved
         return PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
+
+    def distances(self, engine, frames: np.ndarray, backend: str | None = None, on_device: bool = False):
+        """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]``, as this model scores them.
+
+        ``on_device``: the engine leaves the tokens on the GPU, where the cuda kernel reads them.
+        """
+        fg = self.foreground
+        if fg is not None:
+            tokens = fg.scatter(engine(frames, fg.positions))
+        else:
+            tokens = engine(frames, on_device=True) if on_device else engine(frames)
+        tokens, flips = orient(self.polarity, tokens)
+        return finish(self.bank.distances(tokens, backend=backend), flips, fg, frames)
+
+
+class NotFittedError(ValueError, AttributeError):
+    """``predict`` or ``save`` was called before ``fit`` (scikit-learn's bases)."""
 
 
 def backbone_key(params: dict) -> tuple:

@@ -74,7 +74,7 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     ``next()`` again.
     """
     # Checked here, not at the first next(): a generator would report them late.
-    det._fitted()
+    det.model_
     if int(batch_size) < 1 or int(depth) < 1:
         raise ValueError(f"batch_size and depth must be >= 1, got {batch_size} and {depth}")
     return _pipeline(det, frames, int(batch_size), int(depth))

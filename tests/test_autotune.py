@@ -53,9 +53,9 @@ def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones(jittered):
     still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
     moved = jittered[1]
     assert still.auto_["evidence"]["offset_share"][0] > 0.95
-    assert still.auto_["chosen"] == {"tolerance": 0} and still._fitted().bank.radius == 0
+    assert still.auto_["chosen"] == {"tolerance": 0} and still.model_.bank.radius == 0
     assert moved.auto_["evidence"]["offset_share"][0] < 0.9
-    assert moved.auto_["chosen"]["tolerance"] > 0 and moved._fitted().bank.radius == moved.auto_["chosen"]["tolerance"]
+    assert moved.auto_["chosen"]["tolerance"] > 0 and moved.model_.bank.radius == moved.auto_["chosen"]["tolerance"]
     assert still.get_params()["tolerance"] == moved.get_params()["tolerance"] == "auto"
 
 
@@ -70,8 +70,8 @@ def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tm
     table = record["evidence"]["image_auroc"]
     best = max(v for v in table.values() if v is not None)
     assert table[_chosen_key(record["chosen"])] >= best - autotune.WIN_MARGIN  # the best, or near it
-    assert auto_screws._fitted().bank.match == record["chosen"]["match"]
-    assert auto_screws._fitted().bank.positions is not None  # measured on the region bank
+    assert auto_screws.model_.bank.match == record["chosen"]["match"]
+    assert auto_screws.model_.bank.positions is not None  # measured on the region bank
     loaded = DinoPatch.load(auto_screws.save(tmp_path / "auto.npz"))
     assert loaded.auto_ == record and loaded.get_params()["sigma"] == "auto"
     images = screws("good", 2, seed=5) + screws("extra_object", 2, seed=5)
@@ -85,7 +85,7 @@ def test_settings_tuned_by_hand_leave_the_rest_of_the_choice(auto_screws, tmp_pa
     loaded = DinoPatch.load(tuned.save(tmp_path / "tuned.npz"))
     assert loaded.auto_["chosen"] == {k: auto_screws.auto_["chosen"][k] for k in ("tolerance", "match")}
     assert (loaded.sigma, loaded.score, loaded.get_params()["tolerance"]) == (2.0, "p99", "auto")
-    assert loaded._fitted().post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
+    assert loaded.model_.post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
 
 
 def test_evaluation_report_shows_the_choice(auto_screws, tmp_path):
@@ -132,10 +132,10 @@ def test_edited_or_invalid_record_is_refused(auto_screws, tmp_path, name, edit, 
 
 def test_explicit_values_are_never_overridden():
     det = _det(tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
-    assert det.auto_["chosen"].keys() == {"sigma"} and det._fitted().bank.radius == 2
+    assert det.auto_["chosen"].keys() == {"sigma"} and det.model_.bank.radius == 2
     assert all(k.startswith("tolerance=2 match=local ") and k.endswith(" score=p99")
                for k in det.auto_["evidence"]["image_auroc"])
-    assert det._fitted().post.score == "p99" and det.get_params()["tolerance"] == 2
+    assert det.model_.post.score == "p99" and det.get_params()["tolerance"] == 2
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -143,7 +143,7 @@ def test_few_images_fall_back_to_the_documented_defaults(n):
     kwargs = {"threshold": 1.0} if n == 1 else {}  # one image cannot calibrate a threshold either
     det = _det(**AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
     assert det.auto_["fallback"] is True and det.auto_["chosen"] == autotune.DEFAULTS
-    assert det._fitted().bank.radius == autotune.DEFAULTS["tolerance"]
+    assert det.model_.bank.radius == autotune.DEFAULTS["tolerance"]
     assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
 
 
@@ -177,10 +177,10 @@ def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bank, "GLOBAL_ROWS", 50)
     det = _det(match="local+global").fit(screws("good", 4, seed=1))
-    rows = det._fitted().bank.global_features
+    rows = det.model_.bank.global_features
     assert rows.shape[0] == 50 and not rows.flags.writeable
     loaded = DinoPatch.load(det.save(tmp_path / "lg.npz"))
-    np.testing.assert_array_equal(loaded._fitted().bank.global_features, rows)
+    np.testing.assert_array_equal(loaded.model_.bank.global_features, rows)
     images = screws("extra_object", 2, seed=4)
     np.testing.assert_allclose([r.score for r in loaded.predict(images)], [r.score for r in det.predict(images)])
 

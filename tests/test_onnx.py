@@ -218,7 +218,7 @@ def test_detector_predicts_without_torch(fp32_file, weights, tmp_path):
     """, tmp_path)
     scores = np.load(tmp_path / "scores.npy")
     assert scores == pytest.approx(det.score_images([good[1], bad]), rel=1e-4, abs=1e-6)
-    assert modelfile.read(model)[0]["weights_fingerprint"] == det._get_backbone().fingerprint
+    assert modelfile.read(model)[0]["weights_fingerprint"] == det.backbone_for().fingerprint
 
 
 def test_int8_tokens_close_to_torch(reference, tmp_path, capsys):

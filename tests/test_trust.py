@@ -117,7 +117,7 @@ def test_refit_after_changing_size_and_seed_rebuilds_the_backbone(parts, tmp_pat
     det = DinoPatch(**FAST).fit(good)
     det.set_params(image_size=140, seed=3).fit(good)
     loaded = DinoPatch.load(det.save(tmp_path / "m.npz"))
-    assert loaded.image_size == 140 and loaded._model.bank.grid == (10, 10)
+    assert loaded.image_size == 140 and loaded.model_.bank.grid == (10, 10)
     np.testing.assert_array_equal(loaded.score_images(bad), det.score_images(bad))
 
 
@@ -176,7 +176,7 @@ def test_auto_device_runs_on_the_cpu_and_says_so(parts, caplog):
 
     caplog.set_level(logging.INFO, logger="dinopatch")
     det = DinoPatch(**FAST, device="auto").fit(parts[0][:2])
-    assert det._get_backbone().device in ("cpu", "cuda:0")
+    assert det.backbone_for().device in ("cpu", "cuda:0")
     assert any("device='auto'" in r.getMessage() for r in caplog.records)
 
 
@@ -184,10 +184,10 @@ def test_a_swapped_cached_graph_is_never_used(parts, tmp_path):
     pytest.importorskip("onnxruntime")
     good, bad = parts
     det = DinoPatch(**dict(FAST, engine="onnx")).fit(good[:2])
-    graph = det._model.graph
-    assert graph["engine"] == "onnx" and graph["sha256"] == det._get_backbone().sha256
+    graph = det.model_.graph
+    assert graph["engine"] == "onnx" and graph["sha256"] == det.backbone_for().sha256
     path = det.save(tmp_path / "m.npz")
-    cached = det._get_backbone().path
+    cached = det.backbone_for().path
     onnx = pytest.importorskip("onnx")
     swapped = onnx.load(str(cached))
     swapped.doc_string = "another graph with the genuine metadata"  # a valid graph, other bytes
@@ -195,4 +195,4 @@ def test_a_swapped_cached_graph_is_never_used(parts, tmp_path):
     loaded = DinoPatch.load(path)
     np.testing.assert_allclose(loaded.score_images(bad[:1]), det.score_images(bad[:1]), rtol=1e-5)
     # Torch is installed here, so the graph was exported again rather than used as found.
-    assert loaded._get_backbone().sha256 == graph["sha256"]
+    assert loaded.backbone_for().sha256 == graph["sha256"]

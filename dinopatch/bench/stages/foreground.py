@@ -19,11 +19,11 @@ def bench_foreground(args) -> list[dict]:
     test = labelled(1 if args.quick else 6)
     frames = [im for im, _, _ in test]
     dets = {fg: _detector(args, foreground=fg).fit(_frames(args.bank, seed=1)) for fg in (False, True)}
-    region = dets[True]._model.foreground
+    region = dets[True].model_.foreground
     if region is None:
         raise RuntimeError("no foreground region was fitted")
-    batch = np.stack([c for c, _, _ in map(dets[True]._model.aligner.transform, frames[:args.batch])])
-    engine = dets[True]._get_backbone()
+    batch = np.stack([c for c, _, _ in map(dets[True].model_.aligner.transform, frames[:args.batch])])
+    engine = dets[True].backbone_for()
     runs = {("backbone", False): lambda: engine(batch), ("backbone", True): lambda: engine(batch, region.positions),
             ("e2e", False): lambda: dets[False].predict(frames), ("e2e", True): lambda: dets[True].predict(frames)}
     out = {}

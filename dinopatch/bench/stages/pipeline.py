@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -84,7 +85,7 @@ def aurocs(test: list, results: list) -> tuple[float, float]:
 
 def kept(det) -> float:
     """Fraction of the patches a fitted detector's backbone runs on."""
-    fg = det._model.foreground
+    fg = det.model_.foreground
     return 1.0 if fg is None else fg.fraction
 
 
@@ -105,8 +106,8 @@ def bench_e2e(args) -> list[dict]:
     """
     det = _fitted(args)
     previous = _detector(args, **PREVIOUS_DEFAULT).fit(_frames(args.bank, seed=1))
-    notebook = _detector(args, engine="torch", kernel="numpy", batch_size=1)
-    notebook._model = det._model  # the same fitted model, judged the notebook way
+    # The same fitted model, judged the notebook way.
+    notebook = copy.copy(det).set_params(engine="torch", kernel="numpy", batch_size=1)
     test = labelled(1 if args.quick else 4)
     frames = [im for im, _, _ in test]
     dets = {"ours": det, "previous": previous, "notebook": notebook}
@@ -116,7 +117,7 @@ def bench_e2e(args) -> list[dict]:
     a, b = (np.array([r.score for r in out[k]]) for k in ("ours", "notebook"))
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
-    engine = {k: type(dets[k]._get_backbone()).__name__ for k in ("ours", "previous")}
+    engine = {k: type(dets[k].backbone_for()).__name__ for k in ("ours", "previous")}
     n = len(frames)
     speedup = {k: paired_ratio(times, k, "ours") for k in ("previous", "notebook")}
     acc = {k: aurocs(test, out[k]) for k in ("ours", "previous")}
@@ -131,7 +132,7 @@ def bench_e2e(args) -> list[dict]:
                     note=f"batch_size {det.batch_size}; {quality('ours')}; {speedup['previous']:.2f}x the previous "
                          f"defaults, {speedup['notebook']:.2f}x the notebook; score deviation from the notebook "
                          f"{dev:.1e} of the spread"),
-        latency_row("e2e", f"previous defaults: predict ({engine['previous']} {previous._get_backbone().precision}, "
+        latency_row("e2e", f"previous defaults: predict ({engine['previous']} {previous.backbone_for().precision}, "
                     f"foreground {previous.foreground})", times["previous"], n,
                     note=quality("previous")),
         latency_row("e2e", "notebook (torch per image, numpy distances)", times["notebook"], n),
