@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .benchmark_sets import ALIGN, CATEGORIES, _check, make_set
+from .benchmark_sets import ALIGN, CATEGORIES, check_defect, make_set
 
 
 def _pixel(masks, maps) -> dict:
@@ -103,7 +103,7 @@ def run(
         if int(n) < 1:
             raise ValueError(f"{name} must be at least 1, got {n}")
     for name in categories:
-        _check(name, "good", size)
+        check_defect(name, "good", size)
     params.setdefault("image_size", size)
     params.setdefault("progress", False)
     # Built first so that a bad parameter fails before the minutes of rendering and fitting.
@@ -201,16 +201,16 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Help, _number, _Parser
+    from .cli import HelpFormatter, Parser, number_type
 
-    p = _Parser(prog="dinopatch benchmark-quality", formatter_class=_Help, allow_abbrev=False,
+    p = Parser(prog="dinopatch benchmark-quality", formatter_class=HelpFormatter, allow_abbrev=False,
                 description="The harder synthetic benchmark (weave, circuit, comb): image AUROC, pixel AUROC "
                             "and AUPRO per category and defect, with the detector's own settings.")
-    count = _number(int, 1, 10_000)
+    count = number_type(int, 1, 10_000)
     p.add_argument("-o", "--output", default="benchmark-quality.json", help="JSON report to write")
     p.add_argument("--force", action="store_true", help="replace the report if it exists")
     p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint path")
-    p.add_argument("--size", type=_number(int, 64, 4096), default=224,
+    p.add_argument("--size", type=number_type(int, 64, 4096), default=224,
                    help="rendered image side in pixels; also the backbone input unless -p image_size=N")
     p.add_argument("--seed", type=int, default=0, help="seeds the rendered images")
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,

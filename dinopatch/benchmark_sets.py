@@ -24,8 +24,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .synthetic import _check as check_names
-from .synthetic import _circle, _fill, _finish, _line, _pose
+from .synthetic import check_defect as check_names
+from .synthetic import circle_points, draw_line, fill_polygon, finish_image, pose_matrix
 
 CATEGORIES = ("weave", "circuit", "comb")
 DEFECTS = {
@@ -38,7 +38,7 @@ ALIGN = {"weave": False, "circuit": False, "comb": True}
 DRIFT = 0.1
 
 
-def _check(category: str, defect: str, size: int) -> None:
+def check_defect(category: str, defect: str, size: int) -> None:
     check_names(category, defect, size, DEFECTS, min_size=64)
 
 
@@ -58,7 +58,7 @@ def render_weave(
     rng: np.random.Generator, size: int = 224, defect: str = "good"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A plain weave: cells of three threads, alternately along x and y."""
-    _check("weave", defect, size)
+    check_defect("weave", defect, size)
     cell = 0.047 * size  # not a divisor of the 14 px patch: patches see different phases
     shift = rng.uniform(-0.2, 0.2, 2) * size / 16  # a fifth of a patch at most
     look = np.random.default_rng(rng.integers(2**63))
@@ -98,7 +98,7 @@ def render_weave(
         blob = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r)).astype(np.float32)
         img *= 1 - 0.4 * blob[..., None] * np.array([1.0, 0.8, 0.5], np.float32)
         mask[blob > 0.4] = 255
-    return _finish(np.clip(img, 0, 255).astype(np.uint8), look, 3.0, drift=DRIFT), mask
+    return finish_image(np.clip(img, 0, 255).astype(np.uint8), look, 3.0, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- circuit
@@ -122,18 +122,18 @@ def _circuit_layout(size: int) -> dict:
 
 def _draw_circuit(size, shift, layout, skip_pad=None, gap=None, bridge=None) -> np.ndarray:
     img = np.full((size, size, 3), _BOARD, np.uint8)
-    m = _pose(0, 1, shift)
+    m = pose_matrix(0, 1, shift)
     width = 0.011 * size
     for t in layout["traces"]:
         for a, b in zip(t[:-1], t[1:]):
-            _line(img, m, a, b, _COPPER, width)
+            draw_line(img, m, a, b, _COPPER, width)
     for k, p in enumerate(layout["pads"]):
         if k != skip_pad:
-            _fill(img, m, _circle(0.018 * size) + p, _PAD, outline=_COPPER)
+            fill_polygon(img, m, circle_points(0.018 * size) + p, _PAD, outline=_COPPER)
     if gap is not None:
-        _line(img, m, gap[0], gap[1], _BOARD, 2.2 * width)
+        draw_line(img, m, gap[0], gap[1], _BOARD, 2.2 * width)
     if bridge is not None:
-        _line(img, m, bridge[0], bridge[1], _COPPER, 0.8 * width)
+        draw_line(img, m, bridge[0], bridge[1], _COPPER, 0.8 * width)
     return img
 
 
@@ -144,7 +144,7 @@ def render_circuit(
 
     That is a quarter patch at 224 px: aligned to within a patch, as a fixtured part is.
     """
-    _check("circuit", defect, size)
+    check_defect("circuit", defect, size)
     layout = _circuit_layout(size)
     shift = rng.uniform(-0.015, 0.015, 2) * size
     look = np.random.default_rng(rng.integers(2**63))
@@ -167,7 +167,7 @@ def render_circuit(
     good = _draw_circuit(size, shift, layout)
     img = _draw_circuit(size, shift, layout, **kw)
     mask = _changed(good, img, size)
-    return _finish(img, look, 3.0, drift=DRIFT), mask
+    return finish_image(img, look, 3.0, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- comb
@@ -186,13 +186,13 @@ def _draw_comb(img, m, wobble, broken=None, bent=None, nick=None):
     The wobble is the spread of moulding: nominal, and as large as the subtlest defects.
     """
     x0, x1, y0, y1 = _SPINE
-    _fill(img, m, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], _PLASTIC, outline=_PLASTIC_EDGE)
+    fill_polygon(img, m, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], _PLASTIC, outline=_PLASTIC_EDGE)
     half, length = _TOOTH
     for k, x in enumerate(np.linspace(x0 + 0.02, x1 - 0.02, _TEETH)):
         end = y1 + length * wobble[k, 0] * (0.8 if k == broken else 1.0)
-        turn = _pose(wobble[k, 1] + (bent[1] if k == (bent[0] if bent else None) else 0), 1, (0, 0))[:, :2]
+        turn = pose_matrix(wobble[k, 1] + (bent[1] if k == (bent[0] if bent else None) else 0), 1, (0, 0))[:, :2]
         t = np.hstack([m[:, :2] @ turn, m[:, :2] @ (np.array([x, y1]) - turn @ (x, y1))[:, None] + m[:, 2:]])
-        _fill(
+        fill_polygon(
             img,
             t,
             [(x - half, y1 - 0.005), (x + half, y1 - 0.005), (x + half * 0.7, end), (x - half * 0.7, end)],
@@ -200,18 +200,18 @@ def _draw_comb(img, m, wobble, broken=None, bent=None, nick=None):
             outline=_PLASTIC_EDGE,
         )
     if nick is not None:
-        _fill(img, m, _circle(0.009, 12) + (nick, y0), _TABLE)
+        fill_polygon(img, m, circle_points(0.009, 12) + (nick, y0), _TABLE)
 
 
 def render_comb(
     rng: np.random.Generator, size: int = 224, defect: str = "good"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A comb with thin teeth on a table, at a random pose; its teeth vary a little in length and angle."""
-    _check("comb", defect, size)
+    check_defect("comb", defect, size)
     angle, scale = rng.uniform(0, 360), rng.uniform(0.9, 1.1)
     shift = rng.uniform(-0.06, 0.06, 2) * size
     look = np.random.default_rng(rng.integers(2**63))
-    m = _pose(angle, scale * size, np.array([size / 2, size / 2]) + shift)
+    m = pose_matrix(angle, scale * size, np.array([size / 2, size / 2]) + shift)
     wobble = np.stack([rng.uniform(0.96, 1.04, _TEETH), rng.uniform(-1, 1, _TEETH)], 1)
     kw = {}
     tooth = int(rng.integers(1, _TEETH - 1))
@@ -225,7 +225,7 @@ def render_comb(
     _draw_comb(good, m, wobble)
     _draw_comb(img, m, wobble, **kw)
     mask = _changed(good, img, size)
-    return _finish(img, look, 2.5, drift=DRIFT), mask
+    return finish_image(img, look, 2.5, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- sets
@@ -246,7 +246,7 @@ def make_set(
 
     One generator per group, so the training images do not depend on the test counts.
     """
-    _check(category, "good", size)
+    check_defect(category, "good", size)
     groups = [("good", n_train), ("good", n_test_good)] + [(d, n_test_defect) for d in DEFECTS[category]]
     out = {"train": [], "test": [], "masks": [], "defects": []}
     for k, (defect, n) in enumerate(groups):

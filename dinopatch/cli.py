@@ -46,14 +46,14 @@ PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps")
 REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "overlays")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default; an option whose default is None says in its own help what it falls back to."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Usage mistakes are one line, not a usage block."""
 
     def error(self, message):
@@ -69,7 +69,7 @@ def _engine(value: str) -> str:
                                      "export")
 
 
-def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+def number_type(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
             auto: bool = False):
     """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high`` (or "auto")."""
     def check(text: str):
@@ -103,10 +103,10 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
                    help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
     g.add_argument("--coreset-ratio", type=float, default=1.0,
                    help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=_number(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
+    g.add_argument("--tolerance", type=number_type(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
                    help="a patch is compared with good patches up to this many grid steps away ('auto': fit "
                         "chooses it from the good images, as it can --sigma, --score and --match)")
-    g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default="auto",
+    g.add_argument("--sigma", type=number_type(float, 0, MAX_SIGMA, auto=True), default="auto",
                    help="Gaussian smoothing of the anomaly map, in canonical pixels")
     g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
     g.add_argument("--match", default="local", choices=("auto", *MATCHES), help="own place, all, or both")
@@ -286,19 +286,19 @@ def cmd_export(args) -> int:
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The parser; ``defaults=False`` leaves out the detector flags not given (see :func:`_explicit`)."""
-    parser = _Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help,
+    parser = Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter,
                      allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"dinopatch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to do; `dinopatch COMMAND -h` lists its options")
-    common = _Parser(add_help=False, allow_abbrev=False)
+    common = Parser(add_help=False, allow_abbrev=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     common.add_argument("--force", action="store_true", help="replace outputs that exist")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Help,
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter,
                            allow_abbrev=False)
         p.set_defaults(func=func)
         return p
@@ -330,7 +330,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "it, --engine, --kernel and --batch-size replace the file's, and the other detector "
                         "flags are refused")
     p.add_argument("-o", "--output", default="report", help="report folder")
-    p.add_argument("--tune-fraction", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.5,
+    p.add_argument("--tune-fraction", type=number_type(float, 0, 1, low_open=True, high_open=True), default=0.5,
                    help="share of each defect type used to tune post-processing; the rest is reported")
     p.add_argument("--threshold", choices=["tuned", "good"], default="tuned",
                    help="'tuned': best F1 on the tuning part; 'good': from held-out good parts only")
@@ -354,7 +354,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint file")
     p.add_argument("--image-size", type=int, default=448,
                    help="input side in pixels, a multiple of 14 (the export runs at this size only)")
-    p.add_argument("--layers", type=_number(int, 1, MAX_LAYERS), default=1,
+    p.add_argument("--layers", type=number_type(int, 1, MAX_LAYERS), default=1,
                    help="mean of the last LAYERS blocks")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="int8 for CPUs with VNNI, fp16 for GPUs")

@@ -68,6 +68,28 @@ def _numba():
     return _numba_kernels
 
 
+def isa() -> str | None:
+    """The SIMD instruction set the cpp kernel runs on; None where ``dinopatch._C`` is not built."""
+    return None if _C is None else _C.isa()
+
+
+def isas() -> list[str]:
+    """Instruction sets the cpp kernel can run on here, best first (``"generic"`` last); [] where not built."""
+    return [] if _C is None else list(_C.isas())
+
+
+def set_isa(name: str) -> None:
+    """Run the cpp kernel on instruction set ``name`` (one of :func:`isas`); benchmarks compare them."""
+    if _C is None:
+        raise ValueError("the cpp kernel (dinopatch._C) is not built here: pip install -e .")
+    _C.set_isa(name)
+
+
+def cuda_runtime():
+    """``dinopatch._C_cuda`` (device buffers, event timers, ``synchronize``) where a GPU is present, else None."""
+    return _cuda()
+
+
 def available() -> list[str]:
     """Backends usable in this process, fastest first."""
     found = []

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
-from .onnx_engine import ONNX_FORMAT, PRECISIONS, onnx_cache_path
+from .graph_file import ONNX_FORMAT, PRECISIONS, onnx_cache_path
 from .specs import BACKBONES, preprocess
 from .torch_engine import TorchBackbone
 from .weights import weights_record_path

@@ -63,8 +63,8 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             pass
-    if kernels._C is not None:
-        out["dinopatch._C isa"] = kernels._C.isa()
+    if kernels.isa() is not None:
+        out["dinopatch._C isa"] = kernels.isa()
     return out
 
 
@@ -84,7 +84,7 @@ def hardware() -> dict:
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    cuda = kernels._cuda()
+    cuda = kernels.cuda_runtime()
     info["cuda_devices"] = cuda.device_count() if cuda is not None else 0
     return info
 

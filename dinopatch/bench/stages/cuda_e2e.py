@@ -61,7 +61,7 @@ class _Timed:
         t0 = time.perf_counter()
         out = self.inner(images, positions, **kw)
         if kernels.on_cuda(out):
-            kernels._cuda().synchronize()
+            kernels.cuda_runtime().synchronize()
         self.seconds += time.perf_counter() - t0
         return out
 

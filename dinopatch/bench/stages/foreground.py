@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import latency_row, paired_ratio, round_robin, stage, target
-from .pipeline import _detector, _frames, aurocs, labelled
+from .pipeline import aurocs, good_frames, labelled, make_detector
 
 
 @stage("foreground", groups=("pipeline",))
@@ -18,7 +18,7 @@ def bench_foreground(args) -> list[dict]:
     """
     test = labelled(1 if args.quick else 6)
     frames = [im for im, _, _ in test]
-    dets = {fg: _detector(args, foreground=fg).fit(_frames(args.bank, seed=1)) for fg in (False, True)}
+    dets = {fg: make_detector(args, foreground=fg).fit(good_frames(args.bank, seed=1)) for fg in (False, True)}
     region = dets[True].model_.foreground
     if region is None:
         raise RuntimeError("no foreground region was fitted")

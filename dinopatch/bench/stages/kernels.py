@@ -42,7 +42,7 @@ def variants(backend: str) -> list[tuple[str, str | None]]:
     """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
     if backend != "cpp":
         return [(backend, None)]
-    return [(f"cpp[{isa}]", isa) for isa in kernels._C.isas() if isa != "generic"] or [
+    return [(f"cpp[{isa}]", isa) for isa in kernels.isas() if isa != "generic"] or [
         ("cpp[generic]", "generic")
     ]
 
@@ -51,12 +51,12 @@ def with_isa(isa: str | None, fn, *args):
     """``fn(*args)`` with the cpp kernel on instruction set ``isa`` (None: as it is)."""
     if isa is None:
         return fn(*args)
-    previous = kernels._C.isa()
-    kernels._C.set_isa(isa)
+    previous = kernels.isa()
+    kernels.set_isa(isa)
     try:
         return fn(*args)
     finally:
-        kernels._C.set_isa(previous)
+        kernels.set_isa(previous)
 
 
 def kernel_size(args, default: tuple[int, int, int]) -> tuple[int, int, int]:

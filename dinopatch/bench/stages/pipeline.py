@@ -12,13 +12,13 @@ from dinopatch import kernels
 from ..registry import calls, latency_row, paired_ratio, round_robin, stage, target
 
 
-def _frames(n: int, seed: int) -> list[np.ndarray]:
+def good_frames(n: int, seed: int) -> list[np.ndarray]:
     from dinopatch.synthetic import make_images
 
     return make_images("screw", "good", n, seed)
 
 
-def _detector(args, **overrides):
+def make_detector(args, **overrides):
     from dinopatch.detector import DinoPatch
 
     params = dict(
@@ -40,7 +40,7 @@ def _fitted(args):
     """The detector of the pipeline stages, fitted once per run on ``--bank`` good screws."""
     key = (args.backbone, args.weights, args.image_size, args.engine, args.batch, args.bank)
     if key not in _FITTED:
-        _FITTED[key] = _detector(args).fit(_frames(args.bank, seed=1))
+        _FITTED[key] = make_detector(args).fit(good_frames(args.bank, seed=1))
     return _FITTED[key]
 
 
@@ -49,8 +49,8 @@ def bench_align(args) -> list[dict]:
     """Alignment of a 256 px frame into the canonical frame (OpenCV)."""
     from dinopatch.align import Aligner
 
-    frames = _frames(8, seed=2)
-    aligner = Aligner(size=args.image_size).fit(_frames(8, seed=1))
+    frames = good_frames(8, seed=2)
+    aligner = Aligner(size=args.image_size).fit(good_frames(8, seed=1))
     times = [t for im in frames for t in calls(lambda im=im: aligner.transform(im), args.repeats)]
     return [latency_row("align", "opencv", times, note=f"256 px frame -> {args.image_size} px")]
 
@@ -59,7 +59,7 @@ def bench_align(args) -> list[dict]:
 def bench_post(args) -> list[dict]:
     """Post-processing of one image's distances: upsample, smooth, score, map back, segment."""
     det = _fitted(args)
-    raws = det.patch_distances(_frames(4, seed=2))
+    raws = det.patch_distances(good_frames(4, seed=2))
     times = [t for raw in raws for t in calls(lambda raw=raw: det.result_from(raw), args.repeats)]
     return [latency_row("post", "opencv", times, note="256 px frame")]
 
@@ -105,7 +105,7 @@ def bench_e2e(args) -> list[dict]:
     scores.  Predict is timed round-robin; the AUROCs are of the same calls.
     """
     det = _fitted(args)
-    previous = _detector(args, **PREVIOUS_DEFAULT).fit(_frames(args.bank, seed=1))
+    previous = make_detector(args, **PREVIOUS_DEFAULT).fit(good_frames(args.bank, seed=1))
     # The same fitted model, judged the notebook way.
     notebook = copy.copy(det).set_params(engine="torch", kernel="numpy", batch_size=1)
     test = labelled(1 if args.quick else 4)
@@ -127,7 +127,7 @@ def bench_e2e(args) -> list[dict]:
                 f"weights {args.weights}")
 
     rows = [
-        latency_row("e2e", f"defaults: predict ({engine['ours']}, kernel {kernels.resolve(det._kernel())}, foreground "
+        latency_row("e2e", f"defaults: predict ({engine['ours']}, kernel {kernels.resolve(det.kernel)}, foreground "
                     f"{det.foreground})", times["ours"], n,
                     note=f"batch_size {det.batch_size}; {quality('ours')}; {speedup['previous']:.2f}x the previous "
                          f"defaults, {speedup['notebook']:.2f}x the notebook; score deviation from the notebook "
@@ -159,7 +159,7 @@ def bench_stream(args) -> list[dict]:
 
     det = _fitted(args)
     n, warm = (12, 3) if args.quick else (40, 5)
-    frames = _frames(8, seed=4)
+    frames = good_frames(8, seed=4)
 
     def run(period: float):
         def camera():
