@@ -68,6 +68,11 @@ def resolved(params: dict, record: dict | None) -> dict:
     return {k: chosen[k] if k in chosen and v == "auto" else v for k, v in params.items()}
 
 
+def defaults(params: dict) -> dict:
+    """``params`` with each ``"auto"`` replaced by :data:`DEFAULTS`."""
+    return resolved(params, {"chosen": DEFAULTS})
+
+
 def without(record: dict | None, names) -> dict | None:
     """``record`` without the choices of ``names`` (set by hand since); None when no choice is left."""
     if record is None or not set(record["chosen"]) - set(names):

@@ -178,6 +178,7 @@ def cmd_fit(args) -> int:
     print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px, "
           f"{'aligned' if det.align else 'not aligned'}, on {len(files)} images")
     det.fit(files)
+    print(det.fit_report_.describe())
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     path = det.save(out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, kernels
+from . import autotune, fitted, goodset, kernels
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone.device import require as require_device
@@ -58,13 +58,16 @@ class DinoPatch(EstimatorMixin):
         batch_size: images per backbone call.
         progress: show progress bars.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
+        outliers: good images that are not evidence of a good part (no part found, duplicates, held-out
+            score far above the rest; :mod:`.goodset`): ``"drop"`` them from the bank and the threshold,
+            ``"keep"`` them on purpose, or ``"error"``.  Read what fit found from :attr:`fit_report_`.
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True, device="auto"):
+                 batch_size=8, progress=True, device="auto", outliers="drop"):
         for name, value in locals().items():
             if name != "self":
                 setattr(self, name, value)
@@ -88,13 +91,19 @@ class DinoPatch(EstimatorMixin):
             self
         """
         params = check_params(self.get_params())
-        images = load_images(images)
+        images, names = goodset.load_named(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         engine = self._engine(backbone_key(params), None, None)
-        nominal = NominalSet.build(images, aligner, engine, foreground=self.foreground, seed=self.seed,
-                                   batch_size=int(self.batch_size), backend=self._kernel(), progress=self.progress)
+        flags = goodset.screen(images, names, aligner)
+        keep = goodset.kept(len(images), flags, self.outliers)
+        nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=self.foreground,
+                                   seed=self.seed, batch_size=int(self.batch_size), backend=self._kernel(),
+                                   progress=self.progress)
+        # The good set is judged with the documented defaults: auto must not tune on what is left out.
+        report, nominal = goodset.judge(nominal, names, keep, flags, autotune.defaults(params), self.outliers,
+                                        self.seed)
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
         auto = autotune.resolve(params, nominal)
@@ -102,7 +111,8 @@ class DinoPatch(EstimatorMixin):
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
         self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
-                             engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto)
+                             engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
+                             report)
         return self
 
     def _kernel(self):
@@ -145,6 +155,11 @@ class DinoPatch(EstimatorMixin):
         ``"auto"``; this is the one place the fitted values are read from.
         """
         return self.model_.auto
+
+    @property
+    def fit_report_(self) -> goodset.FitReport | None:
+        """What fit made of its good set (:class:`~.goodset.FitReport`); None for a model from before the check."""
+        return self.model_.report
 
     @property
     def model_id(self) -> str:

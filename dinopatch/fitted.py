@@ -27,6 +27,7 @@ from .backbone.specs import check_image_size
 from .bank import MATCHES, MemoryBank
 from .calibration import METHODS, Threshold, check_calibration, check_rate
 from .foreground import Foreground, check_option
+from .goodset import FitReport, check_policy
 from .modelfile import ModelFileError
 from .nominal import finish, orient
 from .polarity import Polarity
@@ -58,6 +59,8 @@ class Fitted:
     graph: dict | None = None
     # What fit chose for the parameters set to "auto", and its evidence (:func:`.autotune.resolve`).
     auto: dict | None = None
+    # What fit made of its good set (:mod:`.goodset`); None in model files from before the check.
+    report: FitReport | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -158,6 +161,7 @@ def check_params(params: dict) -> dict:
     p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
     if p["threshold"] is not None:
         p["threshold"] = Threshold.given(p["threshold"]).image
+    p["outliers"] = check_policy(p.get("outliers", "drop"))  # model files from before the good-set check
     p["batch_size"] = _int(p, "batch_size", 1, MAX_BATCH)
     parse_device(p["device"])
     return p
@@ -176,6 +180,7 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         "weights_fingerprint": model.fingerprint,
         "graph": model.graph,
         "auto": model.auto,
+        "fit_report": None if model.report is None else model.report.record(),
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
               "calibration_maxima": np.asarray(t.maxima, np.float64)}
@@ -270,13 +275,19 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
         raise ValueError(f"graph record malformed ({graph!r})")
     auto = autotune.check_record(header.get("auto"), params, side)
+    report = None if header.get("fit_report") is None else FitReport.from_record(header["fit_report"])
+    if report is not None and threshold.source["method"] in ("leave-one-out", "k-fold") \
+            and threshold.source["images"] != report.used:
+        raise ValueError(f"threshold measured on {threshold.source['images']} images but the fit report used "
+                         f"{report.used}: the file was edited")
     chosen = check_params(autotune.resolved(params, auto))
     rows = arrays.get("global_bank") if chosen["match"] != "local" else None
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), chosen["tolerance"], None if fg is None else fg.positions,
                          chosen["match"], rows)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto), params
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
+                  report), params
 
 
 def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:
