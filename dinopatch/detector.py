@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, goodset, kernels
+from . import autotune, fitted, goodset
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone.device import require as require_device
 from .calibration import Threshold, calibrate
 from .data import load_images
 from .fitted import Fitted, NotFittedError, backbone_key, check_params, graph_record
-from .nominal import NominalSet
 from .presets import PRESETS
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
@@ -58,9 +57,8 @@ class DinoPatch(EstimatorMixin):
         batch_size: images per backbone call.
         progress: show progress bars.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
-        outliers: good images that are not evidence of a good part (no part found, duplicates, held-out
-            score far above the rest; :mod:`.goodset`): ``"drop"`` them from the bank and the threshold,
-            ``"keep"`` them on purpose, or ``"error"``.  Read what fit found from :attr:`fit_report_`.
+        outliers: ``"drop"`` (from bank and threshold), ``"keep"`` or ``"error"``: good images with no part,
+            duplicates, held-out scores far above the rest (:mod:`.goodset`; see :attr:`fit_report_`).
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
@@ -82,28 +80,15 @@ class DinoPatch(EstimatorMixin):
         return cls(**dict(PRESETS[name], **overrides))
 
     def fit(self, images) -> "DinoPatch":
-        """Learn what good parts look like, and the threshold that separates them.
-
-        Args:
-            images: nominal images: uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths.
-
-        Returns:
-            self
-        """
+        """Learn what good parts look like from ``images`` (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or
+        paths), and the threshold that separates them; returns self."""
         params = check_params(self.get_params())
         images, names = goodset.load_named(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one nominal image, got none")
         aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
         engine = self._engine(backbone_key(params), None, None)
-        flags = goodset.screen(images, names, aligner)
-        keep = goodset.kept(len(images), flags, self.outliers)
-        nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=self.foreground,
-                                   seed=self.seed, batch_size=int(self.batch_size), backend=self._kernel(),
-                                   progress=self.progress)
-        # The good set is judged with the documented defaults: auto must not tune on what is left out.
-        report, nominal = goodset.judge(nominal, names, keep, flags, autotune.defaults(params), self.outliers,
-                                        self.seed)
+        report, nominal = goodset.checked(images, names, aligner, engine, params, self._kernel())
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
         auto = autotune.resolve(params, nominal)
@@ -147,13 +132,8 @@ class DinoPatch(EstimatorMixin):
 
     @property
     def auto_(self) -> dict | None:
-        """What fit chose for the parameters set to ``"auto"``, and why; None when none was.
-
-        ``{"chosen": {name: value}, "fallback": bool, "evidence": {...}}`` (see :mod:`.autotune`):
-        ``fallback`` is True where too few nominal images left nothing to measure and the
-        documented defaults (:data:`.autotune.DEFAULTS`) stand.  :meth:`get_params` keeps saying
-        ``"auto"``; this is the one place the fitted values are read from.
-        """
+        """What fit chose for the parameters set to ``"auto"``, and why (:func:`.autotune.resolve`); None when
+        none was.  :meth:`get_params` keeps saying ``"auto"``; this is where the fitted values are read."""
         return self.model_.auto
 
     @property
@@ -181,32 +161,18 @@ class DinoPatch(EstimatorMixin):
         the backbone again (see :meth:`result_from`).
         """
         model, images, bs = self.model_, load_images(images), int(self.batch_size)
-        return [raw for i in range(0, len(images), bs)
-                for raw in self.distances_aligned(_aligned(model, images[i:i + bs]))]
+        return [raw for i in range(0, len(images), bs) for raw in self.distances_aligned(model.align(images[i:i + bs]))]
 
     def align_images(self, images: list[np.ndarray]) -> list[tuple]:
-        """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages.
-
-        Returns one opaque item per image for :meth:`distances_aligned`, bound to the model in force now;
-        items of several calls can be batched together.
-        """
-        return _aligned(self.model_, images)
+        """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages:
+        opaque items for :meth:`distances_aligned`, bound to the model in force now (see :meth:`.Fitted.align`)."""
+        return self.model_.align(images)
 
     def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
-        """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`."""
-        if len({id(model) for model, *_ in items}) > 1:  # aligned across a refit: each part by its own model
-            split = next(i for i, item in enumerate(items) if item[0] is not items[0][0])
-            return self.distances_aligned(items[:split]) + self.distances_aligned(items[split:])
-        model = items[0][0]
-        engine = self.backbone_for(model)
-        frames = np.stack([canonical for _, _, canonical, _, _ in items])
-        dists = model.distances(engine, frames, self._kernel(), self._tokens_stay_on_gpu(engine))
-        return [PatchDistances(d, valid, al, im.shape[:2], model) for (_, im, _, valid, al), d in zip(items, dists)]
-
-    def _tokens_stay_on_gpu(self, engine) -> bool:
-        """Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host."""
-        return (getattr(engine, "engine", None) == "torch" and str(engine.device).startswith("cuda")
-                and kernels.resolve(self._kernel()) == "cuda")
+        """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`;
+        items aligned across a refit are each scored by their own model."""
+        return [raw for model, run in fitted.by_model(items)
+                for raw in model.patch_distances(run, self.backbone_for(model), self._kernel())]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:
@@ -256,6 +222,3 @@ class DinoPatch(EstimatorMixin):
         det._model = model
         return det
 
-
-def _aligned(model: Fitted, images: list[np.ndarray]) -> list[tuple]:
-    return [(model, im, *model.aligner.transform(im)) for im in images]

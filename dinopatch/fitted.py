@@ -32,6 +32,7 @@ from .modelfile import ModelFileError
 from .nominal import finish, orient
 from .polarity import Polarity
 from .postprocess import SCORES, PostProcess
+from .result import PatchDistances
 
 # How to run, not what was fitted: these may differ between save and load.
 RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress", "device")
@@ -76,18 +77,41 @@ class Fitted:
         p = self.resolved
         return PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
 
-    def distances(self, engine, frames: np.ndarray, backend: str | None = None, on_device: bool = False):
+    def align(self, images: list[np.ndarray]) -> list[tuple]:
+        """Items ``(model, image, canonical, valid, alignment)`` for :meth:`patch_distances`, one per image."""
+        return [(self, im, *self.aligner.transform(im)) for im in images]
+
+    def patch_distances(self, items: list[tuple], engine, backend: str | None = None) -> list[PatchDistances]:
+        """:class:`~.result.PatchDistances` of items from :meth:`align`."""
+        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]), backend)
+        return [PatchDistances(d, valid, al, im.shape[:2], self) for (_, im, _, valid, al), d in zip(items, dists)]
+
+    def distances(self, engine, frames: np.ndarray, backend: str | None = None) -> np.ndarray:
         """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]``, as this model scores them.
 
-        ``on_device``: the engine leaves the tokens on the GPU, where the cuda kernel reads them.
+        Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host.
         """
         fg = self.foreground
         if fg is not None:
             tokens = fg.scatter(engine(frames, fg.positions))
+        elif getattr(engine, "engine", None) == "torch" and str(engine.device).startswith("cuda") \
+                and kernels.resolve(backend) == "cuda":
+            tokens = engine(frames, on_device=True)
         else:
-            tokens = engine(frames, on_device=True) if on_device else engine(frames)
+            tokens = engine(frames)
         tokens, flips = orient(self.polarity, tokens)
         return finish(self.bank.distances(tokens, backend=backend), flips, fg, frames)
+
+
+def by_model(items: list[tuple]) -> list[tuple[Fitted, list[tuple]]]:
+    """Items of :meth:`Fitted.align` in runs of one model each (items aligned across a refit)."""
+    runs: list = []
+    for item in items:
+        if runs and runs[-1][0] is item[0]:
+            runs[-1][1].append(item)
+        else:
+            runs.append((item[0], [item]))
+    return runs
 
 
 class NotFittedError(ValueError, AttributeError):

@@ -29,6 +29,7 @@ import os
 import cv2
 import numpy as np
 
+from .autotune import defaults
 from .data import load_images
 from .nominal import NominalSet
 
@@ -206,6 +207,27 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
         nominal = nominal.subset(np.array(keep), seed)
     flags.sort(key=lambda f: (REASONS.index(f.reason), f.index))
     return FitReport(len(names), len(nominal), outliers, tuple(flags), scores), nominal
+
+
+def checked(images: list[np.ndarray], names: list[str], aligner, engine, params: dict,
+            backend: str | None = None) -> tuple[FitReport, NominalSet]:
+    """The good set checked, as fit uses it: :func:`screen`, :func:`kept`, embedded, :func:`judge`.
+
+    Args:
+        images, names: the nominal images and their names (:func:`load_named`).
+        aligner: fitted on ``images``.
+        engine: the backbone.
+        params: the detector's checked parameters (``outliers``, ``foreground``, ``seed``, ``batch_size``,
+            ``progress``); the good set is judged with :data:`.autotune.DEFAULTS` for every ``"auto"``,
+            so that auto does not tune on what is left out.
+        backend: distance kernel backend.
+    """
+    flags = screen(images, names, aligner)
+    keep = kept(len(images), flags, params["outliers"])
+    nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
+                               seed=params["seed"], batch_size=params["batch_size"], backend=backend,
+                               progress=params["progress"])
+    return judge(nominal, names, keep, flags, defaults(params), params["outliers"], params["seed"])
 
 
 def outlier_names(scores) -> list[str]:
