@@ -15,9 +15,15 @@ nominal images themselves, each scored against a bank built without it
 * **sigma, score, match** (and the tolerance within its bound): synthetic
   defects the model has never seen (a patch cut from another part and pasted,
   a thin scratch, a blob, a contrast change) are pasted into held-out nominal
-  images; the candidate that best separates them from the held-out nominal
-  images (image AUROC) wins; the bound and then :data:`DEFAULTS` stand unless
-  another candidate separates better by more than :data:`WIN_MARGIN`.
+  images, and each candidate separates them from the held-out nominal images
+  (image AUROC).  The candidates are tried in search order, the bound and then
+  :data:`DEFAULTS` first; a candidate replaces the settings before it only when
+  a paired comparison over the same pasted and held-out images says it is
+  better: in at least ``1 - ALPHA / comparisons`` of :data:`RESAMPLES` seeded
+  stratified bootstrap resamples its AUROC is above theirs (one-sided,
+  Bonferroni over the search's comparisons; :data:`ALPHA`).  Candidates that tie
+  leave the settings before them in force.  Below :data:`THIN_IMAGES` nominal
+  images the search is coarser (:data:`COARSE`).
 
 Below :data:`MIN_IMAGES` nominal images nothing can be measured: the choice is
 :data:`DEFAULTS` and the record's ``fallback`` is True.
@@ -48,8 +54,13 @@ SIGMAS = (4.0, 0.0, 2.0, 8.0)
 # nearer rows of pure noise differ by less.
 MARGIN = 0.1
 SHARE = 0.05
-# Image AUROC a candidate must gain over the one before it in search order to be chosen: with 6 nominal
-# and 12 pasted images one pair is 0.014, and candidates on random weights differ by that at chance.
+# The paired test a candidate must pass to replace the settings before it.
+ALPHA = 0.05
+RESAMPLES = 2000
+# Fewer nominal images than this paste fewer than 24 defects: fewer, coarser candidates.
+THIN_IMAGES = 12
+COARSE = {"sigma": (4.0, 0.0, 8.0), "score": ("max", "mean")}
+# Model files from before the paired test chose by this AUROC margin over the settings before.
 WIN_MARGIN = 0.02
 # Nominal images that receive pasted defects (one of each kind), at most half the fit's: the pasted
 # images are embedded on top of the nominal ones, so a small fit stays cheap.
@@ -103,9 +114,10 @@ def resolve(params: dict, nominal: NominalSet) -> dict | None:
         # Rounded before choosing, so that the model file's check derives the same bound from them.
         evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(nominal)]
         bound = choose_tolerance(evidence["offset_share"], nominal.tokens.shape[1] - 1)
-    table = _separation(params, names, bound, nominal)
-    evidence["image_auroc"] = table
-    return {"chosen": dict(zip(names, _winner(table, names, params, bound))), "fallback": False,
+    order = _candidates(names, params, bound, n)
+    evidence["image_auroc"], y, scores = _separation(params, order, nominal)
+    evidence["test"] = _paired_test(y, scores, params["seed"])
+    return {"chosen": dict(zip(names, _winner(evidence, names, params, bound))), "fallback": False,
             "evidence": evidence}
 
 
@@ -163,11 +175,13 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
     return out
 
 
-def _candidates(names: list[str], params: dict, bound: int) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults."""
+def _candidates(names: list[str], params: dict, bound: int, images: int) -> list[tuple]:
+    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults; coarser
+    below :data:`THIN_IMAGES` nominal images."""
     def first(name, values):
         if name not in names:
             return (params[name],)
+        values = COARSE.get(name, values) if images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
     radii = range(bound, -1, -1) if "tolerance" in names else (bound,)
@@ -179,8 +193,13 @@ def _key(tolerance, match, sigma, score) -> str:
     return f"tolerance={tolerance} match={match} sigma={sigma:g} score={score}"
 
 
-def _separation(params, names, bound, nominal: NominalSet) -> dict:
-    """Image AUROC of held-out nominal vs. pasted-defect images, per candidate (:func:`_candidates`)."""
+def _separation(params, order: list[tuple], nominal: NominalSet) -> tuple[dict, np.ndarray, dict]:
+    """Held-out nominal vs. pasted-defect images, per candidate of ``order`` (:func:`_candidates`).
+
+    Returns:
+        ``{key: image AUROC}`` (rounded; None where nothing was finite), the labels ``[n + P]`` (True:
+        pasted) and ``{key: image scores [n + P]}`` of the same images.
+    """
     rng = np.random.default_rng([params["seed"], 1])
     n = len(nominal)
     pasted, origin = [], []
@@ -191,8 +210,8 @@ def _separation(params, names, bound, nominal: NominalSet) -> dict:
             origin.append(int(i))
     queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
-    table, maps = {}, {}
-    for tolerance, match, sigma, score in _candidates(names, params, bound):
+    table, maps, scores = {}, {}, {}
+    for tolerance, match, sigma, score in order:
         if (tolerance, match) not in maps:  # the candidates come grouped by bank
             maps = {(tolerance, match): nominal.held_out(dict(params, tolerance=tolerance, match=match),
                                                          extra=queries)}
@@ -202,26 +221,79 @@ def _separation(params, names, bound, nominal: NominalSet) -> dict:
                      + [post.score_map(d, nominal.valid[queries.origin[j]])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
-        table[_key(tolerance, match, sigma, score)] = round(auc, 4) if math.isfinite(auc) else None
-    return table
+        key = _key(tolerance, match, sigma, score)
+        table[key], scores[key] = (round(auc, 4) if math.isfinite(auc) else None), s
+    return table, y, scores
 
 
-def _winner(table: dict, names: list[str], params: dict, bound: int) -> list:
-    """The values of ``names`` in the table's best entry.
+def _paired_test(y: np.ndarray, scores: dict, seed: int) -> dict:
+    """Each candidate in search order against the settings in force before it, on the same resamples.
 
-    A candidate must beat the one before it in search order (the bound, then the defaults) by more than
-    :data:`WIN_MARGIN` to displace it: the pasted defects are few, and a smaller difference is noise.
-    The order is the search's, not the table's (the model file may store the keys sorted).
+    Returns:
+        The test's record: ``alpha``, ``resamples``, and per step ``{"candidate", "vs", "win_share"}``,
+        the share of resamples in which the candidate's AUROC is above that of the settings it was
+        compared with (rounded, as the choice reads it).
     """
-    order = [_key(*c) for c in _candidates(names, params, bound)]
-    best, best_auc = order[0], -math.inf
-    for key in order:
-        auc = table.get(key)
-        if auc is not None and auc > best_auc + WIN_MARGIN:
-            best, best_auc = key, auc
-    values = dict(item.split("=", 1) for item in best.split(" "))
+    keys = list(scores)
+    boot = dict(zip(keys, metrics.bootstrap_aurocs(y, [scores[k] for k in keys], RESAMPLES,
+                                                   np.random.default_rng([seed, 2]))))
+    level, steps, current = _level(len(keys)), [], keys[0]
+    for key in keys[1:]:
+        share = round(float(np.mean(boot[key] > boot[current])), 4)
+        steps.append({"candidate": key, "vs": current, "win_share": share})
+        current = key if share >= 1 - level else current
+    return {"method": "paired bootstrap of image AUROC, one-sided, Bonferroni", "alpha": ALPHA,
+            "resamples": RESAMPLES, "steps": steps}
+
+
+def _level(candidates: int) -> float:
+    return ALPHA / max(1, candidates - 1)
+
+
+def _winner(evidence: dict, names: list[str], params: dict, bound: int) -> list:
+    """The values of ``names`` that the evidence's search keeps in force (see the module's docstring).
+
+    The steps are replayed in search order (not the table's: the model file may store keys sorted);
+    each must compare the candidate the search made with the settings then in force.  Evidence from
+    before the paired test chose by an AUROC margin (:data:`WIN_MARGIN`).
+
+    Raises:
+        ValueError: the steps are not the search's.
+    """
+    order = [_key(*c) for c in _candidates(names, params, bound, evidence["images"])]
+    table, test, current = evidence["image_auroc"], evidence.get("test"), order[0]
+    if test is None:
+        best_auc = -math.inf
+        for key in order:
+            if table.get(key) is not None and table[key] > best_auc + WIN_MARGIN:
+                current, best_auc = key, table[key]
+    else:
+        steps, level = test["steps"], _level(len(order))
+        if [s["candidate"] for s in steps] != order[1:]:
+            raise ValueError("auto record's test steps are not the search its parameters make")
+        for step in steps:
+            if step["vs"] != current:
+                raise ValueError(f"auto record compares {step['candidate']} with {step['vs']}, not with the "
+                                 f"settings then in force ({current}): the file was edited")
+            current = step["candidate"] if step["win_share"] >= 1 - level else current
+    values = dict(item.split("=", 1) for item in current.split(" "))
     cast = {"tolerance": int, "sigma": float, "score": str, "match": str}
     return [cast[n](values[n]) for n in names]
+
+
+def _check_test(test) -> None:
+    """The paired test's record is well formed (its steps are checked against the search by :func:`_winner`)."""
+    if test is None:
+        return
+    if not isinstance(test, dict) or set(test) != {"method", "alpha", "resamples", "steps"} \
+            or test["alpha"] != ALPHA or test["resamples"] != RESAMPLES or not isinstance(test["steps"], list):
+        raise ValueError("auto record's paired test is malformed or not this version's")
+    for step in test["steps"]:
+        if not isinstance(step, dict) or set(step) != {"candidate", "vs", "win_share"} \
+                or not isinstance(step["candidate"], str) or not isinstance(step["vs"], str) \
+                or isinstance(step["win_share"], bool) or not isinstance(step["win_share"], (int, float)) \
+                or not 0.0 <= step["win_share"] <= 1.0:
+            raise ValueError(f"auto record's paired test step malformed: {step!r:.200}")
 
 
 def check_record(record, params: dict, side: int) -> dict:
@@ -244,6 +316,9 @@ def check_record(record, params: dict, side: int) -> dict:
             or not isinstance(record["fallback"], bool):
         raise ValueError(f"auto record does not cover exactly the 'auto' parameters {names}: {chosen!r:.200}")
     if record["fallback"]:
+        if not isinstance(evidence.get("images"), int) or evidence["images"] >= MIN_IMAGES:
+            raise ValueError(f"auto record falls back to the defaults on {evidence.get('images')!r} images, "
+                             f"not fewer than {MIN_IMAGES}: the file was edited")
         expected = {k: DEFAULTS[k] for k in names}
     else:
         # What fit searched; a copy tuned by hand since (DinoPatch.tuned) keeps the rest of its choice.
@@ -264,9 +339,13 @@ def check_record(record, params: dict, side: int) -> dict:
                     or abs(sum(shares) - 1.0) > 1e-3:
                 raise ValueError("auto record's offset shares are malformed")
             bound = choose_tolerance(shares, side - 1)
-        if set(table) != {_key(*c) for c in _candidates(searched, params, bound)}:
+        images = evidence.get("images")
+        if isinstance(images, bool) or not isinstance(images, int) or images < MIN_IMAGES:
+            raise ValueError(f"auto record's image count {images!r} is malformed")
+        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, images)}:
             raise ValueError("auto record's separation evidence is not the search its parameters make")
-        expected = {k: v for k, v in zip(searched, _winner(table, searched, params, bound)) if k in names}
+        _check_test(evidence.get("test"))
+        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, bound)) if k in names}
     if chosen != expected:
         raise ValueError(f"auto record chose {chosen} but its evidence gives {expected}: the file was edited")
     return record

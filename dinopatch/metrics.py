@@ -41,6 +41,29 @@ def auroc(labels, scores) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def bootstrap_aurocs(labels, scores: list[np.ndarray], resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Image AUROC of several scorings of the same images on the same stratified bootstrap resamples.
+
+    Negatives and positives are each resampled with replacement (``resamples`` times), and every scoring
+    is read on the same resamples, so that two scorings can be compared pair by pair.  A non-finite score
+    ties with everything.
+
+    Returns:
+        float64 ``[len(scores), resamples]``.
+    """
+    labels = np.asarray(labels, bool)
+    neg, pos = np.flatnonzero(~labels), np.flatnonzero(labels)
+    count_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=resamples)
+    count_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=resamples)
+    out = np.empty((len(scores), resamples))
+    for k, s in enumerate(scores):
+        s = np.asarray(s, np.float64)
+        p, n = s[pos][:, None], s[neg][None, :]
+        wins = np.where(np.isfinite(p) & np.isfinite(n), (p > n) + 0.5 * (p == n), 0.5)
+        out[k] = np.einsum("bm,mn,bn->b", count_pos, wins, count_neg) / (len(pos) * len(neg))
+    return out
+
+
 def binary_report(labels, predicted) -> dict[str, float]:
     """Precision, recall, F1 and accuracy of boolean predictions."""
     y = np.asarray(labels).ravel().astype(bool)

@@ -67,9 +67,11 @@ def test_auto_is_the_default():
 def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tmp_path):
     record = auto_screws.auto_
     assert not record["fallback"] and set(record["chosen"]) == {"tolerance", "sigma", "score", "match"}
-    table = record["evidence"]["image_auroc"]
-    best = max(v for v in table.values() if v is not None)
-    assert table[_chosen_key(record["chosen"])] >= best - autotune.WIN_MARGIN  # the best, or near it
+    test = record["evidence"]["test"]
+    level = autotune.ALPHA / len(test["steps"])
+    won = [s["candidate"] for s in test["steps"] if s["win_share"] >= 1 - level]
+    # The first in search order, or the last candidate that passed the paired test against what was in force.
+    assert _chosen_key(record["chosen"]) == ([test["steps"][0]["vs"]] + won)[-1]
     assert auto_screws.model_.bank.match == record["chosen"]["match"]
     assert auto_screws.model_.bank.positions is not None  # measured on the region bank
     loaded = DinoPatch.load(auto_screws.save(tmp_path / "auto.npz"))
@@ -105,6 +107,47 @@ def _chosen_key(chosen: dict) -> str:
             f"score={chosen['score']}")
 
 
+def _flip_steps(record: dict) -> None:
+    """Every step of the paired test passed (or, where that is the recorded choice already, none did)."""
+    steps = record["evidence"]["test"]["steps"]
+    share = 0.0 if steps[-1]["candidate"] == _chosen_key(record["chosen"]) else 1.0
+    current = steps[0]["vs"]
+    for step in steps:
+        step.update(win_share=share, vs=current)
+        current = step["candidate"] if share else current
+
+
+def test_a_candidate_replaces_the_settings_before_it_only_when_the_paired_test_says_so():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(20, bool), np.ones(24, bool)]
+    base = rng.normal(size=44) + 0.8 * y
+    noise = base + 0.05 * rng.normal(size=44)  # a near-equal candidate: a tie, however its AUROC falls
+    better = base + 3.0 * y
+    test = autotune._paired_test(y, {"a": base, "b": noise, "c": better, "d": noise}, seed=0)
+    level = autotune.ALPHA / 3
+    steps = {s["candidate"]: s for s in test["steps"]}
+    assert steps["b"]["vs"] == "a" and steps["b"]["win_share"] < 1 - level
+    assert steps["c"]["vs"] == "a" and steps["c"]["win_share"] >= 1 - level
+    assert steps["d"]["vs"] == "c" and steps["d"]["win_share"] < 0.01
+    assert test == autotune._paired_test(y, {"a": base, "b": noise, "c": better, "d": noise}, seed=0)  # seeded
+
+
+def test_thin_evidence_searches_fewer_coarser_candidates():
+    names = ["sigma", "score"]
+    params = dict(tolerance=1, match="local", sigma="auto", score="auto")
+    thin, full = (autotune._candidates(names, params, 1, n) for n in (autotune.THIN_IMAGES - 1, autotune.THIN_IMAGES))
+    assert len(thin) == 6 and len(full) == 16 and thin[0] == full[0] == (1, "local", 4.0, "max")
+    assert {c[2] for c in thin} == {0.0, 4.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
+
+
+def test_records_from_before_the_paired_test_keep_their_margin_rule():
+    params = dict(tolerance=1, match="local", sigma="auto", score=("max"))
+    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, 1, 6)]
+    table = dict.fromkeys(order, 0.5) | {order[2]: 0.5 + autotune.WIN_MARGIN + 0.01}
+    chosen = autotune._winner({"images": 6, "image_auroc": table}, ["sigma"], params, 1)
+    assert order[2] == autotune._key(1, "local", chosen[0], "max")
+
+
 def _edited(det, tmp_path, name: str, edit) -> str:
     header, arrays = modelfile.read(det.save(tmp_path / "base.npz"))
     header = json.loads(json.dumps({k: v for k, v in header.items() if k not in ("format", "version", "arrays")}))
@@ -114,8 +157,9 @@ def _edited(det, tmp_path, name: str, edit) -> str:
 
 @pytest.mark.parametrize("name, edit, message", [
     ("chosen", lambda h: h["auto"]["chosen"].update(tolerance=1 - h["auto"]["chosen"]["tolerance"]), "edited"),
-    ("evidence", lambda h: h["auto"]["evidence"]["image_auroc"].update({_chosen_key(h["auto"]["chosen"]): 0.0}),
-     "edited"),
+    ("evidence", lambda h: _flip_steps(h["auto"]), "edited"),
+    ("compared", lambda h: h["auto"]["evidence"]["test"]["steps"][1].update(vs="tolerance=9 match=local"), "edited"),
+    ("test", lambda h: h["auto"]["evidence"]["test"].update(alpha=0.5), "paired test"),
     ("search", lambda h: h["auto"]["evidence"]["image_auroc"].pop(_chosen_key(h["auto"]["chosen"])), "search"),
     ("shares", lambda h: h["auto"]["evidence"].update(offset_share=[0.1, 0.1, 0.1]), "offset shares"),
     ("missing", lambda h: h["auto"]["chosen"].pop("sigma"), "exactly"),
