@@ -1,8 +1,7 @@
 """The DinoPatch detector: fit on good parts, score new ones; it orchestrates, the stages live elsewhere.
 
-Everything :meth:`DinoPatch.fit` learns is one immutable :class:`~.fitted.Fitted`,
-swapped in whole: a prediction running while another thread refits uses either
-the old model or the new one, never parts of both.
+What fit learns is one immutable :class:`~.fitted.Fitted`, swapped in whole: a prediction running while
+another thread refits uses either the old model or the new one, never parts of both.
 """
 from __future__ import annotations
 
@@ -37,23 +36,19 @@ class DinoPatch(EstimatorMixin):
         align: align parts to a canonical pose; False for fixtured parts and flat textures.
         engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an ``.onnx`` export.
         kernel: distance kernel backend, one of :data:`dinopatch.kernels.BACKENDS` or ``"auto"``.
-        seed: seeds random weights and the calibration split.
+        seed: seeds random weights, the fold plan and auto's pasted defects.
         layers: average the patch tokens of the last ``layers`` blocks.
         coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"`` (the default).
-        match: ``"local"`` (each patch against its own location's bank), ``"global"`` (against the whole
-            bank), ``"local+global"`` (their mean; :mod:`.bank`) or ``"auto"``.
+        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"``.
+        match: ``"local"``, ``"global"``, ``"local+global"`` (:mod:`.bank`) or ``"auto"``.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
-        sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`); ``sigma``
-            and ``score`` default to ``"auto"``.  Every ``"auto"`` is chosen at fit from the nominal images
-            alone (:mod:`.autotune`) and read back from :attr:`auto_`.
-        calibration: ``"cv"``: each nominal image scored against a bank without it
-            (leave-one-out, :mod:`.calibration`); or a fraction of them held out.
+        sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`).  Every
+            ``"auto"`` is chosen at fit from the nominal images alone (:mod:`.autotune`; see :attr:`auto_`).
+        calibration: ``"cv"`` (each image held out by the fold plan, :mod:`.calibration`) or a fraction.
         false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
         threshold: a threshold to use instead of calibrating one.
         mirror: parts can lie on either face (alignment resolves mirroring).
-        foreground: run the backbone only on the part's region (:mod:`.foreground`): True,
-            False, or ``"auto"``: where aligned parts leave most of the frame to the background.
+        foreground: run the backbone on the part's region only (:mod:`.foreground`): True, False or "auto".
         batch_size: images per backbone call.
         progress: show progress bars.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
@@ -109,9 +104,8 @@ class DinoPatch(EstimatorMixin):
         return self
 
     def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
-        name, weights, image_size, layers, seed = key
-        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
-                                 weights=weights, image_size=image_size, layers=layers, seed=seed)
+        config = dict(zip(("name", "weights", "image_size", "layers", "seed"), key))
+        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, **config)
 
     def backbone_for(self, model: Fitted | None = None):
         """The backbone engine of a fitted model (default: the one in force), built now if not yet."""
@@ -132,8 +126,7 @@ class DinoPatch(EstimatorMixin):
 
     @property
     def auto_(self) -> dict | None:
-        """What fit chose for the parameters set to ``"auto"``, and why (:func:`.autotune.resolve`); None when
-        none was.  :meth:`get_params` keeps saying ``"auto"``; this is where the fitted values are read."""
+        """What fit chose for each ``"auto"`` (get_params keeps saying "auto"), and why; None when none was."""
         return self.model_.auto
 
     @property
@@ -147,19 +140,12 @@ class DinoPatch(EstimatorMixin):
         return self.model_.model_id
 
     def predict(self, images) -> list[Result]:
-        """Score images; one :class:`Result` per image, in order.
-
-        Args:
-            images: uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths, any size.
-        """
+        """One :class:`Result` per image (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths), in order."""
         return [self.result_from(raw) for raw in self.patch_distances(images)]
 
     def patch_distances(self, images) -> list[PatchDistances]:
-        """The per-patch distances of each image, before any post-processing.
-
-        Evaluation sweeps post-processing settings over these without running
-        the backbone again (see :meth:`result_from`).
-        """
+        """The per-patch distances of each image, before post-processing (evaluation sweeps its settings
+        over them without running the backbone again; see :meth:`result_from`)."""
         model, images, bs = self.model_, load_images(images), int(self.batch_size)
         return [raw for i in range(0, len(images), bs) for raw in self.distances_aligned(model.align(images[i:i + bs]))]
 
@@ -169,21 +155,15 @@ class DinoPatch(EstimatorMixin):
         return self.model_.align(images)
 
     def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
-        """Second stage of :meth:`patch_distances`: backbone and bank on items from :meth:`align_images`;
-        items aligned across a refit are each scored by their own model."""
+        """Second stage: backbone and bank on items of :meth:`align_images`, each by its own model."""
         return [raw for model, run in fitted.by_model(items)
                 for raw in model.patch_distances(run, self.backbone_for(model), self._kernel())]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:
-        """Post-process one image's patch distances into a :class:`Result`.
-
-        Args:
-            raw: from :meth:`patch_distances`.
-            threshold: image-score threshold (default: the model's).
-            pixel_threshold: map threshold of the defect mask (default: the model's).
-            **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
-        """
+        """The :class:`Result` of one image's patch distances (from :meth:`patch_distances`); ``threshold``,
+        ``pixel_threshold`` (of the defect mask) and ``**post`` (``sigma``, ``score``, ``topk``,
+        ``morph_kernel``) override the model's."""
         model = raw.model or self.model_
         t = model.threshold if threshold is None else Threshold.given(threshold)
         pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
@@ -201,8 +181,7 @@ class DinoPatch(EstimatorMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted detector to one model file (data only; see :mod:`dinopatch.fitted`)."""
         model = self.model_
-        runtime = {k: getattr(self, k) for k in fitted.RUNTIME_PARAMS}
-        saved, path = fitted.save_detector(path, model, runtime)
+        saved, path = fitted.save_detector(path, model, {k: getattr(self, k) for k in fitted.RUNTIME_PARAMS})
         if self._model is model:  # not if a refit swapped in another model meanwhile
             self._model = saved
         return path
@@ -210,13 +189,9 @@ class DinoPatch(EstimatorMixin):
     @classmethod
     def load(cls, path: str | os.PathLike, *, threshold: float | None = None,
              false_alarm_rate: float | None = None, **runtime) -> "DinoPatch":
-        """A detector from a model file written by :meth:`save`, checked before use.
-
-        Args:
-            threshold: use this threshold instead of the file's (its source becomes "user").
-            false_alarm_rate: re-read the file's calibration scores at this rate.
-            **runtime: ``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``: how to run.
-        """
+        """A detector from a model file written by :meth:`save`, checked before use; ``threshold`` replaces
+        the file's, ``false_alarm_rate`` re-reads its calibration scores, ``**runtime`` says how to run
+        (``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``)."""
         model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
         det._model = model

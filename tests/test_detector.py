@@ -1,4 +1,6 @@
 """The public API contract of DinoPatch, on small synthetic parts (112 px input: 8x8 tokens)."""
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import FAST
@@ -134,3 +136,17 @@ def test_threshold_at_a_false_alarm_rate(screws):
     assert t.source["method"] == "held-out" and t.scores.shape == (5,)
     # A quarter of the held-out good parts would have been flagged: one of five.
     assert (t.scores > t.image).sum() == 1 and t.image in t.scores
+
+
+def test_a_given_engine_is_used_and_must_have_the_models_weights(fitted, screws):
+    engine = fitted.backbone_for()
+    det = DinoPatch(**FAST).use_engine(engine)
+    assert det.fit(screws[0][:4]).backbone_for() is engine and det.model_.fingerprint == engine.fingerprint
+    other = dataclasses.replace(det.model_, fingerprint="0" * 64)  # a model of other weights
+    with pytest.raises(ValueError, match="differ from the model's"):
+        det.backbone_for(other)
+
+
+def test_model_is_public_and_says_when_there_is_none():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        DinoPatch(**FAST).model_
