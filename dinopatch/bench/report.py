@@ -1,6 +1,6 @@
 """The bench's report: machine and library versions, an aligned table, JSON.
 
-The JSON layout is documented in the README ("Benchmarks"):
+The JSON layout is documented in docs/benchmarks.md:
 ``{"hardware", "versions", "args", "rows", "load_avg_after"}``.
 """
 
