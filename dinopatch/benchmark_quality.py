@@ -9,7 +9,6 @@ per defect, with the detector's own settings (no tuning on the test images).
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import json
 import math
@@ -191,13 +190,16 @@ def _read_report(item: str) -> tuple[str, dict]:
 
 
 def _param(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> (name, value), the value read as the parameter table says (:mod:`.params`)."""
+    from .params import parse_value
+
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
+        return name, parse_value(name, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test-good", type=count, default=10, help="good test images per category")
     p.add_argument("--n-test-defect", type=count, default=5, help="test images per defect type")
     p.add_argument("-p", "--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
-                   help="a detector parameter, a Python literal or a bare string, e.g. -p tolerance=0 "
-                        "-p score=p99 (repeatable; the last of a name wins)")
+                   help="a detector parameter, e.g. -p tolerance=0 -p score=p99 -p foreground=off "
+                        "(repeatable; the last of a name wins; `dinopatch fit -h` lists them)")
     p.add_argument("--compare", nargs="+", metavar="[NAME=]REPORT.json",
                    help="print earlier reports side by side instead of running")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -17,7 +17,6 @@ from . import autotune, fitted, foreground, kernels
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone import embed as embed_frames
-from .backbone.device import require as require_device
 from .bank import MemoryBank
 from .calibration import Threshold, calibrate
 from .data import load_images
@@ -36,11 +35,14 @@ class NotFittedError(ValueError, AttributeError):
 class DinoPatch(EstimatorMixin):
     """Anomaly detector from a per-location memory of DINOv2 patch features.
 
-    Parameters are only stored here; :meth:`fit` checks them.
+    Parameters are only stored here; :meth:`fit` checks them.  Each is declared
+    once, with its type, range and default, in :data:`dinopatch.params.PARAMS`
+    (``python -m dinopatch fit -h`` lists them too).
 
     Args:
         backbone: a key of :data:`dinopatch.backbone.BACKBONES`.
-        weights: ``"pretrained"``, ``"random"`` (seeded) or a checkpoint path.
+        weights: ``"pretrained"``, ``"random"`` (seeded), ``"random-blocks"`` (seeded, every block
+            matters) or a checkpoint path.
         image_size: backbone input side in pixels (multiple of 14); also the canonical frame's side.
         align: align parts to a canonical pose; False for fixtured parts and flat textures.
         engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an ``.onnx`` export.
@@ -64,7 +66,8 @@ class DinoPatch(EstimatorMixin):
             False, or ``"auto"``: where aligned parts leave most of the frame to the background.
         batch_size: images per backbone call.
         progress: show progress bars.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel);
+            a GPU named that is not there fails at :meth:`fit` (or :meth:`load`), before any work.
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
@@ -72,10 +75,30 @@ class DinoPatch(EstimatorMixin):
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
                  batch_size=8, progress=True, device="auto"):
-        for name, value in locals().items():
-            if name != "self":
-                setattr(self, name, value)
-        require_device(device)  # a GPU asked for that is not there fails here, not at the first image
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.align = align
+        self.engine = engine
+        self.kernel = kernel
+        self.seed = seed
+        self.layers = layers
+        self.coreset_ratio = coreset_ratio
+        self.tolerance = tolerance
+        self.match = match
+        self.bank_dtype = bank_dtype
+        self.sigma = sigma
+        self.score = score
+        self.topk = topk
+        self.morph_kernel = morph_kernel
+        self.calibration = calibration
+        self.false_alarm_rate = false_alarm_rate
+        self.threshold = threshold
+        self.mirror = mirror
+        self.foreground = foreground
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = device
         self._engines = EngineCache()
 
     @classmethod

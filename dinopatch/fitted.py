@@ -1,7 +1,7 @@
 """What :meth:`DinoPatch.fit` learns, the checks it must pass, and its model-file form.
 
 :class:`Fitted` is immutable: the detector swaps it whole.  :func:`check_params`
-is the one place parameters are validated, at fit and at load, so a file that
+(the parameter table, :mod:`.params`) validates parameters at fit and at load, so a file that
 would misjudge parts later (an edited threshold, a tolerance of 2^63, an
 aligner for another frame size) fails at load with :class:`ModelFileError`.
 The container (zip of arrays, checksum, signature) is :mod:`.modelfile`.
@@ -18,24 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, kernels, modelfile
+from . import autotune, modelfile
+from . import params as param_table
 from ._version import __version__
 from .align import Aligner
-from .backbone import BACKBONES, get_spec
-from .backbone.device import parse_device
-from .backbone.specs import check_image_size
-from .bank import MATCHES, MemoryBank
-from .calibration import METHODS, Threshold, check_calibration, check_rate
-from .foreground import Foreground, check_option
+from .backbone import get_spec
+from .bank import MemoryBank
+from .calibration import METHODS, Threshold
+from .foreground import Foreground
 from .modelfile import ModelFileError
 from .polarity import Polarity
-from .postprocess import SCORES, PostProcess
+from .postprocess import PostProcess
 
 # How to run, not what was fitted: these may differ between save and load.
-RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress", "device")
-MAX_IMAGE_SIZE = 14 * 144  # 2016 px: 20736 tokens, beyond any DINOv2 use
-MAX_BATCH = 1024
-MAX_LAYERS = 24  # the deepest DINOv2 (ViT-L/14, ViT-g has 40 but is not registered)
+RUNTIME_PARAMS = param_table.runtime_names()
 # A threshold above every distance the bank can produce never flags a part: distances
 # are at most |q| + |b|, and query tokens are normed like the bank's rows.
 THRESHOLD_REACH = 4.0
@@ -84,65 +80,10 @@ def graph_record(engine_name, engine) -> dict | None:
     return {"engine": os.fspath(engine_name), "sha256": digest} if digest else None
 
 
-def _int(params: dict, name: str, lo: int, hi: int) -> int:
-    v = params[name]
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return int(v)
-
-
-def _number(params: dict, name: str, lo: float, hi: float) -> float:
-    v = params[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not lo < v <= hi:
-        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {v!r}")
-    return float(v)
-
-
 def check_params(params: dict) -> dict:
-    """Validated, JSON-able copy of the detector's parameters; ValueError naming the first bad one."""
-    p = dict(params)
-    if p["backbone"] not in BACKBONES:
-        raise ValueError(f"unknown backbone {p['backbone']!r}; choose from {sorted(BACKBONES)}")
-    spec = get_spec(p["backbone"])
-    p["image_size"] = _int(p, "image_size", spec.patch_size, MAX_IMAGE_SIZE)
-    check_image_size(p["image_size"], spec.patch_size)
-    side = p["image_size"] // spec.patch_size
-    p["weights"] = os.fspath(p["weights"])
-    for name in ("align", "mirror", "progress"):
-        if not isinstance(p[name], bool):
-            raise ValueError(f"{name} must be True or False, got {p[name]!r}")
-    p["foreground"] = check_option(p.get("foreground", False), p["align"])
-    p["engine"] = os.fspath(p["engine"])
-    if p["kernel"] != "auto" and p["kernel"] not in kernels.BACKENDS:
-        raise ValueError(f"kernel {p['kernel']!r} must be 'auto' or one of {kernels.BACKENDS}")
-    p["seed"] = _int(p, "seed", 0, 2**32 - 1)
-    p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
-    p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
-    auto = autotune.wanted(p)
-    try:
-        if "tolerance" not in auto:
-            p["tolerance"] = _int(p, "tolerance", 0, side - 1)
-        PostProcess(*(autotune.DEFAULTS[n] if n in auto else p[n] for n in ("sigma", "score")), p["topk"],
-                    p["morph_kernel"])
-    except ValueError as e:
-        # A near miss of "auto" ('AUTO', 'auto ') should hear that "auto" exists.
-        near = [n for n in ("tolerance", "sigma", "score") if n not in auto and isinstance(p[n], str)
-                and p[n] not in SCORES]
-        if near:
-            raise ValueError(f"{e}; {near[0]} may also be 'auto'") from None
-        raise
-    p["match"] = p.get("match", "local")  # model files from before the global bank
-    if p["match"] not in MATCHES + ("auto",):
-        raise ValueError(f"match must be 'auto' or one of {MATCHES}, got {p['match']!r}")
-    if p["bank_dtype"] not in ("float32", "float16"):
-        raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {p['bank_dtype']!r}")
-    p["calibration"] = check_calibration(p["calibration"])
-    p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
-    if p["threshold"] is not None:
-        p["threshold"] = Threshold.given(p["threshold"]).image
-    p["batch_size"] = _int(p, "batch_size", 1, MAX_BATCH)
-    parse_device(p["device"])
-    return p
+    """Validated, JSON-able copy of the detector's parameters (:func:`.params.check`); ValueError naming the first
+    bad one.  At fit and on every model file's header at load."""
+    return param_table.check(params)
 
 
 def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tuple[Fitted, Path]:

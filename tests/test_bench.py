@@ -185,20 +185,20 @@ def test_pipeline_stages_ran(run):
     for r in run["rows"]:
         by.setdefault(r["stage"], []).append(r)
     assert [r["method"] for r in by["backbone"]] == ["torch", "torch"] and by["backbone"][0]["vs_torch"] == 1
-    ours, previous, notebook = by["e2e"]
+    ours, reference, notebook = by["e2e"]
     assert ours["method"].startswith("defaults: predict (TorchBackbone") and "foreground auto" in ours["method"]
-    assert previous["method"] == "previous defaults: predict (OnnxBackbone fp32, foreground False)"
+    assert reference["method"] == "reference: predict (OnnxBackbone fp32, foreground False)"
     assert "notebook" in notebook["method"] and all(r["batch"] == 6 for r in by["e2e"])  # good x2 + 4 defects
-    for row in (ours, previous):
+    for row in (ours, reference):
         image, pixel, tokens = re.search(r"image AUROC ([\d.]+), pixel AUROC ([\d.]+), (\d+)% of the tokens",
                                          row["note"]).groups()
         assert 0 <= float(image) <= 1 and 0 <= float(pixel) <= 1 and 0 < int(tokens) <= 100
-    assert previous["note"].count("100% of the tokens") == 1
+    assert reference["note"].count("100% of the tokens") == 1
     assert len(by["stream"]) == 2 and all(r["ms_p99"] >= r["ms_p50"] for r in by["stream"])
     targets = {r["method"] for r in by["target"]}
     assert {"end-to-end score deviation / score spread", "coreset cpp speed-up over numpy",
-            "end-to-end predict, defaults over the previous defaults",
-            "image AUROC, previous defaults minus defaults"} <= targets
+            "end-to-end predict, defaults over the reference configuration",
+            "image AUROC, reference minus defaults"} <= targets
 
 
 def test_cuda_group_dry_run_checked_parity_zeros_and_kcenter(run):
@@ -241,10 +241,10 @@ def test_backbone_engines_that_cannot_run_are_rows_saying_why(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-    args = argparse.Namespace(quick=True, engines="torch,openvino:f32", repeats=1, image_size=56,
+    args = argparse.Namespace(quick=True, engines="torch,openvino:fp32", repeats=1, image_size=56,
                               backbone="dinov2_vits14")
     rows = backbone.bench_backbone(args)
-    skipped = [r for r in rows if r["method"] == "openvino:f32"]
+    skipped = [r for r in rows if r["method"] == "openvino:fp32"]
     assert len(skipped) == 1 and skipped[0]["note"].startswith("skipped: openvino is not installed")
     assert skipped[0]["ms_per_image"] is None
     assert sorted(r["batch"] for r in rows if r["method"] == "torch") == [1, 2]

@@ -158,14 +158,15 @@ def test_refit_while_predicting_never_mixes_models(parts):
         assert np.allclose(s, old, rtol=1e-5) or np.allclose(s, new, rtol=1e-5), (s, old, new)
 
 
-def test_a_gpu_that_is_not_there_fails_at_construction():
+def test_a_gpu_that_is_not_there_fails_at_fit_before_any_work():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     from dinopatch.backbone.device import DeviceUnavailableError
 
+    det = DinoPatch(**FAST, device="cuda:1")  # the constructor only stores, as scikit-learn's do
     with pytest.raises(DeviceUnavailableError, match="'cuda:1'.*no CUDA GPU is usable"):
-        DinoPatch(**FAST, device="cuda:1")
+        det.fit([np.zeros((8, 8), np.uint8)])  # not even a part: the device is checked first
     with pytest.raises(ValueError, match="device"):
         DinoPatch(**FAST, device="gpu").fit(screws("good", 2, seed=1))
 
