@@ -176,8 +176,16 @@ def _image_size(v, p: dict) -> int:
     return check_image_size(Integer(spec.patch_size, MAX_IMAGE_SIZE).check("image_size", v, p), spec.patch_size)
 
 
+def _path_or_name(name: str):
+    def check(v, p: dict) -> str:
+        if not isinstance(v, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a name or a path, got {v!r}")
+        return os.fspath(v)
+    return check
+
+
 def _engine(v, p: dict) -> str:
-    return canonical_engine(v, warn=False)
+    return canonical_engine(_path_or_name("engine")(v, p), warn=False)
 
 
 def _device(v, p: dict) -> str:
@@ -196,7 +204,7 @@ def _parse_calibration(text: str):
 
 PARAMS: tuple[Param, ...] = (
     Param("backbone", "dinov2_vits14", OneOf(tuple(sorted(BACKBONES))), "DINOv2 variant", flag="--backbone"),
-    Param("weights", "pretrained", Checked(lambda v, p: os.fspath(v)),
+    Param("weights", "pretrained", Checked(_path_or_name("weights")),
           "'pretrained' (from the hub; fails at once offline), 'random' (seeded), 'random-blocks' (seeded, every "
           "block matters) or a checkpoint file (.pth or .safetensors)", flag="--weights"),
     Param("image_size", 448, Checked(_image_size, int), "backbone input side in pixels, a multiple of 14",
