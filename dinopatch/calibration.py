@@ -5,9 +5,18 @@ scored against a bank built without it (leave-one-out; above
 :data:`MAX_FOLDS` images, that many folds), so two images already give a finite
 threshold and every image serves both bank and calibration.  A fraction held
 out instead (``calibration=0.2``) scores those images against a bank of the
-rest.  The threshold is the ``1 - false_alarm_rate`` quantile of the held-out
-scores.  It is never infinite or NaN: where it cannot be measured, fitting
+rest.  It is never infinite or NaN: where it cannot be measured, fitting
 fails and says why, unless the user gives one.
+
+The held-out scores are a conformal calibration set.  The threshold for
+``false_alarm_rate=a`` over ``n`` scores is the ``ceil((n + 1)(1 - a))``-th
+smallest of them: a new good part exchangeable with those ``n`` scores above it
+with probability at most ``a``.  Where ``n`` is too small for ``a``
+(that rank is above ``n``), the threshold is the maximum, which promises
+``1 / (n + 1)``, and fit warns with the rate it can promise; ``a = 0`` asks for
+the maximum on purpose.  A score's p-value is ``(1 + #{scores >= s}) / (n + 1)``.
+Leave-one-out and k-fold scores come from banks one fold smaller than the
+model's, so the model's own scores run lower and the promise errs on the safe side.
 
 :class:`Threshold` carries the value with its source, which model files,
 results and the CLI repeat, so a verdict always says what it was judged by.
@@ -15,6 +24,7 @@ results and the CLI repeat, so a verdict always says what it was judged by.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,14 +71,33 @@ class Threshold:
             raise ValueError(f"a measured threshold must say on how many images, got {images!r}")
 
     def describe(self) -> str:
-        """The source in words, as results and the CLI print it."""
+        """The source in words, as results and the CLI print it: what the threshold promises, and on what."""
         s = self.source
         if s["method"] == "user":
             return "given by the user"
-        what = f"{s['method']} on {s['images']} nominal images" if s["method"] != "evaluation" \
-            else f"tuned by evaluation on {s['images']} images ({s.get('split', 'tuning split')})"
-        far = s.get("false_alarm_rate")
-        return what if far is None else f"{what}, false-alarm rate {far:g}"
+        if s["method"] == "evaluation":
+            return f"tuned by evaluation on {s['images']} images ({s.get('split', 'tuning split')})"
+        n, rate = s["images"], s["false_alarm_rate"]
+        parts = "held-out good parts" if s["method"] == "held-out" else "good parts"
+        how = s["method"] if s["method"] != "k-fold" else f"{s.get('folds', '?')}-fold"
+        said = (f"false-alarm rate <= {guarantee(n, rate):.3g} for parts like the {n} {parts} "
+                f"(conformal, {how})")
+        if rate == 0:
+            return f"{said}; the maximum of their scores"
+        if conformal_rank(n, rate) > n:
+            return f"{said}; {rate:g} was asked, which needs {needed(rate)} good parts"
+        # The rank is an integer: the promise is the asked rate or the next one below it that n parts give.
+        return said if math.isclose(guarantee(n, rate), rate) else f"{said}; {rate:g} was asked"
+
+    def p_value(self, score: float) -> float | None:
+        """Conformal p-value of an image score: ``(1 + #{calibration scores >= score}) / (n + 1)``.
+
+        Small for a part unlike the good ones.  None without calibration scores
+        (a user's or an evaluation's threshold) or for a score that is not finite.
+        """
+        if self.scores.size == 0 or not math.isfinite(score):
+            return None
+        return (1 + int(np.count_nonzero(self.scores >= score))) / (self.scores.size + 1)
 
     def at_false_alarm_rate(self, rate: float) -> "Threshold":
         """The same evidence read at another false-alarm rate (needs the calibration scores)."""
@@ -76,7 +105,7 @@ class Threshold:
         if self.scores.size == 0:
             raise ValueError(f"this threshold was {self.describe()}: there are no calibration scores to "
                              "read another false-alarm rate from; give a threshold instead")
-        return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate),
+        return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate, warn=False),
                          dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima)
 
     @classmethod
@@ -90,6 +119,25 @@ def check_rate(rate) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"false_alarm_rate must be a number in [0, 1), got {rate!r}")
     return float(rate)
+
+
+def conformal_rank(n: int, rate: float) -> int:
+    """The 1-based rank ``ceil((n + 1)(1 - rate))`` of the conformal threshold among ``n`` sorted scores.
+
+    Above ``n`` where ``n`` scores cannot promise ``rate``.
+    """
+    # The tolerance keeps an exact product such as 10 * 0.9 from rounding up to the next rank.
+    return math.ceil((n + 1) * (1.0 - rate) - 1e-9)
+
+
+def guarantee(n: int, rate: float) -> float:
+    """The false-alarm rate a conformal threshold on ``n`` scores promises when ``rate`` is asked."""
+    return (n + 1 - min(conformal_rank(n, rate), n)) / (n + 1)
+
+
+def needed(rate: float) -> int:
+    """How many calibration scores a conformal threshold at ``rate > 0`` needs."""
+    return math.ceil(1.0 / rate - 1.0 - 1e-9)
 
 
 def check_calibration(calibration):
@@ -129,7 +177,7 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
         score_held_out: ``(train, held) -> (scores, maxima)``: the image scores
             and map maxima of images ``held`` against a bank of ``train``.
         calibration: ``"cv"`` or a fraction held out (see :func:`folds`).
-        false_alarm_rate: the threshold is the ``1 - rate`` quantile (0: the maximum).
+        false_alarm_rate: the rate the threshold promises (conformal; 0: the maximum).
         seed: seeds the split.
     """
     method, held_sets = folds(n, calibration, seed)
@@ -150,13 +198,19 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
     source = {"method": method, "images": int(len(scores)), "false_alarm_rate": check_rate(false_alarm_rate)}
     if method == "k-fold":
         source["folds"] = len(held_sets)
-    return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate), source,
+    return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
                      scores, maxima)
 
 
-def _quantile(values: np.ndarray, rate: float) -> float:
-    # 'higher' picks a measured score, never one interpolated below the one it guards.
-    return float(np.quantile(values, 1.0 - rate, method="higher"))
+def _quantile(values: np.ndarray, rate: float, warn: bool = True) -> float:
+    """The finite-sample conformal quantile (see the module's text); the maximum where ``rate`` is out of reach."""
+    n = values.size
+    rank = conformal_rank(n, rate)
+    if warn and rate > 0 and rank > n:
+        warnings.warn(f"false_alarm_rate {rate:g} needs at least {needed(rate)} good parts; the {n} here "
+                      f"can promise {guarantee(n, rate):.3g} (1/{n + 1}) at best: the threshold is their "
+                      "maximum", UserWarning, stacklevel=3)
+    return float(np.sort(values)[min(rank, n) - 1])
 
 
 def _number(name: str, value) -> float:

@@ -277,6 +277,7 @@ def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:
     if source["method"] in ("leave-one-out", "k-fold", "held-out"):
         remeasured = t.at_false_alarm_rate(source["false_alarm_rate"])
         if not (math.isclose(remeasured.image, t.image) and math.isclose(remeasured.pixel, t.pixel)):
-            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores "
-                             f"({remeasured.image:g}): the file was edited")
+            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores' conformal "
+                             f"quantile ({remeasured.image:g}): the file was edited, or written before "
+                             "thresholds were conformal (refit it)")
     return t

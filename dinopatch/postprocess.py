@@ -98,13 +98,18 @@ class PostProcess:
         amap = anomaly_map(distances, valid, float(self.sigma))
         return amap, image_score(amap, valid, self.score, float(self.topk))
 
-    def judge(self, raw: PatchDistances, aligner, threshold: float, pixel_threshold: float,
-              source: str) -> Result:
-        """The :class:`Result` of one image: map back in the input frame, mask and verdict."""
+    def judge(self, raw: PatchDistances, aligner, threshold, pixel_threshold: float) -> Result:
+        """The :class:`Result` of one image: map back in the input frame, mask, verdict and p-value.
+
+        Args:
+            threshold: the :class:`~.calibration.Threshold` the image score is judged by.
+            pixel_threshold: the map value above which a pixel is a defect.
+        """
         amap, score = self.score_map(raw.distances, raw.valid)
         amap_in = aligner.inverse_map(amap, raw.alignment, raw.shape)
         trusted = bool(raw.alignment.trusted)
         # NaN compares False: a non-finite score never passes.
-        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold and trusted),
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold.image and trusted),
                       aligned=trusted, mask=segment(amap_in, pixel_threshold, int(self.morph_kernel)),
-                      alignment=raw.alignment, threshold=float(threshold), threshold_source=source)
+                      alignment=raw.alignment, threshold=float(threshold.image),
+                      threshold_source=threshold.describe(), p_value=threshold.p_value(score))

@@ -86,7 +86,7 @@ def test_edited_values_are_refused_at_load(saved, tmp_path, path, value):
 
 def test_threshold_edited_within_reach_disagrees_with_its_scores(saved, tmp_path):
     edited = _edited(saved, tmp_path, lambda h, a: h["threshold"].update(image=h["threshold"]["image"] * 1.5))
-    with pytest.raises(ModelFileError, match="disagrees with its own calibration scores"):
+    with pytest.raises(ModelFileError, match="disagrees with its own calibration scores. conformal"):
         DinoPatch.load(edited)
 
 
@@ -100,16 +100,29 @@ def test_seed_change_without_fingerprint_is_refused(saved, tmp_path):
 
 def test_load_overrides_name_their_source(saved, parts):
     loaded = DinoPatch.load(saved)
-    assert loaded.threshold_.describe() == "leave-one-out on 4 nominal images, false-alarm rate 0"
+    assert loaded.threshold_.describe() == ("false-alarm rate <= 0.2 for parts like the 4 good parts "
+                                            "(conformal, leave-one-out); the maximum of their scores")
     given = DinoPatch.load(saved, threshold=3.0)
     assert given.predict(parts[1][:1])[0].threshold_source == "given by the user"
     relaxed = DinoPatch.load(saved, false_alarm_rate=0.5)
-    assert relaxed.threshold_.image < loaded.threshold_.image
-    assert "false-alarm rate 0.5" in relaxed.predict(parts[1][:1])[0].threshold_source
+    # The ceil(5 * 0.5) = 3rd smallest of the four scores.
+    assert relaxed.threshold_.image == np.sort(loaded.threshold_.scores)[2] < loaded.threshold_.image
+    assert relaxed.predict(parts[1][:1])[0].threshold_source == (
+        "false-alarm rate <= 0.4 for parts like the 4 good parts (conformal, leave-one-out); 0.5 was asked")
     with pytest.raises(ValueError):
         DinoPatch.load(saved, threshold=float("inf"))
     with pytest.raises(ValueError, match="only"):
         DinoPatch.load(saved, image_size=224)
+
+
+def test_every_verdict_carries_its_conformal_p_value(saved, parts):
+    det = DinoPatch.load(saved)
+    scores = det.threshold_.scores
+    for r in det.predict(parts[0][:2] + parts[1][:2]):
+        assert r.p_value == (1 + np.sum(scores >= r.score)) / (scores.size + 1)
+    # A defect above every good score gets the smallest p-value four scores allow.
+    assert [r.p_value for r in det.predict(parts[1])] == [0.2] * 4
+    assert DinoPatch.load(saved, threshold=3.0).predict(parts[1][:1])[0].p_value is None
 
 
 def test_refit_after_changing_size_and_seed_rebuilds_the_backbone(parts, tmp_path):
