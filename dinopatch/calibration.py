@@ -14,7 +14,9 @@ smallest of them: a new good part exchangeable with those ``n`` scores above it
 with probability at most ``a``.  Where ``n`` is too small for ``a``
 (that rank is above ``n``), the threshold is the maximum, which promises
 ``1 / (n + 1)``, and fit warns with the rate it can promise; ``a = 0`` asks for
-the maximum on purpose.  A score's p-value is ``(1 + #{scores >= s}) / (n + 1)``.
+the maximum on purpose.  A score's p-value is ``(1 + #{scores >= s}) / (n + 1)``.  The defect mask is
+judged the same way at each patch location: the held-out distances there give
+that location's threshold at the same rate, so no labelled defect is needed.
 Leave-one-out and k-fold scores come from banks one fold smaller than the
 model's, so the model's own scores run lower and the promise errs on the safe side.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -49,6 +52,9 @@ class Threshold:
         scores: the held-out nominal image scores it was measured on (empty
             for a user's threshold).
         maxima: the largest map value of each of those images.
+        distances: float32 ``[n, h, w]`` the held-out patch distances of those
+            images (canonical frame), the evidence of :attr:`pixel_grid`; empty
+            where the mask is judged by ``pixel`` alone.
     """
 
     image: float
@@ -56,6 +62,8 @@ class Threshold:
     source: dict
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
     maxima: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    distances: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32), repr=False,
+                                  compare=False)
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -66,6 +74,10 @@ class Threshold:
                 raise ValueError(f"{name} threshold must be a finite number > {low:g}, got {value!r}")
         if self.source.get("method") not in METHODS:
             raise ValueError(f"threshold source {self.source.get('method')!r} must be one of {METHODS}")
+        if self.distances.size and (self.distances.ndim != 3 or len(self.distances) != self.scores.size
+                                    or not np.isfinite(self.distances).all() or self.distances.min() < 0):
+            raise ValueError(f"held-out distances {list(self.distances.shape)} must be finite, >= 0 and one "
+                             f"grid per calibration score ({self.scores.size})")
         images = self.source.get("images")
         if self.source["method"] != "user" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
             raise ValueError(f"a measured threshold must say on how many images, got {images!r}")
@@ -99,6 +111,26 @@ class Threshold:
             return None
         return (1 + int(np.count_nonzero(self.scores >= score))) / (self.scores.size + 1)
 
+    @cached_property
+    def pixel_grid(self) -> np.ndarray | None:
+        """The mask threshold of each patch location, float32 ``[h, w]``; None without held-out distances.
+
+        At each location, the conformal quantile of the held-out good parts' distances there at the
+        same ``false_alarm_rate``: a pixel of a good part is marked with probability at most
+        :func:`guarantee` at every location (``1 / (n + 1)`` at rate 0: the largest held-out distance).
+        """
+        if self.distances.size == 0:
+            return None
+        return _quantile(self.distances, self.source.get("false_alarm_rate", 0.0), warn=False).astype(np.float32)
+
+    def describe_mask(self) -> str:
+        """What the defect mask promises, in words."""
+        if self.pixel_grid is None:
+            return f"map above {self.pixel:.4g}"
+        n = self.scores.size
+        return (f"per-location false-positive rate <= {guarantee(n, self.source['false_alarm_rate']):.3g} "
+                f"(conformal over the {n} good parts' held-out maps)")
+
     def at_false_alarm_rate(self, rate: float) -> "Threshold":
         """The same evidence read at another false-alarm rate (needs the calibration scores)."""
         check_rate(rate)
@@ -106,7 +138,7 @@ class Threshold:
             raise ValueError(f"this threshold was {self.describe()}: there are no calibration scores to "
                              "read another false-alarm rate from; give a threshold instead")
         return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate, warn=False),
-                         dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima)
+                         dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima, self.distances)
 
     @classmethod
     def given(cls, value: float, pixel: float | None = None) -> "Threshold":
@@ -174,19 +206,20 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
 
     Args:
         n: number of nominal images.
-        score_held_out: ``(train, held) -> (scores, maxima)``: the image scores
-            and map maxima of images ``held`` against a bank of ``train``.
+        score_held_out: ``(train, held) -> (scores, maxima, distances)``: the image scores,
+            map maxima and patch distances ``[len(held), h, w]`` of images ``held`` against a bank of ``train``.
         calibration: ``"cv"`` or a fraction held out (see :func:`folds`).
         false_alarm_rate: the rate the threshold promises (conformal; 0: the maximum).
         seed: seeds the split.
     """
     method, held_sets = folds(n, calibration, seed)
     everyone = np.arange(n)
-    scores, maxima = [], []
+    scores, maxima, distances = [], [], []
     for held in held_sets:
-        s, m = score_held_out(np.setdiff1d(everyone, held), np.sort(held))
+        s, m, d = score_held_out(np.setdiff1d(everyone, held), np.sort(held))
         scores.append(s)
         maxima.append(m)
+        distances.append(np.asarray(d, np.float32))
     scores, maxima = np.concatenate(scores), np.concatenate(maxima)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
@@ -199,18 +232,20 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
     if method == "k-fold":
         source["folds"] = len(held_sets)
     return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
-                     scores, maxima)
+                     scores, maxima, np.concatenate(distances))
 
 
-def _quantile(values: np.ndarray, rate: float, warn: bool = True) -> float:
-    """The finite-sample conformal quantile (see the module's text); the maximum where ``rate`` is out of reach."""
-    n = values.size
+def _quantile(values: np.ndarray, rate: float, warn: bool = True):
+    """The finite-sample conformal quantile over the first axis (see the module's text); the maximum where
+    ``rate`` is out of reach.  A float for 1-d ``values``, else an array of the remaining shape."""
+    n = len(values)
     rank = conformal_rank(n, rate)
     if warn and rate > 0 and rank > n:
         warnings.warn(f"false_alarm_rate {rate:g} needs at least {needed(rate)} good parts; the {n} here "
                       f"can promise {guarantee(n, rate):.3g} (1/{n + 1}) at best: the threshold is their "
                       "maximum", UserWarning, stacklevel=3)
-    return float(np.sort(values)[min(rank, n) - 1])
+    out = np.sort(values, axis=0)[min(rank, n) - 1]
+    return float(out) if np.ndim(values) == 1 else out
 
 
 def _number(name: str, value) -> float:

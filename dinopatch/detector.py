@@ -126,7 +126,7 @@ class DinoPatch(EstimatorMixin):
             dists = held_out(chosen, train, tokens[held], flips[held], frames[held])
             maps = [post.score_map(d, canon[i][1]) for i, d in zip(held, dists)]
             return (np.array([s for _, s in maps]),
-                    np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
+                    np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]), dists)
 
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
@@ -237,12 +237,12 @@ class DinoPatch(EstimatorMixin):
         Args:
             raw: from :meth:`patch_distances`.
             threshold: image-score threshold (default: the model's).
-            pixel_threshold: map threshold of the defect mask (default: the model's).
+            pixel_threshold: one map threshold for the defect mask (default: the model's, per location).
             **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
         """
         model = raw.model or self._fitted()
         t = model.threshold if threshold is None else Threshold.given(threshold)
-        pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
+        pixel = None if pixel_threshold is None else float(pixel_threshold)
         return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t, pixel)
 
     def tuned(self, threshold: Threshold, **post) -> "DinoPatch":

@@ -115,7 +115,8 @@ def _line(det, raws, labels, gts, defects) -> dict:
         per_defect[d] = {k: counts[k] for k in ("defects_caught", "n_defect")}
     return {**metrics.line_counts(labels, flagged), "per_defect": per_defect,
             "seg_f1": metrics.seg_f1(gts, [r.mask for r in results]),
-            "threshold": det.threshold_.image, "threshold_source": det.threshold_.describe()}
+            "threshold": det.threshold_.image, "threshold_source": det.threshold_.describe(),
+            "mask_source": det.threshold_.describe_mask()}
 
 
 def _tune(det, raws, labels, gts, threshold: str) -> dict:
@@ -215,8 +216,10 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
     else:
         # The image threshold is still the calibrated one: keep its evidence, which
-        # a model file must carry for a leave-one-out or held-out source.
-        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"])
+        # a model file must carry for a leave-one-out or held-out source.  The mask is the
+        # tuned value alone, so the per-location evidence goes.
+        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"],
+                                              distances=np.zeros((0, 0, 0), np.float32))
     settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]
@@ -368,7 +371,7 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
 <p>At the model's own threshold ({_fmt(line['threshold'])}: {esc(line['threshold_source'])}), on all
 {line['n_good'] + line['n_defect']} test images; nothing was tuned on them for these counts.
 Caught by defect type: {caught or 'no defective images'}.
-SegF1 of the model's own masks: {_fmt(line['seg_f1'])}.</p></div>{warn}
+SegF1 of the model's own masks ({esc(line['mask_source'])}): {_fmt(line['seg_f1'])}.</p></div>{warn}
 <h2>Tuned on part of the test set</h2>
 <p>Post-processing and threshold ({esc(m['threshold_from'])}) tuned on {len(m['split']['tune'])} test images,
 metrics reported on the other {len(m['split']['report'])}

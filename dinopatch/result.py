@@ -20,8 +20,8 @@ class Result:
             alignment that could not be trusted: a frame the detector cannot
             judge (no part in view, part cut by the border) never passes as good.
         aligned: False where alignment could not be trusted.
-        mask: bool ``[H, W]`` defect pixels: map above the pixel threshold
-            (the largest map value of held-out good parts), cleaned by morphology.
+        mask: bool ``[H, W]`` defect pixels: map above the mask threshold of its location
+            (measured on the held-out good parts, :attr:`.Threshold.pixel_grid`), cleaned by morphology.
         alignment: the alignment diagnostics (angle, scale, reason, ...).
         threshold: the image-score threshold this verdict was made with.
         threshold_source: how that threshold was set and what it promises, in words (e.g.

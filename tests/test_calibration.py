@@ -50,3 +50,26 @@ def test_p_values_count_the_good_scores_at_or_above():
     assert [t.p_value(s) for s in (0.0, 2.0, 3.0, 9.0)] == [1.0, 0.8, 0.4, 0.2]
     assert t.p_value(float("nan")) is None
     assert Threshold.given(1.0).p_value(3.0) is None
+
+
+def test_the_mask_grid_is_the_conformal_quantile_at_each_location():
+    rng = np.random.default_rng(0)
+    distances = rng.random((9, 4, 5)).astype(np.float32)
+    scores = distances.max(axis=(1, 2)).astype(float)
+    source = {"method": "leave-one-out", "images": 9, "false_alarm_rate": 0.0}
+    t = Threshold(float(scores.max()), float(scores.max()), source, scores, scores, distances)
+    np.testing.assert_array_equal(t.pixel_grid, distances.max(axis=0))
+    assert t.describe_mask().startswith("per-location false-positive rate <= 0.1 ")
+    # At rate 0.2 the ceil(10 * 0.8) = 8th smallest of the nine at every location, each on its own.
+    relaxed = t.at_false_alarm_rate(0.2)
+    for y, x in np.ndindex(4, 5):
+        assert relaxed.pixel_grid[y, x] == np.sort(distances[:, y, x])[7]
+    assert Threshold.given(1.0).pixel_grid is None and Threshold.given(1.0).describe_mask() == "map above 1"
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 4, 5), np.float32), np.full((9, 4, 5), np.nan, np.float32),
+                                 np.full((9, 4, 5), -1.0, np.float32), np.zeros((9, 20), np.float32)])
+def test_held_out_distances_that_do_not_fit_their_scores_are_refused(bad):
+    source = {"method": "leave-one-out", "images": 9, "false_alarm_rate": 0.0}
+    with pytest.raises(ValueError, match="held-out distances"):
+        Threshold(1.0, 1.0, source, np.ones(9), np.ones(9), bad)

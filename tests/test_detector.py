@@ -35,7 +35,8 @@ def test_result_contract(fitted, screws):
         assert isinstance(r.score, float) and np.isfinite(r.score)
         assert r.anomaly_map.dtype == np.float32 and r.anomaly_map.shape == im.shape[:2]
         assert r.mask.dtype == bool and r.mask.shape == im.shape[:2]
-        assert r.threshold == fitted.threshold_.image and "leave-one-out on 10" in r.threshold_source
+        assert r.threshold == fitted.threshold_.image and "the 10 good parts (conformal, leave-one-out)" \
+            in r.threshold_source
         assert r.is_anomaly == (r.score > r.threshold or not r.aligned)
         assert isinstance(r.aligned, bool)
 

@@ -1,5 +1,6 @@
 """Verdicts a line can trust: a threshold that is always measured or given, model values checked at load,
 refits that rebuild what changed, and a refit that never mixes two models in one prediction (issue 12)."""
+import dataclasses
 import threading
 
 import numpy as np
@@ -123,6 +124,32 @@ def test_every_verdict_carries_its_conformal_p_value(saved, parts):
     # A defect above every good score gets the smallest p-value four scores allow.
     assert [r.p_value for r in det.predict(parts[1])] == [0.2] * 4
     assert DinoPatch.load(saved, threshold=3.0).predict(parts[1][:1])[0].p_value is None
+
+
+def test_masks_are_judged_per_location_on_the_good_parts_alone(saved, parts, tmp_path):
+    det = DinoPatch.load(saved)
+    t = det.threshold_
+    assert t.distances.shape == (4, 8, 8) and t.pixel_grid.shape == (8, 8)
+    # No labelled defect was needed: every defect gets a mask.
+    assert all(r.mask.any() for r in det.predict(parts[1]))
+    # At rate 0 each location's threshold is its largest held-out distance, and smoothing keeps the
+    # order: not one pixel of a held-out good part's own map is marked.
+    raw = det.patch_distances(parts[0][:1])[0]
+    for d in t.distances:
+        assert not det.result_from(dataclasses.replace(raw, distances=d), morph_kernel=0).mask.any()
+
+
+def test_edited_held_out_distances_are_refused_at_load(saved, tmp_path):
+    def shrink(header, arrays):
+        arrays["calibration_distances"] = arrays["calibration_distances"][:, :4]
+
+    def huge(header, arrays):
+        arrays["calibration_distances"] = arrays["calibration_distances"] * 1e6
+
+    with pytest.raises(ModelFileError, match="held-out distances"):
+        DinoPatch.load(_edited(saved, tmp_path, shrink))
+    with pytest.raises(ModelFileError, match="per-location mask threshold"):
+        DinoPatch.load(_edited(saved, tmp_path, huge))
 
 
 def test_refit_after_changing_size_and_seed_rebuilds_the_backbone(parts, tmp_path):
