@@ -350,7 +350,8 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
         chosen = ", ".join(f"{k} = {_fmt(v)}" for k, v in m["auto"]["chosen"].items())
         fallback = " (too few good images to measure: the defaults)" if m["auto"]["fallback"] else ""
         warn += f"<p>Chosen at fit from good parts alone (\"auto\"): {esc(chosen)}{fallback}</p>"
-    warn += "".join(f"<p class=warn><b>Few images:</b> {esc(w)}</p>" for w in m["warnings"])
+    if m["warnings"]:
+        warn += f"<p class=warn><b>Few images:</b> {'; '.join(esc(w) for w in m['warnings'])}</p>"
     thumbs = "".join(
         f"<figure><a href='{src}'><img src='{src}' width=200></a><figcaption>{esc(it.defect)}<br>"
         f"{'flagged' if im['is_anomaly'] else 'passed'}, score {_fmt(im['score'])}</figcaption></figure>"
@@ -358,7 +359,7 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
         for src in [f"overlays/{esc(it.defect)}_{esc(Path(it.path).stem)}.png"])
     style = ("body{font-family:sans-serif;margin:2em;color:#111;background:#fff;max-width:1200px} "
              "table{border-collapse:collapse} td,th{border:1px solid #bbb;padding:4px 10px;text-align:right} "
-             "td.l{text-align:left} .lead{font-size:1.7em;font-weight:bold;margin:.3em 0} "
+             "td.l,th.l{text-align:left} .lead{font-size:1.7em;font-weight:bold;margin:.3em 0} "
              ".box{border:2px solid #333;background:#f4f4f4;padding:.8em 1.2em;margin:1em 0} "
              ".warn{color:#a00} figure{display:inline-block;margin:4px;width:200px;vertical-align:top} "
              "figcaption{font-size:15px;color:#111;background:#eee;padding:2px 4px}")
@@ -382,7 +383,7 @@ metrics reported on the other {len(m['split']['report'])}
 <th>reported images</th><th>image AUROC against good</th><th>recall, tuned</th><th>pixel AUROC</th>
 <th>AU-PRO to 30%</th><th>AU-PRO to 5%</th></tr>{per}</table>
 <h2>Curves (reported part)</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
-<h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; white outline: predicted defect
+<h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; magenta outline: predicted defect
 (tuned settings).</p>{thumbs}
 </body></html>"""
     (out / "index.html").write_text(page)

@@ -17,7 +17,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
         vmax: map value shown as the hottest colour (one scale for a whole
             report, so overlays can be compared).
         gt_mask: ground-truth defect, drawn as a green contour.
-        pred_mask: predicted defect mask, drawn as a white contour.
+        pred_mask: predicted defect mask, drawn as a magenta contour.
         text: a caption, drawn dark on a light band above the image, sized to
             read when the picture is shown 160 px wide.
     """
@@ -27,7 +27,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
     # Cool regions stay mostly image, so the part is still readable under the map.
     a = (alpha * heat)[..., None]
     out = (base * (1 - a) + colour * a).astype(np.uint8)
-    for mask, col in ((pred_mask, (255, 255, 255)), (gt_mask, (0, 255, 0))):
+    # Magenta and green: both stand out on grey parts and on the heat colours.
+    for mask, col in ((pred_mask, (255, 0, 255)), (gt_mask, (0, 255, 0))):
         if mask is not None and mask.any():
             contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             # Thick enough to survive a thumbnail's downscaling.
