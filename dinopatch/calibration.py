@@ -15,8 +15,9 @@ with probability at most ``a``.  Where ``n`` is too small for ``a``
 (that rank is above ``n``), the threshold is the maximum, which promises
 ``1 / (n + 1)``, and fit warns with the rate it can promise; ``a = 0`` asks for
 the maximum on purpose.  A score's p-value is ``(1 + #{scores >= s}) / (n + 1)``.  The defect mask is
-judged the same way at each patch location: the held-out distances there give
-that location's threshold at the same rate, so no labelled defect is needed.
+judged against each patch location's own level: the held-out distances there give
+that location's typical distance, and their largest excess over it a margin at the
+same rate, so no labelled defect is needed.
 Leave-one-out and k-fold scores come from banks one fold smaller than the
 model's, so the model's own scores run lower and the promise errs on the safe side.
 
@@ -115,21 +116,26 @@ class Threshold:
     def pixel_grid(self) -> np.ndarray | None:
         """The mask threshold of each patch location, float32 ``[h, w]``; None without held-out distances.
 
-        At each location, the conformal quantile of the held-out good parts' distances there at the
-        same ``false_alarm_rate``: a pixel of a good part is marked with probability at most
-        :func:`guarantee` at every location (``1 / (n + 1)`` at rate 0: the largest held-out distance).
+        Each location's median held-out good distance, plus one margin for all: the conformal
+        quantile, at the same ``false_alarm_rate``, of each held-out good part's largest excess over
+        those medians.  Smoothing a map averages its patches, so a good part's map stays below the
+        smoothed grid wherever its patches stay below the grid: a good part like the held-out ones
+        gets any mask pixel with probability at most :func:`guarantee` (``1 / (n + 1)`` at rate 0).
+        The medians are measured on the same parts; one part moves a median by at most one rank.
         """
         if self.distances.size == 0:
             return None
-        return _quantile(self.distances, self.source.get("false_alarm_rate", 0.0), warn=False).astype(np.float32)
-
+        median = np.median(self.distances, axis=0)
+        excess = np.maximum((self.distances - median).max(axis=(1, 2)), 0.0)
+        margin = _quantile(excess, self.source.get("false_alarm_rate", 0.0), warn=False)
+        return (median + margin).astype(np.float32)
     def describe_mask(self) -> str:
         """What the defect mask promises, in words."""
         if self.pixel_grid is None:
             return f"map above {self.pixel:.4g}"
         n = self.scores.size
-        return (f"per-location false-positive rate <= {guarantee(n, self.source['false_alarm_rate']):.3g} "
-                f"(conformal over the {n} good parts' held-out maps)")
+        return (f"a good part marked with probability <= {guarantee(n, self.source['false_alarm_rate']):.3g} "
+                f"(each location's median over the {n} good parts' held-out maps plus a conformal margin)")
 
     def at_false_alarm_rate(self, rate: float) -> "Threshold":
         """The same evidence read at another false-alarm rate (needs the calibration scores)."""

@@ -132,8 +132,8 @@ def test_masks_are_judged_per_location_on_the_good_parts_alone(saved, parts, tmp
     assert t.distances.shape == (4, 8, 8) and t.pixel_grid.shape == (8, 8)
     # No labelled defect was needed: every defect gets a mask.
     assert all(r.mask.any() for r in det.predict(parts[1]))
-    # At rate 0 each location's threshold is its largest held-out distance, and smoothing keeps the
-    # order: not one pixel of a held-out good part's own map is marked.
+    # At rate 0 every held-out distance is at or below its location's threshold, and smoothing
+    # keeps the order: not one pixel of a held-out good part's own map is marked.
     raw = det.patch_distances(parts[0][:1])[0]
     for d in t.distances:
         assert not det.result_from(dataclasses.replace(raw, distances=d), morph_kernel=0).mask.any()
