@@ -172,8 +172,8 @@ def run_few_shot(params: dict | None = None, *, categories=CATEGORIES, shots=SHO
 
     The ``k`` images are drawn, seeded by ``(seed, k)``, from one training set of ``max(shots)``
     rendered images; every ``k`` is scored on the same test images.  With one good image no
-    threshold can be calibrated (leave-one-out needs two): that row has image AUROC and the pixel
-    metrics, its counts are None and its ``note`` says why.
+    threshold can be calibrated (leave-one-out needs two): that row has image AUROC and the
+    threshold-free pixel metrics; its counts and SegF1 are None and its ``note`` says why.
 
     Returns:
         ``{"params", "shots", "few_shot": {category: {str(k): metrics}}, "seconds"}``.
@@ -194,10 +194,10 @@ def run_few_shot(params: dict | None = None, *, categories=CATEGORIES, shots=SHO
             m = score_category(det if calibrated else det.set_params(threshold=1.0), data, train)
             if not calibrated:
                 det.set_params(threshold=None)
-                m.update(good_rejected=None, defects_caught=None, threshold_source=None,
+                m.update(good_rejected=None, defects_caught=None, seg_f1=None, threshold_source=None,
                          note="1 good image: no threshold can be calibrated (needs 2)")
                 for v in m["per_defect"].values():
-                    v["defects_caught"] = None
+                    v.update(defects_caught=None, seg_f1=None)
             out[name][str(k)] = m
             if progress:
                 progress(f"{name}, {k} good: image AUROC {m['image_auroc']:.3f} ({m['seconds']:.0f} s)")
@@ -206,13 +206,14 @@ def run_few_shot(params: dict | None = None, *, categories=CATEGORIES, shots=SHO
 
 
 def _cells(m: dict, good: bool = True) -> str:
-    """One table row's numbers: AUROC, caught, rejected, pixel metrics (a count that is None shows "-")."""
+    """One table row's numbers: AUROC, caught, rejected, pixel metrics (a value that is None shows "-")."""
     def frac(a, b):
         return "-" if a is None else f"{a}/{b}"
 
     rejected = frac(m["good_rejected"], m["n_good"]) if good else ""
     return (f"{m['image_auroc']:>7.3f}{frac(m['defects_caught'], m.get('n_defect', m.get('n'))):>8}{rejected:>9}"
-            f"{m['pixel_auroc']:>10.3f}{m['aupro']:>9.3f}{m['aupro_05']:>8.3f}{m['seg_f1']:>7.3f}")
+            f"{m['pixel_auroc']:>10.3f}{m['aupro']:>9.3f}{m['aupro_05']:>8.3f}"
+            f"{'-' if m['seg_f1'] is None else format(m['seg_f1'], '.3f'):>7}")
 
 
 HEADER = f"{'AUROC':>7}{'caught':>8}{'rejected':>9}{'pix AUROC':>10}{'AU-PRO':>9}{'AUPRO5':>8}{'SegF1':>7}"

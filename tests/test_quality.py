@@ -102,7 +102,8 @@ def test_few_shot_protocol_says_one_image_cannot_be_calibrated(tmp_path, capsys)
     report = json.loads(out.read_text())
     assert report["shots"] == [1, 2]
     one, two = report["few_shot"]["circuit"]["1"], report["few_shot"]["circuit"]["2"]
-    assert one["n_train"] == 1 and one["defects_caught"] is None and "no threshold" in one["note"]
+    assert one["n_train"] == 1 and one["defects_caught"] is None and one["seg_f1"] is None
+    assert "no threshold" in one["note"]
     assert 0 <= one["image_auroc"] <= 1 and two["n_train"] == 2 and two["defects_caught"] is not None
     assert "1 good image: no threshold can be calibrated" in printed
     assert max(map(len, printed.splitlines())) <= 100
