@@ -46,7 +46,9 @@ class Threshold:
 
     Attributes:
         image: threshold on the image score.
-        pixel: threshold on the anomaly map, for the defect mask.
+        pixel: one threshold on the anomaly map (the conformal quantile of the held-out
+            maps' maxima): the defect mask's where there is no :attr:`pixel_grid`, and
+            the scale that map pictures are drawn on.
         source: how it was set: ``method`` (one of :data:`METHODS`), ``images``
             (how many it was measured on), ``false_alarm_rate``, and for an
             evaluation its split.
