@@ -333,6 +333,14 @@ def _counts(line: dict) -> str:
             f"{line['defects_caught']} of {line['n_defect']} defects caught")
 
 
+def line_summary(m: dict) -> str:
+    """The line's counts of an evaluation's ``metrics.json`` as the command line prints them (<= 100 columns)."""
+    line = m["line"]
+    rows = [f"at the model's threshold {line['threshold']:.4g}: {_counts(line)}"]
+    rows += [f"  {d:<24}{v['defects_caught']:>4} of {v['n_defect']:<4} caught" for d, v in line["per_defect"].items()]
+    return "\n".join(rows)
+
+
 def _write_html(out: Path, m: dict, items, folder) -> None:
     esc, line = html.escape, m["line"]
     rows = "".join(f"<tr><td class=l>{METRIC_NAMES[k]}</td><td>{_fmt(m['tuned'][k])}</td>"

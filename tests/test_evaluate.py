@@ -7,7 +7,7 @@ from conftest import FAST
 
 from dinopatch import DinoPatch
 from dinopatch.data import MVTecFolder
-from dinopatch.evaluate import evaluate, split
+from dinopatch.evaluate import evaluate, line_summary, split
 from dinopatch.synthetic import synthesize
 
 
@@ -74,6 +74,9 @@ def test_the_line_counts_are_the_models_own_verdicts_and_lead_the_page(screw_rep
     # The counts come first, before any table; metrics are named in words, not by their keys.
     assert counts in body and body.index(counts) < body.index("<table>")
     assert "image_auroc" not in page and "AU-PRO of the maps up to 5% false-positive pixels" in page
+    printed = line_summary(m).splitlines()
+    assert counts in printed[0] and max(map(len, printed)) <= 100
+    assert [row.split()[0] for row in printed[1:]] == list(line["per_defect"])
 
 
 def test_tuning_on_reported_images_is_flagged(screw_report, tmp_path):
