@@ -183,7 +183,7 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import MVTecFolder
-    from .evaluate import check_layout, evaluate
+    from .evaluate import check_layout, evaluate, line_summary
 
     folder = MVTecFolder(args.data)
     check_layout(folder, need_train=args.model is None)
@@ -209,7 +209,9 @@ def cmd_evaluate(args) -> int:
         det.fit(folder.train_paths())
     m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
                  tune_on_report=args.tune_on_report, save_model=args.save_model)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+    print(line_summary(m))
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "aupro_05", "f1", "precision", "recall",
+            "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
         print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")

@@ -59,7 +59,8 @@ class DinoPatch(EstimatorMixin):
             alone (:mod:`.autotune`) and read back from :attr:`auto_`.
         calibration: ``"cv"``: each nominal image scored against a bank without it
             (leave-one-out, :mod:`.calibration`); or a fraction of them held out.
-        false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
+        false_alarm_rate: the rate of good parts flagged that the threshold promises: the conformal
+            quantile of those scores (:mod:`.calibration`; 0: their maximum, which promises ``1 / (n + 1)``).
         threshold: a threshold to use instead of calibrating one.
         mirror: parts can lie on either face (alignment resolves mirroring).
         foreground: run the backbone only on the part's region (:mod:`.foreground`): True,
@@ -148,7 +149,7 @@ class DinoPatch(EstimatorMixin):
             dists = held_out(chosen, train, tokens[held], flips[held], frames[held])
             maps = [post.score_map(d, canon[i][1]) for i, d in zip(held, dists)]
             return (np.array([s for _, s in maps]),
-                    np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]))
+                    np.array([image_score(m, canon[i][1], "max") for i, (m, _) in zip(held, maps)]), dists)
 
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
@@ -259,13 +260,13 @@ class DinoPatch(EstimatorMixin):
         Args:
             raw: from :meth:`patch_distances`.
             threshold: image-score threshold (default: the model's).
-            pixel_threshold: map threshold of the defect mask (default: the model's).
+            pixel_threshold: one map threshold for the defect mask (default: the model's, per location).
             **post: overrides of ``sigma``, ``score``, ``topk``, ``morph_kernel``.
         """
         model = raw.model or self._fitted()
         t = model.threshold if threshold is None else Threshold.given(threshold)
-        pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
-        return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t.image, pixel, t.describe())
+        pixel = None if pixel_threshold is None else float(pixel_threshold)
+        return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t, pixel)
 
     def tuned(self, threshold: Threshold, **post) -> "DinoPatch":
         """A copy that judges with a threshold and post-processing measured elsewhere (by evaluation)."""

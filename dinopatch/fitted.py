@@ -101,7 +101,8 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         "auto": model.auto,
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
-              "calibration_maxima": np.asarray(t.maxima, np.float64)}
+              "calibration_maxima": np.asarray(t.maxima, np.float64),
+              "calibration_distances": np.asarray(t.distances, np.float32)}
     if model.polarity is not None:
         arrays["polarity"] = model.polarity.reference
     if model.bank.global_features is not None:
@@ -184,7 +185,7 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     fingerprint = header["weights_fingerprint"]
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")
-    threshold = _threshold(header["threshold"], arrays, bank)
+    threshold = _threshold(header["threshold"], arrays, bank, side)
     model_id = header["model_id"]
     if not isinstance(model_id, str) or not re.fullmatch(r"[0-9a-f]{12}", model_id):
         raise ValueError(f"model id malformed ({model_id!r})")
@@ -202,22 +203,28 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto), params
 
 
-def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:
+def _threshold(record: dict, arrays: dict, bank: np.ndarray, side: int) -> Threshold:
     source = record["source"]
     if not isinstance(source, dict) or source.get("method") not in METHODS:
         raise ValueError(f"threshold source {source!r} is not one of {METHODS}")
+    # Files from before per-location masks have no held-out distances: their masks use the one pixel value.
+    distances = arrays.get("calibration_distances", np.zeros((0, side, side), np.float32))
+    if distances.size and distances.shape[1:] != (side, side):
+        raise ValueError(f"held-out distances {list(distances.shape)} do not fit the [{side}, {side}] grid")
     t = Threshold(record["image"], record["pixel"], source, arrays["calibration_scores"],
-                  arrays["calibration_maxima"])
+                  arrays["calibration_maxima"], distances)
     # One location at a time: a float32 copy of a large fp16 bank would double its memory.
     reach = THRESHOLD_REACH * math.sqrt(max(float(np.einsum("kd,kd->k", rows, rows, dtype=np.float32).max())
                                             for rows in bank))
-    for name, value in (("image", t.image), ("pixel", t.pixel)):
+    grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
+    for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
         if value > reach:
             raise ValueError(f"{name} threshold {value:g} is beyond any distance this bank can produce "
                              f"(~{reach:.3g}): every part would pass")
     if source["method"] in ("leave-one-out", "k-fold", "held-out"):
         remeasured = t.at_false_alarm_rate(source["false_alarm_rate"])
         if not (math.isclose(remeasured.image, t.image) and math.isclose(remeasured.pixel, t.pixel)):
-            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores "
-                             f"({remeasured.image:g}): the file was edited")
+            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores' conformal "
+                             f"quantile ({remeasured.image:g}): the file was edited, or written before "
+                             "thresholds were conformal (refit it)")
     return t

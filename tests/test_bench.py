@@ -193,6 +193,9 @@ def test_pipeline_stages_ran(run):
         image, pixel, tokens = re.search(r"image AUROC ([\d.]+), pixel AUROC ([\d.]+), (\d+)% of the tokens",
                                          row["note"]).groups()
         assert 0 <= float(image) <= 1 and 0 <= float(pixel) <= 1 and 0 < int(tokens) <= 100
+        # The line's numbers at the model's own threshold: 4 defective screws and 2 good ones.
+        counts = re.search(r"at its threshold (\d+) of 4 defects caught, (\d+) of 2 good rejected", row["note"])
+        assert counts and int(counts[1]) <= 4 and int(counts[2]) <= 2, row["note"]
     assert reference["note"].count("100% of the tokens") == 1
     assert len(by["stream"]) == 2 and all(r["ms_p99"] >= r["ms_p50"] for r in by["stream"])
     targets = {r["method"] for r in by["target"]}

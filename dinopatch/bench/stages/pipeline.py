@@ -122,8 +122,12 @@ def bench_e2e(args) -> list[dict]:
     acc = {k: aurocs(test, out[k]) for k in ("ours", "reference")}
 
     def quality(k):
-        return (f"image AUROC {acc[k][0]:.4f}, pixel AUROC {acc[k][1]:.4f}, {kept(dets[k]):.0%} of the tokens; "
-                f"weights {args.weights}")
+        from dinopatch.metrics import line_counts
+
+        c = line_counts([bad for _, _, bad in test], [r.is_anomaly for r in out[k]])
+        return (f"at its threshold {c['defects_caught']} of {c['n_defect']} defects caught, {c['good_rejected']} of "
+                f"{c['n_good']} good rejected; image AUROC {acc[k][0]:.4f}, pixel AUROC {acc[k][1]:.4f}, "
+                f"{kept(dets[k]):.0%} of the tokens; weights {args.weights}")
 
     rows = [
         latency_row("e2e", f"defaults: predict ({engine['ours']}, kernel {kernels.resolve(det._kernel())}, foreground "
