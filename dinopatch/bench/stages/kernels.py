@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -149,6 +149,45 @@ def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dic
         if num is not None and den is not None:
             op, bound = goal.split()
             rows.append(target(what, goal, num / den, lambda v, op=_COMPARE[op], b=float(bound): op(v, b)))
+    return rows
+
+
+def realistic_map(side: int, rng: np.random.Generator) -> np.ndarray:
+    """A tolerance map like a fit's: 0 on most of the part, 1 around its outline, 2 on a thin arm."""
+    tmap = np.zeros((side, side), np.int8)
+    tmap[side // 4:3 * side // 4, side // 4] = tmap[side // 4:3 * side // 4, 3 * side // 4] = 1
+    tmap[side // 2, side // 4:3 * side // 4] = 2
+    return tmap.ravel()
+
+
+@stage("tolerance_map", groups=("kernels",))
+def bench_tolerance_map(args) -> list[dict]:
+    """A radius per location vs one radius, 32x32 grid K=40 D=384 (16x16 with --quick), batches 1 and 8.
+
+    ``single r=2`` and ``map all 2`` do the same work, so their ratio is the map's overhead; ``map
+    0/1/2`` is a fit-like map (mostly 0), ``single r=0`` the floor.  All take turns, round after round.
+    """
+    side = 16 if args.quick else 32
+    L, K, D = side * side, 40, 384
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((L, K, D), dtype=np.float32)
+    radii = {"single r=2": 2, "map all 2": np.full(L, 2, np.int8), "map 0/1/2": realistic_map(side, rng),
+             "single r=0": 0}
+    rows = []
+    for be in [b for b in kernels.available() if b not in ("numpy", "cuda")]:
+        method, isa = variants(be)[0]
+        for B in (1, 8):
+            q = rng.standard_normal((B, L, D), dtype=np.float32)
+            fns = {name: partial(with_isa, isa, partial(kernels.min_distance, grid=(side, side), radius=r), q, bank, be)
+                   for name, r in radii.items()}
+            times = round_robin(fns, args.repeats)
+            ms = {name: min(t) / B * 1e3 for name, t in times.items()}
+            rows += [{"stage": "tolerance_map", "method": f"{method} {name}", "dtype": "fp32", "batch": B,
+                      "ms_per_image": ms[name], "ms_median": float(np.median(times[name])) / B * 1e3,
+                      "note": f"grid {side}x{side} K={K} D={D}"} for name in radii]
+            ratio = ms["map all 2"] / ms["single r=2"]
+            rows.append(target(f"{method} batch {B}: map all 2 / single r=2 time", "<= 1.10", ratio,
+                               lambda v: v <= 1.10))
     return rows
 
 
