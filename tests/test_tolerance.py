@@ -1,8 +1,11 @@
 """The tolerance map: per-location offsets of held-out good patches, and the radius each location gets."""
 import numpy as np
 import pytest
+from conftest import FAST
+from test_autotune import _pattern
 
-from dinopatch import tolerance
+from dinopatch import DinoPatch, autotune, modelfile, tolerance
+from dinopatch.modelfile import ModelFileError
 
 
 def _counts(offsets: np.ndarray) -> np.ndarray:
@@ -74,3 +77,97 @@ def test_check_offsets_refuses_inconsistent_evidence(bad):
     counts[[0, 1]] = [3, 0, 0]
     with pytest.raises(ValueError, match="tolerance offsets"):  # counts outside the region
         tolerance.check_offsets(counts, (3, 3), positions=[0])
+
+
+# -- end to end: fit, the auto candidate, the model file (blocks-matter weights, 112 px) ---------------------
+
+
+def _band_parts(n: int = 6, seed: int = 0) -> list[np.ndarray]:
+    """A fixed part whose top band (two token rows at 112 px) slides sideways by up to 40 px of 200."""
+    rng, base, out = np.random.default_rng(seed), _pattern(), []
+    for _ in range(n):
+        im = np.clip(base.astype(np.int16) + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
+        im[:50] = np.roll(im[:50], int(rng.integers(-40, 41)), axis=1)
+        out.append(im)
+    return out
+
+
+@pytest.fixture(scope="module")
+def band_fits():
+    images = _band_parts()
+    return {mode: DinoPatch(**dict(FAST, align=False, tolerance=mode)).fit(images) for mode in ("map", "auto")}
+
+
+def test_map_fit_scores_with_the_map_of_its_evidence(band_fits):
+    model = band_fits["map"]._fitted()
+    tmap = tolerance.tolerance_map(model.offsets, (8, 8), 7)
+    assert model.auto is None and model.bank.radius.dtype == np.int8
+    np.testing.assert_array_equal(model.bank.radius, tmap)
+    assert tmap.reshape(8, 8)[:2].min() >= 1 and (tmap.reshape(8, 8)[3:] == 0).all()  # the sliding band only
+
+
+def test_auto_has_the_map_as_a_candidate_where_offsets_differ(band_fits):
+    det = band_fits["auto"]
+    table, chosen = det.auto_["evidence"]["image_auroc"], det.auto_["chosen"]["tolerance"]
+    assert any(k.startswith("tolerance=map ") for k in table)
+    assert list(table)[-1].startswith("tolerance=map ")  # after the single radii: it must win by the margin
+    radius = det._fitted().bank.radius
+    assert (isinstance(radius, np.ndarray) if chosen == "map" else radius == chosen)
+
+
+def test_a_map_without_differences_is_no_candidate():
+    assert not autotune._map_differs(np.tile([[5, 0, 0]], (64, 1)), 8)
+    keys = {autotune._key(*c) for c in autotune._candidates(["tolerance"], dict(sigma=4.0, score="max",
+                                                                                   match="local"), 1, False)}
+    assert keys and not any("map" in k for k in keys)
+
+
+@pytest.mark.parametrize("mode", ["map", "auto"])
+def test_map_survives_save_and_load(band_fits, tmp_path, mode):
+    det = band_fits[mode]
+    loaded = DinoPatch.load(det.save(tmp_path / f"{mode}.npz"))
+    np.testing.assert_array_equal(loaded._fitted().offsets, det._fitted().offsets)
+    radius = det._fitted().bank.radius
+    np.testing.assert_array_equal(loaded._fitted().bank.radius, radius)
+    images = _band_parts(2, seed=9)
+    np.testing.assert_allclose([r.score for r in loaded.predict(images)], [r.score for r in det.predict(images)],
+                               rtol=1e-6)
+
+
+def _edit_arrays(det, tmp_path, edit):
+    header, arrays = modelfile.read(det.save(tmp_path / "base.npz"))
+    header = {k: v for k, v in header.items() if k not in ("format", "version", "arrays")}
+    edit(arrays)
+    return modelfile.write(tmp_path / "edited.npz", header, arrays)
+
+
+def _widen(arrays):
+    arrays["tolerance_map"] = np.where(arrays["tolerance_map"] == 0, 1, arrays["tolerance_map"]).astype(np.uint8)
+
+
+def _move_evidence(arrays):
+    c = arrays["tolerance_offsets"].copy()
+    c[:, 0] += c[:, 1] + c[:, 2]
+    c[:, 1:] = 0  # every patch "found in place": the map of this evidence is all zeros
+    arrays["tolerance_offsets"] = c
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_widen, "disagrees with its evidence"),
+    (_move_evidence, "disagrees with its evidence"),
+    (lambda a: a.pop("tolerance_map"), "without its map"),
+    (lambda a: a.pop("tolerance_offsets"), "without its map or its evidence"),
+    (lambda a: a.update(tolerance_map=np.full(63, 1, np.uint8)), "is not 64 values"),
+    (lambda a: a.update(tolerance_map=np.full(64, 3, np.uint8)), "is not 64 values"),
+    (lambda a: a.update(tolerance_offsets=a["tolerance_offsets"][:, :2].copy()), "tolerance offsets"),
+])
+def test_edited_map_or_evidence_is_refused(band_fits, tmp_path, edit, message):
+    with pytest.raises(ModelFileError, match=message):
+        DinoPatch.load(_edit_arrays(band_fits["map"], tmp_path, edit))
+
+
+def test_auto_record_is_checked_against_the_offsets(band_fits, tmp_path):
+    with pytest.raises(ModelFileError, match="offset shares disagree|search"):
+        DinoPatch.load(_edit_arrays(band_fits["auto"], tmp_path, _move_evidence))
+    with pytest.raises(ModelFileError, match="search"):  # the map candidate's evidence dropped
+        DinoPatch.load(_edit_arrays(band_fits["auto"], tmp_path, lambda a: a.pop("tolerance_offsets")))
