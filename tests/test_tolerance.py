@@ -6,6 +6,7 @@ from test_autotune import _pattern
 
 from dinopatch import DinoPatch, autotune, modelfile, tolerance
 from dinopatch.modelfile import ModelFileError
+from dinopatch.viz import TOLERANCE_COLOURS, tolerance_picture
 
 
 def _counts(offsets: np.ndarray) -> np.ndarray:
@@ -171,3 +172,15 @@ def test_auto_record_is_checked_against_the_offsets(band_fits, tmp_path):
         DinoPatch.load(_edit_arrays(band_fits["auto"], tmp_path, _move_evidence))
     with pytest.raises(ModelFileError, match="search"):  # the map candidate's evidence dropped
         DinoPatch.load(_edit_arrays(band_fits["auto"], tmp_path, lambda a: a.pop("tolerance_offsets")))
+
+
+def test_picture_of_the_fitted_map(band_fits):
+    tmap = band_fits["map"]._fitted().bank.radius
+    pic = tolerance_picture(tmap, (8, 8), cell=10)
+    assert pic.dtype == np.uint8 and pic.shape == (8 * 10 + 18, 80, 3)
+    for l in (0, 63):  # a cell's corner pixel carries its radius's colour (the number sits in the middle)
+        y, x = divmod(l, 8)
+        assert tuple(pic[y * 10 + 1, x * 10 + 1]) == TOLERANCE_COLOURS[tmap[l]]
+    assert tolerance_picture(tmap, (8, 8), image=np.zeros((112, 112), np.uint8)).shape[:2] == (8 * 20 + 20, 160)
+    with pytest.raises(ValueError, match="64 radii"):
+        tolerance_picture(np.full(64, 3), (8, 8))
