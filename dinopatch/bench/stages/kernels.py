@@ -185,9 +185,11 @@ def bench_tolerance_map(args) -> list[dict]:
             rows += [{"stage": "tolerance_map", "method": f"{method} {name}", "dtype": "fp32", "batch": B,
                       "ms_per_image": ms[name], "ms_median": float(np.median(times[name])) / B * 1e3,
                       "note": f"grid {side}x{side} K={K} D={D}"} for name in radii]
-            ratio = ms["map all 2"] / ms["single r=2"]
-            rows.append(target(f"{method} batch {B}: map all 2 / single r=2 time", "<= 1.10", ratio,
-                               lambda v: v <= 1.10))
+            # Paired by round (the two ran back to back), the median ratio: robust to a neighbour's load
+            # that a best-of-n time of each is not.
+            ratio = float(np.median(np.divide(times["map all 2"], times["single r=2"])))
+            rows.append(target(f"{method} batch {B}: map all 2 / single r=2 time, median of rounds", "<= 1.10",
+                               ratio, lambda v: v <= 1.10))
     return rows
 
 
