@@ -7,8 +7,12 @@ nominal images themselves, each scored against a bank built without it
 * **tolerance** is bounded by the residual misalignment among nominal parts.
   Each held-out patch is matched within growing neighbourhoods (Chebyshev
   radius 0, 1, 2 grid steps); its offset is the smallest radius whose match
-  is within :data:`MARGIN` of the best over all radii.  The bound is the
+  is within :data:`.tolerance.MARGIN` of the best over all radii
+  (:func:`.tolerance.offset_counts`, per location).  The bound is the
   smallest radius beyond which at most :data:`SHARE` of the patches lie.
+  Where the locations' offsets differ, the tolerance map
+  (:func:`.tolerance.tolerance_map`, a radius per location) is one more
+  candidate, after the single radii: it must separate better by the margin.
   Within the bound the pasted defects below decide (the bound wins ties): a
   tolerance lets a small defect find a good match next door, so the radius
   that absorbs the most misalignment is not always the one that separates best.
@@ -34,19 +38,16 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from . import metrics
-from .bank import MATCHES, MemoryBank
+from . import metrics, tolerance
+from .bank import MATCHES
 from .postprocess import SCORES, PostProcess
+from .tolerance import RADII
 
 AUTO_PARAMS = ("tolerance", "sigma", "score", "match")
 # What "auto" falls back to when a choice cannot be measured, and wins ties: the seed's settings.
 DEFAULTS = {"tolerance": 1, "sigma": 4.0, "score": "max", "match": "local"}
 MIN_IMAGES = 3  # two folds of one image each leave one-image banks: too few to rank settings
-RADII = (0, 1, 2)
 SIGMAS = (4.0, 0.0, 2.0, 8.0)
-# A patch's match at a larger radius must be this much closer to count as displaced:
-# nearer rows of pure noise differ by less.
-MARGIN = 0.1
 SHARE = 0.05
 FOLDS = 5
 # Image AUROC a candidate must gain over the one before it in search order to be chosen: with 6 nominal
@@ -76,8 +77,36 @@ def without(record: dict | None, names) -> dict | None:
     return dict(record, chosen={k: v for k, v in record["chosen"].items() if k not in names})
 
 
+def folds(n: int, seed: int) -> list[np.ndarray]:
+    """The held-out folds of ``n`` nominal images, seeded."""
+    return np.array_split(np.random.default_rng(seed).permutation(n), min(FOLDS, n))
+
+
+def measure_offsets(params: dict, tokens: np.ndarray, positions=None, backend: str | None = None):
+    """Per-location offsets of held-out patches (:func:`.tolerance.offset_counts`) when ``tolerance`` is
+    ``"auto"`` or ``"map"``; None otherwise, or for ``"auto"`` with fewer than :data:`MIN_IMAGES` images.
+
+    Raises:
+        ValueError: ``tolerance="map"`` with fewer than :data:`MIN_IMAGES` nominal images.
+    """
+    mode = params["tolerance"]
+    if not isinstance(mode, str) or mode not in ("auto", "map"):
+        return None
+    if len(tokens) < MIN_IMAGES:
+        if mode == "map":
+            raise ValueError(f"tolerance='map' needs at least {MIN_IMAGES} nominal images to measure offsets, "
+                             f"got {len(tokens)}")
+        return None
+    return tolerance.offset_counts(tokens, folds(len(tokens), params["seed"]), positions, backend)
+
+
+def _map_differs(offsets, side: int) -> bool:
+    return offsets is not None and tolerance.differs(tolerance.tolerance_map(offsets, (side, side), side - 1),
+                                                     offsets)
+
+
 def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held_out: Callable,
-            positions=None, backend: str | None = None) -> dict | None:
+            positions=None, backend: str | None = None, offsets: np.ndarray | None = None) -> dict | None:
     """Measure a value for every ``"auto"`` in ``params``.
 
     Args:
@@ -86,8 +115,9 @@ def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held
         canon: per nominal image ``(canonical uint8 image, valid [S, S], alignment)``.
         embed: canonical images -> ``(tokens, flips)``, oriented and placed like ``tokens``.
         held_out: ``(settings, train, tokens, flips, frames) -> [B, h, w]`` distances of query tokens
-            against a bank of nominal images ``train`` built with ``settings`` (``tolerance``, ``match``),
-            turned back and completed as the detector scores them.
+            against a bank of nominal images ``train`` built with ``settings`` (``tolerance``: a radius or
+            ``"map"``, ``match``), turned back and completed as the detector scores them.
+        offsets: :func:`measure_offsets` of these tokens (needed when ``tolerance`` is ``"auto"``).
         positions: the region the bank covers (None: the whole grid).
         backend: distance kernel backend.
 
@@ -101,32 +131,24 @@ def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held
     if n < MIN_IMAGES:
         return {"chosen": {k: DEFAULTS[k] for k in names}, "fallback": True,
                 "evidence": {"images": n, "note": f"fewer than {MIN_IMAGES} nominal images: defaults used"}}
-    folds = np.array_split(np.random.default_rng(params["seed"]).permutation(n), min(FOLDS, n))
     evidence: dict = {"images": n, "searched": names}
-    bound = int(params["tolerance"]) if "tolerance" not in names else None
+    bound = params["tolerance"] if "tolerance" not in names else None
+    with_map = False
     if bound is None:
+        if offsets is None:
+            offsets = measure_offsets(params, tokens, positions, backend)
         # Rounded before choosing, so that the model file's check derives the same bound from them.
-        evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(tokens, folds, positions, backend)]
+        evidence["offset_share"] = _rounded_shares(offsets)
         bound = choose_tolerance(evidence["offset_share"], tokens.shape[1] - 1)
-    table = _separation(params, names, bound, tokens, canon, embed, held_out, folds)
+        with_map = _map_differs(offsets, tokens.shape[1])
+    table = _separation(params, names, bound, tokens, canon, embed, held_out, folds(n, params["seed"]), with_map)
     evidence["image_auroc"] = table
-    return {"chosen": dict(zip(names, _winner(table, names, params, bound))), "fallback": False,
+    return {"chosen": dict(zip(names, _winner(table, names, params, bound, with_map))), "fallback": False,
             "evidence": evidence}
 
 
-def offset_shares(tokens: np.ndarray, folds: list, positions=None, backend=None) -> np.ndarray:
-    """Share of held-out nominal patches whose match lies at each radius of :data:`RADII`."""
-    n, h, w, _ = tokens.shape
-    counts = np.zeros(len(RADII))
-    for held in folds:
-        rest = np.setdiff1d(np.arange(n), held)
-        base = MemoryBank.fit(tokens[rest], backend=backend, positions=positions)
-        dist = np.stack([MemoryBank(base.features, (h, w), r, positions).distances(tokens[held], backend)
-                         for r in RADII])
-        dist = dist[:, np.isfinite(dist[0])]  # the region's locations only
-        offset = np.argmax(dist <= (1 + MARGIN) * dist.min(axis=0), axis=0)  # the first radius close enough
-        counts += np.bincount(offset.ravel(), minlength=len(RADII))
-    return counts / counts.sum()
+def _rounded_shares(offsets: np.ndarray) -> list[float]:
+    return [round(float(s), 4) for s in tolerance.shares(offsets)]
 
 
 def choose_tolerance(shares, largest: int) -> int:
@@ -169,14 +191,14 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
     return out
 
 
-def _candidates(names: list[str], params: dict, bound: int) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults."""
+def _candidates(names: list[str], params: dict, bound, with_map: bool = False) -> list[tuple]:
+    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults, the map last."""
     def first(name, values):
         if name not in names:
             return (params[name],)
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    radii = range(bound, -1, -1) if "tolerance" in names else (bound,)
+    radii = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
     return [(r, m, float(g), s) for r in radii for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
@@ -185,7 +207,7 @@ def _key(tolerance, match, sigma, score) -> str:
     return f"tolerance={tolerance} match={match} sigma={sigma:g} score={score}"
 
 
-def _separation(params, names, bound, tokens, canon, embed, held_out, folds) -> dict:
+def _separation(params, names, bound, tokens, canon, embed, held_out, folds, with_map) -> dict:
     """Image AUROC of held-out nominal vs. pasted-defect images, per candidate (:func:`_candidates`)."""
     rng = np.random.default_rng([params["seed"], 1])
     n = len(tokens)
@@ -200,48 +222,50 @@ def _separation(params, names, bound, tokens, canon, embed, held_out, folds) -> 
     frames, flips = np.stack([c[0] for c in canon]), np.zeros(n, bool)  # nominal tokens are oriented
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
     table, maps = {}, {}
-    for tolerance, match, sigma, score in _candidates(names, params, bound):
-        if (tolerance, match) not in maps:
+    for radius, match, sigma, score in _candidates(names, params, bound, with_map):
+        if (radius, match) not in maps:
             nominal = np.empty(tokens.shape[:3], np.float32)
             defect = np.empty((len(pasted),) + tokens.shape[1:3], np.float32)
-            settings = dict(tolerance=tolerance, match=match)
+            settings = dict(tolerance=radius, match=match)
             for held in folds:
                 train = np.setdiff1d(np.arange(n), held)
                 nominal[held] = held_out(settings, train, tokens[held], flips[held], frames[held])
                 here = np.flatnonzero(np.isin(origin, held))
                 if here.size:
                     defect[here] = held_out(settings, train, p_tokens[here], p_flips[here], p_frames[here])
-            maps = {(tolerance, match): (nominal, defect)}  # the candidates come grouped by bank
-        nominal, defect = maps[(tolerance, match)]
+            maps = {(radius, match): (nominal, defect)}  # the candidates come grouped by bank
+        nominal, defect = maps[(radius, match)]
         post = PostProcess(sigma, score, params["topk"], params["morph_kernel"])
         s = np.array([post.score_map(d, canon[i][1])[1] for i, d in enumerate(nominal)]
                      + [post.score_map(d, canon[origin[j]][1])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
-        table[_key(tolerance, match, sigma, score)] = round(auc, 4) if math.isfinite(auc) else None
+        table[_key(radius, match, sigma, score)] = round(auc, 4) if math.isfinite(auc) else None
     return table
 
 
-def _winner(table: dict, names: list[str], params: dict, bound: int) -> list:
+def _winner(table: dict, names: list[str], params: dict, bound, with_map: bool = False) -> list:
     """The values of ``names`` in the table's best entry.
 
     A candidate must beat the one before it in search order (the bound, then the defaults) by more than
     :data:`WIN_MARGIN` to displace it: the pasted defects are few, and a smaller difference is noise.
     The order is the search's, not the table's (the model file may store the keys sorted).
     """
-    order = [_key(*c) for c in _candidates(names, params, bound)]
+    order = [_key(*c) for c in _candidates(names, params, bound, with_map)]
     best, best_auc = order[0], -math.inf
     for key in order:
         auc = table.get(key)
         if auc is not None and auc > best_auc + WIN_MARGIN:
             best, best_auc = key, auc
     values = dict(item.split("=", 1) for item in best.split(" "))
-    cast = {"tolerance": int, "sigma": float, "score": str, "match": str}
+    cast = {"tolerance": lambda v: v if v == "map" else int(v), "sigma": float, "score": str, "match": str}
     return [cast[n](values[n]) for n in names]
 
 
-def check_record(record, params: dict, side: int) -> dict:
+def check_record(record, params: dict, side: int, offsets: np.ndarray | None = None) -> dict:
     """A model file's auto record, checked against its parameters and its own evidence (never executed).
+
+    ``offsets``: the file's checked per-location offsets (:func:`.tolerance.check_offsets`), or None.
 
     Raises:
         ValueError: the record (of a fit on a ``side`` x ``side`` token grid) is malformed, does not
@@ -272,17 +296,23 @@ def check_record(record, params: dict, side: int) -> dict:
                 isinstance(k, str) and (v is None or (isinstance(v, float) and 0.0 <= v <= 1.0))
                 for k, v in table.items()):
             raise ValueError("auto record's separation evidence is malformed")
-        bound = int(params["tolerance"]) if "tolerance" not in searched else None
+        bound = params["tolerance"] if "tolerance" not in searched else None
+        with_map = False
         if bound is None:
             shares = evidence.get("offset_share")
             if not isinstance(shares, list) or len(shares) != len(RADII) or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0 for s in shares) \
                     or abs(sum(shares) - 1.0) > 1e-3:
                 raise ValueError("auto record's offset shares are malformed")
+            if offsets is not None and (shares != _rounded_shares(offsets)
+                                        or evidence.get("images") != int(offsets.sum(axis=1).max())):
+                raise ValueError("auto record's offset shares disagree with the tolerance offsets")
             bound = choose_tolerance(shares, side - 1)
-        if set(table) != {_key(*c) for c in _candidates(searched, params, bound)}:
+            with_map = _map_differs(offsets, side)
+        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, with_map)}:
             raise ValueError("auto record's separation evidence is not the search its parameters make")
-        expected = {k: v for k, v in zip(searched, _winner(table, searched, params, bound)) if k in names}
+        expected = {k: v for k, v in zip(searched, _winner(table, searched, params, bound, with_map))
+                    if k in names}
     if chosen != expected:
         raise ValueError(f"auto record chose {chosen} but its evidence gives {expected}: the file was edited")
     return record

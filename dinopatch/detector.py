@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, foreground, kernels
+from . import autotune, fitted, foreground, kernels, tolerance
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone import embed as embed_frames
@@ -50,7 +50,8 @@ class DinoPatch(EstimatorMixin):
         seed: seeds random weights and the calibration split.
         layers: average the patch tokens of the last ``layers`` blocks.
         coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"`` (the default).
+        tolerance: spatial tolerance of the bank, in grid steps; ``"map"``: a radius per location measured
+            on the nominal images (:mod:`.tolerance`); or ``"auto"`` (the default), which chooses among them.
         match: ``"local"`` (each patch against its own location's bank), ``"global"`` (against the whole
             bank), ``"local+global"`` (their mean; :mod:`.bank`) or ``"auto"``.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
@@ -134,14 +135,18 @@ class DinoPatch(EstimatorMixin):
             grids = embed_frames(engine, canonical, bs, positions=positions)
             return _orient(polarity, grids if fg is None else fg.scatter(grids))
 
+        offsets = autotune.measure_offsets(params, tokens, positions, self._kernel())
+        side = tokens.shape[1]
+        tmap = None if offsets is None else tolerance.tolerance_map(offsets, (side, side), side - 1)
+
         def held_out(settings, train, queries, q_flips, q_frames):
-            bank = self._make_bank(tokens[train], positions, dict(params, **settings))
+            bank = self._make_bank(tokens[train], positions, dict(params, **settings), tmap)
             return _finish(bank.distances(queries, backend=self._kernel()), q_flips, fg, q_frames,
                            fg and fg.background_of(frames[train]))
 
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
-        auto = autotune.resolve(params, tokens, canon, embed, held_out, positions, self._kernel())
+        auto = autotune.resolve(params, tokens, canon, embed, held_out, positions, self._kernel(), offsets)
         chosen = autotune.resolved(params, auto)
         post = PostProcess(chosen["sigma"], chosen["score"], chosen["topk"], chosen["morph_kernel"])
 
@@ -154,12 +159,13 @@ class DinoPatch(EstimatorMixin):
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
-        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen), threshold,
-                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto)
+        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen, tmap), threshold,
+                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto, offsets)
         return self
 
-    def _make_bank(self, tokens: np.ndarray, positions, params: dict) -> MemoryBank:
-        return MemoryBank.fit(tokens, ratio=params["coreset_ratio"], radius=params["tolerance"],
+    def _make_bank(self, tokens: np.ndarray, positions, params: dict, tmap=None) -> MemoryBank:
+        radius = tmap if isinstance(params["tolerance"], str) and params["tolerance"] == "map" else params["tolerance"]
+        return MemoryBank.fit(tokens, ratio=params["coreset_ratio"], radius=radius,
                               dtype=np.dtype(params["bank_dtype"]), backend=self._kernel(), positions=positions,
                               match=params["match"])
 

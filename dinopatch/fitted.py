@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, modelfile
+from . import autotune, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
@@ -53,6 +53,8 @@ class Fitted:
     graph: dict | None = None
     # What fit chose for the parameters set to "auto", and its evidence (:func:`.autotune.resolve`).
     auto: dict | None = None
+    # Held-out patches at each offset per location (:func:`.tolerance.offset_counts`): the tolerance map's evidence.
+    offsets: np.ndarray | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -107,6 +109,10 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         arrays["polarity"] = model.polarity.reference
     if model.bank.global_features is not None:
         arrays["global_bank"] = model.bank.global_features
+    if model.offsets is not None:
+        arrays["tolerance_offsets"] = np.asarray(model.offsets, np.int64)
+    if isinstance(model.bank.radius, np.ndarray):
+        arrays["tolerance_map"] = model.bank.radius.astype(np.uint8)
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
@@ -193,14 +199,35 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
         raise ValueError(f"graph record malformed ({graph!r})")
-    auto = autotune.check_record(header.get("auto"), params, side)
+    offsets = arrays.get("tolerance_offsets")
+    if offsets is not None:
+        offsets = tolerance.check_offsets(offsets, (side, side), None if fg is None else fg.positions)
+    auto = autotune.check_record(header.get("auto"), params, side, offsets)
     chosen = check_params(autotune.resolved(params, auto))
+    radius = _radius(chosen["tolerance"], arrays.get("tolerance_map"), offsets, side)
     rows = arrays.get("global_bank") if chosen["match"] != "local" else None
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
-    membank = MemoryBank(bank, (side, side), chosen["tolerance"], None if fg is None else fg.positions,
-                         chosen["match"], rows)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto), params
+    membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
+                  offsets), params
+
+
+def _radius(chosen, stored, offsets, side: int):
+    """The bank's radius: the chosen one, or for ``"map"`` the map derived again from its evidence."""
+    if not (isinstance(chosen, str) and chosen == "map"):
+        if stored is not None:
+            raise ValueError(f"a tolerance map in a model whose tolerance is {chosen!r}")
+        return chosen
+    if offsets is None or stored is None:
+        raise ValueError("tolerance 'map' without its map or its evidence (tolerance_map, tolerance_offsets)")
+    if stored.shape != (side * side,) or not np.isin(stored, tolerance.RADII).all():
+        raise ValueError(f"tolerance map {stored.dtype}{list(stored.shape)} is not {side * side} values in "
+                         f"{set(tolerance.RADII)}")
+    derived = tolerance.tolerance_map(offsets, (side, side), side - 1)
+    if (stored != derived).any():
+        raise ValueError("the tolerance map disagrees with its evidence (tolerance_offsets): the file was edited")
+    return derived
 
 
 def _threshold(record: dict, arrays: dict, bank: np.ndarray, side: int) -> Threshold:

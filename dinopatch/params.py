@@ -198,6 +198,11 @@ def _threshold(v, p: dict):
     return None if v is None else Threshold.given(v).image
 
 
+def _tolerance(v, p: dict):
+    # "map": a radius for each location, measured at fit (:mod:`.tolerance`).
+    return v if isinstance(v, str) and v == "map" else Integer(0, _side(p) - 1).check("tolerance", v, p)
+
+
 def _parse_calibration(text: str):
     return text if text == "cv" else float(text)
 
@@ -222,8 +227,9 @@ PARAMS: tuple[Param, ...] = (
           flag="--layers"),
     Param("coreset_ratio", 1.0, Number(0.0, 1.0, lo_open=True), "share of the good patches kept per location",
           flag="--coreset-ratio"),
-    Param("tolerance", "auto", Integer(0, lambda p: _side(p) - 1), "a patch is compared with good patches up to "
-          "this many grid steps away", auto=True, flag="--tolerance"),
+    Param("tolerance", "auto", Checked(_tolerance, lambda t: t if t == "map" else int(t)), "a patch is compared "
+          "with good patches up to this many grid steps away; 'map': a number for each place, measured at fit",
+          auto=True, flag="--tolerance"),
     Param("match", "local", OneOf(MATCHES), "compare a patch with its own place, all places, or both",
           auto=True, flag="--match"),
     Param("bank_dtype", "float32", OneOf(("float32", "float16")), "storage of the memory bank"),

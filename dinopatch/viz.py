@@ -53,6 +53,50 @@ def caption_band(width: int, text: str) -> np.ndarray:
     return band
 
 
+# BGR colour of each tolerance radius: in place (grey-blue), one step (amber), two steps (red).
+TOLERANCE_COLOURS = ((110, 80, 60), (0, 190, 255), (40, 40, 220))
+
+
+def tolerance_picture(tmap: np.ndarray, grid: tuple[int, int], *, cell: int = 20,
+                      image: np.ndarray | None = None) -> np.ndarray:
+    """A tolerance map drawn as a uint8 BGR picture: one cell per grid location, coloured and numbered by radius.
+
+    Args:
+        tmap: ``[h * w]`` radii in {0, 1, 2} (``MemoryBank.radius`` of a map bank).
+        grid: ``(h, w)`` token grid.
+        cell: pixels per grid location.
+        image: optional canonical-frame image (uint8 ``[H, W]`` or ``[H, W, 3]``) blended under the cells,
+            so the radii can be read against the part.
+
+    Returns:
+        ``[h * cell + legend, w * cell, 3]`` uint8 (a legend strip below the grid).
+    """
+    h, w = grid
+    tmap = np.asarray(tmap)
+    if tmap.shape != (h * w,) or not np.isin(tmap, range(len(TOLERANCE_COLOURS))).all():
+        raise ValueError(f"a tolerance map must be {h * w} radii in 0..{len(TOLERANCE_COLOURS) - 1}, got "
+                         f"{tmap.dtype}{list(tmap.shape)}")
+    colours = np.array(TOLERANCE_COLOURS, np.uint8)[tmap.reshape(h, w)]
+    pic = cv2.resize(colours, (w * cell, h * cell), interpolation=cv2.INTER_NEAREST)
+    if image is not None:
+        base = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image[..., :3]
+        pic = cv2.addWeighted(cv2.resize(base, (w * cell, h * cell), interpolation=cv2.INTER_AREA), 0.5, pic, 0.5, 0)
+    scale = cell / 40
+    if cell >= 14:  # the number too, for readers who do not see the colours apart
+        for (y, x), r in np.ndenumerate(tmap.reshape(h, w)):
+            cv2.putText(pic, str(int(r)), (x * cell + cell // 4, y * cell + 3 * cell // 4), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (255, 255, 255), 1, cv2.LINE_AA)
+    legend = np.full((max(18, cell), w * cell, 3), 255, np.uint8)
+    x = 4
+    for r, colour in enumerate(TOLERANCE_COLOURS):
+        side = legend.shape[0] - 6
+        cv2.rectangle(legend, (x, 3), (x + side, 3 + side), colour, -1)
+        cv2.putText(legend, f"{r}", (x + side + 3, 3 + side), cv2.FONT_HERSHEY_SIMPLEX, max(0.35, scale), (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        x += side + 24
+    return np.vstack([pic, legend])
+
+
 def _pyplot():
     import matplotlib
 
