@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import params
 from .data import IMAGE_SUFFIXES, load_image
 from .records import score_images
 
@@ -234,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="output folder of Parquet parts (OUT.parquet); "
                    "paths already in it are skipped")
     p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
-    p.add_argument("--engine", default="onnx", help="onnx, onnx:int8, onnx:fp16, torch, or an .onnx export")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
-    p.add_argument("--batch-size", type=int, default=8, help="images per backbone call")
+    params.add_flags(p, ["engine", "kernel", "batch_size"], defaults={"engine": "onnx"})
     p.add_argument("--workers", type=int, help="engines at once (default: the cluster's CPUs)")
     p.add_argument("--rows-per-part", type=int, default=1000, help="rows per Parquet part")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -7,8 +7,12 @@ nominal images themselves, each scored against a bank built without it
 * **tolerance** is bounded by the residual misalignment among nominal parts.
   Each held-out patch is matched within growing neighbourhoods (Chebyshev
   radius 0, 1, 2 grid steps); its offset is the smallest radius whose match
-  is within :data:`MARGIN` of the best over all radii.  The bound is the
+  is within :data:`.tolerance.MARGIN` of the best over all radii
+  (:func:`.tolerance.offset_counts`, per location).  The bound is the
   smallest radius beyond which at most :data:`SHARE` of the patches lie.
+  Where the locations' offsets differ, the tolerance map
+  (:func:`.tolerance.tolerance_map`, a radius per location) is one more
+  candidate, after the single radii, and must pass the same paired test.
   Within the bound the pasted defects below decide (the bound wins ties): a
   tolerance lets a small defect find a good match next door, so the radius
   that absorbs the most misalignment is not always the one that separates best.
@@ -39,20 +43,17 @@ import math
 import cv2
 import numpy as np
 
-from . import metrics
-from .bank import MATCHES, MemoryBank
+from . import metrics, tolerance
+from .bank import MATCHES
 from .nominal import NominalSet
 from .postprocess import SCORES, PostProcess
+from .tolerance import RADII
 
 AUTO_PARAMS = ("tolerance", "sigma", "score", "match")
 # What "auto" falls back to when a choice cannot be measured, and wins ties: the seed's settings.
 DEFAULTS = {"tolerance": 1, "sigma": 4.0, "score": "max", "match": "local"}
 MIN_IMAGES = 3  # two folds of one image each leave one-image banks: too few to rank settings
-RADII = (0, 1, 2)
 SIGMAS = (4.0, 0.0, 2.0, 8.0)
-# A patch's match at a larger radius must be this much closer to count as displaced:
-# nearer rows of pure noise differ by less.
-MARGIN = 0.1
 SHARE = 0.05
 # The paired test a candidate must pass to replace the settings before it.
 ALPHA = 0.05
@@ -91,12 +92,37 @@ def without(record: dict | None, names) -> dict | None:
     return dict(record, chosen={k: v for k, v in record["chosen"].items() if k not in names})
 
 
+def measure_offsets(params: dict, nominal: NominalSet) -> np.ndarray | None:
+    """Per-location offsets of held-out patches (:func:`.tolerance.offset_counts` over the nominal set's fold
+    plan) when ``tolerance`` is ``"auto"`` or ``"map"``; None otherwise, or for ``"auto"`` with fewer than
+    :data:`MIN_IMAGES` images.
+
+    Raises:
+        ValueError: ``tolerance="map"`` with fewer than :data:`MIN_IMAGES` nominal images.
+    """
+    mode = params["tolerance"]
+    if not isinstance(mode, str) or mode not in ("auto", "map"):
+        return None
+    if len(nominal) < MIN_IMAGES:
+        if mode == "map":
+            raise ValueError(f"tolerance='map' needs at least {MIN_IMAGES} nominal images to measure offsets, "
+                             f"got {len(nominal)}")
+        return None
+    return tolerance.offset_counts(nominal.tokens, nominal.plan.folds, nominal.positions, nominal.backend)
+
+
+def _map_differs(offsets, side: int) -> bool:
+    return offsets is not None and tolerance.differs(tolerance.tolerance_map(offsets, (side, side), side - 1),
+                                                     offsets)
+
+
 def resolve(params: dict, nominal: NominalSet) -> dict | None:
     """Measure a value for every ``"auto"`` in ``params``.
 
     Args:
         params: checked detector parameters.
-        nominal: the good parts, embedded, with their fold plan.
+        nominal: the good parts, embedded, with their fold plan and, for ``tolerance="auto"``, their
+            offsets (:meth:`.nominal.NominalSet.with_offsets`; measured here where they are not).
 
     Returns:
         ``{"chosen": {name: value}, "fallback": bool, "evidence": {...}}``, or None when nothing is "auto".
@@ -109,30 +135,25 @@ def resolve(params: dict, nominal: NominalSet) -> dict | None:
         return {"chosen": {k: DEFAULTS[k] for k in names}, "fallback": True,
                 "evidence": {"images": n, "note": f"fewer than {MIN_IMAGES} nominal images: defaults used"}}
     evidence: dict = {"images": n, "searched": names}
-    bound = int(params["tolerance"]) if "tolerance" not in names else None
+    bound = params["tolerance"] if "tolerance" not in names else None
+    with_map = False
     if bound is None:
+        if nominal.offsets is None:
+            nominal = nominal.with_offsets(measure_offsets(params, nominal))
+        side = nominal.tokens.shape[1]
         # Rounded before choosing, so that the model file's check derives the same bound from them.
-        evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(nominal)]
-        bound = choose_tolerance(evidence["offset_share"], nominal.tokens.shape[1] - 1)
-    order = _candidates(names, params, bound, n)
+        evidence["offset_share"] = _rounded_shares(nominal.offsets)
+        bound = choose_tolerance(evidence["offset_share"], side - 1)
+        with_map = _map_differs(nominal.offsets, side)
+    order = _candidates(names, params, bound, n, with_map)
     evidence["image_auroc"], y, scores = _separation(params, order, nominal)
     evidence["test"] = _paired_test(y, scores, params["seed"])
-    return {"chosen": dict(zip(names, _winner(evidence, names, params, bound))), "fallback": False,
+    return {"chosen": dict(zip(names, _winner(evidence, names, params, bound, with_map))), "fallback": False,
             "evidence": evidence}
 
 
-def offset_shares(nominal: NominalSet) -> np.ndarray:
-    """Share of held-out nominal patches whose match lies at each radius of :data:`RADII`."""
-    tokens, positions, backend = nominal.tokens, nominal.positions, nominal.backend
-    counts = np.zeros(len(RADII))
-    for held in nominal.plan.folds:
-        base = MemoryBank.fit(tokens[nominal.plan.train(held)], backend=backend, positions=positions)
-        dist = np.stack([MemoryBank(base.features, base.grid, r, positions).distances(tokens[held], backend)
-                         for r in RADII])
-        dist = dist[:, np.isfinite(dist[0])]  # the region's locations only
-        offset = np.argmax(dist <= (1 + MARGIN) * dist.min(axis=0), axis=0)  # the first radius close enough
-        counts += np.bincount(offset.ravel(), minlength=len(RADII))
-    return counts / counts.sum()
+def _rounded_shares(offsets: np.ndarray) -> list[float]:
+    return [round(float(s), 4) for s in tolerance.shares(offsets)]
 
 
 def choose_tolerance(shares, largest: int) -> int:
@@ -175,16 +196,17 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
     return out
 
 
-def _candidates(names: list[str], params: dict, bound: int, images: int) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults; coarser
-    below :data:`THIN_IMAGES` nominal images."""
+def _candidates(names: list[str], params: dict, bound, images: int | None, with_map: bool = False) -> list[tuple]:
+    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults, the map last;
+    coarser below :data:`THIN_IMAGES` nominal images (``images`` None: the full search of records from before
+    the paired test)."""
     def first(name, values):
         if name not in names:
             return (params[name],)
-        values = COARSE.get(name, values) if images < THIN_IMAGES else values
+        values = COARSE.get(name, values) if images is not None and images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    radii = range(bound, -1, -1) if "tolerance" in names else (bound,)
+    radii = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
     return [(r, m, float(g), s) for r in radii for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
@@ -211,17 +233,16 @@ def _separation(params, order: list[tuple], nominal: NominalSet) -> tuple[dict, 
     queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
     table, maps, scores = {}, {}, {}
-    for tolerance, match, sigma, score in order:
-        if (tolerance, match) not in maps:  # the candidates come grouped by bank
-            maps = {(tolerance, match): nominal.held_out(dict(params, tolerance=tolerance, match=match),
-                                                         extra=queries)}
-        good, defect = maps[(tolerance, match)]
+    for radius, match, sigma, score in order:
+        if (radius, match) not in maps:  # the candidates come grouped by bank
+            maps = {(radius, match): nominal.held_out(dict(params, tolerance=radius, match=match), extra=queries)}
+        good, defect = maps[(radius, match)]
         post = PostProcess(sigma, score, params["topk"], params["morph_kernel"])
         s = np.array([post.score_map(d, nominal.valid[i])[1] for i, d in enumerate(good)]
                      + [post.score_map(d, nominal.valid[queries.origin[j]])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
-        key = _key(tolerance, match, sigma, score)
+        key = _key(radius, match, sigma, score)
         table[key], scores[key] = (round(auc, 4) if math.isfinite(auc) else None), s
     return table, y, scores
 
@@ -250,7 +271,12 @@ def _level(candidates: int) -> float:
     return ALPHA / max(1, candidates - 1)
 
 
-def _winner(evidence: dict, names: list[str], params: dict, bound: int) -> list:
+def _search_size(evidence: dict) -> int | None:
+    """The image count the search was sized by: records from before the paired test searched in full."""
+    return evidence["images"] if evidence.get("test") is not None else None
+
+
+def _winner(evidence: dict, names: list[str], params: dict, bound, with_map: bool = False) -> list:
     """The values of ``names`` that the evidence's search keeps in force (see the module's docstring).
 
     The steps are replayed in search order (not the table's: the model file may store keys sorted);
@@ -260,7 +286,7 @@ def _winner(evidence: dict, names: list[str], params: dict, bound: int) -> list:
     Raises:
         ValueError: the steps are not the search's.
     """
-    order = [_key(*c) for c in _candidates(names, params, bound, evidence["images"])]
+    order = [_key(*c) for c in _candidates(names, params, bound, _search_size(evidence), with_map)]
     table, test, current = evidence["image_auroc"], evidence.get("test"), order[0]
     if test is None:
         best_auc = -math.inf
@@ -277,7 +303,7 @@ def _winner(evidence: dict, names: list[str], params: dict, bound: int) -> list:
                                  f"settings then in force ({current}): the file was edited")
             current = step["candidate"] if step["win_share"] >= 1 - level else current
     values = dict(item.split("=", 1) for item in current.split(" "))
-    cast = {"tolerance": int, "sigma": float, "score": str, "match": str}
+    cast = {"tolerance": lambda v: v if v == "map" else int(v), "sigma": float, "score": str, "match": str}
     return [cast[n](values[n]) for n in names]
 
 
@@ -296,8 +322,10 @@ def _check_test(test) -> None:
             raise ValueError(f"auto record's paired test step malformed: {step!r:.200}")
 
 
-def check_record(record, params: dict, side: int) -> dict:
+def check_record(record, params: dict, side: int, offsets: np.ndarray | None = None) -> dict:
     """A model file's auto record, checked against its parameters and its own evidence (never executed).
+
+    ``offsets``: the file's checked per-location offsets (:func:`.tolerance.check_offsets`), or None.
 
     Raises:
         ValueError: the record (of a fit on a ``side`` x ``side`` token grid) is malformed, does not
@@ -331,21 +359,27 @@ def check_record(record, params: dict, side: int) -> dict:
                 isinstance(k, str) and (v is None or (isinstance(v, float) and 0.0 <= v <= 1.0))
                 for k, v in table.items()):
             raise ValueError("auto record's separation evidence is malformed")
-        bound = int(params["tolerance"]) if "tolerance" not in searched else None
+        bound = params["tolerance"] if "tolerance" not in searched else None
+        with_map = False
         if bound is None:
             shares = evidence.get("offset_share")
             if not isinstance(shares, list) or len(shares) != len(RADII) or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0 for s in shares) \
                     or abs(sum(shares) - 1.0) > 1e-3:
                 raise ValueError("auto record's offset shares are malformed")
+            if offsets is not None and (shares != _rounded_shares(offsets)
+                                        or evidence.get("images") != int(offsets.sum(axis=1).max())):
+                raise ValueError("auto record's offset shares disagree with the tolerance offsets")
             bound = choose_tolerance(shares, side - 1)
+            with_map = _map_differs(offsets, side)
         images = evidence.get("images")
         if isinstance(images, bool) or not isinstance(images, int) or images < MIN_IMAGES:
             raise ValueError(f"auto record's image count {images!r} is malformed")
-        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, images)}:
+        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, _search_size(evidence), with_map)}:
             raise ValueError("auto record's separation evidence is not the search its parameters make")
         _check_test(evidence.get("test"))
-        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, bound)) if k in names}
+        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, bound, with_map))
+                    if k in names}
     if chosen != expected:
         raise ValueError(f"auto record chose {chosen} but its evidence gives {expected}: the file was edited")
     return record

@@ -1,6 +1,6 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights; serve, score-archive and benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -19,13 +19,10 @@ import os
 import sys
 from pathlib import Path
 
+from . import params
 from ._version import __version__
-from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
-from .bank import MATCHES
-from .fitted import MAX_IMAGE_SIZE, MAX_LAYERS
-from .kernels import BACKENDS
+from .backbone import PRECISIONS, WeightsUnavailableError
 from .outputs import claim, output_folder
-from .postprocess import MAX_SIGMA, SCORES
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
@@ -34,12 +31,8 @@ DESCRIPTION = ("DinoPatch finds defects in images of parts after seeing only goo
 EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr; --debug shows the "
           f"traceback); {EXIT_SOME_FAILED} predict scored some inputs but not all (see the error field in "
           "predictions.jsonl).")
-# Flags that describe what is fitted: a model file fixes them.
-FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
-                "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
-                "sigma": "--sigma", "score": "--score", "match": "--match", "foreground": "--foreground"}
-# Flags that say how to run a model, honoured with -m.
-RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
+# evaluate's --seed also seeds its split, so it is honoured with -m like a run-time flag.
+SPLIT_SEED = "seed"
 # The default of every detector flag in the parser that finds which were given.
 _UNSET = object()
 PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps")
@@ -62,15 +55,8 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- argument types
 
-def _engine(value: str) -> str:
-    if value in ENGINES or value.endswith(".onnx"):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r}: choose one of {', '.join(ENGINES)} or a path to an .onnx "
-                                     "export")
-
-
 def number_type(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
-            auto: bool = False):
+                auto: bool = False):
     """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high`` (or "auto")."""
     def check(text: str):
         if auto and text == "auto":
@@ -90,46 +76,25 @@ def number_type(kind, low: float, high: float, *, low_open: bool = False, high_o
 
 # ----------------------------------------------------------------------------- detector flags
 
+def _fitted_flags() -> dict[str, str]:
+    """Parameter -> flag of the parameters a model file fixes (read from the table: a new one appears here)."""
+    return {p.name: p.flag for p in params.PARAMS if p.flag and not p.runtime}
+
+
+def _runtime_flags() -> tuple[str, ...]:
+    """The parameters that say how to run a model, honoured with -m."""
+    return tuple(p.name for p in params.PARAMS if p.flag and p.runtime)
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector (what is fitted)")
-    g.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
-    g.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a "
-                        "checkpoint file (.pth or .safetensors)")
-    # Ranges are checked where every parameter is, before any work (dinopatch.fitted.check_params).
-    g.add_argument("--image-size", type=int, default=448,
-                   help="backbone input side in pixels, a multiple of 14")
-    g.add_argument("--no-align", dest="align", action="store_false",
-                   help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
-    g.add_argument("--coreset-ratio", type=float, default=1.0,
-                   help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=number_type(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
-                   help="a patch is compared with good patches up to this many grid steps away ('auto': fit "
-                        "chooses it from the good images, as it can --sigma, --score and --match)")
-    g.add_argument("--sigma", type=number_type(float, 0, MAX_SIGMA, auto=True), default="auto",
-                   help="Gaussian smoothing of the anomaly map, in canonical pixels")
-    g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
-    g.add_argument("--match", default="local", choices=("auto", *MATCHES), help="own place, all, or both")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seeds random weights, calibration and the evaluation split")
-    g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
-                   help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
-    _add_runtime_args(p, default_engine="auto")
+    params.add_flags(p, _fitted_flags(), group="detector (what is fitted)")
+    params.add_flags(p, _runtime_flags(), group="run time (how to run; may differ from the model file's)")
 
 
-def _add_runtime_args(p: argparse.ArgumentParser, default_engine: str | None) -> None:
-    g = p.add_argument_group("run time (how to run; may differ from the model file's)")
-    model = " (default: the model file's)" if default_engine is None else ""
-    g.add_argument("--engine", type=_engine, default=default_engine,
-                   help=f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch)"
-                        f"{model}")
-    g.add_argument("--kernel", default=None if default_engine is None else "auto",
-                   choices=("auto", *BACKENDS),
-                   help=f"distance kernel; 'auto' takes the fastest installed{model}")
-    g.add_argument("--batch-size", type=int, default=None if default_engine is None else 8,
-                   help=f"images per backbone call{model}")
-    g.add_argument("--device", default=None if default_engine is None else "auto",
-                   help=f"auto, cpu, cuda or cuda:N; a GPU named but not there is an error{model}")
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    params.add_flags(p, _runtime_flags(), defaults=dict.fromkeys(_runtime_flags()),
+                     group="run time (how to run; may differ from the model file's)",
+                     default_note=" (default: the model file's)")
 
 
 def _explicit(argv: list[str]) -> set[str]:
@@ -141,11 +106,7 @@ def _explicit(argv: list[str]) -> set[str]:
 def _new_detector(args):
     from .detector import DinoPatch
 
-    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                     align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
-                     coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
-                     sigma=args.sigma, match=args.match, seed=args.seed, device=args.device,
-                     foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
+    return DinoPatch().set_params(**params.from_flags(args, [*_fitted_flags(), *_runtime_flags()]))
 
 
 def _load_model(path: str, runtime: dict):
@@ -200,7 +161,7 @@ def cmd_predict(args) -> int:
         if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
             raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
                              "its overlays as parts; choose another -o")
-    runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+    runtime = params.from_flags(args, _runtime_flags())
     det = _load_model(args.model, runtime)
     engine = _start_engine(det)
     claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
@@ -223,7 +184,7 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import MVTecFolder
-    from .evaluate import check_layout, evaluate
+    from .evaluate import check_layout, evaluate, line_summary
 
     folder = MVTecFolder(args.data)
     check_layout(folder, need_train=args.model is None)
@@ -231,11 +192,12 @@ def cmd_evaluate(args) -> int:
     output_folder(out)
     if args.model:
         given = _explicit(args.argv)
-        fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
+        fitted = {k: flag for k, flag in _fitted_flags().items() if k != SPLIT_SEED}
+        fixed = sorted(fitted[k] for k in given & set(fitted))
         if fixed:
             raise ValueError(f"{', '.join(fixed)}: the model file fixes {'this' if len(fixed) == 1 else 'these'}; "
                              "such flags apply only when evaluate fits (without -m)")
-        det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
+        det = _load_model(args.model, params.from_flags(args, given & set(_runtime_flags())))
         _start_engine(det)
     else:
         det = None
@@ -248,7 +210,9 @@ def cmd_evaluate(args) -> int:
         det.fit(folder.train_paths())
     m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
                  tune_on_report=args.tune_on_report, save_model=args.save_model)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+    print(line_summary(m))
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "aupro_05", "f1", "precision", "recall",
+            "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
         print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")
@@ -283,12 +247,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from .backbone import get_spec
+    from .backbone.weights import write_blocks_matter_checkpoint
+
+    claim([Path(args.output)], args.force)
+    path = write_blocks_matter_checkpoint(get_spec(args.backbone), args.output, args.seed)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): random {args.backbone} weights whose blocks "
+          f"matter (seed {args.seed}); give it to --weights")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The parser; ``defaults=False`` leaves out the detector flags not given (see :func:`_explicit`)."""
     parser = Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter,
-                     allow_abbrev=False)
+                    allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"dinopatch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -321,7 +296,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; "
                         "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_runtime_args(p, default_engine=None)
+    _add_runtime_args(p)
 
     p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder",
                 cmd_evaluate)
@@ -342,28 +317,29 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _add_detector_args(p)
     if not defaults:
         # Not a string: argparse would run a string default through the option's type.
-        p.set_defaults(**{dest: _UNSET for dest in (*FITTED_FLAGS, *RUNTIME_FLAGS)})
+        p.set_defaults(**{dest: _UNSET for dest in (*_fitted_flags(), *_runtime_flags())})
 
     p = command("demo", "synthetic pasta and screw: generate, fit, evaluate (offline)", cmd_demo)
     p.add_argument("-o", "--output", default="dinopatch-demo", help="folder for the data and the reports")
     p.add_argument("--weights", default="pretrained", help="falls back to 'random', loudly, when offline")
-    p.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
+    params.add_flags(p, ["engine"])
     p.add_argument("--quick", action="store_true", help="fewer, smaller images (about 20 s)")
 
     p = command("export", "export a backbone to ONNX, checked against torch", cmd_export)
-    p.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
-    p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint file")
-    p.add_argument("--image-size", type=int, default=448,
-                   help="input side in pixels, a multiple of 14 (the export runs at this size only)")
-    p.add_argument("--layers", type=number_type(int, 1, MAX_LAYERS), default=1,
-                   help="mean of the last LAYERS blocks")
+    params.add_flags(p, ["backbone", "weights", "image_size", "layers", "seed"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="int8 for CPUs with VNNI, fp16 for GPUs")
-    p.add_argument("--seed", type=int, default=0, help="for --weights random")
     p.add_argument("--portable", action="store_true",
                    help="standard ONNX ops only (attention as MatMul and Softmax), for runtimes without "
                         "ONNX Runtime's contrib ops (TensorRT, others)")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
+
+    p = command("weights", "write seeded random weights whose blocks matter, as a checkpoint file", cmd_weights)
+    p.add_argument("--random-blocks", action="store_true", required=True,
+                   help="every LayerScale at 1 (timm's random init leaves the blocks near the identity); the "
+                        "same weights as --weights random-blocks")
+    params.add_flags(p, ["backbone", "seed"])
+    p.add_argument("-o", "--output", required=True, help="the checkpoint to write (.safetensors)")
     for name, (_, what) in OWN_PARSER_COMMANDS.items():
         sub.add_parser(name, help=f"{what} (`dinopatch {name} -h` lists its options)", add_help=False)
     return parser

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import autotune, fitted, goodset
-from .align import Aligner
 from .backbone import EngineCache
-from .backbone.device import require as require_device
 from .calibration import Threshold, calibrate
 from .data import load_images
-from .fitted import Fitted, NotFittedError, backbone_key, check_params, graph_record
-from .presets import PRESETS
+from .fitted import Fitted, NotFittedError, backbone_config, check_params, graph_record
+from .presets import preset
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
 
@@ -27,11 +25,13 @@ from .sklearn_api import EstimatorMixin
 class DinoPatch(EstimatorMixin):
     """Anomaly detector from a per-location memory of DINOv2 patch features.
 
-    Parameters are only stored here; :meth:`fit` checks them.
+    Parameters are only stored here; :meth:`fit` checks them.  Each is declared
+    once, with its type, range and default, in :data:`dinopatch.params.PARAMS`
+    (``python -m dinopatch fit -h`` lists them too).
 
     Args:
         backbone: a key of :data:`dinopatch.backbone.BACKBONES`.
-        weights: ``"pretrained"``, ``"random"`` (seeded) or a checkpoint path.
+        weights: ``"pretrained"``, ``"random"``, ``"random-blocks"`` (seeded; every block matters) or a checkpoint.
         image_size: backbone input side in pixels (multiple of 14); also the canonical frame's side.
         align: align parts to a canonical pose; False for fixtured parts and flat textures.
         engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an ``.onnx`` export.
@@ -39,19 +39,19 @@ class DinoPatch(EstimatorMixin):
         seed: seeds random weights, the fold plan and auto's pasted defects.
         layers: average the patch tokens of the last ``layers`` blocks.
         coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: spatial tolerance of the bank, in grid steps, or ``"auto"``.
+        tolerance: the bank's tolerance in grid steps, ``"map"`` (one per location, :mod:`.tolerance`) or ``"auto"``.
         match: ``"local"``, ``"global"``, ``"local+global"`` (:mod:`.bank`) or ``"auto"``.
         bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
         sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`).  Every
             ``"auto"`` is chosen at fit from the nominal images alone (:mod:`.autotune`; see :attr:`auto_`).
         calibration: ``"cv"`` (each image held out by the fold plan, :mod:`.calibration`) or a fraction.
-        false_alarm_rate: the threshold is the ``1 - rate`` quantile of those scores (0: their maximum).
+        false_alarm_rate: the rate of good parts flagged that the threshold promises (conformal; 0: their maximum).
         threshold: a threshold to use instead of calibrating one.
         mirror: parts can lie on either face (alignment resolves mirroring).
         foreground: run the backbone on the part's region only (:mod:`.foreground`): True, False or "auto".
         batch_size: images per backbone call.
         progress: show progress bars.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the backbone (and the bank's kernel).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU named that is not there fails at fit or load.
         outliers: ``"drop"`` (from bank and threshold), ``"keep"`` or ``"error"``: good images with no part,
             duplicates, held-out scores far above the rest (:mod:`.goodset`; see :attr:`fit_report_`).
     """
@@ -61,29 +61,46 @@ class DinoPatch(EstimatorMixin):
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
                  batch_size=8, progress=True, device="auto", outliers="drop"):
-        for name, value in locals().items():
-            if name != "self":
-                setattr(self, name, value)
-        require_device(device)  # a GPU asked for that is not there fails here, not at the first image
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.align = align
+        self.engine = engine
+        self.kernel = kernel
+        self.seed = seed
+        self.layers = layers
+        self.coreset_ratio = coreset_ratio
+        self.tolerance = tolerance
+        self.match = match
+        self.bank_dtype = bank_dtype
+        self.sigma = sigma
+        self.score = score
+        self.topk = topk
+        self.morph_kernel = morph_kernel
+        self.calibration = calibration
+        self.false_alarm_rate = false_alarm_rate
+        self.threshold = threshold
+        self.mirror = mirror
+        self.foreground = foreground
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = device
+        self.outliers = outliers
         self._engines = EngineCache()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DinoPatch":
-        """A detector in a named configuration of :data:`PRESETS`, with ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**dict(PRESETS[name], **overrides))
+        """A detector in a named configuration of :data:`.presets.PRESETS`, with ``overrides``."""
+        return cls(**preset(name, **overrides))
 
     def fit(self, images) -> "DinoPatch":
         """Learn what good parts look like from ``images`` (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or
         paths), and the threshold that separates them; returns self."""
         params = check_params(self.get_params())
         images, names = goodset.load_named(images)
-        if len(images) == 0:
-            raise ValueError("fit needs at least one nominal image, got none")
-        aligner = Aligner(size=self.image_size, enabled=self.align, mirror=self.mirror).fit(images)
-        engine = self._engine(backbone_key(params), None, None)
-        report, nominal = goodset.checked(images, names, aligner, engine, params, self._kernel())
+        engine = self._engine(params)
+        report, nominal = goodset.checked(images, names, engine, params, params["kernel"])
+        nominal = nominal.with_offsets(autotune.measure_offsets(params, nominal))  # for tolerance "auto" or "map"
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
         auto = autotune.resolve(params, nominal)
@@ -92,25 +109,21 @@ class DinoPatch(EstimatorMixin):
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
         self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
                              engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
-                             report)
+                             nominal.offsets, report)
         return self
-
-    def _kernel(self):
-        return None if self.kernel == "auto" else self.kernel
 
     def use_engine(self, engine) -> "DinoPatch":
         """Run ``engine``, a backbone built elsewhere, instead of building one; it must have the model's weights."""
         self._engines.pin(engine)
         return self
 
-    def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
-        config = dict(zip(("name", "weights", "image_size", "layers", "seed"), key))
-        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, **config)
+    def _engine(self, params: dict, fingerprint: str | None = None, sha256: str | None = None):
+        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, **backbone_config(params))
 
     def backbone_for(self, model: Fitted | None = None):
         """The backbone engine of a fitted model (default: the one in force), built now if not yet."""
         model = model or self.model_
-        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
+        return self._engine(model.params, model.fingerprint, model.graph_sha256(self.engine))
 
     @property
     def model_(self) -> Fitted:
@@ -157,25 +170,20 @@ class DinoPatch(EstimatorMixin):
     def distances_aligned(self, items: list[tuple]) -> list[PatchDistances]:
         """Second stage: backbone and bank on items of :meth:`align_images`, each by its own model."""
         return [raw for model, run in fitted.by_model(items)
-                for raw in model.patch_distances(run, self.backbone_for(model), self._kernel())]
+                for raw in model.patch_distances(run, self.backbone_for(model), self.kernel)]
 
     def result_from(self, raw: PatchDistances, *, threshold: float | None = None,
                     pixel_threshold: float | None = None, **post) -> Result:
         """The :class:`Result` of one image's patch distances (from :meth:`patch_distances`); ``threshold``,
-        ``pixel_threshold`` (of the defect mask) and ``**post`` (``sigma``, ``score``, ``topk``,
-        ``morph_kernel``) override the model's."""
-        model = raw.model or self.model_
-        t = model.threshold if threshold is None else Threshold.given(threshold)
-        pixel = t.pixel if pixel_threshold is None else float(pixel_threshold)
-        return dataclasses.replace(model.post, **post).judge(raw, model.aligner, t.image, pixel, t.describe())
+        ``pixel_threshold`` (one value for the defect mask; default: the model's, per location) and ``**post``
+        (``sigma``, ``score``, ``topk``, ``morph_kernel``) override the model's (:meth:`.Fitted.judge`)."""
+        return (raw.model or self.model_).judge(raw, threshold, pixel_threshold, **post)
 
     def tuned(self, threshold: Threshold, **post) -> "DinoPatch":
         """A copy that judges with a threshold and post-processing measured elsewhere (by evaluation)."""
-        model = self.model_
-        settings = dataclasses.asdict(dataclasses.replace(model.post, **post))
-        det = copy.copy(self).set_params(**settings)  # shares the engines: the weights are the same
-        det._model = dataclasses.replace(model, params=dict(model.params, **settings), threshold=threshold,
-                                         model_id="unsaved", auto=autotune.without(model.auto, settings))
+        model = self.model_.tuned(threshold, **post)
+        det = copy.copy(self).set_params(**dataclasses.asdict(model.post))  # shares the engines: the same weights
+        det._model = model
         return det
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -10,7 +10,8 @@ is, with the reason:
 * ``"duplicate"``: its thumbnail (:data:`THUMB` px gray) is within
   :data:`NEAR_GRAY` gray levels (mean absolute difference) of an earlier image's;
 * ``"outlier"``: its held-out score (each image against a bank of the folds
-  without it, with the documented default settings for every ``"auto"``) is
+  without it, with the documented default settings for every ``"auto"`` and
+  the default radius for a tolerance map, which is measured on what is kept) is
   above ``median + K * 1.4826 * MAD`` of the held-out scores (:data:`K`) and
   above :data:`RATIO` times their median, from :data:`MIN_IMAGES` images on.
   Both: good parts' held-out scores are heavy-tailed (a part in a pose no other
@@ -29,7 +30,8 @@ import os
 import cv2
 import numpy as np
 
-from .autotune import defaults
+from .align import Aligner
+from .autotune import DEFAULTS, defaults
 from .data import load_images
 from .nominal import NominalSet
 
@@ -129,20 +131,20 @@ class FitReport:
         return cls(images, used, record["outliers"], flagged, scores, float(k), float(record["ratio"]))
 
 
-def check_policy(outliers) -> str:
-    if not isinstance(outliers, str) or outliers not in OUTLIERS:
-        raise ValueError(f"outliers must be one of {OUTLIERS}, got {outliers!r}")
-    return outliers
-
-
 def load_named(images) -> tuple[list[np.ndarray], list[str]]:
-    """:func:`.data.load_images`, and each image's name for the report: its path, or ``#index`` for an array."""
+    """:func:`.data.load_images`, and each image's name for the report: its path, or ``#index`` for an array.
+
+    Raises:
+        ValueError: no image, or one that cannot be read.
+    """
     if isinstance(images, (np.ndarray, str, bytes, os.PathLike)):
         return load_images(images), []  # refused there, with the message for a single image
     try:
         items = list(images)
     except TypeError:
         return load_images(images), []
+    if not items:
+        raise ValueError("fit needs at least one nominal image, got none")
     names = [os.fsdecode(im) if isinstance(im, (str, bytes, os.PathLike)) else f"#{i}" for i, im in enumerate(items)]
     return load_images(items), names
 
@@ -192,7 +194,7 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
     """
     scores, flags = (), list(flags)
     if len(nominal) >= MIN_IMAGES:
-        index, values, _ = nominal.held_out_scores(settings)
+        index, values, _, _ = nominal.held_out_scores(settings)
         by_row = {int(r): round(float(s), 6) for r, s in zip(index, values) if math.isfinite(s)}
         scores = tuple((names[indices[r]], by_row[r]) for r in sorted(by_row))  # input order
         limit = _limit([s for _, s in scores])
@@ -209,25 +211,30 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
     return FitReport(len(names), len(nominal), outliers, tuple(flags), scores), nominal
 
 
-def checked(images: list[np.ndarray], names: list[str], aligner, engine, params: dict,
+def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
             backend: str | None = None) -> tuple[FitReport, NominalSet]:
-    """The good set checked, as fit uses it: :func:`screen`, :func:`kept`, embedded, :func:`judge`.
+    """The good set checked, as fit uses it: aligned (an :class:`~.align.Aligner` fitted on ``images``),
+    :func:`screen`, :func:`kept`, embedded, :func:`judge`.
 
     Args:
         images, names: the nominal images and their names (:func:`load_named`).
-        aligner: fitted on ``images``.
         engine: the backbone.
-        params: the detector's checked parameters (``outliers``, ``foreground``, ``seed``, ``batch_size``,
-            ``progress``); the good set is judged with :data:`.autotune.DEFAULTS` for every ``"auto"``,
-            so that auto does not tune on what is left out.
+        params: the detector's checked parameters (``image_size``, ``align``, ``mirror``, ``outliers``,
+            ``foreground``, ``seed``, ``batch_size``, ``progress``); the good set is judged with
+            :data:`.autotune.DEFAULTS` for every ``"auto"`` and for ``tolerance="map"``, so that neither
+            auto nor the map is measured on what is left out.
         backend: distance kernel backend.
     """
+    aligner = Aligner(size=params["image_size"], enabled=params["align"], mirror=params["mirror"]).fit(images)
     flags = screen(images, names, aligner)
     keep = kept(len(images), flags, params["outliers"])
     nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
                                seed=params["seed"], batch_size=params["batch_size"], backend=backend,
                                progress=params["progress"])
-    return judge(nominal, names, keep, flags, defaults(params), params["outliers"], params["seed"])
+    settings = defaults(params)
+    if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":
+        settings["tolerance"] = DEFAULTS["tolerance"]
+    return judge(nominal, names, keep, flags, settings, params["outliers"], params["seed"])
 
 
 def outlier_names(scores) -> list[str]:

@@ -75,6 +75,36 @@ def binary_report(labels, predicted) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((y == p).mean()) if y.size else 0.0}
 
 
+def line_counts(labels, predicted) -> dict[str, int]:
+    """What a line lives by, at one threshold: good parts rejected and defects caught, with the totals.
+
+    Args:
+        labels: True for a defective part.
+        predicted: True where the part was flagged (``is_anomaly``).
+
+    Returns:
+        ``{"good_rejected", "n_good", "defects_caught", "n_defect"}``.
+    """
+    y = np.asarray(labels).ravel().astype(bool)
+    p = np.asarray(predicted).ravel().astype(bool)
+    if y.shape != p.shape:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape} differ in size")
+    return {"good_rejected": int((p & ~y).sum()), "n_good": int((~y).sum()),
+            "defects_caught": int((p & y).sum()), "n_defect": int(y.sum())}
+
+
+def seg_f1(masks: list[np.ndarray], predicted: list[np.ndarray]) -> float:
+    """SegF1: the F1 of predicted defect masks against the ground truth, pixels pooled over all images.
+
+    NaN where no image has a ground-truth defect pixel (nothing to find).
+    """
+    y = np.concatenate([np.asarray(m, bool).ravel() for m in masks])
+    p = np.concatenate([np.asarray(m, bool).ravel() for m in predicted])
+    if y.shape != p.shape:
+        raise ValueError(f"masks ({y.size} pixels) and predictions ({p.size} pixels) differ in size")
+    return binary_report(y, p)["f1"] if y.any() else float("nan")
+
+
 def precision_recall_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision and recall at every distinct threshold, from the highest down.
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import tolerance
 from .align import Aligner
 from .backbone import embed
 from .bank import MemoryBank
@@ -93,6 +94,9 @@ class NominalSet:
         foreground: the region's :class:`~.foreground.Foreground` (None without a region).
         plan: the fold plan every held-out measurement uses.
         engine, batch_size, backend: how new canonical images are embedded and banks are scored.
+        offsets: held-out patches at each offset per location (:func:`.tolerance.offset_counts` over the
+            plan's folds), or None where the tolerance map is not wanted (:meth:`with_offsets`).
+        tolerance_map: int8 ``[h * w]``, the radius per location derived from ``offsets``, or None.
     """
 
     aligner: Aligner
@@ -108,6 +112,8 @@ class NominalSet:
     engine: object
     batch_size: int
     backend: str | None
+    offsets: np.ndarray | None = None
+    tolerance_map: np.ndarray | None = None
 
     @classmethod
     def build(cls, images: list[np.ndarray], aligner: Aligner, engine, *, foreground="auto", seed: int = 0,
@@ -143,17 +149,30 @@ class NominalSet:
         return len(self.frames)
 
     def subset(self, keep: np.ndarray, seed: int) -> "NominalSet":
-        """The nominal set of images ``keep`` only (region, polarity and background unit kept), re-planned."""
+        """The nominal set of images ``keep`` only (region, polarity and background unit kept), re-planned;
+        offsets measured on the whole set are dropped with it."""
         keep = np.asarray(keep)
         return dataclasses.replace(
             self, frames=self.frames[keep], valid=self.valid[keep],
             alignments=tuple(self.alignments[i] for i in keep), tokens=self.tokens[keep], flips=self.flips[keep],
-            plan=FoldPlan.seeded(len(keep), seed))
+            plan=FoldPlan.seeded(len(keep), seed), offsets=None, tolerance_map=None)
+
+    def with_offsets(self, offsets: np.ndarray | None) -> "NominalSet":
+        """This set with its measured offsets (:func:`.autotune.measure_offsets`) and the tolerance map they give."""
+        side = self.tokens.shape[1]
+        tmap = None if offsets is None else tolerance.tolerance_map(offsets, (side, side), side - 1)
+        return dataclasses.replace(self, offsets=offsets, tolerance_map=tmap)
 
     def bank(self, settings: dict, train: np.ndarray | None = None) -> MemoryBank:
-        """The bank of images ``train`` (default: all) with ``settings``' tolerance, match, ratio and dtype."""
+        """The bank of images ``train`` (default: all) with ``settings``' tolerance (a radius, or ``"map"``:
+        :attr:`tolerance_map`), match, ratio and dtype."""
         tokens = self.tokens if train is None else self.tokens[train]
-        return MemoryBank.fit(tokens, ratio=settings["coreset_ratio"], radius=settings["tolerance"],
+        radius = settings["tolerance"]
+        if isinstance(radius, str) and radius == "map":
+            if self.tolerance_map is None:
+                raise ValueError("tolerance 'map' before its offsets were measured (NominalSet.with_offsets)")
+            radius = self.tolerance_map
+        return MemoryBank.fit(tokens, ratio=settings["coreset_ratio"], radius=radius,
                               dtype=np.dtype(settings["bank_dtype"]), backend=self.backend, positions=self.positions,
                               match=settings["match"])
 
@@ -190,12 +209,14 @@ class NominalSet:
                                     self.foreground, extra.frames[here], background)
         return maps if extra is None else (maps, more)
 
-    def held_out_scores(self, settings: dict, folds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def held_out_scores(self, settings: dict, folds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Image scores of held-out images with ``settings`` (bank and post-processing).
 
         Returns:
-            ``(index, scores, maxima)``: the images of each fold in order (sorted within a fold), their
-            image scores, and the largest value of each one's map.
+            ``(index, scores, maxima, distances)``: the images of each fold in order (sorted within a
+            fold), their image scores, the largest value of each one's map, and their held-out distance
+            maps, float32 ``[len(index), h, w]`` (the evidence of the per-location mask threshold,
+            :attr:`.calibration.Threshold.pixel_grid`).
         """
         folds = self.plan.folds if folds is None else folds
         post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
@@ -203,7 +224,7 @@ class NominalSet:
         index = np.concatenate([np.sort(h) for h in folds])
         scored = [post.score_map(maps[i], self.valid[i]) for i in index]
         return (index, np.array([s for _, s in scored]),
-                np.array([image_score(m, self.valid[i], "max") for i, (m, _) in zip(index, scored)]))
+                np.array([image_score(m, self.valid[i], "max") for i, (m, _) in zip(index, scored)]), maps[index])
 
 
 def orient(polarity: Polarity | None, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

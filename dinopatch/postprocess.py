@@ -98,13 +98,29 @@ class PostProcess:
         amap = anomaly_map(distances, valid, float(self.sigma))
         return amap, image_score(amap, valid, self.score, float(self.topk))
 
-    def judge(self, raw: PatchDistances, aligner, threshold: float, pixel_threshold: float,
-              source: str) -> Result:
-        """The :class:`Result` of one image: map back in the input frame, mask and verdict."""
+    def judge(self, raw: PatchDistances, aligner, threshold, pixel_threshold: float | None = None) -> Result:
+        """The :class:`Result` of one image: map back in the input frame, mask, verdict and p-value.
+
+        Args:
+            threshold: the :class:`~.calibration.Threshold` the image score is judged by; its
+                :attr:`~.calibration.Threshold.pixel_grid`, where it has one, judges the mask.
+            pixel_threshold: one map value above which a pixel is a defect, instead (default:
+                ``threshold.pixel`` where there is no grid).
+        """
         amap, score = self.score_map(raw.distances, raw.valid)
         amap_in = aligner.inverse_map(amap, raw.alignment, raw.shape)
+        if pixel_threshold is None and threshold.pixel_grid is not None:
+            # The grid goes through the same smoothing as the map, so a location's threshold is
+            # compared with its map value, both in the input frame.
+            surface = anomaly_map(threshold.pixel_grid, raw.valid, float(self.sigma))
+            mask = segment(amap_in - aligner.inverse_map(surface, raw.alignment, raw.shape), 0.0,
+                           int(self.morph_kernel))
+        else:
+            mask = segment(amap_in, threshold.pixel if pixel_threshold is None else pixel_threshold,
+                           int(self.morph_kernel))
         trusted = bool(raw.alignment.trusted)
         # NaN compares False: a non-finite score never passes.
-        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold and trusted),
-                      aligned=trusted, mask=segment(amap_in, pixel_threshold, int(self.morph_kernel)),
-                      alignment=raw.alignment, threshold=float(threshold), threshold_source=source)
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold.image and trusted),
+                      aligned=trusted, mask=mask,
+                      alignment=raw.alignment, threshold=float(threshold.image),
+                      threshold_source=threshold.describe(), p_value=threshold.p_value(score))

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 # Every record has these keys, in this order.
-FIELDS = ("path", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source", "model_id",
-          "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
+FIELDS = ("path", "score", "p_value", "is_anomaly", "aligned", "reason", "threshold", "threshold_source",
+          "model_id", "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
 # The keys that fit in a CSV cell (defect_boxes is a list).
 CSV_FIELDS = tuple(f for f in FIELDS if f != "defect_boxes")
 # A mask broken into thousands of specks is one verdict, not thousands of boxes:
@@ -37,7 +37,8 @@ def result_record(result, det, *, path: str | os.PathLike | None = None, latency
         engine: the backbone engine that ran (default: the detector's setting).
 
     Returns:
-        a dict with the keys of :data:`FIELDS`; ``defect_boxes`` lists
+        a dict with the keys of :data:`FIELDS`; ``p_value`` is the score's conformal p-value among the
+        held-out good parts (:meth:`~dinopatch.calibration.Threshold.p_value`); ``defect_boxes`` lists
         ``[x, y, width, height]`` of the largest :data:`MAX_BOXES` connected
         defect regions in input pixels, largest first; ``defect_regions``
         says how many there were in all.
@@ -46,6 +47,7 @@ def result_record(result, det, *, path: str | os.PathLike | None = None, latency
     return {
         "path": None if path is None else os.fspath(path),
         "score": _finite_or_none(result.score),
+        "p_value": result.p_value,
         "is_anomaly": bool(result.is_anomaly),
         "aligned": bool(result.aligned),
         "reason": result.alignment.reason,

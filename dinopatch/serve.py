@@ -45,13 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, params
+from .backbone import TORCH_FREE_ENGINES, canonical_engine
 from .records import score_images
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
 APP_NAME = "dinopatch"
-# Engines that run without torch; "auto" may pick torch where onnxruntime is missing.
-TORCH_FREE_ENGINES = ("onnx", "onnx:int8", "onnx:fp16")
 
 log = logging.getLogger("dinopatch.serve")
 
@@ -64,8 +63,8 @@ class ServiceConfig:
 
     Attributes:
         model: model file, readable at this path on every node that runs a replica.
-        engine: ``"onnx"``, ``"onnx:int8"``, ``"onnx:fp16"`` or an ``.onnx``
-            export (readable on every node); never torch.
+        engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
+            or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
         kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
         replicas: scorer replicas, each holding one model.
         num_cpus: CPUs Ray reserves for each scorer replica.
@@ -90,7 +89,10 @@ class ServiceConfig:
     def __post_init__(self):
         # Absolute, because replicas may start in another folder (or on another machine).
         self.model = os.path.abspath(self.model)
-        self.engine = os.fspath(self.engine)
+        try:
+            self.engine = canonical_engine(self.engine)
+        except ValueError:
+            pass  # refused below, with the service's own choices
         if self.engine not in TORCH_FREE_ENGINES and not self.engine.endswith(".onnx"):
             raise ValueError(f"the service runs without torch: engine must be one of {TORCH_FREE_ENGINES} or an "
                              f".onnx export, got {self.engine!r}")
@@ -338,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=defaults["batch_wait_ms"].default,
                    help="how long a replica waits for a batch to fill")
     p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
-    p.add_argument("--engine", default=defaults["engine"].default,
-                   help=f"{', '.join(TORCH_FREE_ENGINES)} or an .onnx export (on every node)")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
+    params.add_flags(p, ["engine", "kernel"], defaults={"engine": defaults["engine"].default},
+                     helps={"engine": f"{', '.join(TORCH_FREE_ENGINES)} or an .onnx export (on every node)"})
     p.add_argument("--timeout-s", type=float, default=defaults["timeout_s"].default,
                    help="deadline of a request; 503 after it")
     p.add_argument("--max-mb", type=float, default=defaults["max_bytes"].default / 2**20,

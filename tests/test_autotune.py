@@ -140,12 +140,19 @@ def test_thin_evidence_searches_fewer_coarser_candidates():
     assert {c[2] for c in thin} == {0.0, 4.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
 
 
-def test_records_from_before_the_paired_test_keep_their_margin_rule():
-    params = dict(tolerance=1, match="local", sigma="auto", score=("max"))
-    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, 1, 6)]
+def test_records_from_before_the_paired_test_keep_their_margin_rule_and_full_search():
+    params = dict(tolerance=1, match="local", sigma="auto", score="max", seed=0)
+    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, 1, None)]  # searched in full
+    assert len(order) == len(autotune.SIGMAS)
     table = dict.fromkeys(order, 0.5) | {order[2]: 0.5 + autotune.WIN_MARGIN + 0.01}
-    chosen = autotune._winner({"images": 6, "image_auroc": table}, ["sigma"], params, 1)
+    evidence = {"images": 6, "searched": ["sigma"], "image_auroc": table}
+    chosen = autotune._winner(evidence, ["sigma"], params, 1)
     assert order[2] == autotune._key(1, "local", chosen[0], "max")
+    # Such a file (6 images, every sigma searched, no paired test) still loads; its choice is re-derived.
+    record = {"chosen": {"sigma": chosen[0]}, "fallback": False, "evidence": evidence}
+    assert autotune.check_record(record, params, 8) is record
+    with pytest.raises(ValueError, match="edited"):
+        autotune.check_record(dict(record, chosen={"sigma": 4.0}), params, 8)
 
 
 def _edited(det, tmp_path, name: str, edit) -> str:

@@ -206,7 +206,7 @@ def test_choices_come_from_the_registries():
     assert actions["kernel"].choices == ("auto", *kernels.BACKENDS)
     assert actions["score"].choices == ("auto", *SCORES)
     assert actions["match"].choices == ("auto", *MATCHES)
-    assert actions["backbone"].choices == sorted(BACKBONES)
+    assert actions["backbone"].choices == tuple(sorted(BACKBONES))
     for engine in ENGINES:
         assert actions["engine"].type(engine) == engine
     with pytest.raises(argparse.ArgumentTypeError):

@@ -78,11 +78,31 @@ def test_the_report_survives_the_model_file(dropped, tmp_path):
     assert loaded.fit_report_ == dropped.fit_report_ and loaded.outliers == "drop"
 
 
-def _edited(det, tmp_path, edit) -> str:
+def _edited(det, tmp_path, edit, part: str = "fit_report") -> str:
     header, arrays = modelfile.read(det.save(tmp_path / "base.npz"))
     header = json.loads(json.dumps({k: v for k, v in header.items() if k not in ("format", "version", "arrays")}))
-    edit(header["fit_report"])
+    edit(header[part] if part else header)
     return modelfile.write(tmp_path / "edited.npz", header, arrays)
+
+
+def test_a_file_from_before_the_check_kept_every_image_and_the_policy_must_be_the_reports(dropped, tmp_path):
+    def before(header):
+        del header["params"]["outliers"], header["fit_report"]
+
+    old = DinoPatch.load(_edited(dropped, tmp_path, before, part=""))
+    assert old.outliers == "keep" and old.fit_report_ is None  # the parameter table's missing value
+    with pytest.raises(ModelFileError, match="not the parameters' outliers"):
+        DinoPatch.load(_edited(dropped, tmp_path, lambda h: h["params"].update(outliers="keep"), part=""))
+
+
+def test_the_policy_is_a_flag_of_fit():
+    from dinopatch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["fit", "x.png", "-o", "m.npz", "--outliers", "keep"]).outliers == "keep"
+    assert parser.parse_args(["fit", "x.png", "-o", "m.npz"]).outliers == "drop"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "x.png", "-o", "m.npz", "--outliers", "strict"])
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import FAST, screws
 
-from dinopatch import DinoPatch
+from dinopatch import DinoPatch, autotune, tolerance
 from dinopatch.align import Aligner
 from dinopatch.nominal import MAX_FOLDS, FoldPlan, NominalSet
 
@@ -38,9 +38,12 @@ def region_fit():
 def test_the_threshold_is_measured_on_the_plan_the_nominal_set_answers(region_fit):
     det, _, nominal = region_fit
     assert len(nominal.plan.folds) == MAX_FOLDS and det.threshold_.source["folds"] == MAX_FOLDS
-    index, scores, _ = nominal.held_out_scores(det.model_.resolved)
+    index, scores, _, distances = nominal.held_out_scores(det.model_.resolved)
     assert sorted(index) == list(range(12))
     np.testing.assert_allclose(det.threshold_.scores, scores, rtol=1e-6)
+    # The held-out maps are the per-location mask threshold's evidence, image for image.
+    assert distances.shape == (12, 8, 8) and distances.dtype == np.float32
+    np.testing.assert_allclose(det.threshold_.distances, distances, rtol=1e-6)
     assert det.threshold_.image == pytest.approx(scores.max())
 
 
@@ -61,3 +64,17 @@ def test_held_out_queries_are_scored_by_their_origin_fold(region_fit):
     queries = nominal.queries([nominal.frames[i] for i in (0, 5)], [0, 5])
     maps, more = nominal.held_out(settings, extra=queries)
     np.testing.assert_allclose(more, maps[[0, 5]], atol=1e-4 * float(np.nanmax(maps)))
+
+
+def test_the_tolerance_map_is_measured_on_the_plan_and_built_into_its_banks(region_fit):
+    _, _, nominal = region_fit
+    settings = {"tolerance": "map", "match": "local", "coreset_ratio": 1.0, "bank_dtype": "float32"}
+    with pytest.raises(ValueError, match="before its offsets"):
+        nominal.bank(settings)
+    offsets = autotune.measure_offsets({"tolerance": "map", "seed": 0}, nominal)
+    covered = offsets.sum(axis=1) > 0
+    assert (offsets.sum(axis=1)[covered] == len(nominal)).all()  # each image held out once, by the plan
+    mapped = nominal.with_offsets(offsets)
+    np.testing.assert_array_equal(mapped.bank(settings).radius, tolerance.tolerance_map(offsets, (8, 8), 7))
+    assert mapped.subset(np.arange(6), seed=0).offsets is None  # evidence of another set is not carried over
+    assert autotune.measure_offsets({"tolerance": 1, "seed": 0}, nominal) is None

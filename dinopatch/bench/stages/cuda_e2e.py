@@ -1,6 +1,6 @@
 """The GPU check's end-to-end half (stage ``cuda_e2e``, group ``cuda``): parts per second per engine.
 
-For ViT-S/14 at 448 px and the seed notebook's ViT-B/14 at 784 px
+For ViT-S/14 at 448 px and ViT-B/14 at 784 px
 (:meth:`DinoPatch.from_preset`, ``"notebook"``), a detector is fitted with
 the torch engine on ``--bank`` aligned synthetic screws and predicts a test set
 (good screws and each defect) with every engine installed: torch fp32, torch
