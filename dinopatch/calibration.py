@@ -23,6 +23,9 @@ import numpy as np
 # Above this many nominal images, leave-one-out becomes this many folds: one
 # bank per fold, so calibration costs at most MAX_FOLDS bank builds.
 MAX_FOLDS = 10
+# Held-out scores below this fraction of the feature norm are rounding: the distances are exact only to
+# 1e-4 of the largest one.
+IDENTICAL_RTOL = 1e-4
 METHODS = ("leave-one-out", "k-fold", "held-out", "evaluation", "user")
 
 
@@ -121,7 +124,7 @@ def folds(n: int, calibration, seed: int) -> tuple[str, list[np.ndarray]]:
 
 
 def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], *,
-              calibration="cv", false_alarm_rate: float = 0.0, seed: int = 0) -> Threshold:
+              calibration="cv", false_alarm_rate: float = 0.0, seed: int = 0, scale: float = 0.0) -> Threshold:
     """Measure the threshold on nominal images.
 
     Args:
@@ -131,6 +134,8 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
         calibration: ``"cv"`` or a fraction held out (see :func:`folds`).
         false_alarm_rate: the threshold is the ``1 - rate`` quantile (0: the maximum).
         seed: seeds the split.
+        scale: the typical norm of the features the scores are distances between; held-out scores
+            all within :data:`IDENTICAL_RTOL` of it are rounding, not evidence (identical images).
     """
     method, held_sets = folds(n, calibration, seed)
     everyone = np.arange(n)
@@ -144,8 +149,10 @@ def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[n
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
                          "(nothing valid to score: check their alignment), so no threshold can be measured")
-    if scores.max() <= 0:
-        raise ValueError("every nominal image scored 0 against the others (identical images?): a threshold "
+    # Relative: identical images score rounding noise (1e-10 at 224 px), not exactly 0.
+    if scores.max() <= IDENTICAL_RTOL * scale:
+        raise ValueError("every nominal image scored 0 against the others, up to rounding (identical images?): a "
+                         "threshold "
                          "measured on them would flag any difference; fit on varied good parts or give one")
     source = {"method": method, "images": int(len(scores)), "false_alarm_rate": check_rate(false_alarm_rate)}
     if method == "k-fold":

@@ -152,7 +152,8 @@ class DinoPatch(EstimatorMixin):
 
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
-                               false_alarm_rate=self.false_alarm_rate, seed=self.seed))
+                               false_alarm_rate=self.false_alarm_rate, seed=self.seed,
+                               scale=float(np.nanmedian(np.linalg.norm(tokens, axis=-1)))))
         self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen), threshold,
                              engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto)
         return self

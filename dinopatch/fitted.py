@@ -151,6 +151,10 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
 def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if not isinstance(header.get("params"), dict):
         raise TypeError("params is not a mapping")
+    unknown = sorted(set(header["params"]) - set(param_table.table()))
+    if unknown:
+        raise ModelFileError(f"unknown parameters {unknown}: the file was written by a newer DinoPatch (it says "
+                             f"{header.get('dinopatch_version')!r}, this is {__version__}); upgrade to load it")
     params = check_params(dict(header["params"], **runtime))
     spec = get_spec(params["backbone"])
     side = params["image_size"] // spec.patch_size
