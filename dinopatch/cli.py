@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import params
 from ._version import __version__
-from .backbone import PRECISIONS, WeightsUnavailableError
+from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
 from .outputs import claim, output_folder
 
 EXIT_USAGE = 2
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinopatch: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, WeightsUnavailableError) as e:
+    except (ValueError, OSError, ImportError, WeightsUnavailableError, DeviceUnavailableError) as e:
         if args.debug:
             raise
         hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""

@@ -134,6 +134,8 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
         raise ValueError(f"only {list(RUNTIME_PARAMS)} can be overridden on load, got {sorted(bad)}")
     if threshold is not None and false_alarm_rate is not None:
         raise ValueError("give threshold or false_alarm_rate, not both")
+    # A wrong run-time value is the caller's, not the file's: say so before reading the file.
+    check_params(dict(param_table.defaults(), **runtime))
     header, arrays = modelfile.read(path)
     try:
         model, params = _unpack(header, arrays, runtime)

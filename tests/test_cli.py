@@ -120,6 +120,9 @@ def mistakes(tmp, root):
         (["fit", root / "train" / "good", "-o", model, *DET], "exists"),
         (["fit", tmp, "-o", tmp / "m.npz", *DET], "test image or mask"),
         (["fit", text, "-o", tmp / "m.npz", *DET], "not a readable image"),
+        (["fit", root / "test", "-o", tmp / "m.npz", *DET], "layout of a test folder"),
+        (["fit", root, "-o", tmp / "m.npz", *DET, "--device", "cuda:99"], "'cuda:99'"),
+        (["predict", root, "-m", model, "-o", tmp / "p1", "--device", "cuda:99"], "'cuda:99'"),
         (["fit", root, "-o", tmp / "m.npz", "--engine", "tensorrt"], "--engine"),
         (["fit", root, "-o", tmp / "m.npz", "--kernel", "gpu"], "--kernel"),
         (["fit", root, "-o", tmp / "m.npz", "--image-size", "big"], "--image-size"),
@@ -153,6 +156,14 @@ def test_every_mistake_prints_one_line_and_exits_2(work, capsys):
     # Nothing was written by a refused command: no report folders, no models.
     assert not any((tmp / f"r{i}").exists() for i in range(1, 7)) and not (tmp / "m.npz").exists()
     assert not (root / "preds").exists() and not (tmp / "p1").exists()
+
+
+def test_a_wrong_run_time_value_is_blamed_on_itself_not_on_the_model_file(work):
+    from dinopatch import DinoPatch
+
+    tmp, _ = work
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer in \[1, \d+\], got 0$"):
+        DinoPatch.load(tmp / "screw.npz", batch_size=0)
 
 
 def test_debug_shows_the_traceback(work):
