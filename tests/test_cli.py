@@ -115,6 +115,9 @@ def mistakes(tmp, root):
     flat = tmp / "flat"
     (flat / "good").mkdir(parents=True, exist_ok=True)
     shutil.copy(root / "train" / "good" / "000.png", flat / "good" / "000.png")
+    maps = tmp / "line" / "maps"  # images kept in a folder named like predict's output
+    maps.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "train" / "good" / "000.png", maps / "000.png")
     return [
         (["fit", tmp / "nothing", "-o", tmp / "m.npz", *DET], "no such file or folder"),
         (["fit", root / "train" / "good", "-o", model, *DET], "exists"),
@@ -131,6 +134,7 @@ def mistakes(tmp, root):
         (["predict", root, "-m", text], "not a readable DinoPatch model file"),
         (["predict", root, "-m", model, "-o", root / "preds"], "inside the input folder"),
         (["predict", root, "-m", model, "-o", text], "is a file"),
+        (["predict", maps, "-m", model, "-o", maps.parent, "--force"], "is inside the output"),
         (["predict", root, "-m", model, "-o", tmp / "p1", "--engine", tmp / "missing.onnx"],
          "no such ONNX file"),
         (["evaluate", flat, "-m", model, "-o", tmp / "r1"], "MVTec AD layout"),
@@ -156,6 +160,7 @@ def test_every_mistake_prints_one_line_and_exits_2(work, capsys):
     # Nothing was written by a refused command: no report folders, no models.
     assert not any((tmp / f"r{i}").exists() for i in range(1, 7)) and not (tmp / "m.npz").exists()
     assert not (root / "preds").exists() and not (tmp / "p1").exists()
+    assert (tmp / "line" / "maps" / "000.png").exists()  # `predict OUT/maps -o OUT --force` kept its input
 
 
 def test_a_wrong_run_time_value_is_blamed_on_itself_not_on_the_model_file(work):
