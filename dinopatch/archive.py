@@ -220,8 +220,10 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
     import ray.data
 
     started = not ray.is_initialized()
-    if started:
+    if started and address:
         ray.init(address=address)
+    elif started:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)  # a local Ray listens on loopback only
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images; Ray's count blocks
     try:
