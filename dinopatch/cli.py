@@ -188,6 +188,8 @@ def cmd_evaluate(args) -> int:
     out = Path(args.output)
     output_folder(out)
     refuse_overlap(out, [args.data])
+    if args.save_model:
+        refuse_overlap(Path(args.save_model), [args.data, *([args.model] if args.model else [])], inside_ok=True)
     if args.model:
         given = _explicit(args.argv)
         fitted = {k: flag for k, flag in _fitted_flags().items() if k != SPLIT_SEED}

@@ -52,7 +52,10 @@ def refuse_overlap(out: Path, inputs: list[str | os.PathLike], *, inside_ok: boo
     o = Path(os.path.realpath(out))
     for item in inputs:
         i = Path(os.path.realpath(item))
-        if o == i or i.is_relative_to(o):
+        if o == i:
+            raise ValueError(f"the output {out} is the input {item}: replacing it would lose the input; choose "
+                             "another output")
+        if i.is_relative_to(o):
             raise ValueError(f"the input {item} is inside the output {out}: replacing the output would delete "
                              "it; choose another -o")
         if not inside_ok and i.is_dir() and o.is_relative_to(i):

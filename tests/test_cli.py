@@ -145,6 +145,7 @@ def mistakes(tmp, root):
          "--image-size, --no-align"),
         (["evaluate", root, "-m", model, "-o", tmp / "report"], "exists"),
         (["evaluate", root, "-m", model, "-o", tmp / "r6", "--save-model", tuned], "exists"),
+        (["evaluate", root, "-m", model, "-o", tmp / "r6", "--save-model", model, "--force"], "is the input"),
         (["export", "--weights", "random", "-o", model], "exists"),
         (["frobnicate"], "invalid choice"),
     ]
