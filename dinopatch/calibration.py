@@ -38,6 +38,9 @@ import numpy as np
 if TYPE_CHECKING:
     from .nominal import NominalSet
 
+# Held-out scores below this fraction of the feature norm are rounding: the distances are exact only to
+# 1e-4 of the largest one.
+IDENTICAL_RTOL = 1e-4
 METHODS = ("leave-one-out", "k-fold", "held-out", "evaluation", "user")
 
 
@@ -215,14 +218,22 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
                          "(nothing valid to score: check their alignment), so no threshold can be measured")
-    if scores.max() <= 0:
-        raise ValueError("every nominal image scored 0 against the others (identical images?): a threshold "
-                         "measured on them would flag any difference; fit on varied good parts or give one")
+    # Relative to the features' norm: identical images score rounding noise (1e-10 at 224 px), not exactly 0.
+    if scores.max() <= IDENTICAL_RTOL * _feature_scale(nominal.tokens):
+        raise ValueError("every nominal image scored 0 against the others, up to rounding (identical images?): a "
+                         "threshold measured on them would flag any difference; fit on varied good parts or give one")
     source = {"method": method, "images": int(len(scores)), "false_alarm_rate": check_rate(false_alarm_rate)}
     if method == "k-fold":
         source["folds"] = len(held_sets)
     return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
                      scores, maxima, distances)
+
+
+def _feature_scale(tokens: np.ndarray) -> float:
+    """The median norm of the tokens (zero rows lie outside the part's region and do not count)."""
+    norms = np.linalg.norm(tokens, axis=-1)
+    norms = norms[norms > 0]
+    return float(np.median(norms)) if norms.size else 0.0
 
 
 def _quantile(values: np.ndarray, rate: float, warn: bool = True):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from . import params
 from ._version import __version__
-from .backbone import PRECISIONS, WeightsUnavailableError
-from .outputs import claim, output_folder
+from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
+from .outputs import claim, output_folder, refuse_overlap
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
@@ -132,6 +132,7 @@ def cmd_fit(args) -> int:
 
     files, notes = training_files(args.images)
     out = Path(args.output)
+    refuse_overlap(out, args.images, inside_ok=True)
     claim([out], args.force)
     for note in notes:
         print(note)
@@ -157,10 +158,7 @@ def cmd_predict(args) -> int:
     files, masks = prediction_files(args.images)
     out = Path(args.output)
     output_folder(out)
-    for item in args.images:
-        if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
-            raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
-                             "its overlays as parts; choose another -o")
+    refuse_overlap(out, args.images)
     runtime = params.from_flags(args, _runtime_flags())
     det = _load_model(args.model, runtime)
     engine = _start_engine(det)
@@ -190,6 +188,9 @@ def cmd_evaluate(args) -> int:
     check_layout(folder, need_train=args.model is None)
     out = Path(args.output)
     output_folder(out)
+    refuse_overlap(out, [args.data])
+    if args.save_model:
+        refuse_overlap(Path(args.save_model), [args.data, *([args.model] if args.model else [])], inside_ok=True)
     if args.model:
         given = _explicit(args.argv)
         fitted = {k: flag for k, flag in _fitted_flags().items() if k != SPLIT_SEED}
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinopatch: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, WeightsUnavailableError) as e:
+    except (ValueError, OSError, ImportError, WeightsUnavailableError, DeviceUnavailableError) as e:
         if args.debug:
             raise
         hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""

@@ -16,13 +16,12 @@ import numbers
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
 from .calibration import Threshold
-from .data import read_image, read_mask
+from .data import read_image, read_mask, write_png
 from .inputs import MVTEC_LAYOUT
 from .postprocess import SCORES
 from .viz import overlay, plot_curves, plot_histogram
@@ -299,7 +298,7 @@ def _write_pictures(out, items, images, gts, results, scores, labels, report, se
     for it, im, gt, r in zip(items, images, gts, results):
         caption = f"{'FLAGGED' if r.is_anomaly else 'passed'} {r.score:.2f}{'' if r.aligned else ' unaligned'}"
         pic = overlay(im, r.anomaly_map, vmax=vmax, gt_mask=gt, pred_mask=r.mask, text=caption)
-        cv2.imwrite(str(out / "overlays" / f"{it.defect}_{Path(it.path).stem}.png"), pic)
+        write_png(out / "overlays" / f"{it.defect}_{Path(it.path).stem}.png", pic)
     finite = np.isfinite(scores[report])
     y, s = labels[report][finite], scores[report][finite]
     name = Path(folder.root).name
@@ -394,4 +393,5 @@ metrics reported on the other {len(m['split']['report'])}
 <h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; magenta outline: predicted defect
 (tuned settings).</p>{thumbs}
 </body></html>"""
-    (out / "index.html").write_text(page)
+    # A file name that is not valid UTF-8 keeps its bytes, so the page's links still find its overlay.
+    (out / "index.html").write_text(page, encoding="utf-8", errors="surrogateescape")

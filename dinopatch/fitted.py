@@ -202,6 +202,8 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
         raise ValueError(f"only {list(RUNTIME_PARAMS)} can be overridden on load, got {sorted(bad)}")
     if threshold is not None and false_alarm_rate is not None:
         raise ValueError("give threshold or false_alarm_rate, not both")
+    # A wrong run-time value is the caller's, not the file's: say so before reading the file.
+    check_params(dict(param_table.defaults(), **runtime))
     header, arrays = modelfile.read(path)
     try:
         model, params = _unpack(header, arrays, runtime)
@@ -219,6 +221,10 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
 def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if not isinstance(header.get("params"), dict):
         raise TypeError("params is not a mapping")
+    unknown = sorted(set(header["params"]) - set(param_table.table()))
+    if unknown:
+        raise ModelFileError(f"unknown parameters {unknown}: the file was written by a newer DinoPatch (it says "
+                             f"{header.get('dinopatch_version')!r}, this is {__version__}); upgrade to load it")
     params = check_params(dict(header["params"], **runtime))
     spec = get_spec(params["backbone"])
     side = params["image_size"] // spec.patch_size

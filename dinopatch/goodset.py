@@ -176,7 +176,12 @@ def kept(count: int, flags: list[Flag], outliers: str) -> list[int]:
     """The input indices fit goes on with: all but the flagged under ``"drop"``; ``"error"`` raises."""
     _refuse(flags, outliers)
     named = {f.index for f in flags}
-    return [i for i in range(count) if outliers == "keep" or i not in named]
+    keep = [i for i in range(count) if outliers == "keep" or i not in named]
+    if len(keep) < 2 <= count:  # what is left cannot even measure a threshold: say what was left out
+        raise ValueError(f"only {len(keep)} of the {count} good images are evidence of a good part; left out:\n"
+                         + "\n".join(f"  {f.name}: {f.reason} ({f.detail})" for f in flags)
+                         + "\nfit on more varied good parts, or keep them on purpose with outliers='keep'")
+    return keep
 
 
 def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list[Flag], settings: dict,

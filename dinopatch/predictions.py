@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import read_image
+from .data import read_image, write_png
 from .inputs import relative_name
-from .records import CSV_FIELDS, error_record, result_record
+from .records import CSV_FIELDS, csv_row, error_record, result_record
 from .viz import overlay
 
 # --save-maps: exact float32 arrays, or 16-bit PNGs any image viewer opens.
@@ -89,7 +89,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
                         name = relative_name(path, root, f".{save_maps}")
                         _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
                 jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-                rows.writerow({k: int(v) if isinstance(v, bool) else v for k, v in record.items()})
+                rows.writerow(csv_row(record))
             # A reader tailing the files, or a run cut short, sees every finished batch.
             jsonl.flush()
             table.flush()
@@ -134,7 +134,7 @@ def _predict_each(images: list[np.ndarray], det) -> list:
 def _write_overlay(path: Path, image: np.ndarray, result, vmax: float) -> None:
     caption = f"{result.score:.3f}{' ANOMALY' if result.is_anomaly else ''}" \
               f"{'' if result.aligned else ' (unaligned: ' + result.alignment.reason + ')'}"
-    _write_png(path, overlay(image, result.anomaly_map, vmax=vmax, pred_mask=result.mask, text=caption))
+    write_png(path, overlay(image, result.anomaly_map, vmax=vmax, pred_mask=result.mask, text=caption))
 
 
 def _write_map(path: Path, amap: np.ndarray, vmax: float) -> None:
@@ -142,13 +142,4 @@ def _write_map(path: Path, amap: np.ndarray, vmax: float) -> None:
     if path.suffix == ".npy":
         np.save(path, amap.astype(np.float32, copy=False), allow_pickle=False)
     else:
-        _write_png(path, np.rint(np.clip(amap / vmax, 0.0, 1.0) * 65535).astype(np.uint16))
-
-
-def _write_png(path: Path, picture: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # imencode and a Python write, not imwrite: paths of any encoding work.
-    ok, data = cv2.imencode(".png", picture)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    path.write_bytes(data.tobytes())
+        write_png(path, np.rint(np.clip(amap / vmax, 0.0, 1.0) * 65535).astype(np.uint16))
