@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, foreground, kernels, tolerance
+from . import autotune, drift, fitted, foreground, kernels, tolerance
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone import embed as embed_frames
@@ -160,7 +160,8 @@ class DinoPatch(EstimatorMixin):
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
         self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen, tmap), threshold,
-                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto, offsets)
+                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto, offsets,
+                             drift.Reference.measure(images, [c[2] for c in canon], self.image_size))
         return self
 
     def _make_bank(self, tokens: np.ndarray, positions, params: dict, tmap=None) -> MemoryBank:

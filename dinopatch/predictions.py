@@ -42,7 +42,8 @@ class Summary:
 
 
 def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path, overlays: bool = True,
-                  save_maps: str | None = None, progress: bool = True, engine: str | None = None) -> Summary:
+                  save_maps: str | None = None, progress: bool = True, engine: str | None = None,
+                  stamp=None) -> Summary:
     """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
 
     Args:
@@ -54,6 +55,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         save_maps: ``"npy"`` or ``"png"`` (see :data:`MAP_FORMATS`) to write ``maps/<name>.<format>``.
         progress: show a progress bar.
         engine: the engine name the records give (default: ``det.engine``).
+        stamp: called as ``stamp(record, image, Result or exception)`` before each record is written, in
+            input order (the line's id and drift fields, :class:`~dinopatch.stamp.Stamp`).
 
     The first batch's ``latency_ms`` includes building the backbone engine
     unless it was built before (the CLI builds it first).
@@ -88,6 +91,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
                     if save_maps:
                         name = relative_name(path, root, f".{save_maps}")
                         _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
+                if stamp is not None:
+                    stamp(record, image, outcome)
                 jsonl.write(json.dumps(record, allow_nan=False) + "\n")
                 rows.writerow({k: int(v) if isinstance(v, bool) else v for k, v in record.items()})
             # A reader tailing the files, or a run cut short, sees every finished batch.
