@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import FAST, screws
+from mqtt_broker import Broker, Subscriber
+
+from dinopatch import DinoPatch
+
+TIMEOUT = 120  # seconds any one watcher run may take before the test gives up
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("watch-model") / "model.npz"
+    DinoPatch(**FAST).fit(screws("good", 8, seed=1)).save(path)
+    return path
+
+
+def _watch(folder, model, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "dinopatch", "watch", str(folder), "-m", str(model), "-o", str(out),
+                             "--settle", "0.5", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=Path(__file__).parents[1])
+
+
+def _records(out) -> list[dict]:
+    log = out / "predictions.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class _Camera:
+    """Drops frames into a folder in bursts: most written at once, some slowly, some renamed in, some broken."""
+
+    def __init__(self, folder: Path, n: int):
+        parts = [cv2.imencode(".png", im)[1].tobytes() for im in screws("good", 6, seed=9)]
+        self.plan = []
+        for i in range(n):
+            data = parts[i % len(parts)]
+            how = ("truncated" if i % 12 == 5 else "slow" if i % 5 == 1 else "renamed" if i % 5 == 2 else "once")
+            self.plan.append((folder / f"frame{i:03d}.png", data[: len(data) // 3] if how == "truncated" else data,
+                              how))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        for i, (path, data, how) in enumerate(self.plan):
+            if how == "slow":  # three pieces, pauses shorter than the settle time
+                with open(path, "wb") as f:
+                    for k in range(3):
+                        f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                        f.flush()
+                        time.sleep(0.15)
+            elif how == "renamed":
+                tmp = path.with_name("." + path.name + ".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            else:
+                path.write_bytes(data)
+            if i % 10 == 9:
+                time.sleep(1.0)  # between bursts
+
+
+def test_bursts_kill_and_restart_every_file_has_exactly_one_record(model, tmp_path):
+    folder, out, done = tmp_path / "camera", tmp_path / "out", tmp_path / "done"
+    folder.mkdir()
+    broker = Broker(tmp_path).start()
+    sub = Subscriber(broker, "line/verdicts")
+    camera = _Camera(folder, 60)
+    extra = ("--move-done", str(done), "--mqtt", broker.url("line/verdicts"), "--mqtt-wait", "30")
+    first = _watch(folder, model, out, *extra)
+    try:
+        camera.thread.start()
+        _wait(lambda: len(_records(out)) >= 15, TIMEOUT, "the first run's records")
+        first.send_signal(signal.SIGKILL)  # no clean-up of any kind
+        first.wait(10)
+        second = _watch(folder, model, out, "--idle-exit", "3", *extra)
+        _wait(lambda: len(_records(out)) >= 30, TIMEOUT, "the second run's records")
+        broker.stop()  # the broker goes away mid-run; the records wait in the outbox
+        time.sleep(3.0)
+        broker.start()
+        camera.thread.join(TIMEOUT)
+        said, _ = second.communicate(timeout=TIMEOUT)
+        assert second.returncode == 3, said  # the truncated frames failed, each with its record
+        got = {json.loads(m)["id"] for m in sub.wait_for(60, 30)}
+    finally:
+        for p in (first, locals().get("second")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        sub.close()
+        broker.stop()
+    records = _records(out)
+    paths = [Path(r["path"]).name for r in records]
+    assert sorted(paths) == sorted(p.name for p, _, _ in camera.plan), "every file exactly once"
+    broken = {r["path"] for r in records if r["error"]}
+    assert broken == {str(p) for p, _, how in camera.plan if how == "truncated"}
+    assert all(r["score"] is not None and "drift" in r for r in records if not r["error"])
+    assert not list(folder.glob("*.png")) and len(list(done.glob("*.png"))) == 60, "every scored file moved"
+    assert "resumed" in said
+    assert got == {r["id"] for r in records}, "every record on the broker, none lost"
+
+
+def test_a_torn_journal_line_is_cut_and_its_file_scored_again(model, tmp_path):
+    folder, out = tmp_path / "camera", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    parts = screws("good", 2, seed=4)
+    for i, im in enumerate(parts):
+        cv2.imwrite(str(folder / f"p{i}.png"), im)
+    (folder / ".hidden.png").write_bytes(b"not taken")
+    (folder / "notes.txt").write_text("not an image")
+    run = _watch(folder, model, out, "--idle-exit", "1")
+    said, _ = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == 0, said
+    first = _records(out)
+    assert sorted(Path(r["path"]).name for r in first) == ["p0.png", "p1.png"]
+    log = out / "predictions.jsonl"
+    text = log.read_text()
+    log.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + text.splitlines()[-1][:40])  # killed mid-line
+    run = _watch(folder, model, out, "--idle-exit", "1")
+    said, _ = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == 0, said
+    again = _records(out)
+    assert sorted(Path(r["path"]).name for r in again) == ["p0.png", "p1.png"] and again[0] == first[0]
+    log.write_text(text + "not json\n")
+    run = _watch(folder, model, out, "--idle-exit", "1")
+    said, _ = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == 2 and "is not a record" in said
