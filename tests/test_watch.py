@@ -88,12 +88,14 @@ def test_bursts_kill_and_restart_every_file_has_exactly_one_record(model, tmp_pa
         _wait(lambda: len(_records(out)) >= 15, TIMEOUT, "the first run's records")
         first.send_signal(signal.SIGKILL)  # no clean-up of any kind
         first.wait(10)
-        second = _watch(folder, model, out, "--idle-exit", "3", *extra)
+        second = _watch(folder, model, out, *extra)
         _wait(lambda: len(_records(out)) >= 30, TIMEOUT, "the second run's records")
         broker.stop()  # the broker goes away mid-run; the records wait in the outbox
         time.sleep(3.0)
         broker.start()
         camera.thread.join(TIMEOUT)
+        _wait(lambda: len(_records(out)) >= 60, TIMEOUT, "every file's record")
+        second.send_signal(signal.SIGTERM)  # a clean stop: the outbox delivers what waits, the summary is written
         said, _ = second.communicate(timeout=TIMEOUT)
         assert second.returncode == 3, said  # the truncated frames failed, each with its record
         got = {json.loads(m)["id"] for m in sub.wait_for(60, 30)}
@@ -111,33 +113,38 @@ def test_bursts_kill_and_restart_every_file_has_exactly_one_record(model, tmp_pa
     assert broken == {str(p) for p, _, how in camera.plan if how == "truncated"}
     assert all(r["score"] is not None and "drift" in r for r in records if not r["error"])
     assert not list(folder.glob("*.png")) and len(list(done.glob("*.png"))) == 60, "every scored file moved"
-    assert "resumed" in said
+    assert "resumed" in said and json.loads((out / "drift.json").read_text())["parts"] > 0
     assert got == {r["id"] for r in records}, "every record on the broker, none lost"
 
 
 def test_a_torn_journal_line_is_cut_and_its_file_scored_again(model, tmp_path):
+    from dinopatch.stamp import Stamp
+    from dinopatch.watch import FolderWatch
+
+    det = DinoPatch.load(model)
     folder, out = tmp_path / "camera", tmp_path / "out"
     folder.mkdir()
-    out.mkdir()
-    parts = screws("good", 2, seed=4)
-    for i, im in enumerate(parts):
+    for i, im in enumerate(screws("good", 2, seed=4)):
         cv2.imwrite(str(folder / f"p{i}.png"), im)
     (folder / ".hidden.png").write_bytes(b"not taken")
     (folder / "notes.txt").write_text("not an image")
-    run = _watch(folder, model, out, "--idle-exit", "1")
-    said, _ = run.communicate(timeout=TIMEOUT)
-    assert run.returncode == 0, said
-    first = _records(out)
+
+    def run():
+        stamp = Stamp(det)
+        summary = FolderWatch(det, folder, out, settle=0.2, stamp=stamp).run(idle_exit=0.5)
+        return summary, stamp, _records(out)
+
+    summary, _, first = run()
+    assert (summary.scored, summary.resumed) == (2, 0)
     assert sorted(Path(r["path"]).name for r in first) == ["p0.png", "p1.png"]
     log = out / "predictions.jsonl"
     text = log.read_text()
-    log.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + text.splitlines()[-1][:40])  # killed mid-line
-    run = _watch(folder, model, out, "--idle-exit", "1")
-    said, _ = run.communicate(timeout=TIMEOUT)
-    assert run.returncode == 0, said
-    again = _records(out)
-    assert sorted(Path(r["path"]).name for r in again) == ["p0.png", "p1.png"] and again[0] == first[0]
+    log.write_text(text.splitlines(keepends=True)[0] + text.splitlines()[1][:40])  # killed while writing
+    summary, stamp, again = run()
+    assert (summary.scored, summary.resumed) == (1, 1) and stamp.monitor.parts == 2  # the journal fed drift
+    assert [Path(r["path"]).name for r in again] == [Path(r["path"]).name for r in first] and again[0] == first[0]
+    summary, _, _ = run()
+    assert (summary.scored, summary.resumed) == (0, 2)
     log.write_text(text + "not json\n")
-    run = _watch(folder, model, out, "--idle-exit", "1")
-    said, _ = run.communicate(timeout=TIMEOUT)
-    assert run.returncode == 2 and "is not a record" in said
+    with pytest.raises(ValueError, match="line 3 is not a record"):
+        run()
