@@ -23,7 +23,8 @@ class Broker:
     """``mosquitto`` bound to 127.0.0.1 with persistence, so a durable subscriber's queue survives a restart."""
 
     def __init__(self, folder: Path):
-        if shutil.which("mosquitto") is None:
+        self.binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+        if self.binary is None:
             pytest.skip("the mosquitto binary is not installed (apt-get install mosquitto; .ci/run installs it)")
         self.port = free_port()
         self.folder = folder
@@ -33,7 +34,7 @@ class Broker:
         self.process = None
 
     def start(self) -> "Broker":
-        self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:

@@ -129,3 +129,21 @@ def test_end_to_end_lighting_ramp_on_scored_parts(drift_model):
                          "drift": f}) for f, r in zip(fields, det.predict(darker))]
     again = replay(Monitor.for_model(det), lines)
     assert again.flag and again.first_flag_part == first
+
+
+def test_drift_command_reads_a_run_back(drift_model, tmp_path, capsys):
+    import cv2
+
+    from dinopatch.cli import main
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, im in enumerate(screws("good", 24, seed=6)):
+        cv2.imwrite(str(parts / f"{i:02d}.png"), np.clip(im * (1.0 - 0.01 * (i + 1)), 0, 255).astype(np.uint8))
+    assert main(["predict", str(parts), "-m", str(drift_model), "-o", str(tmp_path / "out"), "-q",
+                 "--no-overlays"]) == 0
+    said = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "drift.json").read_text())
+    assert summary["flag"] and f"DRIFT from part {summary['first_flag_part']}" in said
+    assert main(["drift", "-m", str(drift_model), str(tmp_path / "out" / "predictions.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary, "read back, the run gives the same summary"

@@ -84,3 +84,30 @@ def test_a_torn_last_line_waits_and_a_bad_cursor_is_refused(broker, tmp_path):
     (tmp_path / CURSOR).write_text("twelve")
     with pytest.raises(ValueError, match="byte offset"):
         Outbox(broker.url("t"), log)
+
+
+def test_predict_publishes_every_record_with_its_id(broker, tmp_path, capsys):
+    import cv2
+    from conftest import FAST, screws
+
+    from dinopatch import DinoPatch
+    from dinopatch.cli import EXIT_SOME_FAILED, main
+
+    model = DinoPatch(**FAST).fit(screws("good", 6, seed=1)).save(tmp_path / "model.npz")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, im in enumerate(screws("good", 3, seed=2)):
+        cv2.imwrite(str(parts / f"{i}.png"), im)
+    (parts / "broken.png").write_bytes(b"\x89PNG\r\n")
+    sub = Subscriber(broker, "plant/line1")
+    try:
+        code = main(["predict", str(parts), "-m", str(model), "-o", str(tmp_path / "out"), "-q", "--no-overlays",
+                     "--mqtt", broker.url("plant/line1")])
+        got = [json.loads(m) for m in sub.wait_for(4)]
+    finally:
+        sub.close()
+    said = capsys.readouterr().out
+    assert code == EXIT_SOME_FAILED and "mqtt: 4 records delivered to plant/line1" in said
+    written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert got == written and len({r["id"] for r in got}) == 4
+    assert sum(r["error"] is not None for r in got) == 1 and all("drift" in r for r in got)
