@@ -181,6 +181,13 @@ class Monitor:
         return {"flag": self.flag, "reason": self.reason,
                 "statistics": None if statistics is None else {n: round(v, 6) for n, v in statistics.items()}}
 
+    def observe(self, image: np.ndarray, result, size: int) -> dict:
+        """:meth:`update` with one scored part: ``result`` its Result, ``image`` the input it was scored on,
+        ``size`` the model's canonical frame side."""
+        aligned = bool(result.aligned)
+        return self.update(float(result.score), part_statistics(image, result.alignment, size),
+                           aligned and not bool(result.is_anomaly), aligned)
+
     def summary(self) -> dict:
         """The run so far: the flag, its reason, where it rose, each chart's sum, the parameters."""
         return {"flag": self.flag, "reason": self.reason, "first_flag_part": self.first_flag_part,

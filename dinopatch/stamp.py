@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-from .drift import Monitor, part_statistics
+from .drift import Monitor
 
 
 def record_id() -> str:
@@ -37,7 +37,5 @@ class Stamp:
             m = self.monitor
             record["drift"] = {"flag": m.flag, "reason": m.reason, "statistics": None}
             return record
-        stats = part_statistics(image, outcome.alignment, self.size)
-        aligned = bool(outcome.aligned)
-        record["drift"] = self.monitor.update(float(outcome.score), stats, aligned and not outcome.is_anomaly, aligned)
+        record["drift"] = self.monitor.observe(image, outcome, self.size)
         return record

@@ -147,3 +147,16 @@ def test_drift_command_reads_a_run_back(drift_model, tmp_path, capsys):
     assert summary["flag"] and f"DRIFT from part {summary['first_flag_part']}" in said
     assert main(["drift", "-m", str(drift_model), str(tmp_path / "out" / "predictions.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == summary, "read back, the run gives the same summary"
+
+
+def test_the_stream_runtime_follows_drift_like_predict(drift_model):
+    from dinopatch.stream import stream
+
+    det = DinoPatch.load(drift_model)
+    darker = [np.clip(im * (1.0 - 0.01 * (i + 1)), 0, 255).astype(np.uint8)
+              for i, im in enumerate(screws("good", 24, seed=5))]
+    frames = list(stream(det, darker, drift=Monitor.for_model(det)))
+    stamp = Stamp(det)
+    expected = [stamp({}, im, r)["drift"] for im, r in zip(darker, det.predict(darker))]
+    assert [f.drift for f in frames] == expected and frames[-1].drift["flag"]
+    assert all(f.drift is None for f in stream(det, darker[:2]))
