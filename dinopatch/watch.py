@@ -213,7 +213,10 @@ class FolderWatch:
     # ------------------------------------------------------------------ the loop
 
     def _score(self, path: Path, st: os.stat_result, summary: WatchSummary) -> None:
-        [(_, image, outcome, latency_ms)] = _score_batch(self.det, [path])
+        try:
+            [(_, image, outcome, latency_ms)] = _score_batch(self.det, [path])
+        except Exception as e:  # noqa: BLE001 (one frame that breaks the scorer must not stop the line)
+            image, outcome, latency_ms = None, e, None
         if isinstance(outcome, BaseException):
             record = error_record(outcome, self.det, path=path, engine=self.engine)
             summary.failed += 1

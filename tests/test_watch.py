@@ -76,29 +76,36 @@ class _Camera:
 
 
 def test_bursts_kill_and_restart_every_file_has_exactly_one_record(model, tmp_path):
+    kill_and_restart(model, tmp_path, files=60, outage=3.0)
+
+
+def kill_and_restart(model, tmp_path, files: int, outage: float) -> None:
+    """``files`` frames dropped in bursts; the watcher killed with SIGKILL after a quarter, started again; the broker
+    away for ``outage`` seconds in the second run; then every file must have one record, on disk and on the broker."""
     folder, out, done = tmp_path / "camera", tmp_path / "out", tmp_path / "done"
     folder.mkdir()
     broker = Broker(tmp_path).start()
     sub = Subscriber(broker, "line/verdicts")
-    camera = _Camera(folder, 60)
+    camera = _Camera(folder, files)
     extra = ("--move-done", str(done), "--mqtt", broker.url("line/verdicts"), "--mqtt-wait", "30")
     first = _watch(folder, model, out, *extra)
     try:
         camera.thread.start()
-        _wait(lambda: len(_records(out)) >= 15, TIMEOUT, "the first run's records")
+        _wait(lambda: len(_records(out)) >= files // 4, TIMEOUT, "the first run's records")
         first.send_signal(signal.SIGKILL)  # no clean-up of any kind
         first.wait(10)
+        assert len(_records(out)) < files, "killed while frames were still arriving"
         second = _watch(folder, model, out, *extra)
-        _wait(lambda: len(_records(out)) >= 30, TIMEOUT, "the second run's records")
+        _wait(lambda: len(_records(out)) >= files // 2, TIMEOUT, "the second run's records")
         broker.stop()  # the broker goes away mid-run; the records wait in the outbox
-        time.sleep(3.0)
+        time.sleep(outage)
         broker.start()
         camera.thread.join(TIMEOUT)
-        _wait(lambda: len(_records(out)) >= 60, TIMEOUT, "every file's record")
+        _wait(lambda: len(_records(out)) >= files, TIMEOUT, "every file's record")
         second.send_signal(signal.SIGTERM)  # a clean stop: the outbox delivers what waits, the summary is written
         said, _ = second.communicate(timeout=TIMEOUT)
         assert second.returncode == 3, said  # the truncated frames failed, each with its record
-        got = {json.loads(m)["id"] for m in sub.wait_for(60, 30)}
+        got = {json.loads(m)["id"] for m in sub.wait_for(files, 30)}
     finally:
         for p in (first, locals().get("second")):
             if p is not None and p.poll() is None:
@@ -112,7 +119,7 @@ def test_bursts_kill_and_restart_every_file_has_exactly_one_record(model, tmp_pa
     broken = {r["path"] for r in records if r["error"]}
     assert broken == {str(p) for p, _, how in camera.plan if how == "truncated"}
     assert all(r["score"] is not None and "drift" in r for r in records if not r["error"])
-    assert not list(folder.glob("*.png")) and len(list(done.glob("*.png"))) == 60, "every scored file moved"
+    assert not list(folder.glob("*.png")) and len(list(done.glob("*.png"))) == files, "every scored file moved"
     assert "resumed" in said and json.loads((out / "drift.json").read_text())["parts"] > 0
     assert got == {r["id"] for r in records}, "every record on the broker, none lost"
 
@@ -148,3 +155,25 @@ def test_a_torn_journal_line_is_cut_and_its_file_scored_again(model, tmp_path):
     log.write_text(text + "not json\n")
     with pytest.raises(ValueError, match="line 3 is not a record"):
         run()
+
+
+def test_a_frame_that_breaks_the_scorer_is_an_error_record_and_the_loop_goes_on(model, tmp_path, monkeypatch):
+    import dinopatch.watch as watch
+
+    det = DinoPatch.load(model)
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    for i, im in enumerate(screws("good", 3, seed=4)):
+        cv2.imwrite(str(folder / f"p{i}.png"), im)
+    real = watch._score_batch
+
+    def flaky(det, paths):
+        if paths[0].name == "p1.png":
+            raise RuntimeError("the engine fell over")
+        return real(det, paths)
+
+    monkeypatch.setattr(watch, "_score_batch", flaky)
+    summary = watch.FolderWatch(det, folder, tmp_path / "out", settle=0.1).run(max_files=3)
+    records = _records(tmp_path / "out")
+    assert (summary.scored, summary.failed) == (2, 1)
+    assert [r["error"] for r in records if r["path"].endswith("p1.png")] == ["RuntimeError: the engine fell over"]
