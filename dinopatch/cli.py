@@ -1,6 +1,6 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export, weights; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights, watch, drift; serve, score-archive and benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -261,11 +261,13 @@ def cmd_drift(args) -> int:
 
 
 def _add_line_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that scores parts for the line: --mqtt, --mqtt-wait and the run-time flags."""
     p.add_argument("--mqtt", metavar="mqtt://HOST:PORT/TOPIC", default=None,
                    help="also publish every record as JSON to this MQTT topic (QoS 1, in order; while the broker "
                         "is away they wait on disk in the output folder); needs the line extra (default: none)")
     p.add_argument("--mqtt-wait", type=_number(float, 0, 86400), default=30.0,
                    help="seconds to wait at the end for the broker to take the records still waiting")
+    _add_runtime_args(p)
 
 
 def cmd_evaluate(args) -> int:
@@ -383,7 +385,6 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_line_args(p)
-    _add_runtime_args(p)
 
     p = command("watch", "score image files as they land in a folder, into predictions.jsonl; a restart resumes",
                 cmd_watch)
@@ -395,14 +396,14 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="seconds a file must stay unchanged before it is read (a file renamed into the folder "
                         "is read at once)")
     p.add_argument("--move-done", metavar="DIR", default=None,
-                   help="move each scored file into this folder (default: leave it)")
+                   help="move each scored file into this folder, replacing a file of the same name there "
+                        "(default: leave it)")
     p.add_argument("--max-files", type=_number(int, 1, 2**62), default=None,
                    help="stop after this many files in this run (default: no limit)")
     p.add_argument("--idle-exit", type=_number(float, 0, 2**31), default=None, metavar="SECONDS",
                    help="stop when nothing arrived and nothing waited for this long (default: run until "
                         "Ctrl-C or SIGTERM)")
     _add_line_args(p)
-    _add_runtime_args(p)
 
     p = command("drift", "read a run's predictions.jsonl back: did the line drift from the model's good parts?",
                 cmd_drift)
