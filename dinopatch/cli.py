@@ -1,6 +1,6 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export, weights; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights, watch, drift; serve, score-archive and benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -35,7 +35,7 @@ EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr
 SPLIT_SEED = "seed"
 # The default of every detector flag in the parser that finds which were given.
 _UNSET = object()
-PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps")
+PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps", "drift.json", "mqtt.cursor")
 REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "overlays")
 
 
@@ -167,8 +167,12 @@ def cmd_predict(args) -> int:
         print(f"left out {masks} ground-truth masks (files under ground_truth/)")
     # Each unreadable file is recorded with its error; OpenCV's own warning about it is noise.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
-                            save_maps=args.save_maps, progress=not args.quiet, engine=engine)
+    stamp, outbox = _line_outputs(det, out, args.mqtt)
+    try:
+        summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
+                                save_maps=args.save_maps, progress=not args.quiet, engine=engine, stamp=stamp)
+    finally:
+        _close_line_outputs(stamp, outbox, out, args.mqtt_wait)
     print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed; "
           f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); model id {det.model_id}; "
           f"results in {out / 'predictions.jsonl'} and {out / 'scores.csv'}")
@@ -178,6 +182,91 @@ def cmd_predict(args) -> int:
               file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0
+
+
+def _line_outputs(det, out: Path, mqtt_url: str | None):
+    """The record stamp (id, drift) and, with ``--mqtt``, the outbox publishing ``out/predictions.jsonl``."""
+    from .stamp import Stamp
+
+    out.mkdir(parents=True, exist_ok=True)
+    outbox = None
+    if mqtt_url:
+        from .mqtt import Outbox
+
+        outbox = Outbox(mqtt_url, out / "predictions.jsonl").start()
+    return Stamp(det), outbox
+
+
+def _close_line_outputs(stamp, outbox, out: Path, wait: float) -> None:
+    """Write the drift summary, print it, and wait up to ``wait`` s for the outbox to deliver."""
+    import json
+
+    (out / "drift.json").write_text(json.dumps(stamp.monitor.summary(), indent=1) + "\n")
+    print(stamp.monitor.describe())
+    if outbox is not None:
+        left = outbox.close(wait)
+        print(f"mqtt: {outbox.delivered} records delivered to {outbox.topic}"
+              + (f"; {left} wait in the outbox ({out / 'predictions.jsonl'} after {outbox.cursor}): a later "
+                 f"run with -o {out} and --mqtt delivers them" if left else ""))
+
+
+def cmd_watch(args) -> int:
+    import signal
+    import threading
+
+    import cv2
+
+    from .watch import FolderWatch
+
+    out = Path(args.output)
+    output_folder(out)
+    if os.path.abspath(out) == os.path.abspath(args.folder):
+        raise ValueError("the output folder must not be the watched folder: give another -o")
+    det = _load_model(args.model, params.from_flags(args, _runtime_flags()))
+    engine = _start_engine(det)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    stamp, outbox = _line_outputs(det, out, args.mqtt)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        watch = FolderWatch(det, args.folder, out, settle=args.settle, move_done=args.move_done, engine=engine,
+                            stamp=stamp, on_record=outbox and outbox.notify)
+        print(f"watching {args.folder} (model id {det.model_id}); records in {out / 'predictions.jsonl'}; "
+              "stop with Ctrl-C or SIGTERM", flush=True)
+        summary = watch.run(stop=stop, max_files=args.max_files, idle_exit=args.idle_exit)
+    finally:
+        _close_line_outputs(stamp, outbox, out, args.mqtt_wait)
+    print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed in this run"
+          + (f" ({summary.resumed} records were there before: resumed)" if summary.resumed else ""))
+    return EXIT_SOME_FAILED if summary.failed else 0
+
+
+def cmd_drift(args) -> int:
+    import json
+
+    from .drift import Monitor, replay
+
+    det = _load_model(args.model, {})
+    with open(args.predictions, encoding="utf-8", errors="surrogateescape") as f:
+        monitor = replay(Monitor.for_model(det), f)
+    if args.json:
+        print(json.dumps(monitor.summary(), indent=1))
+    else:
+        print(monitor.describe())
+        for chart, value in monitor.summary()["cusum"].items():
+            print(f"  {chart:<12} CUSUM {value:7.2f} (flag above {monitor.h:g})")
+    return 0
+
+
+def _add_line_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that scores parts for the line: --mqtt, --mqtt-wait and the run-time flags."""
+    p.add_argument("--mqtt", metavar="mqtt://HOST:PORT/TOPIC", default=None,
+                   help="also publish every record as JSON to this MQTT topic (QoS 1, in order; while the broker "
+                        "is away they wait on disk in the output folder); needs the line extra (default: none)")
+    p.add_argument("--mqtt-wait", type=number_type(float, 0, 86400), default=30.0,
+                   help="seconds to wait at the end for the broker to take the records still waiting")
+    _add_runtime_args(p)
 
 
 def cmd_evaluate(args) -> int:
@@ -297,7 +386,32 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; "
                         "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_runtime_args(p)
+    _add_line_args(p)
+
+    p = command("watch", "score image files as they land in a folder, into predictions.jsonl; a restart resumes",
+                cmd_watch)
+    p.add_argument("folder", help="the folder a camera writes frames into (not its subfolders)")
+    p.add_argument("-m", "--model", required=True, help="model file from fit")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: predictions.jsonl there is also the journal a restart resumes from")
+    p.add_argument("--settle", type=number_type(float, 0, 3600), default=1.0,
+                   help="seconds a file must stay unchanged before it is read (a file renamed into the folder "
+                        "is read at once)")
+    p.add_argument("--move-done", metavar="DIR", default=None,
+                   help="move each scored file into this folder, replacing a file of the same name there "
+                        "(default: leave it)")
+    p.add_argument("--max-files", type=number_type(int, 1, 2**62), default=None,
+                   help="stop after this many files in this run (default: no limit)")
+    p.add_argument("--idle-exit", type=number_type(float, 0, 2**31), default=None, metavar="SECONDS",
+                   help="stop when nothing arrived and nothing waited for this long (default: run until "
+                        "Ctrl-C or SIGTERM)")
+    _add_line_args(p)
+
+    p = command("drift", "read a run's predictions.jsonl back: did the line drift from the model's good parts?",
+                cmd_drift)
+    p.add_argument("predictions", help="predictions.jsonl from predict or watch")
+    p.add_argument("-m", "--model", required=True, help="the model file that scored them")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
 
     p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder",
                 cmd_evaluate)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, goodset
+from . import autotune, drift, fitted, goodset
 from .backbone import EngineCache
 from .calibration import Threshold, calibrate
 from .data import load_images
@@ -109,7 +109,8 @@ class DinoPatch(EstimatorMixin):
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
         self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
                              engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
-                             nominal.offsets, report)
+                             nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
+                                                                              nominal.alignments, self.image_size))
         return self
 
     def use_engine(self, engine) -> "DinoPatch":

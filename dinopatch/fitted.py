@@ -25,6 +25,7 @@ from .align import Aligner
 from .backbone import get_spec
 from .bank import MemoryBank
 from .calibration import METHODS, Threshold
+from .drift import Reference
 from .foreground import Foreground
 from .goodset import FitReport
 from .modelfile import ModelFileError
@@ -60,6 +61,8 @@ class Fitted:
     offsets: np.ndarray | None = None
     # What fit made of its good set (:mod:`.goodset`); None in model files from before the check.
     report: FitReport | None = None
+    # The good parts' statistics the drift monitor compares the line with (:class:`.drift.Reference`).
+    drift: Reference | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -177,6 +180,9 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
+    if model.drift is not None:
+        header["drift"], drift_arrays = model.drift.state()
+        arrays.update(drift_arrays)
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -284,8 +290,9 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
+    drift = Reference.from_state(header.get("drift"), arrays)
     return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets, report), params
+                  offsets, report, drift), params
 
 
 def _radius(chosen, stored, offsets, side: int):

@@ -88,6 +88,11 @@ class FitReport:
         head = f"good set: {self.used} of {self.images} images used"
         return "\n".join([head] + [f"  {f.name}: {f.reason} ({f.detail}); {done}" for f in self.flagged])
 
+    def kept(self) -> list[int]:
+        """The input indices of the images the bank and the threshold were made of, in input order."""
+        named = {f.index for f in self.flagged}
+        return [i for i in range(self.images) if self.outliers == "keep" or i not in named]
+
     def record(self) -> dict:
         """The model file's form (JSON)."""
         return {"images": self.images, "used": self.used, "outliers": self.outliers, "k": self.k, "ratio": self.ratio,
@@ -175,8 +180,7 @@ def screen(images: list[np.ndarray], names: list[str], aligner) -> list[Flag]:
 def kept(count: int, flags: list[Flag], outliers: str) -> list[int]:
     """The input indices fit goes on with: all but the flagged under ``"drop"``; ``"error"`` raises."""
     _refuse(flags, outliers)
-    named = {f.index for f in flags}
-    keep = [i for i in range(count) if outliers == "keep" or i not in named]
+    keep = FitReport(count, 0, outliers, tuple(flags), ()).kept()
     if len(keep) < 2 <= count:  # what is left cannot even measure a threshold: say what was left out
         raise ValueError(f"only {len(keep)} of the {count} good images are evidence of a good part; left out:\n"
                          + "\n".join(f"  {f.name}: {f.reason} ({f.detail})" for f in flags)

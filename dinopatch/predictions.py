@@ -42,7 +42,8 @@ class Summary:
 
 
 def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path, overlays: bool = True,
-                  save_maps: str | None = None, progress: bool = True, engine: str | None = None) -> Summary:
+                  save_maps: str | None = None, progress: bool = True, engine: str | None = None,
+                  stamp=None) -> Summary:
     """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
 
     Args:
@@ -54,6 +55,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         save_maps: ``"npy"`` or ``"png"`` (see :data:`MAP_FORMATS`) to write ``maps/<name>.<format>``.
         progress: show a progress bar.
         engine: the engine name the records give (default: ``det.engine``).
+        stamp: called as ``stamp(record, image, Result or exception)`` before each record is written, in
+            input order (the line's id and drift fields, :class:`~dinopatch.stamp.Stamp`).
 
     The first batch's ``latency_ms`` includes building the backbone engine
     unless it was built before (the CLI builds it first).
@@ -73,7 +76,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         rows.writeheader()
         for start in range(0, len(files), bs):
             chunk = files[start:start + bs]
-            for path, image, outcome, latency_ms in _score_batch(det, chunk):
+            for path, image, outcome, latency_ms in score_batch(det, chunk):
                 if isinstance(outcome, BaseException):
                     record = error_record(outcome, det, path=path, engine=engine)
                     summary.failed += 1
@@ -88,6 +91,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
                     if save_maps:
                         name = relative_name(path, root, f".{save_maps}")
                         _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
+                if stamp is not None:
+                    stamp(record, image, outcome)
                 jsonl.write(json.dumps(record, allow_nan=False) + "\n")
                 rows.writerow(csv_row(record))
             # A reader tailing the files, or a run cut short, sees every finished batch.
@@ -97,7 +102,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
     return summary
 
 
-def _score_batch(det, paths: list[Path]):
+def score_batch(det, paths: list[Path]):
     """``(path, image, Result or the exception, latency in ms)`` per path, in order.
 
     Latency runs from the start of reading the batch to its results: with
