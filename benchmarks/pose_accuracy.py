@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from dinopatch import benchmark_sets as bs
-from dinopatch.synthetic import _finish, _pose
+from dinopatch.synthetic import finish_image
+from dinopatch.synthetic import pose_matrix as scene_pose
 
 Aligner = importlib.import_module(os.environ.get("ALIGNER", "dinopatch") + ".align").Aligner
 
@@ -25,19 +26,19 @@ SCENE = 320
 def wheel(rng):
     angle, scale = rng.uniform(0, 360), rng.uniform(0.95, 1.05)
     centre = SCENE / 2 + rng.uniform(-0.05, 0.05, 2) * SCENE
-    m = _pose(angle, scale * SCENE, centre)
+    m = scene_pose(angle, scale * SCENE, centre)
     img = np.full((SCENE, SCENE, 3), bs._BENCH, np.uint8)
     bs._draw_wheel(img, m)
-    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.5, drift=bs.DRIFT), m
+    return finish_image(img, np.random.default_rng(rng.integers(2**63)), 2.5, drift=bs.DRIFT), m
 
 
 def comb(rng):
     angle, scale = rng.uniform(0, 360), rng.uniform(0.9, 1.1)
     centre = SCENE / 2 + rng.uniform(-0.06, 0.06, 2) * SCENE
-    m = _pose(angle, scale * SCENE, centre)
+    m = scene_pose(angle, scale * SCENE, centre)
     img = np.full((SCENE, SCENE, 3), bs._TABLE, np.uint8)
     bs._draw_comb(img, m, np.stack([np.ones(bs._TEETH), np.zeros(bs._TEETH)], 1))
-    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.5, drift=bs.DRIFT), m
+    return finish_image(img, np.random.default_rng(rng.integers(2**63)), 2.5, drift=bs.DRIFT), m
 
 
 for name, render in (("wheel", wheel), ("comb", comb)):

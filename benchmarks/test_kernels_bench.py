@@ -3,8 +3,8 @@
 min_distance at the sizes of ``python -m dinopatch.bench kernels`` (L=1024,
 K=200, D=384) at batch 1 and 16, every backend but the numpy reference, fp32
 and fp16 banks; k-center smaller than the bench's (L=16 instead of 64, N=400,
-D=384, k=40).  Speed targets are checked by
-the bench command, not here: these only time.
+D=384, k=40); one radius vs a tolerance map at radius 2 (32x32 grid, K=40).
+Speed targets are checked by the bench command, not here: these only time.
 """
 import numpy as np
 import pytest
@@ -30,6 +30,20 @@ def test_min_distance(benchmark, banks, backend, dtype, batch):
     benchmark.extra_info.update(bank_bytes=bank.nbytes, batch=batch)
     out = benchmark(kernels.min_distance, q, bank, backend)
     assert out.shape == (batch, L)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("tolerance", ["single r=2", "map all 2"])
+@pytest.mark.parametrize("backend", FAST)
+def test_min_distance_tolerance_map(benchmark, backend, tolerance, batch):
+    """One radius vs a map of the same radius everywhere (the same work): the map's overhead."""
+    side, k = 32, 40
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((side * side, k, D), dtype=np.float32)
+    q = rng.standard_normal((batch, side * side, D), dtype=np.float32)
+    radius = 2 if tolerance == "single r=2" else np.full(side * side, 2, np.int8)
+    out = benchmark(kernels.min_distance, q, bank, backend, grid=(side, side), radius=radius)
+    assert out.shape == (batch, side * side)
 
 
 @pytest.mark.parametrize("backend", kernels.available())

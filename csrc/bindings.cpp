@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "radius_arg.h"
 #include "size_checks.h"
 
 namespace py = pybind11;
@@ -27,16 +28,16 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-// Returns the radius to use (see grid_radius).
-int64_t check_min_distance(const f32& q, const py::array& bank, const py::object& counts, int64_t h,
-                           int64_t w, int64_t radius) {
+// Returns the radius or radius map to use (see parse_radius).
+dinopatch::Radius check_min_distance(const f32& q, const py::array& bank, const py::object& counts,
+                                     int64_t h, int64_t w, const py::object& radius) {
   if (q.ndim() != 3 || bank.ndim() != 3 || q.shape(1) != bank.shape(0) ||
       q.shape(2) != bank.shape(2) || bank.shape(1) < 1 || bank.shape(2) < 1)
     throw std::invalid_argument("queries " + shape_str(q) + " [B,L,D] and bank " +
                                 shape_str(bank) + " [L,K,D] must agree on L and D, K >= 1, D >= 1");
   dinopatch::checked_size({q.shape(0), q.shape(1), q.shape(2)}, "B * L * D");
   dinopatch::checked_size({bank.shape(0), bank.shape(1), bank.shape(2)}, "L * K * D");
-  radius = dinopatch::grid_radius(h, w, bank.shape(0), radius);
+  auto r = dinopatch::parse_radius(radius, h, w, bank.shape(0));
   if (!counts.is_none()) {
     const auto c = counts.cast<i64>();
     if (c.ndim() != 1 || c.shape(0) != bank.shape(0))
@@ -45,13 +46,13 @@ int64_t check_min_distance(const f32& q, const py::array& bank, const py::object
       if (c.at(i) < 1 || c.at(i) > bank.shape(1))
         throw std::invalid_argument("counts must lie in [1, K]");
   }
-  return radius;
+  return r;
 }
 
 template <typename Array, typename T>
 f32 min_distance(f32 queries, Array bank, py::object counts, int64_t h, int64_t w,
-                 int64_t radius) {
-  radius = check_min_distance(queries, bank, counts, h, w, radius);
+                 py::object radius) {
+  const dinopatch::Radius r = check_min_distance(queries, bank, counts, h, w, radius);
   const auto B = queries.shape(0), L = queries.shape(1), D = queries.shape(2);
   const auto K = bank.shape(1);
   f32 out({B, L});
@@ -64,7 +65,7 @@ f32 min_distance(f32 queries, Array bank, py::object counts, int64_t h, int64_t 
   float* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    dinopatch::min_distance_cpu(q, b, cp, o, B, L, K, D, h, w, radius);
+    dinopatch::min_distance_cpu(q, b, cp, o, B, L, K, D, h, w, r.scalar, r.data());
   }
   return out;
 }
@@ -77,7 +78,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("min_distance", &min_distance<f32, float>, py::arg("queries"), py::arg("bank"),
         py::arg("counts") = py::none(), py::arg("h"), py::arg("w"), py::arg("radius") = 0,
         R"pbdoc(queries [B,L,D] f32, bank [L,K,D] f32, counts [L] int64 or None, grid h x w,
-radius -> [B,L] f32 min Euclidean distance over the neighbourhood.)pbdoc");
+radius (an int, or an [L] integer array: a radius per location) -> [B,L] f32 min Euclidean
+distance over the neighbourhood.)pbdoc");
   m.def("min_distance_f16", &min_distance<u16, uint16_t>, py::arg("queries"), py::arg("bank"),
         py::arg("counts") = py::none(), py::arg("h"), py::arg("w"), py::arg("radius") = 0,
         R"pbdoc(As min_distance with a float16 bank passed as its uint16 bit pattern.)pbdoc");

@@ -7,6 +7,7 @@
 
 #include "cuda_kernels.h"
 #include "dlpack_view.h"
+#include "radius_arg.h"
 #include "size_checks.h"
 
 namespace py = pybind11;
@@ -119,10 +120,10 @@ class DeviceBank {
     }
   }
 
-  f32 min_distance(f32 queries, int64_t h, int64_t w, int64_t radius) {
+  f32 min_distance(f32 queries, int64_t h, int64_t w, py::object radius) {
     if (queries.ndim() != 3 || queries.shape(1) != L_ || queries.shape(2) != D_)
       throw std::invalid_argument("queries must be [B,L,D] matching the bank's L and D");
-    radius = dinopatch::grid_radius(h, w, L_, radius);
+    const dinopatch::Radius r = dinopatch::parse_radius(radius, h, w, L_);
     const int64_t B = queries.shape(0);
     dinopatch::checked_size({B, L_, D_, sizeof(float)}, "B * L * D bytes");
     f32 out({B, static_cast<int64_t>(L_)});
@@ -133,7 +134,7 @@ class DeviceBank {
       py::gil_scoped_release release;
       Buffer q(queries.nbytes());
       dc::to_device(q.p, qh, queries.nbytes());
-      run_to_host(static_cast<const float*>(q.p), oh, B, h, w, radius);
+      run_to_host(static_cast<const float*>(q.p), oh, B, h, w, r);
     }
     return out;
   }
@@ -142,7 +143,7 @@ class DeviceBank {
   // copy.  The producer was asked (__dlpack__(stream=1)) to order its writes before the legacy
   // default stream, where the kernel runs; the result's copy to the host waits for the kernel,
   // so the queries are no longer read when this returns and the caller may free them.
-  f32 min_distance_dlpack(const py::capsule& capsule, int64_t h, int64_t w, int64_t radius) {
+  f32 min_distance_dlpack(const py::capsule& capsule, int64_t h, int64_t w, py::object radius) {
     auto* managed =
         static_cast<const dinopatch::dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
     if (managed == nullptr) {
@@ -171,7 +172,7 @@ class DeviceBank {
         step *= t.shape[i];
       }
     }
-    radius = dinopatch::grid_radius(h, w, L_, radius);
+    const dinopatch::Radius r = dinopatch::parse_radius(radius, h, w, L_);
     const int64_t B = t.shape[0];
     dinopatch::checked_size({B, L_, D_, sizeof(float)}, "B * L * D bytes");
     f32 out({B, static_cast<int64_t>(L_)});
@@ -182,7 +183,7 @@ class DeviceBank {
     float* oh = out.mutable_data();
     {
       py::gil_scoped_release release;
-      run_to_host(q, oh, B, h, w, radius);
+      run_to_host(q, oh, B, h, w, r);
     }
     return out;
   }
@@ -202,7 +203,7 @@ class DeviceBank {
           "tensor)");
     dc::min_distance(static_cast<const float*>(q), bank_.p, f16_,
                      has_counts_ ? static_cast<const int64_t*>(counts_.p) : nullptr,
-                     static_cast<float*>(o), B, L_, K_, D_, h, w, radius);
+                     static_cast<float*>(o), B, L_, K_, D_, h, w, radius, nullptr);
   }
 
   size_t nbytes() const { return static_cast<size_t>(L_ * K_ * D_ * (f16_ ? 2 : 4)); }
@@ -211,11 +212,15 @@ class DeviceBank {
   bool f16() const { return f16_; }
 
  private:
-  // Device queries [B, L, D] -> host out [B, L]; the copy back waits for the kernel.
-  void run_to_host(const float* queries, float* out, int64_t B, int64_t h, int64_t w, int64_t radius) {
-    Buffer o(B * L_ * sizeof(float));
+  // Device queries [B, L, D] -> host out [B, L]; the copy back waits for the kernel.  A radius
+  // map (L int32) is copied to the device for the call.
+  void run_to_host(const float* queries, float* out, int64_t B, int64_t h, int64_t w,
+                   const dinopatch::Radius& r) {
+    Buffer o(B * L_ * sizeof(float)), radii(r.map.size() * sizeof(int32_t));
+    if (!r.map.empty()) dc::to_device(radii.p, r.map.data(), r.map.size() * sizeof(int32_t));
     dc::min_distance(queries, bank_.p, f16_, has_counts_ ? static_cast<const int64_t*>(counts_.p) : nullptr,
-                     static_cast<float*>(o.p), B, L_, K_, D_, h, w, radius);
+                     static_cast<float*>(o.p), B, L_, K_, D_, h, w, r.scalar,
+                     r.map.empty() ? nullptr : static_cast<const int32_t*>(radii.p));
     dc::to_host(out, o.p, B * L_ * sizeof(float));
   }
 
@@ -237,7 +242,8 @@ PYBIND11_MODULE(_C_cuda, m) {
            py::arg("counts") = py::none())
       .def("min_distance", &DeviceBank::min_distance, py::arg("queries"), py::arg("h"),
            py::arg("w"), py::arg("radius") = 0,
-           R"pbdoc(Host queries [B,L,D] f32 -> host [B,L] f32; copies both ways, synchronous.)pbdoc")
+           R"pbdoc(Host queries [B,L,D] f32 -> host [B,L] f32; copies both ways, synchronous.
+radius: an int, or an [L] integer array (a radius per location).)pbdoc")
       .def("min_distance_device", &DeviceBank::min_distance_device, py::arg("queries_ptr"),
            py::arg("out_ptr"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("radius") = 0,
            R"pbdoc(Device queries [batch,L,D] f32 at queries_ptr -> device [batch,L] f32 at out_ptr.
@@ -255,7 +261,7 @@ dtype and device are checked.  Synchronous: the capsule may be dropped when it r
 
   m.def(
       "min_distance",
-      [](f32 queries, py::array bank, py::object counts, int64_t h, int64_t w, int64_t radius,
+      [](f32 queries, py::array bank, py::object counts, int64_t h, int64_t w, py::object radius,
          bool f16) { return DeviceBank(bank, f16, counts).min_distance(queries, h, w, radius); },
       py::arg("queries"), py::arg("bank"), py::arg("counts"), py::arg("h"), py::arg("w"),
       py::arg("radius"), py::arg("f16"),

@@ -42,7 +42,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <typename T>
 __global__ void min_distance_kernel(const float* __restrict__ queries, const T* __restrict__ bank,
-                                    const int64_t* __restrict__ counts, float* __restrict__ out,
+                                    const int64_t* __restrict__ counts,
+                                    const int32_t* __restrict__ radii, float* __restrict__ out,
                                     int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
                                     int64_t w, int64_t radius, int64_t chunks) {
   extern __shared__ float smem[];  // [QC][D] queries, then [kWarps][QC] minima
@@ -59,9 +60,9 @@ __global__ void min_distance_kernel(const float* __restrict__ queries, const T* 
   float best[QC];
 #pragma unroll
   for (int i = 0; i < QC; ++i) best[i] = __int_as_float(0x7f800000);  // +inf
-  const int64_t y = l / w, x = l % w;
-  for (int64_t yy = max(static_cast<int64_t>(0), y - radius); yy <= min(h - 1, y + radius); ++yy)
-    for (int64_t xx = max(static_cast<int64_t>(0), x - radius); xx <= min(w - 1, x + radius); ++xx) {
+  const int64_t y = l / w, x = l % w, rad = radii ? radii[l] : radius;
+  for (int64_t yy = max(static_cast<int64_t>(0), y - rad); yy <= min(h - 1, y + rad); ++yy)
+    for (int64_t xx = max(static_cast<int64_t>(0), x - rad); xx <= min(w - 1, x + rad); ++xx) {
       const int64_t m = yy * w + xx, n = counts ? counts[m] : K;
       for (int64_t r = warp * RW; r < n; r += kWarps * RW) {
         // RW rows at once: each query value read from shared memory serves
@@ -194,7 +195,7 @@ int device_count() {
 
 void min_distance(const float* queries, const void* bank, bool f16, const int64_t* counts,
                   float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
-                  int64_t radius) {
+                  int64_t radius, const int32_t* radii) {
   const int64_t chunks = (B + QC - 1) / QC;
   const size_t smem = (QC * D + kWarps * QC) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(L * chunks));
@@ -202,14 +203,14 @@ void min_distance(const float* queries, const void* bank, bool f16, const int64_
     auto kern = min_distance_kernel<unsigned short>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "shared memory for D");
-    kern<<<grid, kThreads, smem>>>(queries, static_cast<const unsigned short*>(bank), counts, out,
-                                   B, L, K, D, h, w, radius, chunks);
+    kern<<<grid, kThreads, smem>>>(queries, static_cast<const unsigned short*>(bank), counts, radii,
+                                   out, B, L, K, D, h, w, radius, chunks);
   } else {
     auto kern = min_distance_kernel<float>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "shared memory for D");
-    kern<<<grid, kThreads, smem>>>(queries, static_cast<const float*>(bank), counts, out, B, L,
-                                   K, D, h, w, radius, chunks);
+    kern<<<grid, kThreads, smem>>>(queries, static_cast<const float*>(bank), counts, radii, out,
+                                   B, L, K, D, h, w, radius, chunks);
   }
   check(cudaGetLastError(), "min_distance kernel launch");
 }

@@ -11,10 +11,11 @@ namespace dinopatch::cuda {
 int device_count();
 
 // out[b, l] as in min_distance_cpu (kernels.h); bank is float or the bit
-// pattern of IEEE half when f16.  counts may be null.
+// pattern of IEEE half when f16.  counts and radii (a device radius per
+// location, or null: `radius` everywhere) may be null.
 void min_distance(const float* queries, const void* bank, bool f16, const int64_t* counts,
                   float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
-                  int64_t radius);
+                  int64_t radius, const int32_t* radii);
 
 // out[l, j] greedy k-center indices; scratch holds L * N floats.
 void kcenter_greedy(const float* x, int64_t* out, float* scratch, int64_t L, int64_t N,

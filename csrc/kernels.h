@@ -49,15 +49,16 @@ const char* const* supported_isas(int* n);
 bool set_isa(const char* name);
 const IsaKernels& active_isa();
 
-// out[b, l] = min over locations m within `radius` Chebyshev steps of l on the
+// out[b, l] = min over locations m within radius Chebyshev steps of l on the
 // h x w grid, and rows k < counts[m] (K when counts is null), of
-// ||queries[b, l] - bank[m, k]||_2.
+// ||queries[b, l] - bank[m, k]||_2.  The radius at l is radii[l] (a tolerance
+// map, each value in [0, max(h, w)]), or `radius` everywhere when radii is null.
 void min_distance_cpu(const float* queries, const float* bank, const int64_t* counts, float* out,
                       int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
-                      int64_t radius);
+                      int64_t radius, const int32_t* radii);
 void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t* counts,
                       float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
-                      int64_t w, int64_t radius);
+                      int64_t w, int64_t radius, const int32_t* radii);
 
 // For each location l, k indices into x[l] chosen by greedy k-center.
 void kcenter_greedy_cpu(const float* x, int64_t* out, int64_t L, int64_t N, int64_t D, int64_t k);

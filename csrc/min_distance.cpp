@@ -25,7 +25,8 @@ int max_threads() {
 // set_isa runs meanwhile.
 template <typename T, typename Fn>
 void run(const IsaKernels& isa, Fn min_sq, const float* queries, const T* bank, const int64_t* counts, float* out,
-         int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w, int64_t radius) {
+         int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w, int64_t radius,
+         const int32_t* radii) {
   // Work items are (location, chunk of the batch).  A whole batch per item
   // reads each bank tile once for all its queries; the batch is split only
   // when there are too few locations to keep every thread busy.
@@ -47,13 +48,13 @@ void run(const IsaKernels& isa, Fn min_sq, const float* queries, const T* bank, 
       const int64_t l = it / chunks, b0 = (it % chunks) * chunk;
       const int64_t nq = std::min(chunk, B - b0);
       std::fill(best.begin(), best.begin() + nq, std::numeric_limits<float>::infinity());
-      const int64_t y = l / w, x = l % w;
+      const int64_t y = l / w, x = l % w, r = radii ? radii[l] : radius;
       // Packed once per item for every neighbouring location it is scored at;
       // also a contiguous copy: the batch's queries lie L*D floats apart, a
       // power-of-two multiple for the usual grids, in the same cache sets.
       isa.pack(queries + (b0 * L + l) * D, L * D, nq, D, packed.data());
-      for (int64_t yy = std::max<int64_t>(0, y - radius); yy <= std::min(h - 1, y + radius); ++yy)
-        for (int64_t xx = std::max<int64_t>(0, x - radius); xx <= std::min(w - 1, x + radius); ++xx) {
+      for (int64_t yy = std::max<int64_t>(0, y - r); yy <= std::min(h - 1, y + r); ++yy)
+        for (int64_t xx = std::max<int64_t>(0, x - r); xx <= std::min(w - 1, x + r); ++xx) {
           const int64_t m = yy * w + xx;
           min_sq(packed.data(), nq, bank + m * K * D, counts ? counts[m] : K, D, best.data(),
                  scratch.data());
@@ -67,16 +68,16 @@ void run(const IsaKernels& isa, Fn min_sq, const float* queries, const T* bank, 
 
 void min_distance_cpu(const float* queries, const float* bank, const int64_t* counts, float* out,
                       int64_t B, int64_t L, int64_t K, int64_t D, int64_t h, int64_t w,
-                      int64_t radius) {
+                      int64_t radius, const int32_t* radii) {
   const IsaKernels& isa = active_isa();
-  run(isa, isa.min_sq_f32, queries, bank, counts, out, B, L, K, D, h, w, radius);
+  run(isa, isa.min_sq_f32, queries, bank, counts, out, B, L, K, D, h, w, radius, radii);
 }
 
 void min_distance_cpu(const float* queries, const uint16_t* bank, const int64_t* counts,
                       float* out, int64_t B, int64_t L, int64_t K, int64_t D, int64_t h,
-                      int64_t w, int64_t radius) {
+                      int64_t w, int64_t radius, const int32_t* radii) {
   const IsaKernels& isa = active_isa();
-  run(isa, isa.min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius);
+  run(isa, isa.min_sq_f16, queries, bank, counts, out, B, L, K, D, h, w, radius, radii);
 }
 
 }  // namespace dinopatch

@@ -16,12 +16,12 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def min_distance(q, bank, counts, h, w, radius):
-    """``[B, L, D]`` f32 queries, ``[L, K, D]`` f32 bank, ``[L]`` int64 counts -> ``[B, L]``."""
+def min_distance(q, bank, counts, h, w, radii):
+    """``[B, L, D]`` f32 queries, ``[L, K, D]`` f32 bank, ``[L]`` int64 counts, ``[L]`` int32 radii -> ``[B, L]``."""
     B, L, D = q.shape
     out = np.empty((B, L), dtype=np.float32)
     for l in numba.prange(L):
-        y, x = l // w, l % w
+        y, x, radius = l // w, l % w, radii[l]
         for b in range(B):
             best = np.float32(np.inf)
             # A NaN query or row makes the answer NaN.  Summing the squared

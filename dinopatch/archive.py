@@ -1,12 +1,21 @@
 """``python -m dinopatch score-archive``: score a folder, glob or list of images on Ray Data into Parquet.
 
 The output ``OUT`` is a folder of Parquet parts (``pandas.read_parquet(OUT)``
-reads it whole) with one row per image: ``path`` (absolute), ``score``,
-``is_anomaly``, ``aligned``, ``reason``, ``threshold``, ``threshold_source``,
-``model_id`` and ``error`` (null when the image was scored).  Each part is
-written under a temporary name and then renamed, so an interrupted run
-leaves only whole parts, and a run on the same ``OUT`` skips the paths
-already there.
+reads it whole) with one row per image: ``path`` (absolute), ``path_base64``,
+``score``, ``is_anomaly``, ``aligned``, ``reason``, ``threshold``,
+``threshold_source``, ``model_id`` and ``error`` (null when the image was
+scored).  Any file name is taken: one that is not valid UTF-8 has a display
+``path`` and its exact bytes in ``path_base64`` (null otherwise; see
+:mod:`dinopatch.records`), and a file that cannot be read costs its own error
+row, never the run.  Each part is written under a temporary name and then
+renamed, so an interrupted run leaves only whole parts.
+
+A run on the same ``OUT`` skips the paths already scored there.  Rows with an
+error are dropped from their parts first, so those images are tried again (a
+file that was still being written).  All rows of ``OUT`` come from one model:
+resuming with a model of another ``model_id`` is refused, unless ``rescore``
+(``--rescore``) drops the other model's rows so that their images are scored
+again.
 
 Ray Data runs one engine per worker (an actor holding the model); the
 driver only lists paths and writes rows, so on a cluster the images and the
@@ -16,6 +25,7 @@ the command runs.
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
 import math
 import os
@@ -27,13 +37,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import params
 from .data import IMAGE_SUFFIXES, load_image
-from .records import score_images
+from .records import path_entries, score_images, text
 
-_TEXT = ("path", "reason", "threshold_source", "model_id", "error")
+_TEXT = ("path", "path_base64", "reason", "threshold_source", "model_id", "error")
 _FLOAT = ("score", "threshold")
 _BOOL = ("is_anomaly", "aligned")
-COLUMNS = ("path", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source", "model_id", "error")
+COLUMNS = ("path", "path_base64", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source",
+           "model_id", "error")
 
 
 def _schema():
@@ -60,10 +72,10 @@ def list_images(source: str | os.PathLike) -> list[str]:
         if p.suffix.lower() in IMAGE_SUFFIXES:
             found = [source]
         else:
-            try:
-                lines = p.read_text().splitlines()
-            except UnicodeDecodeError:
-                raise ValueError(f"{source}: neither an image (by its suffix) nor a text list of paths") from None
+            raw = p.read_bytes()
+            if b"\0" in raw:
+                raise ValueError(f"{source}: neither an image (by its suffix) nor a text list of paths")
+            lines = os.fsdecode(raw).splitlines()  # names of any encoding, as the file system spells them
             names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             found = [n if os.path.isabs(n) else str(p.parent / n) for n in names]
     elif glob.has_magic(source):
@@ -76,11 +88,18 @@ def list_images(source: str | os.PathLike) -> list[str]:
     return paths
 
 
-def done_paths(out: str | os.PathLike) -> set[str]:
+def done_paths(out: str | os.PathLike, model_id: str | None = None, rescore: bool = False) -> set[str]:
     """Paths already scored in the output folder ``out`` (empty when it does not exist yet).
 
-    Leftover temporary parts of an interrupted run are removed.
+    Leftover temporary parts of an interrupted run are removed, and so are the
+    rows with an error (their images are to be tried again).  With
+    ``model_id``, rows of another model are refused, or with ``rescore``
+    removed too.
+
+    Returns:
+        the paths as :func:`list_images` gives them (names of any encoding).
     """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     out = Path(out)
@@ -93,13 +112,30 @@ def done_paths(out: str | os.PathLike) -> set[str]:
         raise ValueError(f"{out}: a folder with other content than score-archive parts; choose another -o")
     for tmp in out.glob(".part-*.tmp"):
         tmp.unlink()
-    done = set()
+    tables = {}
     for part in parts:
         try:
-            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+            tables[part] = pq.read_table(part)
         except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
             raise ValueError(f"{part}: not a readable score-archive part ({type(e).__name__}: {e}); "
                              f"move it away and run again to rescore its images") from None
+    others = sorted({m for t in tables.values() for m in t.column("model_id").to_pylist()} - {model_id, None})
+    if model_id is not None and others and not rescore:
+        raise ValueError(f"{out} holds scores of another model ({', '.join(others)}; this one is {model_id}): "
+                         "choose another -o, or pass --rescore to score those images again with this model")
+    done = set()
+    for part, table in tables.items():
+        keep = pc.is_null(table.column("error"))
+        if model_id is not None:
+            keep = pc.and_(keep, pc.equal(table.column("model_id"), model_id))
+        kept = table.filter(keep)
+        if kept.num_rows < table.num_rows:
+            if kept.num_rows:
+                _write_part(out, part.name, kept.to_pylist())
+            else:
+                part.unlink()
+        b64 = kept.column("path_base64").to_pylist() if "path_base64" in kept.column_names else [None] * len(kept)
+        done.update(os.fsdecode(base64.b64decode(b)) if b else p for p, b in zip(kept.column("path").to_pylist(), b64))
     return done
 
 
@@ -112,7 +148,8 @@ class ArchiveScorer:
         self.det = DinoPatch.load(model, engine=engine, kernel=kernel, batch_size=batch_size, progress=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        paths = [str(p) for p in batch["path"]]
+        # Bytes through Ray and Arrow: a name that is not valid UTF-8 is no Arrow string.
+        paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
         rows: list[dict] = [{} for _ in paths]
         images, where = [], []
         for i, path in enumerate(paths):
@@ -120,12 +157,12 @@ class ArchiveScorer:
                 images.append(load_image(path))
                 where.append(i)
             except Exception as e:  # noqa: BLE001  (an unreadable file is a row with its error)
-                rows[i] = {"error": f"{type(e).__name__}: {e}"}
+                rows[i] = {"error": text(f"{type(e).__name__}: {e}")}
         for i, rec in zip(where, score_images(self.det, images) if images else []):
             rows[i] = rec
         model_id = self.det.model_id
         for path, row in zip(paths, rows):
-            row.update(path=path, model_id=model_id)
+            row.update(path_entries(path), model_id=model_id)
         return {c: [row.get(c) for row in rows] for c in COLUMNS}
 
 
@@ -141,7 +178,7 @@ def _write_part(out: Path, name: str, rows: list[dict]) -> None:
 
 def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "auto", batch_size: int = 8,
                   workers: int | None = None, rows_per_part: int = 1000, address: str | None = None,
-                  progress: bool = True) -> dict:
+                  rescore: bool = False, progress: bool = True) -> dict:
     """Score every image of ``source`` not yet in ``out``; a summary of what was done.
 
     Uses the Ray this process is connected to, else joins ``address``, else
@@ -157,6 +194,7 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
         rows_per_part: a part is written once this many rows have come
             (about this many images are scored again after an interruption).
         address: Ray cluster to join.
+        rescore: score again the images that ``out`` holds scores of another model for (default: refuse).
         progress: show a progress bar.
 
     Returns:
@@ -169,26 +207,28 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
                          f"{rows_per_part}, {workers}")
     paths = list_images(source)
     out = Path(out)
-    done = done_paths(out)
+    # Fail here in a second, not in every worker after Ray has started them.
+    model_id = DinoPatch.load(model, engine=engine, kernel=kernel, progress=False).model_id
+    done = done_paths(out, model_id, rescore)
     todo = [p for p in paths if p not in done]
     summary = {"images": len(paths), "skipped": len(paths) - len(todo), "scored": 0, "errors": 0,
                "output": str(out)}
     if not todo:
         return summary
-    # Fail here in a second, not in every worker after Ray has started them.
-    DinoPatch.load(model, engine=engine, kernel=kernel, progress=False)
 
     import ray
     import ray.data
 
     started = not ray.is_initialized()
-    if started:
+    if started and address:
         ray.init(address=address)
+    elif started:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)  # a local Ray listens on loopback only
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images; Ray's count blocks
     try:
         n = int(workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1))))
-        ds = ray.data.from_items([{"path": p} for p in todo],
+        ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo],
                                  override_num_blocks=max(1, min(len(todo) // int(batch_size), 10_000)))
         # Absolute paths: workers may start in another folder (or on another machine).
         engine = os.path.abspath(engine) if os.fspath(engine).endswith(".onnx") else engine
@@ -234,17 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="output folder of Parquet parts (OUT.parquet); "
                    "paths already in it are skipped")
     p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
-    p.add_argument("--engine", default="onnx", help="onnx, onnx:int8, onnx:fp16, torch, or an .onnx export")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
-    p.add_argument("--batch-size", type=int, default=8, help="images per backbone call")
+    params.add_flags(p, ["engine", "kernel", "batch_size"], defaults={"engine": "onnx"})
     p.add_argument("--workers", type=int, help="engines at once (default: the cluster's CPUs)")
     p.add_argument("--rows-per-part", type=int, default=1000, help="rows per Parquet part")
+    p.add_argument("--rescore", action="store_true",
+                   help="OUT holds scores of another model: score those images again with this one (default: refuse)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     try:
         s = score_archive(args.input, args.model, args.output, engine=args.engine, kernel=args.kernel,
                           batch_size=args.batch_size, workers=args.workers, rows_per_part=args.rows_per_part,
-                          address=args.address, progress=args.progress)
+                          address=args.address, rescore=args.rescore, progress=args.progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"dinopatch: {e}", file=sys.stderr)
         return 2

@@ -2,22 +2,32 @@
 
 A line has no defect samples to tune with, so the choices are measured on the
 nominal images themselves, each scored against a bank built without it
-(:data:`FOLDS` folds):
+(the folds of :class:`~.nominal.NominalSet`'s one plan, which the threshold uses too):
 
 * **tolerance** is bounded by the residual misalignment among nominal parts.
   Each held-out patch is matched within growing neighbourhoods (Chebyshev
   radius 0, 1, 2 grid steps); its offset is the smallest radius whose match
-  is within :data:`MARGIN` of the best over all radii.  The bound is the
+  is within :data:`.tolerance.MARGIN` of the best over all radii
+  (:func:`.tolerance.offset_counts`, per location).  The bound is the
   smallest radius beyond which at most :data:`SHARE` of the patches lie.
+  Where the locations' offsets differ, the tolerance map
+  (:func:`.tolerance.tolerance_map`, a radius per location) is one more
+  candidate, after the single radii, and must pass the same paired test.
   Within the bound the pasted defects below decide (the bound wins ties): a
   tolerance lets a small defect find a good match next door, so the radius
   that absorbs the most misalignment is not always the one that separates best.
 * **sigma, score, match** (and the tolerance within its bound): synthetic
   defects the model has never seen (a patch cut from another part and pasted,
   a thin scratch, a blob, a contrast change) are pasted into held-out nominal
-  images; the candidate that best separates them from the held-out nominal
-  images (image AUROC) wins; the bound and then :data:`DEFAULTS` stand unless
-  another candidate separates better by more than :data:`WIN_MARGIN`.
+  images, and each candidate separates them from the held-out nominal images
+  (image AUROC).  The candidates are tried in search order, the bound and then
+  :data:`DEFAULTS` first; a candidate replaces the settings before it only when
+  a paired comparison over the same pasted and held-out images says it is
+  better: in at least ``1 - ALPHA / comparisons`` of :data:`RESAMPLES` seeded
+  stratified bootstrap resamples its AUROC is above theirs (one-sided,
+  Bonferroni over the search's comparisons; :data:`ALPHA`).  Candidates that tie
+  leave the settings before them in force.  Below :data:`THIN_IMAGES` nominal
+  images the search is coarser (:data:`COARSE`).
 
 Below :data:`MIN_IMAGES` nominal images nothing can be measured: the choice is
 :data:`DEFAULTS` and the record's ``fallback`` is True.
@@ -29,28 +39,29 @@ choice disagrees, and into the evaluation report.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import cv2
 import numpy as np
 
-from . import metrics
-from .bank import MATCHES, MemoryBank
+from . import metrics, tolerance
+from .bank import MATCHES
+from .nominal import NominalSet
 from .postprocess import SCORES, PostProcess
+from .tolerance import RADII
 
 AUTO_PARAMS = ("tolerance", "sigma", "score", "match")
 # What "auto" falls back to when a choice cannot be measured, and wins ties: the seed's settings.
 DEFAULTS = {"tolerance": 1, "sigma": 4.0, "score": "max", "match": "local"}
 MIN_IMAGES = 3  # two folds of one image each leave one-image banks: too few to rank settings
-RADII = (0, 1, 2)
 SIGMAS = (4.0, 0.0, 2.0, 8.0)
-# A patch's match at a larger radius must be this much closer to count as displaced:
-# nearer rows of pure noise differ by less.
-MARGIN = 0.1
 SHARE = 0.05
-FOLDS = 5
-# Image AUROC a candidate must gain over the one before it in search order to be chosen: with 6 nominal
-# and 12 pasted images one pair is 0.014, and candidates on random weights differ by that at chance.
+# The paired test a candidate must pass to replace the settings before it.
+ALPHA = 0.05
+RESAMPLES = 2000
+# Fewer nominal images than this paste fewer than 24 defects: fewer, coarser candidates.
+THIN_IMAGES = 12
+COARSE = {"sigma": (4.0, 0.0, 8.0), "score": ("max", "mean")}
+# Model files from before the paired test chose by this AUROC margin over the settings before.
 WIN_MARGIN = 0.02
 # Nominal images that receive pasted defects (one of each kind), at most half the fit's: the pasted
 # images are embedded on top of the nominal ones, so a small fit stays cheap.
@@ -69,6 +80,11 @@ def resolved(params: dict, record: dict | None) -> dict:
     return {k: chosen[k] if k in chosen and v == "auto" else v for k, v in params.items()}
 
 
+def defaults(params: dict) -> dict:
+    """``params`` with each ``"auto"`` replaced by :data:`DEFAULTS`."""
+    return resolved(params, {"chosen": DEFAULTS})
+
+
 def without(record: dict | None, names) -> dict | None:
     """``record`` without the choices of ``names`` (set by hand since); None when no choice is left."""
     if record is None or not set(record["chosen"]) - set(names):
@@ -76,20 +92,37 @@ def without(record: dict | None, names) -> dict | None:
     return dict(record, chosen={k: v for k, v in record["chosen"].items() if k not in names})
 
 
-def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held_out: Callable,
-            positions=None, backend: str | None = None) -> dict | None:
+def measure_offsets(params: dict, nominal: NominalSet) -> np.ndarray | None:
+    """Per-location offsets of held-out patches (:func:`.tolerance.offset_counts` over the nominal set's fold
+    plan) when ``tolerance`` is ``"auto"`` or ``"map"``; None otherwise, or for ``"auto"`` with fewer than
+    :data:`MIN_IMAGES` images.
+
+    Raises:
+        ValueError: ``tolerance="map"`` with fewer than :data:`MIN_IMAGES` nominal images.
+    """
+    mode = params["tolerance"]
+    if not isinstance(mode, str) or mode not in ("auto", "map"):
+        return None
+    if len(nominal) < MIN_IMAGES:
+        if mode == "map":
+            raise ValueError(f"tolerance='map' needs at least {MIN_IMAGES} nominal images to measure offsets, "
+                             f"got {len(nominal)}")
+        return None
+    return tolerance.offset_counts(nominal.tokens, nominal.plan.folds, nominal.positions, nominal.backend)
+
+
+def _map_differs(offsets, side: int) -> bool:
+    return offsets is not None and tolerance.differs(tolerance.tolerance_map(offsets, (side, side), side - 1),
+                                                     offsets)
+
+
+def resolve(params: dict, nominal: NominalSet) -> dict | None:
     """Measure a value for every ``"auto"`` in ``params``.
 
     Args:
         params: checked detector parameters.
-        tokens: ``[N, h, w, D]`` oriented tokens of the nominal images (zero outside ``positions``).
-        canon: per nominal image ``(canonical uint8 image, valid [S, S], alignment)``.
-        embed: canonical images -> ``(tokens, flips)``, oriented and placed like ``tokens``.
-        held_out: ``(settings, train, tokens, flips, frames) -> [B, h, w]`` distances of query tokens
-            against a bank of nominal images ``train`` built with ``settings`` (``tolerance``, ``match``),
-            turned back and completed as the detector scores them.
-        positions: the region the bank covers (None: the whole grid).
-        backend: distance kernel backend.
+        nominal: the good parts, embedded, with their fold plan and, for ``tolerance="auto"``, their
+            offsets (:meth:`.nominal.NominalSet.with_offsets`; measured here where they are not).
 
     Returns:
         ``{"chosen": {name: value}, "fallback": bool, "evidence": {...}}``, or None when nothing is "auto".
@@ -97,36 +130,30 @@ def resolve(params: dict, tokens: np.ndarray, canon: list, embed: Callable, held
     names = wanted(params)
     if not names:
         return None
-    n = len(tokens)
+    n = len(nominal)
     if n < MIN_IMAGES:
         return {"chosen": {k: DEFAULTS[k] for k in names}, "fallback": True,
                 "evidence": {"images": n, "note": f"fewer than {MIN_IMAGES} nominal images: defaults used"}}
-    folds = np.array_split(np.random.default_rng(params["seed"]).permutation(n), min(FOLDS, n))
     evidence: dict = {"images": n, "searched": names}
-    bound = int(params["tolerance"]) if "tolerance" not in names else None
+    bound = params["tolerance"] if "tolerance" not in names else None
+    with_map = False
     if bound is None:
+        if nominal.offsets is None:
+            nominal = nominal.with_offsets(measure_offsets(params, nominal))
+        side = nominal.tokens.shape[1]
         # Rounded before choosing, so that the model file's check derives the same bound from them.
-        evidence["offset_share"] = [round(float(s), 4) for s in offset_shares(tokens, folds, positions, backend)]
-        bound = choose_tolerance(evidence["offset_share"], tokens.shape[1] - 1)
-    table = _separation(params, names, bound, tokens, canon, embed, held_out, folds)
-    evidence["image_auroc"] = table
-    return {"chosen": dict(zip(names, _winner(table, names, params, bound))), "fallback": False,
+        evidence["offset_share"] = _rounded_shares(nominal.offsets)
+        bound = choose_tolerance(evidence["offset_share"], side - 1)
+        with_map = _map_differs(nominal.offsets, side)
+    order = _candidates(names, params, bound, n, with_map)
+    evidence["image_auroc"], y, scores = _separation(params, order, nominal)
+    evidence["test"] = _paired_test(y, scores, params["seed"])
+    return {"chosen": dict(zip(names, _winner(evidence, names, params, bound, with_map))), "fallback": False,
             "evidence": evidence}
 
 
-def offset_shares(tokens: np.ndarray, folds: list, positions=None, backend=None) -> np.ndarray:
-    """Share of held-out nominal patches whose match lies at each radius of :data:`RADII`."""
-    n, h, w, _ = tokens.shape
-    counts = np.zeros(len(RADII))
-    for held in folds:
-        rest = np.setdiff1d(np.arange(n), held)
-        base = MemoryBank.fit(tokens[rest], backend=backend, positions=positions)
-        dist = np.stack([MemoryBank(base.features, (h, w), r, positions).distances(tokens[held], backend)
-                         for r in RADII])
-        dist = dist[:, np.isfinite(dist[0])]  # the region's locations only
-        offset = np.argmax(dist <= (1 + MARGIN) * dist.min(axis=0), axis=0)  # the first radius close enough
-        counts += np.bincount(offset.ravel(), minlength=len(RADII))
-    return counts / counts.sum()
+def _rounded_shares(offsets: np.ndarray) -> list[float]:
+    return [round(float(s), 4) for s in tolerance.shares(offsets)]
 
 
 def choose_tolerance(shares, largest: int) -> int:
@@ -169,14 +196,17 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
     return out
 
 
-def _candidates(names: list[str], params: dict, bound: int) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults."""
+def _candidates(names: list[str], params: dict, bound, images: int | None, with_map: bool = False) -> list[tuple]:
+    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults, the map last;
+    coarser below :data:`THIN_IMAGES` nominal images (``images`` None: the full search of records from before
+    the paired test)."""
     def first(name, values):
         if name not in names:
             return (params[name],)
+        values = COARSE.get(name, values) if images is not None and images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    radii = range(bound, -1, -1) if "tolerance" in names else (bound,)
+    radii = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
     return [(r, m, float(g), s) for r in radii for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
@@ -185,63 +215,117 @@ def _key(tolerance, match, sigma, score) -> str:
     return f"tolerance={tolerance} match={match} sigma={sigma:g} score={score}"
 
 
-def _separation(params, names, bound, tokens, canon, embed, held_out, folds) -> dict:
-    """Image AUROC of held-out nominal vs. pasted-defect images, per candidate (:func:`_candidates`)."""
+def _separation(params, order: list[tuple], nominal: NominalSet) -> tuple[dict, np.ndarray, dict]:
+    """Held-out nominal vs. pasted-defect images, per candidate of ``order`` (:func:`_candidates`).
+
+    Returns:
+        ``{key: image AUROC}`` (rounded; None where nothing was finite), the labels ``[n + P]`` (True:
+        pasted) and ``{key: image scores [n + P]}`` of the same images.
+    """
     rng = np.random.default_rng([params["seed"], 1])
-    n = len(tokens)
+    n = len(nominal)
     pasted, origin = [], []
     for i in rng.permutation(n)[:min(SOURCES, n // 2)]:
         for kind in KINDS:
-            donor = canon[int(rng.integers(n))][0]
-            pasted.append(paste_defect(canon[i][0], canon[i][1], donor, kind, rng))
+            donor = nominal.frames[int(rng.integers(n))]
+            pasted.append(paste_defect(nominal.frames[i], nominal.valid[i], donor, kind, rng))
             origin.append(int(i))
-    p_tokens, p_flips = embed(pasted)
-    origin, p_frames = np.array(origin), np.stack(pasted)
-    frames, flips = np.stack([c[0] for c in canon]), np.zeros(n, bool)  # nominal tokens are oriented
+    queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
-    table, maps = {}, {}
-    for tolerance, match, sigma, score in _candidates(names, params, bound):
-        if (tolerance, match) not in maps:
-            nominal = np.empty(tokens.shape[:3], np.float32)
-            defect = np.empty((len(pasted),) + tokens.shape[1:3], np.float32)
-            settings = dict(tolerance=tolerance, match=match)
-            for held in folds:
-                train = np.setdiff1d(np.arange(n), held)
-                nominal[held] = held_out(settings, train, tokens[held], flips[held], frames[held])
-                here = np.flatnonzero(np.isin(origin, held))
-                if here.size:
-                    defect[here] = held_out(settings, train, p_tokens[here], p_flips[here], p_frames[here])
-            maps = {(tolerance, match): (nominal, defect)}  # the candidates come grouped by bank
-        nominal, defect = maps[(tolerance, match)]
+    table, maps, scores = {}, {}, {}
+    for radius, match, sigma, score in order:
+        if (radius, match) not in maps:  # the candidates come grouped by bank
+            maps = {(radius, match): nominal.held_out(dict(params, tolerance=radius, match=match), extra=queries)}
+        good, defect = maps[(radius, match)]
         post = PostProcess(sigma, score, params["topk"], params["morph_kernel"])
-        s = np.array([post.score_map(d, canon[i][1])[1] for i, d in enumerate(nominal)]
-                     + [post.score_map(d, canon[origin[j]][1])[1] for j, d in enumerate(defect)])
+        s = np.array([post.score_map(d, nominal.valid[i])[1] for i, d in enumerate(good)]
+                     + [post.score_map(d, nominal.valid[queries.origin[j]])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
-        table[_key(tolerance, match, sigma, score)] = round(auc, 4) if math.isfinite(auc) else None
-    return table
+        key = _key(radius, match, sigma, score)
+        table[key], scores[key] = (round(auc, 4) if math.isfinite(auc) else None), s
+    return table, y, scores
 
 
-def _winner(table: dict, names: list[str], params: dict, bound: int) -> list:
-    """The values of ``names`` in the table's best entry.
+def _paired_test(y: np.ndarray, scores: dict, seed: int) -> dict:
+    """Each candidate in search order against the settings in force before it, on the same resamples.
 
-    A candidate must beat the one before it in search order (the bound, then the defaults) by more than
-    :data:`WIN_MARGIN` to displace it: the pasted defects are few, and a smaller difference is noise.
-    The order is the search's, not the table's (the model file may store the keys sorted).
+    Returns:
+        The test's record: ``alpha``, ``resamples``, and per step ``{"candidate", "vs", "win_share"}``,
+        the share of resamples in which the candidate's AUROC is above that of the settings it was
+        compared with (rounded, as the choice reads it).
     """
-    order = [_key(*c) for c in _candidates(names, params, bound)]
-    best, best_auc = order[0], -math.inf
-    for key in order:
-        auc = table.get(key)
-        if auc is not None and auc > best_auc + WIN_MARGIN:
-            best, best_auc = key, auc
-    values = dict(item.split("=", 1) for item in best.split(" "))
-    cast = {"tolerance": int, "sigma": float, "score": str, "match": str}
+    keys = list(scores)
+    boot = dict(zip(keys, metrics.bootstrap_aurocs(y, [scores[k] for k in keys], RESAMPLES,
+                                                   np.random.default_rng([seed, 2]))))
+    level, steps, current = _level(len(keys)), [], keys[0]
+    for key in keys[1:]:
+        share = round(float(np.mean(boot[key] > boot[current])), 4)
+        steps.append({"candidate": key, "vs": current, "win_share": share})
+        current = key if share >= 1 - level else current
+    return {"method": "paired bootstrap of image AUROC, one-sided, Bonferroni", "alpha": ALPHA,
+            "resamples": RESAMPLES, "steps": steps}
+
+
+def _level(candidates: int) -> float:
+    return ALPHA / max(1, candidates - 1)
+
+
+def _search_size(evidence: dict) -> int | None:
+    """The image count the search was sized by: records from before the paired test searched in full."""
+    return evidence["images"] if evidence.get("test") is not None else None
+
+
+def _winner(evidence: dict, names: list[str], params: dict, bound, with_map: bool = False) -> list:
+    """The values of ``names`` that the evidence's search keeps in force (see the module's docstring).
+
+    The steps are replayed in search order (not the table's: the model file may store keys sorted);
+    each must compare the candidate the search made with the settings then in force.  Evidence from
+    before the paired test chose by an AUROC margin (:data:`WIN_MARGIN`).
+
+    Raises:
+        ValueError: the steps are not the search's.
+    """
+    order = [_key(*c) for c in _candidates(names, params, bound, _search_size(evidence), with_map)]
+    table, test, current = evidence["image_auroc"], evidence.get("test"), order[0]
+    if test is None:
+        best_auc = -math.inf
+        for key in order:
+            if table.get(key) is not None and table[key] > best_auc + WIN_MARGIN:
+                current, best_auc = key, table[key]
+    else:
+        steps, level = test["steps"], _level(len(order))
+        if [s["candidate"] for s in steps] != order[1:]:
+            raise ValueError("auto record's test steps are not the search its parameters make")
+        for step in steps:
+            if step["vs"] != current:
+                raise ValueError(f"auto record compares {step['candidate']} with {step['vs']}, not with the "
+                                 f"settings then in force ({current}): the file was edited")
+            current = step["candidate"] if step["win_share"] >= 1 - level else current
+    values = dict(item.split("=", 1) for item in current.split(" "))
+    cast = {"tolerance": lambda v: v if v == "map" else int(v), "sigma": float, "score": str, "match": str}
     return [cast[n](values[n]) for n in names]
 
 
-def check_record(record, params: dict, side: int) -> dict:
+def _check_test(test) -> None:
+    """The paired test's record is well formed (its steps are checked against the search by :func:`_winner`)."""
+    if test is None:
+        return
+    if not isinstance(test, dict) or set(test) != {"method", "alpha", "resamples", "steps"} \
+            or test["alpha"] != ALPHA or test["resamples"] != RESAMPLES or not isinstance(test["steps"], list):
+        raise ValueError("auto record's paired test is malformed or not this version's")
+    for step in test["steps"]:
+        if not isinstance(step, dict) or set(step) != {"candidate", "vs", "win_share"} \
+                or not isinstance(step["candidate"], str) or not isinstance(step["vs"], str) \
+                or isinstance(step["win_share"], bool) or not isinstance(step["win_share"], (int, float)) \
+                or not 0.0 <= step["win_share"] <= 1.0:
+            raise ValueError(f"auto record's paired test step malformed: {step!r:.200}")
+
+
+def check_record(record, params: dict, side: int, offsets: np.ndarray | None = None) -> dict:
     """A model file's auto record, checked against its parameters and its own evidence (never executed).
+
+    ``offsets``: the file's checked per-location offsets (:func:`.tolerance.check_offsets`), or None.
 
     Raises:
         ValueError: the record (of a fit on a ``side`` x ``side`` token grid) is malformed, does not
@@ -260,6 +344,9 @@ def check_record(record, params: dict, side: int) -> dict:
             or not isinstance(record["fallback"], bool):
         raise ValueError(f"auto record does not cover exactly the 'auto' parameters {names}: {chosen!r:.200}")
     if record["fallback"]:
+        if not isinstance(evidence.get("images"), int) or evidence["images"] >= MIN_IMAGES:
+            raise ValueError(f"auto record falls back to the defaults on {evidence.get('images')!r} images, "
+                             f"not fewer than {MIN_IMAGES}: the file was edited")
         expected = {k: DEFAULTS[k] for k in names}
     else:
         # What fit searched; a copy tuned by hand since (DinoPatch.tuned) keeps the rest of its choice.
@@ -272,17 +359,27 @@ def check_record(record, params: dict, side: int) -> dict:
                 isinstance(k, str) and (v is None or (isinstance(v, float) and 0.0 <= v <= 1.0))
                 for k, v in table.items()):
             raise ValueError("auto record's separation evidence is malformed")
-        bound = int(params["tolerance"]) if "tolerance" not in searched else None
+        bound = params["tolerance"] if "tolerance" not in searched else None
+        with_map = False
         if bound is None:
             shares = evidence.get("offset_share")
             if not isinstance(shares, list) or len(shares) != len(RADII) or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0 for s in shares) \
                     or abs(sum(shares) - 1.0) > 1e-3:
                 raise ValueError("auto record's offset shares are malformed")
+            if offsets is not None and (shares != _rounded_shares(offsets)
+                                        or evidence.get("images") != int(offsets.sum(axis=1).max())):
+                raise ValueError("auto record's offset shares disagree with the tolerance offsets")
             bound = choose_tolerance(shares, side - 1)
-        if set(table) != {_key(*c) for c in _candidates(searched, params, bound)}:
+            with_map = _map_differs(offsets, side)
+        images = evidence.get("images")
+        if isinstance(images, bool) or not isinstance(images, int) or images < MIN_IMAGES:
+            raise ValueError(f"auto record's image count {images!r} is malformed")
+        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, _search_size(evidence), with_map)}:
             raise ValueError("auto record's separation evidence is not the search its parameters make")
-        expected = {k: v for k, v in zip(searched, _winner(table, searched, params, bound)) if k in names}
+        _check_test(evidence.get("test"))
+        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, bound, with_map))
+                    if k in names}
     if chosen != expected:
         raise ValueError(f"auto record chose {chosen} but its evidence gives {expected}: the file was edited")
     return record

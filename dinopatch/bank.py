@@ -4,7 +4,8 @@ Tokens of the nominal images are stacked per location, ``[L, N, D]``, and each
 location's stack is shrunk to ``k = ceil(ratio * N)`` rows by greedy k-center
 selection.  A query token is scored by its distance to the nearest row at its
 own location, or at any location within ``radius`` grid steps (the spatial
-tolerance that absorbs residual misalignment).
+tolerance that absorbs residual misalignment): one radius for every location,
+or a tolerance map with a radius per location (:mod:`.tolerance`).
 
 A bank may cover only some locations of the grid (``positions``, the part's
 region with foreground tokens): the neighbourhood of a kept location is then
@@ -46,7 +47,8 @@ class MemoryBank:
     Args:
         features: ``[L, K, D]`` float32 or float16 bank rows.
         grid: ``(h, w)`` token grid, ``h * w == L``.
-        radius: spatial tolerance in grid steps (0: own location only).
+        radius: spatial tolerance in grid steps (0: own location only): an integer, or an integer
+            array ``[h * w]`` with a radius per grid location (a tolerance map; kept as read-only int8).
         positions: flat grid indices of the locations the rows are of (default: every one).
         match: one of :data:`MATCHES`.
         global_features: ``[G, D]`` rows of the whole bank, of ``features``' dtype; needed unless
@@ -72,13 +74,11 @@ class MemoryBank:
                              f"([{n}, K, D] expected)")
         if features.dtype not in (np.float32, np.float16):
             raise ValueError(f"bank features must be float32 or float16, got {features.dtype}")
-        if int(radius) < 0:
-            raise ValueError(f"radius must be >= 0, got {radius}")
         # A read-only view: the caller's own array stays writable.
         self._features = np.ascontiguousarray(features).view()
         self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
-        self.radius = int(radius)
+        self.radius = _radius(radius, self.grid)
         self.match, self._global = match, _global_rows(match, global_features, self._features)
         self._full = None  # the sentinel-padded full grid, made on first use
         self._device = None
@@ -93,7 +93,8 @@ class MemoryBank:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        for array in (self._features, self._positions, self._global):
+        for array in (self._features, self._positions, self._global,
+                      self.radius if isinstance(self.radius, np.ndarray) else None):
             if array is not None:
                 array.flags.writeable = False
         self._device_lock = threading.Lock()
@@ -109,13 +110,13 @@ class MemoryBank:
         if device is None:
             with self._device_lock:
                 if self._device is None:
-                    padded = self.positions is not None and self.radius
+                    padded = self.positions is not None and self.max_radius
                     self._device = kernels.upload(*self._padded()) if padded else kernels.upload(self.features)
                 device = self._device
         return device
 
     @classmethod
-    def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int = 0, dtype=np.float32,
+    def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int | np.ndarray = 0, dtype=np.float32,
             backend: str | None = None, positions=None, match: str = "local") -> "MemoryBank":
         """Build a bank from nominal tokens ``[N, h, w, D]``.
 
@@ -123,7 +124,7 @@ class MemoryBank:
             tokens: patch tokens of the nominal images.
             ratio: fraction of the N rows kept per location by k-center greedy
                 (1.0 keeps all).
-            radius: spatial tolerance in grid steps.
+            radius: spatial tolerance in grid steps, one or ``[h * w]`` (see the class).
             dtype: storage type, float32 or float16 (half the bytes to read per
                 image; distances are still accumulated in float32).
             backend: kernel backend for the coreset selection.
@@ -177,11 +178,11 @@ class MemoryBank:
         q = tokens.reshape(b, h * w, d)
         cuda = backend == "cuda"
         if self.positions is None:
-            extra = dict(grid=self.grid, radius=self.radius) if self.radius else {}
+            extra = dict(grid=self.grid, radius=self.radius) if self.max_radius else {}
             bank = self.device_bank() if cuda else self.features
             return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
         out = np.full((b, h * w), np.nan, np.float32)
-        if self.radius:
+        if self.max_radius:
             full, counts = self._padded()
             bank, counts = (self.device_bank(), None) if cuda else (full, counts)
             out[:, self.positions] = kernels.min_distance(q, bank, backend=backend, counts=counts, grid=self.grid,
@@ -226,6 +227,11 @@ class MemoryBank:
         return self._global
 
     @property
+    def max_radius(self) -> int:
+        """The widest tolerance, in grid steps (the radius itself when there is one for every location)."""
+        return int(self.radius.max(initial=0)) if isinstance(self.radius, np.ndarray) else self.radius
+
+    @property
     def dim(self) -> int:
         return self.features.shape[2]
 
@@ -241,8 +247,25 @@ class MemoryBank:
     def __repr__(self) -> str:
         l, k, d = self.features.shape
         where = "" if self.positions is None else f", {l} of {self.grid[0] * self.grid[1]} locations"
-        return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, radius={self.radius}, "
+        radius = f"map of 0..{self.max_radius}" if isinstance(self.radius, np.ndarray) else self.radius
+        return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, radius={radius}, "
                 f"match={self.match}, dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+def _radius(radius, grid: tuple[int, int]) -> int | np.ndarray:
+    """One radius as an int, or a tolerance map as a read-only int8 ``[h * w]``; ValueError otherwise."""
+    if isinstance(radius, np.ndarray) and radius.ndim:
+        L = grid[0] * grid[1]
+        if radius.shape != (L,) or radius.dtype == bool or not np.issubdtype(radius.dtype, np.integer) \
+                or (L and not 0 <= radius.min() <= radius.max() <= 127):
+            raise ValueError(f"a tolerance map must be {L} integers in [0, 127] (one per grid location), "
+                             f"got {radius.dtype}{list(radius.shape)}")
+        radius = radius.astype(np.int8)
+        radius.flags.writeable = False
+        return radius
+    if int(radius) < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    return int(radius)
 
 
 def _global_rows(match: str, rows, features: np.ndarray) -> np.ndarray | None:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .synthetic import _check as check_names
-from .synthetic import _circle, _fill, _finish, _line, _pose
+from .synthetic import check_defect as check_names
+from .synthetic import circle_points, draw_line, fill_polygon, finish_image, pose_matrix
 
 CATEGORIES = ("weave", "circuit", "comb", "wheel", "wheel_size")
 DEFECTS = {
@@ -48,7 +48,7 @@ ALIGN = {"weave": False, "circuit": False, "comb": True, "wheel": True, "wheel_s
 DRIFT = 0.1
 
 
-def _check(category: str, defect: str, size: int) -> None:
+def check_defect(category: str, defect: str, size: int) -> None:
     check_names(category, defect, size, DEFECTS, min_size=64)
 
 
@@ -68,7 +68,7 @@ def render_weave(
     rng: np.random.Generator, size: int = 224, defect: str = "good"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A plain weave: cells of three threads, alternately along x and y."""
-    _check("weave", defect, size)
+    check_defect("weave", defect, size)
     cell = 0.047 * size  # not a divisor of the 14 px patch: patches see different phases
     shift = rng.uniform(-0.2, 0.2, 2) * size / 16  # a fifth of a patch at most
     look = np.random.default_rng(rng.integers(2**63))
@@ -108,7 +108,7 @@ def render_weave(
         blob = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r)).astype(np.float32)
         img *= 1 - 0.4 * blob[..., None] * np.array([1.0, 0.8, 0.5], np.float32)
         mask[blob > 0.4] = 255
-    return _finish(np.clip(img, 0, 255).astype(np.uint8), look, 3.0, drift=DRIFT), mask
+    return finish_image(np.clip(img, 0, 255).astype(np.uint8), look, 3.0, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- circuit
@@ -132,18 +132,18 @@ def _circuit_layout(size: int) -> dict:
 
 def _draw_circuit(size, shift, layout, skip_pad=None, gap=None, bridge=None) -> np.ndarray:
     img = np.full((size, size, 3), _BOARD, np.uint8)
-    m = _pose(0, 1, shift)
+    m = pose_matrix(0, 1, shift)
     width = 0.011 * size
     for t in layout["traces"]:
         for a, b in zip(t[:-1], t[1:]):
-            _line(img, m, a, b, _COPPER, width)
+            draw_line(img, m, a, b, _COPPER, width)
     for k, p in enumerate(layout["pads"]):
         if k != skip_pad:
-            _fill(img, m, _circle(0.018 * size) + p, _PAD, outline=_COPPER)
+            fill_polygon(img, m, circle_points(0.018 * size) + p, _PAD, outline=_COPPER)
     if gap is not None:
-        _line(img, m, gap[0], gap[1], _BOARD, 2.2 * width)
+        draw_line(img, m, gap[0], gap[1], _BOARD, 2.2 * width)
     if bridge is not None:
-        _line(img, m, bridge[0], bridge[1], _COPPER, 0.8 * width)
+        draw_line(img, m, bridge[0], bridge[1], _COPPER, 0.8 * width)
     return img
 
 
@@ -154,7 +154,7 @@ def render_circuit(
 
     That is a quarter patch at 224 px: aligned to within a patch, as a fixtured part is.
     """
-    _check("circuit", defect, size)
+    check_defect("circuit", defect, size)
     layout = _circuit_layout(size)
     shift = rng.uniform(-0.015, 0.015, 2) * size
     look = np.random.default_rng(rng.integers(2**63))
@@ -177,7 +177,7 @@ def render_circuit(
     good = _draw_circuit(size, shift, layout)
     img = _draw_circuit(size, shift, layout, **kw)
     mask = _changed(good, img, size)
-    return _finish(img, look, 3.0, drift=DRIFT), mask
+    return finish_image(img, look, 3.0, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- comb
@@ -196,13 +196,13 @@ def _draw_comb(img, m, wobble, broken=None, bent=None, nick=None):
     The wobble is the spread of moulding: nominal, and as large as the subtlest defects.
     """
     x0, x1, y0, y1 = _SPINE
-    _fill(img, m, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], _PLASTIC, outline=_PLASTIC_EDGE)
+    fill_polygon(img, m, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], _PLASTIC, outline=_PLASTIC_EDGE)
     half, length = _TOOTH
     for k, x in enumerate(np.linspace(x0 + 0.02, x1 - 0.02, _TEETH)):
         end = y1 + length * wobble[k, 0] * (0.8 if k == broken else 1.0)
-        turn = _pose(wobble[k, 1] + (bent[1] if k == (bent[0] if bent else None) else 0), 1, (0, 0))[:, :2]
+        turn = pose_matrix(wobble[k, 1] + (bent[1] if k == (bent[0] if bent else None) else 0), 1, (0, 0))[:, :2]
         t = np.hstack([m[:, :2] @ turn, m[:, :2] @ (np.array([x, y1]) - turn @ (x, y1))[:, None] + m[:, 2:]])
-        _fill(
+        fill_polygon(
             img,
             t,
             [(x - half, y1 - 0.005), (x + half, y1 - 0.005), (x + half * 0.7, end), (x - half * 0.7, end)],
@@ -210,18 +210,18 @@ def _draw_comb(img, m, wobble, broken=None, bent=None, nick=None):
             outline=_PLASTIC_EDGE,
         )
     if nick is not None:
-        _fill(img, m, _circle(0.009, 12) + (nick, y0), _TABLE)
+        fill_polygon(img, m, circle_points(0.009, 12) + (nick, y0), _TABLE)
 
 
 def render_comb(
     rng: np.random.Generator, size: int = 224, defect: str = "good"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A comb with thin teeth on a table, at a random pose; its teeth vary a little in length and angle."""
-    _check("comb", defect, size)
+    check_defect("comb", defect, size)
     angle, scale = rng.uniform(0, 360), rng.uniform(0.9, 1.1)
     shift = rng.uniform(-0.06, 0.06, 2) * size
     look = np.random.default_rng(rng.integers(2**63))
-    m = _pose(angle, scale * size, np.array([size / 2, size / 2]) + shift)
+    m = pose_matrix(angle, scale * size, np.array([size / 2, size / 2]) + shift)
     wobble = np.stack([rng.uniform(0.96, 1.04, _TEETH), rng.uniform(-1, 1, _TEETH)], 1)
     kw = {}
     tooth = int(rng.integers(1, _TEETH - 1))
@@ -235,7 +235,7 @@ def render_comb(
     _draw_comb(good, m, wobble)
     _draw_comb(img, m, wobble, **kw)
     mask = _changed(good, img, size)
-    return _finish(img, look, 2.5, drift=DRIFT), mask
+    return finish_image(img, look, 2.5, drift=DRIFT), mask
 
 
 # ----------------------------------------------------------------------------- wheel
@@ -260,35 +260,35 @@ def _wheel_outline(broken: int | None = None, burr: float | None = None) -> np.n
 
 
 def _draw_wheel(img, m, broken=None, burr=None, crack=None):
-    _fill(img, m, _wheel_outline(broken, burr), _BRASS, outline=_BRASS_EDGE)
-    _fill(img, m, _circle(0.2, 48), _BRASS_EDGE)  # the hub's step
-    _fill(img, m, _circle(0.195, 48), _BRASS)
-    _fill(img, m, _circle(_BORE, 32), _BENCH, outline=_BRASS_EDGE)
+    fill_polygon(img, m, _wheel_outline(broken, burr), _BRASS, outline=_BRASS_EDGE)
+    fill_polygon(img, m, circle_points(0.2, 48), _BRASS_EDGE)  # the hub's step
+    fill_polygon(img, m, circle_points(0.195, 48), _BRASS)
+    fill_polygon(img, m, circle_points(_BORE, 32), _BENCH, outline=_BRASS_EDGE)
     kh, kd = _KEY
-    _fill(img, m, [(_BORE - 0.01, -kh), (_BORE + kd, -kh), (_BORE + kd, kh), (_BORE - 0.01, kh)], _BENCH,
-          outline=_BRASS_EDGE)
+    fill_polygon(img, m, [(_BORE - 0.01, -kh), (_BORE + kd, -kh), (_BORE + kd, kh), (_BORE - 0.01, kh)], _BENCH,
+                 outline=_BRASS_EDGE)
     for a in _HOLE[1]:
         c = _HOLE_RADIUS * np.array([np.cos(np.radians(a)), np.sin(np.radians(a))])
-        _fill(img, m, _circle(_HOLE[0], 24) + c, _BENCH, outline=_BRASS_EDGE)
+        fill_polygon(img, m, circle_points(_HOLE[0], 24) + c, _BENCH, outline=_BRASS_EDGE)
     if crack is not None:  # from a tooth's root inwards, a little crooked
         d = np.array([np.cos(crack), np.sin(crack)])
         pts = [d * r + d[::-1] * (-1, 1) * w for r, w in ((_ROOT + 0.005, 0), (0.245, 0.004), (0.225, -0.003))]
         for a, b in zip(pts[:-1], pts[1:]):
-            _line(img, m, a, b, _BRASS_DARK, 0.006 * np.hypot(m[0, 0], m[1, 0]))
+            draw_line(img, m, a, b, _BRASS_DARK, 0.006 * np.hypot(m[0, 0], m[1, 0]))
 
 
 def _nut(img, centre, size):
     """A hexagonal nut (with its hole) lying at ``centre``."""
-    m = _pose(float(np.degrees(np.arctan2(*centre))) % 60, size, centre)
-    _fill(img, m, _circle(0.05, 6), (120, 118, 115), outline=(50, 50, 50))
-    _fill(img, m, _circle(0.022, 16), _BENCH, outline=(50, 50, 50))
+    m = pose_matrix(float(np.degrees(np.arctan2(*centre))) % 60, size, centre)
+    fill_polygon(img, m, circle_points(0.05, 6), (120, 118, 115), outline=(50, 50, 50))
+    fill_polygon(img, m, circle_points(0.022, 16), _BENCH, outline=(50, 50, 50))
 
 
 def render_wheel(
     rng: np.random.Generator, size: int = 224, defect: str = "good", category: str = "wheel"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A toothed wheel at any rotation; ``category="wheel_size"`` keeps its scale fixed and judges size."""
-    _check(category, defect, size)
+    check_defect(category, defect, size)
     angle = rng.uniform(0, 360)
     scale = rng.uniform(0.95, 1.05) if category == "wheel" else rng.uniform(0.995, 1.005)
     shift = rng.uniform(-0.05, 0.05, 2) * size
@@ -304,13 +304,13 @@ def render_wheel(
         factor = rng.uniform(1.1, 1.2) if defect == "oversize" else rng.uniform(0.8, 0.9)
     centre = np.array([size / 2, size / 2]) + shift
     good, img = (np.full((size, size, 3), _BENCH, np.uint8) for _ in range(2))
-    _draw_wheel(good, _pose(angle, scale * size, centre))
-    _draw_wheel(img, _pose(angle, scale * factor * size, centre), **kw)
+    _draw_wheel(good, pose_matrix(angle, scale * size, centre))
+    _draw_wheel(img, pose_matrix(angle, scale * factor * size, centre), **kw)
     if defect == "stray_object":
         corner = rng.integers(2, size=2)
         _nut(img, np.where(corner, 0.9, 0.1) * size + rng.uniform(-0.02, 0.02, 2) * size, scale * size)
     mask = _changed(good, img, size)
-    return _finish(img, look, 2.5, drift=DRIFT), mask
+    return finish_image(img, look, 2.5, drift=DRIFT), mask
 
 
 def render_wheel_size(rng: np.random.Generator, size: int = 224, defect: str = "good"):
@@ -337,7 +337,7 @@ def make_set(
 
     One generator per group, so the training images do not depend on the test counts.
     """
-    _check(category, "good", size)
+    check_defect(category, "good", size)
     groups = [("good", n_train), ("good", n_test_good)] + [(d, n_test_defect) for d in DEFECTS[category]]
     out = {"train": [], "test": [], "masks": [], "defects": []}
     for k, (defect, n) in enumerate(groups):

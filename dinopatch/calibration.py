@@ -2,12 +2,25 @@
 
 A line has only good parts to set a threshold with.  Each nominal image is
 scored against a bank built without it (leave-one-out; above
-:data:`MAX_FOLDS` images, that many folds), so two images already give a finite
-threshold and every image serves both bank and calibration.  A fraction held
+:data:`.nominal.MAX_FOLDS` images, that many folds: the nominal set's one
+fold plan), so two images already give a finite threshold and every image
+serves both bank and calibration.  A fraction held
 out instead (``calibration=0.2``) scores those images against a bank of the
-rest.  The threshold is the ``1 - false_alarm_rate`` quantile of the held-out
-scores.  It is never infinite or NaN: where it cannot be measured, fitting
+rest.  It is never infinite or NaN: where it cannot be measured, fitting
 fails and says why, unless the user gives one.
+
+The held-out scores are a conformal calibration set.  The threshold for
+``false_alarm_rate=a`` over ``n`` scores is the ``ceil((n + 1)(1 - a))``-th
+smallest of them: a new good part exchangeable with those ``n`` scores above it
+with probability at most ``a``.  Where ``n`` is too small for ``a``
+(that rank is above ``n``), the threshold is the maximum, which promises
+``1 / (n + 1)``, and fit warns with the rate it can promise; ``a = 0`` asks for
+the maximum on purpose.  A score's p-value is ``(1 + #{scores >= s}) / (n + 1)``.  The defect mask is
+judged against each patch location's own level: the held-out distances there give
+that location's typical distance, and their largest excess over it a margin at the
+same rate, so no labelled defect is needed.
+Leave-one-out and k-fold scores come from banks one fold smaller than the
+model's, so the model's own scores run lower and the promise errs on the safe side.
 
 :class:`Threshold` carries the value with its source, which model files,
 results and the CLI repeat, so a verdict always says what it was judged by.
@@ -15,14 +28,19 @@ results and the CLI repeat, so a verdict always says what it was judged by.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-# Above this many nominal images, leave-one-out becomes this many folds: one
-# bank per fold, so calibration costs at most MAX_FOLDS bank builds.
-MAX_FOLDS = 10
+if TYPE_CHECKING:
+    from .nominal import NominalSet
+
+# Held-out scores below this fraction of the feature norm are rounding: the distances are exact only to
+# 1e-4 of the largest one.
+IDENTICAL_RTOL = 1e-4
 METHODS = ("leave-one-out", "k-fold", "held-out", "evaluation", "user")
 
 
@@ -32,13 +50,18 @@ class Threshold:
 
     Attributes:
         image: threshold on the image score.
-        pixel: threshold on the anomaly map, for the defect mask.
+        pixel: one threshold on the anomaly map (the conformal quantile of the held-out
+            maps' maxima): the defect mask's where there is no :attr:`pixel_grid`, and
+            the scale that map pictures are drawn on.
         source: how it was set: ``method`` (one of :data:`METHODS`), ``images``
             (how many it was measured on), ``false_alarm_rate``, and for an
             evaluation its split.
         scores: the held-out nominal image scores it was measured on (empty
             for a user's threshold).
         maxima: the largest map value of each of those images.
+        distances: float32 ``[n, h, w]`` the held-out patch distances of those
+            images (canonical frame), the evidence of :attr:`pixel_grid`; empty
+            where the mask is judged by ``pixel`` alone.
     """
 
     image: float
@@ -46,6 +69,8 @@ class Threshold:
     source: dict
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
     maxima: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    distances: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32), repr=False,
+                                  compare=False)
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -56,19 +81,67 @@ class Threshold:
                 raise ValueError(f"{name} threshold must be a finite number > {low:g}, got {value!r}")
         if self.source.get("method") not in METHODS:
             raise ValueError(f"threshold source {self.source.get('method')!r} must be one of {METHODS}")
+        if self.distances.size and (self.distances.ndim != 3 or len(self.distances) != self.scores.size
+                                    or not np.isfinite(self.distances).all() or self.distances.min() < 0):
+            raise ValueError(f"held-out distances {list(self.distances.shape)} must be finite, >= 0 and one "
+                             f"grid per calibration score ({self.scores.size})")
         images = self.source.get("images")
         if self.source["method"] != "user" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
             raise ValueError(f"a measured threshold must say on how many images, got {images!r}")
 
     def describe(self) -> str:
-        """The source in words, as results and the CLI print it."""
+        """The source in words, as results and the CLI print it: what the threshold promises, and on what."""
         s = self.source
         if s["method"] == "user":
             return "given by the user"
-        what = f"{s['method']} on {s['images']} nominal images" if s["method"] != "evaluation" \
-            else f"tuned by evaluation on {s['images']} images ({s.get('split', 'tuning split')})"
-        far = s.get("false_alarm_rate")
-        return what if far is None else f"{what}, false-alarm rate {far:g}"
+        if s["method"] == "evaluation":
+            return f"tuned by evaluation on {s['images']} images ({s.get('split', 'tuning split')})"
+        n, rate = s["images"], s["false_alarm_rate"]
+        parts = "held-out good parts" if s["method"] == "held-out" else "good parts"
+        how = s["method"] if s["method"] != "k-fold" else f"{s.get('folds', '?')}-fold"
+        said = (f"false-alarm rate <= {guarantee(n, rate):.3g} for parts like the {n} {parts} "
+                f"(conformal, {how})")
+        if rate == 0:
+            return f"{said}; the maximum of their scores"
+        if conformal_rank(n, rate) > n:
+            return f"{said}; {rate:g} was asked, which needs {needed(rate)} good parts"
+        # The rank is an integer: the promise is the asked rate or the next one below it that n parts give.
+        return said if math.isclose(guarantee(n, rate), rate) else f"{said}; {rate:g} was asked"
+
+    def p_value(self, score: float) -> float | None:
+        """Conformal p-value of an image score: ``(1 + #{calibration scores >= score}) / (n + 1)``.
+
+        Small for a part unlike the good ones.  None without calibration scores
+        (a user's or an evaluation's threshold) or for a score that is not finite.
+        """
+        if self.scores.size == 0 or not math.isfinite(score):
+            return None
+        return (1 + int(np.count_nonzero(self.scores >= score))) / (self.scores.size + 1)
+
+    @cached_property
+    def pixel_grid(self) -> np.ndarray | None:
+        """The mask threshold of each patch location, float32 ``[h, w]``; None without held-out distances.
+
+        Each location's median held-out good distance, plus one margin for all: the conformal
+        quantile, at the same ``false_alarm_rate``, of each held-out good part's largest excess over
+        those medians.  Smoothing a map averages its patches, so a good part's map stays below the
+        smoothed grid wherever its patches stay below the grid: a good part like the held-out ones
+        gets any mask pixel with probability at most :func:`guarantee` (``1 / (n + 1)`` at rate 0).
+        The medians are measured on the same parts; one part moves a median by at most one rank.
+        """
+        if self.distances.size == 0:
+            return None
+        median = np.median(self.distances, axis=0)
+        excess = np.maximum((self.distances - median).max(axis=(1, 2)), 0.0)
+        margin = _quantile(excess, self.source.get("false_alarm_rate", 0.0), warn=False)
+        return (median + margin).astype(np.float32)
+    def describe_mask(self) -> str:
+        """What the defect mask promises, in words."""
+        if self.pixel_grid is None:
+            return f"map above {self.pixel:.4g}"
+        n = self.scores.size
+        return (f"a good part marked with probability <= {guarantee(n, self.source['false_alarm_rate']):.3g} "
+                f"(each location's median over the {n} good parts' held-out maps plus a conformal margin)")
 
     def at_false_alarm_rate(self, rate: float) -> "Threshold":
         """The same evidence read at another false-alarm rate (needs the calibration scores)."""
@@ -76,8 +149,8 @@ class Threshold:
         if self.scores.size == 0:
             raise ValueError(f"this threshold was {self.describe()}: there are no calibration scores to "
                              "read another false-alarm rate from; give a threshold instead")
-        return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate),
-                         dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima)
+        return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate, warn=False),
+                         dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima, self.distances)
 
     @classmethod
     def given(cls, value: float, pixel: float | None = None) -> "Threshold":
@@ -92,6 +165,25 @@ def check_rate(rate) -> float:
     return float(rate)
 
 
+def conformal_rank(n: int, rate: float) -> int:
+    """The 1-based rank ``ceil((n + 1)(1 - rate))`` of the conformal threshold among ``n`` sorted scores.
+
+    Above ``n`` where ``n`` scores cannot promise ``rate``.
+    """
+    # The tolerance keeps an exact product such as 10 * 0.9 from rounding up to the next rank.
+    return math.ceil((n + 1) * (1.0 - rate) - 1e-9)
+
+
+def guarantee(n: int, rate: float) -> float:
+    """The false-alarm rate a conformal threshold on ``n`` scores promises when ``rate`` is asked."""
+    return (n + 1 - min(conformal_rank(n, rate), n)) / (n + 1)
+
+
+def needed(rate: float) -> int:
+    """How many calibration scores a conformal threshold at ``rate > 0`` needs."""
+    return math.ceil(1.0 / rate - 1.0 - 1e-9)
+
+
 def check_calibration(calibration):
     """``"cv"`` (leave-one-out / k-fold) or a fraction in (0, 1) held out."""
     if calibration == "cv":
@@ -102,61 +194,59 @@ def check_calibration(calibration):
     return float(calibration)
 
 
-def folds(n: int, calibration, seed: int) -> tuple[str, list[np.ndarray]]:
-    """The calibration method and its held-out index sets for ``n`` nominal images.
-
-    A held-out fraction too small to hold out one image (or too large to leave
-    one for the bank) falls back to leave-one-out, and the source says so.
-    """
-    if n < 2:
-        raise ValueError(f"a threshold needs at least 2 nominal images to be measured (got {n}): fit on more "
-                         "good parts, or give one with DinoPatch(threshold=...)")
-    order = np.random.default_rng(seed).permutation(n)
-    if calibration != "cv":
-        n_cal = int(math.floor(calibration * n))
-        if 1 <= n_cal < n:
-            return "held-out", [order[:n_cal]]
-    k = min(n, MAX_FOLDS)
-    return ("leave-one-out" if k == n else "k-fold"), np.array_split(order, k)
-
-
-def calibrate(n: int, score_held_out: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], *,
-              calibration="cv", false_alarm_rate: float = 0.0, seed: int = 0) -> Threshold:
+def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_alarm_rate: float = 0.0
+              ) -> Threshold:
     """Measure the threshold on nominal images.
 
     Args:
-        n: number of nominal images.
-        score_held_out: ``(train, held) -> (scores, maxima)``: the image scores
-            and map maxima of images ``held`` against a bank of ``train``.
-        calibration: ``"cv"`` or a fraction held out (see :func:`folds`).
-        false_alarm_rate: the threshold is the ``1 - rate`` quantile (0: the maximum).
-        seed: seeds the split.
+        nominal: the good parts and their fold plan (:class:`~.nominal.NominalSet`).
+        settings: the model's resolved parameters (bank and post-processing).
+        calibration: ``"cv"``, every fold of the plan held out in turn; or a fraction held out,
+            the first images of the plan's order (too small to hold out one image, or too large
+            to leave one for the bank, it falls back to ``"cv"`` and the source says so).
+        false_alarm_rate: the rate the threshold promises (conformal; 0: the maximum).
     """
-    method, held_sets = folds(n, calibration, seed)
-    everyone = np.arange(n)
-    scores, maxima = [], []
-    for held in held_sets:
-        s, m = score_held_out(np.setdiff1d(everyone, held), np.sort(held))
-        scores.append(s)
-        maxima.append(m)
-    scores, maxima = np.concatenate(scores), np.concatenate(maxima)
+    n = len(nominal)
+    if n < 2:
+        raise ValueError(f"a threshold needs at least 2 nominal images to be measured (got {n}): fit on more "
+                         "good parts, or give one with DinoPatch(threshold=...)")
+    held_sets = None if calibration == "cv" else nominal.plan.fraction(calibration)
+    method = "held-out" if held_sets else nominal.plan.method
+    held_sets = held_sets or nominal.plan.folds
+    _, scores, maxima, distances = nominal.held_out_scores(settings, held_sets)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
                          "(nothing valid to score: check their alignment), so no threshold can be measured")
-    if scores.max() <= 0:
-        raise ValueError("every nominal image scored 0 against the others (identical images?): a threshold "
-                         "measured on them would flag any difference; fit on varied good parts or give one")
+    # Relative to the features' norm: identical images score rounding noise (1e-10 at 224 px), not exactly 0.
+    if scores.max() <= IDENTICAL_RTOL * _feature_scale(nominal.tokens):
+        raise ValueError("every nominal image scored 0 against the others, up to rounding (identical images?): a "
+                         "threshold measured on them would flag any difference; fit on varied good parts or give one")
     source = {"method": method, "images": int(len(scores)), "false_alarm_rate": check_rate(false_alarm_rate)}
     if method == "k-fold":
         source["folds"] = len(held_sets)
-    return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate), source,
-                     scores, maxima)
+    return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
+                     scores, maxima, distances)
 
 
-def _quantile(values: np.ndarray, rate: float) -> float:
-    # 'higher' picks a measured score, never one interpolated below the one it guards.
-    return float(np.quantile(values, 1.0 - rate, method="higher"))
+def _feature_scale(tokens: np.ndarray) -> float:
+    """The median norm of the tokens (zero rows lie outside the part's region and do not count)."""
+    norms = np.linalg.norm(tokens, axis=-1)
+    norms = norms[norms > 0]
+    return float(np.median(norms)) if norms.size else 0.0
+
+
+def _quantile(values: np.ndarray, rate: float, warn: bool = True):
+    """The finite-sample conformal quantile over the first axis (see the module's text); the maximum where
+    ``rate`` is out of reach.  A float for 1-d ``values``, else an array of the remaining shape."""
+    n = len(values)
+    rank = conformal_rank(n, rate)
+    if warn and rate > 0 and rank > n:
+        warnings.warn(f"false_alarm_rate {rate:g} needs at least {needed(rate)} good parts; the {n} here "
+                      f"can promise {guarantee(n, rate):.3g} (1/{n + 1}) at best: the threshold is their "
+                      "maximum", UserWarning, stacklevel=3)
+    out = np.sort(values, axis=0)[min(rank, n) - 1]
+    return float(out) if np.ndim(values) == 1 else out
 
 
 def _number(name: str, value) -> float:

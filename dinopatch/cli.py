@@ -1,6 +1,6 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights, watch, drift; serve, score-archive and benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -19,13 +19,10 @@ import os
 import sys
 from pathlib import Path
 
+from . import params
 from ._version import __version__
-from .backbone import BACKBONES, ENGINES, PRECISIONS, WeightsUnavailableError
-from .bank import MATCHES
-from .fitted import MAX_IMAGE_SIZE, MAX_LAYERS
-from .kernels import BACKENDS
-from .outputs import claim, output_folder
-from .postprocess import MAX_SIGMA, SCORES
+from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
+from .outputs import claim, output_folder, refuse_overlap
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
@@ -34,27 +31,22 @@ DESCRIPTION = ("DinoPatch finds defects in images of parts after seeing only goo
 EPILOG = (f"Exit codes: 0 done; {EXIT_USAGE} a usage mistake (one line on stderr; --debug shows the "
           f"traceback); {EXIT_SOME_FAILED} predict scored some inputs but not all (see the error field in "
           "predictions.jsonl).")
-# Flags that describe what is fitted: a model file fixes them.
-FITTED_FLAGS = {"backbone": "--backbone", "weights": "--weights", "image_size": "--image-size",
-                "align": "--no-align", "coreset_ratio": "--coreset-ratio", "tolerance": "--tolerance",
-                "sigma": "--sigma", "score": "--score", "match": "--match", "foreground": "--foreground",
-                "size_tolerance": "--size-tolerance"}
-# Flags that say how to run a model, honoured with -m.
-RUNTIME_FLAGS = ("engine", "kernel", "batch_size", "device")
+# evaluate's --seed also seeds its split, so it is honoured with -m like a run-time flag.
+SPLIT_SEED = "seed"
 # The default of every detector flag in the parser that finds which were given.
 _UNSET = object()
-PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps")
+PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps", "drift.json", "mqtt.cursor")
 REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "overlays")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default; an option whose default is None says in its own help what it falls back to."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Usage mistakes are one line, not a usage block."""
 
     def error(self, message):
@@ -63,15 +55,8 @@ class _Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- argument types
 
-def _engine(value: str) -> str:
-    if value in ENGINES or value.endswith(".onnx"):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r}: choose one of {', '.join(ENGINES)} or a path to an .onnx "
-                                     "export")
-
-
-def _number(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
-            auto: bool = False):
+def number_type(kind, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                auto: bool = False):
     """An argparse type: a finite number of ``kind`` in the interval from ``low`` to ``high`` (or "auto")."""
     def check(text: str):
         if auto and text == "auto":
@@ -91,49 +76,25 @@ def _number(kind, low: float, high: float, *, low_open: bool = False, high_open:
 
 # ----------------------------------------------------------------------------- detector flags
 
+def _fitted_flags() -> dict[str, str]:
+    """Parameter -> flag of the parameters a model file fixes (read from the table: a new one appears here)."""
+    return {p.name: p.flag for p in params.PARAMS if p.flag and not p.runtime}
+
+
+def _runtime_flags() -> tuple[str, ...]:
+    """The parameters that say how to run a model, honoured with -m."""
+    return tuple(p.name for p in params.PARAMS if p.flag and p.runtime)
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector (what is fitted)")
-    g.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
-    g.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (from the hub; fails at once offline), 'random' (seeded) or a "
-                        "checkpoint file (.pth or .safetensors)")
-    # Ranges are checked where every parameter is, before any work (dinopatch.fitted.check_params).
-    g.add_argument("--image-size", type=int, default=448,
-                   help="backbone input side in pixels, a multiple of 14")
-    g.add_argument("--no-align", dest="align", action="store_false",
-                   help="do not turn parts to a canonical pose (fixtured parts, flat textures)")
-    g.add_argument("--coreset-ratio", type=float, default=1.0,
-                   help="share of the good patches kept per location")
-    g.add_argument("--tolerance", type=_number(int, 0, MAX_IMAGE_SIZE, auto=True), default="auto",
-                   help="a patch is compared with good patches up to this many grid steps away ('auto': fit "
-                        "chooses it from the good images, as it can --sigma, --score and --match)")
-    g.add_argument("--sigma", type=_number(float, 0, MAX_SIGMA, auto=True), default="auto",
-                   help="Gaussian smoothing of the anomaly map, in canonical pixels")
-    g.add_argument("--score", default="auto", choices=("auto", *SCORES), help="image score from the anomaly map")
-    g.add_argument("--match", default="local", choices=("auto", *MATCHES), help="own place, all, or both")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seeds random weights, calibration and the evaluation split")
-    g.add_argument("--foreground", default="auto", choices=["auto", "on", "off"],
-                   help="run the backbone on the part's region only (aligned parts; auto: where it pays)")
-    g.add_argument("--size-tolerance", type=float, default=0.03,
-                   help="aligned parts whose size is off the good parts' median by more than this (relative), "
-                        "or than their own spread, are anomalies; widen it where the camera's distance varies")
-    _add_runtime_args(p, default_engine="auto")
+    params.add_flags(p, _fitted_flags(), group="detector (what is fitted)")
+    params.add_flags(p, _runtime_flags(), group="run time (how to run; may differ from the model file's)")
 
 
-def _add_runtime_args(p: argparse.ArgumentParser, default_engine: str | None) -> None:
-    g = p.add_argument_group("run time (how to run; may differ from the model file's)")
-    model = " (default: the model file's)" if default_engine is None else ""
-    g.add_argument("--engine", type=_engine, default=default_engine,
-                   help=f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch)"
-                        f"{model}")
-    g.add_argument("--kernel", default=None if default_engine is None else "auto",
-                   choices=("auto", *BACKENDS),
-                   help=f"distance kernel; 'auto' takes the fastest installed{model}")
-    g.add_argument("--batch-size", type=int, default=None if default_engine is None else 8,
-                   help=f"images per backbone call{model}")
-    g.add_argument("--device", default=None if default_engine is None else "auto",
-                   help=f"auto, cpu, cuda or cuda:N; a GPU named but not there is an error{model}")
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    params.add_flags(p, _runtime_flags(), defaults=dict.fromkeys(_runtime_flags()),
+                     group="run time (how to run; may differ from the model file's)",
+                     default_note=" (default: the model file's)")
 
 
 def _explicit(argv: list[str]) -> set[str]:
@@ -145,12 +106,7 @@ def _explicit(argv: list[str]) -> set[str]:
 def _new_detector(args):
     from .detector import DinoPatch
 
-    return DinoPatch(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                     align=args.align, engine=args.engine, kernel=args.kernel, batch_size=args.batch_size,
-                     coreset_ratio=args.coreset_ratio, tolerance=args.tolerance, score=args.score,
-                     sigma=args.sigma, match=args.match, seed=args.seed, device=args.device,
-                     size_tolerance=args.size_tolerance,
-                     foreground={"on": True, "off": False}.get(args.foreground, args.foreground))
+    return DinoPatch().set_params(**params.from_flags(args, [*_fitted_flags(), *_runtime_flags()]))
 
 
 def _load_model(path: str, runtime: dict):
@@ -165,7 +121,7 @@ def _load_model(path: str, runtime: dict):
 def _start_engine(det) -> str:
     """Build the model's engine now and name it: a foreign export fails before any output is touched, and
     the first batch's latency measures images, not loading the backbone."""
-    backbone = det._get_backbone()
+    backbone = det.backbone_for()
     return backbone.engine if det.engine == "auto" else os.fspath(det.engine)
 
 
@@ -176,6 +132,7 @@ def cmd_fit(args) -> int:
 
     files, notes = training_files(args.images)
     out = Path(args.output)
+    refuse_overlap(out, args.images, inside_ok=True)
     claim([out], args.force)
     for note in notes:
         print(note)
@@ -183,6 +140,7 @@ def cmd_fit(args) -> int:
     print(f"fitting {det.backbone} (weights {det.weights}) at {det.image_size} px, "
           f"{'aligned' if det.align else 'not aligned'}, on {len(files)} images")
     det.fit(files)
+    print(det.fit_report_.describe())
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     path = det.save(out)
@@ -200,11 +158,8 @@ def cmd_predict(args) -> int:
     files, masks = prediction_files(args.images)
     out = Path(args.output)
     output_folder(out)
-    for item in args.images:
-        if Path(item).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(item)):
-            raise ValueError(f"the output {out} is inside the input folder {item}: a later run would read "
-                             "its overlays as parts; choose another -o")
-    runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+    refuse_overlap(out, args.images)
+    runtime = params.from_flags(args, _runtime_flags())
     det = _load_model(args.model, runtime)
     engine = _start_engine(det)
     claim([out / name for name in PREDICT_FILES], args.force, folders_ok=True)
@@ -212,8 +167,12 @@ def cmd_predict(args) -> int:
         print(f"left out {masks} ground-truth masks (files under ground_truth/)")
     # Each unreadable file is recorded with its error; OpenCV's own warning about it is noise.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
-                            save_maps=args.save_maps, progress=not args.quiet, engine=engine)
+    stamp, outbox = _line_outputs(det, out, args.mqtt)
+    try:
+        summary = predict_files(det, files, out, root=common_root(files), overlays=not args.no_overlays,
+                                save_maps=args.save_maps, progress=not args.quiet, engine=engine, stamp=stamp)
+    finally:
+        _close_line_outputs(stamp, outbox, out, args.mqtt_wait)
     print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed; "
           f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); model id {det.model_id}; "
           f"results in {out / 'predictions.jsonl'} and {out / 'scores.csv'}")
@@ -225,21 +184,110 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _line_outputs(det, out: Path, mqtt_url: str | None):
+    """The record stamp (id, drift) and, with ``--mqtt``, the outbox publishing ``out/predictions.jsonl``."""
+    from .stamp import Stamp
+
+    out.mkdir(parents=True, exist_ok=True)
+    outbox = None
+    if mqtt_url:
+        from .mqtt import Outbox
+
+        outbox = Outbox(mqtt_url, out / "predictions.jsonl").start()
+    return Stamp(det), outbox
+
+
+def _close_line_outputs(stamp, outbox, out: Path, wait: float) -> None:
+    """Write the drift summary, print it, and wait up to ``wait`` s for the outbox to deliver."""
+    import json
+
+    (out / "drift.json").write_text(json.dumps(stamp.monitor.summary(), indent=1) + "\n")
+    print(stamp.monitor.describe())
+    if outbox is not None:
+        left = outbox.close(wait)
+        print(f"mqtt: {outbox.delivered} records delivered to {outbox.topic}"
+              + (f"; {left} wait in the outbox ({out / 'predictions.jsonl'} after {outbox.cursor}): a later "
+                 f"run with -o {out} and --mqtt delivers them" if left else ""))
+
+
+def cmd_watch(args) -> int:
+    import signal
+    import threading
+
+    import cv2
+
+    from .watch import FolderWatch
+
+    out = Path(args.output)
+    output_folder(out)
+    if os.path.abspath(out) == os.path.abspath(args.folder):
+        raise ValueError("the output folder must not be the watched folder: give another -o")
+    det = _load_model(args.model, params.from_flags(args, _runtime_flags()))
+    engine = _start_engine(det)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    stamp, outbox = _line_outputs(det, out, args.mqtt)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        watch = FolderWatch(det, args.folder, out, settle=args.settle, move_done=args.move_done, engine=engine,
+                            stamp=stamp, on_record=outbox and outbox.notify)
+        print(f"watching {args.folder} (model id {det.model_id}); records in {out / 'predictions.jsonl'}; "
+              "stop with Ctrl-C or SIGTERM", flush=True)
+        summary = watch.run(stop=stop, max_files=args.max_files, idle_exit=args.idle_exit)
+    finally:
+        _close_line_outputs(stamp, outbox, out, args.mqtt_wait)
+    print(f"{summary.scored} scored, {summary.anomalous} anomalous, {summary.failed} failed in this run"
+          + (f" ({summary.resumed} records were there before: resumed)" if summary.resumed else ""))
+    return EXIT_SOME_FAILED if summary.failed else 0
+
+
+def cmd_drift(args) -> int:
+    import json
+
+    from .drift import Monitor, replay
+
+    det = _load_model(args.model, {})
+    with open(args.predictions, encoding="utf-8", errors="surrogateescape") as f:
+        monitor = replay(Monitor.for_model(det), f)
+    if args.json:
+        print(json.dumps(monitor.summary(), indent=1))
+    else:
+        print(monitor.describe())
+        for chart, value in monitor.summary()["cusum"].items():
+            print(f"  {chart:<12} CUSUM {value:7.2f} (flag above {monitor.h:g})")
+    return 0
+
+
+def _add_line_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that scores parts for the line: --mqtt, --mqtt-wait and the run-time flags."""
+    p.add_argument("--mqtt", metavar="mqtt://HOST:PORT/TOPIC", default=None,
+                   help="also publish every record as JSON to this MQTT topic (QoS 1, in order; while the broker "
+                        "is away they wait on disk in the output folder); needs the line extra (default: none)")
+    p.add_argument("--mqtt-wait", type=number_type(float, 0, 86400), default=30.0,
+                   help="seconds to wait at the end for the broker to take the records still waiting")
+    _add_runtime_args(p)
+
+
 def cmd_evaluate(args) -> int:
     from .data import MVTecFolder
-    from .evaluate import check_layout, evaluate
+    from .evaluate import check_layout, evaluate, line_summary
 
     folder = MVTecFolder(args.data)
     check_layout(folder, need_train=args.model is None)
     out = Path(args.output)
     output_folder(out)
+    refuse_overlap(out, [args.data])
+    if args.save_model:
+        refuse_overlap(Path(args.save_model), [args.data, *([args.model] if args.model else [])], inside_ok=True)
     if args.model:
         given = _explicit(args.argv)
-        fixed = sorted(FITTED_FLAGS[k] for k in given & set(FITTED_FLAGS))
+        fitted = {k: flag for k, flag in _fitted_flags().items() if k != SPLIT_SEED}
+        fixed = sorted(fitted[k] for k in given & set(fitted))
         if fixed:
             raise ValueError(f"{', '.join(fixed)}: the model file fixes {'this' if len(fixed) == 1 else 'these'}; "
                              "such flags apply only when evaluate fits (without -m)")
-        det = _load_model(args.model, {k: getattr(args, k) for k in given & set(RUNTIME_FLAGS)})
+        det = _load_model(args.model, params.from_flags(args, given & set(_runtime_flags())))
         _start_engine(det)
     else:
         det = None
@@ -252,7 +300,9 @@ def cmd_evaluate(args) -> int:
         det.fit(folder.train_paths())
     m = evaluate(det, folder, out, tune_fraction=args.tune_fraction, seed=args.seed, threshold=args.threshold,
                  tune_on_report=args.tune_on_report, save_model=args.save_model)
-    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy")
+    print(line_summary(m))
+    keys = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "aupro_05", "f1", "precision", "recall",
+            "accuracy")
     print(f"{'':<18}{'tuning part':>12}{'reported':>10}")
     for k in keys:
         print(f"{k:<18}{_cell(m['tuned'][k]):>12}{_cell(m[k]):>10}")
@@ -287,23 +337,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from .backbone import get_spec
+    from .backbone.weights import write_blocks_matter_checkpoint
+
+    claim([Path(args.output)], args.force)
+    path = write_blocks_matter_checkpoint(get_spec(args.backbone), args.output, args.seed)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): random {args.backbone} weights whose blocks "
+          f"matter (seed {args.seed}); give it to --weights")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The parser; ``defaults=False`` leaves out the detector flags not given (see :func:`_explicit`)."""
-    parser = _Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help,
-                     allow_abbrev=False)
+    parser = Parser(prog="dinopatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter,
+                    allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"dinopatch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to do; `dinopatch COMMAND -h` lists its options")
-    common = _Parser(add_help=False, allow_abbrev=False)
+    common = Parser(add_help=False, allow_abbrev=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     common.add_argument("--force", action="store_true", help="replace outputs that exist")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Help,
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter,
                            allow_abbrev=False)
         p.set_defaults(func=func)
         return p
@@ -325,7 +386,32 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="also write each anomaly map to maps/<input path>.<format>: npy is exact float32; "
                         "png is 16-bit, 65535 = twice the pixel threshold (default: no maps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_runtime_args(p, default_engine=None)
+    _add_line_args(p)
+
+    p = command("watch", "score image files as they land in a folder, into predictions.jsonl; a restart resumes",
+                cmd_watch)
+    p.add_argument("folder", help="the folder a camera writes frames into (not its subfolders)")
+    p.add_argument("-m", "--model", required=True, help="model file from fit")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: predictions.jsonl there is also the journal a restart resumes from")
+    p.add_argument("--settle", type=number_type(float, 0, 3600), default=1.0,
+                   help="seconds a file must stay unchanged before it is read (a file renamed into the folder "
+                        "is read at once)")
+    p.add_argument("--move-done", metavar="DIR", default=None,
+                   help="move each scored file into this folder, replacing a file of the same name there "
+                        "(default: leave it)")
+    p.add_argument("--max-files", type=number_type(int, 1, 2**62), default=None,
+                   help="stop after this many files in this run (default: no limit)")
+    p.add_argument("--idle-exit", type=number_type(float, 0, 2**31), default=None, metavar="SECONDS",
+                   help="stop when nothing arrived and nothing waited for this long (default: run until "
+                        "Ctrl-C or SIGTERM)")
+    _add_line_args(p)
+
+    p = command("drift", "read a run's predictions.jsonl back: did the line drift from the model's good parts?",
+                cmd_drift)
+    p.add_argument("predictions", help="predictions.jsonl from predict or watch")
+    p.add_argument("-m", "--model", required=True, help="the model file that scored them")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
 
     p = command("evaluate", "metrics.json, index.html, overlays and curves on an MVTec AD folder",
                 cmd_evaluate)
@@ -335,7 +421,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "it, --engine, --kernel and --batch-size replace the file's, and the other detector "
                         "flags are refused")
     p.add_argument("-o", "--output", default="report", help="report folder")
-    p.add_argument("--tune-fraction", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.5,
+    p.add_argument("--tune-fraction", type=number_type(float, 0, 1, low_open=True, high_open=True), default=0.5,
                    help="share of each defect type used to tune post-processing; the rest is reported")
     p.add_argument("--threshold", choices=["tuned", "good"], default="tuned",
                    help="'tuned': best F1 on the tuning part; 'good': from held-out good parts only")
@@ -346,28 +432,29 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _add_detector_args(p)
     if not defaults:
         # Not a string: argparse would run a string default through the option's type.
-        p.set_defaults(**{dest: _UNSET for dest in (*FITTED_FLAGS, *RUNTIME_FLAGS)})
+        p.set_defaults(**{dest: _UNSET for dest in (*_fitted_flags(), *_runtime_flags())})
 
     p = command("demo", "synthetic pasta and screw: generate, fit, evaluate (offline)", cmd_demo)
     p.add_argument("-o", "--output", default="dinopatch-demo", help="folder for the data and the reports")
     p.add_argument("--weights", default="pretrained", help="falls back to 'random', loudly, when offline")
-    p.add_argument("--engine", default="auto", type=_engine, help=f"{', '.join(ENGINES)} or an .onnx file")
+    params.add_flags(p, ["engine"])
     p.add_argument("--quick", action="store_true", help="fewer, smaller images (about 20 s)")
 
     p = command("export", "export a backbone to ONNX, checked against torch", cmd_export)
-    p.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES), help="DINOv2 variant")
-    p.add_argument("--weights", default="pretrained", help="'pretrained', 'random' or a checkpoint file")
-    p.add_argument("--image-size", type=int, default=448,
-                   help="input side in pixels, a multiple of 14 (the export runs at this size only)")
-    p.add_argument("--layers", type=_number(int, 1, MAX_LAYERS), default=1,
-                   help="mean of the last LAYERS blocks")
+    params.add_flags(p, ["backbone", "weights", "image_size", "layers", "seed"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="int8 for CPUs with VNNI, fp16 for GPUs")
-    p.add_argument("--seed", type=int, default=0, help="for --weights random")
     p.add_argument("--portable", action="store_true",
                    help="standard ONNX ops only (attention as MatMul and Softmax), for runtimes without "
                         "ONNX Runtime's contrib ops (TensorRT, others)")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
+
+    p = command("weights", "write seeded random weights whose blocks matter, as a checkpoint file", cmd_weights)
+    p.add_argument("--random-blocks", action="store_true", required=True,
+                   help="every LayerScale at 1 (timm's random init leaves the blocks near the identity); the "
+                        "same weights as --weights random-blocks")
+    params.add_flags(p, ["backbone", "seed"])
+    p.add_argument("-o", "--output", required=True, help="the checkpoint to write (.safetensors)")
     for name, (_, what) in OWN_PARSER_COMMANDS.items():
         sub.add_parser(name, help=f"{what} (`dinopatch {name} -h` lists its options)", add_help=False)
     return parser
@@ -392,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinopatch: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, WeightsUnavailableError) as e:
+    except (ValueError, OSError, ImportError, WeightsUnavailableError, DeviceUnavailableError) as e:
         if args.debug:
             raise
         hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""

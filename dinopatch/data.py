@@ -110,6 +110,22 @@ _MAX_BYTES_PER_PIXEL = 16  # float32 RGBA TIFF, uncompressed: the most a support
 _HEADER_SLACK = 1 << 20
 
 
+def write_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
+    """Write ``picture`` (uint8 or uint16, gray or BGR) as a PNG at ``path``, creating its folder.
+
+    Encoded in memory and written through Python's file API, never ``cv2.imwrite``: OpenCV
+    mishandles (and may crash on) names that are not valid UTF-8, which Python writes as they are.
+    """
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(".png", picture)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    with open(os.fsencode(path), "wb") as f:
+        f.write(data.tobytes())
+    return path
+
+
 def max_pixels() -> int:
     """The pixel cap in force: ``$DINOPATCH_MAX_PIXELS``, else :data:`MAX_PIXELS`."""
     text = os.environ.get(MAX_PIXELS_ENV)

@@ -16,13 +16,12 @@ import numbers
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
 from .calibration import Threshold
-from .data import read_image, read_mask
+from .data import read_image, read_mask, write_png
 from .inputs import MVTEC_LAYOUT
 from .postprocess import SCORES
 from .viz import overlay, plot_curves, plot_histogram
@@ -93,11 +92,30 @@ def _image_metrics(labels, scores, predicted) -> dict:
 
 def _pixel_metrics(gts, maps, preds) -> dict:
     if not any(g.any() for g in gts):
-        return {"pixel_auroc": float("nan"), "aupro": float("nan"), "pixel_f1": float("nan")}
+        return dict.fromkeys(("pixel_auroc", "aupro", "aupro_05", "pixel_f1"), float("nan"))
     y = np.concatenate([g.ravel() for g in gts])
     return {"pixel_auroc": metrics.auroc(y, np.concatenate([m.ravel() for m in maps])),
-            "aupro": metrics.aupro(gts, maps, fpr_limit=0.3),
-            "pixel_f1": metrics.binary_report(y, np.concatenate([p.ravel() for p in preds]))["f1"]}
+            "aupro": metrics.aupro(gts, maps, fpr_limit=0.3), "aupro_05": metrics.aupro(gts, maps, fpr_limit=0.05),
+            "pixel_f1": metrics.seg_f1(gts, preds)}
+
+
+def _line(det, raws, labels, gts, defects) -> dict:
+    """The detector's own verdicts, nothing tuned, on every test image: what a line would see.
+
+    Good parts rejected and defects caught at the model's threshold (overall and per defect type),
+    and SegF1 of the masks at the model's own mask threshold.
+    """
+    results = [det.result_from(r) for r in raws]
+    flagged = np.array([r.is_anomaly for r in results], bool)
+    per_defect = {}
+    for d in sorted(set(defects) - {"good"}):
+        idx = np.array([x == d for x in defects])
+        counts = metrics.line_counts(labels[idx], flagged[idx])
+        per_defect[d] = {k: counts[k] for k in ("defects_caught", "n_defect")}
+    return {**metrics.line_counts(labels, flagged), "per_defect": per_defect,
+            "seg_f1": metrics.seg_f1(gts, [r.mask for r in results]),
+            "threshold": det.threshold_.image, "threshold_source": det.threshold_.describe(),
+            "mask_source": det.threshold_.describe_mask()}
 
 
 def _tune(det, raws, labels, gts, threshold: str) -> dict:
@@ -166,7 +184,9 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     Returns:
         the content of ``metrics.json``: the reported metrics at top level,
         plus ``tuned`` (the same metrics on the tuning part), ``settings``,
-        ``split`` and ``per_defect``.
+        ``split``, ``per_defect`` and ``line``: the detector's own verdicts on
+        every test image, nothing tuned (good parts rejected and defects caught
+        at its threshold, per defect type too, and SegF1 of its own masks).
     """
     check_arguments(tune_fraction, threshold)
     items = check_layout(folder)
@@ -186,6 +206,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         tune = report = np.arange(len(items))
     else:
         tune, report = split(defects, tune_fraction, seed)
+    line = _line(det, raws, labels, gts, defects)
     settings = _tune(det, [raws[i] for i in tune], labels[tune], [gts[i] for i in tune], threshold)
     post = {k: settings[k] for k in ("sigma", "score", "morph_kernel")}
     if settings["threshold"] != det.threshold_.image:
@@ -194,8 +215,10 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
     else:
         # The image threshold is still the calibrated one: keep its evidence, which
-        # a model file must carry for a leave-one-out or held-out source.
-        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"])
+        # a model file must carry for a leave-one-out or held-out source.  The mask is the
+        # tuned value alone, so the per-location evidence goes.
+        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"],
+                                              distances=np.zeros((0, 0, 0), np.float32))
     settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]
@@ -223,6 +246,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         "warnings": _few_images_warnings(defects, report),
         "optimistic": bool(tune_on_report),
         "threshold_from": threshold,
+        "line": line,
         "settings": settings,
         "tuned": part(tune),
         "per_defect": per_defect,
@@ -272,14 +296,28 @@ def _write_pictures(out, items, images, gts, results, scores, labels, report, se
     thr = settings["pixel_threshold"]
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else float(np.nanmax([r.anomaly_map.max() for r in results]))
     for it, im, gt, r in zip(items, images, gts, results):
-        caption = f"{it.defect} {r.score:.3f}{' ANOMALY' if r.is_anomaly else ''}{'' if r.aligned else ' (unaligned)'}"
+        caption = f"{'FLAGGED' if r.is_anomaly else 'passed'} {r.score:.2f}{'' if r.aligned else ' unaligned'}"
         pic = overlay(im, r.anomaly_map, vmax=vmax, gt_mask=gt, pred_mask=r.mask, text=caption)
-        cv2.imwrite(str(out / "overlays" / f"{it.defect}_{Path(it.path).stem}.png"), pic)
+        write_png(out / "overlays" / f"{it.defect}_{Path(it.path).stem}.png", pic)
     finite = np.isfinite(scores[report])
     y, s = labels[report][finite], scores[report][finite]
     name = Path(folder.root).name
     plot_curves(y, s, out, title=name)
     plot_histogram(s[~y], s[y], settings["threshold"], out / "hist.png", title=f"{name}: image scores (reported part)")
+
+
+# The metrics of metrics.json as the page names them.
+METRIC_NAMES = {
+    "image_auroc": "Image AUROC (how well scores rank defects above good parts)",
+    "average_precision": "Average precision of the image scores",
+    "f1": "F1 of the verdicts", "precision": "Precision of the verdicts (flagged parts that are defective)",
+    "recall": "Recall of the verdicts (defects flagged)", "accuracy": "Accuracy of the verdicts",
+    "pixel_auroc": "Pixel AUROC of the anomaly maps",
+    "aupro": "AU-PRO of the maps up to 30% false-positive pixels",
+    "aupro_05": "AU-PRO of the maps up to 5% false-positive pixels",
+    "pixel_f1": "SegF1 of the masks (F1 of defect pixels)",
+    "n_good": "Good images", "n_defect": "Defective images",
+}
 
 
 def _fmt(v) -> str:
@@ -288,38 +326,72 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
 
 
+def _counts(line: dict) -> str:
+    """The line's counts in words, e.g. "0 of 10 good parts rejected, 16 of 16 defects caught"."""
+    return (f"{line['good_rejected']} of {line['n_good']} good parts rejected, "
+            f"{line['defects_caught']} of {line['n_defect']} defects caught")
+
+
+def line_summary(m: dict) -> str:
+    """The line's counts of an evaluation's ``metrics.json`` as the command line prints them (<= 100 columns)."""
+    line = m["line"]
+    rows = [f"at the model's threshold {line['threshold']:.4g}: {_counts(line)}"]
+    rows += [f"  {d:<24}{v['defects_caught']:>4} of {v['n_defect']:<4} caught" for d, v in line["per_defect"].items()]
+    return "\n".join(rows)
+
+
 def _write_html(out: Path, m: dict, items, folder) -> None:
-    keys = ("image_auroc", "average_precision", "f1", "precision", "recall", "accuracy", "pixel_auroc", "aupro",
-            "pixel_f1", "n_good", "n_defect")
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(m['tuned'][k])}</td><td><b>{_fmt(m[k])}</b></td></tr>" for k in keys)
-    per = "".join(f"<tr><td>{html.escape(d)}</td><td>{v['n']}</td><td>{_fmt(v['image_auroc'])}</td>"
-                  f"<td>{_fmt(v['recall'])}</td><td>{_fmt(v['pixel_auroc'])}</td><td>{_fmt(v['aupro'])}</td></tr>"
-                  for d, v in m["per_defect"].items())
-    settings = ", ".join(f"{k}={_fmt(v)}" for k, v in m["settings"].items())
-    warn = ("<p style='color:#b00'><b>Optimistic:</b> tuned on the reported images.</p>" if m["optimistic"] else "")
+    esc, line = html.escape, m["line"]
+    rows = "".join(f"<tr><td class=l>{METRIC_NAMES[k]}</td><td>{_fmt(m['tuned'][k])}</td>"
+                   f"<td><b>{_fmt(m[k])}</b></td></tr>" for k in METRIC_NAMES)
+    per = "".join(f"<tr><td class=l>{esc(d)}</td><td><b>{line['per_defect'][d]['defects_caught']} of "
+                  f"{line['per_defect'][d]['n_defect']}</b></td><td>{v['n']}</td><td>{_fmt(v['image_auroc'])}</td>"
+                  f"<td>{_fmt(v['recall'])}</td><td>{_fmt(v['pixel_auroc'])}</td><td>{_fmt(v['aupro'])}</td>"
+                  f"<td>{_fmt(v['aupro_05'])}</td></tr>" for d, v in m["per_defect"].items())
+    words = {"sigma": "map smoothing (sigma, px)", "score": "image score", "threshold": "image threshold",
+             "pixel_threshold": "mask threshold", "morph_kernel": "mask clean-up kernel (px)",
+             "threshold_source": "threshold from"}
+    settings = "; ".join(f"{words[k]}: {_fmt(v)}" for k, v in m["settings"].items())
+    warn = ("<p class=warn><b>Optimistic:</b> tuned on the reported images.</p>" if m["optimistic"] else "")
     if m["auto"]:
-        chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in m["auto"]["chosen"].items())
+        chosen = ", ".join(f"{k} = {_fmt(v)}" for k, v in m["auto"]["chosen"].items())
         fallback = " (too few good images to measure: the defaults)" if m["auto"]["fallback"] else ""
-        warn += f"<p>Chosen at fit from good parts alone (\"auto\"): {html.escape(chosen)}{fallback}</p>"
-    warn += "".join(f"<p style='color:#b00'><b>Few images:</b> {html.escape(w)}</p>" for w in m["warnings"])
+        warn += f"<p>Chosen at fit from good parts alone (\"auto\"): {esc(chosen)}{fallback}</p>"
+    if m["warnings"]:
+        warn += f"<p class=warn><b>Few images:</b> {'; '.join(esc(w) for w in m['warnings'])}</p>"
     thumbs = "".join(
-        f"<a href='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png'>"
-        f"<img src='overlays/{html.escape(it.defect)}_{html.escape(Path(it.path).stem)}.png' width=160 "
-        f"title='{html.escape(it.defect)} {_fmt(im['score'])} ({im['part']})'></a>"
-        for it, im in zip(items, m["images"]))
-    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} img{margin:2px}")
+        f"<figure><a href='{src}'><img src='{src}' width=200></a><figcaption>{esc(it.defect)}<br>"
+        f"{'flagged' if im['is_anomaly'] else 'passed'}, score {_fmt(im['score'])}</figcaption></figure>"
+        for it, im in zip(items, m["images"])
+        for src in [f"overlays/{esc(it.defect)}_{esc(Path(it.path).stem)}.png"])
+    style = ("body{font-family:sans-serif;margin:2em;color:#111;background:#fff;max-width:1200px} "
+             "table{border-collapse:collapse} td,th{border:1px solid #bbb;padding:4px 10px;text-align:right} "
+             "td.l,th.l{text-align:left} .lead{font-size:1.7em;font-weight:bold;margin:.3em 0} "
+             ".box{border:2px solid #333;background:#f4f4f4;padding:.8em 1.2em;margin:1em 0} "
+             ".warn{color:#a00} figure{display:inline-block;margin:4px;width:200px;vertical-align:top} "
+             "figcaption{font-size:15px;color:#111;background:#eee;padding:2px 4px}")
+    name = esc(Path(folder.root).name)
+    caught = ", ".join(f"{esc(d)} {v['defects_caught']} of {v['n_defect']}" for d, v in line["per_defect"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>DinoPatch report: {html.escape(Path(folder.root).name)}</title><style>{style}</style></head><body>
-<h1>DinoPatch report: {html.escape(Path(folder.root).name)}</h1>{warn}
-<p>Post-processing tuned on {len(m['split']['tune'])} test images,
+<title>DinoPatch evaluation: {name}</title><style>{style}</style></head><body>
+<h1>DinoPatch evaluation: {name}</h1>
+<div class=box><p class=lead>{_counts(line)}</p>
+<p>At the model's own threshold ({_fmt(line['threshold'])}: {esc(line['threshold_source'])}), on all
+{line['n_good'] + line['n_defect']} test images; nothing was tuned on them for these counts.
+Caught by defect type: {caught or 'no defective images'}.
+SegF1 of the model's own masks ({esc(line['mask_source'])}): {_fmt(line['seg_f1'])}.</p></div>{warn}
+<h2>Tuned on part of the test set</h2>
+<p>Post-processing and threshold ({esc(m['threshold_from'])}) tuned on {len(m['split']['tune'])} test images,
 metrics reported on the other {len(m['split']['report'])}
-(stratified by defect type, seed {m['split']['seed']}). Threshold from: {m['threshold_from']}.<br>Chosen: {settings}</p>
-<table><tr><th>metric</th><th>tuning part</th><th>reported part</th></tr>{rows}</table>
-<h2>Per defect type (reported part)</h2>
-<table><tr><th>type</th><th>n</th><th>image AUROC vs good</th><th>recall</th><th>pixel AUROC</th>
-<th>AUPRO</th></tr>{per}</table>
-<h2>Curves</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
-<h2>Every test image</h2><p>Heat: anomaly map; green: ground truth; white: predicted defect.</p>{thumbs}
+(stratified by defect type, seed {m['split']['seed']}).<br>Chosen: {settings}.</p>
+<table><tr><th class=l>metric</th><th>tuning part</th><th>reported part</th></tr>{rows}</table>
+<h2>Per defect type</h2>
+<table><tr><th class=l>defect type</th><th>caught at the model's threshold (all images)</th>
+<th>reported images</th><th>image AUROC against good</th><th>recall, tuned</th><th>pixel AUROC</th>
+<th>AU-PRO to 30%</th><th>AU-PRO to 5%</th></tr>{per}</table>
+<h2>Curves (reported part)</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
+<h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; magenta outline: predicted defect
+(tuned settings).</p>{thumbs}
 </body></html>"""
-    (out / "index.html").write_text(page)
+    # A file name that is not valid UTF-8 keeps its bytes, so the page's links still find its overlay.
+    (out / "index.html").write_text(page, encoding="utf-8", errors="surrogateescape")

@@ -1,7 +1,7 @@
 """What :meth:`DinoPatch.fit` learns, the checks it must pass, and its model-file form.
 
 :class:`Fitted` is immutable: the detector swaps it whole.  :func:`check_params`
-is the one place parameters are validated, at fit and at load, so a file that
+(the parameter table, :mod:`.params`) validates parameters at fit and at load, so a file that
 would misjudge parts later (an edited threshold, a tolerance of 2^63, an
 aligner for another frame size) fails at load with :class:`ModelFileError`.
 The container (zip of arrays, checksum, signature) is :mod:`.modelfile`.
@@ -18,24 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, kernels, modelfile
+from . import autotune, kernels, modelfile, tolerance
+from . import params as param_table
 from ._version import __version__
 from .align import Aligner
-from .backbone import BACKBONES, get_spec
-from .backbone.device import parse_device
-from .backbone.specs import check_image_size
-from .bank import MATCHES, MemoryBank
-from .calibration import METHODS, Threshold, check_calibration, check_rate
-from .foreground import Foreground, check_option
+from .backbone import get_spec
+from .bank import MemoryBank
+from .calibration import METHODS, Threshold
+from .drift import Reference
+from .foreground import Foreground
+from .goodset import FitReport
 from .modelfile import ModelFileError
+from .nominal import finish, orient
 from .polarity import Polarity
-from .postprocess import SCORES, PostProcess
+from .postprocess import PostProcess
+from .result import PatchDistances, Result
 
 # How to run, not what was fitted: these may differ between save and load.
-RUNTIME_PARAMS = ("engine", "kernel", "batch_size", "progress", "device")
-MAX_IMAGE_SIZE = 14 * 144  # 2016 px: 20736 tokens, beyond any DINOv2 use
-MAX_BATCH = 1024
-MAX_LAYERS = 24  # the deepest DINOv2 (ViT-L/14, ViT-g has 40 but is not registered)
+RUNTIME_PARAMS = param_table.runtime_names()
 # A threshold above every distance the bank can produce never flags a part: distances
 # are at most |q| + |b|, and query tokens are normed like the bank's rows.
 THRESHOLD_REACH = 4.0
@@ -57,6 +57,12 @@ class Fitted:
     graph: dict | None = None
     # What fit chose for the parameters set to "auto", and its evidence (:func:`.autotune.resolve`).
     auto: dict | None = None
+    # Held-out patches at each offset per location (:func:`.tolerance.offset_counts`): the tolerance map's evidence.
+    offsets: np.ndarray | None = None
+    # What fit made of its good set (:mod:`.goodset`); None in model files from before the check.
+    report: FitReport | None = None
+    # The good parts' statistics the drift monitor compares the line with (:class:`.drift.Reference`).
+    drift: Reference | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -72,10 +78,65 @@ class Fitted:
         p = self.resolved
         return PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
 
+    def judge(self, raw: PatchDistances, threshold: float | None = None, pixel_threshold: float | None = None,
+              **post) -> Result:
+        """The :class:`~.result.Result` of one image's patch distances; ``threshold``, ``pixel_threshold`` (one
+        value for the defect mask instead of the per-location grid) and ``**post`` override the model's."""
+        t = self.threshold if threshold is None else Threshold.given(threshold)
+        pixel = None if pixel_threshold is None else float(pixel_threshold)
+        return dataclasses.replace(self.post, **post).judge(raw, self.aligner, t, pixel)
 
-def backbone_key(params: dict) -> tuple:
+    def tuned(self, threshold: Threshold, **post) -> "Fitted":
+        """This model judging with a threshold and post-processing measured elsewhere (by evaluation);
+        the auto record keeps only the choices not set here."""
+        settings = dataclasses.asdict(dataclasses.replace(self.post, **post))
+        return dataclasses.replace(self, params=dict(self.params, **settings), threshold=threshold,
+                                   model_id="unsaved", auto=autotune.without(self.auto, settings))
+
+    def align(self, images: list[np.ndarray]) -> list[tuple]:
+        """Items ``(model, image, canonical, valid, alignment)`` for :meth:`patch_distances`, one per image."""
+        return [(self, im, *self.aligner.transform(im)) for im in images]
+
+    def patch_distances(self, items: list[tuple], engine, backend: str | None = None) -> list[PatchDistances]:
+        """:class:`~.result.PatchDistances` of items from :meth:`align`."""
+        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]), backend)
+        return [PatchDistances(d, valid, al, im.shape[:2], self) for (_, im, _, valid, al), d in zip(items, dists)]
+
+    def distances(self, engine, frames: np.ndarray, backend: str | None = None) -> np.ndarray:
+        """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]``, as this model scores them.
+
+        Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host.
+        """
+        fg = self.foreground
+        if fg is not None:
+            tokens = fg.scatter(engine(frames, fg.positions))
+        elif getattr(engine, "engine", None) == "torch" and str(engine.device).startswith("cuda") \
+                and kernels.resolve(backend) == "cuda":
+            tokens = engine(frames, on_device=True)
+        else:
+            tokens = engine(frames)
+        tokens, flips = orient(self.polarity, tokens)
+        return finish(self.bank.distances(tokens, backend=backend), flips, fg, frames)
+
+
+def by_model(items: list[tuple]) -> list[tuple[Fitted, list[tuple]]]:
+    """Items of :meth:`Fitted.align` in runs of one model each (items aligned across a refit)."""
+    runs: list = []
+    for item in items:
+        if runs and runs[-1][0] is item[0]:
+            runs[-1][1].append(item)
+        else:
+            runs.append((item[0], [item]))
+    return runs
+
+
+class NotFittedError(ValueError, AttributeError):
+    """``predict`` or ``save`` was called before ``fit`` (scikit-learn's bases)."""
+
+
+def backbone_config(params: dict) -> dict:
     """What selects the backbone's weights and graph (the engine is chosen at run time)."""
-    return params["backbone"], params["weights"], params["image_size"], params["layers"], params["seed"]
+    return {"name": params["backbone"], **{k: params[k] for k in ("weights", "image_size", "layers", "seed")}}
 
 
 def graph_record(engine_name, engine) -> dict | None:
@@ -84,69 +145,10 @@ def graph_record(engine_name, engine) -> dict | None:
     return {"engine": os.fspath(engine_name), "sha256": digest} if digest else None
 
 
-def _int(params: dict, name: str, lo: int, hi: int) -> int:
-    v = params[name]
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return int(v)
-
-
-def _number(params: dict, name: str, lo: float, hi: float) -> float:
-    v = params[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not lo < v <= hi:
-        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {v!r}")
-    return float(v)
-
-
 def check_params(params: dict) -> dict:
-    """Validated, JSON-able copy of the detector's parameters; ValueError naming the first bad one."""
-    p = dict(params)
-    if p["backbone"] not in BACKBONES:
-        raise ValueError(f"unknown backbone {p['backbone']!r}; choose from {sorted(BACKBONES)}")
-    spec = get_spec(p["backbone"])
-    p["image_size"] = _int(p, "image_size", spec.patch_size, MAX_IMAGE_SIZE)
-    check_image_size(p["image_size"], spec.patch_size)
-    side = p["image_size"] // spec.patch_size
-    p["weights"] = os.fspath(p["weights"])
-    for name in ("align", "mirror", "progress"):
-        if not isinstance(p[name], bool):
-            raise ValueError(f"{name} must be True or False, got {p[name]!r}")
-    p["foreground"] = check_option(p.get("foreground", False), p["align"])
-    p["engine"] = os.fspath(p["engine"])
-    if p["kernel"] != "auto" and p["kernel"] not in kernels.BACKENDS:
-        raise ValueError(f"kernel {p['kernel']!r} must be 'auto' or one of {kernels.BACKENDS}")
-    p["seed"] = _int(p, "seed", 0, 2**32 - 1)
-    p["layers"] = _int(p, "layers", 1, MAX_LAYERS)
-    p["coreset_ratio"] = _number(p, "coreset_ratio", 0.0, 1.0)
-    tol = p.get("size_tolerance", 0.03)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 <= tol < 1:
-        raise ValueError(f"size_tolerance must be a number in [0, 1), got {tol!r}")
-    p["size_tolerance"] = float(tol)
-    auto = autotune.wanted(p)
-    try:
-        if "tolerance" not in auto:
-            p["tolerance"] = _int(p, "tolerance", 0, side - 1)
-        PostProcess(*(autotune.DEFAULTS[n] if n in auto else p[n] for n in ("sigma", "score")), p["topk"],
-                    p["morph_kernel"])
-    except ValueError as e:
-        # A near miss of "auto" ('AUTO', 'auto ') should hear that "auto" exists.
-        near = [n for n in ("tolerance", "sigma", "score") if n not in auto and isinstance(p[n], str)
-                and p[n] not in SCORES]
-        if near:
-            raise ValueError(f"{e}; {near[0]} may also be 'auto'") from None
-        raise
-    p["match"] = p.get("match", "local")  # model files from before the global bank
-    if p["match"] not in MATCHES + ("auto",):
-        raise ValueError(f"match must be 'auto' or one of {MATCHES}, got {p['match']!r}")
-    if p["bank_dtype"] not in ("float32", "float16"):
-        raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {p['bank_dtype']!r}")
-    p["calibration"] = check_calibration(p["calibration"])
-    p["false_alarm_rate"] = check_rate(p["false_alarm_rate"])
-    if p["threshold"] is not None:
-        p["threshold"] = Threshold.given(p["threshold"]).image
-    p["batch_size"] = _int(p, "batch_size", 1, MAX_BATCH)
-    parse_device(p["device"])
-    return p
+    """Validated, JSON-able copy of the detector's parameters (:func:`.params.check`); ValueError naming the first
+    bad one.  At fit and on every model file's header at load."""
+    return param_table.check(params)
 
 
 def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tuple[Fitted, Path]:
@@ -162,16 +164,25 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         "weights_fingerprint": model.fingerprint,
         "graph": model.graph,
         "auto": model.auto,
+        "fit_report": None if model.report is None else model.report.record(),
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
-              "calibration_maxima": np.asarray(t.maxima, np.float64)}
+              "calibration_maxima": np.asarray(t.maxima, np.float64),
+              "calibration_distances": np.asarray(t.distances, np.float32)}
     if model.polarity is not None:
         arrays["polarity"] = model.polarity.reference
     if model.bank.global_features is not None:
         arrays["global_bank"] = model.bank.global_features
+    if model.offsets is not None:
+        arrays["tolerance_offsets"] = np.asarray(model.offsets, np.int64)
+    if isinstance(model.bank.radius, np.ndarray):
+        arrays["tolerance_map"] = model.bank.radius.astype(np.uint8)
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
+    if model.drift is not None:
+        header["drift"], drift_arrays = model.drift.state()
+        arrays.update(drift_arrays)
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -197,6 +208,8 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
         raise ValueError(f"only {list(RUNTIME_PARAMS)} can be overridden on load, got {sorted(bad)}")
     if threshold is not None and false_alarm_rate is not None:
         raise ValueError("give threshold or false_alarm_rate, not both")
+    # A wrong run-time value is the caller's, not the file's: say so before reading the file.
+    check_params(dict(param_table.defaults(), **runtime))
     header, arrays = modelfile.read(path)
     try:
         model, params = _unpack(header, arrays, runtime)
@@ -214,6 +227,10 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
 def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if not isinstance(header.get("params"), dict):
         raise TypeError("params is not a mapping")
+    unknown = sorted(set(header["params"]) - set(param_table.table()))
+    if unknown:
+        raise ModelFileError(f"unknown parameters {unknown}: the file was written by a newer DinoPatch (it says "
+                             f"{header.get('dinopatch_version')!r}, this is {__version__}); upgrade to load it")
     params = check_params(dict(header["params"], **runtime))
     spec = get_spec(params["backbone"])
     side = params["image_size"] // spec.patch_size
@@ -247,7 +264,7 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     fingerprint = header["weights_fingerprint"]
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")
-    threshold = _threshold(header["threshold"], arrays, bank)
+    threshold = _threshold(header["threshold"], arrays, bank, side)
     model_id = header["model_id"]
     if not isinstance(model_id, str) or not re.fullmatch(r"[0-9a-f]{12}", model_id):
         raise ValueError(f"model id malformed ({model_id!r})")
@@ -255,32 +272,68 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
         raise ValueError(f"graph record malformed ({graph!r})")
-    auto = autotune.check_record(header.get("auto"), params, side)
+    offsets = arrays.get("tolerance_offsets")
+    if offsets is not None:
+        offsets = tolerance.check_offsets(offsets, (side, side), None if fg is None else fg.positions)
+    auto = autotune.check_record(header.get("auto"), params, side, offsets)
+    report = None if header.get("fit_report") is None else FitReport.from_record(header["fit_report"])
+    if report is not None and report.outliers != params["outliers"]:
+        raise ValueError(f"fit report's policy {report.outliers!r} is not the parameters' outliers "
+                         f"{params['outliers']!r}: the file was edited")
+    if report is not None and threshold.source["method"] in ("leave-one-out", "k-fold") \
+            and threshold.source["images"] != report.used:
+        raise ValueError(f"threshold measured on {threshold.source['images']} images but the fit report used "
+                         f"{report.used}: the file was edited")
     chosen = check_params(autotune.resolved(params, auto))
+    radius = _radius(chosen["tolerance"], arrays.get("tolerance_map"), offsets, side)
     rows = arrays.get("global_bank") if chosen["match"] != "local" else None
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
-    membank = MemoryBank(bank, (side, side), chosen["tolerance"], None if fg is None else fg.positions,
-                         chosen["match"], rows)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto), params
+    membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
+    drift = Reference.from_state(header.get("drift"), arrays)
+    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
+                  offsets, report, drift), params
 
 
-def _threshold(record: dict, arrays: dict, bank: np.ndarray) -> Threshold:
+def _radius(chosen, stored, offsets, side: int):
+    """The bank's radius: the chosen one, or for ``"map"`` the map derived again from its evidence."""
+    if not (isinstance(chosen, str) and chosen == "map"):
+        if stored is not None:
+            raise ValueError(f"a tolerance map in a model whose tolerance is {chosen!r}")
+        return chosen
+    if offsets is None or stored is None:
+        raise ValueError("tolerance 'map' without its map or its evidence (tolerance_map, tolerance_offsets)")
+    if stored.shape != (side * side,) or not np.isin(stored, tolerance.RADII).all():
+        raise ValueError(f"tolerance map {stored.dtype}{list(stored.shape)} is not {side * side} values in "
+                         f"{set(tolerance.RADII)}")
+    derived = tolerance.tolerance_map(offsets, (side, side), side - 1)
+    if (stored != derived).any():
+        raise ValueError("the tolerance map disagrees with its evidence (tolerance_offsets): the file was edited")
+    return derived
+
+
+def _threshold(record: dict, arrays: dict, bank: np.ndarray, side: int) -> Threshold:
     source = record["source"]
     if not isinstance(source, dict) or source.get("method") not in METHODS:
         raise ValueError(f"threshold source {source!r} is not one of {METHODS}")
+    # Files from before per-location masks have no held-out distances: their masks use the one pixel value.
+    distances = arrays.get("calibration_distances", np.zeros((0, side, side), np.float32))
+    if distances.size and distances.shape[1:] != (side, side):
+        raise ValueError(f"held-out distances {list(distances.shape)} do not fit the [{side}, {side}] grid")
     t = Threshold(record["image"], record["pixel"], source, arrays["calibration_scores"],
-                  arrays["calibration_maxima"])
+                  arrays["calibration_maxima"], distances)
     # One location at a time: a float32 copy of a large fp16 bank would double its memory.
     reach = THRESHOLD_REACH * math.sqrt(max(float(np.einsum("kd,kd->k", rows, rows, dtype=np.float32).max())
                                             for rows in bank))
-    for name, value in (("image", t.image), ("pixel", t.pixel)):
+    grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
+    for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
         if value > reach:
             raise ValueError(f"{name} threshold {value:g} is beyond any distance this bank can produce "
                              f"(~{reach:.3g}): every part would pass")
     if source["method"] in ("leave-one-out", "k-fold", "held-out"):
         remeasured = t.at_false_alarm_rate(source["false_alarm_rate"])
         if not (math.isclose(remeasured.image, t.image) and math.isclose(remeasured.pixel, t.pixel)):
-            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores "
-                             f"({remeasured.image:g}): the file was edited")
+            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores' conformal "
+                             f"quantile ({remeasured.image:g}): the file was edited, or written before "
+                             "thresholds were conformal (refit it)")
     return t

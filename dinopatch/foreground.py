@@ -20,7 +20,7 @@ the gray level) against the
 nominal images, and each such location's map value is that z times
 :attr:`Foreground.unit`, which puts a nominal background's worst location at
 :data:`BACKGROUND_WEIGHT` of a nominal part's worst patch distance (both
-measured leave-one-out at fit).  The threshold is then calibrated on these
+measured on the nominal set's held-out folds at fit).  The threshold is then calibrated on these
 maps like any other.
 """
 from __future__ import annotations
@@ -45,7 +45,6 @@ AUTO_MAX_FRACTION = 0.6
 FLOOR = 2.0
 BACKGROUND_WEIGHT = 0.5
 STATS = 4  # features per location: mean B, G, R and the standard deviation of gray
-_REFERENCE_IMAGES = 64  # nominal images the leave-one-out scales are measured on, at most
 
 
 def check_option(option, align: bool):
@@ -137,23 +136,30 @@ class Foreground:
     unit: float
 
     @classmethod
-    def fit(cls, positions: np.ndarray, grid: tuple[int, int], tokens: np.ndarray,
-            stats: np.ndarray) -> "Foreground":
+    def fit(cls, positions: np.ndarray, grid: tuple[int, int], part: np.ndarray, stats: np.ndarray,
+            folds) -> "Foreground":
         """Measure the background and its unit on nominal images.
 
         Args:
             positions: the region (from :func:`region`).
-            tokens: float32 ``[N, n, D]`` nominal tokens at ``positions``, N >= 2.
+            part: float32 ``[N, h, w]`` held-out distances of the nominal tokens, each at its own place
+                only (NaN outside the region), N >= 2.
             stats: ``[N, L, 4]`` their :func:`patch_stats`.
+            folds: the held-out index sets ``part`` was measured with; the background is judged the same way.
         """
-        n = len(tokens)
+        n = len(part)
         if n < 2:
             raise ValueError("foreground tokens need at least 2 nominal images to scale the background check")
-        t, s = tokens[:_REFERENCE_IMAGES], stats[:_REFERENCE_IMAGES]
         outside = np.setdiff1d(np.arange(grid[0] * grid[1]), positions)
-        part = float(np.median(_loo_nearest(t).max(axis=1)))
-        back = float(np.median(_loo_z(s[:, outside]).max(axis=1))) if outside.size else 1.0
-        unit = BACKGROUND_WEIGHT * part / max(back, 1.0)
+        worst_part = float(np.median(np.nanmax(part.reshape(n, -1)[:, positions], axis=1)))
+        back = 1.0
+        if outside.size:
+            z = np.empty((n, outside.size))
+            for held in folds:
+                train = np.setdiff1d(np.arange(n), held)
+                z[held] = Background.fit(stats[train][:, outside]).z(stats[held][:, outside])
+            back = float(np.median(z.max(axis=1)))
+        unit = BACKGROUND_WEIGHT * worst_part / max(back, 1.0)
         return cls(positions, grid, Background.fit(stats), unit)
 
     @property
@@ -167,10 +173,7 @@ class Foreground:
 
     def scatter(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens ``[B, n, D]`` at the region -> grids ``[B, h, w, D]``, zero outside."""
-        b, _, d = tokens.shape
-        out = np.zeros((b, self.grid[0] * self.grid[1], d), tokens.dtype)
-        out[:, self.positions] = tokens
-        return out.reshape(b, *self.grid, d)
+        return scatter(tokens, self.positions, self.grid)
 
     def complete(self, distances: np.ndarray, images: np.ndarray, background: Background | None = None):
         """Patch distances ``[B, h, w]`` (NaN outside the region) with the background term filled in.
@@ -238,44 +241,9 @@ def plan(option, aligner, images, grid: tuple[int, int]) -> np.ndarray | None:
     return positions
 
 
-def embed_nominal(option, aligner, images: list[np.ndarray], engine, batch_size: int, progress: bool = False):
-    """The nominal images in the canonical frame, their token grids, and the :class:`Foreground` (or None).
-
-    With a region (:func:`plan`), the aligner pads with the background level,
-    the backbone runs on the region only, and the grids are zero outside it.
-
-    Returns:
-        ``aligner.transform`` of each image, tokens ``[N, h, w, D]``, and the Foreground or None.
-    """
-    from .backbone import embed
-
-    positions = plan(option, aligner, images, engine.grid)
-    if positions is not None:  # mirrored pieces of the part pasted into the frame would be foreground
-        aligner.padding = "background"
-    canon = [aligner.transform(im) for im in images]
-    frames = np.stack([c[0] for c in canon])
-    tokens = embed(engine, frames, batch_size, progress, "fit: embedding", positions)
-    if positions is None:
-        return canon, tokens, None
-    fg = Foreground.fit(positions, engine.grid, tokens, patch_stats(frames, engine.grid))
-    return canon, fg.scatter(tokens), fg
-
-
-def _loo_nearest(tokens: np.ndarray) -> np.ndarray:
-    """Distance of each image's token to the nearest other image's at the same place: ``[N, n, D]`` -> ``[N, n]``."""
-    t = np.ascontiguousarray(tokens.transpose(1, 0, 2), dtype=np.float32)  # [n, N, D]
-    sq = np.einsum("lnd,lnd->ln", t, t)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2 * np.matmul(t, t.transpose(0, 2, 1))
-    idx = np.arange(t.shape[1])
-    d2[:, idx, idx] = np.inf
-    return np.sqrt(np.maximum(d2.min(axis=2), 0.0)).T
-
-
-def _loo_z(stats: np.ndarray) -> np.ndarray:
-    """Each image's :meth:`Background.z` against the others' statistics: ``[N, L, 4]`` -> ``[N, L]``."""
-    n = len(stats)
-    x = stats.astype(np.float64)
-    s, ss = x.sum(0), (x * x).sum(0)
-    mean = (s - x) / (n - 1)
-    var = (ss - x * x) / (n - 1) - mean * mean
-    return (np.abs(x - mean) / np.maximum(np.sqrt(np.maximum(var, 0.0)), FLOOR)).max(axis=-1)
+def scatter(tokens: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Tokens ``[B, n, D]`` at flat patch indices ``positions`` -> grids ``[B, h, w, D]``, zero elsewhere."""
+    b, _, d = tokens.shape
+    out = np.zeros((b, grid[0] * grid[1], d), tokens.dtype)
+    out[:, positions] = tokens
+    return out.reshape(b, *grid, d)

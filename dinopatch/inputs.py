@@ -73,7 +73,8 @@ def training_files(items: list[str]) -> tuple[list[Path], list[str]]:
 
     A folder in the MVTec AD layout gives its ``train/good``.  Anything else is
     searched as it is, and refused if it holds test images or masks: a
-    ``test`` or ``ground_truth`` folder below it, or ``*_mask`` files.
+    ``test`` or ``ground_truth`` folder below it, ``*_mask`` files, or the
+    layout of a test folder itself (``good/`` beside defect folders).
 
     Returns:
         the files, and one note per MVTec folder saying what was taken from it.
@@ -87,6 +88,8 @@ def training_files(items: list[str]) -> tuple[list[Path], list[str]]:
             files += paths
         else:
             rest.append(item)
+    for item in rest:
+        _refuse_test_folder(Path(item))
     for f, folder in _expand(rest):
         below = f.relative_to(folder).parts[:-1] if folder is not None else ()
         if {"test", "ground_truth"} & set(below) or f.stem.endswith("_mask") \
@@ -97,6 +100,18 @@ def training_files(items: list[str]) -> tuple[list[Path], list[str]]:
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(items)}")
     return files, notes
+
+
+def _refuse_test_folder(folder: Path) -> None:
+    """A folder holding ``good/`` beside defect folders is an MVTec ``test`` folder: never training data."""
+    if not folder.is_dir():
+        return
+    subs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if "good" in subs and len(subs) > 1:
+        others = ", ".join(f"{d}/" for d in subs if d != "good")
+        raise ValueError(f"{folder}: good/ beside {others} is the layout of a test folder (a test image or mask "
+                         f"in the training set); fit on good parts only: give a train/good folder, or a folder "
+                         f"in {MVTEC_LAYOUT}")
 
 
 def common_root(files: list[Path]) -> Path:

@@ -9,8 +9,10 @@ reference in ``tests/test_kernels.py``:
 ``min_distance`` also takes the spatial tolerance of the bank (``grid=(h, w)``
 and ``radius``: a query at location l is compared with the rows of every
 location within ``radius`` grid steps, Chebyshev distance, clipped at the
-edges) and ragged banks (``counts[l]`` valid rows at location l; the rows
-beyond are padding and never read).
+edges; ``radius`` is one integer, or an integer array of L values, a
+tolerance map with a radius per location, taken by every backend) and ragged
+banks (``counts[l]`` valid rows at location l; the rows beyond are padding and
+never read).
 
 Backends, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
 ``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``backend=None`` or ``"auto"``
@@ -68,6 +70,28 @@ def _numba():
     return _numba_kernels
 
 
+def isa() -> str | None:
+    """The SIMD instruction set the cpp kernel runs on; None where ``dinopatch._C`` is not built."""
+    return None if _C is None else _C.isa()
+
+
+def isas() -> list[str]:
+    """Instruction sets the cpp kernel can run on here, best first (``"generic"`` last); [] where not built."""
+    return [] if _C is None else list(_C.isas())
+
+
+def set_isa(name: str) -> None:
+    """Run the cpp kernel on instruction set ``name`` (one of :func:`isas`); benchmarks compare them."""
+    if _C is None:
+        raise ValueError("the cpp kernel (dinopatch._C) is not built here: pip install -e .")
+    _C.set_isa(name)
+
+
+def cuda_runtime():
+    """``dinopatch._C_cuda`` (device buffers, event timers, ``synchronize``) where a GPU is present, else None."""
+    return _cuda()
+
+
 def available() -> list[str]:
     """Backends usable in this process, fastest first."""
     found = []
@@ -114,16 +138,30 @@ def _check_counts(counts, L: int, K: int) -> np.ndarray | None:
     return np.ascontiguousarray(c, dtype=np.int64)
 
 
-def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
-    """``(h, w, radius)``; ``radius`` 0 means own location only."""
+def _check_radius(radius, L: int) -> int | np.ndarray:
+    """One radius as an int, or a map of ``L`` radii as int32; ValueError/TypeError on anything else."""
+    if isinstance(radius, np.ndarray) and radius.ndim == 1:
+        if radius.dtype == bool or not np.issubdtype(radius.dtype, np.integer) or radius.shape != (L,):
+            raise ValueError(f"a radius map must be an integer array of shape ({L},), got {radius.dtype} "
+                             f"{radius.shape}")
+        if L and radius.min() < 0:
+            raise ValueError(f"a radius map must hold values >= 0, got minimum {radius.min()}")
+        return radius
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
-        raise TypeError(f"radius must be an integer number of grid steps, got {radius!r}")
-    radius = int(radius)
+        raise TypeError(f"radius must be an integer number of grid steps or an [L] integer array, "
+                        f"got {radius!r:.80}")
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
+    return int(radius)
+
+
+def _check_grid(grid, radius, L: int) -> tuple[int, int, int | np.ndarray]:
+    """``(h, w, radius)``: radius an int, or an int32 map ``[L]``; 0 means own location only."""
+    radius = _check_radius(radius, L)
+    largest = int(radius.max(initial=0)) if isinstance(radius, np.ndarray) else radius
     if grid is None:
-        if radius:
-            raise ValueError(f"radius = {radius} needs grid=(h, w) with h * w = L = {L}")
+        if largest:
+            raise ValueError(f"radius = {largest} needs grid=(h, w) with h * w = L = {L}")
         return L, 1, 0
     if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid):
         raise ValueError(f"grid must be two integers (h, w), got {tuple(grid)}")
@@ -131,6 +169,8 @@ def _check_grid(grid, radius, L: int) -> tuple[int, int, int]:
     if h * w != L or min(h, w) < 1:
         raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
     # Past the grid every location is a neighbour already; clamped, y + radius cannot overflow in a kernel.
+    if isinstance(radius, np.ndarray):
+        return h, w, np.minimum(radius, max(h, w)).astype(np.int32)
     return h, w, min(radius, max(h, w))
 
 
@@ -169,7 +209,7 @@ def upload(bank, counts=None):
 
 
 def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid=None,
-                 radius: int = 0) -> np.ndarray:
+                 radius: int | np.ndarray = 0) -> np.ndarray:
     """Distance from each query to the nearest bank row at its location.
 
     Args:
@@ -185,7 +225,8 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
             (an uploaded bank has its counts from :func:`upload`).
         grid: ``(h, w)`` token grid with ``h * w == L``; needed when ``radius > 0``.
         radius: spatial tolerance in grid steps (Chebyshev neighbourhood,
-            clipped at the grid edges).
+            clipped at the grid edges): one integer for every location, or an
+            integer array ``[L]`` (int8, int32, ...) with a radius per location.
 
     Returns:
         ``[B, L]`` float32 Euclidean distances; NaN where the query has a NaN.
@@ -225,7 +266,8 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
         return _C.min_distance(q, b, c, h, w, r)
     if backend == "numba":
         full = np.full(L, K, dtype=np.int64) if c is None else c
-        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, r)
+        radii = r if isinstance(r, np.ndarray) else np.full(L, r, np.int32)  # one compiled signature
+        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, radii)
     return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
 
 
@@ -271,15 +313,16 @@ def neighbourhood(l: int, grid: tuple[int, int], radius: int) -> np.ndarray:
 
 
 def min_distance_numpy(q: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None,
-                       grid: tuple[int, int] | None = None, radius: int = 0) -> np.ndarray:
-    """Reference: direct differences per location, float64 accumulation."""
+                       grid: tuple[int, int] | None = None, radius: int | np.ndarray = 0) -> np.ndarray:
+    """Reference: direct differences per location, float64 accumulation (``radius``: int or ``[L]`` map)."""
     B, L, D = q.shape
     K = b.shape[1]
     grid = grid or (L, 1)
+    radii = np.broadcast_to(np.asarray(radius, np.int64), (L,))
     out = np.empty((B, L), dtype=np.float32)
     for l in range(L):
         rows = np.concatenate([b[m, : (K if counts is None else counts[m])]
-                               for m in neighbourhood(l, grid, radius)]).astype(np.float64)
+                               for m in neighbourhood(l, grid, int(radii[l]))]).astype(np.float64)
         # Chunk the queries so the [chunk, rows, D] difference stays small.
         step = max(1, (1 << 22) // (len(rows) * D))
         for s in range(0, B, step):

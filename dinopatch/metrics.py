@@ -41,6 +41,29 @@ def auroc(labels, scores) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def bootstrap_aurocs(labels, scores: list[np.ndarray], resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Image AUROC of several scorings of the same images on the same stratified bootstrap resamples.
+
+    Negatives and positives are each resampled with replacement (``resamples`` times), and every scoring
+    is read on the same resamples, so that two scorings can be compared pair by pair.  A non-finite score
+    ties with everything.
+
+    Returns:
+        float64 ``[len(scores), resamples]``.
+    """
+    labels = np.asarray(labels, bool)
+    neg, pos = np.flatnonzero(~labels), np.flatnonzero(labels)
+    count_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=resamples)
+    count_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=resamples)
+    out = np.empty((len(scores), resamples))
+    for k, s in enumerate(scores):
+        s = np.asarray(s, np.float64)
+        p, n = s[pos][:, None], s[neg][None, :]
+        wins = np.where(np.isfinite(p) & np.isfinite(n), (p > n) + 0.5 * (p == n), 0.5)
+        out[k] = np.einsum("bm,mn,bn->b", count_pos, wins, count_neg) / (len(pos) * len(neg))
+    return out
+
+
 def binary_report(labels, predicted) -> dict[str, float]:
     """Precision, recall, F1 and accuracy of boolean predictions."""
     y = np.asarray(labels).ravel().astype(bool)
@@ -50,6 +73,36 @@ def binary_report(labels, predicted) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((y == p).mean()) if y.size else 0.0}
+
+
+def line_counts(labels, predicted) -> dict[str, int]:
+    """What a line lives by, at one threshold: good parts rejected and defects caught, with the totals.
+
+    Args:
+        labels: True for a defective part.
+        predicted: True where the part was flagged (``is_anomaly``).
+
+    Returns:
+        ``{"good_rejected", "n_good", "defects_caught", "n_defect"}``.
+    """
+    y = np.asarray(labels).ravel().astype(bool)
+    p = np.asarray(predicted).ravel().astype(bool)
+    if y.shape != p.shape:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape} differ in size")
+    return {"good_rejected": int((p & ~y).sum()), "n_good": int((~y).sum()),
+            "defects_caught": int((p & y).sum()), "n_defect": int(y.sum())}
+
+
+def seg_f1(masks: list[np.ndarray], predicted: list[np.ndarray]) -> float:
+    """SegF1: the F1 of predicted defect masks against the ground truth, pixels pooled over all images.
+
+    NaN where no image has a ground-truth defect pixel (nothing to find).
+    """
+    y = np.concatenate([np.asarray(m, bool).ravel() for m in masks])
+    p = np.concatenate([np.asarray(m, bool).ravel() for m in predicted])
+    if y.shape != p.shape:
+        raise ValueError(f"masks ({y.size} pixels) and predictions ({p.size} pixels) differ in size")
+    return binary_report(y, p)["f1"] if y.any() else float("nan")
 
 
 def precision_recall_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

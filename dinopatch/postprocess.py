@@ -98,19 +98,36 @@ class PostProcess:
         amap = anomaly_map(distances, valid, float(self.sigma))
         return amap, image_score(amap, valid, self.score, float(self.topk))
 
-    def judge(self, raw: PatchDistances, aligner, threshold: float, pixel_threshold: float,
-              source: str) -> Result:
-        """The :class:`Result` of one image: map back in the input frame, mask and verdict."""
+    def judge(self, raw: PatchDistances, aligner, threshold, pixel_threshold: float | None = None) -> Result:
+        """The :class:`Result` of one image: map back in the input frame, mask, verdict and p-value.
+
+        Args:
+            threshold: the :class:`~.calibration.Threshold` the image score is judged by; its
+                :attr:`~.calibration.Threshold.pixel_grid`, where it has one, judges the mask.
+            pixel_threshold: one map value above which a pixel is a defect, instead (default:
+                ``threshold.pixel`` where there is no grid).
+        """
         amap, score = self.score_map(raw.distances, raw.valid)
         amap_in = aligner.inverse_map(amap, raw.alignment, raw.shape)
+        if pixel_threshold is None and threshold.pixel_grid is not None:
+            # The grid goes through the same smoothing as the map, so a location's threshold is
+            # compared with its map value, both in the input frame.
+            surface = aligner.inverse_map(anomaly_map(threshold.pixel_grid, raw.valid, float(self.sigma)),
+                                          raw.alignment, raw.shape)
+            limit = float(surface.max())
+        else:
+            surface, limit = None, threshold.pixel if pixel_threshold is None else pixel_threshold
         outside = raw.alignment.outside_map(raw.shape)
-        if outside is not None:  # an object away from the part: above the worst place and both thresholds
-            worst = max((v for v in (float(amap_in.max()), threshold, pixel_threshold) if np.isfinite(v)), default=1.0)
+        if outside is not None:  # an object away from the part: above the worst place and every threshold
+            worst = max((v for v in (float(amap_in.max()), threshold.image, limit) if np.isfinite(v)), default=1.0)
             worst = float(np.nextafter(np.float32(worst), np.float32(np.inf)))
             amap_in = np.where(outside > 0, np.float32(worst), amap_in)
             score = max(score, worst)
+        mask = segment(amap_in if surface is None else amap_in - surface, limit if surface is None else 0.0,
+                       int(self.morph_kernel))
         trusted = bool(raw.alignment.trusted)
         # NaN compares False: a non-finite score never passes.
-        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold and trusted),
-                      aligned=trusted, mask=segment(amap_in, pixel_threshold, int(self.morph_kernel)),
-                      alignment=raw.alignment, threshold=float(threshold), threshold_source=source)
+        return Result(score=score, anomaly_map=amap_in, is_anomaly=not (score <= threshold.image and trusted),
+                      aligned=trusted, mask=mask,
+                      alignment=raw.alignment, threshold=float(threshold.image),
+                      threshold_source=threshold.describe(), p_value=threshold.p_value(score))

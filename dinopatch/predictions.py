@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import read_image
+from .data import read_image, write_png
 from .inputs import relative_name
-from .records import CSV_FIELDS, error_record, result_record
+from .records import CSV_FIELDS, csv_row, error_record, result_record
 from .viz import overlay
 
 # --save-maps: exact float32 arrays, or 16-bit PNGs any image viewer opens.
@@ -42,7 +42,8 @@ class Summary:
 
 
 def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path, overlays: bool = True,
-                  save_maps: str | None = None, progress: bool = True, engine: str | None = None) -> Summary:
+                  save_maps: str | None = None, progress: bool = True, engine: str | None = None,
+                  stamp=None) -> Summary:
     """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
 
     Args:
@@ -54,6 +55,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         save_maps: ``"npy"`` or ``"png"`` (see :data:`MAP_FORMATS`) to write ``maps/<name>.<format>``.
         progress: show a progress bar.
         engine: the engine name the records give (default: ``det.engine``).
+        stamp: called as ``stamp(record, image, Result or exception)`` before each record is written, in
+            input order (the line's id and drift fields, :class:`~dinopatch.stamp.Stamp`).
 
     The first batch's ``latency_ms`` includes building the backbone engine
     unless it was built before (the CLI builds it first).
@@ -73,7 +76,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
         rows.writeheader()
         for start in range(0, len(files), bs):
             chunk = files[start:start + bs]
-            for path, image, outcome, latency_ms in _score_batch(det, chunk):
+            for path, image, outcome, latency_ms in score_batch(det, chunk):
                 if isinstance(outcome, BaseException):
                     record = error_record(outcome, det, path=path, engine=engine)
                     summary.failed += 1
@@ -88,8 +91,10 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
                     if save_maps:
                         name = relative_name(path, root, f".{save_maps}")
                         _write_map(out / "maps" / name, outcome.anomaly_map, vmax)
+                if stamp is not None:
+                    stamp(record, image, outcome)
                 jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-                rows.writerow({k: int(v) if isinstance(v, bool) else v for k, v in record.items()})
+                rows.writerow(csv_row(record))
             # A reader tailing the files, or a run cut short, sees every finished batch.
             jsonl.flush()
             table.flush()
@@ -97,7 +102,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
     return summary
 
 
-def _score_batch(det, paths: list[Path]):
+def score_batch(det, paths: list[Path]):
     """``(path, image, Result or the exception, latency in ms)`` per path, in order.
 
     Latency runs from the start of reading the batch to its results: with
@@ -134,7 +139,7 @@ def _predict_each(images: list[np.ndarray], det) -> list:
 def _write_overlay(path: Path, image: np.ndarray, result, vmax: float) -> None:
     caption = f"{result.score:.3f}{' ANOMALY' if result.is_anomaly else ''}" \
               f"{'' if result.aligned else ' (unaligned: ' + result.alignment.reason + ')'}"
-    _write_png(path, overlay(image, result.anomaly_map, vmax=vmax, pred_mask=result.mask, text=caption))
+    write_png(path, overlay(image, result.anomaly_map, vmax=vmax, pred_mask=result.mask, text=caption))
 
 
 def _write_map(path: Path, amap: np.ndarray, vmax: float) -> None:
@@ -142,13 +147,4 @@ def _write_map(path: Path, amap: np.ndarray, vmax: float) -> None:
     if path.suffix == ".npy":
         np.save(path, amap.astype(np.float32, copy=False), allow_pickle=False)
     else:
-        _write_png(path, np.rint(np.clip(amap / vmax, 0.0, 1.0) * 65535).astype(np.uint16))
-
-
-def _write_png(path: Path, picture: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # imencode and a Python write, not imwrite: paths of any encoding work.
-    ok, data = cv2.imencode(".png", picture)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    path.write_bytes(data.tobytes())
+        write_png(path, np.rint(np.clip(amap / vmax, 0.0, 1.0) * 65535).astype(np.uint16))

@@ -5,3 +5,10 @@ PRESETS = {
     "notebook": dict(backbone="dinov2_vitb14", image_size=784, layers=1, tolerance=1, sigma=4.0, score="max",
                      morph_kernel=5, coreset_ratio=1.0),
 }
+
+
+def preset(name: str, **overrides) -> dict:
+    """The parameters of the configuration ``name`` of :data:`PRESETS`, with ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return dict(PRESETS[name], **overrides)

@@ -5,6 +5,14 @@ of it as a row of ``scores.csv``; a service can answer with the same record, so
 a line engineer reads the same fields wherever a verdict came from.  Records
 hold only JSON values: a score that could not be measured is ``null``, never a
 NaN literal.
+
+Any file name is recorded, and all text is valid UTF-8: a name that is not
+valid UTF-8 gives ``path`` as a display form (each undecodable byte spelled
+``\\xNN``) and, right after it, ``path_base64``: the base64 of the
+name's exact bytes (``os.fsencode``), from which
+``os.fsdecode(base64.b64decode(...))`` gives the path back.  A CSV cell that
+starts like a spreadsheet formula (``=``, ``+``, ``-``, ``@``, tab, CR) is
+written with a leading ``'``.
 """
 from __future__ import annotations
 
@@ -16,13 +24,15 @@ import cv2
 import numpy as np
 
 # Every record has these keys, in this order.
-FIELDS = ("path", "score", "is_anomaly", "aligned", "reason", "threshold", "threshold_source", "model_id",
-          "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
+FIELDS = ("path", "score", "p_value", "is_anomaly", "aligned", "reason", "threshold", "threshold_source",
+          "model_id", "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
 # The keys that fit in a CSV cell (defect_boxes is a list).
 CSV_FIELDS = tuple(f for f in FIELDS if f != "defect_boxes")
 # A mask broken into thousands of specks is one verdict, not thousands of boxes:
 # the largest are kept, and the record says how many there were.
 MAX_BOXES = 32
+# A text cell starting with one of these is a formula to a spreadsheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def result_record(result, det, *, path: str | os.PathLike | None = None, latency_ms: float | None = None,
@@ -37,15 +47,17 @@ def result_record(result, det, *, path: str | os.PathLike | None = None, latency
         engine: the backbone engine that ran (default: the detector's setting).
 
     Returns:
-        a dict with the keys of :data:`FIELDS`; ``defect_boxes`` lists
+        a dict with the keys of :data:`FIELDS`; ``p_value`` is the score's conformal p-value among the
+        held-out good parts (:meth:`~dinopatch.calibration.Threshold.p_value`); ``defect_boxes`` lists
         ``[x, y, width, height]`` of the largest :data:`MAX_BOXES` connected
         defect regions in input pixels, largest first; ``defect_regions``
         says how many there were in all.
     """
     boxes, regions = defect_boxes(result.mask)
     return {
-        "path": None if path is None else os.fspath(path),
+        **path_entries(path),
         "score": _finite_or_none(result.score),
+        "p_value": result.p_value,
         "is_anomaly": bool(result.is_anomaly),
         "aligned": bool(result.aligned),
         "reason": result.alignment.reason,
@@ -64,11 +76,41 @@ def result_record(result, det, *, path: str | os.PathLike | None = None, latency
 def error_record(error: BaseException | str, det, *, path: str | os.PathLike | None = None,
                  engine: str | None = None) -> dict:
     """The record of an input that could not be scored: every verdict field ``null``, ``error`` says why."""
-    record = dict.fromkeys(FIELDS)
-    record.update(path=None if path is None else os.fspath(path), model_id=det.model_id,
+    record = {**path_entries(path), **dict.fromkeys(FIELDS[1:])}
+    record.update(model_id=det.model_id,
                   engine=os.fspath(det.engine) if engine is None else engine,
-                  error=error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+                  error=text(error if isinstance(error, str) else f"{type(error).__name__}: {error}"))
     return record
+
+
+def path_entries(path: str | os.PathLike | bytes | None) -> dict:
+    """``{"path": text}``, with ``"path_base64"`` beside it where the name is not valid UTF-8."""
+    if path is None:
+        return {"path": None}
+    raw = os.fsencode(path)
+    try:
+        return {"path": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path": raw.decode("utf-8", "backslashreplace"), "path_base64": base64.b64encode(raw).decode("ascii")}
+
+
+def text(s: str) -> str:
+    """``s`` as valid UTF-8: the undecodable bytes of a file name in it (lone surrogates) spelled ``\\xNN``."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def csv_row(record: dict) -> dict:
+    """The record's values as CSV cells: booleans as 0/1, text that a spreadsheet would run as a formula
+    quoted with a leading ``'``."""
+    row = {}
+    for k, v in record.items():
+        if isinstance(v, bool):
+            v = int(v)
+        elif isinstance(v, str):
+            v = text(v)
+            v = "'" + v if v.startswith(FORMULA_STARTS) else v
+        row[k] = v
+    return row
 
 
 def defect_boxes(mask: np.ndarray, limit: int = MAX_BOXES) -> tuple[list[list[int]], int]:

@@ -20,12 +20,16 @@ class Result:
             alignment that could not be trusted: a frame the detector cannot
             judge (no part in view, part cut by the border) never passes as good.
         aligned: False where alignment could not be trusted.
-        mask: bool ``[H, W]`` defect pixels: map above the pixel threshold
-            (the largest map value of held-out good parts), cleaned by morphology.
+        mask: bool ``[H, W]`` defect pixels: map above the mask threshold of its location
+            (measured on the held-out good parts, :attr:`.Threshold.pixel_grid`), cleaned by morphology.
         alignment: the alignment diagnostics (angle, scale, reason, ...).
         threshold: the image-score threshold this verdict was made with.
-        threshold_source: how that threshold was set, in words (e.g.
-            ``"leave-one-out on 12 nominal images, false-alarm rate 0"``).
+        threshold_source: how that threshold was set and what it promises, in words (e.g.
+            ``"false-alarm rate <= 0.0769 for parts like the 12 good parts (conformal, leave-one-out);
+            the maximum of their scores"``).
+        p_value: conformal p-value of the score among the held-out good parts' scores,
+            ``(1 + #{good scores >= score}) / (n + 1)``: small for a part unlike them.  None
+            where the threshold has no calibration scores or the score is not finite.
     """
 
     score: float
@@ -36,6 +40,7 @@ class Result:
     alignment: Alignment
     threshold: float
     threshold_source: str
+    p_value: float | None = None
 
 
 @dataclass

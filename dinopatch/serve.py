@@ -17,7 +17,18 @@ HTTP:
   ``threshold_source``, ``model_id``, ``latency_ms`` and ``batch`` (how many
   images were scored together).  A non-finite score or threshold is ``null``.
 - ``GET /health``: 200 when a scorer replica answers, else 503.
-- ``GET /model``: backbone, image size, engine, threshold, model id, ...
+- ``GET /model``: model id, DinoPatch version, threshold and its source, backbone, image size, engine
+  name and the service's limits; never a path of the serving machine.
+
+Who is calling: with a token (``$DINOPATCH_TOKEN`` or ``--token-file``), every
+route but ``/health`` answers 401 unless the request carries
+``Authorization: Bearer <token>``; only the token's SHA-256 travels to the
+replicas.  The command refuses to listen on a host that is not loopback
+without a token.  A local Ray it starts has its node on loopback and no
+dashboard.  A model key (``$DINOPATCH_MODEL_KEY``) set where the command runs
+goes to every scorer replica through Ray's runtime environment, and a replica
+of such a deployment that has no key to verify the model with refuses to
+start.
 
 Errors answer ``{"error": message}``: 400 malformed, 404/405 wrong route or
 method, 413 too large (bytes or pixels), 415 neither PNG, JPEG nor raw, 422
@@ -34,24 +45,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import hashlib
+import hmac
+import ipaddress
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, params
+from .backbone import TORCH_FREE_ENGINES, canonical_engine
+from .modelfile import KEY_ENV
 from .records import score_images
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
 APP_NAME = "dinopatch"
-# Engines that run without torch; "auto" may pick torch where onnxruntime is missing.
-TORCH_FREE_ENGINES = ("onnx", "onnx:int8", "onnx:fp16")
+# The bearer token clients must send, when no --token-file is given.
+TOKEN_ENV = "DINOPATCH_TOKEN"
 
 log = logging.getLogger("dinopatch.serve")
 
@@ -64,8 +80,8 @@ class ServiceConfig:
 
     Attributes:
         model: model file, readable at this path on every node that runs a replica.
-        engine: ``"onnx"``, ``"onnx:int8"``, ``"onnx:fp16"`` or an ``.onnx``
-            export (readable on every node); never torch.
+        engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
+            or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
         kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
         replicas: scorer replicas, each holding one model.
         num_cpus: CPUs Ray reserves for each scorer replica.
@@ -74,6 +90,9 @@ class ServiceConfig:
         timeout_s: deadline of a request; 503 when it passes.
         max_bytes: largest request body (413 beyond).
         max_pixels: largest image, in pixels (413 beyond).
+        token: the bearer token clients must send (None: anyone may call); only its SHA-256 is kept.
+        signed: the models must be signed (default: whether ``$DINOPATCH_MODEL_KEY`` is set here);
+            a replica without the key refuses to start.
     """
 
     model: str
@@ -86,11 +105,23 @@ class ServiceConfig:
     timeout_s: float = 30.0
     max_bytes: int = 32 << 20
     max_pixels: int = 40_000_000
+    token: InitVar[str | None] = None
+    token_sha256: str | None = None
+    signed: bool | None = None
 
-    def __post_init__(self):
+    def __post_init__(self, token):
+        if token is not None:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError("the token must be a non-empty string")
+            self.token_sha256 = _digest(token)
+        if self.signed is None:
+            self.signed = os.environ.get(KEY_ENV) is not None
         # Absolute, because replicas may start in another folder (or on another machine).
         self.model = os.path.abspath(self.model)
-        self.engine = os.fspath(self.engine)
+        try:
+            self.engine = canonical_engine(self.engine)
+        except ValueError:
+            pass  # refused below, with the service's own choices
         if self.engine not in TORCH_FREE_ENGINES and not self.engine.endswith(".onnx"):
             raise ValueError(f"the service runs without torch: engine must be one of {TORCH_FREE_ENGINES} or an "
                              f".onnx export, got {self.engine!r}")
@@ -116,6 +147,9 @@ class Scorer:
 
         from .detector import DinoPatch
 
+        if config.signed and not os.environ.get(KEY_ENV):
+            raise RuntimeError(f"this deployment serves signed models, but {KEY_ENV} is not set where this replica "
+                               "runs: it cannot verify the model and refuses to start")
         self.config = config
         self.det = DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel,
                                   batch_size=config.max_batch, progress=False)
@@ -152,12 +186,12 @@ class Scorer:
 
     def info(self) -> dict:
         """What ``GET /model`` answers."""
-        det, path = self.det, Path(self.config.model)
+        det = self.det
+        # Names, never paths: a caller learns nothing of the serving machine's folders.
         return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
-                "engine": det.engine, "kernel": det.kernel, "threshold": det.threshold_.image,
+                "engine": Path(os.fspath(det.engine)).name, "kernel": det.kernel, "threshold": det.threshold_.image,
                 "threshold_source": det.threshold_.describe(), "model_id": det.model_id,
-                "model_file": str(path.resolve()),
-                "model_saved_at": self.saved_at, "dinopatch_version": __version__,
+                "signed": self.config.signed, "model_saved_at": self.saved_at, "dinopatch_version": __version__,
                 "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
                 "max_batch": self.config.max_batch, "batch_wait_ms": self.config.batch_wait_ms,
                 "timeout_s": self.config.timeout_s, "max_bytes": self.config.max_bytes,
@@ -188,6 +222,8 @@ class Gateway:
             if path not in routes:
                 raise RequestError(404, f"no route {path}; use POST /predict, GET /health or GET /model")
             method, handler = routes[path]
+            if path != "/health":
+                self._authorize(request)
             if request.method != method:
                 raise RequestError(405, f"{path} takes {method}, got {request.method}")
             status, body = await handler(request)
@@ -198,8 +234,17 @@ class Gateway:
             status, body = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
         if path == "/predict" and status == 200:
             body["latency_ms"] = (time.perf_counter() - t0) * 1e3
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": "1"} if status == 503 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(body, status_code=status, headers=headers)
+
+    def _authorize(self, request) -> None:
+        """401 unless the request carries the service's bearer token (when it has one)."""
+        want = self.config.token_sha256
+        if want is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(given.strip()), want):
+            raise RequestError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
 
     async def _predict(self, request) -> tuple[int, dict]:
         query = dict(request.query_params)
@@ -275,13 +320,44 @@ class Gateway:
         return 200, await self._call(lambda: self.scorer.info.remote(), time.monotonic() + timeout, timeout)
 
 
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: the first line of ``token_file``, else ``$DINOPATCH_TOKEN``, else None."""
+    if token_file is None:
+        token = os.environ.get(TOKEN_ENV)
+    else:
+        lines = Path(token_file).read_text().splitlines()
+        token = lines[0] if lines else ""
+    if token is not None and not token.strip():
+        raise ValueError(f"the token ({token_file or TOKEN_ENV}) is empty")
+    return None if token is None else token.strip()
+
+
 def build_app(config: ServiceConfig):
     """The Ray Serve application of ``config``: a :class:`Gateway` in front of :class:`Scorer` replicas."""
     from ray import serve
 
+    options = {"num_cpus": config.num_cpus}
+    key = os.environ.get(KEY_ENV)
+    if config.signed and key:
+        # Every replica verifies with the key of this deployment, on whichever node Ray starts it.
+        options["runtime_env"] = {"env_vars": {KEY_ENV: key}}
     scorer = serve.deployment(
         Scorer, name="Scorer", num_replicas=config.replicas,
-        ray_actor_options={"num_cpus": config.num_cpus},
+        ray_actor_options=options,
         # Enough requests in a replica to fill a batch while the previous one runs; beyond a few batches
         # per replica waiting, a flood is answered 503 at once instead of holding bodies until the deadline.
         max_ongoing_requests=2 * config.max_batch, max_queued_requests=8 * config.max_batch * config.replicas,
@@ -332,15 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Serve a DinoPatch model over HTTP with Ray Serve.")
     p.add_argument("-m", "--model", required=True, help="model file (on every node of a cluster)")
     p.add_argument("--replicas", type=int, default=defaults["replicas"].default, help="scorer replicas")
-    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxies listen on (0.0.0.0: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxies listen on (0.0.0.0: all; "
+                   "a host that is not loopback needs a token)")
+    p.add_argument("--token-file", help=f"a file whose first line is the bearer token clients must send "
+                   f"(default: ${TOKEN_ENV}; none: anyone on the host may call)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=defaults["max_batch"].default, help="images per backbone call")
     p.add_argument("--batch-wait-ms", type=float, default=defaults["batch_wait_ms"].default,
                    help="how long a replica waits for a batch to fill")
     p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")
-    p.add_argument("--engine", default=defaults["engine"].default,
-                   help=f"{', '.join(TORCH_FREE_ENGINES)} or an .onnx export (on every node)")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cuda", "cpp", "numba", "numpy"])
+    params.add_flags(p, ["engine", "kernel"], defaults={"engine": defaults["engine"].default},
+                     helps={"engine": f"{', '.join(TORCH_FREE_ENGINES)} or an .onnx export (on every node)"})
     p.add_argument("--timeout-s", type=float, default=defaults["timeout_s"].default,
                    help="deadline of a request; 503 after it")
     p.add_argument("--max-mb", type=float, default=defaults["max_bytes"].default / 2**20,
@@ -351,10 +429,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPUs Ray reserves for each replica")
     args = p.parse_args(argv)
     try:
+        token = read_token(args.token_file)
+    except (OSError, ValueError) as e:
+        print(f"dinopatch: error: --token-file: {e}", file=sys.stderr)
+        return 2
+    if token is None and not is_loopback(args.host):
+        print(f"dinopatch: error: --host {args.host} is not loopback: anyone who reaches it could call the service; "
+              f"set {TOKEN_ENV} or give --token-file", file=sys.stderr)
+        return 2
+    try:
         config = ServiceConfig(model=args.model, engine=args.engine, kernel=args.kernel, replicas=args.replicas,
                                num_cpus=args.num_cpus, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                timeout_s=args.timeout_s, max_bytes=int(args.max_mb * 2**20),
-                               max_pixels=args.max_pixels)
+                               max_pixels=args.max_pixels, token=token)
     except ValueError as e:
         p.error(str(e))
     check_model(config)
@@ -362,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    ray.init(address=args.address)
+    # A local Ray keeps its node on loopback, without a dashboard: only the HTTP proxy listens on --host.
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     # SIGTERM (a service manager stopping us) takes the same way out as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

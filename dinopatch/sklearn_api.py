@@ -5,27 +5,27 @@ own score is the other way round (a distance), and :meth:`score_samples` flips i
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
+
+from . import params as param_table
 
 
 class EstimatorMixin:
-    """``get_params`` / ``set_params`` from the constructor's signature, and the outlier-score API.
+    """``get_params`` / ``set_params`` from the parameter table (:mod:`.params`), and the outlier-score API.
 
     The class needs ``predict(images)`` returning results with a ``score`` and a
     fitted ``threshold_`` with an ``image`` value.
     """
 
     def get_params(self, deep: bool = True) -> dict:
-        """Constructor parameters, as scikit-learn estimators expose them."""
-        return {n: getattr(self, n) for n in inspect.signature(type(self).__init__).parameters if n != "self"}
+        """Constructor parameters, as scikit-learn estimators expose them, in the table's order."""
+        return {name: getattr(self, name) for name in param_table.table()}
 
     def set_params(self, **params):
         """Set constructor parameters; they take effect at the next :meth:`fit` (run-time ones at once)."""
-        unknown = set(params) - set(self.get_params())
+        unknown = set(params) - set(param_table.table())
         if unknown:
-            raise ValueError(f"unknown parameters {sorted(unknown)}; valid: {sorted(self.get_params())}")
+            raise ValueError(f"unknown parameters {sorted(unknown)}; valid: {sorted(param_table.table())}")
         for name, value in params.items():
             setattr(self, name, value)
         return self
@@ -48,6 +48,6 @@ class EstimatorMixin:
         return -self.threshold_.image
 
     def __repr__(self) -> str:
-        defaults = inspect.signature(type(self).__init__).parameters
-        changed = {k: v for k, v in self.get_params().items() if v != defaults[k].default}
+        defaults = param_table.defaults()
+        changed = {k: v for k, v in self.get_params().items() if v != defaults[k]}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"

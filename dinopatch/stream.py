@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 from .data import load_image
 from .detector import DinoPatch, Result
+from .drift import Monitor
 
 _DONE = object()
 
@@ -35,11 +36,13 @@ class Frame:
         result: what :meth:`DinoPatch.predict` gives for it.
         latency: seconds from the frame being taken from the iterator to its
             result being ready.
+        drift: with a drift monitor, its verdict after this frame (:meth:`.drift.Monitor.update`).
     """
 
     index: int
     result: Result
     latency: float
+    drift: dict | None = None
 
 
 class _Failure:
@@ -49,7 +52,8 @@ class _Failure:
         self.error = error
 
 
-def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int = 4) -> Iterator[Frame]:
+def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int = 4,
+           drift: Monitor | None = None) -> Iterator[Frame]:
     """Score frames as they come, overlapping alignment and post-processing with inference.
 
     Args:
@@ -57,6 +61,8 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
         frames: an iterable of images (arrays or paths), e.g. a camera generator.
         batch_size: frames per backbone call (1 gives the lowest latency).
         depth: capacity of each queue between stages, in batches.
+        drift: a :class:`~dinopatch.drift.Monitor` (e.g. ``Monitor.for_model(det)``) that follows the frames;
+            each :class:`Frame` then carries its ``drift`` field.
 
     Yields:
         :class:`Frame` per input frame, in input order. When a frame cannot be
@@ -74,17 +80,17 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     ``next()`` again.
     """
     # Checked here, not at the first next(): a generator would report them late.
-    det._fitted()
+    det.model_
     if int(batch_size) < 1 or int(depth) < 1:
         raise ValueError(f"batch_size and depth must be >= 1, got {batch_size} and {depth}")
-    return _pipeline(det, frames, int(batch_size), int(depth))
+    return _pipeline(det, frames, int(batch_size), int(depth), drift)
 
 
 _POLL = 0.05  # how often a stage blocked on a queue looks whether the consumer went away
 _SOURCE_GRACE = 0.2  # how long close() waits for a frame source blocked in its own next()
 
 
-def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> Iterator[Frame]:
+def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int, drift: Monitor | None) -> Iterator[Frame]:
     """The generator behind :func:`stream`; see there for what closing it does."""
     aligned_q: queue.Queue = queue.Queue(depth)
     scored_q: queue.Queue = queue.Queue(depth)
@@ -127,8 +133,9 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
                 if frame is _DONE or stop.is_set():
                     break
                 t0 = time.perf_counter()
-                batch += det.align_images([load_image(frame, index)])  # errors name the frame's place
-                start.append(t0)
+                image = load_image(frame, index)  # errors name the frame's place
+                batch += det.align_images([image])
+                start.append((t0, image if drift is not None else None))
                 if len(batch) == batch_size:
                     if not put(aligned_q, (start, batch)):
                         return
@@ -167,9 +174,10 @@ def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int) -> 
                 return
             if isinstance(item, _Failure):
                 raise item.error
-            for t0, raw in zip(*item):
+            for (t0, image), raw in zip(*item):
                 result = det.result_from(raw)
-                yield Frame(index, result, time.perf_counter() - t0)
+                field = None if drift is None else drift.observe(image, result, det.image_size)
+                yield Frame(index, result, time.perf_counter() - t0, field)
                 index += 1
     finally:
         stop.set()

@@ -21,7 +21,7 @@ DEFECTS = {"pasta": ("crack", "spot", "discolouration", "foreign"),
 
 # ----------------------------------------------------------------------------- drawing helpers
 
-def _pose(angle: float, scale: float, centre) -> np.ndarray:
+def pose_matrix(angle: float, scale: float, centre) -> np.ndarray:
     """2x3 matrix: rotate by ``angle`` degrees, scale, move the origin to ``centre``."""
     c, s = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
     return np.array([[c, -s, centre[0]], [s, c, centre[1]]])
@@ -38,7 +38,7 @@ def _fixed(m: np.ndarray, pts) -> np.ndarray:
     return np.rint(p * 16).astype(np.int32)
 
 
-def _fill(img, m, pts, colour, label=None, value=255, outline=None):
+def fill_polygon(img, m, pts, colour, label=None, value=255, outline=None):
     """Fill polygon ``pts`` (mapped by ``m``) into ``img`` (if any) and, untinted, into ``label``."""
     p = _fixed(m, pts)
     if img is not None:
@@ -49,7 +49,7 @@ def _fill(img, m, pts, colour, label=None, value=255, outline=None):
         cv2.fillPoly(label, [p], value, cv2.LINE_8, 4)
 
 
-def _line(img, m, a, b, colour, thickness):
+def draw_line(img, m, a, b, colour, thickness):
     pa, pb = _fixed(m, [a, b])
     cv2.line(img, tuple(map(int, pa)), tuple(map(int, pb)), colour, max(1, int(round(thickness))), cv2.LINE_AA, 4)
 
@@ -58,12 +58,12 @@ def _rect(x0, x1, half):
     return [(x0, -half), (x1, -half), (x1, half), (x0, half)]
 
 
-def _circle(r, n=24):
+def circle_points(r, n=24):
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
 
-def _check(category: str, defect: str, size: int = 256, defects: dict | None = None, min_size: int = 32) -> None:
+def check_defect(category: str, defect: str, size: int = 256, defects: dict | None = None, min_size: int = 32) -> None:
     """ValueError unless ``category`` and ``defect`` are among ``defects`` (default :data:`DEFECTS`)."""
     defects = DEFECTS if defects is None else defects
     if int(size) < min_size:
@@ -74,7 +74,7 @@ def _check(category: str, defect: str, size: int = 256, defects: dict | None = N
         raise ValueError(f"{category} has no defect {defect!r}; choose from good, {', '.join(defects[category])}")
 
 
-def _finish(img: np.ndarray, rng: np.random.Generator, noise: float, drift: float = 0.05) -> np.ndarray:
+def finish_image(img: np.ndarray, rng: np.random.Generator, noise: float, drift: float = 0.05) -> np.ndarray:
     """Light the scene: per-channel gain, a gradient of up to ``drift`` across the frame, sensor noise."""
     h, w = img.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w) - 0.5
@@ -98,7 +98,7 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
     Returns:
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]`` (255 = defect).
     """
-    _check("pasta", defect, size)
+    check_defect("pasta", defect, size)
     u = size / 256  # pixels per pixel of the 256 px design
     shift = rng.uniform(-1.5, 1.5, 2) * u
     look = np.random.default_rng(rng.integers(2**63))  # the same look for any defect drawn next
@@ -109,18 +109,18 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
     for j in range(-1, 9):
         for i in range(-1, 5):
             centre = np.array([(i + 0.5 * (j % 2) + 0.25) * dx, (j + 0.4) * dy]) + shift + rng.uniform(-1, 1, 2) * u
-            m = _pose((28 if j % 2 else -28) + rng.uniform(-1.5, 1.5), 1.0, centre)
+            m = pose_matrix((28 if j % 2 else -28) + rng.uniform(-1.5, 1.5), 1.0, centre)
             slant = 0.35 * half  # penne are cut on the bias
             body = [(-length / 2 - slant, -half), (length / 2 - slant, -half),
                     (length / 2 + slant, half), (-length / 2 + slant, half)]
-            _fill(img, m, body, _PASTA, fg, outline=_PASTA_RIDGE)
-            _fill(img, m, [(x, y * 0.4 - 0.15 * half) for x, y in body], _PASTA_LIGHT)
+            fill_polygon(img, m, body, _PASTA, fg, outline=_PASTA_RIDGE)
+            fill_polygon(img, m, [(x, y * 0.4 - 0.15 * half) for x, y in body], _PASTA_LIGHT)
             for y in (-0.55 * half, 0.45 * half):
-                _line(img, m, (-length / 2 + 0.25 * half, y), (length / 2 - 0.25 * half, y), _PASTA_RIDGE, u)
-            oval = _circle(1, 16) @ np.array([[0.3 * half, 0], [slant, half]])  # an open end of the tube
+                draw_line(img, m, (-length / 2 + 0.25 * half, y), (length / 2 - 0.25 * half, y), _PASTA_RIDGE, u)
+            oval = circle_points(1, 16) @ np.array([[0.3 * half, 0], [slant, half]])  # an open end of the tube
             for end in (-length / 2, length / 2):
-                _fill(img, m, oval + (end, 0), _PASTA_RIDGE)
-                _fill(img, m, 0.55 * oval + (end, 0), _PASTA_HOLE)
+                fill_polygon(img, m, oval + (end, 0), _PASTA_RIDGE)
+                fill_polygon(img, m, 0.55 * oval + (end, 0), _PASTA_HOLE)
             pieces.append(centre)
     pieces = [c for c in pieces if 0.15 * size < c[0] < 0.85 * size and 0.15 * size < c[1] < 0.85 * size]
     mask = np.zeros((size, size), np.uint8)
@@ -136,13 +136,13 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
     elif defect == "spot":
         for k in range(rng.integers(1, 4)):
             c = pieces[rng.integers(len(pieces))] + rng.uniform(-4, 4, 2) * u
-            _fill(None, _pose(0, 1, c), _circle(rng.uniform(0.022, 0.035) * size), None, mask)
+            fill_polygon(None, pose_matrix(0, 1, c), circle_points(rng.uniform(0.022, 0.035) * size), None, mask)
         mask &= fg
         soft = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), 1.0 * u)[..., None]
         img[:] = img * (1 - 0.8 * soft) + np.array([25, 50, 85]) * 0.8 * soft
     elif defect == "discolouration":
         c = pieces[rng.integers(len(pieces))]
-        _fill(None, _pose(rng.uniform(0, 180), 1, c), _circle(1) * (0.10, 0.065) * size, None, mask)
+        fill_polygon(None, pose_matrix(rng.uniform(0, 180), 1, c), circle_points(1) * (0.10, 0.065) * size, None, mask)
         mask &= fg
         tint = np.array([(120, 150, 110), (60, 90, 160), (150, 160, 160)][rng.integers(3)])
         sel = mask > 0
@@ -154,8 +154,8 @@ def render_pasta(rng: np.random.Generator, size: int = 256, defect: str = "good"
         r = rng.uniform(0.025, 0.045, n) * size
         poly = np.stack([r * np.cos(t), r * np.sin(t)], 1)
         colour = [(200, 110, 30), (60, 150, 40), (235, 235, 240)][rng.integers(3)]
-        _fill(img, _pose(0, 1, c), poly, colour, mask, outline=(30, 30, 30))
-    return _finish(img, look, 3.0), mask
+        fill_polygon(img, pose_matrix(0, 1, c), poly, colour, mask, outline=(30, 30, 30))
+    return finish_image(img, look, 3.0), mask
 
 
 # ----------------------------------------------------------------------------- screw
@@ -181,12 +181,12 @@ def render_screw(rng: np.random.Generator, size: int = 256, angle: float | None 
     Returns:
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]`` (255 = defect).
     """
-    _check("screw", defect, size)
+    check_defect("screw", defect, size)
     angle = rng.uniform(0, 360) if angle is None else angle
     scale = rng.uniform(0.85, 1.15) if scale is None else scale
     shift = rng.uniform(-0.1, 0.1, 2) * size if shift is None else np.asarray(shift, float)
     look = np.random.default_rng(rng.integers(2**63))
-    m = _pose(angle, scale * size, np.array([size / 2, size / 2]) + shift)
+    m = pose_matrix(angle, scale * size, np.array([size / 2, size / 2]) + shift)
     bend = (rng.uniform(0.35, 0.5), rng.choice([-1, 1]) * rng.uniform(20, 30)) if defect == "bent_thread" else None
     short = rng.uniform(0.45, 0.55) if defect == "short_thread" else 1.0
     img, good = (np.full((size, size, 3), _BACKGROUND, np.uint8) for _ in range(2))
@@ -199,13 +199,13 @@ def render_screw(rng: np.random.Generator, size: int = 256, angle: float | None 
     if defect == "extra_object":
         c = _extra_object_place(rng, m, size)
         if rng.random() < 0.5:  # a nut: hexagon with a hole
-            nut = _pose(rng.uniform(0, 60), scale * size, c)
-            _fill(img, nut, _circle(0.045, 6), _STEEL, mask, outline=_STEEL_DARK)
-            _fill(img, nut, _circle(0.02), _BACKGROUND, outline=_STEEL_DARK)
+            nut = pose_matrix(rng.uniform(0, 60), scale * size, c)
+            fill_polygon(img, nut, circle_points(0.045, 6), _STEEL, mask, outline=_STEEL_DARK)
+            fill_polygon(img, nut, circle_points(0.02), _BACKGROUND, outline=_STEEL_DARK)
         else:  # a pin
-            pin = _pose(rng.uniform(0, 180), scale * size, c)
-            _fill(img, pin, _rect(-0.06, 0.06, 0.014), _STEEL_LIGHT, mask, outline=_STEEL_DARK)
-    return _finish(img, look, 2.5), mask
+            pin = pose_matrix(rng.uniform(0, 180), scale * size, c)
+            fill_polygon(img, pin, _rect(-0.06, 0.06, 0.014), _STEEL_LIGHT, mask, outline=_STEEL_DARK)
+    return finish_image(img, look, 2.5), mask
 
 
 def _draw_screw(img, label, m, washer: bool, short: float, bend):
@@ -213,27 +213,27 @@ def _draw_screw(img, label, m, washer: bool, short: float, bend):
     x0, x1, half = _SHANK
     end = x0 + short * (x1 - x0)
     px = math.hypot(m[0, 0], m[1, 0])  # pixels per unit
-    _fill(img, m, [(_HEAD[0], -_HEAD[2] * 0.8), (_HEAD[0] + 0.015, -_HEAD[2]), (_HEAD[1], -_HEAD[2]),
+    fill_polygon(img, m, [(_HEAD[0], -_HEAD[2] * 0.8), (_HEAD[0] + 0.015, -_HEAD[2]), (_HEAD[1], -_HEAD[2]),
                    (_HEAD[1], _HEAD[2]), (_HEAD[0] + 0.015, _HEAD[2]), (_HEAD[0], _HEAD[2] * 0.8)],
           _STEEL, label, 1, outline=_STEEL_DARK)
     for y in (-0.3 * _HEAD[2], 0.3 * _HEAD[2]):  # the edges of the hexagon's faces
-        _line(img, m, (_HEAD[0] + 0.004, y), (_HEAD[1] - 0.004, y), _STEEL_DARK, 0.004 * px)
+        draw_line(img, m, (_HEAD[0] + 0.004, y), (_HEAD[1] - 0.004, y), _STEEL_DARK, 0.004 * px)
     # The shank starts under the head: without the washer it shows in the gap.
     segments = [(_WASHER[0], end, m)]
     if bend is not None:
         xb = x0 + bend[0] * (x1 - x0)
-        bent = _then(_pose(bend[1], 1, (xb, 0)), np.array([[1.0, 0, -xb], [0, 1, 0]]))  # about (xb, 0)
+        bent = _then(pose_matrix(bend[1], 1, (xb, 0)), np.array([[1.0, 0, -xb], [0, 1, 0]]))  # about (xb, 0)
         segments = [(_WASHER[0], xb, m), (xb, end, _then(m, bent))]
     for a, b, t in segments:
-        _fill(img, t, _rect(a, b + 0.002, half), _STEEL, label, 3, outline=_STEEL_DARK)
+        fill_polygon(img, t, _rect(a, b + 0.002, half), _STEEL, label, 3, outline=_STEEL_DARK)
         for x in np.arange(x0 + _PITCH / 2, b - _PITCH / 2, _PITCH):
             if x >= a:
-                _line(img, t, (x, -half), (x + 0.6 * _PITCH, half), _STEEL_DARK, 0.006 * px)
-        _fill(img, t, _rect(a, b, 0.012), _STEEL_LIGHT)  # the highlight along the axis
-    _fill(img, segments[-1][2], [(end, -half), (end + _TIP - x1, 0), (end, half)], _STEEL, label, 3,
+                draw_line(img, t, (x, -half), (x + 0.6 * _PITCH, half), _STEEL_DARK, 0.006 * px)
+        fill_polygon(img, t, _rect(a, b, 0.012), _STEEL_LIGHT)  # the highlight along the axis
+    fill_polygon(img, segments[-1][2], [(end, -half), (end + _TIP - x1, 0), (end, half)], _STEEL, label, 3,
           outline=_STEEL_DARK)
     if washer:
-        _fill(img, m, _rect(_WASHER[0], _WASHER[1], _WASHER[2]), _STEEL_LIGHT, label, 2, outline=_STEEL_DARK)
+        fill_polygon(img, m, _rect(_WASHER[0], _WASHER[1], _WASHER[2]), _STEEL_LIGHT, label, 2, outline=_STEEL_DARK)
 
 
 def _extra_object_place(rng, m, size) -> np.ndarray:
@@ -262,7 +262,7 @@ def make_sample(category: str, defect: str, rng: np.random.Generator, size: int 
         image uint8 ``[size, size, 3]`` BGR, mask uint8 ``[size, size]``
         (255 = defect, all zero for ``"good"``).
     """
-    _check(category, defect, size)
+    check_defect(category, defect, size)
     return _RENDER[category](rng, size, defect=defect)
 
 
@@ -292,7 +292,7 @@ def synthesize(category: str, root: str | os.PathLike, n_train: int = 40, n_test
     Returns:
         ``root`` as a Path.
     """
-    _check(category, "good", size)
+    check_defect(category, "good", size)
     root = Path(root)
     # One stream per folder: the training images do not depend on the test counts.
     groups = [("train", "good", n_train), ("test", "good", n_test_good)]

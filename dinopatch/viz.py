@@ -17,8 +17,9 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
         vmax: map value shown as the hottest colour (one scale for a whole
             report, so overlays can be compared).
         gt_mask: ground-truth defect, drawn as a green contour.
-        pred_mask: predicted defect mask, drawn as a white contour.
-        text: a caption drawn in the top-left corner.
+        pred_mask: predicted defect mask, drawn as a magenta contour.
+        text: a caption, drawn dark on a light band above the image, sized to
+            read when the picture is shown 160 px wide.
     """
     base = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image[..., :3]
     heat = np.clip(amap / max(vmax, 1e-12), 0, 1)
@@ -26,16 +27,74 @@ def overlay(image: np.ndarray, amap: np.ndarray, *, vmax: float, gt_mask: np.nda
     # Cool regions stay mostly image, so the part is still readable under the map.
     a = (alpha * heat)[..., None]
     out = (base * (1 - a) + colour * a).astype(np.uint8)
-    for mask, col in ((pred_mask, (255, 255, 255)), (gt_mask, (0, 255, 0))):
+    # Magenta and green: both stand out on grey parts and on the heat colours.
+    for mask, col in ((pred_mask, (255, 0, 255)), (gt_mask, (0, 255, 0))):
         if mask is not None and mask.any():
             contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(out, contours, -1, col, 1, cv2.LINE_AA)
-    if text:
-        scale = max(0.35, out.shape[1] / 700)
-        cv2.putText(out, text, (4, int(16 * scale + 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, text, (4, int(16 * scale + 4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+            # Thick enough to survive a thumbnail's downscaling.
+            cv2.drawContours(out, contours, -1, col, max(1, out.shape[1] // 200), cv2.LINE_AA)
+    return np.vstack([caption_band(out.shape[1], text), out]) if text else out
+
+
+def caption_band(width: int, text: str) -> np.ndarray:
+    """A light band ``[h, width, 3]`` uint8 with ``text`` in near-black, as large as the width allows.
+
+    The text is about a twelfth of the width high (at least 14 px), so a
+    picture shown as a thumbnail keeps a caption one can read; a longer text
+    is shrunk to fit the width.
+    """
+    font, height = cv2.FONT_HERSHEY_DUPLEX, max(14, width // 12)
+    (w, h), _ = cv2.getTextSize(text, font, 1.0, 1)
+    scale = min(height / h, (width - 8) / w)
+    thick = max(1, round(scale * 1.5))
+    (w, h), base = cv2.getTextSize(text, font, scale, thick)
+    band = np.full((h + base + 8, width, 3), 245, np.uint8)
+    cv2.putText(band, text, (4, h + 4), font, scale, (20, 20, 20), thick, cv2.LINE_AA)
+    return band
+
+
+# BGR colour of each tolerance radius: in place (grey-blue), one step (amber), two steps (red).
+TOLERANCE_COLOURS = ((110, 80, 60), (0, 190, 255), (40, 40, 220))
+
+
+def tolerance_picture(tmap: np.ndarray, grid: tuple[int, int], *, cell: int = 20,
+                      image: np.ndarray | None = None) -> np.ndarray:
+    """A tolerance map drawn as a uint8 BGR picture: one cell per grid location, coloured and numbered by radius.
+
+    Args:
+        tmap: ``[h * w]`` radii in {0, 1, 2} (``MemoryBank.radius`` of a map bank).
+        grid: ``(h, w)`` token grid.
+        cell: pixels per grid location.
+        image: optional canonical-frame image (uint8 ``[H, W]`` or ``[H, W, 3]``) blended under the cells,
+            so the radii can be read against the part.
+
+    Returns:
+        ``[h * cell + legend, w * cell, 3]`` uint8 (a legend strip below the grid).
+    """
+    h, w = grid
+    tmap = np.asarray(tmap)
+    if tmap.shape != (h * w,) or not np.isin(tmap, range(len(TOLERANCE_COLOURS))).all():
+        raise ValueError(f"a tolerance map must be {h * w} radii in 0..{len(TOLERANCE_COLOURS) - 1}, got "
+                         f"{tmap.dtype}{list(tmap.shape)}")
+    colours = np.array(TOLERANCE_COLOURS, np.uint8)[tmap.reshape(h, w)]
+    pic = cv2.resize(colours, (w * cell, h * cell), interpolation=cv2.INTER_NEAREST)
+    if image is not None:
+        base = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image[..., :3]
+        pic = cv2.addWeighted(cv2.resize(base, (w * cell, h * cell), interpolation=cv2.INTER_AREA), 0.5, pic, 0.5, 0)
+    scale = cell / 40
+    if cell >= 14:  # the number too, for readers who do not see the colours apart
+        for (y, x), r in np.ndenumerate(tmap.reshape(h, w)):
+            cv2.putText(pic, str(int(r)), (x * cell + cell // 4, y * cell + 3 * cell // 4), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (255, 255, 255), 1, cv2.LINE_AA)
+    legend = np.full((max(18, cell), w * cell, 3), 255, np.uint8)
+    x = 4
+    for r, colour in enumerate(TOLERANCE_COLOURS):
+        side = legend.shape[0] - 6
+        cv2.rectangle(legend, (x, 3), (x + side, 3 + side), colour, -1)
+        cv2.putText(legend, f"{r}", (x + side + 3, 3 + side), cv2.FONT_HERSHEY_SIMPLEX, max(0.35, scale), (0, 0, 0), 1,
                     cv2.LINE_AA)
-    return out
+        x += side + 24
+    return np.vstack([pic, legend])
 
 
 def _pyplot():

@@ -3,6 +3,9 @@
 Scores may differ from ``predict`` by float32 reassociation only (ONNX
 Runtime batches differently in the workers); see ``tests/test_serve.py``.
 """
+import base64
+import os
+
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
@@ -76,11 +79,10 @@ def test_archive_equals_predict_and_resumes(local_ray, archive, onnx_model, tmp_
     bad = rows[broken]
     assert "not a readable image" in bad["error"] and bad["score"] is None and bad["is_anomaly"] is None
 
-    # A third run, through the command: everything is there already.
-    parts = sorted(out.glob("part-*.parquet"))
+    # A third run, through the command: everything is there already but the unreadable file, tried again.
     assert main([str(root), "-m", str(model), "-o", str(out), "--engine", str(onnx), "--no-progress"]) == 0
-    assert "0 scored (0 with errors), 201 already in" in capsys.readouterr().out
-    assert sorted(out.glob("part-*.parquet")) == parts
+    assert "1 scored (1 with errors), 200 already in" in capsys.readouterr().out
+    assert set(_read(out)) == {*paths, broken}
 
 
 def test_inputs_folder_glob_and_list(tmp_path):
@@ -118,3 +120,39 @@ def test_output_that_is_not_ours_is_refused(tmp_path, onnx_model):
         score_archive(tmp_path / "img.png", model, tmp_path / "new", batch_size=0, progress=False)
     assert main([str(tmp_path / "missing"), "-m", str(model), "-o", str(tmp_path / "o2")]) == 2
     assert np.all([not (tmp_path / p).exists() for p in ("new", "o2")])
+
+
+def test_errors_are_retried_models_never_mixed_and_any_name_taken(local_ray, onnx_model, tmp_path):
+    model, onnx = onnx_model
+    other = DinoPatch.load(model, false_alarm_rate=0.4).save(tmp_path / "other.npz")  # another model id
+    images = tmp_path / "in"
+    images.mkdir()
+    odd = os.fsdecode(b"part\xff.png")  # not UTF-8: a lone surrogate in the str path
+    for name, im in zip(["a.png", odd], screws("good", 2, seed=5)):
+        with open(os.fsencode(images / name), "wb") as f:
+            f.write(cv2.imencode(".png", im)[1].tobytes())
+    late = images / "late.png"
+    late.write_bytes(b"\x89PNG still being written")
+    out = tmp_path / "out"
+    run = dict(engine=str(onnx), batch_size=2, progress=False)
+
+    s = score_archive(images, model, out, **run)
+    assert (s["scored"], s["errors"]) == (3, 1)
+    rows = _read(out)
+    odd_row = next(r for r in rows.values() if r["path_base64"])
+    assert odd_row["error"] is None and odd_row["path"].endswith("part\\xff.png")
+    assert os.fsdecode(base64.b64decode(odd_row["path_base64"])) == str(images / odd)
+    assert rows[str(late)]["error"] is not None
+
+    late.write_bytes(cv2.imencode(".png", screws("good", 1, seed=6)[0])[1].tobytes())  # the file is complete now
+    s = score_archive(images, model, out, **run)
+    assert (s["skipped"], s["scored"], s["errors"]) == (2, 1, 0)  # the error row was retried, not counted done
+    rows = _read(out)
+    assert len(rows) == 3 and all(r["error"] is None for r in rows.values())
+
+    with pytest.raises(ValueError, match="another model.*--rescore"):
+        score_archive(images, other, out, **run)
+    s = score_archive(images, other, out, rescore=True, **run)
+    assert (s["skipped"], s["scored"]) == (0, 3)
+    other_id = DinoPatch.load(other).model_id
+    assert {r["model_id"] for r in _read(out).values()} == {other_id}

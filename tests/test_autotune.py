@@ -53,9 +53,9 @@ def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones(jittered):
     still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
     moved = jittered[1]
     assert still.auto_["evidence"]["offset_share"][0] > 0.95
-    assert still.auto_["chosen"] == {"tolerance": 0} and still._fitted().bank.radius == 0
+    assert still.auto_["chosen"] == {"tolerance": 0} and still.model_.bank.radius == 0
     assert moved.auto_["evidence"]["offset_share"][0] < 0.9
-    assert moved.auto_["chosen"]["tolerance"] > 0 and moved._fitted().bank.radius == moved.auto_["chosen"]["tolerance"]
+    assert moved.auto_["chosen"]["tolerance"] > 0 and moved.model_.bank.radius == moved.auto_["chosen"]["tolerance"]
     assert still.get_params()["tolerance"] == moved.get_params()["tolerance"] == "auto"
 
 
@@ -67,11 +67,13 @@ def test_auto_is_the_default():
 def test_choice_is_recorded_with_evidence_and_survives_save_load(auto_screws, tmp_path):
     record = auto_screws.auto_
     assert not record["fallback"] and set(record["chosen"]) == {"tolerance", "sigma", "score", "match"}
-    table = record["evidence"]["image_auroc"]
-    best = max(v for v in table.values() if v is not None)
-    assert table[_chosen_key(record["chosen"])] >= best - autotune.WIN_MARGIN  # the best, or near it
-    assert auto_screws._fitted().bank.match == record["chosen"]["match"]
-    assert auto_screws._fitted().bank.positions is not None  # measured on the region bank
+    test = record["evidence"]["test"]
+    level = autotune.ALPHA / len(test["steps"])
+    won = [s["candidate"] for s in test["steps"] if s["win_share"] >= 1 - level]
+    # The first in search order, or the last candidate that passed the paired test against what was in force.
+    assert _chosen_key(record["chosen"]) == ([test["steps"][0]["vs"]] + won)[-1]
+    assert auto_screws.model_.bank.match == record["chosen"]["match"]
+    assert auto_screws.model_.bank.positions is not None  # measured on the region bank
     loaded = DinoPatch.load(auto_screws.save(tmp_path / "auto.npz"))
     assert loaded.auto_ == record and loaded.get_params()["sigma"] == "auto"
     images = screws("good", 2, seed=5) + screws("extra_object", 2, seed=5)
@@ -85,7 +87,7 @@ def test_settings_tuned_by_hand_leave_the_rest_of_the_choice(auto_screws, tmp_pa
     loaded = DinoPatch.load(tuned.save(tmp_path / "tuned.npz"))
     assert loaded.auto_["chosen"] == {k: auto_screws.auto_["chosen"][k] for k in ("tolerance", "match")}
     assert (loaded.sigma, loaded.score, loaded.get_params()["tolerance"]) == (2.0, "p99", "auto")
-    assert loaded._fitted().post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
+    assert loaded.model_.post.sigma == 2.0 and auto_screws.auto_["chosen"]["sigma"] in autotune.SIGMAS
 
 
 def test_evaluation_report_shows_the_choice(auto_screws, tmp_path):
@@ -105,6 +107,54 @@ def _chosen_key(chosen: dict) -> str:
             f"score={chosen['score']}")
 
 
+def _flip_steps(record: dict) -> None:
+    """Every step of the paired test passed (or, where that is the recorded choice already, none did)."""
+    steps = record["evidence"]["test"]["steps"]
+    share = 0.0 if steps[-1]["candidate"] == _chosen_key(record["chosen"]) else 1.0
+    current = steps[0]["vs"]
+    for step in steps:
+        step.update(win_share=share, vs=current)
+        current = step["candidate"] if share else current
+
+
+def test_a_candidate_replaces_the_settings_before_it_only_when_the_paired_test_says_so():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(20, bool), np.ones(24, bool)]
+    base = rng.normal(size=44) + 0.8 * y
+    noise = base + 0.05 * rng.normal(size=44)  # a near-equal candidate: a tie, however its AUROC falls
+    better = base + 3.0 * y
+    test = autotune._paired_test(y, {"a": base, "b": noise, "c": better, "d": noise}, seed=0)
+    level = autotune.ALPHA / 3
+    steps = {s["candidate"]: s for s in test["steps"]}
+    assert steps["b"]["vs"] == "a" and steps["b"]["win_share"] < 1 - level
+    assert steps["c"]["vs"] == "a" and steps["c"]["win_share"] >= 1 - level
+    assert steps["d"]["vs"] == "c" and steps["d"]["win_share"] < 0.01
+    assert test == autotune._paired_test(y, {"a": base, "b": noise, "c": better, "d": noise}, seed=0)  # seeded
+
+
+def test_thin_evidence_searches_fewer_coarser_candidates():
+    names = ["sigma", "score"]
+    params = dict(tolerance=1, match="local", sigma="auto", score="auto")
+    thin, full = (autotune._candidates(names, params, 1, n) for n in (autotune.THIN_IMAGES - 1, autotune.THIN_IMAGES))
+    assert len(thin) == 6 and len(full) == 16 and thin[0] == full[0] == (1, "local", 4.0, "max")
+    assert {c[2] for c in thin} == {0.0, 4.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
+
+
+def test_records_from_before_the_paired_test_keep_their_margin_rule_and_full_search():
+    params = dict(tolerance=1, match="local", sigma="auto", score="max", seed=0)
+    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, 1, None)]  # searched in full
+    assert len(order) == len(autotune.SIGMAS)
+    table = dict.fromkeys(order, 0.5) | {order[2]: 0.5 + autotune.WIN_MARGIN + 0.01}
+    evidence = {"images": 6, "searched": ["sigma"], "image_auroc": table}
+    chosen = autotune._winner(evidence, ["sigma"], params, 1)
+    assert order[2] == autotune._key(1, "local", chosen[0], "max")
+    # Such a file (6 images, every sigma searched, no paired test) still loads; its choice is re-derived.
+    record = {"chosen": {"sigma": chosen[0]}, "fallback": False, "evidence": evidence}
+    assert autotune.check_record(record, params, 8) is record
+    with pytest.raises(ValueError, match="edited"):
+        autotune.check_record(dict(record, chosen={"sigma": 4.0}), params, 8)
+
+
 def _edited(det, tmp_path, name: str, edit) -> str:
     header, arrays = modelfile.read(det.save(tmp_path / "base.npz"))
     header = json.loads(json.dumps({k: v for k, v in header.items() if k not in ("format", "version", "arrays")}))
@@ -114,8 +164,9 @@ def _edited(det, tmp_path, name: str, edit) -> str:
 
 @pytest.mark.parametrize("name, edit, message", [
     ("chosen", lambda h: h["auto"]["chosen"].update(tolerance=1 - h["auto"]["chosen"]["tolerance"]), "edited"),
-    ("evidence", lambda h: h["auto"]["evidence"]["image_auroc"].update({_chosen_key(h["auto"]["chosen"]): 0.0}),
-     "edited"),
+    ("evidence", lambda h: _flip_steps(h["auto"]), "edited"),
+    ("compared", lambda h: h["auto"]["evidence"]["test"]["steps"][1].update(vs="tolerance=9 match=local"), "edited"),
+    ("test", lambda h: h["auto"]["evidence"]["test"].update(alpha=0.5), "paired test"),
     ("search", lambda h: h["auto"]["evidence"]["image_auroc"].pop(_chosen_key(h["auto"]["chosen"])), "search"),
     ("shares", lambda h: h["auto"]["evidence"].update(offset_share=[0.1, 0.1, 0.1]), "offset shares"),
     ("missing", lambda h: h["auto"]["chosen"].pop("sigma"), "exactly"),
@@ -132,10 +183,10 @@ def test_edited_or_invalid_record_is_refused(auto_screws, tmp_path, name, edit, 
 
 def test_explicit_values_are_never_overridden():
     det = _det(tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
-    assert det.auto_["chosen"].keys() == {"sigma"} and det._fitted().bank.radius == 2
+    assert det.auto_["chosen"].keys() == {"sigma"} and det.model_.bank.radius == 2
     assert all(k.startswith("tolerance=2 match=local ") and k.endswith(" score=p99")
                for k in det.auto_["evidence"]["image_auroc"])
-    assert det._fitted().post.score == "p99" and det.get_params()["tolerance"] == 2
+    assert det.model_.post.score == "p99" and det.get_params()["tolerance"] == 2
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -143,7 +194,7 @@ def test_few_images_fall_back_to_the_documented_defaults(n):
     kwargs = {"threshold": 1.0} if n == 1 else {}  # one image cannot calibrate a threshold either
     det = _det(**AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
     assert det.auto_["fallback"] is True and det.auto_["chosen"] == autotune.DEFAULTS
-    assert det._fitted().bank.radius == autotune.DEFAULTS["tolerance"]
+    assert det.model_.bank.radius == autotune.DEFAULTS["tolerance"]
     assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
 
 
@@ -177,10 +228,10 @@ def test_global_bank_is_coreset_bounded_and_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bank, "GLOBAL_ROWS", 50)
     det = _det(match="local+global").fit(screws("good", 4, seed=1))
-    rows = det._fitted().bank.global_features
+    rows = det.model_.bank.global_features
     assert rows.shape[0] == 50 and not rows.flags.writeable
     loaded = DinoPatch.load(det.save(tmp_path / "lg.npz"))
-    np.testing.assert_array_equal(loaded._fitted().bank.global_features, rows)
+    np.testing.assert_array_equal(loaded.model_.bank.global_features, rows)
     images = screws("extra_object", 2, seed=4)
     np.testing.assert_allclose([r.score for r in loaded.predict(images)], [r.score for r in det.predict(images)])
 

@@ -186,3 +186,60 @@ def test_features_cannot_be_replaced(rng):
     bank = _bank(rng)
     with pytest.raises(AttributeError):
         bank.features = np.zeros_like(bank.features)
+
+
+# -- a tolerance map: a radius per grid location ---------------------------------------------
+
+
+def _region_reference(features, positions, grid, radii, tokens):
+    """Brute force: a covered location's nearest row among covered locations within its own radius."""
+    h, w = grid
+    q = tokens.reshape(len(tokens), h * w, -1).astype(np.float64)
+    out = np.full(q.shape[:2], np.nan)
+    for i, l in enumerate(positions):
+        near = [j for j, m in enumerate(positions)
+                if max(abs(m // w - l // w), abs(m % w - l % w)) <= radii[l]]
+        rows = features[near].reshape(-1, q.shape[2]).astype(np.float64)
+        out[:, l] = np.sqrt(((q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
+    return out.reshape(tokens.shape[:3])
+
+
+def test_map_bank_every_backend_and_the_device_copy(fake_cuda, rng):
+    radii = rng.integers(0, 3, 12).astype(np.int8)
+    bank, tokens = _bank(rng, radius=radii), _tokens(rng)
+    assert bank.max_radius == radii.max() and "map of 0..2" in repr(bank)
+    for backend in kernels.available() + ["cuda"]:
+        np.testing.assert_allclose(bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4,
+                                   atol=1e-5)
+    assert fake_cuda.uploads == 1
+    zeros = _bank(np.random.default_rng(0), radius=np.zeros(12, np.int32))
+    plain = _bank(np.random.default_rng(0), radius=0)
+    for backend in kernels.available():
+        np.testing.assert_array_equal(zeros.distances(tokens, backend), plain.distances(tokens, backend))
+
+
+@pytest.mark.parametrize("match", ["local", "local+global", "global"])
+def test_region_bank_with_a_map(fake_cuda, rng, match):
+    grid, positions = (4, 5), np.array([1, 2, 3, 6, 7, 8, 11, 12, 17, 18])
+    tokens = rng.standard_normal((6, 4, 5, 16)).astype(np.float32)
+    radii = rng.integers(0, 3, 20).astype(np.int8)
+    bank = MemoryBank.fit(tokens[:4], radius=radii, positions=positions, match=match)
+    local = _region_reference(bank.features, positions, grid, radii, tokens[4:])
+    glob = MemoryBank.fit(tokens[:4], positions=positions, match="global").distances(tokens[4:], "numpy")
+    want = {"local": local, "global": glob, "local+global": 0.5 * (local + glob)}[match]
+    for backend in kernels.available() + ["cuda"]:
+        np.testing.assert_allclose(bank.distances(tokens[4:], backend), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_maps_are_refused_and_a_map_stays_read_only(rng):
+    features = rng.standard_normal((12, 5, 16)).astype(np.float32)
+    for radii in (np.zeros(11, np.int8), np.full(12, -1), np.zeros(12, bool), np.zeros(12, np.float32),
+                  np.full(12, 300)):
+        with pytest.raises(ValueError, match="tolerance map"):
+            MemoryBank(features, (3, 4), radii)
+    radii = np.ones(12, np.int32)
+    bank = MemoryBank(features, (3, 4), radii)
+    radii[:] = 2  # the caller's array is copied
+    assert bank.radius.dtype == np.int8 and not bank.radius.flags.writeable and bank.max_radius == 1
+    back = pickle.loads(pickle.dumps(bank))
+    assert not back.radius.flags.writeable and (back.radius == 1).all()

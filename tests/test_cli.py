@@ -115,11 +115,17 @@ def mistakes(tmp, root):
     flat = tmp / "flat"
     (flat / "good").mkdir(parents=True, exist_ok=True)
     shutil.copy(root / "train" / "good" / "000.png", flat / "good" / "000.png")
+    maps = tmp / "line" / "maps"  # images kept in a folder named like predict's output
+    maps.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "train" / "good" / "000.png", maps / "000.png")
     return [
         (["fit", tmp / "nothing", "-o", tmp / "m.npz", *DET], "no such file or folder"),
         (["fit", root / "train" / "good", "-o", model, *DET], "exists"),
         (["fit", tmp, "-o", tmp / "m.npz", *DET], "test image or mask"),
         (["fit", text, "-o", tmp / "m.npz", *DET], "not a readable image"),
+        (["fit", root / "test", "-o", tmp / "m.npz", *DET], "layout of a test folder"),
+        (["fit", root, "-o", tmp / "m.npz", *DET, "--device", "cuda:99"], "'cuda:99'"),
+        (["predict", root, "-m", model, "-o", tmp / "p1", "--device", "cuda:99"], "'cuda:99'"),
         (["fit", root, "-o", tmp / "m.npz", "--engine", "tensorrt"], "--engine"),
         (["fit", root, "-o", tmp / "m.npz", "--kernel", "gpu"], "--kernel"),
         (["fit", root, "-o", tmp / "m.npz", "--image-size", "big"], "--image-size"),
@@ -128,6 +134,7 @@ def mistakes(tmp, root):
         (["predict", root, "-m", text], "not a readable DinoPatch model file"),
         (["predict", root, "-m", model, "-o", root / "preds"], "inside the input folder"),
         (["predict", root, "-m", model, "-o", text], "is a file"),
+        (["predict", maps, "-m", model, "-o", maps.parent, "--force"], "is inside the output"),
         (["predict", root, "-m", model, "-o", tmp / "p1", "--engine", tmp / "missing.onnx"],
          "no such ONNX file"),
         (["evaluate", flat, "-m", model, "-o", tmp / "r1"], "MVTec AD layout"),
@@ -138,6 +145,7 @@ def mistakes(tmp, root):
          "--image-size, --no-align"),
         (["evaluate", root, "-m", model, "-o", tmp / "report"], "exists"),
         (["evaluate", root, "-m", model, "-o", tmp / "r6", "--save-model", tuned], "exists"),
+        (["evaluate", root, "-m", model, "-o", tmp / "r6", "--save-model", model, "--force"], "is the input"),
         (["export", "--weights", "random", "-o", model], "exists"),
         (["frobnicate"], "invalid choice"),
     ]
@@ -153,6 +161,15 @@ def test_every_mistake_prints_one_line_and_exits_2(work, capsys):
     # Nothing was written by a refused command: no report folders, no models.
     assert not any((tmp / f"r{i}").exists() for i in range(1, 7)) and not (tmp / "m.npz").exists()
     assert not (root / "preds").exists() and not (tmp / "p1").exists()
+    assert (tmp / "line" / "maps" / "000.png").exists()  # `predict OUT/maps -o OUT --force` kept its input
+
+
+def test_a_wrong_run_time_value_is_blamed_on_itself_not_on_the_model_file(work):
+    from dinopatch import DinoPatch
+
+    tmp, _ = work
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer in \[1, \d+\], got 0$"):
+        DinoPatch.load(tmp / "screw.npz", batch_size=0)
 
 
 def test_debug_shows_the_traceback(work):
@@ -206,7 +223,7 @@ def test_choices_come_from_the_registries():
     assert actions["kernel"].choices == ("auto", *kernels.BACKENDS)
     assert actions["score"].choices == ("auto", *SCORES)
     assert actions["match"].choices == ("auto", *MATCHES)
-    assert actions["backbone"].choices == sorted(BACKBONES)
+    assert actions["backbone"].choices == tuple(sorted(BACKBONES))
     for engine in ENGINES:
         assert actions["engine"].type(engine) == engine
     with pytest.raises(argparse.ArgumentTypeError):

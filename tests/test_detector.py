@@ -1,4 +1,6 @@
 """The public API contract of DinoPatch, on small synthetic parts (112 px input: 8x8 tokens)."""
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import FAST
@@ -35,7 +37,8 @@ def test_result_contract(fitted, screws):
         assert isinstance(r.score, float) and np.isfinite(r.score)
         assert r.anomaly_map.dtype == np.float32 and r.anomaly_map.shape == im.shape[:2]
         assert r.mask.dtype == bool and r.mask.shape == im.shape[:2]
-        assert r.threshold == fitted.threshold_.image and "leave-one-out on 10" in r.threshold_source
+        assert r.threshold == fitted.threshold_.image and "the 10 good parts (conformal, leave-one-out)" \
+            in r.threshold_source
         assert r.is_anomaly == (r.score > r.threshold or not r.aligned)
         assert isinstance(r.aligned, bool)
 
@@ -129,8 +132,22 @@ def test_texture_mode_without_alignment():
 
 
 def test_threshold_at_a_false_alarm_rate(screws):
-    det = DinoPatch(**dict(FAST, calibration=0.5, false_alarm_rate=0.25)).fit(screws[0])
+    det = DinoPatch(**dict(FAST, calibration=0.5, false_alarm_rate=0.4)).fit(screws[0])
     t = det.threshold_
     assert t.source["method"] == "held-out" and t.scores.shape == (5,)
-    # A quarter of the held-out good parts would have been flagged: one of five.
+    # Conformal: the ceil(6 * 0.6) = 4th smallest of the five held-out scores, one above it.
     assert (t.scores > t.image).sum() == 1 and t.image in t.scores
+
+
+def test_a_given_engine_is_used_and_must_have_the_models_weights(fitted, screws):
+    engine = fitted.backbone_for()
+    det = DinoPatch(**FAST).use_engine(engine)
+    assert det.fit(screws[0][:4]).backbone_for() is engine and det.model_.fingerprint == engine.fingerprint
+    other = dataclasses.replace(det.model_, fingerprint="0" * 64)  # a model of other weights
+    with pytest.raises(ValueError, match="differ from the model's"):
+        det.backbone_for(other)
+
+
+def test_model_is_public_and_says_when_there_is_none():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        DinoPatch(**FAST).model_

@@ -7,7 +7,7 @@ from conftest import FAST
 
 from dinopatch import DinoPatch
 from dinopatch.data import MVTecFolder
-from dinopatch.evaluate import evaluate, split
+from dinopatch.evaluate import evaluate, line_summary, split
 from dinopatch.synthetic import synthesize
 
 
@@ -53,6 +53,30 @@ def test_report_contents(screw_report):
     assert len(list((out / "overlays").glob("*.png"))) == len(folder.test_items())
     page = (out / "index.html").read_text()
     assert "roc.png" in page and "overlays/" in page
+
+
+def test_the_line_counts_are_the_models_own_verdicts_and_lead_the_page(screw_report):
+    folder, det, out, m = screw_report
+    items = folder.test_items()
+    results = det.predict([it.path for it in items])
+    labels = np.array([it.label for it in items], bool)
+    flagged = np.array([r.is_anomaly for r in results])
+    line = m["line"]
+    assert (line["good_rejected"], line["n_good"]) == (int(flagged[~labels].sum()), int((~labels).sum()))
+    assert (line["defects_caught"], line["n_defect"]) == (int(flagged[labels].sum()), int(labels.sum()))
+    assert sum(v["defects_caught"] for v in line["per_defect"].values()) == line["defects_caught"]
+    assert line["threshold"] == det.threshold_.image and 0.0 <= line["seg_f1"] <= 1.0
+    assert 0.0 <= m["aupro_05"] <= 1.0 and all("aupro_05" in v for v in m["per_defect"].values())
+    page = (out / "index.html").read_text()
+    counts = (f"{line['good_rejected']} of {line['n_good']} good parts rejected, "
+              f"{line['defects_caught']} of {line['n_defect']} defects caught")
+    body = page[page.index("<body>"):]
+    # The counts come first, before any table; metrics are named in words, not by their keys.
+    assert counts in body and body.index(counts) < body.index("<table>")
+    assert "image_auroc" not in page and "AU-PRO of the maps up to 5% false-positive pixels" in page
+    printed = line_summary(m).splitlines()
+    assert counts in printed[0] and max(map(len, printed)) <= 100
+    assert [row.split()[0] for row in printed[1:]] == list(line["per_defect"])
 
 
 def test_tuning_on_reported_images_is_flagged(screw_report, tmp_path):

@@ -46,3 +46,19 @@ def test_default_random_init_is_why():
     skipped = TorchBackbone(weights="random", image_size=112)
     _skip(skipped, range(len(skipped.model.blocks)))
     assert _cosine(_tokens(full, images), _tokens(skipped, images)) > 0.999
+
+
+def test_random_blocks_are_the_fixture_weights_and_one_command_writes_them(tmp_path, capsys):
+    from dinopatch.backbone import TorchBackbone
+    from dinopatch.cli import main
+
+    images = np.stack([np.ascontiguousarray(im[8:120, 8:120]) for im in screws("good", 1, seed=5)])
+    named = TorchBackbone(weights="random-blocks", image_size=112)
+    from_file = TorchBackbone(weights=BLOCKS_MATTER, image_size=112)
+    assert named.fingerprint == from_file.fingerprint
+    np.testing.assert_array_equal(named(images), from_file(images))
+    assert named.fingerprint != TorchBackbone(weights="random", image_size=112).fingerprint
+    out = tmp_path / "rb.safetensors"
+    assert main(["weights", "--random-blocks", "-o", str(out)]) == 0
+    assert out.read_bytes() == open(BLOCKS_MATTER, "rb").read() and "blocks matter" in capsys.readouterr().out
+    assert main(["weights", "--random-blocks", "-o", str(out)]) == 2  # never replaced without --force

@@ -203,9 +203,9 @@ def test_detector_runs_on_the_region_and_sees_an_object_beside_the_part(fg_detec
     import cv2
     from conftest import screws
 
-    fg = fg_detector._model.foreground
-    assert 0.3 < fg.fraction < 0.9 and fg_detector._model.aligner.padding == "background"
-    assert fg_detector._model.bank.features.shape[0] == len(fg.positions)
+    fg = fg_detector.model_.foreground
+    assert 0.3 < fg.fraction < 0.9 and fg_detector.model_.aligner.padding == "background"
+    assert fg_detector.model_.bank.features.shape[0] == len(fg.positions)
     clean = screws("good", 3, seed=2)
     litter = [cv2.circle(im.copy(), (28, 28), 9, (60, 60, 60), -1) for im in clean]  # a dark nut in a corner
     raws = fg_detector.patch_distances(clean + litter)
@@ -232,7 +232,7 @@ def test_model_file_keeps_the_region_and_onnx_scores_match_torch(fg_detector, tm
     path = fg_detector.save(tmp_path / "fg.npz")
     loaded = DinoPatch.load(path)
     assert loaded.foreground is True
-    np.testing.assert_array_equal(loaded._model.foreground.positions, fg_detector._model.foreground.positions)
+    np.testing.assert_array_equal(loaded.model_.foreground.positions, fg_detector.model_.foreground.positions)
     want = fg_detector.score_images(images)
     np.testing.assert_allclose(loaded.score_images(images), want, rtol=1e-6)
     onnx = DinoPatch.load(path, engine="onnx")
@@ -268,8 +268,8 @@ def test_foreground_option_is_checked():
 
 def test_auto_keeps_every_token_where_the_part_fills_the_frame(screw_detector):
     # At 112 px (an 8x8 grid) the dilated silhouette covers the frame: nothing to drop.
-    assert screw_detector.foreground == "auto" and screw_detector._model.foreground is None
-    assert screw_detector._model.aligner.padding == "reflect"
+    assert screw_detector.foreground == "auto" and screw_detector.model_.foreground is None
+    assert screw_detector.model_.aligner.padding == "reflect"
 
 
 def test_cli_option_reaches_the_detector():

@@ -53,9 +53,9 @@ def test_sha256_is_the_files_hash(export):
     with pytest.raises(ValueError, match="differs from the .* recorded with the model.*refused"):
         OnnxBackbone(path=path, sha256="0" * 64)
     pytest.importorskip("openvino")
-    assert make_backbone("openvino:f32", path=path, sha256=digest).sha256 == digest
+    assert make_backbone("openvino:fp32", path=path, sha256=digest).sha256 == digest
     with pytest.raises(ValueError, match="recorded with the model"):
-        make_backbone("openvino:f32", path=path, sha256="0" * 64)
+        make_backbone("openvino:fp32", path=path, sha256="0" * 64)
 
 
 def _tamper(path):

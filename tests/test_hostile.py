@@ -108,3 +108,19 @@ def test_as_image_accepts_or_refuses_clearly(a):
 @given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 96), st.integers(1, 96), st.just(3))))
 def test_any_uint8_frame_gives_a_finite_result(screw_detector, a):
     _check(screw_detector.predict([a])[0], a.shape)
+
+
+@pytest.mark.parametrize("n", [4, 6, 12])
+def test_identical_good_images_are_refused_whatever_their_number(n):
+    # At 224 px the held-out scores of copies are rounding noise (about 1e-10), not exactly 0.
+    from conftest import FAST
+
+    from dinopatch import DinoPatch
+
+    im = screws("good", 1, seed=0)[0]
+    # The good-set check names the copies as duplicates of the first; kept on purpose, calibration refuses them.
+    with pytest.raises(ValueError, match="duplicate"):
+        DinoPatch(**dict(FAST, image_size=224, tolerance="auto", sigma="auto", score="auto")).fit([im] * n)
+    with pytest.raises(ValueError, match="identical images"):
+        DinoPatch(**dict(FAST, image_size=224, tolerance="auto", sigma="auto", score="auto",
+                         outliers="keep")).fit([im] * n)

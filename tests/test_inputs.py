@@ -45,6 +45,8 @@ def test_an_mvtec_root_trains_on_train_good_only(tmp_path):
     (["good/0.png", "test/0.png"], ""),                             # test images mixed in
     (["good/0.png", "good/0_mask.png"], ""),                         # masks mixed in
     (["ground_truth/crack/0_mask.png"], "ground_truth/crack"),      # a mask folder given
+    (["test/good/0.png", "test/crack/0.png"], "test"),              # a test folder itself
+    (["parts/good/0.png", "parts/scratch/0.png"], "parts"),         # its layout under another name
 ])
 def test_training_sets_with_test_images_or_masks_are_refused(tmp_path, names, given):
     touch(tmp_path, *names)
@@ -59,3 +61,9 @@ def test_output_names_never_collide(tmp_path):
     names = [relative_name(f, root, ".png").as_posix() for f in files]
     assert names == ["a/x.png.png", "b/x.png.png", "a/x.jpg.png"]
     assert relative_name(tmp_path / "a" / "x.png", tmp_path / "a", ".npy") == Path("x.png.npy")
+
+
+def test_a_test_folder_itself_is_refused_naming_its_layout(tmp_path):
+    touch(tmp_path, "test/good/0.png", "test/crack/0.png", "test/hole/0.png")
+    with pytest.raises(ValueError, match=r"good/ beside crack/, hole/ is the layout of a test folder"):
+        training_files([str(tmp_path / "test")])

@@ -371,12 +371,16 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(B=st.integers(0, 40), h=st.integers(1, 4), w=st.integers(1, 4), K=st.integers(1, 6), D=st.integers(1, 40),
-       radius=st.integers(0, 2), f16=st.booleans(), ragged=st.booleans(), seed=st.integers(0, 2**16))
-def test_min_distance_any_shape(B, h, w, K, D, radius, f16, ragged, seed):
+       radius=st.integers(0, 2), f16=st.booleans(), ragged=st.booleans(), seed=st.integers(0, 2**16),
+       per_location=st.booleans())
+def test_min_distance_any_shape(B, h, w, K, D, radius, f16, ragged, seed, per_location):
+    """``per_location``: a tolerance map of radii in [0, radius + 1] instead of one radius."""
     rng = np.random.default_rng(seed)
     L = h * w
+    if per_location:
+        radius = rng.integers(0, radius + 2, L).astype(np.int8)
     q = rng.standard_normal((B, L, D), dtype=np.float32)
     bank = rng.standard_normal((L, K, D), dtype=np.float32).astype(np.float16 if f16 else np.float32)
     counts = rng.integers(1, K + 1, L) if ragged else None

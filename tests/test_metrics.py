@@ -79,3 +79,44 @@ def test_aupro_extremes(rng):
     mask[5:10, 5:10] = True
     assert metrics.aupro([mask], [mask.astype(float)]) == pytest.approx(1.0)
     assert metrics.aupro([mask], [1.0 - mask]) == pytest.approx(0.0)
+
+
+def test_aupro_at_five_percent_by_hand():
+    # Components A = {0.9, 0.5} (adjacent) and B = {0.7}; forty good pixels, one at 0.8, 39 at 0.1.
+    # PRO 0.25 for FPR in [0, 0.025), then 1 (at FPR 0.025 the threshold reaches 0.7 and 0.5):
+    # area to 0.05 = 0.025 * 0.25 + 0.025 * 1 = 0.03125.
+    amap = np.r_[0.9, 0.5, 0.8, 0.7, np.full(39, 0.1)][None]
+    mask = np.zeros_like(amap, bool)
+    mask[0, [0, 1, 3]] = True
+    assert metrics.aupro([mask], [amap], fpr_limit=0.05) == pytest.approx(0.03125 / 0.05)
+
+
+def test_aupro_matches_a_brute_force_over_every_threshold(rng):
+    masks, amaps = [], []
+    for _ in range(3):
+        m = np.zeros((12, 12), bool)
+        y, x = rng.integers(0, 8, 2)
+        m[y:y + 4, x:x + 3] = True
+        masks.append(m)
+        amaps.append(rng.random((12, 12)) + 0.8 * m)
+    neg = np.concatenate([a[~m] for m, a in zip(masks, amaps)])
+    regions = [a[m] for m, a in zip(masks, amaps)]
+    points = []
+    for t in np.r_[np.inf, np.unique(np.concatenate(amaps))[::-1]]:
+        points.append(((neg >= t).mean(), np.mean([(r >= t).mean() for r in regions])))
+    f, p = np.array(points).T
+    cut = np.searchsorted(f, 0.05, side="right")
+    f_lim, p_lim = np.r_[f[:cut], 0.05], np.r_[p[:cut], np.interp(0.05, f[cut - 1:cut + 1], p[cut - 1:cut + 1])]
+    expected = np.trapezoid(p_lim, f_lim) / 0.05
+    # The metric samples its thresholds (300 FPR levels and 300 defect quantiles), not every one.
+    assert metrics.aupro(masks, amaps, fpr_limit=0.05) == pytest.approx(expected, abs=0.002)
+
+
+def test_seg_f1_and_line_counts_by_hand():
+    gt = [np.array([[1, 1, 0, 0]], bool), np.zeros((1, 4), bool)]
+    pred = [np.array([[1, 0, 1, 0]], bool), np.array([[0, 0, 0, 1]], bool)]
+    # tp 1, fp 2, fn 1: precision 1/3, recall 1/2, F1 0.4.
+    assert metrics.seg_f1(gt, pred) == pytest.approx(0.4)
+    assert np.isnan(metrics.seg_f1([np.zeros((2, 2), bool)], [np.ones((2, 2), bool)]))
+    assert metrics.line_counts([0, 0, 1, 1, 1], [1, 0, 1, 1, 0]) == {
+        "good_rejected": 1, "n_good": 2, "defects_caught": 2, "n_defect": 3}

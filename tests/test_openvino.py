@@ -45,8 +45,8 @@ def fp32_file(weights):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_f32_tokens_match_torch(fp32_file, reference, weights, batch):
-    engine = make_backbone("openvino:f32", name=NAME, weights=weights, image_size=SIZE)
-    assert isinstance(engine, OpenVinoBackbone) and engine.path == fp32_file and engine.precision == "f32"
+    engine = make_backbone("openvino:fp32", name=NAME, weights=weights, image_size=SIZE)
+    assert isinstance(engine, OpenVinoBackbone) and engine.path == fp32_file and engine.precision == "fp32"
     x = textures(batch)
     got, ref = engine(x), reference(x)
     assert got.shape == ref.shape == (batch, 8, 8, 384) and got.dtype == np.float32
@@ -56,7 +56,7 @@ def test_f32_tokens_match_torch(fp32_file, reference, weights, batch):
 
 def test_f32_tokens_at_positions_match_torch(fp32_file, reference, weights):
     """Foreground tokens: the export's ``positions`` input, fed the region's flat indices."""
-    engine = make_backbone("openvino:f32", name=NAME, weights=weights, image_size=SIZE)
+    engine = make_backbone("openvino:fp32", name=NAME, weights=weights, image_size=SIZE)
     x = textures(2)
     for positions in (np.arange(1, 64, 3), np.array([63])):
         got, ref = engine(x, positions), reference(x, positions)
@@ -77,7 +77,7 @@ def test_reads_the_fused_attention_of_the_export(fp32_file):
 
 def test_layers_and_threads(reference, tmp_path):
     four = TorchBackbone(NAME, image_size=SIZE, layers=4, model=reference.model)
-    engine = OpenVinoBackbone(path=export_backbone(four, tmp_path / "l4.onnx"), layers=4, precision="f32", threads=1)
+    engine = OpenVinoBackbone(path=export_backbone(four, tmp_path / "l4.onnx"), layers=4, precision="fp32", threads=1)
     assert engine.threads == 1 and engine.layers == 4
     x = textures(2)
     assert token_error(engine(x), four(x)) <= 1e-4
@@ -97,7 +97,7 @@ def test_bf16_tokens_close_to_torch(reference, weights, capsys):
 def test_bf16_is_refused_where_the_cpu_lacks_it(weights):
     with pytest.raises(ValueError, match="AVX512-BF16 or AMX"):
         make_backbone("openvino:bf16", name=NAME, weights=weights, image_size=SIZE)
-    assert make_backbone("openvino", name=NAME, weights=weights, image_size=SIZE).precision == "f32"
+    assert make_backbone("openvino", name=NAME, weights=weights, image_size=SIZE).precision == "fp32"
 
 
 def test_refuses_other_exports(fp32_file, tmp_path):
@@ -124,7 +124,7 @@ def test_runs_without_torch_or_onnxruntime(fp32_file, reference, tmp_path):
         import numpy as np
         from dinopatch.backbone import make_backbone
         # Found in the cache by fingerprint; the weights file is not needed here.
-        engine = make_backbone("openvino:f32", {reference.fingerprint!r}, name={NAME!r}, weights="gone.pth",
+        engine = make_backbone("openvino:fp32", {reference.fingerprint!r}, name={NAME!r}, weights="gone.pth",
                                image_size={SIZE})
         np.save("tokens.npy", engine(np.load("x.npy")))
     """, tmp_path)
@@ -141,7 +141,7 @@ def test_auto_follows_the_documented_rule(monkeypatch):
     assert machine({"openvino", "onnxruntime"}, True) == "openvino:bf16"
     assert machine({"openvino", "onnxruntime"}, False) == "onnx"
     assert machine({"onnxruntime"}, True) == "onnx"
-    assert machine({"openvino"}, False) == "openvino:f32"
+    assert machine({"openvino"}, False) == "openvino:fp32"
     assert machine(set(), True) == "torch"
 
 
@@ -153,7 +153,7 @@ def test_auto_on_this_machine(weights, fp32_file):
         assert isinstance(engine, OnnxBackbone) and engine.precision == "fp32"
 
 
-@pytest.mark.parametrize("engine", ["openvino:f32", pytest.param("openvino:bf16", marks=needs_bf16)])
+@pytest.mark.parametrize("engine", ["openvino:fp32", pytest.param("openvino:bf16", marks=needs_bf16)])
 def test_image_scores_match_torch_end_to_end(weights, engine, capsys):
     """Align, backbone, distances and post-processing, fitted and scored on each engine."""
     from dinopatch.detector import DinoPatch
@@ -173,5 +173,5 @@ def test_image_scores_match_torch_end_to_end(weights, engine, capsys):
     with capsys.disabled():
         print(f"\n{engine}: score deviation {deviation:.2e} of the spread; image AUROC "
               + ", ".join(f"{e} {a:.4f}" for e, a in aucs.items()))
-    bound, auc_bound = (1e-3, 0.0) if engine.endswith("f32") else (0.05, 0.01)
+    bound, auc_bound = (1e-3, 0.0) if engine.endswith("fp32") else (0.05, 0.01)
     assert deviation <= bound and abs(aucs[engine] - aucs["torch"]) <= auc_bound

@@ -1,7 +1,7 @@
 """Outputs are never replaced without --force, and --force never reaches past them."""
 import pytest
 
-from dinopatch.outputs import claim
+from dinopatch.outputs import claim, refuse_overlap
 
 
 def test_existing_outputs_are_refused_then_removed_with_force(tmp_path):
@@ -32,3 +32,29 @@ def test_force_removes_a_link_not_what_it_points_to(tmp_path):
     (tmp_path / "out" / "overlays").symlink_to(kept)
     claim([tmp_path / "out" / "overlays"], force=True, folders_ok=True)
     assert not (tmp_path / "out" / "overlays").exists() and (kept / "precious.png").exists()
+
+
+def test_force_never_removes_a_folder_holding_what_the_command_does_not_write(tmp_path):
+    (tmp_path / "overlays" / "cam1").mkdir(parents=True)
+    (tmp_path / "overlays" / "cam1" / "a.png.png").write_bytes(b"old overlay")
+    (tmp_path / "overlays" / "cam1" / "part.jpg").write_bytes(b"a user's photo")
+    with pytest.raises(ValueError, match=r"part.jpg, which this command does not write"):
+        claim([tmp_path / "overlays"], force=True, folders_ok=True)
+    assert (tmp_path / "overlays" / "cam1" / "part.jpg").exists()
+
+
+@pytest.mark.parametrize("out, given", [
+    ("line", "line/maps"),            # the output holds the input: --force would delete the images
+    ("line/maps/out", "line/maps"),   # the output inside the input
+    ("line", "line/maps/0.png"),      # a file given by name inside the output
+    ("link/out", "line"),             # a link that resolves inside the input
+    ("link2", "line/maps"),           # a link that resolves to a folder holding the input
+])
+def test_an_output_that_overlaps_an_input_is_refused(tmp_path, out, given):
+    (tmp_path / "line" / "maps").mkdir(parents=True)
+    (tmp_path / "line" / "maps" / "0.png").write_bytes(b"part")
+    (tmp_path / "link").symlink_to(tmp_path / "line")
+    (tmp_path / "link2").symlink_to(tmp_path / "line")
+    with pytest.raises(ValueError, match="inside the"):
+        refuse_overlap(tmp_path / out, [tmp_path / given])
+    refuse_overlap(tmp_path / "elsewhere", [tmp_path / given])  # apart: accepted

@@ -9,7 +9,8 @@ import pytest
 from dinopatch import benchmark_sets as bs
 from dinopatch.align import Aligner
 from dinopatch.pose import SIDE, PolarTemplate, crop, pose_matrix
-from dinopatch.synthetic import _circle, _fill, _finish, _pose
+from dinopatch.synthetic import circle_points, fill_polygon, finish_image
+from dinopatch.synthetic import pose_matrix as scene_pose
 
 SCENE = 224
 SIZE = 224
@@ -22,16 +23,16 @@ def wheel(rng, scale=1.0, plain=False, nut=None, angle=None):
     ``nut``: ``(x, y)`` of a nut lying in the image too.
     """
     angle = rng.uniform(0, 360) if angle is None else angle
-    m = _pose(angle, scale * rng.uniform(0.995, 1.005) * SCENE, SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE)
+    m = scene_pose(angle, scale * rng.uniform(0.995, 1.005) * SCENE, SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE)
     img = np.full((SCENE, SCENE, 3), bs._BENCH, np.uint8)
     if plain:
-        _fill(img, m, bs._wheel_outline(), bs._BRASS, outline=bs._BRASS_EDGE)
-        _fill(img, m, _circle(bs._BORE, 32), bs._BENCH, outline=bs._BRASS_EDGE)
+        fill_polygon(img, m, bs._wheel_outline(), bs._BRASS, outline=bs._BRASS_EDGE)
+        fill_polygon(img, m, circle_points(bs._BORE, 32), bs._BENCH, outline=bs._BRASS_EDGE)
     else:
         bs._draw_wheel(img, m)
     if nut is not None:
         bs._nut(img, np.asarray(nut, float), SCENE)
-    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
+    return finish_image(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +103,15 @@ def test_ambiguous_pose_is_not_trusted(fitted):
 
 def _plate(rng, holes=6):
     """A hexagonal plate with a ring of holes at a random rotation: 6-fold symmetric for 6 holes."""
-    m = _pose(rng.uniform(0, 360), SCENE * rng.uniform(0.99, 1.01), SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE)
+    centre = SCENE / 2 + rng.uniform(-0.04, 0.04, 2) * SCENE
+    m = scene_pose(rng.uniform(0, 360), SCENE * rng.uniform(0.99, 1.01), centre)
     img = np.full((SCENE, SCENE, 3), bs._BENCH, np.uint8)
-    _fill(img, m, _circle(0.3, 6), bs._BRASS, outline=bs._BRASS_EDGE)
+    fill_polygon(img, m, circle_points(0.3, 6), bs._BRASS, outline=bs._BRASS_EDGE)
     for k in range(holes):
         t = np.radians(60 * k + 30)
-        _fill(img, m, _circle(0.03, 16) + 0.17 * np.array([np.cos(t), np.sin(t)]), bs._BENCH,
-              outline=bs._BRASS_EDGE)
-    return _finish(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
+        fill_polygon(img, m, circle_points(0.03, 16) + 0.17 * np.array([np.cos(t), np.sin(t)]), bs._BENCH,
+                     outline=bs._BRASS_EDGE)
+    return finish_image(img, np.random.default_rng(rng.integers(2**63)), 2.0, drift=0.05), m
 
 
 def test_symmetric_part_is_compared_modulo_its_symmetry():

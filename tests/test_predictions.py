@@ -1,4 +1,5 @@
 """Scoring files into an output folder: one record per input, in order, written batch by batch."""
+import csv
 import json
 
 import cv2
@@ -50,6 +51,11 @@ def test_one_image_failing_in_a_batch_fails_alone_and_records_come_batch_by_batc
     np.testing.assert_allclose(scored, [r.score for r in expected], rtol=1e-6)
     assert (summary.scored, summary.failed, summary.anomalous) == (4, 1, sum(r.is_anomaly for r in expected))
     assert records[4]["is_anomaly"]
+    # The conformal p-value of each verdict, in the JSON records and the CSV rows alike (empty for the failure).
+    assert [r["p_value"] for i, r in enumerate(records) if i != 3] == [r.p_value for r in expected]
+    assert records[3]["p_value"] is None and all(0 < r.p_value <= 1 for r in expected)
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [row["p_value"] for row in rows] == ["" if r["p_value"] is None else str(r["p_value"]) for r in records]
     # Batches [0, 1], [2, 3] (fails, then 2 and 3 alone), [4].
     assert written == [0, 2, 2, 2, 4]
     overlays = sorted(p.name for p in (out / "overlays").iterdir())

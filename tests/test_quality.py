@@ -77,6 +77,41 @@ def test_benchmark_command_writes_its_report(report_file):
     assert m["n_test"] == 5 and m["n_train"] == 3
     assert report["params"]["tolerance"] == "0" and report["params"]["image_size"] == "112"
     assert report["mean_image_auroc"] == m["image_auroc"]
+    # The line's numbers at the model's own threshold, overall and per defect.
+    assert (m["n_good"], m["n_defect"]) == (2, 3) and 0 <= m["good_rejected"] <= 2
+    assert m["defects_caught"] == sum(v["defects_caught"] for v in m["per_defect"].values())
+    assert report["mean_recall"] == m["defects_caught"] / 3 and report["good_rejected"] == m["good_rejected"]
+    assert m["threshold_source"].startswith("false-alarm rate <= 0.25 for parts like the 3 good parts")
+    assert 0 <= m["aupro_05"] <= 1 and 0 <= m["seg_f1"] <= 1
+
+
+def test_benchmark_table_fits_100_columns_and_shows_the_counts(report_file, capsys):
+    report = json.loads(report_file.read_text())
+    table = benchmark_quality.format_table(report)
+    m = report["categories"]["circuit"]
+    assert max(map(len, table.splitlines())) <= 100
+    assert f"{m['defects_caught']}/3" in table and f"{m['good_rejected']}/2" in table
+
+
+def test_few_shot_protocol_says_one_image_cannot_be_calibrated(tmp_path, capsys):
+    out = tmp_path / "few.json"
+    args = "--size 112 --categories circuit --n-test-good 2 --n-test-defect 1 -p engine='torch' -p tolerance=0"
+    assert main(["benchmark-quality", "--weights", FAST["weights"], *args.split(), "--few-shot", "2", "1",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["shots"] == [1, 2]
+    one, two = report["few_shot"]["circuit"]["1"], report["few_shot"]["circuit"]["2"]
+    assert one["n_train"] == 1 and one["defects_caught"] is None and one["seg_f1"] is None
+    assert "no threshold" in one["note"]
+    assert 0 <= one["image_auroc"] <= 1 and two["n_train"] == 2 and two["defects_caught"] is not None
+    assert "1 good image: no threshold can be calibrated" in printed
+    assert max(map(len, printed.splitlines())) <= 100
+    # Seeded: the draw of good images is the same each run.
+    again = benchmark_quality.run_few_shot({"weights": FAST["weights"], "engine": "torch", "tolerance": 0},
+                                           categories=("circuit",), shots=(2,), size=112, n_test_good=2,
+                                           n_test_defect=1, progress=None)
+    assert again["few_shot"]["circuit"]["2"]["image_auroc"] == two["image_auroc"]
 
 
 def test_benchmark_command_compares_runs(report_file, capsys):

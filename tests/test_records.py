@@ -18,7 +18,7 @@ def result(score: float, mask: np.ndarray, trusted: bool = True) -> Result:
                           np.eye(2, 3))
     return Result(score=score, anomaly_map=mask.astype(np.float32), is_anomaly=not trusted or score > 1.0,
                   aligned=trusted, mask=mask, alignment=alignment, threshold=1.0,
-                  threshold_source="given by the user")
+                  threshold_source="given by the user", p_value=0.25 if score == score else None)
 
 
 def test_boxes_largest_first_and_capped():
@@ -38,7 +38,8 @@ def test_result_record_is_strict_json_with_every_field():
     mask[1:3, 1:4] = True
     record = result_record(result(2.5, mask), Det(), path="a/x.png", latency_ms=12.34567)
     assert tuple(record) == FIELDS
-    assert record["score"] == 2.5 and record["is_anomaly"] is True and record["defect_area_px"] == 6
+    assert record["score"] == 2.5 and record["p_value"] == 0.25 and record["is_anomaly"] is True
+    assert record["defect_area_px"] == 6
     assert record["defect_boxes"] == [[1, 1, 3, 2]] and record["latency_ms"] == 12.346
     assert record["model_id"] == "0123456789ab" and record["engine"] == "torch" and record["error"] is None
     json.dumps(record, allow_nan=False)
@@ -46,7 +47,8 @@ def test_result_record_is_strict_json_with_every_field():
 
 def test_an_unscorable_image_has_a_null_score_and_its_reason():
     record = result_record(result(float("nan"), np.zeros((4, 4), bool), trusted=False), Det(), path="p.png")
-    assert record["score"] is None and record["is_anomaly"] is True and record["reason"] == "no part found"
+    assert record["score"] is None and record["p_value"] is None and record["is_anomaly"] is True
+    assert record["reason"] == "no part found"
     json.dumps(record, allow_nan=False)
 
 

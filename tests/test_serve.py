@@ -21,12 +21,13 @@ from conftest import screws
 
 from dinopatch import DinoPatch
 from dinopatch.records import result_record
-from dinopatch.serve import RequestError, ServiceConfig, decode_image, deploy, image_size, main
+from dinopatch.serve import RequestError, Scorer, ServiceConfig, build_app, decode_image, deploy, image_size, main
 
 RTOL = 1e-5
 TIMEOUT_S = 8.0
 # A client waits longer than the service's deadline: a request still open then has hung.
 CLIENT_TIMEOUT = TIMEOUT_S + 15
+TOKEN = "line-3-secret"
 
 
 def _free_port() -> int:
@@ -43,7 +44,7 @@ def service(onnx_model):
 
     model, onnx = onnx_model
     config = ServiceConfig(model=model, engine=str(onnx), replicas=2, max_batch=8, batch_wait_ms=10,
-                           timeout_s=TIMEOUT_S, max_bytes=1 << 20, max_pixels=4_000_000)
+                           timeout_s=TIMEOUT_S, max_bytes=1 << 20, max_pixels=4_000_000, token=TOKEN)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = deploy(config, "127.0.0.1", _free_port())
@@ -60,8 +61,10 @@ def reference(onnx_model):
     return DinoPatch.load(model, engine=str(onnx), progress=False)
 
 
-def call(url: str, path: str, body: bytes | None = None, method: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url + path, data=body, method=method)
+def call(url: str, path: str, body: bytes | None = None, method: str | None = None,
+         token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(url + path, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=CLIENT_TIMEOUT) as r:
             return r.status, json.loads(r.read())
@@ -193,6 +196,42 @@ def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_host_that_is_not_loopback_needs_a_token(onnx_model, tmp_path, capsys, monkeypatch):
+    import ray
+
+    model, onnx = onnx_model
+    monkeypatch.delenv("DINOPATCH_TOKEN", raising=False)
+    assert main(["-m", str(model), "--engine", str(onnx), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dinopatch: error: --host 0.0.0.0 is not loopback") and err.count("\n") == 1
+    (tmp_path / "token").write_text("\n")
+    assert main(["-m", str(model), "--engine", str(onnx), "--host", "0.0.0.0", "--token-file",
+                 str(tmp_path / "token")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_model, tmp_path, monkeypatch):
+    from dinopatch.modelfile import ModelFileError
+
+    model, onnx = onnx_model
+    det = DinoPatch.load(model)
+    monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
+    signed = det.save(tmp_path / "signed.npz")  # signed with k1
+    config = ServiceConfig(model=signed, engine=str(onnx))
+    assert config.signed
+    scorer = build_app(config)._bound_deployment.init_args[0]._bound_deployment
+    assert scorer.ray_actor_options["runtime_env"] == {"env_vars": {"DINOPATCH_MODEL_KEY": "k1"}}
+    # A replica started where the key is missing cannot verify: it refuses instead of loading unchecked.
+    monkeypatch.delenv("DINOPATCH_MODEL_KEY")
+    with pytest.raises(RuntimeError, match="cannot verify the model and refuses to start"):
+        Scorer(config)
+    # With the key, an unsigned (perhaps edited) model is refused too.
+    monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
+    with pytest.raises(ModelFileError, match="not signed"):
+        Scorer(ServiceConfig(model=model, engine=str(onnx)))
+
+
 def test_record_is_strict_json(reference):
     blank = np.zeros((64, 64), np.uint8)
     [r] = reference.predict([blank])
@@ -209,12 +248,23 @@ def test_health_and_model(service, reference):
     assert call(url, "/health") == (200, {"status": "ok"})
     status, info = call(url, "/model")
     assert status == 200
-    assert (info["backbone"], info["image_size"], info["engine"]) == ("dinov2_vits14", 112, config.engine)
+    assert (info["backbone"], info["image_size"], info["engine"]) == ("dinov2_vits14", 112, "backbone.onnx")
+    assert info["dinopatch_version"] and not any("/" in str(v) for v in info.values())  # never a path
     assert info["threshold"] == pytest.approx(reference.threshold_.image)
     assert info["threshold_source"] == reference.threshold_.describe() and info["model_id"] == reference.model_id
     assert info["replicas"] == 2 and info["max_batch"] == 8
     # The replicas run without torch: the ONNX engine and nothing that imports it.
     assert info["torch_imported"] is False
+
+
+def test_every_route_but_health_asks_for_the_token(service):
+    url, _ = service
+    body = png(images()[0])
+    for token in (None, "wrong", TOKEN + "x"):
+        assert call(url, "/predict", body, token=token)[0] == 401
+        assert call(url, "/model", token=token)[0] == 401
+    assert call(url, "/health", token=None) == (200, {"status": "ok"})
+    assert call(url, "/predict", body)[0] == 200
 
 
 def test_four_concurrent_clients_get_predict_scores(service, reference):
@@ -263,7 +313,8 @@ def _chunked_post(url: str, chunks) -> int:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=CLIENT_TIMEOUT)
     try:
-        conn.request("POST", "/predict", body=chunks, encode_chunked=True)
+        conn.request("POST", "/predict", body=chunks, encode_chunked=True,
+                     headers={"Authorization": f"Bearer {TOKEN}"})
         return conn.getresponse().status
     finally:
         conn.close()

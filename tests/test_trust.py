@@ -1,5 +1,6 @@
 """Verdicts a line can trust: a threshold that is always measured or given, model values checked at load,
 refits that rebuild what changed, and a refit that never mixes two models in one prediction (issue 12)."""
+import dataclasses
 import threading
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_edited_values_are_refused_at_load(saved, tmp_path, path, value):
 
 def test_threshold_edited_within_reach_disagrees_with_its_scores(saved, tmp_path):
     edited = _edited(saved, tmp_path, lambda h, a: h["threshold"].update(image=h["threshold"]["image"] * 1.5))
-    with pytest.raises(ModelFileError, match="disagrees with its own calibration scores"):
+    with pytest.raises(ModelFileError, match="disagrees with its own calibration scores. conformal"):
         DinoPatch.load(edited)
 
 
@@ -100,16 +101,55 @@ def test_seed_change_without_fingerprint_is_refused(saved, tmp_path):
 
 def test_load_overrides_name_their_source(saved, parts):
     loaded = DinoPatch.load(saved)
-    assert loaded.threshold_.describe() == "leave-one-out on 4 nominal images, false-alarm rate 0"
+    assert loaded.threshold_.describe() == ("false-alarm rate <= 0.2 for parts like the 4 good parts "
+                                            "(conformal, leave-one-out); the maximum of their scores")
     given = DinoPatch.load(saved, threshold=3.0)
     assert given.predict(parts[1][:1])[0].threshold_source == "given by the user"
     relaxed = DinoPatch.load(saved, false_alarm_rate=0.5)
-    assert relaxed.threshold_.image < loaded.threshold_.image
-    assert "false-alarm rate 0.5" in relaxed.predict(parts[1][:1])[0].threshold_source
+    # The ceil(5 * 0.5) = 3rd smallest of the four scores.
+    assert relaxed.threshold_.image == np.sort(loaded.threshold_.scores)[2] < loaded.threshold_.image
+    assert relaxed.predict(parts[1][:1])[0].threshold_source == (
+        "false-alarm rate <= 0.4 for parts like the 4 good parts (conformal, leave-one-out); 0.5 was asked")
     with pytest.raises(ValueError):
         DinoPatch.load(saved, threshold=float("inf"))
     with pytest.raises(ValueError, match="only"):
         DinoPatch.load(saved, image_size=224)
+
+
+def test_every_verdict_carries_its_conformal_p_value(saved, parts):
+    det = DinoPatch.load(saved)
+    scores = det.threshold_.scores
+    for r in det.predict(parts[0][:2] + parts[1][:2]):
+        assert r.p_value == (1 + np.sum(scores >= r.score)) / (scores.size + 1)
+    # A defect above every good score gets the smallest p-value four scores allow.
+    assert [r.p_value for r in det.predict(parts[1])] == [0.2] * 4
+    assert DinoPatch.load(saved, threshold=3.0).predict(parts[1][:1])[0].p_value is None
+
+
+def test_masks_are_judged_per_location_on_the_good_parts_alone(saved, parts, tmp_path):
+    det = DinoPatch.load(saved)
+    t = det.threshold_
+    assert t.distances.shape == (4, 8, 8) and t.pixel_grid.shape == (8, 8)
+    # No labelled defect was needed: every defect gets a mask.
+    assert all(r.mask.any() for r in det.predict(parts[1]))
+    # At rate 0 every held-out distance is at or below its location's threshold, and smoothing
+    # keeps the order: not one pixel of a held-out good part's own map is marked.
+    raw = det.patch_distances(parts[0][:1])[0]
+    for d in t.distances:
+        assert not det.result_from(dataclasses.replace(raw, distances=d), morph_kernel=0).mask.any()
+
+
+def test_edited_held_out_distances_are_refused_at_load(saved, tmp_path):
+    def shrink(header, arrays):
+        arrays["calibration_distances"] = arrays["calibration_distances"][:, :4]
+
+    def huge(header, arrays):
+        arrays["calibration_distances"] = arrays["calibration_distances"] * 1e6
+
+    with pytest.raises(ModelFileError, match="held-out distances"):
+        DinoPatch.load(_edited(saved, tmp_path, shrink))
+    with pytest.raises(ModelFileError, match="per-location mask threshold"):
+        DinoPatch.load(_edited(saved, tmp_path, huge))
 
 
 def test_refit_after_changing_size_and_seed_rebuilds_the_backbone(parts, tmp_path):
@@ -117,7 +157,7 @@ def test_refit_after_changing_size_and_seed_rebuilds_the_backbone(parts, tmp_pat
     det = DinoPatch(**FAST).fit(good)
     det.set_params(image_size=140, seed=3).fit(good)
     loaded = DinoPatch.load(det.save(tmp_path / "m.npz"))
-    assert loaded.image_size == 140 and loaded._model.bank.grid == (10, 10)
+    assert loaded.image_size == 140 and loaded.model_.bank.grid == (10, 10)
     np.testing.assert_array_equal(loaded.score_images(bad), det.score_images(bad))
 
 
@@ -158,14 +198,15 @@ def test_refit_while_predicting_never_mixes_models(parts):
         assert np.allclose(s, old, rtol=1e-5) or np.allclose(s, new, rtol=1e-5), (s, old, new)
 
 
-def test_a_gpu_that_is_not_there_fails_at_construction():
+def test_a_gpu_that_is_not_there_fails_at_fit_before_any_work():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     from dinopatch.backbone.device import DeviceUnavailableError
 
+    det = DinoPatch(**FAST, device="cuda:1")  # the constructor only stores, as scikit-learn's do
     with pytest.raises(DeviceUnavailableError, match="'cuda:1'.*no CUDA GPU is usable"):
-        DinoPatch(**FAST, device="cuda:1")
+        det.fit([np.zeros((8, 8), np.uint8)])  # not even a part: the device is checked first
     with pytest.raises(ValueError, match="device"):
         DinoPatch(**FAST, device="gpu").fit(screws("good", 2, seed=1))
 
@@ -176,7 +217,7 @@ def test_auto_device_runs_on_the_cpu_and_says_so(parts, caplog):
 
     caplog.set_level(logging.INFO, logger="dinopatch")
     det = DinoPatch(**FAST, device="auto").fit(parts[0][:2])
-    assert det._get_backbone().device in ("cpu", "cuda:0")
+    assert det.backbone_for().device in ("cpu", "cuda:0")
     assert any("device='auto'" in r.getMessage() for r in caplog.records)
 
 
@@ -184,10 +225,10 @@ def test_a_swapped_cached_graph_is_never_used(parts, tmp_path):
     pytest.importorskip("onnxruntime")
     good, bad = parts
     det = DinoPatch(**dict(FAST, engine="onnx")).fit(good[:2])
-    graph = det._model.graph
-    assert graph["engine"] == "onnx" and graph["sha256"] == det._get_backbone().sha256
+    graph = det.model_.graph
+    assert graph["engine"] == "onnx" and graph["sha256"] == det.backbone_for().sha256
     path = det.save(tmp_path / "m.npz")
-    cached = det._get_backbone().path
+    cached = det.backbone_for().path
     onnx = pytest.importorskip("onnx")
     swapped = onnx.load(str(cached))
     swapped.doc_string = "another graph with the genuine metadata"  # a valid graph, other bytes
@@ -195,4 +236,4 @@ def test_a_swapped_cached_graph_is_never_used(parts, tmp_path):
     loaded = DinoPatch.load(path)
     np.testing.assert_allclose(loaded.score_images(bad[:1]), det.score_images(bad[:1]), rtol=1e-5)
     # Torch is installed here, so the graph was exported again rather than used as found.
-    assert loaded._get_backbone().sha256 == graph["sha256"]
+    assert loaded.backbone_for().sha256 == graph["sha256"]

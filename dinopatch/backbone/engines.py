@@ -1,9 +1,15 @@
-"""Choosing an engine by name: the registry the API, the CLI and the bench read."""
+"""The engine registry: engine names to the classes that run them, read by the API, the CLI, serve and archives.
+
+An engine name is ``RUNTIME[:PRECISION]`` (``onnx`` is ``onnx:fp32``), ``"auto"``,
+or a path to an ``.onnx`` export (ONNX Runtime on that file).
+"""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import threading
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -14,8 +20,51 @@ from .onnx_engine import PRECISIONS, OnnxBackbone
 from .openvino_engine import OV_PRECISIONS, OpenVinoBackbone, cpu_has_bf16
 from .torch_engine import AUTOCAST, TorchBackbone
 
-ENGINES = ("auto", "torch", "torch:fp16", "torch:bf16", "onnx", "onnx:int8", "onnx:fp16", "openvino",
-           "openvino:f32", "openvino:bf16")
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What runs an engine name's backbone.
+
+    Args:
+        cls: the backbone class, built with ``precision=``, ``device=``, ``fingerprint=`` and the weights.
+        precisions: those ``RUNTIME:PRECISION`` may name.
+        default: the precision of the bare ``RUNTIME`` name (None: the class decides for this machine).
+        needs_torch: runs only where torch is installed.
+        runs_export: runs an ONNX export, so it takes the graph's recorded ``sha256=``.
+    """
+
+    cls: type
+    precisions: tuple[str, ...]
+    default: str | None
+    needs_torch: bool
+    runs_export: bool
+
+
+RUNTIMES = {
+    "torch": Runtime(TorchBackbone, tuple(AUTOCAST), "fp32", needs_torch=True, runs_export=False),
+    "onnx": Runtime(OnnxBackbone, PRECISIONS, "fp32", needs_torch=False, runs_export=True),
+    # Bare "openvino" is bf16 where the CPU has it, else fp32 (see OpenVinoBackbone).
+    "openvino": Runtime(OpenVinoBackbone, OV_PRECISIONS, None, needs_torch=False, runs_export=True),
+}
+ENGINES = ("auto", *(name for runtime, spec in RUNTIMES.items()
+                     for name in (runtime, *(f"{runtime}:{p}" for p in spec.precisions))))
+# Engines that run without torch, for the torch-free service and workers.
+TORCH_FREE_ENGINES = tuple(e for e in ENGINES if e != "auto" and not RUNTIMES[e.partition(":")[0]].needs_torch)
+# Old spellings, accepted with a DeprecationWarning for one release.
+DEPRECATED = {"openvino:f32": "openvino:fp32"}
+
+
+def canonical_engine(engine: str | os.PathLike, warn: bool = True) -> str:
+    """The registry's name for ``engine`` (an ``.onnx`` path as it is); ValueError for an unknown one."""
+    engine = os.fspath(engine)
+    if engine.endswith(".onnx") or engine in ENGINES:
+        return engine
+    if engine in DEPRECATED:
+        if warn:
+            warnings.warn(f"engine {engine!r} is spelled {DEPRECATED[engine]!r} now; the old name goes in the next "
+                          "release", DeprecationWarning, stacklevel=3)
+        return DEPRECATED[engine]
+    raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or a path to an .onnx export")
 
 
 def installed(module: str) -> bool:
@@ -48,7 +97,7 @@ def auto_engine(device: str = "auto") -> str:
     if installed("onnxruntime"):
         return "onnx"
     if installed("openvino"):
-        return "openvino:f32"
+        return "openvino:fp32"
     return "torch"
 
 
@@ -57,30 +106,25 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
     """A backbone for ``engine`` on ``device``.
 
     Args:
-        engine: ``"torch"`` (``"torch:fp16"``, ``"torch:bf16"``: autocast);
-            ``"onnx"`` (fp32), ``"onnx:int8"`` or ``"onnx:fp16"`` (ONNX
-            Runtime); ``"openvino"`` (bf16 where the CPU has it, else f32),
-            ``"openvino:f32"`` or ``"openvino:bf16"`` (CPU only); a path to an
-            ``.onnx`` export (ONNX Runtime); or ``"auto"``, the fastest
-            installed engine for ``device`` by this rule, from ViT-S/14 at
-            448 px (README, "Engines"):
+        engine: a name of :data:`ENGINES`: ``"torch"`` (``"torch:fp16"``,
+            ``"torch:bf16"``: autocast); ``"onnx"`` (fp32), ``"onnx:int8"`` or
+            ``"onnx:fp16"`` (ONNX Runtime); ``"openvino"`` (bf16 where the CPU
+            has it, else fp32), ``"openvino:fp32"`` or ``"openvino:bf16"`` (CPU
+            only); a path to an ``.onnx`` export (ONNX Runtime); or ``"auto"``,
+            the engine :func:`auto_engine` picks for ``device``:
 
             * on a GPU (``device`` ``"cuda[:N]"``, or ``"auto"`` where one is
               usable): ``onnx`` when onnxruntime-gpu is installed, else
               ``torch``;
             * on the CPU: ``openvino:bf16`` when openvino is installed and the
-              CPU has AVX512-BF16 or AMX (1.8x ONNX Runtime fp32, token cosine
-              0.99999, measured in issue 14 on such a CPU); else ``onnx`` (fp32)
-              when onnxruntime is installed: on an AVX2-only CPU (no VNNI)
-              OpenVINO f32 predicted as fast as it end to end on foreground
-              tokens (845 against 838 ms a part, 33% of the tokens, one
-              round-robin run at load 8-9), so nothing is gained by the extra
-              runtime; else ``openvino:f32``; else ``torch``.
+              CPU has AVX512-BF16 or AMX; else ``onnx`` (fp32) when
+              onnxruntime is installed (OpenVINO fp32 measured level with it,
+              so nothing is gained by the extra runtime); else
+              ``openvino:fp32``; else ``torch``.
 
             int8 engines are never chosen automatically: their accuracy is
-            judged per data set, by AUROC, and without VNNI they are slower
-            (ONNX Runtime int8 0.81x of fp32 end to end on that CPU; OpenVINO
-            int8 quantised with NNCF 0.51x of OpenVINO f32 at batch 1 and 8, near idle).
+            judged per data set, and without VNNI they are slower than fp32
+            (docs/benchmarks.md, "Engines").
         fingerprint: the weights fingerprint expected (from a model file).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.  A GPU
             asked for by name that the engine cannot use raises
@@ -93,21 +137,16 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             Their backbones carry the hash of what they loaded as ``sha256``.
         **kwargs: ``name``, ``weights``, ``image_size``, ``layers``, ``seed``.
     """
-    engine = os.fspath(engine)
+    engine = canonical_engine(engine)
     if engine == "auto":
         engine = auto_engine(device)
     if engine.endswith(".onnx"):
         return OnnxBackbone(path=engine, fingerprint=fingerprint, device=device, sha256=sha256, **kwargs)
-    kind, _, precision = engine.partition(":")
-    if kind == "torch" and precision in ("", *AUTOCAST):
-        return TorchBackbone(fingerprint=fingerprint, device=device, precision=precision or "fp32", **kwargs)
-    if kind == "onnx" and precision in ("", *PRECISIONS):
-        return OnnxBackbone(precision=precision or "fp32", fingerprint=fingerprint, device=device, sha256=sha256,
-                            **kwargs)
-    if kind == "openvino" and precision in ("", *OV_PRECISIONS):
-        return OpenVinoBackbone(precision=precision or None, fingerprint=fingerprint, device=device, sha256=sha256,
-                                **kwargs)
-    raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or a path to an .onnx export")
+    name, _, precision = engine.partition(":")
+    runtime = RUNTIMES[name]
+    extra = {"sha256": sha256} if runtime.runs_export else {}
+    return runtime.cls(fingerprint=fingerprint, device=device, precision=precision or runtime.default, **extra,
+                       **kwargs)
 
 
 class EngineCache:
@@ -121,9 +160,19 @@ class EngineCache:
         self.size = size
         self._engines: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self.pinned = None
+
+    def pin(self, engine) -> None:
+        """Answer every request with ``engine``, built elsewhere, from now on (a benchmark times engines)."""
+        self.pinned = engine
 
     def get(self, engine: str | os.PathLike, fingerprint: str | None, **config):
         """The engine ``make_backbone(engine, fingerprint, **config)`` would build, built at most once."""
+        if self.pinned is not None:
+            if fingerprint is not None and fingerprint != self.pinned.fingerprint:
+                raise ValueError(f"engine weights {self.pinned.fingerprint[:16]} differ from the model's "
+                                 f"{fingerprint[:16]}")
+            return self.pinned
         key = (os.fspath(engine), *sorted(config.items()))
         with self._lock:
             if key not in self._engines:

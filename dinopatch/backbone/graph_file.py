@@ -18,6 +18,9 @@ bound:
 
 The file is read with a small protobuf reader (the ONNX fields named below),
 so neither the ``onnx`` package nor a runtime is needed.
+
+The export's format, precisions and cache path are here too: the exporter
+writes what the engine reads, and neither needs the other for it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,25 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+
+from .weights import cache_dir
+
+# 2: the graph takes the patch positions to run as an input ``positions`` (int64 [n]) and
+# gives ``tokens`` [B, n, D]; format 1 had only ``images`` and gave [B, h, w, D].
+ONNX_FORMAT = "dinopatch-backbone-tokens/2"
+# Bumped when the exported graph changes (same inputs and outputs, faster ops),
+# so that a cache made by an older DinoPatch is not reused.
+GRAPH_VERSION = 3
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str,
+                    portable: bool = False) -> Path:
+    """The cached export of one configuration; named by the weights' fingerprint."""
+    kind = "_portable" if portable else ""
+    return (cache_dir() / "onnx"
+            / f"{name}_{image_size}px_l{layers}_{precision}{kind}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
+
 
 MAX_GRAPH_BYTES = 4 << 30
 MAX_TENSOR_BYTES = 1 << 30

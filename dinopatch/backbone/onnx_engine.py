@@ -12,25 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .device import CPU_PROVIDER, CUDA_PROVIDER, DeviceUnavailableError, onnx_providers, parse_device
-from .graph_file import check_graph_file, graph_sha256
+from .graph_file import ONNX_FORMAT, PRECISIONS, check_graph_file, graph_sha256, onnx_cache_path
 from .specs import check_image_size, check_positions, get_spec, preprocess
 from .weights import cache_dir, weights_record_path
-
-# 2: the graph takes the patch positions to run as an input ``positions`` (int64 [n]) and
-# gives ``tokens`` [B, n, D]; format 1 had only ``images`` and gave [B, h, w, D].
-ONNX_FORMAT = "dinopatch-backbone-tokens/2"
-# Bumped when the exported graph changes (same inputs and outputs, faster ops),
-# so that a cache made by an older DinoPatch is not reused.
-GRAPH_VERSION = 3
-PRECISIONS = ("fp32", "int8", "fp16")
-
-
-def onnx_cache_path(name: str, image_size: int, layers: int, precision: str, fingerprint: str,
-                    portable: bool = False) -> Path:
-    """The cached export of one configuration; named by the weights' fingerprint."""
-    kind = "_portable" if portable else ""
-    return (cache_dir() / "onnx"
-            / f"{name}_{image_size}px_l{layers}_{precision}{kind}_g{GRAPH_VERSION}_{fingerprint[:16]}.onnx")
 
 
 def find_or_export_onnx(name: str, weights, image_size: int, layers: int = 1, precision: str = "fp32",

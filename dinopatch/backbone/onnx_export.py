@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
-from .onnx_engine import ONNX_FORMAT, PRECISIONS, onnx_cache_path
+from .graph_file import ONNX_FORMAT, PRECISIONS, onnx_cache_path
 from .specs import BACKBONES, preprocess
 from .torch_engine import TorchBackbone
-from .weights import weights_record_path
+from .weights import RANDOM, weights_record_path
 
 OPSET = 17
 # precision -> (max |onnx - torch| / max |torch|, min mean cosine of the tokens); None: not checked.
@@ -69,7 +69,7 @@ def export_onnx(name: str = "dinov2_vits14", weights="pretrained", image_size: i
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} must be one of {PRECISIONS}")
     backbone = TorchBackbone(name, weights, image_size, layers, seed, fingerprint=fingerprint)
-    label = weights if weights in ("pretrained", "random") else Path(weights).name
+    label = weights if weights in ("pretrained", *RANDOM) else Path(weights).name
     if out is None:
         out = onnx_cache_path(name, backbone.image_size, backbone.layers, precision, backbone.fingerprint, portable)
         # Exporting takes seconds to minutes: say why the first run pauses, and where the file goes.  Said

@@ -1,4 +1,4 @@
-"""The OpenVINO engine: the project's fp32 ONNX export compiled for the CPU, in f32 or bf16.
+"""The OpenVINO engine: the project's fp32 ONNX export compiled for the CPU, in fp32 or bf16.
 
 OpenVINO's ONNX reader takes the export as it is: the fused
 ``com.microsoft.MultiHeadAttention`` of :mod:`.attention` becomes its own
@@ -13,13 +13,16 @@ rather than reported as bf16.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .device import cpu_only
 from .onnx_engine import ExportedBackbone, check_export_matches, open_graph, read_export_metadata
 from .specs import preprocess
 
-OV_PRECISIONS = ("f32", "bf16")
+OV_PRECISIONS = ("fp32", "bf16")
+_HINTS = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's own spelling
 
 
 def cpu_has_bf16() -> bool:
@@ -47,8 +50,9 @@ class OpenVinoBackbone(ExportedBackbone):
         name, weights, image_size, layers, seed, path, fingerprint, sha256: as for
             :class:`~dinopatch.backbone.OnnxBackbone`; the fp32 export is read, and its
             hash kept as ``sha256``.
-        precision: ``"f32"`` or ``"bf16"``; default bf16 where the CPU has it
-            (:func:`cpu_has_bf16`), else f32.  bf16 on a CPU without it is an error.
+        precision: ``"fp32"`` or ``"bf16"``; default bf16 where the CPU has it
+            (:func:`cpu_has_bf16`), else fp32.  bf16 on a CPU without it is an error.
+            ``"f32"`` is the old spelling of ``"fp32"`` (a DeprecationWarning).
         threads: inference threads (default: one per physical core, OpenVINO's own count).
         device: ``"auto"`` or ``"cpu"``; a GPU asked for by name raises
             :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
@@ -67,12 +71,16 @@ class OpenVinoBackbone(ExportedBackbone):
 
         self.device = cpu_only(device, "openvino")
         if precision is None:
-            precision = "bf16" if cpu_has_bf16() else "f32"
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+        if precision == "f32":
+            warnings.warn("OpenVINO precision 'f32' is spelled 'fp32' now; the old name goes in the next release",
+                          DeprecationWarning, stacklevel=2)
+            precision = "fp32"
         if precision not in OV_PRECISIONS:
             raise ValueError(f"OpenVINO precision {precision!r} must be one of {OV_PRECISIONS}")
         if precision == "bf16" and not cpu_has_bf16():
             raise ValueError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX, and this one has neither "
-                             "(OpenVINO would silently run f32); use engine='openvino:f32'")
+                             "(OpenVINO would silently run f32); use engine='openvino:fp32'")
         path, self.sha256 = open_graph(name, weights, image_size, layers, seed, "fp32", path, fingerprint, sha256)
         core = ov.Core()
         try:
@@ -89,7 +97,7 @@ class OpenVinoBackbone(ExportedBackbone):
                              f"its own precision")
         self._adopt(meta, path)
         self.precision = precision
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        config = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                   "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)

@@ -7,7 +7,11 @@ Weights, in the order people reach for them:
   :class:`WeightsUnavailableError`; it never falls back silently.
 * a path to a local checkpoint: Meta's ``.pth`` (e.g. ``dinov2_vits14_pretrain.pth``)
   or timm's ``.safetensors``.  Position embeddings are resampled to ``image_size``.
-* ``"random"``: timm's initialisation under ``torch.manual_seed(seed)``.
+* ``"random"``: timm's initialisation under ``torch.manual_seed(seed)``.  DINOv2's
+  LayerScale starts at 1e-5, so these blocks are near the identity.
+* ``"random-blocks"``: the same with every LayerScale at 1, so that every block
+  matters (tests and offline quality runs); :func:`write_blocks_matter_checkpoint`
+  writes them as a checkpoint (``python -m dinopatch weights --random-blocks``).
 
 Checkpoints are read as data (``weights_only=True`` or safetensors), never executed.
 """
@@ -21,6 +25,8 @@ import socket
 from pathlib import Path
 
 from .specs import BackboneSpec, get_spec
+
+RANDOM = ("random", "random-blocks")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -74,7 +80,6 @@ def _load_state_dict(model, sd: dict, source: str) -> None:
 def build_model(spec: BackboneSpec, weights: str | os.PathLike, image_size: int, seed: int = 0):
     """The timm DINOv2 model for ``spec`` at ``image_size``, weights loaded, in eval mode."""
     import timm
-    import torch
 
     kwargs = dict(img_size=image_size, num_classes=0)
     if weights == "pretrained":
@@ -90,36 +95,50 @@ def build_model(spec: BackboneSpec, weights: str | os.PathLike, image_size: int,
         else:
             return timm.create_model(spec.hub_tag, pretrained=True, **kwargs).eval()
     if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return timm.create_model(spec.timm_name, pretrained=False, **kwargs).eval()
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights {str(weights)!r}: no such checkpoint file; or use 'pretrained' / 'random'")
+        return _random_model(spec, seed, blocks_matter=False, **kwargs).eval()
+    if weights == "random-blocks":  # made like the checkpoint of write_blocks_matter_checkpoint, read like it
+        sd, source = _random_model(spec, seed, blocks_matter=True, num_classes=0).state_dict(), weights
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights {str(weights)!r}: no such checkpoint file; or use 'pretrained', "
+                                    "'random' or 'random-blocks'")
+        sd, source = _read_checkpoint(path), str(path)
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    _load_state_dict(model, _read_checkpoint(path), str(path))
+    _load_state_dict(model, sd, source)
     return model.eval()
 
 
-def write_blocks_matter_checkpoint(spec: BackboneSpec, path: str | os.PathLike, seed: int = 0) -> Path:
-    """Random ``spec`` weights with every LayerScale gamma at 1, written to ``path`` as timm .safetensors.
+def _random_model(spec: BackboneSpec, seed: int, blocks_matter: bool, **kwargs):
+    """timm's seeded random init; with ``blocks_matter``, every LayerScale gamma at 1.
 
-    timm's random init sets DINOv2's LayerScale to 1e-5, which leaves the blocks
-    near the identity (tokens with and without them have cosine 0.99999999996):
-    a check on those weights cannot see a bug in attention or the MLP.  With
-    these, random as they are, every block matters.  The file loads through the
-    checkpoint reader like a user's, at any image size.
+    timm's init sets DINOv2's LayerScale to 1e-5, which leaves the blocks near
+    the identity (tokens with and without them have cosine 0.99999999996): a
+    check on those weights cannot see a bug in attention or the MLP.  With
+    gammas at 1, random as they are, every block matters.
     """
     import timm
     import torch
-    from safetensors.torch import save_file
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
-    for name, p in model.named_parameters():
-        if name.endswith(("ls1.gamma", "ls2.gamma")):
-            p.data.fill_(1.0)
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    if blocks_matter:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("ls1.gamma", "ls2.gamma")):
+                    p.fill_(1.0)
+    return model
+
+
+def write_blocks_matter_checkpoint(spec: BackboneSpec, path: str | os.PathLike, seed: int = 0) -> Path:
+    """``weights="random-blocks"`` at timm's default size, written to ``path`` as timm .safetensors.
+
+    The file loads through the checkpoint reader like a user's, at any image size.
+    """
+    from safetensors.torch import save_file
+
+    model = _random_model(spec, seed, blocks_matter=True, num_classes=0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Path(path)
 
@@ -159,8 +178,8 @@ def weights_record_path(name: str, weights, image_size: int, seed: int = 0) -> P
         versions = {p: importlib.metadata.version(p) for p in ("torch", "timm")}
     except importlib.metadata.PackageNotFoundError:
         return None
-    if weights == "random":
-        ident = {"seed": int(seed)}
+    if weights in RANDOM:
+        ident = {"seed": int(seed)} if weights == "random" else {"seed": int(seed), "init": weights}
     elif weights == "pretrained":
         ident = {"hub": get_spec(name).hub_tag}
     else:

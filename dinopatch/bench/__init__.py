@@ -6,7 +6,7 @@ beside their peers (:mod:`.peers`), the pipeline stages time alignment,
 post-processing, end-to-end predict and streaming, the backbone stage the
 engines, and the ``cuda`` stage is the GPU check that
 ``benchmarks/gpu_check.sh`` runs.  :mod:`.report` prints the table and writes
-the JSON described in the README.
+the JSON described in docs/benchmarks.md.
 
 In the kernel stages, ``rel_err`` is the largest deviation from the exact
 result relative to the largest distance, ``exact_match`` the largest distance

@@ -2,7 +2,7 @@
 
 A stage is one function ``fn(args) -> rows`` registered with :func:`stage`;
 its rows (dicts) go to the table and the JSON report.  The keys every row of a
-stage carries are listed in the README ("Benchmarks"), and the bench test
+stage carries are listed in docs/benchmarks.md, and the bench test
 holds each stage to them.
 """
 

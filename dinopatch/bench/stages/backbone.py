@@ -15,7 +15,7 @@ import numpy as np
 
 from ..registry import round_robin, stage
 
-ENGINES = ("torch", "onnx", "onnx:int8", "openvino:f32", "openvino:bf16")
+ENGINES = ("torch", "onnx", "onnx:int8", "openvino:fp32", "openvino:bf16")
 
 
 def physical_cores() -> int:

@@ -32,7 +32,7 @@ class CudaRunner:
     name = "cuda"
 
     def __init__(self, peak_gbs: float):
-        self.cuda = kernels._cuda()
+        self.cuda = kernels.cuda_runtime()
         if self.cuda is None:
             raise RuntimeError(
                 f"the CUDA runtime sees no device (kernels available: {kernels.available()}); "

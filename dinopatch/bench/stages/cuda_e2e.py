@@ -1,6 +1,6 @@
 """The GPU check's end-to-end half (stage ``cuda_e2e``, group ``cuda``): parts per second per engine.
 
-For ViT-S/14 at 448 px and the seed notebook's ViT-B/14 at 784 px
+For ViT-S/14 at 448 px and ViT-B/14 at 784 px
 (:meth:`DinoPatch.from_preset`, ``"notebook"``), a detector is fitted with
 the torch engine on ``--bank`` aligned synthetic screws and predicts a test set
 (good screws and each defect) with every engine installed: torch fp32, torch
@@ -61,25 +61,12 @@ class _Timed:
         t0 = time.perf_counter()
         out = self.inner(images, positions, **kw)
         if kernels.on_cuda(out):
-            kernels._cuda().synchronize()
+            kernels.cuda_runtime().synchronize()
         self.seconds += time.perf_counter() - t0
         return out
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-class _Given:
-    """Stands in for a detector's engine cache: the one engine the stage built, for its weights only."""
-
-    def __init__(self, engine: _Timed):
-        self.engine = engine
-
-    def get(self, engine, fingerprint, **config):
-        if fingerprint is not None and fingerprint != self.engine.fingerprint:
-            raise ValueError(f"engine weights {self.engine.fingerprint[:16]} differ from the model's "
-                             f"{fingerprint[:16]}")
-        return self.engine
 
 
 def judged_parts(n: int, seed: int = 3) -> tuple[list[np.ndarray], np.ndarray]:
@@ -154,7 +141,7 @@ def predict_split(det, images: list[np.ndarray], labels: np.ndarray, budget: flo
     """
     from dinopatch.metrics import auroc
 
-    engine, bs = det._get_backbone(), det.batch_size
+    engine, bs = det.backbone_for(), det.batch_size
     engine.seconds = 0.0
     t = dict.fromkeys(("align", "distances", "post"), 0.0)
     scores, start = [], time.perf_counter()
@@ -203,10 +190,10 @@ class ModelRun:
         self.fits = {}
         for fg in (False, True):
             det = _detector(name, size, weights, args.kernel, device, args.batch, fg)
-            det._engines = _Given(self.reference)
+            det.use_engine(self.reference)
             t0 = time.perf_counter()
             self.fits[fg] = det.fit(bank), time.perf_counter() - t0
-        kept = self.fits[True][0]._model.foreground.fraction
+        kept = self.fits[True][0].model_.foreground.fraction
         self.plans.insert(2, (f"foreground tokens ({kept:.0%} kept), torch fp32", self.plans[0][1], None))
 
     def engine_rows(self, label: str, asked: str, build, deadline: float) -> list[dict]:
@@ -228,7 +215,7 @@ class ModelRun:
         t0 = time.perf_counter()
         try:
             engine = self.reference if build is None or label == self.plans[0][0] else _Timed(build())
-            det._engines = _Given(engine)
+            det.use_engine(engine)
             warm = slice(0, det.batch_size)  # lazy initialisation, cuDNN autotuning, TensorRT's engine build
             predict_split(det, self.images[warm], self.labels[warm], 0.0)
         except Exception as e:  # an engine that cannot start where asked is a failed check, not a crash

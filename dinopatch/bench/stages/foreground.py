@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import latency_row, paired_ratio, round_robin, stage, target
-from .pipeline import _detector, _frames, aurocs, labelled
+from .pipeline import aurocs, good_frames, labelled, make_detector
 
 
 @stage("foreground", groups=("pipeline",))
@@ -18,12 +18,12 @@ def bench_foreground(args) -> list[dict]:
     """
     test = labelled(1 if args.quick else 6)
     frames = [im for im, _, _ in test]
-    dets = {fg: _detector(args, foreground=fg).fit(_frames(args.bank, seed=1)) for fg in (False, True)}
-    region = dets[True]._model.foreground
+    dets = {fg: make_detector(args, foreground=fg).fit(good_frames(args.bank, seed=1)) for fg in (False, True)}
+    region = dets[True].model_.foreground
     if region is None:
         raise RuntimeError("no foreground region was fitted")
-    batch = np.stack([c for c, _, _ in map(dets[True]._model.aligner.transform, frames[:args.batch])])
-    engine = dets[True]._get_backbone()
+    batch = np.stack([c for c, _, _ in map(dets[True].model_.aligner.transform, frames[:args.batch])])
+    engine = dets[True].backbone_for()
     runs = {("backbone", False): lambda: engine(batch), ("backbone", True): lambda: engine(batch, region.positions),
             ("e2e", False): lambda: dets[False].predict(frames), ("e2e", True): lambda: dets[True].predict(frames)}
     out = {}

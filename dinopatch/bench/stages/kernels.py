@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import operator
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
 from dinopatch import kernels
 
 from ..peers import distance_peers
-from ..registry import round_robin, stage, target, timeit
+from ..registry import paired_ratio, round_robin, stage, target, timeit
 
 
 @lru_cache(maxsize=None)
@@ -42,7 +42,7 @@ def variants(backend: str) -> list[tuple[str, str | None]]:
     """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
     if backend != "cpp":
         return [(backend, None)]
-    return [(f"cpp[{isa}]", isa) for isa in kernels._C.isas() if isa != "generic"] or [
+    return [(f"cpp[{isa}]", isa) for isa in kernels.isas() if isa != "generic"] or [
         ("cpp[generic]", "generic")
     ]
 
@@ -51,12 +51,12 @@ def with_isa(isa: str | None, fn, *args):
     """``fn(*args)`` with the cpp kernel on instruction set ``isa`` (None: as it is)."""
     if isa is None:
         return fn(*args)
-    previous = kernels._C.isa()
-    kernels._C.set_isa(isa)
+    previous = kernels.isa()
+    kernels.set_isa(isa)
     try:
         return fn(*args)
     finally:
-        kernels._C.set_isa(previous)
+        kernels.set_isa(previous)
 
 
 def kernel_size(args, default: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -67,7 +67,8 @@ def kernel_size(args, default: tuple[int, int, int]) -> tuple[int, int, int]:
 
 @stage("min_distance", groups=("kernels",))
 def bench_min_distance(args) -> list[dict]:
-    """Per-location nearest distance, L=1024 K=200 D=384 (L=256 with --quick), batches 1 and 16."""
+    """Per-location nearest distance, L=1024 K=200 D=384 (L=256 with --quick), batches 1 and 16; and the
+    tolerance map's overhead (:func:`tolerance_map_targets`)."""
     L, K, D = kernel_size(args, (1024, 200, 384))
     rng = np.random.default_rng(0)
     banks = {"fp32": rng.standard_normal((L, K, D), dtype=np.float32)}
@@ -116,7 +117,8 @@ def bench_min_distance(args) -> list[dict]:
                     else "",
                 }
             )
-    return rows + _targets(best_ms, banks["fp32"].nbytes / bw * 1e3, backends)
+    return rows + _targets(best_ms, banks["fp32"].nbytes / bw * 1e3, backends) + tolerance_map_targets(
+        args, banks["fp32"], backends)
 
 
 _COMPARE = {"<=": operator.le, ">=": operator.ge}
@@ -150,6 +152,43 @@ def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dic
             op, bound = goal.split()
             rows.append(target(what, goal, num / den, lambda v, op=_COMPARE[op], b=float(bound): op(v, b)))
     return rows
+
+
+def tolerance_map_targets(args, bank: np.ndarray, backends: list[str]) -> list[dict]:
+    """A radius per location beside one radius of the same reach (2), round-robin, batches 1 and 8.
+
+    ``bank``'s first 40 rows per location on the squarest grid of its L locations: ``single r=2`` and
+    ``map all 2`` do the same work, so their ratio is the map's overhead (the target: at most 10%), taken
+    as the median of each round's pair (:func:`paired_ratio`); a fit-like map (:func:`realistic_map`)
+    and radius 0 are timed beside them for scale.  The times go in the target rows' text.
+    """
+    L, _, D = bank.shape
+    h = max(d for d in range(1, int(L**0.5) + 1) if L % d == 0)
+    grid, bank = (h, L // h), np.ascontiguousarray(bank[:, :40])
+    radii = {"single r=2": 2, "map all 2": np.full(L, 2, np.int8), "map 0/1/2": realistic_map(grid),
+             "single r=0": 0}
+    rng, rows = np.random.default_rng(3), []
+    for be in backends:
+        method, isa = variants(be)[0]
+        for B in (1, 8):
+            q = rng.standard_normal((B, L, D), dtype=np.float32)
+            fns = {name: partial(with_isa, isa, partial(kernels.min_distance, grid=grid, radius=r), q, bank, be)
+                   for name, r in radii.items()}
+            times = round_robin(fns, args.repeats)
+            ms = ", ".join(f"{name} {np.median(t) / B * 1e3:.3g}" for name, t in times.items())
+            what = (f"{method} batch {B}, {grid[0]}x{grid[1]} grid K={bank.shape[1]} D={D}: map all 2 / single r=2 "
+                    f"time (ms per image, median: {ms})")
+            rows.append(target(what, "<= 1.10", paired_ratio(times, "map all 2", "single r=2"), lambda v: v <= 1.10))
+    return rows
+
+
+def realistic_map(grid: tuple[int, int]) -> np.ndarray:
+    """A tolerance map like a fit's: 0 on most of the part, 1 on two outline columns, 2 on a thin arm."""
+    h, w = grid
+    tmap = np.zeros(grid, np.int8)
+    tmap[h // 4:3 * h // 4, w // 4] = tmap[h // 4:3 * h // 4, 3 * w // 4] = 1
+    tmap[h // 2, w // 4:3 * w // 4] = 2
+    return tmap.ravel()
 
 
 @stage("coreset", groups=("kernels",))

@@ -1,0 +1,272 @@
+"""The good set checked at fit: images that are not evidence of a good part are named, and left out.
+
+One odd image among the good ones moves the threshold: a frame with no part,
+or a defective part, scores far above the rest when held out, and the
+threshold (the maximum of those scores at ``false_alarm_rate=0``) follows it;
+a duplicate makes its twin score near zero held out.  Fit names each image that
+is, with the reason:
+
+* ``"no part"``: the aligner finds no part in it or doubts the pose (alignment on);
+* ``"duplicate"``: its thumbnail (:data:`THUMB` px gray) is within
+  :data:`NEAR_GRAY` gray levels (mean absolute difference) of an earlier image's;
+* ``"outlier"``: its held-out score (each image against a bank of the folds
+  without it, with the documented default settings for every ``"auto"`` and
+  the default radius for a tolerance map, which is measured on what is kept) is
+  above ``median + K * 1.4826 * MAD`` of the held-out scores (:data:`K`) and
+  above :data:`RATIO` times their median, from :data:`MIN_IMAGES` images on.
+  Both: good parts' held-out scores are heavy-tailed (a part in a pose no other
+  part shares scores high), so the MAD alone would name good parts.
+
+``outliers="drop"`` (the default) leaves them out of the bank and the threshold
+and says so in :class:`FitReport`; ``"keep"`` keeps them on purpose (they are
+still named); ``"error"`` refuses the set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import cv2
+import numpy as np
+
+from .align import Aligner
+from .autotune import DEFAULTS, defaults
+from .data import load_images
+from .nominal import NominalSet
+
+OUTLIERS = ("drop", "keep", "error")
+REASONS = ("no part", "duplicate", "outlier")
+THUMB = 32
+# A JPEG copy (quality 90) of a part is 0.1-0.2 gray levels from it at 32 px; perfectly fixtured parts
+# under sensor noise (+-6 levels) 0.4, different poses 5 and more.
+NEAR_GRAY = 0.25
+K = 5.0
+# On clean synthetic good sets (blocks-matter weights, 112 px) the highest held-out score was up to 2.6x
+# the median; a defective part hidden among them 3.9-4.2x, a black frame 10-14x.
+RATIO = 3.0
+MIN_IMAGES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One image named by the check: ``name`` (its path, or ``#index`` for an array), its ``index`` in
+    the input, ``reason`` (one of :data:`REASONS`) and ``detail`` in words."""
+
+    name: str
+    index: int
+    reason: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FitReport:
+    """What fit made of its good set.
+
+    Attributes:
+        images: how many it was given.
+        used: how many the bank and the threshold were made of.
+        outliers: the policy (one of :data:`OUTLIERS`).
+        flagged: the named images, in input order within each reason.
+        scores: ``((name, held-out score), ...)`` the outlier rule judged, in input order (empty below
+            :data:`MIN_IMAGES`).
+        k, ratio: the rule's :data:`K` and :data:`RATIO`.
+    """
+
+    images: int
+    used: int
+    outliers: str
+    flagged: tuple
+    scores: tuple
+    k: float = K
+    ratio: float = RATIO
+
+    def describe(self) -> str:
+        """Lines a person reads: what was named, why, and what fit did with it."""
+        done = {"drop": "left out of the bank and the threshold", "keep": "kept on purpose (outliers='keep')",
+                "error": "refused"}[self.outliers]
+        head = f"good set: {self.used} of {self.images} images used"
+        return "\n".join([head] + [f"  {f.name}: {f.reason} ({f.detail}); {done}" for f in self.flagged])
+
+    def kept(self) -> list[int]:
+        """The input indices of the images the bank and the threshold were made of, in input order."""
+        named = {f.index for f in self.flagged}
+        return [i for i in range(self.images) if self.outliers == "keep" or i not in named]
+
+    def record(self) -> dict:
+        """The model file's form (JSON)."""
+        return {"images": self.images, "used": self.used, "outliers": self.outliers, "k": self.k, "ratio": self.ratio,
+                "flagged": [dataclasses.asdict(f) for f in self.flagged], "scores": [list(p) for p in self.scores]}
+
+    @classmethod
+    def from_record(cls, record) -> "FitReport":
+        """A model file's report, checked: the outlier flags must be the ones its scores give.
+
+        Raises:
+            ValueError: malformed, or its flags or counts disagree with its evidence (the file was edited).
+        """
+        if not isinstance(record, dict) or set(record) != {"images", "used", "outliers", "k", "ratio", "flagged",
+                                                                     "scores"}:
+            raise ValueError(f"fit report malformed: {record!r:.200}")
+        images, used, k, scores = record["images"], record["used"], record["k"], record["scores"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (images, used)) or not 1 <= used <= images:
+            raise ValueError(f"fit report counts {images!r}, {used!r} are not 1 <= used <= images")
+        if record["outliers"] not in OUTLIERS or record["outliers"] == "error" or k != K or record["ratio"] != RATIO:
+            raise ValueError(f"fit report policy {record['outliers']!r} or rule (k={k!r}, ratio={record['ratio']!r}) "
+                             "is not this version's")
+        if not isinstance(scores, list) or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (int, float))
+                and not isinstance(p[1], bool) and math.isfinite(p[1]) for p in scores):
+            raise ValueError("fit report scores malformed")
+        scores = tuple((n, float(v)) for n, v in scores)
+        flags = record["flagged"]
+        if not isinstance(flags, list) or not all(
+                isinstance(f, dict) and set(f) == {"name", "index", "reason", "detail"} and f["reason"] in REASONS
+                and isinstance(f["index"], int) and not isinstance(f["index"], bool) and 0 <= f["index"] < images
+                and all(isinstance(f[k], str) for k in ("name", "reason", "detail")) for f in flags):
+            raise ValueError("fit report flags malformed")
+        flagged = tuple(Flag(**f) for f in flags)
+        said = sorted(f.name for f in flagged if f.reason == "outlier")
+        if said != sorted(outlier_names(scores)):
+            raise ValueError(f"fit report names outliers {said} but its scores give {outlier_names(scores)}: "
+                             "the file was edited")
+        dropped = len(flagged) if record["outliers"] == "drop" else 0
+        if used != images - dropped:
+            raise ValueError(f"fit report says {used} of {images} used with {dropped} left out")
+        return cls(images, used, record["outliers"], flagged, scores, float(k), float(record["ratio"]))
+
+
+def load_named(images) -> tuple[list[np.ndarray], list[str]]:
+    """:func:`.data.load_images`, and each image's name for the report: its path, or ``#index`` for an array.
+
+    Raises:
+        ValueError: no image, or one that cannot be read.
+    """
+    if isinstance(images, (np.ndarray, str, bytes, os.PathLike)):
+        return load_images(images), []  # refused there, with the message for a single image
+    try:
+        items = list(images)
+    except TypeError:
+        return load_images(images), []
+    if not items:
+        raise ValueError("fit needs at least one nominal image, got none")
+    names = [os.fsdecode(im) if isinstance(im, (str, bytes, os.PathLike)) else f"#{i}" for i, im in enumerate(items)]
+    return load_images(items), names
+
+
+def screen(images: list[np.ndarray], names: list[str], aligner) -> list[Flag]:
+    """The flags that need no backbone: frames with no part (or a doubted pose) and duplicates."""
+    flags = []
+    if aligner.enabled:
+        for i, (name, im) in enumerate(zip(names, images)):
+            alignment = aligner.transform(im)[2]
+            if not alignment.trusted:
+                flags.append(Flag(name, i, "no part", alignment.reason or "pose not trusted"))
+    seen = {f.index for f in flags}
+    thumbs = np.stack([_thumbnail(im) for im in images])
+    for j in range(1, len(images)):
+        if j in seen:
+            continue
+        diff = np.abs(thumbs[:j] - thumbs[j]).mean(axis=(1, 2))
+        diff[[i for i in seen if i < j]] = np.inf  # a twin of a flagged image is judged on its own
+        i = int(np.argmin(diff))
+        if diff[i] <= NEAR_GRAY:
+            what = "identical to" if diff[i] == 0 else f"{diff[i]:.2f} gray levels from"
+            flags.append(Flag(names[j], j, "duplicate", f"{what} {names[i]}"))
+            seen.add(j)
+    return flags
+
+
+def kept(count: int, flags: list[Flag], outliers: str) -> list[int]:
+    """The input indices fit goes on with: all but the flagged under ``"drop"``; ``"error"`` raises."""
+    _refuse(flags, outliers)
+    keep = FitReport(count, 0, outliers, tuple(flags), ()).kept()
+    if len(keep) < 2 <= count:  # what is left cannot even measure a threshold: say what was left out
+        raise ValueError(f"only {len(keep)} of the {count} good images are evidence of a good part; left out:\n"
+                         + "\n".join(f"  {f.name}: {f.reason} ({f.detail})" for f in flags)
+                         + "\nfit on more varied good parts, or keep them on purpose with outliers='keep'")
+    return keep
+
+
+def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list[Flag], settings: dict,
+          outliers: str, seed: int) -> tuple[FitReport, NominalSet]:
+    """Add the held-out score rule to the ``flags`` of :func:`screen` and apply the policy.
+
+    Args:
+        nominal: the nominal set of the input images ``indices`` (from :func:`kept`).
+        names: every input image's name.
+        settings: bank and post-processing settings the rule scores with.
+        seed: re-plans the folds of what is left.
+
+    Returns:
+        The report and the nominal set the bank and threshold are made of.
+    """
+    scores, flags = (), list(flags)
+    if len(nominal) >= MIN_IMAGES:
+        index, values, _, _ = nominal.held_out_scores(settings)
+        by_row = {int(r): round(float(s), 6) for r, s in zip(index, values) if math.isfinite(s)}
+        scores = tuple((names[indices[r]], by_row[r]) for r in sorted(by_row))  # input order
+        limit = _limit([s for _, s in scores])
+        med = float(np.median([s for _, s in scores]))
+        flags += [Flag(names[indices[r]], indices[r], "outlier",
+                       f"held-out score {s:.3g}, {s / med if med > 0 else math.inf:.1f} x the median {med:.3g}, "
+                       f"above {limit:.3g}") for r, s in sorted(by_row.items()) if s > limit]
+    _refuse(flags, outliers)
+    named = {f.index for f in flags}
+    keep = [r for r, i in enumerate(indices) if outliers == "keep" or i not in named]
+    if len(keep) < len(nominal):
+        nominal = nominal.subset(np.array(keep), seed)
+    flags.sort(key=lambda f: (REASONS.index(f.reason), f.index))
+    return FitReport(len(names), len(nominal), outliers, tuple(flags), scores), nominal
+
+
+def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
+            backend: str | None = None) -> tuple[FitReport, NominalSet]:
+    """The good set checked, as fit uses it: aligned (an :class:`~.align.Aligner` fitted on ``images``),
+    :func:`screen`, :func:`kept`, embedded, :func:`judge`.
+
+    Args:
+        images, names: the nominal images and their names (:func:`load_named`).
+        engine: the backbone.
+        params: the detector's checked parameters (``image_size``, ``align``, ``mirror``, ``size_tolerance``,
+            ``outliers``, ``foreground``, ``seed``, ``batch_size``, ``progress``); the good set is judged with
+            :data:`.autotune.DEFAULTS` for every ``"auto"`` and for ``tolerance="map"``, so that neither auto
+            nor the map is measured on what is left out.
+        backend: distance kernel backend.
+    """
+    aligner = Aligner(size=params["image_size"], enabled=params["align"], mirror=params["mirror"],
+                      size_tolerance=params["size_tolerance"]).fit(images)
+    flags = screen(images, names, aligner)
+    keep = kept(len(images), flags, params["outliers"])
+    nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
+                               seed=params["seed"], batch_size=params["batch_size"], backend=backend,
+                               progress=params["progress"])
+    settings = defaults(params)
+    if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":
+        settings["tolerance"] = DEFAULTS["tolerance"]
+    return judge(nominal, names, keep, flags, settings, params["outliers"], params["seed"])
+
+
+def outlier_names(scores) -> list[str]:
+    """The names of ``(name, score)`` pairs whose score is above the rule's limit."""
+    if len(scores) < MIN_IMAGES:
+        return []
+    limit = _limit([s for _, s in scores])
+    return [n for n, s in scores if s > limit]
+
+
+def _limit(values: list[float]) -> float:
+    med = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(np.asarray(values) - med)))
+    return max(med + K * mad, RATIO * med)
+
+
+def _refuse(flags: list[Flag], outliers: str) -> None:
+    if outliers == "error" and flags:
+        raise ValueError("the good set holds images that are not evidence of a good part (outliers='error'):\n"
+                         + "\n".join(f"  {f.name}: {f.reason} ({f.detail})" for f in flags))
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(gray.astype(np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA)
