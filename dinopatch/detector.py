@@ -111,7 +111,7 @@ class DinoPatch(EstimatorMixin):
         chosen = autotune.resolved(params, auto)
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
-        self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
+        self._model = Fitted(params, nominal.aligner, nominal.bank(chosen), threshold,
                              engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
                              nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
                                                                               nominal.alignments, self.image_size))

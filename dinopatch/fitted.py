@@ -29,8 +29,7 @@ from .drift import Reference
 from .foreground import Foreground
 from .goodset import FitReport
 from .modelfile import ModelFileError
-from .nominal import finish, orient
-from .polarity import Polarity
+from .nominal import finish
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
 
@@ -47,7 +46,6 @@ class Fitted:
 
     params: dict
     aligner: Aligner
-    polarity: Polarity | None
     bank: MemoryBank
     threshold: Threshold
     fingerprint: str
@@ -115,8 +113,7 @@ class Fitted:
             tokens = engine(frames, on_device=True)
         else:
             tokens = engine(frames)
-        tokens, flips = orient(self.polarity, tokens)
-        return finish(self.bank.distances(tokens, backend=backend), flips, fg, frames)
+        return finish(self.bank.distances(tokens, backend=backend), fg, frames)
 
 
 def by_model(items: list[tuple]) -> list[tuple[Fitted, list[tuple]]]:
@@ -169,8 +166,6 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
               "calibration_maxima": np.asarray(t.maxima, np.float64),
               "calibration_distances": np.asarray(t.distances, np.float32)}
-    if model.polarity is not None:
-        arrays["polarity"] = model.polarity.reference
     if model.bank.global_features is not None:
         arrays["global_bank"] = model.bank.global_features
     if model.offsets is not None:
@@ -258,9 +253,9 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}, size_tolerance "
                          f"{aligner.size_tolerance:g}) does not fit image_size {params['image_size']} "
                          f"(align={params['align']}, size_tolerance {params['size_tolerance']:g})")
-    # The aligner settles the half turn in image space: a file with a token-grid polarity is of an older
-    # aligner, which Aligner.from_state_dict has refused already.
-    polarity = None
+    if "polarity" in arrays:  # an older DinoPatch's: it turned token grids after the backbone
+        raise ValueError("a token-grid polarity: written by a DinoPatch that settled the half turn after the "
+                         "backbone, which this one does in the image; fit the model again")
     fingerprint = header["weights_fingerprint"]
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")
@@ -291,7 +286,7 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
     drift = Reference.from_state(header.get("drift"), arrays)
-    return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
+    return Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
                   offsets, report, drift), params
 
 

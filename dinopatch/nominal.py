@@ -1,8 +1,7 @@
 """The nominal set: what fit knows about the good parts, and how each scores against the others.
 
 :class:`NominalSet` holds the good parts in the canonical frame (frames, valid
-masks, alignments), their token grids turned to the fitted polarity, the
-part's region (:mod:`.foreground`) and one seeded :class:`FoldPlan`.  Every
+masks, alignments), their token grids, the part's region (:mod:`.foreground`) and one seeded :class:`FoldPlan`.  Every
 measurement fit makes on good parts alone (auto settings, the threshold, the
 background unit, the good-set checks) asks it for held-out distance maps: each
 image scored against a bank of the folds without it, as the fitted model would
@@ -20,7 +19,6 @@ from .align import Aligner
 from .backbone import embed
 from .bank import MemoryBank
 from .foreground import Foreground, patch_stats, plan, scatter
-from .polarity import Polarity, unflip
 from .postprocess import PostProcess, image_score
 
 # Above this many nominal images, leave-one-out becomes this many folds: one bank per fold.
@@ -66,14 +64,12 @@ class Queries(NamedTuple):
     """Canonical images scored against the folds of the nominal images they derive from.
 
     Attributes:
-        tokens: ``[B, h, w, D]`` oriented like the nominal tokens.
-        flips: bool ``[B]``, which were turned.
+        tokens: ``[B, h, w, D]``, zero outside the region like the nominal tokens.
         frames: uint8 ``[B, S, S, 3]``.
         origin: int ``[B]``, the nominal image each derives from (scored by that image's fold).
     """
 
     tokens: np.ndarray
-    flips: np.ndarray
     frames: np.ndarray
     origin: np.ndarray
 
@@ -87,9 +83,7 @@ class NominalSet:
         frames: uint8 ``[N, S, S, 3]`` canonical images.
         valid: float32 ``[N, S, S]``, 0 where a frame is padding.
         alignments: the :class:`~.align.Alignment` of each.
-        tokens: ``[N, h, w, D]`` grids turned to ``polarity``, zero outside the region.
-        flips: bool ``[N]``, which grids were turned.
-        polarity: the fitted :class:`~.polarity.Polarity` (None without alignment).
+        tokens: ``[N, h, w, D]`` grids, zero outside the region.
         positions: flat patch indices of the region, or None for every patch.
         foreground: the region's :class:`~.foreground.Foreground` (None without a region).
         plan: the fold plan every held-out measurement uses.
@@ -104,8 +98,6 @@ class NominalSet:
     valid: np.ndarray
     alignments: tuple
     tokens: np.ndarray
-    flips: np.ndarray
-    polarity: Polarity | None
     positions: np.ndarray | None
     foreground: Foreground | None
     plan: FoldPlan
@@ -118,7 +110,7 @@ class NominalSet:
     @classmethod
     def build(cls, images: list[np.ndarray], aligner: Aligner, engine, *, foreground="auto", seed: int = 0,
               batch_size: int = 8, backend: str | None = None, progress: bool = False) -> "NominalSet":
-        """Place, embed and orient nominal images; measure the region's background check.
+        """Place and embed nominal images; measure the region's background check.
 
         Args:
             images: the nominal images (uint8 arrays).
@@ -134,11 +126,8 @@ class NominalSet:
         frames = np.stack([c[0] for c in canon])
         tokens = embed(engine, frames, batch_size, progress, "fit: embedding", positions)
         grids = tokens if positions is None else scatter(tokens, positions, engine.grid)
-        polarity = None  # the aligner settles the half turn in image space, before the backbone
-        grids, flips = orient(polarity, grids)
-        nominal = cls(aligner, frames, np.stack([c[1] for c in canon]), tuple(c[2] for c in canon), grids, flips,
-                      polarity, positions, None, FoldPlan.seeded(len(images), seed), engine, int(batch_size),
-                      backend)
+        nominal = cls(aligner, frames, np.stack([c[1] for c in canon]), tuple(c[2] for c in canon), grids,
+                      positions, None, FoldPlan.seeded(len(images), seed), engine, int(batch_size), backend)
         if positions is None:
             return nominal
         fg = Foreground.fit(positions, engine.grid, nominal.held_out(_NEAREST), patch_stats(frames, engine.grid),
@@ -149,12 +138,12 @@ class NominalSet:
         return len(self.frames)
 
     def subset(self, keep: np.ndarray, seed: int) -> "NominalSet":
-        """The nominal set of images ``keep`` only (region, polarity and background unit kept), re-planned;
+        """The nominal set of images ``keep`` only (region and background unit kept), re-planned;
         offsets measured on the whole set are dropped with it."""
         keep = np.asarray(keep)
         return dataclasses.replace(
             self, frames=self.frames[keep], valid=self.valid[keep],
-            alignments=tuple(self.alignments[i] for i in keep), tokens=self.tokens[keep], flips=self.flips[keep],
+            alignments=tuple(self.alignments[i] for i in keep), tokens=self.tokens[keep],
             plan=FoldPlan.seeded(len(keep), seed), offsets=None, tolerance_map=None)
 
     def with_offsets(self, offsets: np.ndarray | None) -> "NominalSet":
@@ -180,8 +169,7 @@ class NominalSet:
         """New canonical images (pasted defects on nominal ones) embedded as the nominal ones are."""
         tokens = embed(self.engine, frames, self.batch_size, positions=self.positions)
         grids = tokens if self.positions is None else scatter(tokens, self.positions, self.engine.grid)
-        grids, flips = orient(self.polarity, grids)
-        return Queries(grids, flips, np.stack(frames), np.asarray(origin))
+        return Queries(grids, np.stack(frames), np.asarray(origin))
 
     def held_out(self, settings: dict, folds=None, extra: Queries | None = None):
         """Distance maps of the images of ``folds`` (default: the plan's), each against a bank without its fold.
@@ -201,12 +189,12 @@ class NominalSet:
             train = self.plan.train(held)
             bank = self.bank(settings, train)
             background = None if self.foreground is None else self.foreground.background_of(self.frames[train])
-            maps[held] = finish(bank.distances(self.tokens[held], self.backend), self.flips[held], self.foreground,
-                                self.frames[held], background)
+            maps[held] = finish(bank.distances(self.tokens[held], self.backend), self.foreground, self.frames[held],
+                                background)
             here = np.array([], int) if extra is None else np.flatnonzero(np.isin(extra.origin, held))
             if here.size:
-                more[here] = finish(bank.distances(extra.tokens[here], self.backend), extra.flips[here],
-                                    self.foreground, extra.frames[here], background)
+                more[here] = finish(bank.distances(extra.tokens[here], self.backend), self.foreground,
+                                    extra.frames[here], background)
         return maps if extra is None else (maps, more)
 
     def held_out_scores(self, settings: dict, folds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -227,13 +215,6 @@ class NominalSet:
                 np.array([image_score(m, self.valid[i], "max") for i, (m, _) in zip(index, scored)]), maps[index])
 
 
-def orient(polarity: Polarity | None, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens turned to the fitted polarity (unchanged without alignment), and which were turned."""
-    return (tokens, np.zeros(len(tokens), bool)) if polarity is None else polarity.orient(tokens)
-
-
-def finish(distances: np.ndarray, flips: np.ndarray, fg: Foreground | None, frames: np.ndarray,
-           background=None) -> np.ndarray:
-    """Grids scored turned go back to their canonical images' orientation; then the background term."""
-    out = np.stack([unflip(d, f) for d, f in zip(distances, flips)])
-    return out if fg is None else fg.complete(out, frames, background)
+def finish(distances: np.ndarray, fg: Foreground | None, frames: np.ndarray, background=None) -> np.ndarray:
+    """Distance maps ``[B, h, w]`` of canonical ``frames``, with the background term outside the region ``fg``."""
+    return distances if fg is None else fg.complete(distances, frames, background)

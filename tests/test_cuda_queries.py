@@ -122,23 +122,6 @@ def test_bank_distances_of_device_tokens_equal_the_host_path(rng, radius, region
     assert np.isnan(got).any() == region
 
 
-def test_polarity_turns_torch_tensors_as_it_turns_arrays(rng):
-    """The detector orients tokens left on the GPU: the same flips and grids as on the host."""
-    torch = pytest.importorskip("torch")
-    from dinopatch.polarity import Polarity
-
-    tokens = rng.standard_normal((6, 3, 4, 5), dtype=np.float32)
-    tokens[:3] = tokens[:3, ::-1, ::-1]  # half of them turned
-    polarity = Polarity.fit(tokens)
-    want, flips = polarity.orient(tokens)
-    with torch.inference_mode():  # as the torch engine returns them
-        tensor = torch.from_numpy(tokens.copy())
-    got, got_flips = polarity.orient(tensor)
-    assert flips.any() and not flips.all()
-    np.testing.assert_array_equal(got_flips, flips)
-    np.testing.assert_array_equal(got.numpy(), want)
-
-
 def test_torch_engine_hands_its_tokens_over_on_its_device():
     torch = pytest.importorskip("torch")
     from dinopatch.backbone import TorchBackbone

@@ -78,10 +78,17 @@ def _set(path, value):
     (("aligner", "size"), 7000), (("aligner", "nominal_size"), 0.0), (("aligner", "nominal_length"), float("nan")),
     (("weights_fingerprint",), KeyError), (("params", "seed"), -1), (("params", "batch_size"), 10**9),
     (("params", "score"), "median"), (("params", "kernel"), "gpu"), (("model_id",), "../etc"),
+    (("params", "size_tolerance"), 0.2), (("params", "size_tolerance"), 1.0),
 ])
 def test_edited_values_are_refused_at_load(saved, tmp_path, path, value):
     edited = _edited(saved, tmp_path, _set(path, value))
     with pytest.raises(ModelFileError):
+        DinoPatch.load(edited)
+
+
+def test_a_token_grid_polarity_of_an_older_file_is_refused(saved, tmp_path):
+    edited = _edited(saved, tmp_path, lambda h, a: a.update(polarity=np.zeros((8, 384), np.float32)))
+    with pytest.raises(ModelFileError, match="polarity.*fit the model again"):
         DinoPatch.load(edited)
 
 

@@ -8,7 +8,7 @@ fp16 autocast, ONNX Runtime (CUDA execution provider), ONNX Runtime TensorRT
 on the portable graph (``export --portable``), and the foreground-token path
 (a second fit, torch fp32).  Each row gives parts per second and the split of
 predict time across align, backbone (pre-processing included), distances
-(polarity, kernel, background check) and post-processing, with the image AUROC
+(kernel, background check) and post-processing, with the image AUROC
 beside it, so a fast wrong engine shows.  Every engine judges against the same
 torch fp32 bank: tokens that drift from the reference lower its AUROC.
 
