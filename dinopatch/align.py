@@ -274,6 +274,24 @@ class Aligner:
             return "no rotational symmetry: poses compared over the full turn"
         return f"symmetric under {self.fold_}-fold rotation: poses compared modulo {360 / self.fold_:g} degrees"
 
+    def describe(self, names=None) -> str:
+        """Lines a person reads about fit's pose report: the symmetry, the nominal size range and the good
+        images whose pose was doubtful, by ``names`` (fit's images in order; default ``#index``).  "" where
+        there is no report (alignment off, or an aligner loaded from a file)."""
+        if self.report_ is None:
+            return ""
+        lo, hi = self.report_["ranges"]["size"]
+        doubtful = self.report_["doubtful"]
+        lines = [f"pose: {self.report_['symmetry']}; size {lo:.2f}-{hi:.2f} of the good parts' median; "
+                 f"{len(doubtful)} good image{'s' * (len(doubtful) != 1)} doubtful"]
+        return "\n".join(lines + [f"  {names[i] if names else f'#{i}'}: {why}" for i, why in doubtful.items()])
+
+    def padded(self, padding: str) -> "Aligner":
+        """This fitted aligner padding frames with ``padding`` (one of :data:`PADDINGS`) instead; fit's report kept."""
+        other = Aligner.from_state_dict(dict(self.state_dict(), padding=padding))
+        other.report_ = self.report_
+        return other
+
     # -- transform -------------------------------------------------------------
 
     def transform(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, Alignment]:

@@ -141,6 +141,8 @@ def cmd_fit(args) -> int:
           f"{'aligned' if det.align else 'not aligned'}, on {len(files)} images")
     det.fit(files)
     print(det.fit_report_.describe())
+    if pose := det.model_.aligner.describe([os.fsdecode(f) for f in files]):
+        print(pose)
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     path = det.save(out)

@@ -121,7 +121,7 @@ class NominalSet:
         """
         positions = plan(foreground, aligner, images, engine.grid)
         if positions is not None:
-            aligner = Aligner.from_state_dict(dict(aligner.state_dict(), padding="background"))
+            aligner = aligner.padded("background")
         canon = [aligner.transform(im) for im in images]
         frames = np.stack([c[0] for c in canon])
         tokens = embed(engine, frames, batch_size, progress, "fit: embedding", positions)

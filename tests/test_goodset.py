@@ -140,3 +140,7 @@ def test_the_command_line_names_them_by_path(tmp_path, capsys):
     assert "good set: 5 of 7 images used" in out
     assert f"{folder / '005.png'}: no part" in out and f"{folder / '006.png'}: duplicate" in out
     assert f"identical to {folder / '002.png'}" in out
+    # The pose report beside it names the frame without a part too.
+    lines = out.splitlines()
+    pose = next(i for i, line in enumerate(lines) if line.startswith("pose: "))
+    assert "good image doubtful" in lines[pose] and lines[pose + 1].startswith(f"  {folder / '005.png'}: no part")

@@ -186,6 +186,15 @@ def test_fit_reports_the_pose_it_learned():
     assert report["fold"] == 1 and report["symmetry"] == aligner.symmetry()
     # Aligned good parts agree with the mean part: a small fraction of its contrast on average.
     assert float(report["misalignment"].mean()) < 0.2, float(report["misalignment"].mean())
+    lo, hi = report["ranges"]["size"]
+    text = aligner.describe([f"im{i}" for i in range(len(images))]).splitlines()
+    assert text[0] == f"pose: {aligner.symmetry()}; size {lo:.2f}-{hi:.2f} of the good parts' median; " \
+                      "2 good images doubtful"
+    assert text[1].startswith("  im3: part 1.1") and text[2].startswith("  im8: no part"), text
+    # The region's copy pads otherwise and keeps the report; a loaded aligner has none to tell.
+    padded = aligner.padded("background")
+    assert padded.padding == "background" and padded.report_ is report
+    assert Aligner.from_state_dict(aligner.state_dict()).describe() == ""
 
 
 def test_detector_flags_what_the_pose_hides():
