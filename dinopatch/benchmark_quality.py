@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli import HelpFormatter, Parser, number_type
 
     p = Parser(prog="dinopatch benchmark-quality", formatter_class=HelpFormatter, allow_abbrev=False,
-               description="The harder synthetic benchmark (weave, circuit, comb): per category and defect, "
-                           "defects caught and good parts rejected at the model's own threshold beside image "
-                           "AUROC, pixel AUROC, AU-PRO and SegF1, with the detector's own settings.")
+               description="The harder synthetic benchmark (weave, circuit, comb, wheel, wheel_size): per category "
+                           "and defect, defects caught and good parts rejected at the model's own threshold beside "
+                           "image AUROC, pixel AUROC, AU-PRO and SegF1, with the detector's own settings.")
     count = number_type(int, 1, 10_000)
     p.add_argument("-o", "--output", default="benchmark-quality.json", help="JSON report to write")
     p.add_argument("--force", action="store_true", help="replace the report if it exists")

@@ -1,6 +1,6 @@
 """A harder synthetic benchmark: subtle defects the demo's saturated sets do not have.
 
-Three categories, each deterministic by seed:
+Five categories, each deterministic by seed:
 
 * ``weave``: a woven texture in a fixed framing, jittered by a fraction of a
   patch and lit with a drifting gradient (alignment off).  Defects: a thin
