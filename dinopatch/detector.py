@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, fitted, foreground, kernels, tolerance
+from . import autotune, engine_choice, fitted, foreground, kernels, tolerance
 from .align import Aligner
 from .backbone import EngineCache
 from .backbone import embed as embed_frames
@@ -159,8 +159,9 @@ class DinoPatch(EstimatorMixin):
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(len(images), score_held_out, calibration=self.calibration,
                                false_alarm_rate=self.false_alarm_rate, seed=self.seed))
-        self._model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen, tmap), threshold,
-                             engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto, offsets)
+        model = Fitted(params, aligner, polarity, self._make_bank(tokens, positions, chosen, tmap), threshold,
+                       engine.fingerprint, "unsaved", fg, graph_record(self.engine, engine), auto, offsets)
+        self._model = engine_choice.after_fit(self, model, canon)
         return self
 
     def _make_bank(self, tokens: np.ndarray, positions, params: dict, tmap=None) -> MemoryBank:
@@ -172,15 +173,16 @@ class DinoPatch(EstimatorMixin):
     def _kernel(self):
         return None if self.kernel == "auto" else self.kernel
 
-    def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None):
+    def _engine(self, key: tuple, fingerprint: str | None, sha256: str | None, engine=None):
         name, weights, image_size, layers, seed = key
-        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
+        return self._engines.get(engine or self.engine, fingerprint, device=self.device, sha256=sha256, name=name,
                                  weights=weights, image_size=image_size, layers=layers, seed=seed)
 
     def _get_backbone(self, model: Fitted | None = None):
         """The engine of a fitted model (default: the one in force), built now if not yet."""
         model = model or self._fitted()
-        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(self.engine))
+        name = engine_choice.in_force(self.engine, model)
+        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(name), name)
 
     def _fitted(self) -> Fitted:
         if (model := getattr(self, "_model", None)) is None:
@@ -304,7 +306,7 @@ class DinoPatch(EstimatorMixin):
         """
         model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
-        det._model = model
+        det._model = engine_choice.on_load(det, model)
         return det
 
 

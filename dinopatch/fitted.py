@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, modelfile, tolerance
+from . import autotune, engine_choice, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
@@ -26,6 +26,7 @@ from .backbone import get_spec
 from .bank import MemoryBank
 from .calibration import METHODS, Threshold
 from .foreground import Foreground
+from .golden import GoldenSet
 from .modelfile import ModelFileError
 from .polarity import Polarity
 from .postprocess import PostProcess
@@ -55,6 +56,10 @@ class Fitted:
     auto: dict | None = None
     # Held-out patches at each offset per location (:func:`.tolerance.offset_counts`): the tolerance map's evidence.
     offsets: np.ndarray | None = None
+    # Canonical frames with the reference's scores and verdicts (:mod:`.golden`): what every engine must reproduce.
+    golden: GoldenSet | None = None
+    # The fastest engine that reproduces the golden verdicts, with its evidence (:mod:`.engine_choice`).
+    engine_choice: dict | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -116,6 +121,10 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
+    if model.golden is not None:
+        header["golden"], golden_arrays = model.golden.state(t.image)
+        arrays.update(golden_arrays)
+        header["engine_choice"] = model.engine_choice
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -209,8 +218,14 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
+    gold = None
+    if header.get("golden") is not None:
+        gold = GoldenSet.from_state(header["golden"], arrays, params["image_size"], threshold.image)
+    elif any(name.startswith("golden_") for name in arrays) or header.get("engine_choice") is not None:
+        raise ValueError("golden arrays or an engine choice without the golden record")
+    choice = engine_choice.check_record(header.get("engine_choice")) if gold is not None else None
     return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets), params
+                  offsets, gold, choice), params
 
 
 def _radius(chosen, stored, offsets, side: int):
