@@ -1,6 +1,6 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export, weights; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights, tune-engine, info; serve, score-archive and benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -13,13 +13,14 @@ scores are read from the registries, so a new one appears here by itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
 import sys
 from pathlib import Path
 
-from . import params
+from . import engine_choice, params
 from ._version import __version__
 from .backbone import PRECISIONS, WeightsUnavailableError
 from .outputs import claim, output_folder
@@ -141,6 +142,8 @@ def cmd_fit(args) -> int:
     det.fit(files)
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
+    if det._fitted().engine_choice:
+        print(engine_choice.table(det._fitted().engine_choice))
     path = det.save(out)
     print(f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
           f"(model id {det.model_id})")
@@ -246,6 +249,61 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune_engine(args) -> int:
+    from .detector import DinoPatch
+
+    # The reference engine only builds the detector; the candidates are built by the measurement.
+    det = DinoPatch.load(args.model, engine="torch", progress=False)
+    model = det._fitted()
+    if args.engine:
+        det.set_params(engine=args.engine)
+        row = engine_choice.check_by_hand(det, model, strict=args.strict)
+        print(engine_choice.format_row(row) if row else f"{args.engine} is the reference")
+        return 0
+    if args.from_evidence:
+        if model.engine_choice is None:
+            raise ValueError(f"{args.model} holds no engine choice: run tune-engine without --from-evidence")
+        print(engine_choice.table(model.engine_choice, args.forbid))
+        return 0
+    print(f"measuring every engine installed here on the golden set of {args.model} "
+          f"({len(model.golden.frames) if model.golden else 0} frames):")
+    record = engine_choice.measure(det, model, forbid=args.forbid)
+    print(engine_choice.table(record))
+    print(f"kept for this machine in {engine_choice.write_cached(model, record)}")
+    if args.output:
+        claim([Path(args.output)], args.force)
+        det._model = dataclasses.replace(model, engine_choice=record)
+        print(f"wrote {det.save(args.output)} with this choice (model id {det.model_id})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .detector import DinoPatch
+
+    det = DinoPatch.load(args.model, engine="torch", progress=False)
+    model = det._fitted()
+    t = model.threshold
+    print(f"model {args.model} (id {det.model_id}): {det.backbone} at {det.image_size} px, weights {det.weights}")
+    print(f"threshold {t.image:.4f} ({t.describe()})")
+    if model.golden is None:
+        print("golden set: none (fitted before golden sets existed; refit to check engines against it)")
+    else:
+        g = model.golden
+        print(f"golden set: {len(g.frames)} frames ({int(g.defect.sum())} with pasted defects), scored by "
+              f"{g.reference}: " + ", ".join(f"{s:.4f}{'!' if s > t.image else ''}" for s in g.scores))
+    record = model.engine_choice
+    if record is None:
+        print("engine choice: none stored (engine='auto' falls back to the static rule)")
+        return 0
+    here = engine_choice.machine()
+    if record["machine"] != here:
+        cached = engine_choice.cache_path(det.model_id, here)
+        print(f"the stored choice was measured on another machine ({record['machine']}); this one is {here}: "
+              + (f"its own is in {cached}" if cached.is_file() else "the first load with engine=auto measures"))
+    print(engine_choice.table(record, args.forbid))
+    return 0
+
+
 def cmd_weights(args) -> int:
     from .backbone import get_spec
     from .backbone.weights import write_blocks_matter_checkpoint
@@ -333,6 +391,23 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "ONNX Runtime's contrib ops (TensorRT, others)")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
 
+    p = command("tune-engine", "time every installed engine on a model's golden set and choose the fastest "
+                               "that gives the reference's verdicts", cmd_tune_engine)
+    p.add_argument("-m", "--model", required=True, help="model file")
+    p.add_argument("--forbid", action="append", default=[], metavar="NAME",
+                   help="an engine, runtime or precision never to choose (e.g. int8); repeat for more")
+    p.add_argument("--from-evidence", action="store_true",
+                   help="measure nothing: derive the choice again from the evidence in the model file")
+    p.add_argument("--engine", help="check this one engine on the golden set instead (a flip is a warning)")
+    p.add_argument("--strict", action="store_true", help="with --engine: a verdict flip is an error")
+    p.add_argument("-o", "--output", help="also write the model with this machine's choice here")
+
+    p = command("info", "what a model file holds: threshold, golden set, the engine choice and its evidence",
+                cmd_info)
+    p.add_argument("model", help="model file")
+    p.add_argument("--forbid", action="append", default=[], metavar="NAME",
+                   help="show the choice with this engine, runtime or precision forbidden")
+
     p = command("weights", "write seeded random weights whose blocks matter, as a checkpoint file", cmd_weights)
     p.add_argument("--random-blocks", action="store_true", required=True,
                    help="every LayerScale at 1 (timm's random init leaves the blocks near the identity); the "
@@ -363,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinopatch: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, WeightsUnavailableError) as e:
+    except (ValueError, OSError, ImportError, WeightsUnavailableError, engine_choice.EngineMismatchError) as e:
         if args.debug:
             raise
         hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""

@@ -122,7 +122,8 @@ def judge(name: str, scores: np.ndarray, reference: np.ndarray, threshold: float
                          refused)
 
 
-def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEATS, progress=print) -> dict:
+def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEATS, progress=print,
+            forbid=()) -> dict:
     """Run and time every candidate on ``model``'s golden set; the record with the choice.
 
     Args:
@@ -133,6 +134,7 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
             for the candidates :func:`skip_reason` does not rule out; a given one is asked for every candidate).
         repeats: timed passes over the golden set after the first.
         progress: called with one line per candidate (None: silent).
+        forbid: engine names, runtimes or precisions never to choose (kept in the record, see :func:`choose`).
     """
     g = model.golden
     if g is None:
@@ -158,7 +160,8 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
         rows.append(row)
         if progress:
             progress(format_row(row))
-    record = {"machine": machine(), "bound": MAX_DEVIATION, "tie": TIE, "reference": g.reference, "rows": rows}
+    record = {"machine": machine(), "bound": MAX_DEVIATION, "tie": TIE, "reference": g.reference, "rows": rows,
+              "forbid": sorted(set(forbid))}
     record["chosen"] = choose(record)
     return record
 
@@ -175,11 +178,14 @@ def _builder(model):
 def choose(record: dict, forbid=()) -> str | None:
     """The fastest qualifying candidate of ``record["rows"]`` (ties: smaller deviation, then candidate order).
 
-    ``forbid``: engine names, runtimes or precisions (``"int8"``) not to choose.  None where none qualifies.
+    ``forbid`` (with the record's own ``forbid``): engine names, runtimes or precisions (``"int8"``) not to
+    choose.  None where none qualifies.
     """
+    banned = set(forbid) | set(record.get("forbid", ()))
+
     def allowed(name):
         runtime, _, precision = name.partition(":")
-        return not ({name, runtime, precision or "fp32"} & set(forbid))
+        return not ({name, runtime, precision or "fp32"} & banned)
 
     ok = [r for r in record["rows"] if r["refused"] is None and allowed(r["engine"])]
     if not ok:
@@ -194,13 +200,16 @@ def check_record(record) -> dict | None:
     """A stored record, every value checked and the choice derived again (ValueError saying what is wrong)."""
     if record is None:
         return None
-    if not isinstance(record, dict) or set(record) != {"machine", "bound", "tie", "reference", "rows", "chosen"}:
+    if not isinstance(record, dict) or set(record) != {"machine", "bound", "tie", "reference", "rows", "forbid",
+                                                        "chosen"}:
         raise ValueError(f"engine choice record malformed ({str(record)[:80]!r})")
     if record["bound"] != MAX_DEVIATION or record["tie"] != TIE:
         raise ValueError(f"engine choice made with bound {record['bound']!r} and tie {record['tie']!r}; this "
                          f"version uses {MAX_DEVIATION} and {TIE}: measure again (dinopatch tune-engine)")
     if not isinstance(record["machine"], str) or not isinstance(record["rows"], list) or not record["rows"]:
         raise ValueError("engine choice record without machine or rows")
+    if not isinstance(record["forbid"], list) or not all(isinstance(f, str) for f in record["forbid"]):
+        raise ValueError("engine choice record: forbid must be a list of names")
     for r in record["rows"]:
         if not isinstance(r, dict) or set(r) != {"engine", "ms_per_part", "flips", "max_deviation", "refused"} \
                 or r["engine"] not in CANDIDATES:
@@ -231,7 +240,8 @@ def table(record: dict, forbid=()) -> str:
     head = (f"engine choice on machine {record['machine']} (bound {record['bound']} of the threshold, "
             f"ties within {record['tie']:.0%}):")
     chosen = choose(record, forbid)
-    tail = f"  chosen: {chosen}" + (f" (forbidden: {', '.join(forbid)})" if forbid else "")
+    banned = sorted(set(forbid) | set(record["forbid"]))
+    tail = f"  chosen: {chosen}" + (f" (forbidden: {', '.join(banned)})" if banned else "")
     return "\n".join([head, *(format_row(r) for r in record["rows"]), tail])
 
 

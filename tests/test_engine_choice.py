@@ -1,0 +1,213 @@
+"""The golden set and the measured engine choice: refusals, evidence, save/load, another machine.
+
+No test here depends on which engine is fastest on this CPU: candidates are the
+torch reference and wrappers around it, built by the test.
+"""
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import FAST, screws
+
+from dinopatch import DinoPatch, engine_choice, golden
+from dinopatch.modelfile import ModelFileError, read, write
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    det = DinoPatch(**FAST).fit(screws("good", 5, 0))
+    path = det.save(tmp_path_factory.mktemp("m") / "model.npz")
+    return det, path
+
+
+class Noisy:
+    """A damaged engine: the reference's tokens plus noise of a given size."""
+
+    def __init__(self, engine, scale, seed=0):
+        self.inner, self.scale, self.rng = engine, scale, np.random.default_rng(seed)
+        self.engine, self.fingerprint, self.grid = "noisy", engine.fingerprint, engine.grid
+
+    def __call__(self, frames, positions=None, **kw):
+        out = self.inner(frames, positions)
+        return (out + self.rng.normal(0, self.scale, out.shape)).astype(np.float32)
+
+
+def _measure(det, model, builds):
+    return engine_choice.measure(det, model, candidates=tuple(builds), build=lambda name: builds[name](),
+                                 repeats=1, progress=None)
+
+
+def test_golden_set_in_model_and_survives_save_load(fitted):
+    det, path = fitted
+    g = det._model.golden
+    assert g.frames.dtype == np.uint8 and g.frames.shape == (6, 112, 112, 3)
+    assert g.defect.tolist() == [False] * 3 + [True] * 3 and g.reference == "torch"
+    assert np.isfinite(g.scores).all() and (g.scores > 0).all()  # no golden frame is in the bank verbatim
+    loaded = DinoPatch.load(path)._model.golden
+    np.testing.assert_array_equal(loaded.frames, g.frames)
+    np.testing.assert_array_equal(loaded.scores, g.scores)
+    assert loaded.verdicts.tolist() == (g.scores > det.threshold_.image).tolist()
+    # the reference run again on the loaded model gives the stored scores
+    det2 = DinoPatch.load(path)
+    again = golden.score(det2, det2._model, det2._get_backbone(), g.frames, g.valid)
+    np.testing.assert_allclose(again, g.scores, rtol=1e-5, atol=1e-6)
+
+
+def _edited(path, tmp_path, header_edit=None, array_edit=None):
+    header, arrays = read(path)
+    header = {k: v for k, v in header.items() if k not in ("format", "version", "arrays", "sha256", "signature")}
+    if header_edit:
+        header_edit(header)
+    if array_edit:
+        array_edit(arrays)
+    out = tmp_path / "edited.npz"
+    write(out, header, arrays)
+    return out
+
+
+@pytest.mark.parametrize("edit", [
+    dict(array_edit=lambda a: a.__setitem__("golden_scores", a["golden_scores"].astype(np.float32))),
+    dict(array_edit=lambda a: a.__setitem__("golden_frames", a["golden_frames"][:, :64])),
+    dict(array_edit=lambda a: a.__setitem__("golden_scores", np.full_like(a["golden_scores"], np.nan))),
+    dict(array_edit=lambda a: a.__setitem__("golden_scores", a["golden_scores"] + 100.0)),  # verdicts disagree
+    dict(array_edit=lambda a: a.pop("golden_valid")),
+    dict(header_edit=lambda h: h["golden"]["verdicts"].__setitem__(0, not h["golden"]["verdicts"][0])),
+    dict(header_edit=lambda h: h.pop("golden")),  # arrays without their record
+])
+def test_damaged_golden_set_refused(fitted, tmp_path, edit):
+    with pytest.raises(ModelFileError):
+        DinoPatch.load(_edited(fitted[1], tmp_path, **edit))
+
+
+def test_damaged_engine_refused_and_choice_from_evidence(fitted):
+    det, _ = fitted
+    model = det._model
+    ref = det._get_backbone(model)
+    t = model.threshold.image
+    # noise large enough to push every golden score over the threshold: verdicts flip
+    record = _measure(det, model, {"torch": lambda: ref, "onnx:fp32": lambda: Noisy(ref, 10.0 * t)})
+    rows = {r["engine"]: r for r in record["rows"]}
+    assert rows["torch"]["refused"] is None and rows["torch"]["flips"] == 0
+    assert not model.golden.verdicts.all()  # the noise can push a passing frame over
+    assert rows["onnx:fp32"]["flips"] > 0 and "flip" in rows["onnx:fp32"]["refused"]
+    assert record["chosen"] == "torch"
+    assert engine_choice.check_record(json.loads(json.dumps(record))) == record
+
+
+def test_choice_is_fastest_qualifying_with_ties_and_forbid():
+    def row(name, ms, dev, refused=None):
+        return engine_choice.candidate_row(name, ms, 0 if refused is None else 1, dev, refused)
+
+    record = {"machine": "x", "bound": engine_choice.MAX_DEVIATION, "tie": engine_choice.TIE, "reference": "torch",
+              "forbid": [],
+              "rows": [row("torch", 100.0, 0.0), row("onnx:fp32", 50.0, 0.0), row("openvino:bf16", 49.0, 0.004),
+                       row("onnx:int8", 20.0, 0.03, "1 verdict flip(s) on the golden set")]}
+    assert engine_choice.choose(record) == "onnx:fp32"  # a tie with bf16 (within 5%): the smaller deviation
+    assert engine_choice.choose(record, forbid=("fp32",)) == "openvino:bf16"
+    record["rows"][3] = row("onnx:int8", 20.0, 0.01)
+    assert engine_choice.choose(record) == "onnx:int8"
+    assert engine_choice.choose(record, forbid=("int8",)) == "onnx:fp32"
+    assert engine_choice.choose(dict(record, forbid=["int8"])) == "onnx:fp32"
+    record["chosen"] = "torch"
+    with pytest.raises(ValueError, match="disagrees with its evidence"):
+        engine_choice.check_record(record)
+    record["chosen"] = "onnx:int8"
+    record["rows"][1]["flips"] = 2  # qualifies without the evidence for it
+    with pytest.raises(ValueError, match="without the evidence"):
+        engine_choice.check_record(record)
+
+
+def test_deviation_beyond_bound_refused(fitted):
+    model = fitted[0]._model
+    scores, t = model.golden.scores, model.threshold.image
+    bound = engine_choice.MAX_DEVIATION
+    assert engine_choice.judge("onnx:fp32", scores + 0.5 * bound * t, scores, t, 1.0)["refused"] is None
+    far = np.abs(scores - t) > 0.1 * t  # moved by 1.5 bounds, these cannot cross the threshold
+    assert far.any()
+    row = engine_choice.judge("onnx:fp32", scores + 1.5 * bound * t * far, scores, t, 1.0)
+    assert row["flips"] == 0 and "deviation" in row["refused"]
+
+
+def test_choice_stored_in_file_and_edited_choice_refused(fitted, tmp_path):
+    det, path = fitted
+    model = det._model
+    ref = det._get_backbone(model)
+    record = _measure(det, model, {"torch": lambda: ref, "onnx:int8": lambda: Noisy(ref, 10.0 * model.threshold.image)})
+    record["machine"] = engine_choice.machine()
+    det2 = DinoPatch.load(path)
+    det2._model = dataclasses.replace(det2._model, engine_choice=record)
+    out = det2.save(tmp_path / "chosen.npz")
+    loaded = DinoPatch.load(out)
+    assert loaded._model.engine_choice == record
+
+    def edit(h):
+        h["engine_choice"]["chosen"] = "onnx:int8"
+    with pytest.raises(ModelFileError, match="disagrees with its evidence"):
+        DinoPatch.load(_edited(out, tmp_path, header_edit=edit))
+
+
+def test_another_machine_measures_once_and_caches(fitted, tmp_path, monkeypatch):
+    det, path = fitted
+    model = det._model
+    ref = det._get_backbone(model)
+    record = _measure(det, model, {"torch": lambda: ref})
+    record["machine"] = "elsewhere"
+    det2 = DinoPatch.load(path)
+    det2._model = dataclasses.replace(det2._model, engine_choice=record)
+    out = det2.save(tmp_path / "elsewhere.npz")
+    calls, real = [], engine_choice.measure
+
+    def fake_measure(d, m, progress=None, **kw):
+        calls.append(1)
+        return real(d, m, candidates=("torch",), build=lambda name: ref, repeats=1, progress=None)
+    monkeypatch.setattr(engine_choice, "measure", fake_measure)
+    first = DinoPatch.load(out, engine="auto")
+    assert calls == [1] and first._model.engine_choice["machine"] == engine_choice.machine()
+    cached = engine_choice.cache_path(first.model_id, engine_choice.machine())
+    assert cached.is_file()
+    assert DinoPatch.load(out)._model.engine_choice["machine"] == "elsewhere"  # a hand engine needs no choice
+    DinoPatch.load(out, engine="auto")
+    assert calls == [1]  # read from the cache, not measured again
+    cached.write_text(cached.read_text().replace('"chosen": "torch"', '"chosen": "onnx:int8"'))
+    with pytest.warns(UserWarning, match="invalid engine choice"):
+        DinoPatch.load(out, engine="auto")
+    assert calls == [1, 1]
+
+
+def test_hand_engine_flip_warns_or_fails_strict(fitted):
+    det, _ = fitted
+    model = det._model
+    noisy = Noisy(det._get_backbone(model), 10.0 * model.threshold.image)
+    hand = DinoPatch(**dict(FAST, engine="onnx:fp32"))
+    hand._engines = golden._Fixed(noisy)
+    with pytest.warns(UserWarning, match="does not reproduce the reference"):
+        row = engine_choice.check_by_hand(hand, model)
+    assert row["flips"] > 0
+    with pytest.raises(engine_choice.EngineMismatchError):
+        engine_choice.check_by_hand(hand, model, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hand._engines = golden._Fixed(det._get_backbone(model))
+        assert engine_choice.check_by_hand(hand, model)["refused"] is None
+
+
+def test_info_and_tune_engine_commands(fitted, tmp_path, capsys):
+    from dinopatch.cli import main
+
+    det, path = fitted
+    model = det._model
+    ref = det._get_backbone(model)
+    record = _measure(det, model, {"torch": lambda: ref, "onnx:int8": lambda: ref})
+    det2 = DinoPatch.load(path)
+    det2._model = dataclasses.replace(det2._model, engine_choice=record)
+    out = det2.save(tmp_path / "chosen.npz")
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "golden set: 6 frames (3 with pasted defects), scored by torch" in text
+    assert all(name in text for name in ("torch", "onnx:int8", "qualifies", f"chosen: {record['chosen']}"))
+    assert main(["tune-engine", "-m", str(out), "--from-evidence", "--forbid", "int8"]) == 0
+    assert capsys.readouterr().out.strip().endswith("chosen: torch (forbidden: int8)")
+    assert main(["tune-engine", "-m", str(path), "--from-evidence"]) == 2  # the fixture's model chose nothing
+    assert "holds no engine choice" in capsys.readouterr().err
