@@ -398,9 +398,11 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="an engine, runtime or precision never to choose (e.g. int8); repeat for more")
     p.add_argument("--from-evidence", action="store_true",
                    help="measure nothing: derive the choice again from the evidence in the model file")
-    p.add_argument("--engine", help="check this one engine on the golden set instead (a flip is a warning)")
+    p.add_argument("--engine", help="check this one engine on the golden set instead (a flip is a warning; "
+                                    "default: measure them all)")
     p.add_argument("--strict", action="store_true", help="with --engine: a verdict flip is an error")
-    p.add_argument("-o", "--output", help="also write the model with this machine's choice here")
+    p.add_argument("-o", "--output", help="also write the model with this machine's choice here (default: the "
+                                          "model file is left as it is)")
 
     p = command("info", "what a model file holds: threshold, golden set, the engine choice and its evidence",
                 cmd_info)
