@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -302,6 +303,8 @@ def for_this_machine(det, model, progress=None):
     path = cache_path(model.model_id, machine())
     cached = _read_cached(path)
     if cached is None:
+        print(f"dinopatch: this machine ({machine()}) is new to model {model.model_id}: timing each engine on its "
+              f"golden set once; the choice is kept in {path}", file=sys.stderr, flush=True)
         cached = measure(det, model, progress=progress)
         write_cached(model, cached)
     return dataclasses.replace(model, engine_choice=cached)
