@@ -263,13 +263,14 @@ def cmd_tune_engine(args) -> int:
     if args.from_evidence:
         if model.engine_choice is None:
             raise ValueError(f"{args.model} holds no engine choice: run tune-engine without --from-evidence")
-        print(engine_choice.table(model.engine_choice, args.forbid))
-        return 0
-    print(f"measuring every engine installed here on the golden set of {args.model} "
-          f"({len(model.golden.frames) if model.golden else 0} frames):")
-    record = engine_choice.measure(det, model, forbid=args.forbid)
-    print(engine_choice.table(record))
-    print(f"kept for this machine in {engine_choice.write_cached(model, record)}")
+        record = engine_choice.with_forbidden(model.engine_choice, args.forbid)
+        print(engine_choice.table(record))
+    else:
+        print(f"measuring every engine installed here on the golden set of {args.model} "
+              f"({len(model.golden.frames) if model.golden else 0} frames):")
+        record = engine_choice.measure(det, model, forbid=args.forbid)
+        print(engine_choice.table(record))
+        print(f"kept for this machine in {engine_choice.write_cached(model, record)}")
     if args.output:
         claim([Path(args.output)], args.force)
         det._model = dataclasses.replace(model, engine_choice=record)
@@ -397,7 +398,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--forbid", action="append", default=[], metavar="NAME",
                    help="an engine, runtime or precision never to choose (e.g. int8); repeat for more")
     p.add_argument("--from-evidence", action="store_true",
-                   help="measure nothing: derive the choice again from the evidence in the model file")
+                   help="measure nothing: derive the choice again from the evidence in the model file (with "
+                        "--forbid and -o: write the model with those engines forbidden)")
     p.add_argument("--engine", help="check this one engine on the golden set instead (a flip is a warning; "
                                     "default: measure them all)")
     p.add_argument("--strict", action="store_true", help="with --engine: a verdict flip is an error")

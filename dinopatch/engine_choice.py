@@ -197,6 +197,13 @@ def choose(record: dict, forbid=()) -> str | None:
     return min(tied, key=lambda r: (r["max_deviation"], order.get(r["engine"], len(order))))["engine"]
 
 
+def with_forbidden(record: dict, forbid) -> dict:
+    """``record`` with ``forbid`` added to its own and the choice derived again (nothing measured)."""
+    out = dict(record, forbid=sorted(set(record["forbid"]) | set(forbid)))
+    out["chosen"] = choose(out)
+    return out
+
+
 def check_record(record) -> dict | None:
     """A stored record, every value checked and the choice derived again (ValueError saying what is wrong)."""
     if record is None:

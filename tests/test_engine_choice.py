@@ -209,5 +209,10 @@ def test_info_and_tune_engine_commands(fitted, tmp_path, capsys):
     assert all(name in text for name in ("torch", "onnx:int8", "qualifies", f"chosen: {record['chosen']}"))
     assert main(["tune-engine", "-m", str(out), "--from-evidence", "--forbid", "int8"]) == 0
     assert capsys.readouterr().out.strip().endswith("chosen: torch (forbidden: int8)")
+    forbidden = tmp_path / "no-int8.npz"
+    assert main(["tune-engine", "-m", str(out), "--from-evidence", "--forbid", "int8", "-o", str(forbidden)]) == 0
+    capsys.readouterr()
+    loaded = DinoPatch.load(forbidden)._model.engine_choice
+    assert loaded["forbid"] == ["int8"] and loaded["chosen"] == "torch" and loaded["rows"] == record["rows"]
     assert main(["tune-engine", "-m", str(path), "--from-evidence"]) == 2  # the fixture's model chose nothing
     assert "holds no engine choice" in capsys.readouterr().err
