@@ -181,8 +181,8 @@ class DinoPatch(EstimatorMixin):
     def _get_backbone(self, model: Fitted | None = None):
         """The engine of a fitted model (default: the one in force), built now if not yet."""
         model = model or self._fitted()
-        name = engine_choice.in_force(self.engine, model)
-        return self._engine(backbone_key(model.params), model.fingerprint, model.graph_sha256(name), name)
+        name, sha256 = engine_choice.in_force(self.engine, model)
+        return self._engine(backbone_key(model.params), model.fingerprint, sha256, name)
 
     def _fitted(self) -> Fitted:
         if (model := getattr(self, "_model", None)) is None:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -106,8 +107,10 @@ def skip_reason(name: str) -> str | None:
     return None
 
 
-def candidate_row(name: str, ms, flips, deviation, refused: str | None) -> dict:
-    return {"engine": name, "ms_per_part": ms, "flips": flips, "max_deviation": deviation, "refused": refused}
+def candidate_row(name: str, ms, flips, deviation, refused: str | None, sha256: str | None = None) -> dict:
+    """One candidate's evidence; ``sha256``: the graph it ran, where it runs an export."""
+    return {"engine": name, "ms_per_part": ms, "flips": flips, "max_deviation": deviation, "refused": refused,
+            "sha256": sha256}
 
 
 def judge(name: str, scores: np.ndarray, reference: np.ndarray, threshold: float, ms: float) -> dict:
@@ -155,7 +158,7 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
                 for _ in range(repeats):
                     golden.score(det, model, engine, g.frames, g.valid)
                 ms = (time.perf_counter() - start) * 1000 / (repeats * len(g.frames))
-                row = judge(name, scores, g.scores, t, ms)
+                row = dict(judge(name, scores, g.scores, t, ms), sha256=getattr(engine, "sha256", None))
             except Exception as e:  # a candidate that cannot run here is refused, with its reason
                 row = candidate_row(name, None, None, None, f"failed: {type(e).__name__}: {str(e)[:160]}")
         rows.append(row)
@@ -219,8 +222,9 @@ def check_record(record) -> dict | None:
     if not isinstance(record["forbid"], list) or not all(isinstance(f, str) for f in record["forbid"]):
         raise ValueError("engine choice record: forbid must be a list of names")
     for r in record["rows"]:
-        if not isinstance(r, dict) or set(r) != {"engine", "ms_per_part", "flips", "max_deviation", "refused"} \
-                or r["engine"] not in CANDIDATES:
+        if not isinstance(r, dict) or set(r) != {"engine", "ms_per_part", "flips", "max_deviation", "refused",
+                                                 "sha256"} or r["engine"] not in CANDIDATES \
+                or not (r["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", str(r["sha256"]))):
             raise ValueError(f"engine choice row malformed ({str(r)[:80]!r})")
         if r["refused"] is None:
             ms, flips, dev = r["ms_per_part"], r["flips"], r["max_deviation"]
@@ -317,11 +321,13 @@ def for_this_machine(det, model, progress=None):
     return dataclasses.replace(model, engine_choice=cached)
 
 
-def in_force(engine: str, model) -> str:
-    """The engine name that runs ``model`` for the detector's ``engine`` setting."""
-    if engine == "auto" and model.engine_choice is not None and model.engine_choice["chosen"] is not None:
-        return model.engine_choice["chosen"]
-    return engine
+def in_force(engine: str, model) -> tuple[str, str | None]:
+    """The engine name that runs ``model`` for the detector's ``engine`` setting, and the hash of the graph it
+    must run (the one measured, or the one fit ran; None: none recorded)."""
+    record = model.engine_choice
+    if engine == "auto" and record is not None and record["chosen"] is not None:
+        return record["chosen"], next(r["sha256"] for r in record["rows"] if r["engine"] == record["chosen"])
+    return engine, model.graph_sha256(engine)
 
 
 def check_by_hand(det, model, strict: bool = False) -> dict | None:

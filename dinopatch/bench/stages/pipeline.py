@@ -129,7 +129,7 @@ def bench_e2e(args) -> list[dict]:
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
     engine = {k: type(dets[k]._get_backbone()).__name__ for k in ("ours", "reference")}
-    chosen = engine_choice.in_force(det.engine, det._model)
+    chosen = engine_choice.in_force(det.engine, det._model)[0]
     n = len(frames)
     speedup = {k: paired_ratio(times, k, "ours") for k in dets if k != "ours"}
     acc = {k: aurocs(test, out[k]) for k in dets if k != "notebook"}
