@@ -51,6 +51,7 @@ REPEATS = 3
 MAX_RECORD_BYTES = 64 << 10
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "timm", "nncf")
+_LIBRARY = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}  # what each runtime needs
 
 
 class EngineMismatchError(RuntimeError):
@@ -79,25 +80,15 @@ def machine() -> str:
 def skip_reason(name: str) -> str | None:
     """Why candidate ``name`` cannot run on this machine, or None where it can."""
     runtime, _, precision = name.partition(":")
-    if runtime == "torch":
-        if not installed("torch"):
-            return "torch is not installed"
-        if precision == "fp16":
-            from .backbone.engines import torch_has_cuda
+    library = _LIBRARY[runtime]
+    if not installed(library):
+        return f"{library} is not installed"
+    if precision == "fp16":
+        from .backbone.engines import onnx_has_cuda, torch_has_cuda
 
-            return None if torch_has_cuda() else "GPU only, and torch sees no GPU here"
-        return None
-    if runtime == "onnx":
-        if not installed("onnxruntime"):
-            return "onnxruntime is not installed"
-        if precision == "fp16":
-            from .backbone.engines import onnx_has_cuda
-
-            return None if onnx_has_cuda() else "GPU only (CUDA provider), and onnxruntime has none here"
-        return None
-    if not installed("openvino"):
-        return "openvino is not installed"
-    if precision == "int8":
+        return None if (torch_has_cuda if runtime == "torch" else onnx_has_cuda)() else \
+            f"GPU only, and {library} sees no GPU here"
+    if runtime == "openvino" and precision == "int8":
         return ("OpenVINO int8 needs an NNCF-quantised graph, which this version does not build"
                 if installed("nncf") else "OpenVINO int8 needs NNCF (pip install nncf), not installed")
     if precision == "bf16":
