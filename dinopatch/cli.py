@@ -274,6 +274,7 @@ def cmd_tune_engine(args) -> int:
     if args.output:
         claim([Path(args.output)], args.force)
         det._model = dataclasses.replace(model, engine_choice=record)
+        det.set_params(engine="auto")  # the choice is what "auto" runs; torch only built the detector here
         print(f"wrote {det.save(args.output)} with this choice (model id {det.model_id})")
     return 0
 

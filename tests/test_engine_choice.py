@@ -212,7 +212,9 @@ def test_info_and_tune_engine_commands(fitted, tmp_path, capsys):
     forbidden = tmp_path / "no-int8.npz"
     assert main(["tune-engine", "-m", str(out), "--from-evidence", "--forbid", "int8", "-o", str(forbidden)]) == 0
     capsys.readouterr()
-    loaded = DinoPatch.load(forbidden)._model.engine_choice
+    det3 = DinoPatch.load(forbidden)
+    loaded = det3._model.engine_choice
     assert loaded["forbid"] == ["int8"] and loaded["chosen"] == "torch" and loaded["rows"] == record["rows"]
+    assert det3.engine == "auto" and engine_choice.in_force(det3.engine, det3._model)[0] == "torch"
     assert main(["tune-engine", "-m", str(path), "--from-evidence"]) == 2  # the fixture's model chose nothing
     assert "holds no engine choice" in capsys.readouterr().err
