@@ -138,7 +138,7 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
     t = float(model.threshold.image)
     rows = []
     for name in candidates:
-        reason = None if given else skip_reason(name)
+        reason = "forbidden" if forbidden(name, forbid) else None if given else skip_reason(name)
         if reason is not None:
             row = candidate_row(name, None, None, None, f"skipped: {reason}")
         else:
@@ -177,18 +177,19 @@ def choose(record: dict, forbid=()) -> str | None:
     choose.  None where none qualifies.
     """
     banned = set(forbid) | set(record.get("forbid", ()))
-
-    def allowed(name):
-        runtime, _, precision = name.partition(":")
-        return not ({name, runtime, precision or "fp32"} & banned)
-
-    ok = [r for r in record["rows"] if r["refused"] is None and allowed(r["engine"])]
+    ok = [r for r in record["rows"] if r["refused"] is None and not forbidden(r["engine"], banned)]
     if not ok:
         return None
     fastest = min(r["ms_per_part"] for r in ok)
     tied = [r for r in ok if r["ms_per_part"] <= fastest * (1 + record["tie"])]
     order = {name: i for i, name in enumerate(CANDIDATES)}
     return min(tied, key=lambda r: (r["max_deviation"], order.get(r["engine"], len(order))))["engine"]
+
+
+def forbidden(name: str, banned) -> bool:
+    """Whether ``banned`` names the engine, its runtime or its precision (a bare name is fp32)."""
+    runtime, _, precision = name.partition(":")
+    return bool({name, runtime, precision or "fp32"} & set(banned))
 
 
 def with_forbidden(record: dict, forbid) -> dict:
