@@ -218,3 +218,16 @@ def test_info_and_tune_engine_commands(fitted, tmp_path, capsys):
     assert det3.engine == "auto" and engine_choice.in_force(det3.engine, det3._model)[0] == "torch"
     assert main(["tune-engine", "-m", str(path), "--from-evidence"]) == 2  # the fixture's model chose nothing
     assert "holds no engine choice" in capsys.readouterr().err
+
+
+def test_forbidden_candidate_is_not_built(fitted):
+    det, _ = fitted
+    ref = det._get_backbone(det._model)
+
+    def build(name):
+        assert name == "torch", f"{name} was built although forbidden"
+        return ref
+    record = engine_choice.measure(det, det._model, candidates=("torch", "onnx:int8"), build=build, repeats=1,
+                                   progress=None, forbid=("int8",))
+    assert record["rows"][1]["refused"] == "skipped: forbidden" and record["chosen"] == "torch"
+    assert record["forbid"] == ["int8"] and engine_choice.check_record(record) == record
