@@ -2,7 +2,9 @@
 
 Each candidate of :data:`CANDIDATES` that can run here is built, run once on
 the model's golden set (:mod:`.golden`) and timed on :data:`REPEATS` more
-passes.  It qualifies with **zero verdict flips** against the reference's
+passes (the quickest counts: milliseconds a part of the golden frames through
+the backbone, the bank and the post-processing, which only the backbone makes
+differ).  It qualifies with **zero verdict flips** against the reference's
 scores at the model's threshold and a largest score deviation within
 :data:`MAX_DEVIATION` of the threshold; among those qualifying, the fastest
 is used, and candidates within :data:`TIE` of the fastest are a tie, settled
@@ -145,10 +147,13 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
             try:
                 engine = build(name)
                 scores = golden.score(det, model, engine, g.frames, g.valid)
-                start = time.perf_counter()
+                passes = []
                 for _ in range(repeats):
+                    start = time.perf_counter()
                     golden.score(det, model, engine, g.frames, g.valid)
-                ms = (time.perf_counter() - start) * 1000 / (repeats * len(g.frames))
+                    passes.append(time.perf_counter() - start)
+                # The quickest pass: a neighbour on shared cores only ever adds time.
+                ms = min(passes) * 1000 / len(g.frames)
                 row = dict(judge(name, scores, g.scores, t, ms), sha256=getattr(engine, "sha256", None))
             except Exception as e:  # a candidate that cannot run here is refused, with its reason
                 row = candidate_row(name, None, None, None, f"failed: {type(e).__name__}: {str(e)[:160]}")
