@@ -81,6 +81,19 @@ def test_damaged_golden_set_refused(fitted, tmp_path, edit):
         DinoPatch.load(_edited(fitted[1], tmp_path, **edit))
 
 
+def test_golden_set_size_is_bounded(fitted, tmp_path):
+    n = golden.MAX_FRAMES + 1
+
+    def grow(arrays):
+        for name in ("golden_frames", "golden_valid", "golden_defect", "golden_scores"):
+            arrays[name] = np.resize(arrays[name], (n, *arrays[name].shape[1:]))
+
+    def verdicts(header):
+        header["golden"]["verdicts"] = list(np.resize(header["golden"]["verdicts"], n).tolist())
+    with pytest.raises(ModelFileError, match=f"golden set of {n} frames"):
+        DinoPatch.load(_edited(fitted[1], tmp_path, header_edit=verdicts, array_edit=grow))
+
+
 def test_damaged_engine_refused_and_choice_from_evidence(fitted):
     det, _ = fitted
     model = det._model
