@@ -314,7 +314,11 @@ def for_this_machine(det, model, progress=None):
         print(f"dinopatch: this machine ({machine()}) is new to model {model.model_id}: timing each engine on its "
               f"golden set once; the choice is kept in {path}", file=sys.stderr, flush=True)
         cached = measure(det, model, progress=progress)
-        write_cached(model, cached)
+        try:
+            write_cached(model, cached)
+        except OSError as e:  # a read-only cache costs a measurement at every load, not the load itself
+            warnings.warn(f"could not keep the engine choice in {path} ({e}): the next load measures again",
+                          stacklevel=3)
     return dataclasses.replace(model, engine_choice=cached)
 
 
