@@ -244,3 +244,27 @@ def test_forbidden_candidate_is_not_built(fitted):
                                    progress=None, forbid=("int8",))
     assert record["rows"][1]["refused"] == "skipped: forbidden" and record["chosen"] == "torch"
     assert record["forbid"] == ["int8"] and engine_choice.check_record(record) == record
+
+
+def test_openvino_int8_made_from_the_golden_set_and_read_back_by_hash(fitted):
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    pytest.importorskip("nncf", reason="nncf is not installed (OpenVINO int8 is quantised by it)")
+    from dinopatch.backbone import make_backbone, openvino_int8
+    from dinopatch.backbone.onnx_export import token_cosine
+
+    det, _ = fitted
+    model = det._model
+    record = engine_choice.measure(det, model, candidates=("openvino:int8",), repeats=1, progress=None)
+    row = record["rows"][0]
+    assert row["sha256"] and row["ms_per_part"] > 0, row  # refused or not, it ran and was judged
+    p = model.params
+    kwargs = dict(name=p["backbone"], weights=p["weights"], image_size=p["image_size"], device="cpu")
+    again = make_backbone("openvino:int8", model.fingerprint, sha256=row["sha256"], **kwargs)
+    frames = model.golden.frames[:2]
+    assert token_cosine(again(frames), det._get_backbone(model)(frames)) > 0.95
+    with pytest.raises(ValueError, match="made when the engine is measured"):
+        make_backbone("openvino:int8", model.fingerprint, **kwargs)
+    xml = openvino_int8.cached(row["sha256"])
+    xml.write_bytes(xml.read_bytes() + b" ")
+    with pytest.raises(ValueError, match="do not hash"):
+        make_backbone("openvino:int8", model.fingerprint, sha256=row["sha256"], **kwargs)
