@@ -55,6 +55,8 @@ def build_engines(
                 out[engine] = "openvino is not installed (pip install dinopatch[openvino])"
             elif precision == "bf16" and not cpu_has_bf16():
                 out[engine] = "this CPU has neither AVX512-BF16 nor AMX"
+            elif precision == "int8":
+                out[engine] = "quantised on a model's own frames: timed by the e2e stage's engine choice"
             else:
                 out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
         elif kind == "onnx":
