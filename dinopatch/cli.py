@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import engine_choice, params
+from . import engine_choice, golden, params
 from ._version import __version__
 from .backbone import PRECISIONS, WeightsUnavailableError
 from .outputs import claim, output_folder
@@ -291,8 +291,9 @@ def cmd_info(args) -> int:
         print("golden set: none (fitted before golden sets existed; refit to check engines against it)")
     else:
         g = model.golden
+        scores = golden.scores(model.post, g.distances, g.valid)
         print(f"golden set: {len(g.frames)} frames ({int(g.defect.sum())} with pasted defects), scored by "
-              f"{g.reference}: " + ", ".join(f"{s:.4f}{'!' if s > t.image else ''}" for s in g.scores))
+              f"{g.reference}: " + ", ".join(f"{s:.4f}{'!' if s > t.image else ''}" for s in scores))
     record = model.engine_choice
     if record is None:
         print("engine choice: none stored (engine='auto' falls back to the static rule)")

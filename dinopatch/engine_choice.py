@@ -137,6 +137,7 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
         raise ValueError("this model has no golden set (fitted before golden sets existed): refit it to measure")
     given, build = build is not None, build or _builder(model)
     t = float(model.threshold.image)
+    reference = golden.scores(model.post, g.distances, g.valid)
     rows = []
     for name in candidates:
         reason = "forbidden" if forbidden(name, forbid) else None if given else skip_reason(name)
@@ -145,15 +146,15 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
         else:
             try:
                 engine = build(name)
-                scores = golden.score(det, model, engine, g.frames, g.valid)
+                scores = _scores(det, model, engine)
                 passes = []
                 for _ in range(repeats):
                     start = time.perf_counter()
-                    golden.score(det, model, engine, g.frames, g.valid)
+                    _scores(det, model, engine)
                     passes.append(time.perf_counter() - start)
                 # The quickest pass: a neighbour on shared cores only ever adds time.
                 ms = min(passes) * 1000 / len(g.frames)
-                row = dict(judge(name, scores, g.scores, t, ms), sha256=getattr(engine, "sha256", None))
+                row = dict(judge(name, scores, reference, t, ms), sha256=getattr(engine, "sha256", None))
             except Exception as e:  # a candidate that cannot run here is refused, with its reason
                 row = candidate_row(name, None, None, None, f"failed: {type(e).__name__}: {str(e)[:160]}")
         rows.append(row)
@@ -163,6 +164,12 @@ def measure(det, model, candidates=CANDIDATES, build=None, repeats: int = REPEAT
               "forbid": sorted(set(forbid))}
     record["chosen"] = choose(record)
     return record
+
+
+def _scores(det, model, engine) -> np.ndarray:
+    """The golden frames' image scores by ``model`` with ``engine``."""
+    g = model.golden
+    return golden.scores(model.post, golden.distances(det, model, engine, g.frames, g.valid), g.valid)
 
 
 def _builder(model):
@@ -338,9 +345,9 @@ def check_by_hand(det, model, strict: bool = False) -> dict | None:
     """Run an engine asked for by hand on the golden set: its row, a loud warning on a flip (strict: an error)."""
     if model.golden is None or det.engine in ("auto", REFERENCE, "torch:fp32"):
         return None
-    engine = det._get_backbone(model)
-    scores = golden.score(det, model, engine, model.golden.frames, model.golden.valid)
-    row = judge(str(det.engine), scores, model.golden.scores, float(model.threshold.image), 0.0)
+    g = model.golden
+    row = judge(str(det.engine), _scores(det, model, det._get_backbone(model)),
+                golden.scores(model.post, g.distances, g.valid), float(model.threshold.image), 0.0)
     if row["refused"]:
         message = (f"engine {det.engine!r} does not reproduce the reference on this model's golden set: "
                    f"{row['refused']} (largest deviation {row['max_deviation']} of the threshold)")

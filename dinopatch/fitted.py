@@ -122,7 +122,7 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
     if model.golden is not None:
-        header["golden"], golden_arrays = model.golden.state(t.image)
+        header["golden"], golden_arrays = model.golden.state(model.post, t.image)
         arrays.update(golden_arrays)
         header["engine_choice"] = model.engine_choice
     header["model_id"] = _content_id(header, arrays)
@@ -220,7 +220,8 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
     gold = None
     if header.get("golden") is not None:
-        gold = GoldenSet.from_state(header["golden"], arrays, params["image_size"], threshold.image)
+        post = PostProcess(chosen["sigma"], chosen["score"], chosen["topk"], chosen["morph_kernel"])
+        gold = GoldenSet.from_state(header["golden"], arrays, params["image_size"], side, post, threshold.image)
     elif any(name.startswith("golden_") for name in arrays) or header.get("engine_choice") is not None:
         raise ValueError("golden arrays or an engine choice without the golden record")
     choice = engine_choice.check_record(header.get("engine_choice")) if gold is not None else None

@@ -12,6 +12,7 @@ import pytest
 from conftest import FAST, screws
 
 from dinopatch import DinoPatch, engine_choice, golden
+from dinopatch.calibration import Threshold
 from dinopatch.modelfile import ModelFileError, read, write
 
 
@@ -39,20 +40,37 @@ def _measure(det, model, builds):
                                  repeats=1, progress=None)
 
 
+def _scores(model):
+    g = model.golden
+    return golden.scores(model.post, g.distances, g.valid)
+
+
 def test_golden_set_in_model_and_survives_save_load(fitted):
     det, path = fitted
     g = det._model.golden
     assert g.frames.dtype == np.uint8 and g.frames.shape == (6, 112, 112, 3)
+    assert g.distances.dtype == np.float32 and g.distances.shape == (6, 8, 8)
     assert g.defect.tolist() == [False] * 3 + [True] * 3 and g.reference == "torch"
-    assert np.isfinite(g.scores).all() and (g.scores > 0).all()  # no golden frame is in the bank verbatim
-    loaded = DinoPatch.load(path)._model.golden
-    np.testing.assert_array_equal(loaded.frames, g.frames)
-    np.testing.assert_array_equal(loaded.scores, g.scores)
-    assert loaded.verdicts.tolist() == (g.scores > det.threshold_.image).tolist()
-    # the reference run again on the loaded model gives the stored scores
-    det2 = DinoPatch.load(path)
-    again = golden.score(det2, det2._model, det2._get_backbone(), g.frames, g.valid)
-    np.testing.assert_allclose(again, g.scores, rtol=1e-5, atol=1e-6)
+    scores = _scores(det._model)
+    assert np.isfinite(scores).all() and (scores > 0).all()  # no golden frame is in the bank verbatim
+    loaded = DinoPatch.load(path)
+    np.testing.assert_array_equal(loaded._model.golden.frames, g.frames)
+    np.testing.assert_array_equal(loaded._model.golden.distances, g.distances)
+    np.testing.assert_array_equal(_scores(loaded._model), scores)
+    # the reference run again on the loaded model gives the stored distances
+    again = golden.distances(loaded, loaded._model, loaded._get_backbone(), g.frames, g.valid)
+    np.testing.assert_allclose(again, g.distances, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_model_checks_engines_by_what_it_now_judges(fitted, tmp_path):
+    det, _ = fitted
+    tuned = det.tuned(Threshold.given(det.threshold_.image * 0.5), sigma=0.0)
+    loaded = DinoPatch.load(tuned.save(tmp_path / "tuned.npz"))
+    assert loaded._model.post.sigma == 0.0
+    ref = loaded._get_backbone(loaded._model)
+    record = engine_choice.measure(loaded, loaded._model, candidates=("torch",), build=lambda name: ref, repeats=1,
+                                   progress=None)
+    assert record["rows"][0]["flips"] == 0 and record["rows"][0]["max_deviation"] < 1e-5
 
 
 def _edited(path, tmp_path, header_edit=None, array_edit=None):
@@ -68,10 +86,10 @@ def _edited(path, tmp_path, header_edit=None, array_edit=None):
 
 
 @pytest.mark.parametrize("edit", [
-    dict(array_edit=lambda a: a.__setitem__("golden_scores", a["golden_scores"].astype(np.float32))),
+    dict(array_edit=lambda a: a.__setitem__("golden_distances", a["golden_distances"].astype(np.float64))),
     dict(array_edit=lambda a: a.__setitem__("golden_frames", a["golden_frames"][:, :64])),
-    dict(array_edit=lambda a: a.__setitem__("golden_scores", np.full_like(a["golden_scores"], np.nan))),
-    dict(array_edit=lambda a: a.__setitem__("golden_scores", a["golden_scores"] + 100.0)),  # verdicts disagree
+    dict(array_edit=lambda a: a.__setitem__("golden_distances", np.full_like(a["golden_distances"], np.nan))),
+    dict(array_edit=lambda a: a.__setitem__("golden_distances", a["golden_distances"] + 100.0)),  # verdicts disagree
     dict(array_edit=lambda a: a.pop("golden_valid")),
     dict(header_edit=lambda h: h["golden"]["verdicts"].__setitem__(0, not h["golden"]["verdicts"][0])),
     dict(header_edit=lambda h: h.pop("golden")),  # arrays without their record
@@ -85,7 +103,7 @@ def test_golden_set_size_is_bounded(fitted, tmp_path):
     n = golden.MAX_FRAMES + 1
 
     def grow(arrays):
-        for name in ("golden_frames", "golden_valid", "golden_defect", "golden_scores"):
+        for name in ("golden_frames", "golden_valid", "golden_defect", "golden_distances"):
             arrays[name] = np.resize(arrays[name], (n, *arrays[name].shape[1:]))
 
     def verdicts(header):
@@ -103,7 +121,7 @@ def test_damaged_engine_refused_and_choice_from_evidence(fitted):
     record = _measure(det, model, {"torch": lambda: ref, "onnx:fp32": lambda: Noisy(ref, 10.0 * t)})
     rows = {r["engine"]: r for r in record["rows"]}
     assert rows["torch"]["refused"] is None and rows["torch"]["flips"] == 0
-    assert not model.golden.verdicts.all()  # the noise can push a passing frame over
+    assert not (_scores(model) > t).all()  # the noise can push a passing frame over
     assert rows["onnx:fp32"]["flips"] > 0 and "flip" in rows["onnx:fp32"]["refused"]
     assert record["chosen"] == "torch"
     assert engine_choice.check_record(json.loads(json.dumps(record))) == record
@@ -134,7 +152,7 @@ def test_choice_is_fastest_qualifying_with_ties_and_forbid():
 
 def test_deviation_beyond_bound_refused(fitted):
     model = fitted[0]._model
-    scores, t = model.golden.scores, model.threshold.image
+    scores, t = _scores(model), model.threshold.image
     bound = engine_choice.MAX_DEVIATION
     assert engine_choice.judge("onnx:fp32", scores + 0.5 * bound * t, scores, t, 1.0)["refused"] is None
     far = np.abs(scores - t) > 0.1 * t  # moved by 1.5 bounds, these cannot cross the threshold
