@@ -174,12 +174,12 @@ def _scores(det, model, engine) -> np.ndarray:
 
 def _builder(model):
     p = model.params
-    # OpenVINO int8 calibrates on the golden set's good frames (means of nominal frames), at the model's region.
-    g = model.golden
-    calibration = (g.frames[~g.defect], None if model.foreground is None else model.foreground.positions)
 
     def build(name: str):
-        extra = {"calibration": calibration} if name == "openvino:int8" else {}
+        extra = {}
+        if name == "openvino:int8":  # calibrated on the golden set's good frames (means of nominal frames)
+            g, fg = model.golden, model.foreground
+            extra["calibration"] = (g.frames[~g.defect], None if fg is None else fg.positions)
         return make_backbone(name, model.fingerprint, device="cpu", name=p["backbone"], weights=p["weights"],
                              image_size=p["image_size"], layers=p["layers"], seed=p["seed"], **extra)
     return build
