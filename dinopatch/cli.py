@@ -1,6 +1,7 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export, weights, watch, drift; serve, score-archive and benchmark-quality
+Commands: fit, predict, evaluate, demo, export, weights, watch, drift, tune-engine, info; serve, score-archive and
+benchmark-quality
 parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
@@ -13,13 +14,14 @@ scores are read from the registries, so a new one appears here by itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
 import sys
 from pathlib import Path
 
-from . import params
+from . import engine_choice, golden, params
 from ._version import __version__
 from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
 from .outputs import claim, output_folder, refuse_overlap
@@ -145,6 +147,8 @@ def cmd_fit(args) -> int:
         print(pose)
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
+    if det.model_.engine_choice:
+        print(engine_choice.table(det.model_.engine_choice))
     path = det.save(out)
     print(f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
           f"(model id {det.model_id})")
@@ -339,6 +343,64 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune_engine(args) -> int:
+    from .detector import DinoPatch
+
+    # The reference engine only builds the detector; the candidates are built by the measurement.
+    det = DinoPatch.load(args.model, engine="torch", progress=False)
+    model = det.model_
+    if args.engine:
+        det.set_params(engine=args.engine)
+        row = engine_choice.check_by_hand(det, model, strict=args.strict)
+        print(engine_choice.format_row(row) if row else f"{args.engine} is the reference")
+        return 0
+    if args.from_evidence:
+        if model.engine_choice is None:
+            raise ValueError(f"{args.model} holds no engine choice: run tune-engine without --from-evidence")
+        record = engine_choice.with_forbidden(model.engine_choice, args.forbid)
+        print(engine_choice.table(record))
+    else:
+        print(f"measuring every engine installed here on the golden set of {args.model} "
+              f"({len(model.golden.frames) if model.golden else 0} frames):")
+        record = engine_choice.measure(det, model, forbid=args.forbid)
+        print(engine_choice.table(record))
+        print(f"kept for this machine in {engine_choice.write_cached(model, record)}")
+    if args.output:
+        claim([Path(args.output)], args.force)
+        det.model_ = dataclasses.replace(model, engine_choice=record)
+        det.set_params(engine="auto")  # the choice is what "auto" runs; torch only built the detector here
+        print(f"wrote {det.save(args.output)} with this choice (model id {det.model_id})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .detector import DinoPatch
+
+    det = DinoPatch.load(args.model, engine="torch", progress=False)
+    model = det.model_
+    t = model.threshold
+    print(f"model {args.model} (id {det.model_id}): {det.backbone} at {det.image_size} px, weights {det.weights}")
+    print(f"threshold {t.image:.4f} ({t.describe()})")
+    if model.golden is None:
+        print("golden set: none (fitted before golden sets existed; refit to check engines against it)")
+    else:
+        g = model.golden
+        scores = golden.scores(model.post, g.distances, g.valid)
+        print(f"golden set: {len(g.frames)} frames ({int(g.defect.sum())} with pasted defects), scored by "
+              f"{g.reference}: " + ", ".join(f"{s:.4f}{'!' if s > t.image else ''}" for s in scores))
+    record = model.engine_choice
+    if record is None:
+        print("engine choice: none stored (engine='auto' falls back to the static rule)")
+        return 0
+    here = engine_choice.machine()
+    if record["machine"] != here:
+        cached = engine_choice.cache_path(det.model_id, here)
+        print(f"the stored choice was measured on another machine ({record['machine']}); this one is {here}: "
+              + (f"its own is in {cached}" if cached.is_file() else "the first load with engine=auto measures"))
+    print(engine_choice.table(record, args.forbid))
+    return 0
+
+
 def cmd_weights(args) -> int:
     from .backbone import get_spec
     from .backbone.weights import write_blocks_matter_checkpoint
@@ -451,6 +513,26 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "ONNX Runtime's contrib ops (TensorRT, others)")
     p.add_argument("-o", "--output", help="the .onnx file (default: the cache that engine='onnx' reads)")
 
+    p = command("tune-engine", "time every installed engine on a model's golden set and choose the fastest "
+                               "that gives the reference's verdicts", cmd_tune_engine)
+    p.add_argument("-m", "--model", required=True, help="model file")
+    p.add_argument("--forbid", action="append", default=[], metavar="NAME",
+                   help="an engine, runtime or precision never to choose (e.g. int8); repeat for more")
+    p.add_argument("--from-evidence", action="store_true",
+                   help="measure nothing: derive the choice again from the evidence in the model file (with "
+                        "--forbid and -o: write the model with those engines forbidden)")
+    p.add_argument("--engine", help="check this one engine on the golden set instead (a flip is a warning; "
+                                    "default: measure them all)")
+    p.add_argument("--strict", action="store_true", help="with --engine: a verdict flip is an error")
+    p.add_argument("-o", "--output", help="also write the model with this machine's choice here (default: the "
+                                          "model file is left as it is)")
+
+    p = command("info", "what a model file holds: threshold, golden set, the engine choice and its evidence",
+                cmd_info)
+    p.add_argument("model", help="model file")
+    p.add_argument("--forbid", action="append", default=[], metavar="NAME",
+                   help="show the choice with this engine, runtime or precision forbidden")
+
     p = command("weights", "write seeded random weights whose blocks matter, as a checkpoint file", cmd_weights)
     p.add_argument("--random-blocks", action="store_true", required=True,
                    help="every LayerScale at 1 (timm's random init leaves the blocks near the identity); the "
@@ -481,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinopatch: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, WeightsUnavailableError, DeviceUnavailableError) as e:
+    except (ValueError, OSError, ImportError, WeightsUnavailableError, DeviceUnavailableError,
+            engine_choice.EngineMismatchError) as e:
         if args.debug:
             raise
         hint = " (see the install options in the README)" if isinstance(e, ImportError) else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, drift, fitted, goodset
+from . import autotune, drift, engine_choice, fitted, goodset
 from .backbone import EngineCache
 from .calibration import Threshold, calibrate
 from .data import load_images
@@ -111,10 +111,10 @@ class DinoPatch(EstimatorMixin):
         chosen = autotune.resolved(params, auto)
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
-        self._model = Fitted(params, nominal.aligner, nominal.bank(chosen), threshold,
-                             engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
-                             nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
-                                                                              nominal.alignments, self.image_size))
+        model = Fitted(params, nominal.aligner, nominal.bank(chosen), threshold, engine.fingerprint, "unsaved",
+                       nominal.foreground, graph_record(self.engine, engine), auto, nominal.offsets, report,
+                       drift.Reference.measure([images[i] for i in report.kept()], nominal.alignments, self.image_size))
+        self._model = engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
         return self
 
     def use_engine(self, engine) -> "DinoPatch":
@@ -122,13 +122,15 @@ class DinoPatch(EstimatorMixin):
         self._engines.pin(engine)
         return self
 
-    def _engine(self, params: dict, fingerprint: str | None = None, sha256: str | None = None):
-        return self._engines.get(self.engine, fingerprint, device=self.device, sha256=sha256, **backbone_config(params))
+    def _engine(self, params: dict, fingerprint: str | None = None, sha256: str | None = None, engine=None):
+        return self._engines.get(engine or self.engine, fingerprint, device=self.device, sha256=sha256,
+                                 **backbone_config(params))
 
     def backbone_for(self, model: Fitted | None = None):
         """The backbone engine of a fitted model (default: the one in force), built now if not yet."""
         model = model or self.model_
-        return self._engine(model.params, model.fingerprint, model.graph_sha256(self.engine))
+        name, sha256 = engine_choice.in_force(self.engine, model)  # the measured choice where engine is "auto"
+        return self._engine(model.params, model.fingerprint, sha256, name)
 
     @property
     def model_(self) -> Fitted:
@@ -136,6 +138,11 @@ class DinoPatch(EstimatorMixin):
         if (model := getattr(self, "_model", None)) is None:
             raise NotFittedError("this DinoPatch is not fitted yet: call fit(images) or DinoPatch.load(path)")
         return model
+
+    @model_.setter
+    def model_(self, model: Fitted) -> None:
+        # Another detector's model, or this one's with a new engine choice: swapped in whole, as fit does.
+        self._model = model
 
     @property
     def threshold_(self) -> Threshold:
@@ -207,6 +214,6 @@ class DinoPatch(EstimatorMixin):
         (``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``)."""
         model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
-        det._model = model
+        det._model = engine_choice.on_load(det, model)
         return det
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, kernels, modelfile, tolerance
+from . import autotune, engine_choice, kernels, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
@@ -27,6 +27,7 @@ from .bank import MemoryBank
 from .calibration import METHODS, Threshold
 from .drift import Reference
 from .foreground import Foreground
+from .golden import GoldenSet
 from .goodset import FitReport
 from .modelfile import ModelFileError
 from .nominal import finish
@@ -61,6 +62,10 @@ class Fitted:
     report: FitReport | None = None
     # The good parts' statistics the drift monitor compares the line with (:class:`.drift.Reference`).
     drift: Reference | None = None
+    # Canonical frames with the reference's scores and verdicts (:mod:`.golden`): what every engine must reproduce.
+    golden: GoldenSet | None = None
+    # The fastest engine that reproduces the golden verdicts, with its evidence (:mod:`.engine_choice`).
+    engine_choice: dict | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -178,6 +183,10 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     if model.drift is not None:
         header["drift"], drift_arrays = model.drift.state()
         arrays.update(drift_arrays)
+    if model.golden is not None:
+        header["golden"], golden_arrays = model.golden.state(model.post, t.image)
+        arrays.update(golden_arrays)
+        header["engine_choice"] = model.engine_choice
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -286,8 +295,15 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
     drift = Reference.from_state(header.get("drift"), arrays)
+    gold = None
+    if header.get("golden") is not None:
+        post = PostProcess(chosen["sigma"], chosen["score"], chosen["topk"], chosen["morph_kernel"])
+        gold = GoldenSet.from_state(header["golden"], arrays, params["image_size"], side, post, threshold.image)
+    elif any(name.startswith("golden_") for name in arrays) or header.get("engine_choice") is not None:
+        raise ValueError("golden arrays or an engine choice without the golden record")
+    choice = engine_choice.check_record(header.get("engine_choice")) if gold is not None else None
     return Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets, report, drift), params
+                  offsets, report, drift, gold, choice), params
 
 
 def _radius(chosen, stored, offsets, side: int):

@@ -209,11 +209,12 @@ def _parse_calibration(text: str):
 
 
 PARAMS: tuple[Param, ...] = (
-    Param("backbone", "dinov2_vits14", OneOf(tuple(sorted(BACKBONES))), "DINOv2 variant", flag="--backbone"),
+    Param("backbone", "dinov2_vits14", OneOf(tuple(sorted(BACKBONES))), "DINOv2 or DINOv3 variant", flag="--backbone"),
     Param("weights", "pretrained", Checked(_path_or_name("weights")),
           "'pretrained' (from the hub; fails at once offline), 'random' (seeded), 'random-blocks' (seeded, every "
           "block matters) or a checkpoint file (.pth or .safetensors)", flag="--weights"),
-    Param("image_size", 448, Checked(_image_size, int), "backbone input side in pixels, a multiple of 14",
+    Param("image_size", 448, Checked(_image_size, int),
+          "backbone input side in pixels, a multiple of the patch size (14; DINOv3: 16)",
           flag="--image-size"),
     Param("align", True, Flag(), "turn parts to a canonical pose (--no-align: fixtured parts, flat textures)",
           flag="--no-align"),

@@ -110,7 +110,8 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
             ``"torch:bf16"``: autocast); ``"onnx"`` (fp32), ``"onnx:int8"`` or
             ``"onnx:fp16"`` (ONNX Runtime); ``"openvino"`` (bf16 where the CPU
             has it, else fp32), ``"openvino:fp32"`` or ``"openvino:bf16"`` (CPU
-            only); a path to an ``.onnx`` export (ONNX Runtime); or ``"auto"``,
+            only; ``"openvino:int8"``: quantised on a model's frames, see
+            :mod:`.openvino_int8`); a path to an ``.onnx`` export (ONNX Runtime); or ``"auto"``,
             the engine :func:`auto_engine` picks for ``device``:
 
             * on a GPU (``device`` ``"cuda[:N]"``, or ``"auto"`` where one is

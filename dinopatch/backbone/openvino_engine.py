@@ -21,8 +21,9 @@ from .device import cpu_only
 from .onnx_engine import ExportedBackbone, check_export_matches, open_graph, read_export_metadata
 from .specs import preprocess
 
-OV_PRECISIONS = ("fp32", "bf16")
-_HINTS = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's own spelling
+OV_PRECISIONS = ("fp32", "bf16", "int8")
+# OpenVINO's own spelling; int8 runs what the quantisation left in float in f32.
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def cpu_has_bf16() -> bool:
@@ -50,10 +51,14 @@ class OpenVinoBackbone(ExportedBackbone):
         name, weights, image_size, layers, seed, path, fingerprint, sha256: as for
             :class:`~dinopatch.backbone.OnnxBackbone`; the fp32 export is read, and its
             hash kept as ``sha256``.
-        precision: ``"fp32"`` or ``"bf16"``; default bf16 where the CPU has it
-            (:func:`cpu_has_bf16`), else fp32.  bf16 on a CPU without it is an error.
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``; default bf16 where the CPU has it
+            (:func:`cpu_has_bf16`), else fp32.  bf16 on a CPU without it is an error.  int8 is
+            the export quantised by NNCF (:mod:`.openvino_int8`): made from ``calibration``, or
+            read from the cache by its recorded ``sha256``.
             ``"f32"`` is the old spelling of ``"fp32"`` (a DeprecationWarning).
         threads: inference threads (default: one per physical core, OpenVINO's own count).
+        calibration: ``(frames [N, S, S, 3] uint8, positions or None)``: a model's nominal canonical
+            frames to quantise int8 on.
         device: ``"auto"`` or ``"cpu"``; a GPU asked for by name raises
             :class:`~dinopatch.backbone.device.DeviceUnavailableError`.
 
@@ -66,7 +71,7 @@ class OpenVinoBackbone(ExportedBackbone):
     engine = "openvino"
 
     def __init__(self, name=None, weights="pretrained", image_size=None, layers=None, seed=0, precision=None,
-                 path=None, fingerprint=None, threads=None, device="auto", sha256=None):
+                 path=None, fingerprint=None, threads=None, device="auto", sha256=None, calibration=None):
         import openvino as ov
 
         self.device = cpu_only(device, "openvino")
@@ -81,7 +86,11 @@ class OpenVinoBackbone(ExportedBackbone):
         if precision == "bf16" and not cpu_has_bf16():
             raise ValueError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX, and this one has neither "
                              "(OpenVINO would silently run f32); use engine='openvino:fp32'")
-        path, self.sha256 = open_graph(name, weights, image_size, layers, seed, "fp32", path, fingerprint, sha256)
+        if precision == "int8" and sha256 is None and calibration is None:
+            raise ValueError("openvino:int8 is quantised on a model's own nominal frames, so it is made when the "
+                             "engine is measured (engine='auto' at fit, or dinopatch tune-engine), not named by hand")
+        fp32_sha = None if precision == "int8" else sha256
+        path, self.sha256 = open_graph(name, weights, image_size, layers, seed, "fp32", path, fingerprint, fp32_sha)
         core = ov.Core()
         try:
             model = core.read_model(str(path))
@@ -97,12 +106,25 @@ class OpenVinoBackbone(ExportedBackbone):
                              f"its own precision")
         self._adopt(meta, path)
         self.precision = precision
+        if precision == "int8":
+            model, self.sha256 = self._int8(core, model, sha256, calibration)
         config = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                   "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+
+    def _int8(self, core, model, sha256, calibration):
+        """The int8 graph recorded as ``sha256``, or made now from ``(frames, positions)``; and its hash."""
+        from . import openvino_int8
+
+        if sha256 is not None:
+            return core.read_model(str(openvino_int8.cached(sha256))), sha256
+        frames, positions = calibration
+        xml, digest = openvino_int8.quantize(model, frames, self.positions(positions), self.image_size, self.mean,
+                                             self.std)
+        return core.read_model(str(xml)), digest
 
     def __call__(self, images: np.ndarray, positions=None) -> np.ndarray:
         """uint8 BGR ``[B, H, W, 3]`` -> float32 tokens ``[B, h, w, D]``, or ``[B, n, D]`` at ``positions``."""

@@ -1,4 +1,9 @@
-"""The DINOv2 backbones DinoPatch knows: specs, registry, and the input every engine is fed."""
+"""The DINOv2 and DINOv3 backbones DinoPatch knows: specs, registry, and the input every engine is fed.
+
+DINOv2 (patch 14, learned absolute position embedding) is Apache-2.0; DINOv3
+(patch 16, four register tokens, rotary position embedding; timm >= 1.0.20)
+comes under Meta's DINOv3 licence, which has its own terms of use.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,10 +25,11 @@ class BackboneSpec:
     patch_size: int = 14
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    pretrain: str = "lvd142m"  # timm's tag of the pretrained weights on the hub
 
     @property
     def hub_tag(self) -> str:
-        return f"{self.timm_name}.lvd142m"
+        return f"{self.timm_name}.{self.pretrain}"
 
 
 def _register(*specs: BackboneSpec) -> dict[str, BackboneSpec]:
@@ -37,6 +43,8 @@ BACKBONES = _register(
     BackboneSpec("dinov2_vits14_reg4", "vit_small_patch14_reg4_dinov2", 384),
     BackboneSpec("dinov2_vitb14_reg4", "vit_base_patch14_reg4_dinov2", 768),
     BackboneSpec("dinov2_vitl14_reg4", "vit_large_patch14_reg4_dinov2", 1024),
+    BackboneSpec("dinov3_vits16", "vit_small_patch16_dinov3", 384, patch_size=16, pretrain="lvd1689m"),
+    BackboneSpec("dinov3_vitb16", "vit_base_patch16_dinov3", 768, patch_size=16, pretrain="lvd1689m"),
 )
 
 

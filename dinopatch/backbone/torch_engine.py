@@ -1,4 +1,4 @@
-"""The reference engine: timm DINOv2 in eager torch.
+"""The reference engine: timm DINOv2 (or DINOv3) in eager torch.
 
 It runs either every patch (timm's ``forward_intermediates``) or only the
 patches at given flat ``positions`` (with the class and register tokens): the
@@ -90,6 +90,8 @@ class TorchBackbone:
             h, w = self.grid
             return _mean(feats).reshape(x.shape[0], h, w, -1)
         m = self.model
+        if getattr(m, "rope", None) is not None:
+            return self._rope_tokens(x, positions)
         if m.dynamic_img_size or m.pos_embed is None:
             raise ValueError(f"{self.spec.name}: positions need a fixed-size absolute position embedding")
         patches = torch.index_select(m.patch_embed(x), 1, positions)
@@ -106,6 +108,27 @@ class TorchBackbone:
         feats = []
         for i, block in enumerate(m.blocks):
             t = block(t)
+            if i >= len(m.blocks) - self.layers:
+                feats.append(m.norm(t)[:, m.num_prefix_tokens:])
+        return _mean(feats)
+
+    def _rope_tokens(self, x, positions):
+        """Tokens ``[B, n, D]`` at ``positions`` of a rotary-position model (DINOv3, timm's Eva).
+
+        The rotation of each kept patch is gathered like its embedding, so attention among the kept
+        patches sees their true places; the prefix (class and register) tokens carry no rotation.
+        """
+        import torch
+
+        m = self.model
+        patches = m.patch_embed(x)
+        patches = torch.index_select(patches.reshape(x.shape[0], -1, patches.shape[-1]), 1, positions)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        rope = torch.index_select(m.rope.get_embed(shape=list(self.grid)), 0, positions)
+        t = m.norm_pre(torch.cat(prefix + [patches], dim=1))
+        feats = []
+        for i, block in enumerate(m.blocks):
+            t = block(t, rope=rope)
             if i >= len(m.blocks) - self.layers:
                 feats.append(m.norm(t)[:, m.num_prefix_tokens:])
         return _mean(feats)

@@ -1,4 +1,4 @@
-"""DINOv2 weights: from the hub through timm, a local checkpoint, or seeded random; and their fingerprint.
+"""DINOv2 and DINOv3 weights: from the hub through timm, a local checkpoint, or seeded random; and their fingerprint.
 
 Weights, in the order people reach for them:
 
@@ -64,9 +64,14 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _load_state_dict(model, sd: dict, source: str) -> None:
-    """Load Meta- or timm-format DINOv2 weights, resampling position embeddings."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    """Load Meta- or timm-format DINOv2 / DINOv3 weights (resampling DINOv2's position embeddings).
 
+    The key mapping is the one timm keeps beside the model's class (``vision_transformer`` for
+    DINOv2, ``eva`` for DINOv3).
+    """
+    import importlib
+
+    checkpoint_filter_fn = importlib.import_module(type(model).__module__).checkpoint_filter_fn
     sd = {k.removeprefix("backbone.").removeprefix("module."): v for k, v in sd.items()}
     sd = checkpoint_filter_fn(sd, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -126,7 +131,7 @@ def _random_model(spec: BackboneSpec, seed: int, blocks_matter: bool, **kwargs):
     if blocks_matter:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(("ls1.gamma", "ls2.gamma")):
+                if name.endswith(("ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")):  # DINOv2's names, DINOv3's
                     p.fill_(1.0)
     return model
 

@@ -55,6 +55,8 @@ def build_engines(
                 out[engine] = "openvino is not installed (pip install dinopatch[openvino])"
             elif precision == "bf16" and not cpu_has_bf16():
                 out[engine] = "this CPU has neither AVX512-BF16 nor AMX"
+            elif precision == "int8":
+                out[engine] = "quantised on a model's own frames: timed by the e2e stage's engine choice"
             else:
                 out[engine] = OpenVinoBackbone(name, "random", image_size, precision=precision, threads=threads)
         elif kind == "onnx":
@@ -73,14 +75,19 @@ def sample_images(batch: int, image_size: int, seed: int = 0) -> np.ndarray:
 def bench_backbone(args) -> list[dict]:
     """Milliseconds per image of each engine (``--engines``) and its speed-up over eager torch.
 
-    ViT-S/14 (``--backbone``) at ``--image-size`` px, batches 1 and 8 (1 and 2
-    with ``--quick``), one intra-op thread per physical core.
+    ViT-S/14 (``--backbone``; several, comma-separated, are timed in the same
+    rounds, e.g. ``dinov2_vits14,dinov3_vits16``) at ``--image-size`` px,
+    batches 1 and 8 (1 and 2 with ``--quick``), one intra-op thread per physical core.
     """
     batches = (1, 2) if args.quick else (1, 8)
     names = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    backbones = [b.strip() for b in args.backbone.split(",") if b.strip()]
     threads = physical_cores()
     load = os.getloadavg()[0]
-    built = build_engines(args.image_size, threads, args.backbone, names)
+    built = {}
+    for backbone in backbones:
+        label = "" if len(backbones) == 1 else f"{backbone} "
+        built.update({label + e: run for e, run in build_engines(args.image_size, threads, backbone, names).items()})
     engines = {e: run for e, run in built.items() if not isinstance(run, str)}
     rows = [{"stage": "backbone", "method": e, "batch": None, "ms_per_image": None, "ms_per_image_min": None,
              "vs_torch": None, "note": f"skipped: {why}"} for e, why in built.items() if isinstance(why, str)]
@@ -89,6 +96,7 @@ def bench_backbone(args) -> list[dict]:
         times = round_robin({e: (lambda run=run: run(x)) for e, run in engines.items()}, args.repeats)
         medians = {e: float(np.median(t)) * 1e3 / batch for e, t in times.items()}
         for engine, t in times.items():
+            torch_key = engine.rpartition(" ")[0] + " torch" if " " in engine else "torch"  # the same backbone's
             rows.append(
                 {
                     "stage": "backbone",
@@ -96,7 +104,7 @@ def bench_backbone(args) -> list[dict]:
                     "batch": batch,
                     "ms_per_image": medians[engine],
                     "ms_per_image_min": float(np.min(t)) * 1e3 / batch,
-                    "vs_torch": medians["torch"] / medians[engine] if "torch" in medians else None,
+                    "vs_torch": medians[torch_key] / medians[engine] if torch_key in medians else None,
                     "note": f"{args.backbone} at {args.image_size} px, {threads} threads, load {load:.2f}",
                 }
             )

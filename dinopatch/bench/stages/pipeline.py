@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 import numpy as np
@@ -102,8 +103,14 @@ def bench_e2e(args) -> list[dict]:
     (:data:`REFERENCE`: ONNX Runtime fp32, every token), each fitted on
     the same ``--bank`` good screws, and the notebook way (eager torch one
     image at a time, numpy distances) on the defaults' fitted model, at equal
-    scores.  Predict is timed round-robin; the AUROCs are of the same calls.
+    scores.  With ``--engine auto``, also the engine the static rule of CPU
+    flags picks (:func:`~dinopatch.backbone.auto_engine`) on the same fitted
+    model, against the measured choice (its candidate table goes to stderr).
+    Predict is timed round-robin; the AUROCs are of the same calls.
     """
+    from dinopatch import engine_choice
+    from dinopatch.backbone import auto_engine
+
     det = _fitted(args)
     reference = make_detector(args, **REFERENCE).fit(good_frames(args.bank, seed=1))
     # The same fitted model, judged the notebook way.
@@ -111,6 +118,11 @@ def bench_e2e(args) -> list[dict]:
     test = labelled(1 if args.quick else 4)
     frames = [im for im, _, _ in test]
     dets = {"ours": det, "reference": reference, "notebook": notebook}
+    record = det.model_.engine_choice
+    if record is not None:  # engine "auto": the measured choice against the static rule of CPU flags
+        print(engine_choice.table(record), file=sys.stderr)
+        dets["static"] = make_detector(args, engine=auto_engine())
+        dets["static"].model_ = det.model_  # the same fitted model
     out = {}
     times = round_robin({k: lambda k=k, d=d: out.__setitem__(k, d.predict(frames)) for k, d in dets.items()},
                         max(1, args.repeats // 2))
@@ -118,9 +130,10 @@ def bench_e2e(args) -> list[dict]:
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
     engine = {k: type(dets[k].backbone_for()).__name__ for k in ("ours", "reference")}
+    chosen = engine_choice.in_force(det.engine, det.model_)[0]
     n = len(frames)
-    speedup = {k: paired_ratio(times, k, "ours") for k in ("reference", "notebook")}
-    acc = {k: aurocs(test, out[k]) for k in ("ours", "reference")}
+    speedup = {k: paired_ratio(times, k, "ours") for k in dets if k != "ours"}
+    acc = {k: aurocs(test, out[k]) for k in dets if k != "notebook"}
 
     def quality(k):
         from dinopatch.metrics import line_counts
@@ -142,6 +155,16 @@ def bench_e2e(args) -> list[dict]:
         latency_row("e2e", "notebook (torch per image, numpy distances)", times["notebook"], n),
     ]
     drop = acc["reference"][0] - acc["ours"][0]
+    if "static" in dets:
+        flips = next(r["flips"] for r in record["rows"] if r["engine"] == chosen)
+        rows += [
+            latency_row("e2e", f"static rule: predict ({auto_engine()}, the same fitted model)", times["static"], n,
+                        note=f"{quality('static')}; the measured choice ({chosen}) is {speedup['static']:.2f}x "
+                             f"this, {flips} golden verdict flips"),
+            target("end-to-end predict, measured engine over the static rule's", ">= 1", speedup["static"],
+                   lambda v: v >= 1),
+            target("image AUROC, static rule minus measured engine", "<= 0.005", acc["static"][0] - acc["ours"][0],
+                   lambda v: v <= 0.005)]
     return rows + [
         target("end-to-end predict, defaults over the reference configuration", ">= 3", speedup["reference"],
                lambda v: v >= 3),
