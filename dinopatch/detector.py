@@ -20,6 +20,7 @@ from .fitted import Fitted, NotFittedError, backbone_config, check_params, graph
 from .presets import preset
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
+from .update import GoodParts, union
 
 
 class DinoPatch(EstimatorMixin):
@@ -96,8 +97,23 @@ class DinoPatch(EstimatorMixin):
     def fit(self, images) -> "DinoPatch":
         """Learn what good parts look like from ``images`` (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or
         paths), and the threshold that separates them; returns self."""
-        params = check_params(self.get_params())
         images, names = goodset.load_named(images)
+        self._model = self._learn(images, names)
+        return self
+
+    def update(self, images, *, force: bool = False) -> "DinoPatch":
+        """Operator-confirmed good parts (arrays or paths) join the model (:mod:`.update`): fitted again on the
+        parts it keeps and these, with lineage; a part the current model scores as a clear defect is refused
+        (ValueError with the reason) unless ``force``.  Returns self."""
+        parent = self.model_
+        images, names, added, forced = union(self, images, force)
+        model = self._learn(images, names)
+        good = parent.good.updated(parent.model_id, added, forced, model.good, model.report.kept())
+        self._model = dataclasses.replace(model, good=good)
+        return self
+
+    def _learn(self, images: list[np.ndarray], names: list[str]) -> Fitted:
+        params = check_params(self.get_params())
         engine = self._engine(params)
         report, nominal = goodset.checked(images, names, engine, params, params["kernel"])
         nominal = nominal.with_offsets(autotune.measure_offsets(params, nominal))  # for tolerance "auto" or "map"
@@ -107,11 +123,11 @@ class DinoPatch(EstimatorMixin):
         chosen = autotune.resolved(params, auto)
         threshold = (Threshold.given(self.threshold) if self.threshold is not None else
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
-        self._model = Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
-                             engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
-                             nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
-                                                                              nominal.alignments, self.image_size))
-        return self
+        return Fitted(params, nominal.aligner, nominal.polarity, nominal.bank(chosen), threshold,
+                      engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
+                      nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
+                                                                       nominal.alignments, self.image_size),
+                      GoodParts.of(images, names))
 
     def use_engine(self, engine) -> "DinoPatch":
         """Run ``engine``, a backbone built elsewhere, instead of building one; it must have the model's weights."""

@@ -33,6 +33,7 @@ from .nominal import finish, orient
 from .polarity import Polarity
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
+from .update import GoodParts
 
 # How to run, not what was fitted: these may differ between save and load.
 RUNTIME_PARAMS = param_table.runtime_names()
@@ -63,6 +64,8 @@ class Fitted:
     report: FitReport | None = None
     # The good parts' statistics the drift monitor compares the line with (:class:`.drift.Reference`).
     drift: Reference | None = None
+    # The good parts the model was made of, and its updates (:mod:`.update`); None in files from before update.
+    good: GoodParts | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -183,6 +186,9 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     if model.drift is not None:
         header["drift"], drift_arrays = model.drift.state()
         arrays.update(drift_arrays)
+    if model.good is not None:
+        header["good_parts"], good_arrays = model.good.state()
+        arrays.update(good_arrays)
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -291,8 +297,16 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
     drift = Reference.from_state(header.get("drift"), arrays)
+    good = None
+    if header.get("good_parts") is not None or "good_pixels" in arrays:
+        if report is None:
+            raise ValueError("good parts without the fit report that judged them")
+        good = GoodParts.from_state(header.get("good_parts"), arrays, report.kept())
+        if len(good.images) != report.images:
+            raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
+                             f"{report.images}: the file was edited")
     return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets, report, drift), params
+                  offsets, report, drift, good), params
 
 
 def _radius(chosen, stored, offsets, side: int):
