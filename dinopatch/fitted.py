@@ -297,14 +297,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
     drift = Reference.from_state(header.get("drift"), arrays)
-    good = None
-    if header.get("good_parts") is not None or "good_pixels" in arrays:
-        if report is None:
-            raise ValueError("good parts without the fit report that judged them")
-        good = GoodParts.from_state(header.get("good_parts"), arrays, report.kept())
-        if len(good.images) != report.images:
-            raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
-                             f"{report.images}: the file was edited")
+    # A file without a fit report (from before the check) kept every part it was given.
+    good = GoodParts.from_state(header.get("good_parts"), arrays, None if report is None else report.kept())
+    if good is not None and report is not None and len(good.images) != report.images:
+        raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
+                         f"{report.images}: the file was edited")
     return Fitted(params, aligner, polarity, membank, threshold, fingerprint, model_id, fg, graph, auto,
                   offsets, report, drift, good), params
 

@@ -74,10 +74,10 @@ class GoodParts:
         return header, {"good_pixels": pixels}
 
     @classmethod
-    def from_state(cls, header, arrays: dict, kept: list[int]) -> "GoodParts | None":
+    def from_state(cls, header, arrays: dict, kept: list[int] | None) -> "GoodParts | None":
         """The parts of a model file, checked: shapes, sizes, every part's hash, and the last update's
-        entry against the parts it added (the last ones) and ``kept``, the indices the fit report kept;
-        None where the file keeps none (written before update).
+        entry against the parts it added (the last ones) and ``kept``, the indices the fit report kept
+        (None: all); None where the file keeps none (written before update).
 
         Raises:
             ValueError: malformed, or a part or the lineage disagrees with what the file holds.
@@ -111,7 +111,7 @@ class GoodParts:
             first = len(hashes) - last["added"]
             if first < 0 or hashes[first:] != last["sha256"]:
                 raise ValueError("the last update's hashes are not those of the file's last parts: the file was edited")
-            if sum(i >= first for i in kept) != last["kept"]:
+            if sum(i >= first for i in (range(len(hashes)) if kept is None else kept)) != last["kept"]:
                 raise ValueError(f"the last update says the check kept {last['kept']} of its parts, the fit report "
                                  "says otherwise: the file was edited")
         return parts
