@@ -154,17 +154,17 @@ def _lineage(entries) -> tuple:
 def refusals(results: list, names: list[str], threshold) -> list[tuple[str, str]]:
     """``(name, reason)`` for each part the current model scores as a clear defect.
 
-    A flagged part is what an operator confirms as good (a false alarm), so being flagged is not enough:
-    refused are the parts the model cannot place or score, and flagged parts whose score is beyond what
-    the good-set check lets a good part have among ``threshold``'s calibration scores
-    (:func:`.goodset.outlier_limit`: the rule that names an outlier in a good set at fit).  With fewer
-    than :data:`.goodset.MIN_IMAGES` calibration scores, a flagged part above all of them.
+    A flagged part is what an operator confirms as good (a false alarm), and at ``false_alarm_rate=0`` every
+    flagged part has the smallest p-value, so neither is enough: refused are the parts the model cannot
+    place or score, and flagged parts whose score is above every one of ``threshold``'s calibration scores
+    (the smallest p-value) and beyond what the good-set check lets a good part have among them
+    (:func:`.goodset.outlier_limit`, from :data:`.goodset.MIN_IMAGES` scores on: the rule that names an
+    outlier in a good set at fit).
     """
     scores = np.asarray(threshold.scores, float)
+    limit = float(scores.max()) if scores.size else -np.inf
     if scores.size >= goodset.MIN_IMAGES:
-        limit = goodset.outlier_limit(list(scores))
-    else:
-        limit = float(scores.max()) if scores.size else -np.inf
+        limit = max(limit, goodset.outlier_limit(list(scores)))
     out = []
     for name, r in zip(names, results):
         if not r.aligned:
