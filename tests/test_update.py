@@ -109,3 +109,19 @@ def test_update_on_the_command_line(parts, parent, tmp_path, capsys):
     (entry,) = DinoPatch.load(out).model_.good.lineage
     assert entry["sha256"] == [part_hash(cv2.imread(str(f))) for f in files]
     assert main(["update", "-m", str(parent), str(files[0]), "-o", str(parent), "--force"]) == 2  # not the input
+
+
+def test_with_a_coreset_the_bank_keeps_its_ratio_of_the_union(parts):
+    good, _ = parts
+    det = DinoPatch(**FAST, coreset_ratio=0.25, outliers="keep").fit(good[:6]).update(good[6:8])
+    assert det.model_.bank.features.shape[1] == 2  # ceil(0.25 * 8) rows per location, not 2 + 1 appended
+    assert det.model_.good.lineage[0]["parent"] == "unsaved"  # updated before it was ever saved
+
+
+def test_a_model_without_its_parts_cannot_be_updated_and_says_so(parts, parent, tmp_path):
+    def without(header, arrays):
+        del header["good_parts"], arrays["good_pixels"]
+
+    det = DinoPatch.load(_edited(parent, tmp_path, without))
+    with pytest.raises(ValueError, match="keeps no good parts"):
+        det.update(parts[0][20:21])
