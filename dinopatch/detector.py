@@ -55,13 +55,14 @@ class DinoPatch(EstimatorMixin):
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU named that is not there fails at fit or load.
         outliers: ``"drop"`` (from bank and threshold), ``"keep"`` or ``"error"``: good images with no part,
             duplicates, held-out scores far above the rest (:mod:`.goodset`; see :attr:`fit_report_`).
+        keep_parts: keep the good parts in the model file, so that :meth:`update` can fit on them again.
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True, device="auto", outliers="drop"):
+                 batch_size=8, progress=True, device="auto", outliers="drop", keep_parts=True):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -87,6 +88,7 @@ class DinoPatch(EstimatorMixin):
         self.progress = progress
         self.device = device
         self.outliers = outliers
+        self.keep_parts = keep_parts
         self._engines = EngineCache()
 
     @classmethod
@@ -127,7 +129,7 @@ class DinoPatch(EstimatorMixin):
                       engine.fingerprint, "unsaved", nominal.foreground, graph_record(self.engine, engine), auto,
                       nominal.offsets, report, drift.Reference.measure([images[i] for i in report.kept()],
                                                                        nominal.alignments, self.image_size),
-                      GoodParts.of(images, names))
+                      GoodParts.of(images, names) if params["keep_parts"] else None)
 
     def use_engine(self, engine) -> "DinoPatch":
         """Run ``engine``, a backbone built elsewhere, instead of building one; it must have the model's weights."""

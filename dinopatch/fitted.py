@@ -299,6 +299,9 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     drift = Reference.from_state(header.get("drift"), arrays)
     # A file without a fit report (from before the check) kept every part it was given.
     good = GoodParts.from_state(header.get("good_parts"), arrays, None if report is None else report.kept())
+    if params["keep_parts"] != (good is not None):
+        raise ValueError(f"keep_parts is {params['keep_parts']} but the file {'lacks' if good is None else 'holds'} "
+                         "good parts: the file was edited")
     if good is not None and report is not None and len(good.images) != report.images:
         raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
                          f"{report.images}: the file was edited")

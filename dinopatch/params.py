@@ -258,6 +258,9 @@ PARAMS: tuple[Param, ...] = (
     Param("outliers", "drop", OneOf(OUTLIERS), "good images that are no evidence of a good part (no part, "
           "duplicates, held-out scores far above the rest): left out of the bank and the threshold, kept, or "
           "an error", flag="--outliers", missing="keep"),
+    # Model files from before update kept no good parts.
+    Param("keep_parts", True, Flag(), "keep the good parts in the model file, for update (--no-keep-parts: a "
+          "smaller file that cannot be updated)", flag="--no-keep-parts", missing=False),
 )
 
 

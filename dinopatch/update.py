@@ -188,8 +188,8 @@ def union(det, images, force: bool) -> tuple[list[np.ndarray], list[str], list[n
     """
     good = det.model_.good
     if good is None:
-        raise ValueError("this model keeps no good parts (its file was written before update existed): "
-                         "fit it again on its good parts and the new ones")
+        raise ValueError("this model keeps no good parts (fitted with keep_parts=False, or written before update "
+                         "existed): fit it again on its good parts and the new ones")
     new, names = goodset.load_named(images)
     names = names or [f"#{i}" for i in range(len(new))]
     refused = refusals(det.predict(new), names, det.model_.threshold)

@@ -119,9 +119,17 @@ def test_with_a_coreset_the_bank_keeps_its_ratio_of_the_union(parts):
 
 
 def test_a_model_without_its_parts_cannot_be_updated_and_says_so(parts, parent, tmp_path):
-    def without(header, arrays):
+    def lacks(header, arrays):
         del header["good_parts"], arrays["good_pixels"]
 
-    det = DinoPatch.load(_edited(parent, tmp_path, without))
-    with pytest.raises(ValueError, match="keeps no good parts"):
-        det.update(parts[0][20:21])
+    def before_update(header, arrays):
+        lacks(header, arrays)
+        del header["params"]["keep_parts"]
+
+    with pytest.raises(ModelFileError, match="lacks good parts"):
+        DinoPatch.load(_edited(parent, tmp_path, lacks))
+    small = DinoPatch(**FAST, keep_parts=False).fit(parts[0][:3]).save(tmp_path / "small.npz")
+    for det in (DinoPatch.load(_edited(parent, tmp_path, before_update)), DinoPatch.load(small)):
+        assert det.keep_parts is False and det.model_.good is None
+        with pytest.raises(ValueError, match="keeps no good parts"):
+            det.update(parts[0][20:21])
