@@ -1,8 +1,7 @@
 """The command line: ``dinopatch COMMAND`` (also ``python -m dinopatch``).
 
-Commands: fit, predict, evaluate, demo, export, weights, watch, drift, tune-engine, info; serve, score-archive and
-benchmark-quality
-parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
+Commands: fit, update, predict, evaluate, demo, export, weights, watch, drift, tune-engine, info; serve,
+score-archive and benchmark-quality parse their own flags in their own modules (:data:`OWN_PARSER_COMMANDS`).
 
 A mistake (a wrong path, a flag out of range, an output that exists) prints one
 line, ``dinopatch: error: ...``, and exits with :data:`EXIT_USAGE`; ``--debug``
@@ -151,6 +150,29 @@ def cmd_fit(args) -> int:
         print(engine_choice.table(det.model_.engine_choice))
     path = det.save(out)
     print(f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
+          f"(model id {det.model_id})")
+    return 0
+
+
+def cmd_update(args) -> int:
+    from .inputs import training_files
+
+    files, notes = training_files(args.images)
+    out = Path(args.output)
+    refuse_overlap(out, [args.model, *args.images], inside_ok=True)
+    claim([out], args.force)
+    for note in notes:
+        print(note)
+    det = _load_model(args.model, params.from_flags(args, _runtime_flags()))
+    parent = det.model_id
+    det.update(files, force=args.force_parts)
+    entry = det.model_.good.lineage[-1]
+    if entry["forced"]:
+        print(f"taken although the model it updates scored them as clear defects: {', '.join(entry['forced'])}")
+    print(det.fit_report_.describe())
+    path = det.save(out)
+    print(f"model {parent} updated with {entry['added']} good parts ({entry['kept']} kept by the good-set check): "
+          f"threshold {det.threshold_.image:.4f} ({det.threshold_.describe()}); saved {path} "
           f"(model id {det.model_id})")
     return 0
 
@@ -439,6 +461,15 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                         "taken)")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     _add_detector_args(p)
+
+    p = command("update", "add operator-confirmed good parts to a model: fitted again on its good parts and "
+                          "these, with its lineage", cmd_update)
+    p.add_argument("images", nargs="+", help="the confirmed good images: files or folders")
+    p.add_argument("-m", "--model", required=True, help="the model file to update (fit, or an earlier update)")
+    p.add_argument("-o", "--output", required=True, help="the updated model file to write (.npz)")
+    p.add_argument("--force-parts", action="store_true",
+                   help="take parts the model scores as clear defects too (refused otherwise, with the reason)")
+    _add_runtime_args(p)
 
     p = command("predict", "score images: predictions.jsonl, scores.csv and heatmap overlays", cmd_predict)
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively; ground_truth/ "

@@ -20,6 +20,7 @@ from .fitted import Fitted, NotFittedError, backbone_config, check_params, graph
 from .presets import preset
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
+from .update import GoodParts, union
 
 
 class DinoPatch(EstimatorMixin):
@@ -57,13 +58,15 @@ class DinoPatch(EstimatorMixin):
         size_tolerance: smallest half-width of the nominal size range of aligned parts (0.03: 0.97-1.03
             of the good parts' median size); a part outside the range is an anomaly. Widen it where the
             camera's distance varies.
+        keep_parts: keep the good parts in the model file, so that :meth:`update` can fit on them again.
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True, device="auto", outliers="drop", size_tolerance=0.03):
+                 batch_size=8, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
+                 keep_parts=True):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -90,6 +93,7 @@ class DinoPatch(EstimatorMixin):
         self.device = device
         self.outliers = outliers
         self.size_tolerance = size_tolerance
+        self.keep_parts = keep_parts
         self._engines = EngineCache()
 
     @classmethod
@@ -100,8 +104,23 @@ class DinoPatch(EstimatorMixin):
     def fit(self, images) -> "DinoPatch":
         """Learn what good parts look like from ``images`` (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or
         paths), and the threshold that separates them; returns self."""
-        params = check_params(self.get_params())
         images, names = goodset.load_named(images)
+        self._model = self._learn(images, names)
+        return self
+
+    def update(self, images, *, force: bool = False) -> "DinoPatch":
+        """Operator-confirmed good parts (arrays or paths) join the model (:mod:`.update`): fitted again on the
+        parts it keeps and these, with lineage; a part the current model scores as a clear defect is refused
+        (ValueError with the reason) unless ``force``.  Returns self."""
+        parent = self.model_
+        images, names, added, forced = union(self, images, force)
+        model = self._learn(images, names)
+        good = parent.good.updated(parent.model_id, added, forced, model.good, model.report.kept())
+        self._model = dataclasses.replace(model, good=good)
+        return self
+
+    def _learn(self, images: list[np.ndarray], names: list[str]) -> Fitted:
+        params = check_params(self.get_params())
         engine = self._engine(params)
         report, nominal = goodset.checked(images, names, engine, params, params["kernel"])
         nominal = nominal.with_offsets(autotune.measure_offsets(params, nominal))  # for tolerance "auto" or "map"
@@ -113,9 +132,9 @@ class DinoPatch(EstimatorMixin):
                      calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
         model = Fitted(params, nominal.aligner, nominal.bank(chosen), threshold, engine.fingerprint, "unsaved",
                        nominal.foreground, graph_record(self.engine, engine), auto, nominal.offsets, report,
-                       drift.Reference.measure([images[i] for i in report.kept()], nominal.alignments, self.image_size))
-        self._model = engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
-        return self
+                       drift.Reference.measure([images[i] for i in report.kept()], nominal.alignments, self.image_size),
+                       good=GoodParts.of(images, names) if params["keep_parts"] else None)
+        return engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
 
     def use_engine(self, engine) -> "DinoPatch":
         """Run ``engine``, a backbone built elsewhere, instead of building one; it must have the model's weights."""

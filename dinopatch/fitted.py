@@ -33,6 +33,7 @@ from .modelfile import ModelFileError
 from .nominal import finish
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
+from .update import GoodParts
 
 # How to run, not what was fitted: these may differ between save and load.
 RUNTIME_PARAMS = param_table.runtime_names()
@@ -66,6 +67,8 @@ class Fitted:
     golden: GoldenSet | None = None
     # The fastest engine that reproduces the golden verdicts, with its evidence (:mod:`.engine_choice`).
     engine_choice: dict | None = None
+    # The good parts the model was made of, and its updates (:mod:`.update`); None in files from before update.
+    good: GoodParts | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -187,6 +190,9 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         header["golden"], golden_arrays = model.golden.state(model.post, t.image)
         arrays.update(golden_arrays)
         header["engine_choice"] = model.engine_choice
+    if model.good is not None:
+        header["good_parts"], good_arrays = model.good.state()
+        arrays.update(good_arrays)
     header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
     return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
@@ -302,8 +308,16 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     elif any(name.startswith("golden_") for name in arrays) or header.get("engine_choice") is not None:
         raise ValueError("golden arrays or an engine choice without the golden record")
     choice = engine_choice.check_record(header.get("engine_choice")) if gold is not None else None
+    # A file without a fit report (from before the check) kept every part it was given.
+    good = GoodParts.from_state(header.get("good_parts"), arrays, None if report is None else report.kept())
+    if params["keep_parts"] != (good is not None):
+        raise ValueError(f"keep_parts is {params['keep_parts']} but the file {'lacks' if good is None else 'holds'} "
+                         "good parts: the file was edited")
+    if good is not None and report is not None and len(good.images) != report.images:
+        raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
+                         f"{report.images}: the file was edited")
     return Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets, report, drift, gold, choice), params
+                  offsets, report, drift, gold, choice, good), params
 
 
 def _radius(chosen, stored, offsets, side: int):

@@ -206,7 +206,7 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
         index, values, _, _ = nominal.held_out_scores(settings)
         by_row = {int(r): round(float(s), 6) for r, s in zip(index, values) if math.isfinite(s)}
         scores = tuple((names[indices[r]], by_row[r]) for r in sorted(by_row))  # input order
-        limit = _limit([s for _, s in scores])
+        limit = outlier_limit([s for _, s in scores])
         med = float(np.median([s for _, s in scores]))
         flags += [Flag(names[indices[r]], indices[r], "outlier",
                        f"held-out score {s:.3g}, {s / med if med > 0 else math.inf:.1f} x the median {med:.3g}, "
@@ -251,11 +251,12 @@ def outlier_names(scores) -> list[str]:
     """The names of ``(name, score)`` pairs whose score is above the rule's limit."""
     if len(scores) < MIN_IMAGES:
         return []
-    limit = _limit([s for _, s in scores])
+    limit = outlier_limit([s for _, s in scores])
     return [n for n, s in scores if s > limit]
 
 
-def _limit(values: list[float]) -> float:
+def outlier_limit(values: list[float]) -> float:
+    """The outlier rule's limit over held-out good scores: ``max(median + K * 1.4826 * MAD, RATIO * median)``."""
     med = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(np.asarray(values) - med)))
     return max(med + K * mad, RATIO * med)

@@ -263,6 +263,9 @@ PARAMS: tuple[Param, ...] = (
     Param("size_tolerance", 0.03, Number(0.0, 1.0, hi_open=True), "aligned parts whose size is off the good "
           "parts' median by more than this (relative), or than their own spread, are anomalies; widen it where "
           "the camera's distance varies", flag="--size-tolerance"),
+    # Model files from before update kept no good parts.
+    Param("keep_parts", True, Flag(), "keep the good parts in the model file, for update (--no-keep-parts: a "
+          "smaller file that cannot be updated)", flag="--no-keep-parts", missing=False),
 )
 
 
