@@ -121,7 +121,7 @@ def bench_serve(args) -> list[dict]:
         peer = DinoPatch.load(model, engine=str(onnx), batch_size=args.batch, progress=False)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         try:
-            config = ServiceConfig(model=model, engine=str(onnx), replicas=1, num_cpus=cpus, max_batch=args.batch,
+            config = ServiceConfig(models=model, engine=str(onnx), replicas=1, num_cpus=cpus, max_batch=args.batch,
                                    timeout_s=600)
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
