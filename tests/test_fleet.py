@@ -304,3 +304,20 @@ def test_reload_route_checks_before_it_swaps(service, models):
     # (The file watcher may have swapped it in first: then the reload finds it in service.)
     assert status == 200 and answer["version"] == 2 and answer["model_id"] == DinoPatch.load(nut).model_id
     assert call(url, "/predict/nut", im)[1]["model_id"] == answer["model_id"]
+
+
+def test_grafana_dashboard_asks_only_for_series_the_service_has():
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "export" / "grafana_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    m = ServiceMetrics(["a"])
+    m.answered("a", 500, 0.1)
+    m.in_service("a", 1)
+    exposed = {name for name, _ in _samples(m.text().decode())}
+    asked = {n for e in exprs for n in re.findall(r"\bdinopatch_\w+", e)}
+    assert asked and asked <= exposed, asked - exposed
+    # Every panel of every kind of count: requests, errors, verdicts, latency, batches, versions, swaps.
+    for family in ("requests", "errors", "verdicts", "request_seconds", "batch_images", "model_version", "swaps"):
+        assert any(family in n for n in asked), family
