@@ -252,7 +252,7 @@ def test_health_and_model(service, reference):
     url, config = service
     assert call(url, "/health") == (200, {"status": "ok"})
     status, info = call(url, "/model")
-    assert status == 200
+    assert status == 200, info
     assert (info["backbone"], info["image_size"], info["engine"]) == ("dinov2_vits14", 112, "backbone.onnx")
     assert info["dinopatch_version"] and not any("/" in str(v) for v in info.values())  # never a path
     assert info["threshold"] == pytest.approx(reference.threshold_.image)
