@@ -75,6 +75,8 @@ from .modelfile import KEY_ENV
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
 APP_NAME = "dinopatch"
+# A resource only Ray's head node has.
+HEAD_NODE = "node:__internal_head__"
 # The bearer token clients must send, when no --token-file is given.
 TOKEN_ENV = "DINOPATCH_TOKEN"
 
@@ -264,20 +266,27 @@ def build_app(config: ServiceConfig):
         # A lost replica is noticed in seconds (the check runs beside the scoring, not behind it).
         health_check_period_s=2)
     # One gateway: it holds the model versions in service and the service's counts.
+    # On the head node, which lives as long as the cluster: losing a worker node loses scorers, never the
+    # versions in service (their bytes belong to the gateway) nor the counts.
+    gateway_options["resources"] = {HEAD_NODE: 0.001}
     gateway = serve.deployment(Gateway, name="Gateway", ray_actor_options=gateway_options,
                                max_ongoing_requests=16 * config.max_batch * config.replicas)
     return gateway.bind(scorer.bind(config), config)
 
 
-def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start Ray Serve's HTTP proxy and run the application on the Ray that is connected; its URL.
+def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, proxies: str = "EveryNode") -> str:
+    """Start Ray Serve's HTTP proxies and run the application on the Ray that is connected; its URL.
+
+    ``proxies``: ``"EveryNode"`` (each machine of a cluster answers on ``host:port``) or ``"HeadOnly"``
+    (one proxy: nodes that share a machine, as in tests, would otherwise claim one port twice).
 
     The proxy's own request timeout is a backstop a little after the
     gateway's deadline (it answers 408, and clients can lift it with a header).
     """
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": config.timeout_s + 10})
+    serve.start(proxy_location=proxies,
+                http_options={"host": host, "port": int(port), "request_timeout_s": config.timeout_s + 10})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
