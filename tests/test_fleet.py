@@ -211,6 +211,9 @@ def test_models_listed_routed_by_name_and_swapped_under_load(service, models):
     old_bolt = next(m["model_id"] for m in listing["models"] if m["name"] == "bolt")
     new_bolt = DinoPatch.load(spare).model_id
     assert new_bolt != old_bolt
+    status, info = call(url, "/model/bolt")
+    assert status == 200 and (info["name"], info["version"], info["model_id"]) == ("bolt", 1, old_bolt)
+    assert info["max_models"] == 3 and info["torch_imported"] is False
     status, answer = call(url, "/predict", b"x")
     assert status == 404 and "name one" in answer["error"]
     assert call(url, "/predict/gear", b"x")[0] == 404
