@@ -286,6 +286,11 @@ def test_reload_route_checks_before_it_swaps(service, models):
     folder, _, _ = models
     nut = served / "nut.npz"
     original = DinoPatch.load(nut).model_id
+    for path, method in (("/models/nut/reload", "POST"), ("/metrics", "GET"), ("/models", "GET")):
+        req = urllib.request.Request(url + path, data=b"" if method == "POST" else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=CLIENT_TIMEOUT)
+        assert e.value.code == 401  # the token is asked for
     status, answer = call(url, "/models/nut/reload", b"", "POST")
     assert status == 200 and answer["swapped"] is False and answer["model_id"] == original
     assert call(url, "/models/nut/reload", None, "GET")[0] == 405

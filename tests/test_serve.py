@@ -196,6 +196,13 @@ def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
     with pytest.raises(SystemExit):
         main(["-m", str(model), "--engine", "torch"])
     assert "without torch" in capsys.readouterr().err
+    # Models: files and folders, one name each, at least one.
+    (tmp_path / "line").mkdir()
+    (tmp_path / "line" / "screw.npz").write_bytes(open(model, "rb").read())
+    with pytest.raises(SystemExit, match="two model files are named 'screw'"):
+        main([str(tmp_path / "line"), str(model), "--engine", str(onnx)])
+    with pytest.raises(SystemExit, match="no model files given"):
+        main(["--engine", str(onnx)])
     assert not ray.is_initialized()
 
 
