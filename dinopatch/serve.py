@@ -124,7 +124,7 @@ class ServiceConfig:
     token: InitVar[str | None] = None
     token_sha256: str | None = None
     signed: bool | None = None
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self, token):
         if token is not None:

@@ -432,7 +432,8 @@ def test_killed_replicas_no_hang_and_recovery(service):
     assert any(t0 < t_kill < t1 for t0, t1, _ in answers)  # requests were in flight
     # Both replicas are replaced, not revived.
     t_wait = time.monotonic()
-    while _running_scorers() < 2 and time.monotonic() - t_wait < 60:
+    # (Serve's status and Ray's list of named actors are read apart: wait for both to show the new pair.)
+    while (_running_scorers() < 2 or len(_scorer_replicas()) < 2) and time.monotonic() - t_wait < 60:
         time.sleep(0.5)
     assert _running_scorers() == 2
     assert len(_scorer_replicas()) == 2 and not set(killed) & set(_scorer_replicas())
