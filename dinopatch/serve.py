@@ -1,24 +1,35 @@
-"""``python -m dinopatch serve``: a DinoPatch model behind HTTP, as a Ray Serve application.
+"""``python -m dinopatch serve``: DinoPatch models behind HTTP, as a Ray Serve application.
 
-Two deployments.  :class:`Scorer` replicas each load the model once, decode
-and check the images they are sent, and score them in dynamic batches
-(``@serve.batch``).  One :class:`Gateway` takes the HTTP requests from Ray
-Serve's proxies: it caps the request size, bounds every request by a
-deadline (503 when it passes), retries a request whose replica died on
-another one, and answers JSON.
+Two deployments.  :class:`Scorer` replicas each hold up to ``max_models``
+models (:mod:`dinopatch.loaded_models`: loaded on first use, least recently
+used dropped), decode and check the images they are sent, and score them in
+dynamic batches per model (``@serve.batch``).  One :class:`Gateway` takes the
+HTTP requests from Ray Serve's proxies: it keeps the version of each model in
+service (:mod:`dinopatch.catalog`), caps the request size, bounds every
+request by a deadline (503 when it passes), retries a request whose replica
+died on another one, counts (:mod:`dinopatch.serve_metrics`) and answers JSON.
 
-HTTP:
+HTTP (``{name}`` is a model file's name without ``.npz``):
 
-- ``POST /predict``: the body is a PNG or JPEG file, or raw uint8 pixels
-  with ``?shape=H,W`` or ``?shape=H,W,C`` (C = 1, 3 for BGR, or 4 for BGRA).
+- ``POST /predict/{name}`` (``POST /predict`` when the service has one model): the body is a PNG or JPEG
+  file, or raw uint8 pixels with ``?shape=H,W`` or ``?shape=H,W,C`` (C = 1, 3 for BGR, or 4 for BGRA).
   Query: ``mask=1`` adds the defect mask as a base64 PNG (0/255, the input's
   size); ``timeout_s=T`` shortens the server's deadline for this request.
   Answers ``score``, ``is_anomaly``, ``aligned``, ``reason``, ``threshold``,
-  ``threshold_source``, ``model_id``, ``latency_ms`` and ``batch`` (how many
-  images were scored together).  A non-finite score or threshold is ``null``.
+  ``threshold_source``, ``model``, ``model_id`` and ``model_version`` (the version that judged the image),
+  ``latency_ms`` and ``batch`` (how many images were scored together).  A non-finite score or threshold
+  is ``null``.
+- ``GET /models``: each model's name, id, version number, SHA-256 and file time; never a path.
+- ``GET /model/{name}`` (``/model`` with one model): model id and version, DinoPatch version, threshold and
+  its source, backbone, image size, engine name and the service's limits; never a path of the serving machine.
+- ``POST /models/{name}/reload``: check the model file now and swap it in (422, and the old version stays,
+  when it fails its checks).  The gateway also looks at the files every ``poll_s`` and swaps a changed one.
+- ``GET /metrics``: the counts in Prometheus' text format.
 - ``GET /health``: 200 when a scorer replica answers, else 503.
-- ``GET /model``: model id, DinoPatch version, threshold and its source, backbone, image size, engine
-  name and the service's limits; never a path of the serving machine.
+
+A swap checks the new file's bytes before any request goes to them; requests
+sent before the swap are answered by the old version, later ones by the new,
+which each replica loads beside the old before using it.
 
 Who is calling: with a token (``$DINOPATCH_TOKEN`` or ``--token-file``), every
 route but ``/health`` answers 401 unless the request carries
@@ -43,10 +54,6 @@ torch-free: only ONNX engines are accepted.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime
-import hashlib
-import hmac
 import ipaddress
 import logging
 import math
@@ -54,18 +61,22 @@ import os
 import signal
 import sys
 import time
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, params
 from .backbone import TORCH_FREE_ENGINES, canonical_engine
+from .catalog import CatalogError, ModelVersion, load_bytes, model_files
+from .gateway import Gateway, token_digest
+from .loaded_models import LoadedModels
 from .modelfile import KEY_ENV
-from .records import score_images
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
 APP_NAME = "dinopatch"
+# A resource only Ray's head node has.
+HEAD_NODE = "node:__internal_head__"
 # The bearer token clients must send, when no --token-file is given.
 TOKEN_ENV = "DINOPATCH_TOKEN"
 
@@ -79,11 +90,14 @@ class ServiceConfig:
     """What ``python -m dinopatch serve`` runs.
 
     Attributes:
-        model: model file, readable at this path on every node that runs a replica.
+        models: model files or folders of them (every ``*.npz`` inside), readable where the command runs; one
+            name per file (its stem).  Resolved to ``{name: absolute path}`` in ``files``.
         engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
             or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
         kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
-        replicas: scorer replicas, each holding one model.
+        replicas: scorer replicas, each holding up to ``max_models`` models.
+        max_models: models a replica keeps loaded; beyond, the least recently used is dropped.
+        poll_s: how often the model files are looked at for a new version.
         num_cpus: CPUs Ray reserves for each scorer replica.
         max_batch: most images scored in one backbone call.
         batch_wait_ms: how long a replica waits for a batch to fill.
@@ -95,10 +109,12 @@ class ServiceConfig:
             a replica without the key refuses to start.
     """
 
-    model: str
+    models: str | list[str]
     engine: str = "onnx"
     kernel: str = "auto"
     replicas: int = 1
+    max_models: int = 4
+    poll_s: float = 1.0
     num_cpus: float = 1.0
     max_batch: int = 8
     batch_wait_ms: float = 10.0
@@ -108,16 +124,20 @@ class ServiceConfig:
     token: InitVar[str | None] = None
     token_sha256: str | None = None
     signed: bool | None = None
+    files: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self, token):
         if token is not None:
             if not isinstance(token, str) or not token.strip():
                 raise ValueError("the token must be a non-empty string")
-            self.token_sha256 = _digest(token)
+            self.token_sha256 = token_digest(token)
         if self.signed is None:
             self.signed = os.environ.get(KEY_ENV) is not None
-        # Absolute, because replicas may start in another folder (or on another machine).
-        self.model = os.path.abspath(self.model)
+        if isinstance(self.models, (str, os.PathLike)):
+            self.models = [self.models]
+        # Absolute, because the gateway may start in another folder.
+        self.models = [os.path.abspath(m) for m in self.models]
+        self.files = model_files(self.models)
         try:
             self.engine = canonical_engine(self.engine)
         except ValueError:
@@ -127,201 +147,79 @@ class ServiceConfig:
                              f".onnx export, got {self.engine!r}")
         if self.engine.endswith(".onnx"):
             self.engine = os.path.abspath(self.engine)
-        for name in ("replicas", "max_batch", "max_bytes", "max_pixels"):
+        for name in ("replicas", "max_models", "max_batch", "max_bytes", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s}")
+        for name in ("timeout_s", "poll_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if not 0 <= self.batch_wait_ms <= 1000 * self.timeout_s:
             raise ValueError(f"batch_wait_ms must be in [0, timeout], got {self.batch_wait_ms}")
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
 
+    @property
+    def runtime(self) -> dict:
+        """How replicas run a model: :meth:`DinoPatch.load`'s keywords."""
+        return {"engine": self.engine, "kernel": self.kernel, "batch_size": self.max_batch}
+
 
 class Scorer:
-    """A Ray Serve replica holding one model; decodes, checks and scores images in dynamic batches."""
+    """A Ray Serve replica: decodes, checks and scores images with the models it holds, in dynamic batches."""
 
     def __init__(self, config: ServiceConfig):
         from ray import serve
-
-        from .detector import DinoPatch
 
         if config.signed and not os.environ.get(KEY_ENV):
             raise RuntimeError(f"this deployment serves signed models, but {KEY_ENV} is not set where this replica "
                                "runs: it cannot verify the model and refuses to start")
         self.config = config
-        self.det = DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel,
-                                  batch_size=config.max_batch, progress=False)
-        mtime = Path(config.model).stat().st_mtime
-        self.saved_at = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(timespec="seconds")
-        # Batched per replica, with the sizes of this service.
-        self._batched = serve.batch(max_batch_size=config.max_batch,
-                                    batch_wait_timeout_s=config.batch_wait_ms / 1e3)(self._predict_batch)
-        # Load the engine now: a replica that cannot run fails at start, not on its first request.
-        self.det.predict([np.zeros((self.det.image_size,) * 2, np.uint8)])
+        # Batched per model, with the sizes of this service.
+        batch = serve.batch(max_batch_size=config.max_batch, batch_wait_timeout_s=config.batch_wait_ms / 1e3)
+        self.models = LoadedModels(self._load, batch, config.max_models)
 
-    async def predict(self, body: bytes, shape: str | None, mask: bool) -> dict:
-        """``{"status": HTTP status, "body": JSON}`` for one request body."""
+    def _load(self, version: ModelVersion):
+        """The detector of ``version``, checked and with its engine running (a worker thread runs this)."""
+        import ray
+
+        data = version.data if isinstance(version.data, bytes) else ray.get(version.data)
+        det = load_bytes(data, **self.config.runtime)
+        if det.model_id != version.model_id:
+            raise RuntimeError(f"{version.name}: version {version.number} is model {version.model_id}, "
+                               f"its bytes load as {det.model_id}")
+        # Load the engine now: a model that cannot run fails here, before any request is queued on it.
+        det.predict([np.zeros((det.image_size,) * 2, np.uint8)])
+        return det
+
+    async def predict(self, version: ModelVersion, body: bytes, shape: str | None, mask: bool) -> dict:
+        """``{"status": HTTP status, "body": JSON}`` for one request body, scored by ``version`` or a newer one."""
         try:
             image = decode_image(body, shape, self.config.max_pixels)
         except RequestError as e:
             return {"status": e.status, "body": {"error": e.message}}
-        record = await self._batched((image, mask))
+        model = await self.models.get(version)
+        record = await model.predict((image, mask))
         if record["error"] is not None:
             return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}
-        return {"status": 200, "body": dict(record, model_id=self.det.model_id)}
+        return {"status": 200, "body": dict(record, model=version.name, model_id=model.det.model_id)}
 
-    async def _predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[dict]:
-        """Score the queued images together (``serve.batch`` collects them)."""
-        images = [im for im, _ in items]
-        # Off the event loop, so that requests keep queueing (and health checks answer) meanwhile.
-        records = await asyncio.to_thread(score_images, self.det, images, any(m for _, m in items))
-        out = []
-        for (_, want_mask), rec in zip(items, records):
-            if not want_mask:
-                rec.pop("mask_png", None)
-            out.append(dict(rec, batch=len(items)))
-        return out
-
-    def info(self) -> dict:
+    async def info(self, version: ModelVersion) -> dict:
         """What ``GET /model`` answers."""
-        det = self.det
+        det = (await self.models.get(version)).det
         # Names, never paths: a caller learns nothing of the serving machine's folders.
         return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
                 "engine": Path(os.fspath(det.engine)).name, "kernel": det.kernel, "threshold": det.threshold_.image,
-                "threshold_source": det.threshold_.describe(), "model_id": det.model_id,
-                "signed": self.config.signed, "model_saved_at": self.saved_at, "dinopatch_version": __version__,
+                "threshold_source": det.threshold_.describe(), **version.describe(),
+                "signed": self.config.signed, "dinopatch_version": __version__,
                 "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
-                "max_batch": self.config.max_batch, "batch_wait_ms": self.config.batch_wait_ms,
-                "timeout_s": self.config.timeout_s, "max_bytes": self.config.max_bytes,
-                "max_pixels": self.config.max_pixels}
+                "max_models": self.config.max_models, "max_batch": self.config.max_batch,
+                "batch_wait_ms": self.config.batch_wait_ms, "timeout_s": self.config.timeout_s,
+                "max_bytes": self.config.max_bytes, "max_pixels": self.config.max_pixels}
 
     def ping(self) -> bool:
         return True
-
-
-class Gateway:
-    """The HTTP ingress: routes, size cap, deadline, retries on lost replicas, JSON answers."""
-
-    # A replica lost mid-request is replaced by Serve; the request goes to another one meanwhile.
-    ATTEMPTS = 3
-
-    def __init__(self, scorer, config: ServiceConfig):
-        self.scorer = scorer
-        self.config = config
-
-    async def __call__(self, request):
-        from starlette.responses import JSONResponse
-
-        t0 = time.perf_counter()
-        routes = {"/predict": ("POST", self._predict), "/health": ("GET", self._health),
-                  "/model": ("GET", self._model)}
-        path = request.url.path.rstrip("/") or "/"
-        try:
-            if path not in routes:
-                raise RequestError(404, f"no route {path}; use POST /predict, GET /health or GET /model")
-            method, handler = routes[path]
-            if path != "/health":
-                self._authorize(request)
-            if request.method != method:
-                raise RequestError(405, f"{path} takes {method}, got {request.method}")
-            status, body = await handler(request)
-        except RequestError as e:
-            status, body = e.status, {"error": e.message}
-        except Exception as e:  # a bug answers 500 and the service stays up
-            log.exception("request failed")
-            status, body = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
-        if path == "/predict" and status == 200:
-            body["latency_ms"] = (time.perf_counter() - t0) * 1e3
-        headers = {"Retry-After": "1"} if status == 503 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    def _authorize(self, request) -> None:
-        """401 unless the request carries the service's bearer token (when it has one)."""
-        want = self.config.token_sha256
-        if want is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(given.strip()), want):
-            raise RequestError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
-
-    async def _predict(self, request) -> tuple[int, dict]:
-        query = dict(request.query_params)
-        unknown = set(query) - {"shape", "mask", "timeout_s"}
-        if unknown:
-            raise RequestError(400, f"unknown query parameters {sorted(unknown)}; known: shape, mask, timeout_s")
-        mask = query.get("mask", "0").lower()
-        if mask not in ("0", "1", "true", "false"):
-            raise RequestError(400, f"mask must be 0 or 1, got {mask!r}")
-        timeout = self.config.timeout_s
-        if "timeout_s" in query:
-            try:
-                asked = float(query["timeout_s"])
-            except ValueError:
-                asked = float("nan")
-            if not asked > 0:
-                raise RequestError(400, f"timeout_s must be a positive number, got {query['timeout_s']!r}")
-            timeout = min(timeout, asked)
-        deadline = time.monotonic() + timeout
-        try:
-            body = await asyncio.wait_for(self._read_body(request), timeout)
-        except asyncio.TimeoutError:
-            raise RequestError(503, f"the body did not arrive within {timeout:g} s") from None
-        answer = await self._call(lambda: self.scorer.predict.remote(body, query.get("shape"), mask in ("1", "true")),
-                                  deadline, timeout)
-        return answer["status"], answer["body"]
-
-    async def _read_body(self, request) -> bytes:
-        cap = self.config.max_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise RequestError(413, f"body of {int(declared)} bytes exceeds the limit of {cap}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cap:
-                raise RequestError(413, f"body exceeds the limit of {cap} bytes")
-        return bytes(body)
-
-    async def _call(self, remote, deadline: float, timeout: float):
-        """Await ``remote()`` before ``deadline``; again on another replica when one dies meanwhile.
-
-        Raises:
-            RequestError: 503 when the deadline passes, the replicas keep
-                dying, or the scorers are overloaded.
-        """
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
-
-        for attempt in range(1, self.ATTEMPTS + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                return await asyncio.wait_for(remote(), left)
-            except asyncio.TimeoutError:
-                break
-            except BackPressureError as e:
-                raise RequestError(503, f"overloaded, try again: {e}") from None
-            except RayActorError as e:
-                log.warning("replica lost (attempt %d of %d): %s", attempt, self.ATTEMPTS, e)
-                if attempt == self.ATTEMPTS:
-                    raise RequestError(503, f"replicas lost {attempt} times in a row; try again") from None
-        raise RequestError(503, f"no answer within {timeout:g} s; try again")
-
-    async def _health(self, request) -> tuple[int, dict]:
-        timeout = min(5.0, self.config.timeout_s)
-        await self._call(lambda: self.scorer.ping.remote(), time.monotonic() + timeout, timeout)
-        return 200, {"status": "ok"}
-
-    async def _model(self, request) -> tuple[int, dict]:
-        timeout = self.config.timeout_s
-        return 200, await self._call(lambda: self.scorer.info.remote(), time.monotonic() + timeout, timeout)
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def is_loopback(host: str) -> bool:
@@ -351,43 +249,53 @@ def build_app(config: ServiceConfig):
     from ray import serve
 
     options = {"num_cpus": config.num_cpus}
+    gateway_options = {"num_cpus": 0}
     key = os.environ.get(KEY_ENV)
     if config.signed and key:
-        # Every replica verifies with the key of this deployment, on whichever node Ray starts it.
-        options["runtime_env"] = {"env_vars": {KEY_ENV: key}}
+        # The gateway checks each version and every replica verifies it with the key of this deployment,
+        # on whichever node Ray starts them.
+        options["runtime_env"] = gateway_options["runtime_env"] = {"env_vars": {KEY_ENV: key}}
     scorer = serve.deployment(
         Scorer, name="Scorer", num_replicas=config.replicas,
         ray_actor_options=options,
         # Enough requests in a replica to fill a batch while the previous one runs; beyond a few batches
         # per replica waiting, a flood is answered 503 at once instead of holding bodies until the deadline.
         max_ongoing_requests=2 * config.max_batch, max_queued_requests=8 * config.max_batch * config.replicas,
-        # A replica that cannot load its model fails the deployment quickly instead of retrying for minutes.
+        # A replica that cannot start fails the deployment quickly instead of retrying for minutes.
         max_constructor_retry_count=2,
         # A lost replica is noticed in seconds (the check runs beside the scoring, not behind it).
         health_check_period_s=2)
-    gateway = serve.deployment(Gateway, name="Gateway", ray_actor_options={"num_cpus": 0},
+    # One gateway: it holds the model versions in service and the service's counts.
+    # On the head node, which lives as long as the cluster: losing a worker node loses scorers, never the
+    # versions in service (their bytes belong to the gateway) nor the counts.
+    gateway_options["resources"] = {HEAD_NODE: 0.001}
+    gateway = serve.deployment(Gateway, name="Gateway", ray_actor_options=gateway_options,
                                max_ongoing_requests=16 * config.max_batch * config.replicas)
     return gateway.bind(scorer.bind(config), config)
 
 
-def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start Ray Serve's HTTP proxy and run the application on the Ray that is connected; its URL.
+def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, proxies: str = "EveryNode") -> str:
+    """Start Ray Serve's HTTP proxies and run the application on the Ray that is connected; its URL.
+
+    ``proxies``: ``"EveryNode"`` (each machine of a cluster answers on ``host:port``) or ``"HeadOnly"``
+    (one proxy: nodes that share a machine, as in tests, would otherwise claim one port twice).
 
     The proxy's own request timeout is a backstop a little after the
     gateway's deadline (it answers 408, and clients can lift it with a header).
     """
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": config.timeout_s + 10})
+    serve.start(proxy_location=proxies,
+                http_options={"host": host, "port": int(port), "request_timeout_s": config.timeout_s + 10})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 
-def check_model(config: ServiceConfig):
-    """The detector of ``config`` loaded here (bank and settings, no engine yet), or SystemExit saying why not.
+def check_models(config: ServiceConfig) -> None:
+    """Load every model of ``config`` here (bank and settings, no engine yet), or SystemExit saying which and why.
 
-    Run where the command starts, so that a wrong path fails in a second
-    instead of after Ray has started replicas that cannot load it.
+    Run where the command starts, so that a wrong file fails in a second
+    instead of after Ray has started a gateway that cannot check it.
     """
     from .detector import DinoPatch
     from .modelfile import ModelFileError
@@ -395,18 +303,25 @@ def check_model(config: ServiceConfig):
     if config.engine.endswith(".onnx") and not Path(config.engine).is_file():
         raise SystemExit(f"dinopatch: {config.engine}: no such ONNX export "
                          "(make one with `python -m dinopatch export`)")
-    try:
-        return DinoPatch.load(config.model, engine=config.engine, kernel=config.kernel, progress=False)
-    except (ModelFileError, ValueError) as e:
-        raise SystemExit(f"dinopatch: {e}") from None
+    for path in config.files.values():
+        try:
+            DinoPatch.load(path, engine=config.engine, kernel=config.kernel, progress=False)
+        except (ModelFileError, ValueError) as e:
+            raise SystemExit(f"dinopatch: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dinopatch serve``: run the service until Ctrl-C or SIGTERM."""
     defaults = ServiceConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m dinopatch serve",
-                                description="Serve a DinoPatch model over HTTP with Ray Serve.")
-    p.add_argument("-m", "--model", required=True, help="model file (on every node of a cluster)")
+                                description="Serve DinoPatch models over HTTP with Ray Serve.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model files, or folders of them (*.npz); each is "
+                   "served as POST /predict/{its file name without .npz}")
+    p.add_argument("-m", "--model", action="append", default=[], help="a model file (as MODEL; may repeat)")
+    p.add_argument("--max-models", type=int, default=defaults["max_models"].default,
+                   help="models a replica keeps loaded; beyond, the least recently used is dropped")
+    p.add_argument("--poll-s", type=float, default=defaults["poll_s"].default,
+                   help="how often the model files are looked at: a changed file is checked and swapped in")
     p.add_argument("--replicas", type=int, default=defaults["replicas"].default, help="scorer replicas")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxies listen on (0.0.0.0: all; "
                    "a host that is not loopback needs a token)")
@@ -438,13 +353,17 @@ def main(argv: list[str] | None = None) -> int:
               f"set {TOKEN_ENV} or give --token-file", file=sys.stderr)
         return 2
     try:
-        config = ServiceConfig(model=args.model, engine=args.engine, kernel=args.kernel, replicas=args.replicas,
+        config = ServiceConfig(models=args.models + args.model, engine=args.engine, kernel=args.kernel,
+                               replicas=args.replicas,
                                num_cpus=args.num_cpus, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                timeout_s=args.timeout_s, max_bytes=int(args.max_mb * 2**20),
-                               max_pixels=args.max_pixels, token=token)
+                               max_pixels=args.max_pixels, token=token, max_models=args.max_models,
+                               poll_s=args.poll_s)
+    except CatalogError as e:
+        raise SystemExit(f"dinopatch: {e}") from None
     except ValueError as e:
         p.error(str(e))
-    check_model(config)
+    check_models(config)
 
     import ray
     from ray import serve
@@ -458,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         url = deploy(config, args.host, args.port)
-        print(f"serving {config.model} at {url} with {config.replicas} replica(s): POST /predict, GET /health, "
-              f"GET /model; Ctrl-C stops", flush=True)
+        print(f"serving {', '.join(config.files)} at {url} with {config.replicas} replica(s): "
+              "POST /predict/{name}, GET /models, GET /metrics, GET /health; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

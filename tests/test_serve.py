@@ -43,7 +43,7 @@ def service(onnx_model):
     from ray import serve
 
     model, onnx = onnx_model
-    config = ServiceConfig(model=model, engine=str(onnx), replicas=2, max_batch=8, batch_wait_ms=10,
+    config = ServiceConfig(models=model, engine=str(onnx), replicas=2, max_batch=8, batch_wait_ms=10,
                            timeout_s=TIMEOUT_S, max_bytes=1 << 20, max_pixels=4_000_000, token=TOKEN)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -171,15 +171,18 @@ def test_damaged_files_raise_only_request_errors():
 def test_config_refuses_torch_and_nonsense(onnx_model, tmp_path, monkeypatch):
     model, onnx = onnx_model
     monkeypatch.chdir(tmp_path)
-    relative = ServiceConfig(model="screw.npz", engine="backbone.onnx")  # replicas start elsewhere
-    assert (relative.model, relative.engine) == (str(tmp_path / "screw.npz"), str(tmp_path / "backbone.onnx"))
+    (tmp_path / "screw.npz").write_bytes(b"")
+    relative = ServiceConfig(models="screw.npz", engine="backbone.onnx")  # replicas start elsewhere
+    assert relative.files == {"screw": str(tmp_path / "screw.npz")}
+    assert relative.engine == str(tmp_path / "backbone.onnx")
     for engine in ("torch", "auto", "onnx:int4"):
         with pytest.raises(ValueError, match="without torch"):
-            ServiceConfig(model=model, engine=engine)
+            ServiceConfig(models=model, engine=engine)
     for bad in ({"replicas": 0}, {"replicas": 1.5}, {"max_batch": 0}, {"max_bytes": "1"}, {"max_bytes": 0},
-                {"timeout_s": 0}, {"timeout_s": float("inf")}, {"batch_wait_ms": -1}, {"num_cpus": -1}):
+                {"timeout_s": 0}, {"timeout_s": float("inf")}, {"batch_wait_ms": -1}, {"num_cpus": -1},
+                {"max_models": 0}, {"poll_s": 0}):
         with pytest.raises(ValueError):
-            ServiceConfig(model=model, engine=str(onnx), **bad)
+            ServiceConfig(models=model, engine=str(onnx), **bad)
 
 
 def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
@@ -193,6 +196,13 @@ def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
     with pytest.raises(SystemExit):
         main(["-m", str(model), "--engine", "torch"])
     assert "without torch" in capsys.readouterr().err
+    # Models: files and folders, one name each, at least one.
+    (tmp_path / "line").mkdir()
+    (tmp_path / "line" / "screw.npz").write_bytes(open(model, "rb").read())
+    with pytest.raises(SystemExit, match="two model files are named 'screw'"):
+        main([str(tmp_path / "line"), str(model), "--engine", str(onnx)])
+    with pytest.raises(SystemExit, match="no model files given"):
+        main(["--engine", str(onnx)])
     assert not ray.is_initialized()
 
 
@@ -212,24 +222,26 @@ def test_a_host_that_is_not_loopback_needs_a_token(onnx_model, tmp_path, capsys,
 
 
 def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_model, tmp_path, monkeypatch):
-    from dinopatch.modelfile import ModelFileError
+    from dinopatch.catalog import CatalogError, ModelCatalog, load_bytes
 
     model, onnx = onnx_model
     det = DinoPatch.load(model)
     monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
     signed = det.save(tmp_path / "signed.npz")  # signed with k1
-    config = ServiceConfig(model=signed, engine=str(onnx))
+    config = ServiceConfig(models=signed, engine=str(onnx))
     assert config.signed
-    scorer = build_app(config)._bound_deployment.init_args[0]._bound_deployment
-    assert scorer.ray_actor_options["runtime_env"] == {"env_vars": {"DINOPATCH_MODEL_KEY": "k1"}}
+    gateway = build_app(config)._bound_deployment
+    scorer = gateway.init_args[0]._bound_deployment
+    for deployment in (gateway, scorer):
+        assert deployment.ray_actor_options["runtime_env"] == {"env_vars": {"DINOPATCH_MODEL_KEY": "k1"}}
     # A replica started where the key is missing cannot verify: it refuses instead of loading unchecked.
     monkeypatch.delenv("DINOPATCH_MODEL_KEY")
     with pytest.raises(RuntimeError, match="cannot verify the model and refuses to start"):
         Scorer(config)
-    # With the key, an unsigned (perhaps edited) model is refused too.
+    # With the key, the gateway's check refuses an unsigned (perhaps edited) model.
     monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
-    with pytest.raises(ModelFileError, match="not signed"):
-        Scorer(ServiceConfig(model=model, engine=str(onnx)))
+    with pytest.raises(CatalogError, match="not signed"):
+        ModelCatalog({"screw": str(model)}, lambda data: load_bytes(data, engine=str(onnx)).model_id)
 
 
 def test_record_is_strict_json(reference):
@@ -247,12 +259,13 @@ def test_health_and_model(service, reference):
     url, config = service
     assert call(url, "/health") == (200, {"status": "ok"})
     status, info = call(url, "/model")
-    assert status == 200
+    assert status == 200, info
     assert (info["backbone"], info["image_size"], info["engine"]) == ("dinov2_vits14", 112, "backbone.onnx")
     assert info["dinopatch_version"] and not any("/" in str(v) for v in info.values())  # never a path
     assert info["threshold"] == pytest.approx(reference.threshold_.image)
     assert info["threshold_source"] == reference.threshold_.describe() and info["model_id"] == reference.model_id
     assert info["replicas"] == 2 and info["max_batch"] == 8
+    assert (info["name"], info["version"]) == ("screw", 1)
     # The replicas run without torch: the ONNX engine and nothing that imports it.
     assert info["torch_imported"] is False
 
@@ -419,7 +432,8 @@ def test_killed_replicas_no_hang_and_recovery(service):
     assert any(t0 < t_kill < t1 for t0, t1, _ in answers)  # requests were in flight
     # Both replicas are replaced, not revived.
     t_wait = time.monotonic()
-    while _running_scorers() < 2 and time.monotonic() - t_wait < 60:
+    # (Serve's status and Ray's list of named actors are read apart: wait for both to show the new pair.)
+    while (_running_scorers() < 2 or len(_scorer_replicas()) < 2) and time.monotonic() - t_wait < 60:
         time.sleep(0.5)
     assert _running_scorers() == 2
     assert len(_scorer_replicas()) == 2 and not set(killed) & set(_scorer_replicas())

@@ -5,9 +5,12 @@ In the group ``scale``, which runs only when named (it starts Ray).
 One scorer replica holds all the CPUs (as the in-process detector does);
 clients send PNG frames over HTTP from threads of this process, which
 therefore share the CPUs with the service, as an on-line camera PC would.
-Rows: in-process ``predict`` one frame a call and ``--batch`` frames a
-call, then 1, 4 and 8 concurrent clients, measured round robin (8 frames
-each way a round, ``--repeats`` rounds after one to warm up).
+The service holds four models of the same backbone (fitted on different
+good frames), as a line with several part numbers would.  Rows: in-process
+``predict`` one frame a call and ``--batch`` frames a call, then 1, 4 and 8
+concurrent clients all on one model, then 4 clients each on its own model
+(four batch queues in the one replica), measured round robin (8 frames each
+way a round, ``--repeats`` rounds after one to warm up).
 ``ms_per_image`` is the median latency of a call or request (p50);
 ``images_s`` counts frames per second of wall time.
 """
@@ -29,6 +32,8 @@ import numpy as np
 from ..registry import stage
 
 CLIENTS = (1, 4, 8)
+# Models the service holds; the last row sends each client to its own.
+MODELS = 4
 
 
 def _row(method: str, seconds: list[float], images_s: float, **extra) -> dict:
@@ -39,13 +44,17 @@ def _row(method: str, seconds: list[float], images_s: float, **extra) -> dict:
 
 
 def _post(url: str, body: bytes) -> dict:
-    req = urllib.request.Request(url + "/predict", data=body, method="POST")
+    req = urllib.request.Request(url, data=body, method="POST")
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
 
-def _clients(url: str, bodies: list[bytes], clients: int, per_client: int) -> tuple[list[float], float, int, list[int]]:
-    """Latencies, wall seconds, frames and batch sizes of ``clients`` threads sending ``per_client`` frames each."""
+def _clients(urls: list[str], bodies: list[bytes], clients: int,
+             per_client: int) -> tuple[list[float], float, int, list[int]]:
+    """Latencies, wall seconds, frames and batch sizes of ``clients`` threads sending ``per_client`` frames each.
+
+    Client ``c`` sends to ``urls[c % len(urls)]`` (one model's route each).
+    """
     lat: list[float] = []
     batches: list[int] = []
     lock = threading.Lock()
@@ -53,7 +62,7 @@ def _clients(url: str, bodies: list[bytes], clients: int, per_client: int) -> tu
     def run(c: int):
         for k in range(per_client):
             t0 = time.perf_counter()
-            rec = _post(url, bodies[(c + k) % len(bodies)])
+            rec = _post(urls[c % len(urls)], bodies[(c + k) % len(bodies)])
             with lock:
                 lat.append(time.perf_counter() - t0)
                 batches.append(rec["batch"])
@@ -96,7 +105,7 @@ class _Tally:
 
 @stage("serve", groups=("scale",))
 def bench_serve(args) -> list[dict]:
-    """HTTP throughput and p50 / p99 latency at 1, 4 and 8 clients beside in-process predict."""
+    """HTTP throughput and p50 / p99 latency at 1, 4 and 8 clients on one model and 4 on four, beside predict."""
     try:
         import ray
         from ray import serve
@@ -114,15 +123,20 @@ def bench_serve(args) -> list[dict]:
     per_round = 8  # frames each way of scoring takes per round
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        det = DinoPatch(backbone=args.backbone, weights="random", image_size=args.image_size, engine="torch",
-                        batch_size=args.batch, progress=False).fit(make_images("screw", "good", args.bank, seed=1))
-        model = det.save(Path(tmp) / "bench.npz")
+        folder = Path(tmp) / "models"
+        folder.mkdir()
+        for m in range(MODELS):
+            det = DinoPatch(backbone=args.backbone, weights="random", image_size=args.image_size, engine="torch",
+                            batch_size=args.batch, progress=False).fit(make_images("screw", "good", args.bank,
+                                                                                   seed=1 + m))
+            det.save(folder / f"part{m}.npz")
+        model = folder / "part0.npz"
         onnx = export_onnx(det.backbone, "random", det.image_size, out=Path(tmp) / "backbone.onnx", seed=det.seed)
         peer = DinoPatch.load(model, engine=str(onnx), batch_size=args.batch, progress=False)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         try:
-            config = ServiceConfig(model=model, engine=str(onnx), replicas=1, num_cpus=cpus, max_batch=args.batch,
-                                   timeout_s=600)
+            config = ServiceConfig(models=folder, engine=str(onnx), replicas=1, num_cpus=cpus, max_batch=args.batch,
+                                   max_models=MODELS, timeout_s=600)
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
@@ -130,9 +144,13 @@ def bench_serve(args) -> list[dict]:
             ways = {"in-process predict, 1 frame a call": lambda: _in_process(peer, frames[:per_round], 1),
                     f"in-process predict, {args.batch} frames a call":
                         lambda: _in_process(peer, frames[:per_round], args.batch)}
+            one = [f"{url}/predict/part0"]
             for c in CLIENTS:
-                ways[f"HTTP, {c} client{'s' if c > 1 else ''}"] = \
-                    lambda c=c: _clients(url, bodies, c, max(1, per_round // c))
+                ways[f"HTTP, {c} client{'s' if c > 1 else ''}, 1 model"] = \
+                    lambda c=c: _clients(one, bodies, c, max(1, per_round // c))
+            each = [f"{url}/predict/part{m}" for m in range(MODELS)]
+            ways[f"HTTP, {MODELS} clients, {MODELS} models"] = \
+                lambda: _clients(each, bodies, MODELS, max(1, per_round // MODELS))
             tallies = {name: _Tally() for name in ways}
             # Round robin, so that a noisy neighbour slows every way alike; the first round warms up.
             for r in range(max(1, args.repeats) + 1):

@@ -1,0 +1,102 @@
+"""The models one scorer replica holds: loaded on first use, the least recently used dropped beyond a budget.
+
+Each loaded model has its own dynamic batch (images of one model are scored
+together, never with another model's).  A request names the version of the
+:mod:`dinopatch.catalog` it is for; a replica holding an older version of
+that name loads the new one beside it (fetch, check, warm up the engine)
+and only then puts it in the old one's place.  Requests already queued on
+the old one are scored by it: their batch holds it until they are answered.
+A request naming an older version than the one held is scored by the newer
+(the catalog has moved on); every answer names the model id that judged it.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+
+from .catalog import ModelVersion
+from .records import score_images
+
+
+class LoadedModel:
+    """One version of one model, ready to score: the detector and its batch queue.
+
+    Args:
+        version: the catalog's version this detector was loaded from.
+        det: the loaded :class:`dinopatch.DinoPatch`, engine warmed up.
+        batch: a decorator turning ``async f(items) -> list`` into a batching ``async f(item)``
+            (Ray Serve's ``serve.batch`` with the service's sizes).
+    """
+
+    def __init__(self, version: ModelVersion, det, batch: Callable):
+        self.version, self.det = version, det
+        self.predict = batch(self._predict_batch)
+
+    async def _predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[dict]:
+        """Score the queued images of this model together; each record says how many there were."""
+        images = [im for im, _ in items]
+        # Off the event loop, so that requests keep queueing (and health checks answer) meanwhile.
+        records = await asyncio.to_thread(score_images, self.det, images, any(m for _, m in items))
+        out = []
+        for (_, want_mask), rec in zip(items, records):
+            if not want_mask:
+                rec.pop("mask_png", None)
+            out.append(dict(rec, batch=len(items), model_version=self.version.number))
+        return out
+
+
+class LoadedModels:
+    """Name to :class:`LoadedModel`, at most ``max_models`` of them, least recently used dropped first.
+
+    Args:
+        load: ``load(version) -> DinoPatch``, the detector of a version (fetches its bytes, checks them,
+            warms up the engine); runs in a worker thread.
+        batch: the batching decorator each model's queue gets.
+        max_models: how many models this replica keeps loaded.
+    """
+
+    def __init__(self, load: Callable[[ModelVersion], Any], batch: Callable, max_models: int):
+        if max_models < 1:
+            raise ValueError(f"max_models must be >= 1, got {max_models}")
+        self._load, self._batch, self.max_models = load, batch, max_models
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.loads = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    def names(self) -> list[str]:
+        """Loaded names, least recently used first."""
+        return list(self._models)
+
+    async def get(self, version: ModelVersion) -> LoadedModel:
+        """The loaded model for ``version``'s name, at that version or a newer one; loaded if need be."""
+        held = self._fresh(version)
+        if held is not None:
+            return held
+        # One load per name at a time: requests arriving meanwhile wait for it instead of loading again.
+        lock = self._locks.setdefault(version.name, asyncio.Lock())
+        async with lock:
+            held = self._fresh(version)
+            if held is not None:
+                return held
+            det = await asyncio.to_thread(self._load, version)
+            model = LoadedModel(version, det, self._batch)
+            self.loads += 1
+            self._models[version.name] = model
+            self._models.move_to_end(version.name)
+            while len(self._models) > self.max_models:
+                # Requests queued on the dropped model still finish: its batch holds it.
+                self._models.popitem(last=False)
+            return model
+
+    def _fresh(self, version: ModelVersion) -> LoadedModel | None:
+        held = self._models.get(version.name)
+        if held is None or version.newer_than(held.version):
+            return None
+        self._models.move_to_end(version.name)
+        return held
