@@ -94,9 +94,9 @@ def test_every_flag_of_the_table_is_on_fit_and_run_time_ones_on_predict_and_the_
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), (module.__name__, text)
     # The service offers the registry's torch-free engines, OpenVINO included.
-    assert serve.ServiceConfig(model="m.npz", engine="openvino:fp32").engine == "openvino:fp32"
+    assert serve.ServiceConfig(models="m.npz", engine="openvino:fp32").engine == "openvino:fp32"
     with pytest.raises(ValueError, match="without torch"):
-        serve.ServiceConfig(model="m.npz", engine="torch:fp32")
+        serve.ServiceConfig(models="m.npz", engine="torch:fp32")
 
 
 def test_device_is_checked_at_fit_with_a_clear_error():
