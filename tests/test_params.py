@@ -79,7 +79,7 @@ def test_unknown_parameter_in_a_model_file_is_refused(fitted_file, tmp_path):
         load_detector(_with_params(fitted_file, tmp_path, lambda p: p.update(halo=1)), {})
 
 
-def test_every_flag_of_the_table_is_on_fit_and_run_time_ones_on_predict_and_the_services(capsys):
+def test_every_flag_of_the_table_is_on_fit_and_run_time_ones_on_predict_and_the_services(capsys, tmp_path):
     from dinopatch import archive, serve
 
     subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -93,10 +93,12 @@ def test_every_flag_of_the_table_is_on_fit_and_run_time_ones_on_predict_and_the_
             module.main(["-h"])
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), (module.__name__, text)
-    # The service offers the registry's torch-free engines, OpenVINO included.
-    assert serve.ServiceConfig(models="m.npz", engine="openvino:fp32").engine == "openvino:fp32"
+    # The service offers the registry's torch-free engines, OpenVINO included (the file is only looked up here).
+    model = tmp_path / "m.npz"
+    model.touch()
+    assert serve.ServiceConfig(models=str(model), engine="openvino:fp32").engine == "openvino:fp32"
     with pytest.raises(ValueError, match="without torch"):
-        serve.ServiceConfig(models="m.npz", engine="torch:fp32")
+        serve.ServiceConfig(models=str(model), engine="torch:fp32")
 
 
 def test_device_is_checked_at_fit_with_a_clear_error():
