@@ -10,7 +10,9 @@ bytes hash to it.  Needs ``nncf`` only to make the graph, not to run it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -46,8 +48,11 @@ def quantize(model, frames: np.ndarray, positions: np.ndarray, image_size: int, 
 
     x = preprocess(frames, image_size, mean, std)
     items = [{"images": x[i:i + 1], "positions": positions} for i in range(len(x))]
-    quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(items))
+    # NNCF draws its own progress bars on stdout whatever the caller's progress setting, and wider than a
+    # terminal of 100 columns; the engine measurement around this call says what is happening.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(items))
     out = folder()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".quantize-") as tmp:
