@@ -30,35 +30,12 @@ class DinoPatch(EstimatorMixin):
     once, with its type, range and default, in :data:`dinopatch.params.PARAMS`
     (``python -m dinopatch fit -h`` lists them too).
 
-    Args:
-        backbone: a key of :data:`dinopatch.backbone.BACKBONES`.
-        weights: ``"pretrained"``, ``"random"``, ``"random-blocks"`` (seeded; every block matters) or a checkpoint.
-        image_size: backbone input side in pixels (multiple of 14); also the canonical frame's side.
-        align: align parts to a canonical pose; False for fixtured parts and flat textures.
-        engine: a name of :data:`dinopatch.backbone.ENGINES` or a path to an ``.onnx`` export.
-        kernel: distance kernel backend, one of :data:`dinopatch.kernels.BACKENDS` or ``"auto"``.
-        seed: seeds random weights, the fold plan and auto's pasted defects.
-        layers: average the patch tokens of the last ``layers`` blocks.
-        coreset_ratio: fraction of nominal rows kept per location.
-        tolerance: the bank's tolerance in grid steps, ``"map"`` (one per location, :mod:`.tolerance`) or ``"auto"``.
-        match: ``"local"``, ``"global"``, ``"local+global"`` (:mod:`.bank`) or ``"auto"``.
-        bank_dtype: ``"float32"`` or ``"float16"`` bank storage.
-        sigma, score, topk, morph_kernel: post-processing (:class:`~.postprocess.PostProcess`).  Every
-            ``"auto"`` is chosen at fit from the nominal images alone (:mod:`.autotune`; see :attr:`auto_`).
-        calibration: ``"cv"`` (each image held out by the fold plan, :mod:`.calibration`) or a fraction.
-        false_alarm_rate: the rate of good parts flagged that the threshold promises (conformal; 0: their maximum).
-        threshold: a threshold to use instead of calibrating one.
-        mirror: parts can lie on either face (alignment resolves mirroring).
-        foreground: run the backbone on the part's region only (:mod:`.foreground`): True, False or "auto".
-        batch_size: images per backbone call.
-        progress: show progress bars.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU named that is not there fails at fit or load.
-        outliers: ``"drop"`` (from bank and threshold), ``"keep"`` or ``"error"``: good images with no part,
-            duplicates, held-out scores far above the rest (:mod:`.goodset`; see :attr:`fit_report_`).
-        size_tolerance: smallest half-width of the nominal size range of aligned parts (0.03: 0.97-1.03
-            of the good parts' median size); a part outside the range is an anomaly. Widen it where the
-            camera's distance varies.
-        keep_parts: keep the good parts in the model file, so that :meth:`update` can fit on them again.
+    In short: the ``backbone`` and its ``weights`` at ``image_size``; whether to ``align`` parts (and
+    ``mirror``, ``size_tolerance``); the ``engine``, ``kernel``, ``device``, ``batch_size`` it runs on; the
+    memory (``layers``, ``coreset_ratio``, ``tolerance``, ``match``, ``bank_dtype``, ``foreground``); the
+    post-processing (``sigma``, ``score``, ``topk``, ``morph_kernel``); the threshold (``calibration``,
+    ``false_alarm_rate``, or a given ``threshold``); the good set's check (``outliers``) and ``keep_parts``
+    for :meth:`update`.  Every ``"auto"`` is chosen at fit from the good images alone (:attr:`auto_`).
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
