@@ -18,6 +18,7 @@ import time
 
 from .catalog import CatalogError, ModelCatalog, ModelVersion, load_bytes
 from .request_images import RequestError
+from .serve_drift import ServiceDrift
 from .serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .serve_metrics import ServiceMetrics
 
@@ -41,12 +42,14 @@ class Gateway:
 
         self.scorer = scorer
         self.config = config
+        # The check keeps each version's drift reference; a monitor per model follows the parts answered.
+        self.drift = ServiceDrift()
         # Each version's bytes in the object store: replicas on any node fetch them from there.
-        self.catalog = ModelCatalog(config.files, lambda data: load_bytes(data, **config.runtime).model_id,
+        self.catalog = ModelCatalog(config.files, lambda data: self.drift.know(load_bytes(data, **config.runtime)),
                                     put=ray.put)
         self.metrics = ServiceMetrics(self.catalog.names)
         for name in self.catalog.names:
-            self.metrics.in_service(name, self.catalog.current(name).number)
+            self._in_service(self.catalog.current(name))
         self._watcher: asyncio.Task | None = None
 
     async def __call__(self, request):
@@ -137,6 +140,9 @@ class Gateway:
         answer = await self._call(
             lambda: self.scorer.predict.remote(version, body, query.get("shape"), mask in ("1", "true")),
             deadline, timeout)
+        if answer["status"] == 200:
+            self.drift.answer(version.name, answer["body"])
+            self.metrics.drift(version.name, self.drift.monitor(version.name))
         return answer["status"], answer["body"]
 
     async def _read_body(self, request) -> bytes:
@@ -188,7 +194,7 @@ class Gateway:
         return 200, await self._call(lambda: self.scorer.info.remote(version), time.monotonic() + timeout, timeout)
 
     async def _models(self, request, name) -> tuple[int, dict]:
-        return 200, {"models": self.catalog.listing()}
+        return 200, {"models": [dict(m, drift=self.drift.state(m["name"])) for m in self.catalog.listing()]}
 
     async def _metrics(self, request, name) -> tuple[int, dict]:
         return 200, {}
@@ -213,8 +219,14 @@ class Gateway:
         if version is not before:
             log.info("%s: version %d (model %s) in service", name, version.number, version.model_id)
             self.metrics.swapped(name, True)
-            self.metrics.in_service(name, version.number)
+            self._in_service(version)
         return version
+
+    def _in_service(self, version: ModelVersion) -> None:
+        """Count ``version`` as in service, with a fresh drift monitor (its reference is the new file's)."""
+        self.drift.start(version.name, version.number, version.model_id)
+        self.metrics.in_service(version.name, version.number)
+        self.metrics.drift(version.name, self.drift.monitor(version.name))
 
     async def _watch(self) -> None:
         """Swap in each model file that changes, every ``poll_s``, for as long as the service runs."""

@@ -39,7 +39,8 @@ class LoadedModel:
         """Score the queued images of this model together; each record says how many there were."""
         images = [im for im, _ in items]
         # Off the event loop, so that requests keep queueing (and health checks answer) meanwhile.
-        records = await asyncio.to_thread(score_images, self.det, images, any(m for _, m in items))
+        # With each part's drift statistics: the gateway keeps the model's drift monitor, but not the images.
+        records = await asyncio.to_thread(score_images, self.det, images, any(m for _, m in items), True)
         out = []
         for (_, want_mask), rec in zip(items, records):
             if not want_mask:

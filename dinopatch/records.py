@@ -23,6 +23,8 @@ import os
 import cv2
 import numpy as np
 
+from .drift import part_statistics
+
 # Every record has these keys, in this order.
 FIELDS = ("path", "score", "p_value", "is_anomaly", "aligned", "reason", "threshold", "threshold_source",
           "model_id", "engine", "latency_ms", "defect_area_px", "defect_regions", "defect_boxes", "error")
@@ -130,25 +132,30 @@ def _finite_or_none(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def score_images(det, images: list[np.ndarray], masks: bool = False) -> list[dict]:
+def score_images(det, images: list[np.ndarray], masks: bool = False, statistics: bool = False) -> list[dict]:
     """The :mod:`dinopatch.records` record of each image, scored together; one that fails gets its error record.
 
     Args:
         det: a fitted :class:`dinopatch.DinoPatch`.
         images: uint8 images, as :func:`dinopatch.data.load_image` returns them.
         masks: add ``mask_png``, the defect mask as a base64 PNG (0/255).
+        statistics: add ``drift: {"statistics": ...}``, the part's :func:`dinopatch.drift.part_statistics`
+            (None for a part the aligner could not place), for a drift monitor kept elsewhere.
     """
     try:
         results = det.predict(images)
     except Exception as e:  # noqa: BLE001  (one bad image must not sink the others: they go one by one)
         if len(images) == 1:
             return [error_record(e, det)]
-        return [rec for im in images for rec in score_images(det, [im], masks)]
-    return [_record(r, det, masks) for r in results]
+        return [rec for im in images for rec in score_images(det, [im], masks, statistics)]
+    return [_record(r, det, masks, im if statistics else None) for r, im in zip(results, images)]
 
 
-def _record(result, det, masks: bool) -> dict:
+def _record(result, det, masks: bool, image: np.ndarray | None = None) -> dict:
     rec = result_record(result, det)
+    if image is not None:
+        stats = part_statistics(image, result.alignment, det.image_size) if result.aligned else None
+        rec["drift"] = {"statistics": stats}
     if masks:
         _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
         rec["mask_png"] = base64.b64encode(png.tobytes()).decode("ascii")

@@ -17,9 +17,10 @@ HTTP (``{name}`` is a model file's name without ``.npz``):
   size); ``timeout_s=T`` shortens the server's deadline for this request.
   Answers ``score``, ``is_anomaly``, ``aligned``, ``reason``, ``threshold``,
   ``threshold_source``, ``model``, ``model_id`` and ``model_version`` (the version that judged the image),
-  ``latency_ms`` and ``batch`` (how many images were scored together).  A non-finite score or threshold
-  is ``null``.
-- ``GET /models``: each model's name, id, version number, SHA-256 and file time; never a path.
+  ``latency_ms``, ``batch`` (how many images were scored together) and ``drift`` (``{"flag", "reason"}``:
+  the drift monitor of the model's version in service, :mod:`dinopatch.serve_drift`).  A non-finite
+  score or threshold is ``null``.
+- ``GET /models``: each model's name, id, version number, SHA-256, file time and drift state; never a path.
 - ``GET /model/{name}`` (``/model`` with one model): model id and version, DinoPatch version, threshold and
   its source, backbone, image size, engine name and the service's limits; never a path of the serving machine.
 - ``POST /models/{name}/reload``: check the model file now and swap it in (422, and the old version stays,

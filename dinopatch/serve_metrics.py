@@ -12,6 +12,10 @@ series):
 - ``dinopatch_batch_images{model}``: histogram of how many images were scored together with each one.
 - ``dinopatch_model_version{model}``: the version number now in service (1 at start, +1 per swap).
 - ``dinopatch_model_swaps_total{model,result}``: swaps ``done``, and new files ``refused`` by their checks.
+- ``dinopatch_drift_flag{model}``: 1 while the drift flag of the version in service is up (a swap lowers it).
+- ``dinopatch_drift_flags_total{model}``: how many times the flag rose.
+- ``dinopatch_drift_cusum{model,chart}``: each CUSUM chart's sum (``chart``: a statistic and its direction,
+  as ``brightness-``: a fixed set); the chart over ``dinopatch.drift.H`` is the one that raised the flag.
 
 The counts live in the service's gateway process (one per service); a
 Prometheus server scrapes them with the service's bearer token.
@@ -43,6 +47,7 @@ class ServiceMetrics:
 
         self.registry = CollectorRegistry()
         self.names = set(names)
+        self._flagged: set[str] = set()
         self.requests = Counter("dinopatch_requests", "Requests answered, by HTTP status", ["model", "status"],
                                 registry=self.registry)
         self.errors = Counter("dinopatch_errors", "Requests answered 4xx or 5xx", ["model", "status"],
@@ -57,7 +62,14 @@ class ServiceMetrics:
                              registry=self.registry)
         self.swaps = Counter("dinopatch_model_swaps", "Model files swapped in or refused", ["model", "result"],
                              registry=self.registry)
+        self.drift_flag = Gauge("dinopatch_drift_flag", "1 while the drift flag is up", ["model"],
+                                registry=self.registry)
+        self.drift_flags = Counter("dinopatch_drift_flags", "Drift flags raised", ["model"], registry=self.registry)
+        self.drift_cusum = Gauge("dinopatch_drift_cusum", "CUSUM sum of each drift chart", ["model", "chart"],
+                                 registry=self.registry)
         for name in names:
+            self.drift_flag.labels(name)
+            self.drift_flags.labels(name)
             for v in ("good", "anomaly", "unaligned"):
                 self.verdicts.labels(name, v)
             self.latency.labels(name)
@@ -84,6 +96,19 @@ class ServiceMetrics:
 
     def swapped(self, name: str, done: bool) -> None:
         self.swaps.labels(self._label(name), "done" if done else "refused").inc()
+
+    def drift(self, name: str, monitor) -> None:
+        """Show ``monitor`` (the :class:`dinopatch.drift.Monitor` of ``name``'s version in service)."""
+        model = self._label(name)
+        if monitor.flag and model not in self._flagged:
+            self.drift_flags.labels(model).inc()
+        # A fresh monitor (a swap) starts with the flag down: the next rise counts again.
+        self._flagged.discard(model)
+        if monitor.flag:
+            self._flagged.add(model)
+        self.drift_flag.labels(model).set(int(monitor.flag))
+        for chart, total in monitor.summary()["cusum"].items():
+            self.drift_cusum.labels(model, chart).set(total)
 
     def text(self) -> bytes:
         """The Prometheus text exposition of every series."""

@@ -151,6 +151,49 @@ def test_metrics_count_per_model_and_never_invent_series():
     assert list(text_string_to_metric_families(m.text().decode()))
 
 
+def test_a_swap_starts_a_fresh_drift_monitor_and_the_metrics_count_each_rise():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dinopatch.drift import STATISTICS, Reference
+    from dinopatch.serve_drift import ServiceDrift
+
+    rng = np.random.default_rng(3)
+    ref = Reference(STATISTICS, np.array([195.0, 34.0, 1.0]) + rng.standard_normal((20, 3)))
+    model = SimpleNamespace(drift=ref, threshold=SimpleNamespace(scores=2.5 + 0.1 * rng.standard_normal(20)))
+    drift, m = ServiceDrift(), ServiceMetrics(["a"])
+    for model_id in ("v1", "v2"):
+        assert drift.know(SimpleNamespace(model_id=model_id, model_=model)) == model_id
+    drift.start("a", 1, "v1")
+
+    def part(version: int, brightness: float) -> dict:
+        body = {"score": 2.5, "aligned": True, "is_anomaly": False, "error": None, "model_version": version,
+                "model_id": f"v{version}", "drift": {"statistics": dict(zip(STATISTICS, (brightness, 34.0, 1.0)))}}
+        drift.answer("a", body)
+        m.drift("a", drift.monitor("a"))
+        return body["drift"]
+
+    assert part(1, 195.0) == {"flag": False, "reason": None}
+    fields = [part(1, 100.0) for _ in range(10)]
+    assert fields[-1]["flag"] and fields[-1]["reason"].startswith("brightness down")
+    assert drift.state("a")["flag"] and drift.state("a")["version"] == 1
+    values = _samples(m.text().decode())
+    assert values[("dinopatch_drift_flag", (("model", "a"),))] == 1
+    assert values[("dinopatch_drift_flags_total", (("model", "a"),))] == 1
+    # A swap: version 2's monitor starts down; an answer still judged by version 1 does not move it.
+    drift.start("a", 2, "v2")
+    m.drift("a", drift.monitor("a"))
+    assert part(1, 100.0)["flag"] is None and drift.state("a") == dict(drift.state("a"), flag=False, parts=0)
+    assert _samples(m.text().decode())[("dinopatch_drift_flag", (("model", "a"),))] == 0
+    for _ in range(10):
+        part(2, 100.0)
+    values = _samples(m.text().decode())
+    assert values[("dinopatch_drift_flag", (("model", "a"),))] == 1
+    assert values[("dinopatch_drift_flags_total", (("model", "a"),))] == 2
+    assert values[("dinopatch_drift_cusum", (("chart", "brightness-"), ("model", "a")))] > 12
+
+
 def _samples(text: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 

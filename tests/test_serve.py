@@ -368,6 +368,48 @@ def test_timeout_answers_503(service):
     assert call(url, "/predict", png(images()[0]))[0] == 200
 
 
+# The service's drift flag must rise within this many parts of a lighting ramp of -1% brightness a part
+# (the model's reference: 6 good parts at fit, so its charts carry a wide slack).
+SERVE_RAMP_PARTS = 20
+
+
+def _drift_metrics(url: str) -> dict[str, float]:
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=CLIENT_TIMEOUT) as r:
+        lines = r.read().decode().splitlines()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines
+                                     if line.startswith("dinopatch_drift_flag") and not line.startswith("#"))}
+
+
+def test_drift_is_followed_per_model_and_rises_on_a_lighting_ramp(service):
+    """Stable good parts keep the flag down; darkening them 1% a part raises it, in the answers, /models and
+    /metrics."""
+    url, _ = service
+    status, listing = call(url, "/models")
+    assert status == 200 and listing["models"][0]["drift"]["flag"] is False
+    parts = screws("good", 12, seed=5)
+    for image in parts:
+        status, answer = call(url, "/predict", png(image))
+        assert status == 200 and answer["drift"] == {"flag": False, "reason": None}, answer
+    assert _drift_metrics(url)['dinopatch_drift_flag{model="screw"}'] == 0
+    first = None
+    for i, image in enumerate(parts * 4):
+        darker = np.clip(image * (1.0 - 0.01 * (i + 1)), 0, 255).astype(np.uint8)
+        status, answer = call(url, "/predict", png(darker))
+        assert status == 200 and set(answer["drift"]) == {"flag", "reason"}, answer
+        if answer["drift"]["flag"]:
+            first = i + 1
+            break
+    assert first is not None and first <= SERVE_RAMP_PARTS, first
+    assert answer["drift"]["reason"].startswith("brightness down"), answer["drift"]
+    drift = call(url, "/models")[1]["models"][0]["drift"]
+    assert drift["flag"] is True and drift["reason"] == answer["drift"]["reason"] and drift["cusum"]["brightness-"] > 12
+    metrics = _drift_metrics(url)
+    assert metrics['dinopatch_drift_flag{model="screw"}'] == 1
+    assert metrics['dinopatch_drift_flags_total{model="screw"}'] == 1
+    print(f"drift flag rose at ramp part {first}")
+
+
 def _scorer_replicas() -> list[str]:
     import ray
 
