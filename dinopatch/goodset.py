@@ -90,8 +90,7 @@ class FitReport:
 
     def kept(self) -> list[int]:
         """The input indices of the images the bank and the threshold were made of, in input order."""
-        named = {f.index for f in self.flagged}
-        return [i for i in range(self.images) if self.outliers == "keep" or i not in named]
+        return _unflagged(self.images, self.flagged, self.outliers)
 
     def record(self) -> dict:
         """The model file's form (JSON)."""
@@ -180,7 +179,7 @@ def screen(images: list[np.ndarray], names: list[str], aligner) -> list[Flag]:
 def kept(count: int, flags: list[Flag], outliers: str) -> list[int]:
     """The input indices fit goes on with: all but the flagged under ``"drop"``; ``"error"`` raises."""
     _refuse(flags, outliers)
-    keep = FitReport(count, 0, outliers, tuple(flags), ()).kept()
+    keep = _unflagged(count, flags, outliers)
     if len(keep) < 2 <= count:  # what is left cannot even measure a threshold: say what was left out
         raise ValueError(f"only {len(keep)} of the {count} good images are evidence of a good part; left out:\n"
                          + "\n".join(f"  {f.name}: {f.reason} ({f.detail})" for f in flags)
@@ -212,8 +211,8 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
                        f"held-out score {s:.3g}, {s / med if med > 0 else math.inf:.1f} x the median {med:.3g}, "
                        f"above {limit:.3g}") for r, s in sorted(by_row.items()) if s > limit]
     _refuse(flags, outliers)
-    named = {f.index for f in flags}
-    keep = [r for r, i in enumerate(indices) if outliers == "keep" or i not in named]
+    kept_inputs = set(_unflagged(len(names), flags, outliers))
+    keep = [r for r, i in enumerate(indices) if i in kept_inputs]
     if len(keep) < len(nominal):
         nominal = nominal.subset(np.array(keep), seed)
     flags.sort(key=lambda f: (REASONS.index(f.reason), f.index))
@@ -260,6 +259,12 @@ def outlier_limit(values: list[float]) -> float:
     med = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(np.asarray(values) - med)))
     return max(med + K * mad, RATIO * med)
+
+
+def _unflagged(count: int, flags, outliers: str) -> list[int]:
+    """The input indices of ``count`` images that no flag names (all of them under ``"keep"``), in order."""
+    named = {f.index for f in flags}
+    return [i for i in range(count) if outliers == "keep" or i not in named]
 
 
 def _refuse(flags: list[Flag], outliers: str) -> None:
