@@ -229,6 +229,14 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
                      scores, maxima, distances)
 
 
+def threshold_for(nominal: "NominalSet", settings: dict, params: dict) -> Threshold:
+    """The threshold a fit ends with: the one given (``params["threshold"]``), else one calibrated on
+    ``nominal`` with ``settings`` as ``params`` ask (``calibration``, ``false_alarm_rate``)."""
+    if params["threshold"] is not None:
+        return Threshold.given(params["threshold"])
+    return calibrate(nominal, settings, calibration=params["calibration"], false_alarm_rate=params["false_alarm_rate"])
+
+
 def _feature_scale(tokens: np.ndarray) -> float:
     """The median norm of the tokens (zero rows lie outside the part's region and do not count)."""
     norms = np.linalg.norm(tokens, axis=-1)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, drift, engine_choice, fitted, goodset
+from . import autotune, engine_choice, fitted, goodset
 from .backbone import EngineCache
-from .calibration import Threshold, calibrate
+from .calibration import Threshold, threshold_for
 from .data import load_images
-from .fitted import Fitted, NotFittedError, backbone_config, check_params, graph_record
+from .fitted import Fitted, NotFittedError, backbone_config, check_params
 from .presets import preset
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
-from .update import GoodParts, union
+from .update import union, with_lineage
 
 
 class DinoPatch(EstimatorMixin):
@@ -91,9 +91,7 @@ class DinoPatch(EstimatorMixin):
         (ValueError with the reason) unless ``force``.  Returns self."""
         parent = self.model_
         images, names, added, forced = union(self, images, force)
-        model = self._learn(images, names)
-        good = parent.good.updated(parent.model_id, added, forced, model.good, model.report.kept())
-        self._model = dataclasses.replace(model, good=good)
+        self._model = with_lineage(parent, self._learn(images, names), added, forced)
         return self
 
     def _learn(self, images: list[np.ndarray], names: list[str]) -> Fitted:
@@ -104,13 +102,8 @@ class DinoPatch(EstimatorMixin):
         # Auto first, then calibration: the threshold must be measured with the settings the model
         # will score with, and the choice does not use a threshold (it ranks by AUROC).
         auto = autotune.resolve(params, nominal)
-        chosen = autotune.resolved(params, auto)
-        threshold = (Threshold.given(self.threshold) if self.threshold is not None else
-                     calibrate(nominal, chosen, calibration=self.calibration, false_alarm_rate=self.false_alarm_rate))
-        model = Fitted(params, nominal.aligner, nominal.bank(chosen), threshold, engine.fingerprint, "unsaved",
-                       nominal.foreground, graph_record(self.engine, engine), auto, nominal.offsets, report,
-                       drift.Reference.measure([images[i] for i in report.kept()], nominal.alignments, self.image_size),
-                       good=GoodParts.of(images, names) if params["keep_parts"] else None)
+        threshold = threshold_for(nominal, autotune.resolved(params, auto), params)
+        model = fitted.learned(params, nominal, auto, threshold, engine, self.engine, report, images, names)
         return engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
 
     def use_engine(self, engine) -> "DinoPatch":
@@ -139,21 +132,6 @@ class DinoPatch(EstimatorMixin):
     def model_(self, model: Fitted) -> None:
         # Another detector's model, or this one's with a new engine choice: swapped in whole, as fit does.
         self._model = model
-
-    @property
-    def threshold_(self) -> Threshold:
-        """The decision threshold in force, with its source (see :class:`~.calibration.Threshold`)."""
-        return self.model_.threshold
-
-    @property
-    def auto_(self) -> dict | None:
-        """What fit chose for each ``"auto"`` (get_params keeps saying "auto"), and why; None when none was."""
-        return self.model_.auto
-
-    @property
-    def fit_report_(self) -> goodset.FitReport | None:
-        """What fit made of its good set (:class:`~.goodset.FitReport`); None for a model from before the check."""
-        return self.model_.report
 
     @property
     def model_id(self) -> str:

@@ -30,7 +30,7 @@ from .foreground import Foreground
 from .golden import GoldenSet
 from .goodset import FitReport
 from .modelfile import ModelFileError
-from .nominal import finish
+from .nominal import NominalSet, finish
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
 from .update import GoodParts
@@ -154,6 +154,18 @@ def check_params(params: dict) -> dict:
     """Validated, JSON-able copy of the detector's parameters (:func:`.params.check`); ValueError naming the first
     bad one.  At fit and on every model file's header at load."""
     return param_table.check(params)
+
+
+def learned(params: dict, nominal: NominalSet, auto: dict | None, threshold: Threshold, engine, engine_name,
+            report: FitReport, images: list[np.ndarray], names: list[str]) -> Fitted:
+    """What a fit on ``images`` learned: the nominal set's aligner, region and bank (with the settings ``auto``
+    chose), ``threshold``, the good set's ``report``, the drift reference of the images it kept, and, where
+    ``params["keep_parts"]``, the good parts themselves; ``engine`` ran as ``engine_name``."""
+    kept = [images[i] for i in report.kept()]
+    return Fitted(params, nominal.aligner, nominal.bank(autotune.resolved(params, auto)), threshold,
+                  engine.fingerprint, "unsaved", nominal.foreground, graph_record(engine_name, engine), auto,
+                  nominal.offsets, report, Reference.measure(kept, nominal.alignments, params["image_size"]),
+                  good=GoodParts.of(images, names) if params["keep_parts"] else None)
 
 
 def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tuple[Fitted, Path]:

@@ -1,4 +1,4 @@
-"""The scikit-learn estimator protocol, for the detector: parameters, repr and outlier scores.
+"""The scikit-learn estimator protocol, for the detector: parameters, fitted attributes, repr and outlier scores.
 
 scikit-learn's outlier detectors score "the lower, the more abnormal"; DinoPatch's
 own score is the other way round (a distance), and :meth:`score_samples` flips it.
@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 from . import params as param_table
+from .calibration import Threshold
+from .goodset import FitReport
 
 
 class EstimatorMixin:
-    """``get_params`` / ``set_params`` from the parameter table (:mod:`.params`), and the outlier-score API.
+    """``get_params`` / ``set_params`` from the parameter table (:mod:`.params`), the fitted attributes
+    (scikit-learn's trailing underscore) and the outlier-score API.
 
-    The class needs ``predict(images)`` returning results with a ``score`` and a
-    fitted ``threshold_`` with an ``image`` value.
+    The class needs ``model_``, the :class:`~.fitted.Fitted` in force, and ``predict(images)``
+    returning results with a ``score``.
     """
 
     def get_params(self, deep: bool = True) -> dict:
@@ -29,6 +32,21 @@ class EstimatorMixin:
         for name, value in params.items():
             setattr(self, name, value)
         return self
+
+    @property
+    def threshold_(self) -> Threshold:
+        """The decision threshold in force, with its source (see :class:`~.calibration.Threshold`)."""
+        return self.model_.threshold
+
+    @property
+    def auto_(self) -> dict | None:
+        """What fit chose for each ``"auto"`` (get_params keeps saying "auto"), and why; None when none was."""
+        return self.model_.auto
+
+    @property
+    def fit_report_(self) -> FitReport | None:
+        """What fit made of its good set (:class:`~.goodset.FitReport`); None for a model from before the check."""
+        return self.model_.report
 
     def score_images(self, images) -> np.ndarray:
         """Image scores as one float array (higher = more anomalous)."""

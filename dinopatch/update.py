@@ -128,6 +128,13 @@ class GoodParts:
         return dataclasses.replace(refit, lineage=self.lineage + (entry,))
 
 
+def with_lineage(parent, model, added: int, forced: list[str]):
+    """``model`` (a :class:`~.fitted.Fitted` refitted on ``parent``'s parts then ``added`` new ones) with
+    ``parent``'s lineage and one entry for this update."""
+    good = parent.good.updated(parent.model_id, added, forced, model.good, model.report.kept())
+    return dataclasses.replace(model, good=good)
+
+
 def _lineage(entries) -> tuple:
     if not isinstance(entries, list):
         raise ValueError("lineage is not a list")
