@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: build dinopatch._C_cuda, run the whole kernel
-# test module with the cuda backend required, then the bench's cuda group:
+# test module with the cuda kernel required, then the bench's cuda group:
 # kernel call and event times on device-resident queries (L=3136 K=200
-# D=768, radius 0 and 1, fp32 and fp16, against --peak-gbs and a measured
+# D=768, tolerance 0 and 1, fp32 and fp16, against --peak-gbs and a measured
 # device copy; full-size parity, exact zeros and k-center identity are
 # required checks), then end to end (stage cuda_e2e): ViT-S/14 at 448 px and
 # the notebook's ViT-B/14 at 784 px fitted on 200 aligned synthetic parts,
@@ -12,7 +12,7 @@
 #
 # Time on one H200, estimated (no GPU has run this yet): about 5 minutes.
 #   build (nvcc for sm_80 and sm_90, C++ for 4 ISAs, 16 cores)        ~60-90 s
-#   kernel tests, cuda backend required                              ~30-60 s
+#   kernel tests, cuda kernel required                               ~30-60 s
 #   kernel stages (10 repeats, 1.9 GB fp32 bank; 64x400 k-center)    ~30 s
 #   cuda_e2e, engines not started within --e2e-budget 120 s skipped  <= 120 s
 #     ViT-B/14 at 784 px: 3137 tokens, ~0.9 TFLOP an image (0.53 in the
@@ -85,7 +85,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "from dinopatch import _C_cuda as c; n = c.device_count(); assert n > 0, 'the CUDA runtime sees no device'; print(n, 'device(s):', c.device_name(0))" \
   || fail "dinopatch._C_cuda does not see a device"
 
-# Every parity test on every backend, cuda among them, and device-resident
+# Every parity test on every kernel, cuda among them, and device-resident
 # queries from torch (DLPack) against the host path; DINOPATCH_REQUIRE_CUDA
 # turns the CUDA tests' skips into failures.
 DINOPATCH_REQUIRE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_bank.py tests/test_cuda_queries.py \

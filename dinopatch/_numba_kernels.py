@@ -1,6 +1,6 @@
-"""numba backend of :mod:`dinopatch.kernels`: plain parallel loops.
+"""The numba kernel of :mod:`dinopatch.kernels`: plain parallel loops.
 
-Imported only when the backend is used (numba takes about a second to
+Imported only when the kernel is used (numba takes about a second to
 import); compiled functions are cached on disk.  Arguments are checked by
 :mod:`dinopatch.kernels`.  numba has no float16, so an fp16 bank is widened to
 float32 by the caller.
@@ -16,21 +16,21 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def min_distance(q, bank, counts, h, w, radii):
-    """``[B, L, D]`` f32 queries, ``[L, K, D]`` f32 bank, ``[L]`` int64 counts, ``[L]`` int32 radii -> ``[B, L]``."""
+def min_distance(q, bank, counts, h, w, steps):
+    """``[B, L, D]`` f32 queries, ``[L, K, D]`` f32 bank, ``[L]`` int64 counts, ``[L]`` int32 steps -> ``[B, L]``."""
     B, L, D = q.shape
     out = np.empty((B, L), dtype=np.float32)
     for l in numba.prange(L):
-        y, x, radius = l // w, l % w, radii[l]
+        y, x, reach = l // w, l % w, steps[l]
         for b in range(B):
             best = np.float32(np.inf)
             # A NaN query or row makes the answer NaN.  Summing the squared
             # distances (all >= 0, so never inf - inf) finds one after the
-            # loop; a NaN test per row kept the minimum from being a plain
-            # min and cost a quarter of the time at batch 16.
+            # loop; a NaN test per row would keep the minimum from being a
+            # plain min that LLVM vectorises.
             total = np.float32(0.0)
-            for yy in range(max(0, y - radius), min(h, y + radius + 1)):
-                for xx in range(max(0, x - radius), min(w, x + radius + 1)):
+            for yy in range(max(0, y - reach), min(h, y + reach + 1)):
+                for xx in range(max(0, x - reach), min(w, x + reach + 1)):
                     m = yy * w + xx
                     for k in range(counts[m]):
                         acc = np.float32(0.0)

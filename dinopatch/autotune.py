@@ -6,15 +6,15 @@ nominal images themselves, each scored against a bank built without it
 
 * **tolerance** is bounded by the residual misalignment among nominal parts.
   Each held-out patch is matched within growing neighbourhoods (Chebyshev
-  radius 0, 1, 2 grid steps); its offset is the smallest radius whose match
-  is within :data:`.tolerance.MARGIN` of the best over all radii
+  tolerance 0, 1, 2 grid steps); its offset is the smallest tolerance whose match
+  is within :data:`.tolerance.MARGIN` of the best over all of them
   (:func:`.tolerance.offset_counts`, per location).  The bound is the
-  smallest radius beyond which at most :data:`SHARE` of the patches lie.
+  smallest tolerance beyond which at most :data:`SHARE` of the patches lie.
   Where the locations' offsets differ, the tolerance map
-  (:func:`.tolerance.tolerance_map`, a radius per location) is one more
-  candidate, after the single radii, and must pass the same paired test.
+  (:func:`.tolerance.tolerance_map`, one per location) is one more
+  candidate, after the single values, and must pass the same paired test.
   Within the bound the pasted defects below decide (the bound wins ties): a
-  tolerance lets a small defect find a good match next door, so the radius
+  tolerance lets a small defect find a good match next door, so the tolerance
   that absorbs the most misalignment is not always the one that separates best.
 * **sigma, score, match** (and the tolerance within its bound): synthetic
   defects the model has never seen (a patch cut from another part and pasted,
@@ -47,7 +47,7 @@ from . import metrics, tolerance
 from .bank import MATCHES
 from .nominal import NominalSet
 from .postprocess import SCORES, PostProcess
-from .tolerance import RADII
+from .tolerance import STEPS
 
 AUTO_PARAMS = ("tolerance", "sigma", "score", "match")
 # What "auto" falls back to when a choice cannot be measured, and wins ties: the seed's settings.
@@ -108,7 +108,7 @@ def measure_offsets(params: dict, nominal: NominalSet) -> np.ndarray | None:
             raise ValueError(f"tolerance='map' needs at least {MIN_IMAGES} nominal images to measure offsets, "
                              f"got {len(nominal)}")
         return None
-    return tolerance.offset_counts(nominal.tokens, nominal.plan.folds, nominal.positions, nominal.backend)
+    return tolerance.offset_counts(nominal.tokens, nominal.plan.folds, nominal.positions, nominal.kernel)
 
 
 def _map_differs(offsets, side: int) -> bool:
@@ -157,7 +157,7 @@ def _rounded_shares(offsets: np.ndarray) -> list[float]:
 
 
 def choose_tolerance(shares, largest: int) -> int:
-    """The smallest radius with at most :data:`SHARE` of the patches displaced beyond it."""
+    """The smallest tolerance with at most :data:`SHARE` of the patches displaced beyond it."""
     beyond = 1.0 - np.cumsum(shares)
     return int(min(np.flatnonzero(beyond <= SHARE + 1e-3)[0], largest))  # 1e-3: the shares' rounding
 
@@ -206,8 +206,8 @@ def _candidates(names: list[str], params: dict, bound, images: int | None, with_
         values = COARSE.get(name, values) if images is not None and images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    radii = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
-    return [(r, m, float(g), s) for r in radii for m in first("match", MATCHES)
+    steps = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
+    return [(r, m, float(g), s) for r in steps for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
 
@@ -233,16 +233,16 @@ def _separation(params, order: list[tuple], nominal: NominalSet) -> tuple[dict, 
     queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
     table, maps, scores = {}, {}, {}
-    for radius, match, sigma, score in order:
-        if (radius, match) not in maps:  # the candidates come grouped by bank
-            maps = {(radius, match): nominal.held_out(dict(params, tolerance=radius, match=match), extra=queries)}
-        good, defect = maps[(radius, match)]
+    for steps, match, sigma, score in order:
+        if (steps, match) not in maps:  # the candidates come grouped by bank
+            maps = {(steps, match): nominal.held_out(dict(params, tolerance=steps, match=match), extra=queries)}
+        good, defect = maps[(steps, match)]
         post = PostProcess(sigma, score, params["topk"], params["morph_kernel"])
         s = np.array([post.score_map(d, nominal.valid[i])[1] for i, d in enumerate(good)]
                      + [post.score_map(d, nominal.valid[queries.origin[j]])[1] for j, d in enumerate(defect)])
         ok = np.isfinite(s)
         auc = metrics.auroc(y[ok], s[ok]) if ok.any() else float("nan")
-        key = _key(radius, match, sigma, score)
+        key = _key(steps, match, sigma, score)
         table[key], scores[key] = (round(auc, 4) if math.isfinite(auc) else None), s
     return table, y, scores
 
@@ -363,7 +363,7 @@ def check_record(record, params: dict, side: int, offsets: np.ndarray | None = N
         with_map = False
         if bound is None:
             shares = evidence.get("offset_share")
-            if not isinstance(shares, list) or len(shares) != len(RADII) or not all(
+            if not isinstance(shares, list) or len(shares) != len(STEPS) or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0 for s in shares) \
                     or abs(sum(shares) - 1.0) > 1e-3:
                 raise ValueError("auto record's offset shares are malformed")

@@ -1,11 +1,11 @@
 """The per-location memory bank of nominal patch features.
 
 Tokens of the nominal images are stacked per location, ``[L, N, D]``, and each
-location's stack is shrunk to ``k = ceil(ratio * N)`` rows by greedy k-center
+location's stack is shrunk to ``k = ceil(coreset_ratio * N)`` rows by greedy k-center
 selection.  A query token is scored by its distance to the nearest row at its
-own location, or at any location within ``radius`` grid steps (the spatial
-tolerance that absorbs residual misalignment): one radius for every location,
-or a tolerance map with a radius per location (:mod:`.tolerance`).
+own location, or at any location within ``tolerance`` grid steps (the spatial
+tolerance that absorbs residual misalignment): one number of steps for every
+location, or a tolerance map with one per location (:mod:`.tolerance`).
 
 A bank may cover only some locations of the grid (``positions``, the part's
 region with foreground tokens): the neighbourhood of a kept location is then
@@ -20,9 +20,9 @@ instead (the rows of every location, shrunk by k-center to at most
 unlike anything nominal scores on both and a patch that is nominal somewhere
 but not at its own place still scores on the local one.
 
-On the ``cuda`` backend the bank keeps its own copy on the GPU, uploaded on
+On the ``cuda`` kernel the bank keeps its own copy on the GPU, uploaded on
 first use and freed with the bank (like a faiss GPU index over its C++ core);
-a region bank with a radius uploads its padded full grid with its row counts.
+a region bank with a tolerance uploads its padded full grid with its row counts.
 Query tokens already on the GPU are read there, without a trip to the host.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import threading
 import numpy as np
 
 from . import kernels
+from .old_names import accepts_old_names, old_attribute
 
 SENTINEL = 1e4  # in every feature of a dropped location's row; representable in float16
 MATCHES = ("local", "global", "local+global")
@@ -47,8 +48,9 @@ class MemoryBank:
     Args:
         features: ``[L, K, D]`` float32 or float16 bank rows.
         grid: ``(h, w)`` token grid, ``h * w == L``.
-        radius: spatial tolerance in grid steps (0: own location only): an integer, or an integer
-            array ``[h * w]`` with a radius per grid location (a tolerance map; kept as read-only int8).
+        tolerance: spatial tolerance in grid steps (0: own location only): an integer, or an integer
+            array ``[h * w]`` with one per grid location (a tolerance map; kept as read-only int8).
+            Old name: ``radius``.
         positions: flat grid indices of the locations the rows are of (default: every one).
         match: one of :data:`MATCHES`.
         global_features: ``[G, D]`` rows of the whole bank, of ``features``' dtype; needed unless
@@ -59,7 +61,10 @@ class MemoryBank:
     device copy are made once, so a changed bank would leave them stale.
     """
 
-    def __init__(self, features: np.ndarray, grid: tuple[int, int], radius: int = 0, positions=None,
+    radius = old_attribute("tolerance", "radius")
+
+    @accepts_old_names("radius")
+    def __init__(self, features: np.ndarray, grid: tuple[int, int], tolerance: int = 0, positions=None,
                  match: str = "local", global_features: np.ndarray | None = None):
         from .backbone import check_positions
 
@@ -78,7 +83,7 @@ class MemoryBank:
         self._features = np.ascontiguousarray(features).view()
         self._features.flags.writeable = False
         self.grid = (int(grid[0]), int(grid[1]))
-        self.radius = _radius(radius, self.grid)
+        self.tolerance = _tolerance(tolerance, self.grid)
         self.match, self._global = match, _global_rows(match, global_features, self._features)
         self._full = None  # the sentinel-padded full grid, made on first use
         self._device = None
@@ -94,7 +99,7 @@ class MemoryBank:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         for array in (self._features, self._positions, self._global,
-                      self.radius if isinstance(self.radius, np.ndarray) else None):
+                      self.tolerance if isinstance(self.tolerance, np.ndarray) else None):
             if array is not None:
                 array.flags.writeable = False
         self._device_lock = threading.Lock()
@@ -102,7 +107,7 @@ class MemoryBank:
     def device_bank(self):
         """The bank on the GPU (``dinopatch._C_cuda.DeviceBank``), uploaded once.
 
-        A region bank with a radius is uploaded as its padded full grid with
+        A region bank with a tolerance is uploaded as its padded full grid with
         its row counts (see :meth:`_padded`).  Threads predicting at once share
         one upload.  The device memory is freed when the bank is.
         """
@@ -110,86 +115,88 @@ class MemoryBank:
         if device is None:
             with self._device_lock:
                 if self._device is None:
-                    padded = self.positions is not None and self.max_radius
+                    padded = self.positions is not None and self.max_tolerance
                     self._device = kernels.upload(*self._padded()) if padded else kernels.upload(self.features)
                 device = self._device
         return device
 
     @classmethod
-    def fit(cls, tokens: np.ndarray, *, ratio: float = 1.0, radius: int | np.ndarray = 0, dtype=np.float32,
-            backend: str | None = None, positions=None, match: str = "local") -> "MemoryBank":
+    @accepts_old_names("ratio", "radius", "backend")
+    def fit(cls, tokens: np.ndarray, *, coreset_ratio: float = 1.0, tolerance: int | np.ndarray = 0,
+            dtype=np.float32, kernel: str | None = None, positions=None, match: str = "local") -> "MemoryBank":
         """Build a bank from nominal tokens ``[N, h, w, D]``.
 
         Args:
             tokens: patch tokens of the nominal images.
-            ratio: fraction of the N rows kept per location by k-center greedy
-                (1.0 keeps all).
-            radius: spatial tolerance in grid steps, one or ``[h * w]`` (see the class).
+            coreset_ratio: fraction of the N rows kept per location by k-center greedy
+                (1.0 keeps all; old name: ``ratio``).
+            tolerance: spatial tolerance in grid steps, one or ``[h * w]`` (see the class; old name: ``radius``).
             dtype: storage type, float32 or float16 (half the bytes to read per
                 image; distances are still accumulated in float32).
-            backend: kernel backend for the coreset selection.
+            kernel: the distance kernel of the coreset selection (old name: ``backend``).
             positions: keep only these flat grid locations.
             match: one of :data:`MATCHES`; the global rows are the k-center coreset of all kept rows,
                 at most :data:`GLOBAL_ROWS`.
         """
         if tokens.ndim != 4 or len(tokens) == 0:
             raise ValueError(f"tokens must be [N, h, w, D] with N >= 1, got {tokens.shape}")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         n, h, w, d = tokens.shape
         stack = tokens.reshape(n, h * w, d).transpose(1, 0, 2)
         stack = np.ascontiguousarray(stack if positions is None else stack[positions], dtype=np.float32)
-        k = max(1, math.ceil(ratio * n))
+        k = max(1, math.ceil(coreset_ratio * n))
         if k < n:
-            idx = kernels.kcenter_greedy(stack, k, backend=backend)
+            idx = kernels.kcenter_greedy(stack, k, kernel)
             stack = np.take_along_axis(stack, idx[:, :, None], axis=1)
         rows = None
         if match != "local":
             rows = stack.reshape(1, -1, d)
             if rows.shape[1] > GLOBAL_ROWS:
-                rows = rows[:, kernels.kcenter_greedy(rows, GLOBAL_ROWS, backend=backend)[0]]
+                rows = rows[:, kernels.kcenter_greedy(rows, GLOBAL_ROWS, kernel)[0]]
             rows = rows[0].astype(dtype)
-        return cls(stack.astype(dtype), (h, w), radius, positions, match, rows)
+        return cls(stack.astype(dtype), (h, w), tolerance, positions, match, rows)
 
-    def distances(self, tokens: np.ndarray, backend: str | None = None) -> np.ndarray:
+    @accepts_old_names("backend")
+    def distances(self, tokens: np.ndarray, kernel: str | None = None) -> np.ndarray:
         """Nearest-neighbour distance of query tokens ``[B, h, w, D]`` -> ``[B, h, w]`` (host float32).
 
-        NaN at locations the bank does not cover (see ``positions``).  On the
-        ``cuda`` backend the tokens may also be float32 in CUDA memory (a CUDA
+        NaN at locations the bank does not cover (see ``positions``).  With the
+        ``cuda`` kernel the tokens may also be float32 in CUDA memory (a CUDA
         torch tensor): they are read there, without a copy to the host.
         """
         b, h, w, d = tokens.shape
         if (h, w) != self.grid or d != self.dim:
             raise ValueError(f"query tokens {tokens.shape} do not match bank grid {self.grid} and dim {self.dim}")
-        backend = kernels.resolve(backend)
-        local = self._local(tokens, backend) if self.match != "global" else None
+        kernel = kernels.resolve(kernel)
+        local = self._local(tokens, kernel) if self.match != "global" else None
         if self.match == "local":
             return local
         # Every token is a one-location query against one location that holds all the global rows.
         q = self._covered(tokens.reshape(b, h * w, d)).reshape(-1, 1, d)
         far = np.full((b, h * w), np.nan, np.float32)
         far[:, slice(None) if self.positions is None else self.positions] = kernels.min_distance(
-            q, self._global[None], backend=backend).reshape(b, -1)
+            q, self._global[None], kernel).reshape(b, -1)
         far = far.reshape(b, h, w)
         return far if local is None else 0.5 * (local + far)
 
-    def _local(self, tokens: np.ndarray, backend: str) -> np.ndarray:
+    def _local(self, tokens: np.ndarray, kernel: str) -> np.ndarray:
         b, h, w, d = tokens.shape
         q = tokens.reshape(b, h * w, d)
-        cuda = backend == "cuda"
+        cuda = kernel == "cuda"
         if self.positions is None:
-            extra = dict(grid=self.grid, radius=self.radius) if self.max_radius else {}
+            extra = dict(grid=self.grid, tolerance=self.tolerance) if self.max_tolerance else {}
             bank = self.device_bank() if cuda else self.features
-            return kernels.min_distance(q, bank, backend=backend, **extra).reshape(b, h, w)
+            return kernels.min_distance(q, bank, kernel, **extra).reshape(b, h, w)
         out = np.full((b, h * w), np.nan, np.float32)
-        if self.max_radius:
+        if self.max_tolerance:
             full, counts = self._padded()
             bank, counts = (self.device_bank(), None) if cuda else (full, counts)
-            out[:, self.positions] = kernels.min_distance(q, bank, backend=backend, counts=counts, grid=self.grid,
-                                                          radius=self.radius)[:, self.positions]
+            out[:, self.positions] = kernels.min_distance(q, bank, kernel, counts=counts, grid=self.grid,
+                                                          tolerance=self.tolerance)[:, self.positions]
         else:
             bank = self.device_bank() if cuda else self.features
-            out[:, self.positions] = kernels.min_distance(self._covered(q), bank, backend=backend)
+            out[:, self.positions] = kernels.min_distance(self._covered(q), bank, kernel)
         return out.reshape(b, h, w)
 
     def _covered(self, q):
@@ -227,9 +234,11 @@ class MemoryBank:
         return self._global
 
     @property
-    def max_radius(self) -> int:
-        """The widest tolerance, in grid steps (the radius itself when there is one for every location)."""
-        return int(self.radius.max(initial=0)) if isinstance(self.radius, np.ndarray) else self.radius
+    def max_tolerance(self) -> int:
+        """The widest tolerance, in grid steps (the tolerance itself when there is one for every location)."""
+        return int(self.tolerance.max(initial=0)) if isinstance(self.tolerance, np.ndarray) else self.tolerance
+
+    max_radius = old_attribute("max_tolerance", "max_radius")
 
     @property
     def dim(self) -> int:
@@ -247,25 +256,25 @@ class MemoryBank:
     def __repr__(self) -> str:
         l, k, d = self.features.shape
         where = "" if self.positions is None else f", {l} of {self.grid[0] * self.grid[1]} locations"
-        radius = f"map of 0..{self.max_radius}" if isinstance(self.radius, np.ndarray) else self.radius
-        return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, radius={radius}, "
+        tolerance = f"map of 0..{self.max_tolerance}" if isinstance(self.tolerance, np.ndarray) else self.tolerance
+        return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, tolerance={tolerance}, "
                 f"match={self.match}, dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
 
 
-def _radius(radius, grid: tuple[int, int]) -> int | np.ndarray:
-    """One radius as an int, or a tolerance map as a read-only int8 ``[h * w]``; ValueError otherwise."""
-    if isinstance(radius, np.ndarray) and radius.ndim:
+def _tolerance(tolerance, grid: tuple[int, int]) -> int | np.ndarray:
+    """One tolerance as an int, or a tolerance map as a read-only int8 ``[h * w]``; ValueError otherwise."""
+    if isinstance(tolerance, np.ndarray) and tolerance.ndim:
         L = grid[0] * grid[1]
-        if radius.shape != (L,) or radius.dtype == bool or not np.issubdtype(radius.dtype, np.integer) \
-                or (L and not 0 <= radius.min() <= radius.max() <= 127):
+        if tolerance.shape != (L,) or tolerance.dtype == bool or not np.issubdtype(tolerance.dtype, np.integer) \
+                or (L and not 0 <= tolerance.min() <= tolerance.max() <= 127):
             raise ValueError(f"a tolerance map must be {L} integers in [0, 127] (one per grid location), "
-                             f"got {radius.dtype}{list(radius.shape)}")
-        radius = radius.astype(np.int8)
-        radius.flags.writeable = False
-        return radius
-    if int(radius) < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    return int(radius)
+                             f"got {tolerance.dtype}{list(tolerance.shape)}")
+        tolerance = tolerance.astype(np.int8)
+        tolerance.flags.writeable = False
+        return tolerance
+    if int(tolerance) < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    return int(tolerance)
 
 
 def _global_rows(match: str, rows, features: np.ndarray) -> np.ndarray | None:

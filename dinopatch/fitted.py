@@ -103,12 +103,12 @@ class Fitted:
         """Items ``(model, image, canonical, valid, alignment)`` for :meth:`patch_distances`, one per image."""
         return [(self, im, *self.aligner.transform(im)) for im in images]
 
-    def patch_distances(self, items: list[tuple], engine, backend: str | None = None) -> list[PatchDistances]:
+    def patch_distances(self, items: list[tuple], engine, kernel: str | None = None) -> list[PatchDistances]:
         """:class:`~.result.PatchDistances` of items from :meth:`align`."""
-        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]), backend)
+        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]), kernel)
         return [PatchDistances(d, valid, al, im.shape[:2], self) for (_, im, _, valid, al), d in zip(items, dists)]
 
-    def distances(self, engine, frames: np.ndarray, backend: str | None = None) -> np.ndarray:
+    def distances(self, engine, frames: np.ndarray, kernel: str | None = None) -> np.ndarray:
         """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]``, as this model scores them.
 
         Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host.
@@ -117,11 +117,11 @@ class Fitted:
         if fg is not None:
             tokens = fg.scatter(engine(frames, fg.positions))
         elif getattr(engine, "engine", None) == "torch" and str(engine.device).startswith("cuda") \
-                and kernels.resolve(backend) == "cuda":
+                and kernels.resolve(kernel) == "cuda":
             tokens = engine(frames, on_device=True)
         else:
             tokens = engine(frames)
-        return finish(self.bank.distances(tokens, backend=backend), fg, frames)
+        return finish(self.bank.distances(tokens, kernel), fg, frames)
 
 
 def by_model(items: list[tuple]) -> list[tuple[Fitted, list[tuple]]]:
@@ -190,8 +190,8 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
         arrays["global_bank"] = model.bank.global_features
     if model.offsets is not None:
         arrays["tolerance_offsets"] = np.asarray(model.offsets, np.int64)
-    if isinstance(model.bank.radius, np.ndarray):
-        arrays["tolerance_map"] = model.bank.radius.astype(np.uint8)
+    if isinstance(model.bank.tolerance, np.ndarray):
+        arrays["tolerance_map"] = model.bank.tolerance.astype(np.uint8)
     if model.foreground is not None:
         header["foreground"], fg_arrays = model.foreground.state()
         arrays.update(fg_arrays)
@@ -307,11 +307,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError(f"threshold measured on {threshold.source['images']} images but the fit report used "
                          f"{report.used}: the file was edited")
     chosen = check_params(autotune.resolved(params, auto))
-    radius = _radius(chosen["tolerance"], arrays.get("tolerance_map"), offsets, side)
+    steps = _tolerance(chosen["tolerance"], arrays.get("tolerance_map"), offsets, side)
     rows = arrays.get("global_bank") if chosen["match"] != "local" else None
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
-    membank = MemoryBank(bank, (side, side), radius, None if fg is None else fg.positions, chosen["match"], rows)
+    membank = MemoryBank(bank, (side, side), steps, None if fg is None else fg.positions, chosen["match"], rows)
     drift = Reference.from_state(header.get("drift"), arrays)
     gold = None
     if header.get("golden") is not None:
@@ -332,17 +332,17 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
                   offsets, report, drift, gold, choice, good), params
 
 
-def _radius(chosen, stored, offsets, side: int):
-    """The bank's radius: the chosen one, or for ``"map"`` the map derived again from its evidence."""
+def _tolerance(chosen, stored, offsets, side: int):
+    """The bank's tolerance: the chosen one, or for ``"map"`` the map derived again from its evidence."""
     if not (isinstance(chosen, str) and chosen == "map"):
         if stored is not None:
             raise ValueError(f"a tolerance map in a model whose tolerance is {chosen!r}")
         return chosen
     if offsets is None or stored is None:
         raise ValueError("tolerance 'map' without its map or its evidence (tolerance_map, tolerance_offsets)")
-    if stored.shape != (side * side,) or not np.isin(stored, tolerance.RADII).all():
+    if stored.shape != (side * side,) or not np.isin(stored, tolerance.STEPS).all():
         raise ValueError(f"tolerance map {stored.dtype}{list(stored.shape)} is not {side * side} values in "
-                         f"{set(tolerance.RADII)}")
+                         f"{set(tolerance.STEPS)}")
     derived = tolerance.tolerance_map(offsets, (side, side), side - 1)
     if (stored != derived).any():
         raise ValueError("the tolerance map disagrees with its evidence (tolerance_offsets): the file was edited")

@@ -11,7 +11,7 @@ is, with the reason:
   :data:`NEAR_GRAY` gray levels (mean absolute difference) of an earlier image's;
 * ``"outlier"``: its held-out score (each image against a bank of the folds
   without it, with the documented default settings for every ``"auto"`` and
-  the default radius for a tolerance map, which is measured on what is kept) is
+  the default tolerance for a tolerance map, which is measured on what is kept) is
   above ``median + K * 1.4826 * MAD`` of the held-out scores (:data:`K`) and
   above :data:`RATIO` times their median, from :data:`MIN_IMAGES` images on.
   Both: good parts' held-out scores are heavy-tailed (a part in a pose no other
@@ -38,12 +38,14 @@ from .nominal import NominalSet
 OUTLIERS = ("drop", "keep", "error")
 REASONS = ("no part", "duplicate", "outlier")
 THUMB = 32
-# A JPEG copy (quality 90) of a part is 0.1-0.2 gray levels from it at 32 px; perfectly fixtured parts
-# under sensor noise (+-6 levels) 0.4, different poses 5 and more.
+# Below a quarter of a gray level on the thumbnails two images are the same picture (a re-encoded copy
+# lands there), above it sensor noise alone already separates two shots of one fixtured part.
 NEAR_GRAY = 0.25
 K = 5.0
-# On clean synthetic good sets (blocks-matter weights, 112 px) the highest held-out score was up to 2.6x
-# the median; a defective part hidden among them 3.9-4.2x, a black frame 10-14x.
+# A good image's held-out score stays within a small multiple of the median of good ones; a defective
+# part hidden among them, or a frame without a part, lies several times above it.  The ratio sits
+# between the two, and guards where the MAD is near zero (the scores nearly equal) and K alone would
+# flag the first image a little off.
 RATIO = 3.0
 MIN_IMAGES = 5
 
@@ -219,8 +221,14 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
     return FitReport(len(names), len(nominal), outliers, tuple(flags), scores), nominal
 
 
+def aligner_for(params: dict) -> Aligner:
+    """The unfitted :class:`~.align.Aligner` fit uses for the detector's checked ``params``."""
+    return Aligner(size=params["image_size"], enabled=params["align"], mirror=params["mirror"],
+                   size_tolerance=params["size_tolerance"])
+
+
 def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
-            backend: str | None = None) -> tuple[FitReport, NominalSet]:
+            kernel: str | None = None) -> tuple[FitReport, NominalSet]:
     """The good set checked, as fit uses it: aligned (an :class:`~.align.Aligner` fitted on ``images``),
     :func:`screen`, :func:`kept`, embedded, :func:`judge`.
 
@@ -231,14 +239,13 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
             ``outliers``, ``foreground``, ``seed``, ``batch_size``, ``progress``); the good set is judged with
             :data:`.autotune.DEFAULTS` for every ``"auto"`` and for ``tolerance="map"``, so that neither auto
             nor the map is measured on what is left out.
-        backend: distance kernel backend.
+        kernel: the distance kernel.
     """
-    aligner = Aligner(size=params["image_size"], enabled=params["align"], mirror=params["mirror"],
-                      size_tolerance=params["size_tolerance"]).fit(images)
+    aligner = aligner_for(params).fit(images)
     flags = screen(images, names, aligner)
     keep = kept(len(images), flags, params["outliers"])
     nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
-                               seed=params["seed"], batch_size=params["batch_size"], backend=backend,
+                               seed=params["seed"], batch_size=params["batch_size"], kernel=kernel,
                                progress=params["progress"])
     settings = defaults(params)
     if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":

@@ -1,21 +1,21 @@
 """Per-location nearest-neighbour distance and k-center coreset selection.
 
-Every backend shares one signature and is checked against the numpy
+Every kernel shares one signature and is checked against the numpy
 reference in ``tests/test_kernels.py``:
 
     min_distance(queries [B, L, D] f32, bank [L, K, D] f32|f16) -> [B, L] f32
     kcenter_greedy(x [L, N, D] f32, k) -> [L, k] int64
 
 ``min_distance`` also takes the spatial tolerance of the bank (``grid=(h, w)``
-and ``radius``: a query at location l is compared with the rows of every
-location within ``radius`` grid steps, Chebyshev distance, clipped at the
-edges; ``radius`` is one integer, or an integer array of L values, a
-tolerance map with a radius per location, taken by every backend) and ragged
+and ``tolerance``: a query at location l is compared with the rows of every
+location within ``tolerance`` grid steps, Chebyshev distance, clipped at the
+edges; ``tolerance`` is one integer, or an integer array of L values, a
+tolerance map with a number of steps per location, taken by every kernel) and ragged
 banks (``counts[l]`` valid rows at location l; the rows beyond are padding and
 never read).
 
-Backends, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
-``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``backend=None`` or ``"auto"``
+Kernels, fastest first: ``cuda`` (dinopatch._C_cuda, when a GPU is present),
+``cpp`` (dinopatch._C), ``numba``, ``numpy``.  ``kernel=None`` or ``"auto"``
 takes the first available; the environment variable ``DINOPATCH_KERNEL``
 overrides that choice.  ``cpp`` picks AVX-512 with BF16, AVX-512, AVX2 or
 portable loops at run time (``_C.isa()``, ``_C.set_isa()``); the BF16 loops
@@ -39,13 +39,15 @@ from functools import lru_cache
 
 import numpy as np
 
-BACKENDS = ("cuda", "cpp", "numba", "numpy")
+from .old_names import accepts_old_names, warn
+
+KERNELS = ("cuda", "cpp", "numba", "numpy")
 _DLPACK_CUDA = (2, 13)  # DLPack's device types of CUDA memory: device, managed
 
-# Spinning OpenMP threads cost milliseconds per call on a machine whose cores
-# are shared (measured: 12 ms instead of 0.2 ms for a small k-center call);
-# libgomp reads this when _C first loads it.  Set it to ACTIVE on a dedicated
-# machine.
+# Spinning OpenMP threads steal the cores that the backbone's thread pools and
+# other processes need, so a small call waits for them far longer than it
+# computes; passive threads sleep instead.  libgomp reads this when _C first
+# loads it.  Set it to ACTIVE on a dedicated machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
@@ -105,15 +107,16 @@ def available() -> list[str]:
     return found
 
 
-def resolve(backend: str | None = None) -> str:
-    """The backend a call with ``backend=`` would use."""
-    if backend in (None, "auto"):
-        backend = os.environ.get("DINOPATCH_KERNEL") or available()[0]
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose from {BACKENDS}")
-    if backend not in available():
-        raise ValueError(f"kernel backend {backend!r} is not available here; available: {available()}")
-    return backend
+@accepts_old_names("backend")
+def resolve(kernel: str | None = None) -> str:
+    """The kernel a call with ``kernel=`` would use."""
+    if kernel in (None, "auto"):
+        kernel = os.environ.get("DINOPATCH_KERNEL") or available()[0]
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose from {KERNELS}")
+    if kernel not in available():
+        raise ValueError(f"kernel {kernel!r} is not available here; available: {available()}")
+    return kernel
 
 
 def _as_float(name: str, a, ndim: int, keep_f16: bool = False) -> np.ndarray:
@@ -138,40 +141,40 @@ def _check_counts(counts, L: int, K: int) -> np.ndarray | None:
     return np.ascontiguousarray(c, dtype=np.int64)
 
 
-def _check_radius(radius, L: int) -> int | np.ndarray:
-    """One radius as an int, or a map of ``L`` radii as int32; ValueError/TypeError on anything else."""
-    if isinstance(radius, np.ndarray) and radius.ndim == 1:
-        if radius.dtype == bool or not np.issubdtype(radius.dtype, np.integer) or radius.shape != (L,):
-            raise ValueError(f"a radius map must be an integer array of shape ({L},), got {radius.dtype} "
-                             f"{radius.shape}")
-        if L and radius.min() < 0:
-            raise ValueError(f"a radius map must hold values >= 0, got minimum {radius.min()}")
-        return radius
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
-        raise TypeError(f"radius must be an integer number of grid steps or an [L] integer array, "
-                        f"got {radius!r:.80}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    return int(radius)
+def _check_tolerance(tolerance, L: int) -> int | np.ndarray:
+    """One tolerance as an int, or a tolerance map of ``L`` values; ValueError/TypeError on anything else."""
+    if isinstance(tolerance, np.ndarray) and tolerance.ndim == 1:
+        if tolerance.dtype == bool or not np.issubdtype(tolerance.dtype, np.integer) or tolerance.shape != (L,):
+            raise ValueError(f"a tolerance map must be an integer array of shape ({L},), got {tolerance.dtype} "
+                             f"{tolerance.shape}")
+        if L and tolerance.min() < 0:
+            raise ValueError(f"a tolerance map must hold values >= 0, got minimum {tolerance.min()}")
+        return tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, np.integer)):
+        raise TypeError(f"tolerance must be an integer number of grid steps or an [L] integer array, "
+                        f"got {tolerance!r:.80}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    return int(tolerance)
 
 
-def _check_grid(grid, radius, L: int) -> tuple[int, int, int | np.ndarray]:
-    """``(h, w, radius)``: radius an int, or an int32 map ``[L]``; 0 means own location only."""
-    radius = _check_radius(radius, L)
-    largest = int(radius.max(initial=0)) if isinstance(radius, np.ndarray) else radius
+def _check_grid(grid, tolerance, L: int) -> tuple[int, int, int | np.ndarray]:
+    """``(h, w, tolerance)``: an int, or an int32 map ``[L]``; 0 means own location only."""
+    tolerance = _check_tolerance(tolerance, L)
+    largest = int(tolerance.max(initial=0)) if isinstance(tolerance, np.ndarray) else tolerance
     if grid is None:
         if largest:
-            raise ValueError(f"radius = {largest} needs grid=(h, w) with h * w = L = {L}")
+            raise ValueError(f"tolerance = {largest} needs grid=(h, w) with h * w = L = {L}")
         return L, 1, 0
     if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid):
         raise ValueError(f"grid must be two integers (h, w), got {tuple(grid)}")
     h, w = int(grid[0]), int(grid[1])
     if h * w != L or min(h, w) < 1:
         raise ValueError(f"grid {tuple(grid)} does not match L = {L} locations (h * w = L expected)")
-    # Past the grid every location is a neighbour already; clamped, y + radius cannot overflow in a kernel.
-    if isinstance(radius, np.ndarray):
-        return h, w, np.minimum(radius, max(h, w)).astype(np.int32)
-    return h, w, min(radius, max(h, w))
+    # Past the grid every location is a neighbour already; clamped, y + tolerance cannot overflow in a kernel.
+    if isinstance(tolerance, np.ndarray):
+        return h, w, np.minimum(tolerance, max(h, w)).astype(np.int32)
+    return h, w, min(tolerance, max(h, w))
 
 
 def _is_uploaded(bank) -> bool:
@@ -194,12 +197,12 @@ def upload(bank, counts=None):
 
     Returns:
         a ``dinopatch._C_cuda.DeviceBank`` to pass as ``min_distance``'s bank
-        (backend ``"cuda"``); its device memory is freed when it is collected.
+        (kernel ``"cuda"``); its device memory is freed when it is collected.
         Changing ``bank`` afterwards does not change the copy.
     """
     cuda = _cuda()
     if cuda is None:
-        raise ValueError(f"kernel backend 'cuda' is not available here; available: {available()}")
+        raise ValueError(f"kernel 'cuda' is not available here; available: {available()}")
     b = _as_float("bank", bank, 3, keep_f16=True)
     if 0 in b.shape[1:]:
         raise ValueError(f"bank {b.shape} has no rows per location or no feature dimension")
@@ -208,25 +211,26 @@ def upload(bank, counts=None):
     return cuda.DeviceBank(b.view(np.uint16) if f16 else b, f16, c)
 
 
-def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid=None,
-                 radius: int | np.ndarray = 0) -> np.ndarray:
+@accepts_old_names("backend", "radius")
+def min_distance(queries, bank, kernel: str | None = None, *, counts=None, grid=None,
+                 tolerance: int | np.ndarray = 0) -> np.ndarray:
     """Distance from each query to the nearest bank row at its location.
 
     Args:
         queries: ``[B, L, D]`` float features, one row per image and location;
-            on backend ``"cuda"`` also float32 in CUDA memory (see the module).
+            on kernel ``"cuda"`` also float32 in CUDA memory (see the module).
         bank: ``[L, K, D]`` float nominal features, ``K`` per location; float16
             is kept as storage (half the bytes to read), other floats become
-            float32.  Accumulation is float32 or better in every backend.  Or a
-            bank on the GPU from :func:`upload` (backend ``"cuda"``); a host
+            float32.  Accumulation is float32 or better in every kernel.  Or a
+            bank on the GPU from :func:`upload` (kernel ``"cuda"``); a host
             bank on ``"cuda"`` is uploaded for this call only.
-        backend: one of :data:`BACKENDS`, or None/"auto".
+        kernel: one of :data:`KERNELS`, or None/"auto" (old name: ``backend``).
         counts: optional ``[L]`` integers in ``[1, K]``: valid rows per location
             (an uploaded bank has its counts from :func:`upload`).
-        grid: ``(h, w)`` token grid with ``h * w == L``; needed when ``radius > 0``.
-        radius: spatial tolerance in grid steps (Chebyshev neighbourhood,
+        grid: ``(h, w)`` token grid with ``h * w == L``; needed when ``tolerance > 0``.
+        tolerance: spatial tolerance in grid steps (Chebyshev neighbourhood,
             clipped at the grid edges): one integer for every location, or an
-            integer array ``[L]`` (int8, int32, ...) with a radius per location.
+            integer array ``[L]`` (int8, int32, ...) with one per location (old name: ``radius``).
 
     Returns:
         ``[B, L]`` float32 Euclidean distances; NaN where the query has a NaN.
@@ -247,31 +251,32 @@ def min_distance(queries, bank, backend: str | None = None, *, counts=None, grid
     if uploaded and counts is not None:
         raise ValueError("an uploaded bank has the counts given to upload(); pass counts=None")
     c = _check_counts(counts, L, K)
-    h, w, r = _check_grid(grid, radius, L)
-    backend = resolve(backend)
-    if uploaded and backend != "cuda":
-        raise ValueError(f"the bank is on the GPU (kernels.upload); backend {backend!r} needs a host array")
-    if on_gpu and backend != "cuda":
-        raise ValueError(f"the queries are in GPU memory; backend {backend!r} needs host arrays (or use 'cuda')")
+    h, w, r = _check_grid(grid, tolerance, L)
+    kernel = resolve(kernel)
+    if uploaded and kernel != "cuda":
+        raise ValueError(f"the bank is on the GPU (kernels.upload); kernel {kernel!r} needs a host array")
+    if on_gpu and kernel != "cuda":
+        raise ValueError(f"the queries are in GPU memory; kernel {kernel!r} needs host arrays (or use 'cuda')")
     if q.shape[0] == 0 or L == 0:
         return np.empty(tuple(q.shape[:2]), dtype=np.float32)
-    if backend == "cuda":
+    if kernel == "cuda":
         device = bank if uploaded else upload(b, c)
         if on_gpu:  # read in place: stream 1 asks the producer to finish writing them first (see the module)
             return device.min_distance_dlpack(q.__dlpack__(stream=1), h, w, r)
         return device.min_distance(q, h, w, r)
-    if backend == "cpp":
+    if kernel == "cpp":
         if b.dtype == np.float16:
             return _C.min_distance_f16(q, b.view(np.uint16), c, h, w, r)
         return _C.min_distance(q, b, c, h, w, r)
-    if backend == "numba":
+    if kernel == "numba":
         full = np.full(L, K, dtype=np.int64) if c is None else c
-        radii = r if isinstance(r, np.ndarray) else np.full(L, r, np.int32)  # one compiled signature
-        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, radii)
-    return min_distance_numpy(q, b, counts=c, grid=(h, w), radius=r)
+        steps = r if isinstance(r, np.ndarray) else np.full(L, r, np.int32)  # one compiled signature
+        return _numba().min_distance(q, b.astype(np.float32, copy=False), full, h, w, steps)
+    return min_distance_numpy(q, b, counts=c, grid=(h, w), tolerance=r)
 
 
-def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
+@accepts_old_names("backend")
+def kcenter_greedy(x, k: int, kernel: str | None = None) -> np.ndarray:
     """Greedy k-center selection, independently at each location.
 
     The first centre is the row nearest the location's mean; each next one is
@@ -281,6 +286,7 @@ def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
     Args:
         x: ``[L, N, D]`` float features.
         k: centres per location, ``1 <= k <= N``.
+        kernel: one of :data:`KERNELS`, or None/"auto" (old name: ``backend``).
 
     Returns:
         ``[L, k]`` int64 row indices into ``x[l]``.
@@ -291,38 +297,39 @@ def kcenter_greedy(x, k: int, backend: str | None = None) -> np.ndarray:
         raise ValueError(f"k = {k} must be in [1, N = {a.shape[1]}] for x of shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"x {a.shape} holds NaN or infinite values; k-center needs finite features")
-    backend = resolve(backend)
+    kernel = resolve(kernel)
     if a.shape[0] == 0:
         return np.empty((0, k), dtype=np.int64)
-    if backend == "cuda":
+    if kernel == "cuda":
         return _cuda().kcenter_greedy(a, k)
-    if backend == "cpp":
+    if kernel == "cpp":
         return _C.kcenter_greedy(a, k)
-    if backend == "numba":
+    if kernel == "numba":
         return _numba().kcenter_greedy(a, k)
     return kcenter_greedy_numpy(a, k)
 
 
-def neighbourhood(l: int, grid: tuple[int, int], radius: int) -> np.ndarray:
-    """Locations within ``radius`` Chebyshev steps of location ``l`` on ``grid``."""
+def neighbourhood(l: int, grid: tuple[int, int], tolerance: int) -> np.ndarray:
+    """Locations within ``tolerance`` Chebyshev steps of location ``l`` on ``grid``."""
     h, w = grid
     y, x = divmod(l, w)
-    ys = np.arange(max(0, y - radius), min(h, y + radius + 1))
-    xs = np.arange(max(0, x - radius), min(w, x + radius + 1))
+    ys = np.arange(max(0, y - tolerance), min(h, y + tolerance + 1))
+    xs = np.arange(max(0, x - tolerance), min(w, x + tolerance + 1))
     return (ys[:, None] * w + xs[None, :]).ravel()
 
 
+@accepts_old_names("radius")
 def min_distance_numpy(q: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None,
-                       grid: tuple[int, int] | None = None, radius: int | np.ndarray = 0) -> np.ndarray:
-    """Reference: direct differences per location, float64 accumulation (``radius``: int or ``[L]`` map)."""
+                       grid: tuple[int, int] | None = None, tolerance: int | np.ndarray = 0) -> np.ndarray:
+    """Reference: direct differences per location, float64 accumulation (``tolerance``: int or ``[L]`` map)."""
     B, L, D = q.shape
     K = b.shape[1]
     grid = grid or (L, 1)
-    radii = np.broadcast_to(np.asarray(radius, np.int64), (L,))
+    steps = np.broadcast_to(np.asarray(tolerance, np.int64), (L,))
     out = np.empty((B, L), dtype=np.float32)
     for l in range(L):
         rows = np.concatenate([b[m, : (K if counts is None else counts[m])]
-                               for m in neighbourhood(l, grid, int(radii[l]))]).astype(np.float64)
+                               for m in neighbourhood(l, grid, int(steps[l]))]).astype(np.float64)
         # Chunk the queries so the [chunk, rows, D] difference stays small.
         step = max(1, (1 << 22) // (len(rows) * D))
         for s in range(0, B, step):
@@ -344,3 +351,10 @@ def kcenter_greedy_numpy(x: np.ndarray, k: int) -> np.ndarray:
             mind = np.minimum(mind, ((xl - xl[c]) ** 2).sum(axis=1))
             c = int(np.argmax(mind))
     return out
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # the old name of KERNELS, for one release
+        warn("BACKENDS", "KERNELS", "dinopatch.kernels")
+        return KERNELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

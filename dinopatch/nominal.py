@@ -87,10 +87,10 @@ class NominalSet:
         positions: flat patch indices of the region, or None for every patch.
         foreground: the region's :class:`~.foreground.Foreground` (None without a region).
         plan: the fold plan every held-out measurement uses.
-        engine, batch_size, backend: how new canonical images are embedded and banks are scored.
+        engine, batch_size, kernel: how new canonical images are embedded and banks are scored.
         offsets: held-out patches at each offset per location (:func:`.tolerance.offset_counts` over the
             plan's folds), or None where the tolerance map is not wanted (:meth:`with_offsets`).
-        tolerance_map: int8 ``[h * w]``, the radius per location derived from ``offsets``, or None.
+        tolerance_map: int8 ``[h * w]``, the tolerance per location derived from ``offsets``, or None.
     """
 
     aligner: Aligner
@@ -103,13 +103,13 @@ class NominalSet:
     plan: FoldPlan
     engine: object
     batch_size: int
-    backend: str | None
+    kernel: str | None
     offsets: np.ndarray | None = None
     tolerance_map: np.ndarray | None = None
 
     @classmethod
     def build(cls, images: list[np.ndarray], aligner: Aligner, engine, *, foreground="auto", seed: int = 0,
-              batch_size: int = 8, backend: str | None = None, progress: bool = False) -> "NominalSet":
+              batch_size: int = 8, kernel: str | None = None, progress: bool = False) -> "NominalSet":
         """Place and embed nominal images; measure the region's background check.
 
         Args:
@@ -127,7 +127,7 @@ class NominalSet:
         tokens = embed(engine, frames, batch_size, progress, "fit: embedding", positions)
         grids = tokens if positions is None else scatter(tokens, positions, engine.grid)
         nominal = cls(aligner, frames, np.stack([c[1] for c in canon]), tuple(c[2] for c in canon), grids,
-                      positions, None, FoldPlan.seeded(len(images), seed), engine, int(batch_size), backend)
+                      positions, None, FoldPlan.seeded(len(images), seed), engine, int(batch_size), kernel)
         if positions is None:
             return nominal
         fg = Foreground.fit(positions, engine.grid, nominal.held_out(_NEAREST), patch_stats(frames, engine.grid),
@@ -153,16 +153,16 @@ class NominalSet:
         return dataclasses.replace(self, offsets=offsets, tolerance_map=tmap)
 
     def bank(self, settings: dict, train: np.ndarray | None = None) -> MemoryBank:
-        """The bank of images ``train`` (default: all) with ``settings``' tolerance (a radius, or ``"map"``:
-        :attr:`tolerance_map`), match, ratio and dtype."""
+        """The bank of images ``train`` (default: all) with ``settings``' tolerance (grid steps, or ``"map"``:
+        :attr:`tolerance_map`), match, coreset_ratio and dtype."""
         tokens = self.tokens if train is None else self.tokens[train]
-        radius = settings["tolerance"]
-        if isinstance(radius, str) and radius == "map":
+        steps = settings["tolerance"]
+        if isinstance(steps, str) and steps == "map":
             if self.tolerance_map is None:
                 raise ValueError("tolerance 'map' before its offsets were measured (NominalSet.with_offsets)")
-            radius = self.tolerance_map
-        return MemoryBank.fit(tokens, ratio=settings["coreset_ratio"], radius=radius,
-                              dtype=np.dtype(settings["bank_dtype"]), backend=self.backend, positions=self.positions,
+            steps = self.tolerance_map
+        return MemoryBank.fit(tokens, coreset_ratio=settings["coreset_ratio"], tolerance=steps,
+                              dtype=np.dtype(settings["bank_dtype"]), kernel=self.kernel, positions=self.positions,
                               match=settings["match"])
 
     def queries(self, frames: list[np.ndarray], origin) -> Queries:
@@ -189,11 +189,11 @@ class NominalSet:
             train = self.plan.train(held)
             bank = self.bank(settings, train)
             background = None if self.foreground is None else self.foreground.background_of(self.frames[train])
-            maps[held] = finish(bank.distances(self.tokens[held], self.backend), self.foreground, self.frames[held],
+            maps[held] = finish(bank.distances(self.tokens[held], self.kernel), self.foreground, self.frames[held],
                                 background)
             here = np.array([], int) if extra is None else np.flatnonzero(np.isin(extra.origin, held))
             if here.size:
-                more[here] = finish(bank.distances(extra.tokens[here], self.backend), self.foreground,
+                more[here] = finish(bank.distances(extra.tokens[here], self.kernel), self.foreground,
                                     extra.frames[here], background)
         return maps if extra is None else (maps, more)
 

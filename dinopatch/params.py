@@ -200,7 +200,7 @@ def _threshold(v, p: dict):
 
 
 def _tolerance(v, p: dict):
-    # "map": a radius for each location, measured at fit (:mod:`.tolerance`).
+    # "map": a tolerance for each location, measured at fit (:mod:`.tolerance`).
     return v if isinstance(v, str) and v == "map" else Integer(0, _side(p) - 1).check("tolerance", v, p)
 
 
@@ -221,7 +221,7 @@ PARAMS: tuple[Param, ...] = (
     Param("engine", "auto", Checked(_engine, standalone=True),
           f"backbone engine: {', '.join(ENGINES)} or an .onnx export (runs without torch)", runtime=True,
           flag="--engine"),
-    Param("kernel", "auto", OneOf(("auto", *kernels.BACKENDS)), "distance kernel; 'auto' takes the fastest "
+    Param("kernel", "auto", OneOf(("auto", *kernels.KERNELS)), "distance kernel; 'auto' takes the fastest "
           "installed", runtime=True, flag="--kernel"),
     Param("seed", 0, Integer(0, 2**32 - 1), "seeds random weights, calibration and the evaluation split",
           flag="--seed"),

@@ -95,7 +95,7 @@ class ServiceConfig:
             name per file (its stem).  Resolved to ``{name: absolute path}`` in ``files``.
         engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
             or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
-        kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
+        kernel: the distance kernel (``"auto"``, ``"cpp"``, ...).
         replicas: scorer replicas, each holding up to ``max_models`` models.
         max_models: models a replica keeps loaded; beyond, the least recently used is dropped.
         poll_s: how often the model files are looked at for a new version.

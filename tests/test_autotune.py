@@ -53,9 +53,9 @@ def test_tolerance_zero_on_aligned_parts_and_above_on_jittered_ones(jittered):
     still = _det(align=False, tolerance="auto").fit(_parts(6, 0))
     moved = jittered[1]
     assert still.auto_["evidence"]["offset_share"][0] > 0.95
-    assert still.auto_["chosen"] == {"tolerance": 0} and still.model_.bank.radius == 0
+    assert still.auto_["chosen"] == {"tolerance": 0} and still.model_.bank.tolerance == 0
     assert moved.auto_["evidence"]["offset_share"][0] < 0.9
-    assert moved.auto_["chosen"]["tolerance"] > 0 and moved.model_.bank.radius == moved.auto_["chosen"]["tolerance"]
+    assert moved.auto_["chosen"]["tolerance"] > 0 and moved.model_.bank.tolerance == moved.auto_["chosen"]["tolerance"]
     assert still.get_params()["tolerance"] == moved.get_params()["tolerance"] == "auto"
 
 
@@ -183,7 +183,7 @@ def test_edited_or_invalid_record_is_refused(auto_screws, tmp_path, name, edit, 
 
 def test_explicit_values_are_never_overridden():
     det = _det(tolerance=2, sigma="auto", score="p99").fit(screws("good", 4, seed=1))
-    assert det.auto_["chosen"].keys() == {"sigma"} and det.model_.bank.radius == 2
+    assert det.auto_["chosen"].keys() == {"sigma"} and det.model_.bank.tolerance == 2
     assert all(k.startswith("tolerance=2 match=local ") and k.endswith(" score=p99")
                for k in det.auto_["evidence"]["image_auroc"])
     assert det.model_.post.score == "p99" and det.get_params()["tolerance"] == 2
@@ -194,7 +194,7 @@ def test_few_images_fall_back_to_the_documented_defaults(n):
     kwargs = {"threshold": 1.0} if n == 1 else {}  # one image cannot calibrate a threshold either
     det = _det(**AUTO, match="auto", **kwargs).fit(screws("good", n, seed=1))
     assert det.auto_["fallback"] is True and det.auto_["chosen"] == autotune.DEFAULTS
-    assert det.model_.bank.radius == autotune.DEFAULTS["tolerance"]
+    assert det.model_.bank.tolerance == autotune.DEFAULTS["tolerance"]
     assert np.isfinite(det.predict(screws("good", 1, seed=9))[0].score)
 
 

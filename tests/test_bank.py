@@ -1,4 +1,4 @@
-"""MemoryBank: its device copy on the cuda backend, copies and pickles.
+"""MemoryBank: its device copy on the cuda kernel, copies and pickles.
 
 No GPU here: a stand-in for ``dinopatch._C_cuda`` counts uploads and computes
 with the numpy reference, so the real code paths of ``bank.py`` and
@@ -36,8 +36,8 @@ class FakeDeviceBank:
         self.shape = self.rows.shape
         self.f16 = f16
 
-    def min_distance(self, q, h, w, radius):
-        return kernels.min_distance_numpy(q, self.rows, self.counts, (h, w), radius)
+    def min_distance(self, q, h, w, tolerance):
+        return kernels.min_distance_numpy(q, self.rows, self.counts, (h, w), tolerance)
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def fake_cuda(monkeypatch):
     FakeDeviceBank.during_upload = None
 
 
-def _bank(rng, radius=1, dtype=np.float32):
-    return MemoryBank(rng.standard_normal((12, 5, 16)).astype(dtype), (3, 4), radius)
+def _bank(rng, tolerance=1, dtype=np.float32):
+    return MemoryBank(rng.standard_normal((12, 5, 16)).astype(dtype), (3, 4), tolerance)
 
 
 def _tokens(rng, n=3):
@@ -61,7 +61,7 @@ def _tokens(rng, n=3):
 
 def _reference(bank, tokens):
     q = tokens.reshape(len(tokens), -1, bank.dim)
-    return kernels.min_distance_numpy(q, bank.features, grid=bank.grid, radius=bank.radius).reshape(
+    return kernels.min_distance_numpy(q, bank.features, grid=bank.grid, tolerance=bank.tolerance).reshape(
         tokens.shape[:3]
     )
 
@@ -74,7 +74,7 @@ def test_concurrent_first_use_uploads_once(fake_cuda, rng):
     def predict(i):
         try:
             start.wait()
-            results[i] = bank.distances(tokens, backend="cuda")
+            results[i] = bank.distances(tokens, kernel="cuda")
         except Exception as e:  # reported below, not lost in the thread
             errors.append(e)
 
@@ -86,15 +86,15 @@ def test_concurrent_first_use_uploads_once(fake_cuda, rng):
     assert not errors and fake_cuda.uploads == 1
     for r in results:
         np.testing.assert_allclose(r, _reference(bank, tokens), rtol=1e-6)
-    bank.distances(tokens, backend="cuda")
+    bank.distances(tokens, kernel="cuda")
     assert fake_cuda.uploads == 1
 
 
 def test_host_backends_never_upload(fake_cuda, rng):
     bank, tokens = _bank(rng), _tokens(rng)
-    for backend in [b for b in kernels.available() if b != "cuda"]:
+    for kernel in [b for b in kernels.available() if b != "cuda"]:
         np.testing.assert_allclose(
-            bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4
+            bank.distances(tokens, kernel=kernel), _reference(bank, tokens), rtol=1e-4
         )
     assert fake_cuda.uploads == 0 and bank._device is None
 
@@ -104,7 +104,7 @@ def test_device_copy_dies_with_the_bank_and_collection_never_deadlocks(fake_cuda
     copy; nothing in that path takes a lock (the old global cache's finalizer did,
     and a collection inside its locked region deadlocked the thread on itself)."""
     old, tokens = _bank(rng), _tokens(rng)
-    old.distances(tokens, backend="cuda")
+    old.distances(tokens, kernel="cuda")
     copy_of_old = weakref.ref(old._device)
     old.cycle = old  # only the collector frees it
     del old
@@ -119,11 +119,11 @@ def test_device_copy_dies_with_the_bank_and_collection_never_deadlocks(fake_cuda
 
 def test_copies_and_pickles_carry_host_rows_only(fake_cuda, rng):
     bank, tokens = _bank(rng, dtype=np.float16), _tokens(rng)
-    want = bank.distances(tokens, backend="cuda")
+    want = bank.distances(tokens, kernel="cuda")
     for other in (pickle.loads(pickle.dumps(bank)), copy.deepcopy(bank)):
         assert other._device is None and other.features.dtype == np.float16
         np.testing.assert_array_equal(other.features, bank.features)
-        np.testing.assert_array_equal(other.distances(tokens, backend="cuda"), want)
+        np.testing.assert_array_equal(other.distances(tokens, kernel="cuda"), want)
         with pytest.raises(ValueError, match="read-only"):
             other.features[0, 0, 0] = 1
     assert fake_cuda.uploads == 3
@@ -145,12 +145,12 @@ def test_host_array_on_cuda_uploads_per_call_and_upload_once(fake_cuda, rng):
     ref = kernels.min_distance_numpy(q, b, counts, (3, 4), 1)
     for _ in range(2):
         np.testing.assert_allclose(
-            kernels.min_distance(q, b, "cuda", counts=counts, grid=(3, 4), radius=1), ref, rtol=1e-6
+            kernels.min_distance(q, b, "cuda", counts=counts, grid=(3, 4), tolerance=1), ref, rtol=1e-6
         )
     assert fake_cuda.uploads == 2
     dev = kernels.upload(b, counts)
     for _ in range(2):
-        np.testing.assert_allclose(kernels.min_distance(q, dev, grid=(3, 4), radius=1), ref, rtol=1e-6)
+        np.testing.assert_allclose(kernels.min_distance(q, dev, grid=(3, 4), tolerance=1), ref, rtol=1e-6)
     assert fake_cuda.uploads == 3
 
 
@@ -160,12 +160,12 @@ def test_uploaded_bank_misuse_is_a_clear_error(fake_cuda, rng):
     dev = kernels.upload(b)
     bad = [
         (dict(counts=np.full(6, 2)), "counts given to upload"),
-        (dict(backend="numpy"), "on the GPU"),
+        (dict(kernel="numpy"), "on the GPU"),
         (dict(queries=q[:, :4]), "disagree on L or D"),
         (dict(queries=q[..., :5]), "disagree on L or D"),
     ]
     for change, message in bad:
-        args = dict(queries=q, backend="cuda") | change
+        args = dict(queries=q, kernel="cuda") | change
         with pytest.raises(ValueError, match=message):
             kernels.min_distance(args.pop("queries"), dev, **args)
     for bank, message in ((b[:, :0], "no rows"), (b[0], "3 dimensions"), (b.astype(int), "float array")):
@@ -188,58 +188,58 @@ def test_features_cannot_be_replaced(rng):
         bank.features = np.zeros_like(bank.features)
 
 
-# -- a tolerance map: a radius per grid location ---------------------------------------------
+# -- a tolerance map: a tolerance per grid location ---------------------------------------------
 
 
-def _region_reference(features, positions, grid, radii, tokens):
-    """Brute force: a covered location's nearest row among covered locations within its own radius."""
+def _region_reference(features, positions, grid, tolerances, tokens):
+    """Brute force: a covered location's nearest row among covered locations within its own tolerance."""
     h, w = grid
     q = tokens.reshape(len(tokens), h * w, -1).astype(np.float64)
     out = np.full(q.shape[:2], np.nan)
     for i, l in enumerate(positions):
         near = [j for j, m in enumerate(positions)
-                if max(abs(m // w - l // w), abs(m % w - l % w)) <= radii[l]]
+                if max(abs(m // w - l // w), abs(m % w - l % w)) <= tolerances[l]]
         rows = features[near].reshape(-1, q.shape[2]).astype(np.float64)
         out[:, l] = np.sqrt(((q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
     return out.reshape(tokens.shape[:3])
 
 
 def test_map_bank_every_backend_and_the_device_copy(fake_cuda, rng):
-    radii = rng.integers(0, 3, 12).astype(np.int8)
-    bank, tokens = _bank(rng, radius=radii), _tokens(rng)
-    assert bank.max_radius == radii.max() and "map of 0..2" in repr(bank)
-    for backend in kernels.available() + ["cuda"]:
-        np.testing.assert_allclose(bank.distances(tokens, backend=backend), _reference(bank, tokens), rtol=1e-4,
+    tolerances = rng.integers(0, 3, 12).astype(np.int8)
+    bank, tokens = _bank(rng, tolerance=tolerances), _tokens(rng)
+    assert bank.max_tolerance == tolerances.max() and "map of 0..2" in repr(bank)
+    for kernel in kernels.available() + ["cuda"]:
+        np.testing.assert_allclose(bank.distances(tokens, kernel=kernel), _reference(bank, tokens), rtol=1e-4,
                                    atol=1e-5)
     assert fake_cuda.uploads == 1
-    zeros = _bank(np.random.default_rng(0), radius=np.zeros(12, np.int32))
-    plain = _bank(np.random.default_rng(0), radius=0)
-    for backend in kernels.available():
-        np.testing.assert_array_equal(zeros.distances(tokens, backend), plain.distances(tokens, backend))
+    zeros = _bank(np.random.default_rng(0), tolerance=np.zeros(12, np.int32))
+    plain = _bank(np.random.default_rng(0), tolerance=0)
+    for kernel in kernels.available():
+        np.testing.assert_array_equal(zeros.distances(tokens, kernel), plain.distances(tokens, kernel))
 
 
 @pytest.mark.parametrize("match", ["local", "local+global", "global"])
 def test_region_bank_with_a_map(fake_cuda, rng, match):
     grid, positions = (4, 5), np.array([1, 2, 3, 6, 7, 8, 11, 12, 17, 18])
     tokens = rng.standard_normal((6, 4, 5, 16)).astype(np.float32)
-    radii = rng.integers(0, 3, 20).astype(np.int8)
-    bank = MemoryBank.fit(tokens[:4], radius=radii, positions=positions, match=match)
-    local = _region_reference(bank.features, positions, grid, radii, tokens[4:])
+    tolerances = rng.integers(0, 3, 20).astype(np.int8)
+    bank = MemoryBank.fit(tokens[:4], tolerance=tolerances, positions=positions, match=match)
+    local = _region_reference(bank.features, positions, grid, tolerances, tokens[4:])
     glob = MemoryBank.fit(tokens[:4], positions=positions, match="global").distances(tokens[4:], "numpy")
     want = {"local": local, "global": glob, "local+global": 0.5 * (local + glob)}[match]
-    for backend in kernels.available() + ["cuda"]:
-        np.testing.assert_allclose(bank.distances(tokens[4:], backend), want, rtol=1e-4, atol=1e-5)
+    for kernel in kernels.available() + ["cuda"]:
+        np.testing.assert_allclose(bank.distances(tokens[4:], kernel), want, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_maps_are_refused_and_a_map_stays_read_only(rng):
     features = rng.standard_normal((12, 5, 16)).astype(np.float32)
-    for radii in (np.zeros(11, np.int8), np.full(12, -1), np.zeros(12, bool), np.zeros(12, np.float32),
+    for tolerances in (np.zeros(11, np.int8), np.full(12, -1), np.zeros(12, bool), np.zeros(12, np.float32),
                   np.full(12, 300)):
         with pytest.raises(ValueError, match="tolerance map"):
-            MemoryBank(features, (3, 4), radii)
-    radii = np.ones(12, np.int32)
-    bank = MemoryBank(features, (3, 4), radii)
-    radii[:] = 2  # the caller's array is copied
-    assert bank.radius.dtype == np.int8 and not bank.radius.flags.writeable and bank.max_radius == 1
+            MemoryBank(features, (3, 4), tolerances)
+    tolerances = np.ones(12, np.int32)
+    bank = MemoryBank(features, (3, 4), tolerances)
+    tolerances[:] = 2  # the caller's array is copied
+    assert bank.tolerance.dtype == np.int8 and not bank.tolerance.flags.writeable and bank.max_tolerance == 1
     back = pickle.loads(pickle.dumps(bank))
-    assert not back.radius.flags.writeable and (back.radius == 1).all()
+    assert not back.tolerance.flags.writeable and (back.tolerance == 1).all()

@@ -211,7 +211,7 @@ def test_cuda_group_dry_run_checked_parity_zeros_and_kcenter(run):
     }
     checks = [r for r in run["rows"] if r["stage"] == "target" and r["required"]]
     assert all(r["met"] for r in checks)
-    # 2 dtypes x 2 radii x (parity, zeros) + k-center; cuda_e2e checks each engine's device (test_gpu_check.py)
+    # 2 dtypes x 2 tolerances x (parity, zeros) + k-center; cuda_e2e checks each engine's device (test_gpu_check.py)
     assert len([r for r in checks if ": runs on " not in r["method"]]) == 9
 
 

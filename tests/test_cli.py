@@ -220,7 +220,7 @@ def test_help_shows_every_default_and_every_option_has_help():
 def test_choices_come_from_the_registries():
     subs = subparsers(build_parser())
     actions = {a.dest: a for a in subs["evaluate"]._actions}
-    assert actions["kernel"].choices == ("auto", *kernels.BACKENDS)
+    assert actions["kernel"].choices == ("auto", *kernels.KERNELS)
     assert actions["score"].choices == ("auto", *SCORES)
     assert actions["match"].choices == ("auto", *MATCHES)
     assert actions["backbone"].choices == tuple(sorted(BACKBONES))

@@ -30,11 +30,11 @@ def test_host_arrays_and_cpu_tensors_are_not_taken_for_device_queries():
     assert not kernels.on_cuda(torch.zeros(1, 2, 3)) and kernels.on_cuda(CudaArrayStandIn())
 
 
-@pytest.mark.parametrize("backend", ["cpp", "numpy"])
-def test_device_queries_on_a_host_backend_are_refused_by_name(backend):
+@pytest.mark.parametrize("kernel", ["cpp", "numpy"])
+def test_device_queries_on_a_host_backend_are_refused_by_name(kernel):
     bank = np.zeros((6, 3, 4), np.float32)
-    with pytest.raises(ValueError, match=f"GPU memory; backend '{backend}' needs host arrays"):
-        kernels.min_distance(CudaArrayStandIn(), bank, backend)
+    with pytest.raises(ValueError, match=f"GPU memory; kernel '{kernel}' needs host arrays"):
+        kernels.min_distance(CudaArrayStandIn(), bank, kernel)
 
 
 def _pair(rng, torch, B=3, h=3, w=4, K=9, D=40, dtype=np.float32):
@@ -47,8 +47,8 @@ def _pair(rng, torch, B=3, h=3, w=4, K=9, D=40, dtype=np.float32):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("radius", [0, 1])
-def test_device_queries_equal_the_host_path(rng, dtype, radius):
+@pytest.mark.parametrize("tolerance", [0, 1])
+def test_device_queries_equal_the_host_path(rng, dtype, tolerance):
     """Same kernel, same numbers: bitwise equal to host queries, within 1e-4 of the reference, exact zeros."""
     need_cuda(torch=True)
     import torch
@@ -56,11 +56,11 @@ def test_device_queries_equal_the_host_path(rng, dtype, radius):
     q, qt, bank = _pair(rng, torch, dtype=dtype)
     counts = np.array([9, 1, 4, 9, 2, 9, 9, 5, 9, 3, 9, 7])
     for dev in (kernels.upload(bank), kernels.upload(bank, counts)):  # ragged banks too
-        host = kernels.min_distance(q, dev, "cuda", grid=(3, 4), radius=radius)
-        got = kernels.min_distance(qt, dev, "cuda", grid=(3, 4), radius=radius)
+        host = kernels.min_distance(q, dev, "cuda", grid=(3, 4), tolerance=tolerance)
+        got = kernels.min_distance(qt, dev, "cuda", grid=(3, 4), tolerance=tolerance)
         np.testing.assert_array_equal(got, host)
-    ref = kernels.min_distance_numpy(q, bank, grid=(3, 4), radius=radius)
-    got = kernels.min_distance(qt, bank, "cuda", grid=(3, 4), radius=radius)  # a host bank, uploaded per call
+    ref = kernels.min_distance_numpy(q, bank, grid=(3, 4), tolerance=tolerance)
+    got = kernels.min_distance(qt, bank, "cuda", grid=(3, 4), tolerance=tolerance)  # a host bank, uploaded per call
     assert np.abs(got - ref).max() <= 1e-4 * ref.max() and (got[0] == 0).all()
 
 
@@ -99,24 +99,24 @@ def test_device_queries_of_the_wrong_kind_are_refused(rng):
         kernels.min_distance(qt[:, :, :8], dev, "cuda")
     with pytest.raises(ValueError, match="3 dimensions"):
         kernels.min_distance(qt[0], dev, "cuda")
-    with pytest.raises(ValueError, match="GPU memory; backend 'cpp'"):
+    with pytest.raises(ValueError, match="GPU memory; kernel 'cpp'"):
         kernels.min_distance(qt, bank, "cpp")
     assert kernels.min_distance(qt[:0], dev, "cuda").shape == (0, 12)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("radius", [0, 1])
+@pytest.mark.parametrize("tolerance", [0, 1])
 @pytest.mark.parametrize("region", [False, True])
-def test_bank_distances_of_device_tokens_equal_the_host_path(rng, radius, region):
+def test_bank_distances_of_device_tokens_equal_the_host_path(rng, tolerance, region):
     need_cuda(torch=True)
     import torch
 
     nominal = rng.standard_normal((5, 3, 4, 16), dtype=np.float32)
     positions = np.array([1, 2, 5, 6, 9]) if region else None
-    bank = MemoryBank.fit(nominal, radius=radius, positions=positions)
+    bank = MemoryBank.fit(nominal, tolerance=tolerance, positions=positions)
     tokens = rng.standard_normal((2, 3, 4, 16), dtype=np.float32)
-    host = bank.distances(tokens, backend="cuda")
-    got = bank.distances(torch.from_numpy(tokens).cuda(), backend="cuda")
+    host = bank.distances(tokens, kernel="cuda")
+    got = bank.distances(torch.from_numpy(tokens).cuda(), kernel="cuda")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(host))
     np.testing.assert_array_equal(got[~np.isnan(got)], host[~np.isnan(host)])
     assert np.isnan(got).any() == region

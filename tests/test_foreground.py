@@ -150,22 +150,22 @@ def test_patch_stats_are_means_and_gray_spread_per_patch(rng):
     np.testing.assert_allclose(got[..., 3], gray.std(axis=2), atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp", "cuda"])
-@pytest.mark.parametrize("radius", [0, 1, 2])
-def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, radius):
+@pytest.mark.parametrize("kernel", ["numpy", "numba", "cpp", "cuda"])
+@pytest.mark.parametrize("tolerance", [0, 1, 2])
+def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, kernel, tolerance):
     from dinopatch import kernels
     from dinopatch.bank import MemoryBank
 
-    if backend not in kernels.available():
-        pytest.skip(f"{backend} is not built here")
+    if kernel not in kernels.available():
+        pytest.skip(f"{kernel} is not built here")
     positions = np.array([3, 8, 9, 10, 16, 17, 24, 25, 26, 31, 32, 33, 38])
     tokens = rng.standard_normal((5, 6, 7, 16)).astype(np.float32)
     queries = rng.standard_normal((3, 6, 7, 16)).astype(np.float32)
     queries[0, 2, 3] = tokens[1, 2, 3]  # an exact match
-    bank = MemoryBank.fit(tokens, radius=radius, positions=positions)
-    got = bank.distances(queries, backend=backend).reshape(3, -1)
+    bank = MemoryBank.fit(tokens, tolerance=tolerance, positions=positions)
+    got = bank.distances(queries, kernel=kernel).reshape(3, -1)
     # A copy (as Ray and joblib make) pads and uploads its own bank.
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(bank)).distances(queries, backend=backend).reshape(3, -1),
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(bank)).distances(queries, kernel=kernel).reshape(3, -1),
                                   got)
     flat_t, flat_q = tokens.reshape(5, 42, 16), queries.reshape(3, 42, 16)
     kept = set(positions.tolist())
@@ -174,7 +174,7 @@ def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, backend, ra
             assert np.isnan(got[:, l]).all()
             continue
         y, x = divmod(l, 7)
-        near = [m for m in kept if abs(m // 7 - y) <= radius and abs(m % 7 - x) <= radius]
+        near = [m for m in kept if abs(m // 7 - y) <= tolerance and abs(m % 7 - x) <= tolerance]
         rows = flat_t[:, near].reshape(-1, 16).astype(np.float64)
         want = np.sqrt(((flat_q[:, l, None] - rows[None]) ** 2).sum(-1)).min(1)
         np.testing.assert_allclose(got[:, l], want, rtol=1e-5, atol=1e-4)

@@ -30,24 +30,24 @@ def test_wrapping_grid_is_refused():
     with pytest.raises(ValueError, match="overflows"):
         _C.min_distance_f16(q, b.astype(np.float16).view(np.uint16), None, h, w, 1)
     with pytest.raises(ValueError, match="does not match"):
-        kernels.min_distance(q, b, "cpp", grid=(h, w), radius=1)
+        kernels.min_distance(q, b, "cpp", grid=(h, w), tolerance=1)
 
 
-@pytest.mark.parametrize("radius", [3, 4, 1000, 2**31, 2**62, I64])
-@pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in kernels.available()])
-def test_radius_beyond_the_grid_equals_numpy(backend, radius):
+@pytest.mark.parametrize("tolerance", [3, 4, 1000, 2**31, 2**62, I64])
+@pytest.mark.parametrize("kernel", [b for b in ("cpp", "numba") if b in kernels.available()])
+def test_tolerance_beyond_the_grid_equals_numpy(kernel, tolerance):
     """Past the grid every location is a neighbour: cpp and numba equal numpy, with no inf."""
     rng = np.random.default_rng(0)
     h, w, K, D = 3, 4, 2, 8
     q = rng.standard_normal((2, h * w, D)).astype(np.float32)
     b = rng.standard_normal((h * w, K, D)).astype(np.float32)
-    want = kernels.min_distance_numpy(q, b, grid=(h, w), radius=radius)
-    np.testing.assert_array_equal(want, kernels.min_distance_numpy(q, b, grid=(h, w), radius=max(h, w)))
-    got = kernels.min_distance(q, b, backend, grid=(h, w), radius=radius)
+    want = kernels.min_distance_numpy(q, b, grid=(h, w), tolerance=tolerance)
+    np.testing.assert_array_equal(want, kernels.min_distance_numpy(q, b, grid=(h, w), tolerance=max(h, w)))
+    got = kernels.min_distance(q, b, kernel, grid=(h, w), tolerance=tolerance)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * want.max())
-    if backend == "cpp":  # the binding clamps too, for callers that skip dinopatch.kernels
-        np.testing.assert_allclose(_C.min_distance(q, b, None, h, w, radius), want, rtol=1e-5,
+    if kernel == "cpp":  # the binding clamps too, for callers that skip dinopatch.kernels
+        np.testing.assert_allclose(_C.min_distance(q, b, None, h, w, tolerance), want, rtol=1e-5,
                                    atol=1e-5 * want.max())
 
 
@@ -82,7 +82,7 @@ def arrays(draw, shape, dtypes=DTYPES):
 
 @st.composite
 def calls(draw):
-    # Half the calls are valid (any radius >= 0, any numeric dtype and layout) and must equal numpy;
+    # Half the calls are valid (any tolerance >= 0, any numeric dtype and layout) and must equal numpy;
     # the other half break one or more rules at once and must raise.
     hostile = draw(st.booleans())
     maybe = (lambda strategy, valid: draw(strategy) if hostile and draw(st.booleans()) else valid)
@@ -102,7 +102,7 @@ def calls(draw):
         h, w = (hh, ww) if ww <= I64 else (h + 1, w)
     elif kind == "mismatch":
         h = h + 1
-    radius = maybe(st.sampled_from([-1, -2**63, 2**63, 2**64 + 3]),
+    tolerance = maybe(st.sampled_from([-1, -2**63, 2**63, 2**64 + 3]),
                    draw(st.sampled_from([0, 1, 2, 5, 2**31, 2**62, I64])))
     counts = draw(st.sampled_from([None, "full", "ones", "list"]))
     counts = (None if counts is None else np.full(L, K, np.int64) if counts == "full" else
@@ -110,22 +110,22 @@ def calls(draw):
     counts = maybe(st.one_of(arrays((draw(shapes),), [np.int64, np.int32, np.float64, np.uint64]),
                              st.sampled_from(EXTREME).map(lambda v: np.full(L, v, object).astype(np.int64)
                                                           if -2**63 <= v <= I64 else [v] * L)), counts)
-    return q, bank, counts, h, w, radius
+    return q, bank, counts, h, w, tolerance
 
 
 @settings(max_examples=int(sys.argv[1]), deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(calls(), st.booleans())
 def min_distance(call, f16):
-    q, bank, counts, h, w, radius = call
+    q, bank, counts, h, w, tolerance = call
     print("min_distance", q.dtype, q.shape, q.strides, bank.dtype, bank.shape, bank.strides,
-          None if counts is None else np.asarray(counts)[:4], h, w, radius, f16, flush=True)
+          None if counts is None else np.asarray(counts)[:4], h, w, tolerance, f16, flush=True)
     try:
         if f16:
             bits = bank if bank.dtype == object else bank.astype(np.float16).view(np.uint16)
-            out = _C.min_distance_f16(q, bits, counts, h, w, radius)
+            out = _C.min_distance_f16(q, bits, counts, h, w, tolerance)
         else:
-            out = _C.min_distance(q, bank, counts, h, w, radius)
+            out = _C.min_distance(q, bank, counts, h, w, tolerance)
     except (ValueError, TypeError, OverflowError, RuntimeError):
         return
     RAN["min_distance"] += 1
@@ -133,7 +133,7 @@ def min_distance(call, f16):
     qf = np.asarray(q, np.float32)
     bf = np.asarray(bank.astype(np.float16) if f16 else bank, np.float32)
     c = None if counts is None else np.asarray(counts, np.int64)
-    want = min_distance_numpy(qf, bf, counts=c, grid=(h, w), radius=radius)
+    want = min_distance_numpy(qf, bf, counts=c, grid=(h, w), tolerance=tolerance)
     ok = np.isclose(out, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.nanmax(want, initial=0))),
                     equal_nan=True)
     assert out.shape == want.shape and ok.all(), (out, want)
@@ -181,7 +181,7 @@ print("DONE", flush=True)
 
 
 def test_direct_calls_never_crash():
-    """Random shapes, dtypes, strides, grids, radii and counts, extremes included, in a child process:
+    """Random shapes, dtypes, strides, grids, tolerances and counts, extremes included, in a child process:
     it must finish normally; calls that run must equal numpy."""
     out = subprocess.run([sys.executable, "-c", _FUZZ, "300"], capture_output=True, text=True, check=False,
                          timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))

@@ -75,6 +75,6 @@ def test_the_tolerance_map_is_measured_on_the_plan_and_built_into_its_banks(regi
     covered = offsets.sum(axis=1) > 0
     assert (offsets.sum(axis=1)[covered] == len(nominal)).all()  # each image held out once, by the plan
     mapped = nominal.with_offsets(offsets)
-    np.testing.assert_array_equal(mapped.bank(settings).radius, tolerance.tolerance_map(offsets, (8, 8), 7))
+    np.testing.assert_array_equal(mapped.bank(settings).tolerance, tolerance.tolerance_map(offsets, (8, 8), 7))
     assert mapped.subset(np.arange(6), seed=0).offsets is None  # evidence of another set is not carried over
     assert autotune.measure_offsets({"tolerance": 1, "seed": 0}, nominal) is None

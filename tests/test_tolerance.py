@@ -1,4 +1,4 @@
-"""The tolerance map: per-location offsets of held-out good patches, and the radius each location gets."""
+"""The tolerance map: per-location offsets of held-out good patches, and the tolerance each location gets."""
 import numpy as np
 import pytest
 from conftest import FAST
@@ -12,10 +12,10 @@ from dinopatch.viz import TOLERANCE_COLOURS, tolerance_picture
 def _counts(offsets: np.ndarray) -> np.ndarray:
     """Counts ``[L, 3]`` from per-image offsets ``[N, h, w]``."""
     flat = offsets.reshape(len(offsets), -1)
-    return np.stack([(flat == r).sum(0) for r in tolerance.RADII], axis=1)
+    return np.stack([(flat == r).sum(0) for r in tolerance.STEPS], axis=1)
 
 
-def test_still_parts_get_zero_and_a_wobbling_line_keeps_its_radius():
+def test_still_parts_get_zero_and_a_wobbling_line_keeps_its_tolerance():
     offsets = np.zeros((20, 5, 6), int)
     offsets[:12, 2, :] = 1  # a thin feature along row 2 wobbles by one step in 12 of 20 parts
     offsets[:3, 4, 5] = 2  # one noisy location in a corner
@@ -102,8 +102,8 @@ def band_fits():
 def test_map_fit_scores_with_the_map_of_its_evidence(band_fits):
     model = band_fits["map"].model_
     tmap = tolerance.tolerance_map(model.offsets, (8, 8), 7)
-    assert model.auto is None and model.bank.radius.dtype == np.int8
-    np.testing.assert_array_equal(model.bank.radius, tmap)
+    assert model.auto is None and model.bank.tolerance.dtype == np.int8
+    np.testing.assert_array_equal(model.bank.tolerance, tmap)
     assert tmap.reshape(8, 8)[:2].min() >= 1 and (tmap.reshape(8, 8)[3:] == 0).all()  # the sliding band only
 
 
@@ -112,8 +112,8 @@ def test_auto_has_the_map_as_a_candidate_where_offsets_differ(band_fits):
     table, chosen = det.auto_["evidence"]["image_auroc"], det.auto_["chosen"]["tolerance"]
     assert any(k.startswith("tolerance=map ") for k in table)
     assert list(table)[-1].startswith("tolerance=map ")  # after the single radii, through the same paired test
-    radius = det.model_.bank.radius
-    assert (isinstance(radius, np.ndarray) if chosen == "map" else radius == chosen)
+    steps = det.model_.bank.tolerance
+    assert (isinstance(steps, np.ndarray) if chosen == "map" else steps == chosen)
 
 
 def test_a_map_without_differences_is_no_candidate():
@@ -128,8 +128,8 @@ def test_map_survives_save_and_load(band_fits, tmp_path, mode):
     det = band_fits[mode]
     loaded = DinoPatch.load(det.save(tmp_path / f"{mode}.npz"))
     np.testing.assert_array_equal(loaded.model_.offsets, det.model_.offsets)
-    radius = det.model_.bank.radius
-    np.testing.assert_array_equal(loaded.model_.bank.radius, radius)
+    steps = det.model_.bank.tolerance
+    np.testing.assert_array_equal(loaded.model_.bank.tolerance, steps)
     images = _band_parts(2, seed=9)
     np.testing.assert_allclose([r.score for r in loaded.predict(images)], [r.score for r in det.predict(images)],
                                rtol=1e-6)
@@ -175,12 +175,12 @@ def test_auto_record_is_checked_against_the_offsets(band_fits, tmp_path):
 
 
 def test_picture_of_the_fitted_map(band_fits):
-    tmap = band_fits["map"].model_.bank.radius
+    tmap = band_fits["map"].model_.bank.tolerance
     pic = tolerance_picture(tmap, (8, 8), cell=10)
     assert pic.dtype == np.uint8 and pic.shape == (8 * 10 + 18, 80, 3)
-    for l in (0, 63):  # a cell's corner pixel carries its radius's colour (the number sits in the middle)
+    for l in (0, 63):  # a cell's corner pixel carries its tolerance's colour (the number sits in the middle)
         y, x = divmod(l, 8)
         assert tuple(pic[y * 10 + 1, x * 10 + 1]) == TOLERANCE_COLOURS[tmap[l]]
     assert tolerance_picture(tmap, (8, 8), image=np.zeros((112, 112), np.uint8)).shape[:2] == (8 * 20 + 20, 160)
-    with pytest.raises(ValueError, match="64 radii"):
+    with pytest.raises(ValueError, match="64 tolerances"):
         tolerance_picture(np.full(64, 3), (8, 8))

@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
         help="kernel stages: locations, rows, features "
         "(min_distance 1024,200,384; cuda 3136,200,768; a quarter of L with --quick)",
     )
-    p.add_argument("--kernel", default="cuda", help="cuda stages: the backend timed (cpp for a CPU dry run)")
+    p.add_argument("--kernel", default="cuda", help="cuda stages: the kernel timed (cpp for a CPU dry run)")
     p.add_argument(
         "--peak-gbs",
         type=float,

@@ -3,7 +3,7 @@
 ``--kernel cuda`` (default) times ``dinopatch._C_cuda`` on device-resident
 queries: the call (launch to synchronised result, as a caller holding device
 buffers sees it) and the kernel alone (CUDA events), at L=3136 K=200 D=768
-(ViT-B/14 at 784 px), batches 1 and 32, radius 0 and 1, fp32 and fp16 banks,
+(ViT-B/14 at 784 px), batches 1 and 32, tolerance 0 and 1, fp32 and fp16 banks,
 against the GPU's peak (``--peak-gbs``, the H200's 4800) and a measured
 device-to-device copy.  It checks (target rows with ``required``) parity with
 the CPU at full size, exact zeros for queries equal to bank rows, and k-center
@@ -50,13 +50,13 @@ class CudaRunner:
         best = min(timer.time(lambda: dst.copy_from_device(src)) for _ in range(repeats)) / 1e3
         return nbytes / best
 
-    def timer(self, bank: np.ndarray, q: np.ndarray, h: int, w: int, radius: int):
+    def timer(self, bank: np.ndarray, q: np.ndarray, h: int, w: int, tolerance: int):
         """``(call, kernel)``: functions giving seconds of one call and of its kernel alone."""
         dev = kernels.upload(bank)
         qd, out = self.cuda.DeviceBuffer(q.nbytes), self.cuda.DeviceBuffer(q.shape[0] * q.shape[1] * 4)
         qd.copy_from_host(q)
         events = self.cuda.EventTimer()
-        run = lambda: dev.min_distance_device(qd.ptr, out.ptr, q.shape[0], h, w, radius)  # noqa: E731
+        run = lambda: dev.min_distance_device(qd.ptr, out.ptr, q.shape[0], h, w, tolerance)  # noqa: E731
 
         def call() -> float:
             t0 = time.perf_counter()
@@ -88,8 +88,8 @@ class CpuRunner:
         best = min(_seconds(lambda: np.copyto(dst, src)) for _ in range(repeats))
         return nbytes / best
 
-    def timer(self, bank, q, h, w, radius):
-        call = lambda: _seconds(lambda: self.min_distance(q, bank, grid=(h, w), radius=radius))  # noqa: E731
+    def timer(self, bank, q, h, w, tolerance):
+        call = lambda: _seconds(lambda: self.min_distance(q, bank, grid=(h, w), tolerance=tolerance))  # noqa: E731
         return call, None
 
     def min_distance(self, q, bank, **kw):
@@ -137,11 +137,11 @@ def _copy_bandwidth(args) -> float:
     return _COPY[key]
 
 
-def _pairs(h: int, w: int, radius: int) -> int:
-    """(location, neighbouring location) pairs of a radius on an h x w grid."""
+def _pairs(h: int, w: int, tolerance: int) -> int:
+    """(location, neighbouring location) pairs of a tolerance on an h x w grid."""
 
     def along(n):
-        return sum(min(n, i + radius + 1) - max(0, i - radius) for i in range(n))
+        return sum(min(n, i + tolerance + 1) - max(0, i - tolerance) for i in range(n))
 
     return along(h) * along(w)
 
@@ -165,7 +165,7 @@ def bench_cuda_bandwidth(args) -> list[dict]:
 
 @stage("cuda_min_distance", groups=("cuda",))
 def bench_cuda_min_distance(args) -> list[dict]:
-    """Call and kernel time per (bank dtype, batch, radius); parity and exact zeros at full size."""
+    """Call and kernel time per (bank dtype, batch, tolerance); parity and exact zeros at full size."""
     run = runner(args)
     L, K, D, (h, w) = _size(args)
     batch = 4 if args.quick else 32
@@ -175,9 +175,9 @@ def bench_cuda_min_distance(args) -> list[dict]:
     q = rng.standard_normal((batch, L, D), dtype=np.float32)
     rows, checks = [], []
     for dt, bank in (("fp32", bank32), ("fp16", bank32.astype(np.float16))):
-        for radius in (0, 1):
+        for tolerance in (0, 1):
             for b in (1, batch):
-                call, kernel = run.timer(bank, np.ascontiguousarray(q[:b]), h, w, radius)
+                call, kernel = run.timer(bank, np.ascontiguousarray(q[:b]), h, w, tolerance)
                 call()
                 t_call = min(call() for _ in range(args.repeats))
                 t_kernel = min(kernel() for _ in range(args.repeats)) if kernel else None
@@ -188,14 +188,14 @@ def bench_cuda_min_distance(args) -> list[dict]:
                         "method": run.name,
                         "dtype": dt,
                         "batch": b,
-                        "radius": radius,
+                        "radius": tolerance,  # the documented row key (docs/benchmarks.md)
                         "ms_call": t_call * 1e3,
                         "ms_kernel": None if t_kernel is None else t_kernel * 1e3,
                         "ms_per_image": t / b * 1e3,
                         "GB_s": bank.nbytes / t / 1e9,
                         "of_peak": bank.nbytes / t / run.peak,
                         "of_copy": bank.nbytes / t / copy,
-                        "GFLOP_s": 2.0 * b * _pairs(h, w, radius) * K * D / t / 1e9,
+                        "GFLOP_s": 2.0 * b * _pairs(h, w, tolerance) * K * D / t / 1e9,
                         "note": f"L={L} K={K} D={D} grid {h}x{w}; GB/s = bank bytes / "
                         f"{'kernel' if t_kernel else 'call'} time (read once per call)",
                     }
@@ -209,13 +209,13 @@ def _parity(run, q: np.ndarray, bank: np.ndarray, dt: str, grid) -> list[dict]:
     q = q.copy()
     q[0] = bank[:, 0]  # every location of image 0 equals a bank row
     rows = []
-    for radius in (0, 1):
-        got = run.min_distance(q, bank, grid=grid, radius=radius)
-        ref = kernels.min_distance(q, bank, run.reference, grid=grid, radius=radius)
+    for tolerance in (0, 1):
+        got = run.min_distance(q, bank, grid=grid, tolerance=tolerance)
+        ref = kernels.min_distance(q, bank, run.reference, grid=grid, tolerance=tolerance)
         err = float(np.abs(got - ref).max() / ref.max())
         rows.append(
             target(
-                f"{run.name} {dt} radius {radius} vs {run.reference}: max error / max distance",
+                f"{run.name} {dt} tolerance {tolerance} vs {run.reference}: max error / max distance",
                 "<= 1e-4",
                 err,
                 lambda v: v <= 1e-4,
@@ -224,7 +224,7 @@ def _parity(run, q: np.ndarray, bank: np.ndarray, dt: str, grid) -> list[dict]:
         )
         rows.append(
             target(
-                f"{run.name} {dt} radius {radius}: largest distance of exact matches",
+                f"{run.name} {dt} tolerance {tolerance}: largest distance of exact matches",
                 "== 0",
                 float(got[0].max()),
                 lambda v: v == 0,

@@ -38,10 +38,10 @@ def bench_bandwidth(args) -> list[dict]:
     return [{"stage": "bandwidth", "method": "memory read", "GB_s": bw / 1e9, "note": how}]
 
 
-def variants(backend: str) -> list[tuple[str, str | None]]:
-    """(row name, instruction set) of a backend: cpp once per SIMD set, default first."""
-    if backend != "cpp":
-        return [(backend, None)]
+def variants(kernel: str) -> list[tuple[str, str | None]]:
+    """(row name, instruction set) of a kernel: cpp once per SIMD set, default first."""
+    if kernel != "cpp":
+        return [(kernel, None)]
     return [(f"cpp[{isa}]", isa) for isa in kernels.isas() if isa != "generic"] or [
         ("cpp[generic]", "generic")
     ]
@@ -74,7 +74,7 @@ def bench_min_distance(args) -> list[dict]:
     banks = {"fp32": rng.standard_normal((L, K, D), dtype=np.float32)}
     banks["fp16"] = banks["fp32"].astype(np.float16)
     bw, _ = memory_bandwidth(args.repeats)
-    backends = [b for b in kernels.available() if b not in ("numpy", "cuda")]  # numpy: the slow reference
+    names = [b for b in kernels.available() if b not in ("numpy", "cuda")]  # numpy: the slow reference
     peers = distance_peers(banks["fp32"])
     rows, best_ms = [], {}
     for B in (1, 16):
@@ -86,7 +86,7 @@ def bench_min_distance(args) -> list[dict]:
                 dt,
                 lambda q, be=be, isa=isa, dt=dt: with_isa(isa, kernels.min_distance, q, banks[dt], be),
             )
-            for be in backends
+            for be in names
             for method, isa in variants(be)
             for dt in banks
         ]
@@ -117,14 +117,14 @@ def bench_min_distance(args) -> list[dict]:
                     else "",
                 }
             )
-    return rows + _targets(best_ms, banks["fp32"].nbytes / bw * 1e3, backends) + tolerance_map_targets(
-        args, banks["fp32"], backends)
+    return rows + _targets(best_ms, banks["fp32"].nbytes / bw * 1e3, names) + tolerance_map_targets(
+        args, banks["fp32"], names)
 
 
 _COMPARE = {"<=": operator.le, ">=": operator.ge}
 
 
-def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dict]:
+def _targets(best_ms: dict, roofline_ms: float, names: list[str]) -> list[dict]:
     """The design targets of the distance kernels, from ms per image by (method, dtype, batch).
 
     Each is a ratio of two of those times (or of one and the roofline's ms);
@@ -132,7 +132,7 @@ def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dic
     """
     plain = "numba plain loop"
     wanted = []
-    if "cpp" in backends:
+    if "cpp" in names:
         cpp = variants("cpp")[0][0]
         wanted += [
             ("cpp batch 1 fp32 time / (bank bytes / bandwidth)", "<= 1.25", (cpp, "fp32", 1), roofline_ms),
@@ -142,7 +142,7 @@ def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dic
             ("cpp speed-up over the plain numba loop, batch 16 fp32", ">= 3", (plain, "fp32", 16),
              (cpp, "fp32", 16)),
         ]
-    if "numba" in backends:
+    if "numba" in names:
         wanted += [(f"numba fallback time / plain numba loop's, batch {B} fp32", "<= 1", ("numba", "fp32", B),
                     (plain, "fp32", B)) for B in (1, 16)]
     rows = []
@@ -154,26 +154,26 @@ def _targets(best_ms: dict, roofline_ms: float, backends: list[str]) -> list[dic
     return rows
 
 
-def tolerance_map_targets(args, bank: np.ndarray, backends: list[str]) -> list[dict]:
-    """A radius per location beside one radius of the same reach (2), round-robin, batches 1 and 8.
+def tolerance_map_targets(args, bank: np.ndarray, names: list[str]) -> list[dict]:
+    """A tolerance per location beside one tolerance of the same reach (2), round-robin, batches 1 and 8.
 
     ``bank``'s first 40 rows per location on the squarest grid of its L locations: ``single r=2`` and
     ``map all 2`` do the same work, so their ratio is the map's overhead (the target: at most 10%), taken
     as the median of each round's pair (:func:`paired_ratio`); a fit-like map (:func:`realistic_map`)
-    and radius 0 are timed beside them for scale.  The times go in the target rows' text.
+    and tolerance 0 are timed beside them for scale.  The times go in the target rows' text.
     """
     L, _, D = bank.shape
     h = max(d for d in range(1, int(L**0.5) + 1) if L % d == 0)
     grid, bank = (h, L // h), np.ascontiguousarray(bank[:, :40])
-    radii = {"single r=2": 2, "map all 2": np.full(L, 2, np.int8), "map 0/1/2": realistic_map(grid),
+    tolerances = {"single r=2": 2, "map all 2": np.full(L, 2, np.int8), "map 0/1/2": realistic_map(grid),
              "single r=0": 0}
     rng, rows = np.random.default_rng(3), []
-    for be in backends:
+    for be in names:
         method, isa = variants(be)[0]
         for B in (1, 8):
             q = rng.standard_normal((B, L, D), dtype=np.float32)
-            fns = {name: partial(with_isa, isa, partial(kernels.min_distance, grid=grid, radius=r), q, bank, be)
-                   for name, r in radii.items()}
+            fns = {name: partial(with_isa, isa, partial(kernels.min_distance, grid=grid, tolerance=r), q, bank, be)
+                   for name, r in tolerances.items()}
             times = round_robin(fns, args.repeats)
             ms = ", ".join(f"{name} {np.median(t) / B * 1e3:.3g}" for name, t in times.items())
             what = (f"{method} batch {B}, {grid[0]}x{grid[1]} grid K={bank.shape[1]} D={D}: map all 2 / single r=2 "
