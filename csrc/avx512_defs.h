@@ -16,13 +16,13 @@ inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 inline float to_float(uint16_t x) { return _cvtsh_ss(x); }
 
 #include "lanes_x86.h"
-// 4 rows: one 512-bit FMA per cycle, latency 4 (more rows measured slower);
+// 4 rows: one 512-bit FMA per cycle, latency 4, so four independent accumulators hide the latency;
 // 8 rows for 256-bit vectors: two FMAs per cycle.
 using Full = Lanes512<4>;
 using Half = Lanes256<8>;
 
 // 16 x 16 floats: out[t][i] = rows[i][d + t], in registers (pack's transpose
-// of a batch of 16; the compiler's version of the same tile took ~3x longer).
+// of a batch of 16; the compiler's version of the same tile is far slower).
 #define DINOPATCH_TRANSPOSE16
 inline void transpose16(const float* const* rows, int64_t d, float* out) {
   __m512 a[16], b[16];

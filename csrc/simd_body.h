@@ -19,10 +19,10 @@ inline void keep_min(float& best, float v) {
 // A batch is scored with its queries across the lanes of a vector: a group
 // of queries is packed as [D][G::W] (lane = query) and each bank value is
 // broadcast against it.  Every accumulator then holds finished distances (no
-// horizontal sums), and a row is read once for the whole group.  Zen 4, one
-// thread, bank in L2: 2.75 G vector-pairs/s, ~90% of the core's sub+FMA rate;
-// 2 threads, bank in DRAM, batch 16: 1.42-1.54 -> 1.10-1.19 ms/image over
-// query-major register blocks (4 queries x 4 rows, a horizontal sum per pair).
+// horizontal sums), and a row is read once for the whole group.  This keeps
+// the core near its subtract+FMA rate, where query-major register blocks
+// (4 queries x 4 rows) spend a horizontal sum on every pair and read each row
+// once per block of queries instead of once per batch.
 
 static_assert(Full::W <= kMaxLanes && Half::W <= Full::W, "pack pads to kMaxLanes");
 static_assert(Full::RB <= kRowBlock && Half::RB <= kRowBlock, "a register block fits a row block");
@@ -41,8 +41,9 @@ inline bool next_group(int64_t nq, int64_t q0, int64_t* n, int64_t* lanes) {
 
 // n <= LANES queries as [D][LANES]; the spare lanes repeat query 0 (their
 // results are never read).  Through a LANES x 16 tile of constant shape, so
-// the compiler can keep it in registers (the element-wise transpose took 15%
-// of a batch of 16, this one ~10%), or the ISA's own 16 x 16 transpose.
+// the compiler can keep it in registers (an element-wise transpose goes
+// through memory and costs a noticeable share of a batch), or the ISA's own
+// 16 x 16 transpose.
 template <int LANES>
 inline void pack_group(const float* q, int64_t qs, int64_t n, int64_t D, float* out) {
   constexpr int T = 16;
@@ -89,8 +90,7 @@ void pack(const float* q, int64_t qs, int64_t nq, int64_t D, float* packed) {
 // in a sum of squares; the minimum alone would drop it).  PF: prefetch
 // `ahead`, RN rows' worth of the memory after the current location, evenly
 // along the loop over D; requesting the next location in one burst per block
-// left batches stalled on its first touch (Zen 4, bank in DRAM, batch 16, a
-// stand-alone loop: 1.46 -> 0.95 ms/image).
+// leaves the batch stalled on its first touch when the bank is in DRAM.
 template <class G, int RN, bool PF, typename T>
 inline void lane_block(const float* qt, const float* r, int64_t D, float* lbest, float* lnan,
                        const T* ahead) {
@@ -184,9 +184,9 @@ inline float row_seq(const float* q, const T* r, int64_t D) {
 // ||q_i - r_j||^2 for a QN x RN block of queries and rows, by direct
 // differences (exact matches give exactly 0); QN*RN vector accumulators.
 // PF: prefetch the rows two blocks ahead in step; one query block per row
-// block issues them.  On a shared Zen 4 this measured 0-25% faster with the
-// bank in DRAM (noisy); 1-8 blocks ahead, L1 or L2, and 8x2, 6x4, 8x3 or 16x1
-// register blocks made no clear difference.
+// block issues them, so a bank in DRAM arrives before it is needed.  The
+// distance and the register block shape are not critical: other distances,
+// cache levels and shapes (8x2, 6x4, 8x3, 16x1) do about as well.
 template <int QN, int RN, bool PF, typename T>
 inline void block(const float* q, int64_t qs, const T* r, int64_t D, float* best) {
   V acc[QN][RN];

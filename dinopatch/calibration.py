@@ -218,7 +218,8 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
                          "(nothing valid to score: check their alignment), so no threshold can be measured")
-    # Relative to the features' norm: identical images score rounding noise (1e-10 at 224 px), not exactly 0.
+    # Relative to the features' norm: identical images score rounding noise, not exactly 0, far below any
+    # real difference.
     if scores.max() <= IDENTICAL_RTOL * _feature_scale(nominal.tokens):
         raise ValueError("every nominal image scored 0 against the others, up to rounding (identical images?): a "
                          "threshold measured on them would flag any difference; fit on varied good parts or give one")

@@ -119,8 +119,8 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
               ``torch``;
             * on the CPU: ``openvino:bf16`` when openvino is installed and the
               CPU has AVX512-BF16 or AMX; else ``onnx`` (fp32) when
-              onnxruntime is installed (OpenVINO fp32 measured level with it,
-              so nothing is gained by the extra runtime); else
+              onnxruntime is installed (OpenVINO fp32 runs the same
+              graph no faster, so nothing is gained by the extra runtime); else
               ``openvino:fp32``; else ``torch``.
 
             int8 engines are never chosen automatically: their accuracy is
