@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import metrics, pose_report
 from .calibration import Threshold
 from .data import read_image, read_mask, write_png
 from .inputs import MVTEC_LAYOUT
@@ -169,7 +169,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         det: a fitted :class:`~dinopatch.DinoPatch`.
         folder: a :class:`~dinopatch.data.MVTecFolder`.
         out: report folder: ``metrics.json``, ``index.html``, ``roc.png``,
-            ``pr.png``, ``hist.png`` and ``overlays/`` (one PNG per test image).
+            ``pr.png``, ``hist.png``, ``pose.png`` (aligned parts) and ``overlays/`` (one PNG per test image).
         tune_fraction: share of each defect type used for tuning.
         seed: seeds the split.
         threshold: ``"tuned"`` (best F1 on the tuning part) or ``"good"`` (the
@@ -186,7 +186,8 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         plus ``tuned`` (the same metrics on the tuning part), ``settings``,
         ``split``, ``per_defect`` and ``line``: the detector's own verdicts on
         every test image, nothing tuned (good parts rejected and defects caught
-        at its threshold, per defect type too, and SegF1 of its own masks).
+        at its threshold, per defect type too, and SegF1 of its own masks) and ``pose``: fit's pose report
+        (:func:`.pose_report.summary`; None where parts are not aligned).
     """
     check_arguments(tune_fraction, threshold)
     items = check_layout(folder)
@@ -262,6 +263,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     if save_model is not None:
         report_metrics["saved_model"] = os.fspath(det.tuned(tuned_threshold, **post).save(save_model))
     _write_pictures(out, items, images, gts, results, scores, labels, report, settings, folder)
+    report_metrics["pose"] = pose_report.write(det.model_, out)
     # Strict JSON: a metric that cannot be computed (one class only) is null, not NaN.
     report_metrics = _json_safe(report_metrics)
     with open(out / "metrics.json", "w") as f:
@@ -272,8 +274,7 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
 
 def _few_images_warnings(defects: list[str], report: np.ndarray) -> list[str]:
     reported = [defects[i] for i in report]
-    return [f"test/{d}: {reported.count(d)} reported image(s), fewer than {FEW_IMAGES}: its figures say "
-            "little"
+    return [f"test/{d}: {reported.count(d)} reported image(s), fewer than {FEW_IMAGES}: its figures say little"
             for d in sorted(set(defects)) if reported.count(d) < FEW_IMAGES]
 
 
@@ -369,7 +370,8 @@ def _write_html(out: Path, m: dict, items, folder) -> None:
              "td.l,th.l{text-align:left} .lead{font-size:1.7em;font-weight:bold;margin:.3em 0} "
              ".box{border:2px solid #333;background:#f4f4f4;padding:.8em 1.2em;margin:1em 0} "
              ".warn{color:#a00} figure{display:inline-block;margin:4px;width:200px;vertical-align:top} "
-             "figcaption{font-size:15px;color:#111;background:#eee;padding:2px 4px}")
+             "figcaption{font-size:15px;color:#111;background:#eee;padding:2px 4px} "
+             ".pose img{vertical-align:top;margin:0 1em 1em 0} .pose table{display:inline-table;max-width:640px}")
     name = esc(Path(folder.root).name)
     caught = ", ".join(f"{esc(d)} {v['defects_caught']} of {v['n_defect']}" for d, v in line["per_defect"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
@@ -389,6 +391,7 @@ metrics reported on the other {len(m['split']['report'])}
 <table><tr><th class=l>defect type</th><th>caught at the model's threshold (all images)</th>
 <th>reported images</th><th>image AUROC against good</th><th>recall, tuned</th><th>pixel AUROC</th>
 <th>AU-PRO to 30%</th><th>AU-PRO to 5%</th></tr>{per}</table>
+{pose_report.panel(m['pose'])}
 <h2>Curves (reported part)</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
 <h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; magenta outline: predicted defect
 (tuned settings).</p>{thumbs}

@@ -1,4 +1,4 @@
-"""Pictures people look at: heatmap overlays and ROC curves."""
+"""Pictures people look at: heatmap overlays, tolerance maps, the pose report and ROC curves."""
 from __future__ import annotations
 
 import os
@@ -53,20 +53,20 @@ def caption_band(width: int, text: str) -> np.ndarray:
     return band
 
 
-# BGR colour of each tolerance radius: in place (grey-blue), one step (amber), two steps (red).
+# BGR colour of each tolerance: in place (grey-blue), one step (amber), two steps (red).
 TOLERANCE_COLOURS = ((110, 80, 60), (0, 190, 255), (40, 40, 220))
 
 
 def tolerance_picture(tmap: np.ndarray, grid: tuple[int, int], *, cell: int = 20,
                       image: np.ndarray | None = None) -> np.ndarray:
-    """A tolerance map drawn as a uint8 BGR picture: one cell per grid location, coloured and numbered by radius.
+    """A tolerance map drawn as a uint8 BGR picture: one cell per grid location, coloured and numbered by tolerance.
 
     Args:
-        tmap: ``[h * w]`` radii in {0, 1, 2} (``MemoryBank.radius`` of a map bank).
+        tmap: ``[h * w]`` tolerances in {0, 1, 2} (``MemoryBank.tolerance`` of a map bank).
         grid: ``(h, w)`` token grid.
         cell: pixels per grid location.
         image: optional canonical-frame image (uint8 ``[H, W]`` or ``[H, W, 3]``) blended under the cells,
-            so the radii can be read against the part.
+            so the tolerances can be read against the part.
 
     Returns:
         ``[h * cell + legend, w * cell, 3]`` uint8 (a legend strip below the grid).
@@ -74,7 +74,7 @@ def tolerance_picture(tmap: np.ndarray, grid: tuple[int, int], *, cell: int = 20
     h, w = grid
     tmap = np.asarray(tmap)
     if tmap.shape != (h * w,) or not np.isin(tmap, range(len(TOLERANCE_COLOURS))).all():
-        raise ValueError(f"a tolerance map must be {h * w} radii in 0..{len(TOLERANCE_COLOURS) - 1}, got "
+        raise ValueError(f"a tolerance map must be {h * w} tolerances in 0..{len(TOLERANCE_COLOURS) - 1}, got "
                          f"{tmap.dtype}{list(tmap.shape)}")
     colours = np.array(TOLERANCE_COLOURS, np.uint8)[tmap.reshape(h, w)]
     pic = cv2.resize(colours, (w * cell, h * cell), interpolation=cv2.INTER_NEAREST)
@@ -95,6 +95,36 @@ def tolerance_picture(tmap: np.ndarray, grid: tuple[int, int], *, cell: int = 20
                     cv2.LINE_AA)
         x += side + 24
     return np.vstack([pic, legend])
+
+
+def pose_picture(mean_part: np.ndarray, misalignment: np.ndarray | None, *, side: int = 320) -> np.ndarray:
+    """Fit's pose report as one uint8 BGR picture: the mean aligned good part beside its misalignment map.
+
+    Args:
+        mean_part: float ``[S, S]`` mean gray image of the aligned good parts (0-255).
+        misalignment: float ``[S, S]`` mean absolute difference of the aligned good parts from it, in its
+            standard deviations, or None where it is not known (drawn as a panel saying so).
+        side: pixels per panel.
+
+    Each panel carries a caption band (:func:`caption_band`) that reads at thumbnail size; the map is a
+    heat overlay on the mean part, hottest at its own largest value (said in its caption), with a colour
+    bar under it.
+    """
+    mean = cv2.resize(np.clip(np.asarray(mean_part, np.float32), 0, 255).astype(np.uint8), (side, side),
+                      interpolation=cv2.INTER_AREA)
+    if misalignment is None:
+        text, heat = "misalignment: not kept", np.full((side, side, 3), 235, np.uint8)
+    else:
+        gap = cv2.resize(np.asarray(misalignment, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+        top = max(float(np.nanmax(gap)), 1e-6)
+        text, heat = f"misalignment, max {top:.2f} sd", overlay(mean, gap, vmax=top, alpha=0.8)
+    bands = [caption_band(side, "mean aligned good part"), caption_band(side, text)]
+    height = max(len(b) for b in bands)  # texts of other lengths get bands of other heights
+    bands = [np.vstack([b, np.full((height - len(b), side, 3), 245, np.uint8)]) for b in bands]
+    bar = np.full((max(14, side // 20), 2 * side, 3), 255, np.uint8)
+    bar[:, side:] = cv2.applyColorMap(np.linspace(0, 255, side).astype(np.uint8)[None].repeat(len(bar), 0),
+                                      cv2.COLORMAP_JET)
+    return np.vstack([np.hstack(bands), np.hstack([cv2.cvtColor(mean, cv2.COLOR_GRAY2BGR), heat]), bar])
 
 
 def _pyplot():

@@ -169,3 +169,64 @@ def test_a_wrong_layout_names_the_expected_one_and_writes_nothing(screw_report, 
     with pytest.raises(ValueError, match="MVTec AD layout: train/good"):
         evaluate(det, MVTecFolder(tmp_path / "data"), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_pose_report_is_on_the_page_and_in_the_numbers(screw_report):
+    import cv2
+
+    folder, det, out, m = screw_report
+    aligner, pose = det.model_.aligner, m["pose"]
+    assert pose == json.load(open(out / "metrics.json"))["pose"]
+    assert pose["symmetry"] == aligner.symmetry() and pose["fold"] == aligner.fold_
+    lo, hi = aligner.ranges()["size"]
+    assert pose["size_range"] == pytest.approx([lo, hi]) and lo < 1.0 < hi
+    assert 0 < pose["misalignment"]["mean"] <= pose["misalignment"]["max"]
+    assert all(0 <= v <= 1 for v in pose["misalignment"]["worst_at"])
+    # Fit's screws all have a part and a pose in range: none doubtful, and the page says so.
+    assert pose["doubtful"] == [] and not aligner.report_["doubtful"]
+    page = (out / "index.html").read_text()
+    for text in (pose["symmetry"], f"{lo:.2f}-{hi:.2f} of the good parts' median size", "pose.png",
+                 "Doubtful good images</td><td class=l>none"):
+        assert text in page, text
+    pic = cv2.imread(str(out / "pose.png"))
+    h, w, _ = pic.shape
+    assert w == 640 and w // 2 < h < w  # two square panels side by side, a caption band above, a colour bar below
+    mean_part, heat = pic[h // 3:2 * h // 3, :w // 2], pic[h // 3:2 * h // 3, w // 2:]
+    assert mean_part.std() > 10 and heat.std() > 10  # a part and a map, not blank panels
+    assert (np.abs(heat.astype(int) - mean_part.astype(int)).sum(axis=2) > 60).mean() > 0.05  # the map is coloured
+
+
+def test_a_loaded_model_makes_its_pose_report_again_from_its_parts(screw_report, tmp_path):
+    import dataclasses
+
+    from dinopatch import pose_report
+
+    folder, det, out, m = screw_report
+    loaded = DinoPatch.load(det.save(tmp_path / "m.dpz"))
+    assert loaded.model_.aligner.report_ is None  # the file keeps the parts, not the report
+    again = json.loads(json.dumps(pose_report.summary(pose_report.of_model(loaded.model_))))
+    assert again["symmetry"] == m["pose"]["symmetry"] and again["fold"] == m["pose"]["fold"]
+    assert again["size_range"] == pytest.approx(m["pose"]["size_range"])
+    assert again["misalignment"] == pytest.approx(m["pose"]["misalignment"], abs=1e-6)
+    assert again["doubtful"] == m["pose"]["doubtful"]
+    # Without its good parts, a model says what it does not know instead of inventing it.
+    bare = pose_report.summary(pose_report.of_model(dataclasses.replace(loaded.model_, good=None)))
+    assert bare["misalignment"] is None and bare["doubtful"] is None
+    assert bare["size_range"] == pytest.approx(m["pose"]["size_range"])
+    panel = pose_report.panel(bare)
+    assert "not kept in this model file" in panel and "not known" in panel
+
+
+def test_doubtful_good_images_are_named_on_the_panel():
+    from dinopatch import pose_report
+
+    report = {"mean_part": np.zeros((8, 8), np.float32), "misalignment": np.eye(8, dtype=np.float32) * 3,
+              "symmetry": "no rotational symmetry: poses compared over the full turn", "fold": 1,
+              "ranges": {"size": (0.97, 1.03), "peak_ratio": 1.2, "residual": 0.4, "stray": 0.001},
+              "doubtful": {2: "no part outline found"}, "names": ["a.png", "b.png", "<blank>.png"]}
+    pose = pose_report.summary(report)
+    assert pose["doubtful"] == [{"name": "<blank>.png", "reason": "no part outline found"}]
+    assert pose["misalignment"] == {"mean": pytest.approx(3 / 8), "max": 3.0, "worst_at": [0.0, 0.0]}
+    panel = pose_report.panel(pose)
+    assert "<li>&lt;blank&gt;.png: no part outline found</li>" in panel and "0.97-1.03" in panel
+    assert "not aligned" in pose_report.panel(None)
