@@ -37,7 +37,7 @@ SPLIT_SEED = "seed"
 # The default of every detector flag in the parser that finds which were given.
 _UNSET = object()
 PREDICT_FILES = ("predictions.jsonl", "scores.csv", "overlays", "maps", "drift.json", "mqtt.cursor")
-REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "overlays")
+REPORT_FILES = ("metrics.json", "index.html", "roc.png", "pr.png", "hist.png", "pose.png", "overlays")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

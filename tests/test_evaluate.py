@@ -230,3 +230,11 @@ def test_doubtful_good_images_are_named_on_the_panel():
     panel = pose_report.panel(pose)
     assert "<li>&lt;blank&gt;.png: no part outline found</li>" in panel and "0.97-1.03" in panel
     assert "not aligned" in pose_report.panel(None)
+
+
+def test_the_command_claims_every_file_evaluate_writes(screw_report):
+    from dinopatch.cli import REPORT_FILES
+
+    _, _, out, _ = screw_report
+    assert {p.name for p in out.iterdir()} <= set(REPORT_FILES)  # --force removes them, a rerun refuses them
+    assert (out / "pose.png").exists()
