@@ -11,9 +11,12 @@ nominal images themselves, each scored against a bank built without it
   (:func:`.tolerance.offset_counts`, per location).  The bound is the
   smallest tolerance beyond which at most :data:`SHARE` of the patches lie.
   Where the locations' offsets differ, the tolerance map
-  (:func:`.tolerance.tolerance_map`, one per location) is one more
-  candidate, after the single values, and must pass the same paired test.
-  Within the bound the pasted defects below decide (the bound wins ties): a
+  (:func:`.tolerance.tolerance_map`, a tolerance per location) comes first: it
+  is the same measurement, kept per location, so a single tolerance must beat
+  it in the paired test below to replace it (the pasted defects rarely tell
+  them apart, and one tolerance for every location either passes the wobble of
+  thin features as defects or absorbs small defects elsewhere).  Otherwise
+  the pasted defects decide within the bound (the bound wins ties): a
   tolerance lets a small defect find a good match next door, so the tolerance
   that absorbs the most misalignment is not always the one that separates best.
 * **sigma, score, match** (and the tolerance within its bound): synthetic
@@ -197,7 +200,8 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
 
 
 def _candidates(names: list[str], params: dict, bound, images: int | None, with_map: bool = False) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the bound first, then the defaults, the map last;
+    """``(tolerance, match, sigma, score)`` in search order: the map (where it differs) or else the bound first,
+    then the defaults and the smaller tolerances;
     coarser below :data:`THIN_IMAGES` nominal images (``images`` None: the full search of records from before
     the paired test)."""
     def first(name, values):
@@ -206,7 +210,7 @@ def _candidates(names: list[str], params: dict, bound, images: int | None, with_
         values = COARSE.get(name, values) if images is not None and images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    steps = [*range(bound, -1, -1), *(["map"] if with_map else [])] if "tolerance" in names else (bound,)
+    steps = [*(["map"] if with_map else []), *range(bound, -1, -1)] if "tolerance" in names else (bound,)
     return [(r, m, float(g), s) for r in steps for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
