@@ -222,7 +222,7 @@ def test_a_host_that_is_not_loopback_needs_a_token(onnx_model, tmp_path, capsys,
 
 
 def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_model, tmp_path, monkeypatch):
-    from dinopatch.catalog import CatalogError, ModelCatalog, load_bytes
+    from dinopatch.catalog import CatalogError, ModelCatalog, check_version
 
     model, onnx = onnx_model
     det = DinoPatch.load(model)
@@ -241,7 +241,7 @@ def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_mod
     # With the key, the gateway's check refuses an unsigned (perhaps edited) model.
     monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
     with pytest.raises(CatalogError, match="not signed"):
-        ModelCatalog({"screw": str(model)}, lambda data: load_bytes(data, engine=str(onnx)).model_id)
+        ModelCatalog({"screw": str(model)}, lambda name, data: check_version(name, data, config.runtime))
 
 
 def test_record_is_strict_json(reference):
