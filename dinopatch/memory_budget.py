@@ -7,8 +7,9 @@ the sum of
 * the model file's members as inflated in memory (bank, global bank, golden
   set, kept good parts, aligner state: the uncompressed sizes in the file's
   zip directory, an upper bound of what the loaded detector keeps);
-* the engine's weights: the size of the graph file it runs (an ONNX export
-  holds the fp32 weights once; ONNX Runtime and OpenVINO keep about one copy);
+* the engine's weights: 1.25 times the size of the graph file it runs (an
+  ONNX export holds the fp32 weights once; ONNX Runtime keeps them and
+  re-packed copies of some of them);
 * one batch in flight through a transformer block, 4 bytes a value: per image
   ``tokens x dim x 10`` (residual stream, q, k, v, the attention output and the
   MLP's hidden layer of 4 x dim) plus ``heads x tokens^2`` attention weights,
@@ -31,6 +32,7 @@ import zipfile
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
+WEIGHT_COPIES = 1.25  # resident bytes per byte of the graph file (see the module's docstring)
 ACTIVATION_WIDTH = 10  # values per token and channel that one block holds at once (see the module's docstring)
 HEAD_DIM = 64  # DINOv2 and DINOv3 attention heads are 64 channels wide
 
@@ -84,7 +86,7 @@ def engine_bytes(engine, batch: int) -> int:
     dim, (h, w) = engine.spec.embed_dim, engine.grid
     tokens = h * w
     activations = 4 * batch * (tokens * dim * ACTIVATION_WIDTH + (dim // HEAD_DIM) * tokens ** 2)
-    return os.path.getsize(path) + activations
+    return int(WEIGHT_COPIES * os.path.getsize(path)) + activations
 
 
 def resident_bytes(det, data: bytes, batch: int) -> int:

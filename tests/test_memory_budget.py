@@ -83,7 +83,7 @@ def test_the_estimate_counts_the_file_the_engine_and_a_batch(onnx_model):
     assert size == file_members_bytes(data) + engine_bytes(engine, 8)
     assert file_members_bytes(data) > len(data) // 2 and engine_bytes(engine, 8) > os.path.getsize(onnx)
     # 112 px, ViT-S/14: 64 tokens of 384 channels, 6 heads; 4 bytes a value, 8 images.
-    assert engine_bytes(engine, 8) - os.path.getsize(onnx) == 4 * 8 * (64 * 384 * 10 + 6 * 64**2)
+    assert engine_bytes(engine, 8) - int(1.25 * os.path.getsize(onnx)) == 4 * 8 * (64 * 384 * 10 + 6 * 64**2)
     with pytest.raises(MemoryBudgetError, match="screw: the model needs about"):
         check_version("screw", data, runtime, memory=size - 1)
     assert check_version("screw", data, runtime, memory=size)[1]["resident_bytes"] == size
