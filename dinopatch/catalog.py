@@ -1,8 +1,16 @@
 """The models a service answers for: one name per model file, each at a checked version that can be swapped.
 
-A service is given model files, or folders of them (every ``*.npz`` in the
-folder).  A model's name is its file's stem (``line3/bracket-a.npz`` is
-``bracket-a``); two files with one stem are refused.  The catalog keeps, for
+A service is given model files, folders of them (every ``*.npz`` in the
+folder), or manifests.  A model's name is its file's stem (``line3/bracket-a.npz``
+is ``bracket-a``), or the part number a manifest gives it; one name twice is
+refused.  A manifest is a JSON file naming part numbers and their model files,
+relative paths read from the manifest's folder::
+
+    {"models": {"PN-1001": "line3/bracket-a.npz", "PN-1002": "/srv/models/bolt.npz"}}
+
+A part number is 1 to 128 letters, digits, ``.``, ``_`` or ``-``, starting with
+a letter or digit (it is a URL path segment); no other key is allowed, and
+each file must exist.  The catalog keeps, for
 every name, the version requests are sent to: the file's bytes as they were
 when checked, its model id and a version number counting from 1.
 
@@ -28,7 +36,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -40,6 +50,9 @@ from . import memory_budget
 from .engine_choice import EngineMismatchError
 
 MODEL_SUFFIX = ".npz"
+MANIFEST_SUFFIX = ".json"
+MAX_MANIFEST_BYTES = 1 << 20
+PART_NUMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CatalogError(ValueError):
@@ -89,31 +102,76 @@ class ModelVersion:
 
 
 def model_files(paths: list[str | os.PathLike]) -> dict[str, str]:
-    """``{name: absolute path}`` of model files and folders of them, in the order given.
+    """``{name: absolute path}`` of model files, folders of them and manifests (``*.json``), in the order given.
 
     Raises:
-        CatalogError: a path that is neither a file nor a folder, a folder without model files, or two
-            files of one name.
+        CatalogError: a path that is neither a file nor a folder, a folder without model files, a manifest
+            that is not valid, or one name twice.
     """
-    files: list[Path] = []
+    named: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix == MODEL_SUFFIX and f.is_file())
             if not found:
                 raise CatalogError(f"{p}: a folder without model files (*{MODEL_SUFFIX})")
-            files += found
+            named += [(f.stem, f) for f in found]
+        elif p.is_file() and p.suffix == MANIFEST_SUFFIX:
+            named += read_manifest(p).items()
         elif p.is_file():
-            files.append(p)
+            named.append((p.stem, p))
         else:
             raise CatalogError(f"{p}: no such model file or folder")
     out: dict[str, str] = {}
-    for f in files:
-        if f.stem in out:
-            raise CatalogError(f"two model files are named {f.stem!r} ({out[f.stem]} and {f}): a name must say "
-                               "which model answers")
-        out[f.stem] = os.path.abspath(f)
+    for name, f in named:
+        if name in out:
+            raise CatalogError(f"two models are named {name!r} ({out[name]} and {f}): a name must say which model "
+                               "answers")
+        out[name] = os.path.abspath(f)
     if not out:
         raise CatalogError("no model files given")
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Path]:
+    """``{part number: model file}`` of a manifest (see the module's docstring), every entry checked.
+
+    Raises:
+        CatalogError: saying what is wrong: not JSON, too large, a key other than ``models``, a part number
+            twice or not of the allowed characters, a path that is not a string, a model file that does not exist.
+    """
+    path = Path(path)
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise CatalogError(f"{path}: {', '.join(map(repr, twice))} named twice")
+        return dict(pairs)
+
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CatalogError(f"{path}: a manifest of more than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        doc = json.loads(path.read_bytes(), object_pairs_hook=unique)
+    except CatalogError:
+        raise
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise CatalogError(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(doc, dict) or set(doc) != {"models"} or not isinstance(doc["models"], dict) \
+            or not doc["models"]:
+        keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise CatalogError(f"{path}: a manifest is {{\"models\": {{\"PART-NUMBER\": \"model.npz\", ...}}}} with at "
+                           f"least one model and no other key; got {keys}")
+    out = {}
+    for name, file in doc["models"].items():
+        if not PART_NUMBER.fullmatch(name):
+            raise CatalogError(f"{path}: part number {name!r}: 1 to 128 letters, digits, '.', '_' or '-', "
+                               "starting with a letter or digit")
+        if not isinstance(file, str) or not file:
+            raise CatalogError(f"{path}: {name}: the model file must be a path (a string), got {file!r}")
+        target = path.parent / file  # an absolute path stays as it is
+        if not target.is_file():
+            raise CatalogError(f"{path}: {name}: no such model file {target}")
+        out[name] = target
     return out
 
 

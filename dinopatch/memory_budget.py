@@ -24,6 +24,7 @@ and dropped again at every request.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import re
@@ -58,6 +59,14 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
     return size
+
+
+def size_argument(text: str) -> int:
+    """:func:`parse_size` as an argparse ``type`` (``--memory 2GB``): its message on a mistake."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(n: int) -> str:

@@ -9,7 +9,7 @@ service (:mod:`dinopatch.catalog`), caps the request size, bounds every
 request by a deadline (503 when it passes), retries a request whose replica
 died on another one, counts (:mod:`dinopatch.serve_metrics`) and answers JSON.
 
-HTTP (``{name}`` is a model file's name without ``.npz``):
+HTTP (``{name}`` is a model's part number in a manifest, else its file's name without ``.npz``):
 
 - ``POST /predict/{name}`` (``POST /predict`` when the service has one model): the body is a PNG or JPEG
   file, or raw uint8 pixels with ``?shape=H,W`` or ``?shape=H,W,C`` (C = 1, 3 for BGR, or 4 for BGRA).
@@ -77,7 +77,7 @@ from .backbone import TORCH_FREE_ENGINES, canonical_engine
 from .catalog import CatalogError, ModelVersion, check_version, load_bytes, model_files
 from .gateway import Gateway, token_digest
 from .loaded_models import LoadedModels
-from .memory_budget import parse_size
+from .memory_budget import size_argument
 from .modelfile import KEY_ENV
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
@@ -97,8 +97,9 @@ class ServiceConfig:
     """What ``python -m dinopatch serve`` runs.
 
     Attributes:
-        models: model files or folders of them (every ``*.npz`` inside), readable where the command runs; one
-            name per file (its stem).  Resolved to ``{name: absolute path}`` in ``files``.
+        models: model files, folders of them (every ``*.npz`` inside) or manifests (``*.json``, see
+            :mod:`dinopatch.catalog`), readable where the command runs; one name per model (its part number, or
+            its file's stem).  Resolved to ``{name: absolute path}`` in ``files``.
         engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
             or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
         kernel: distance kernel backend (``"auto"``, ``"cpp"``, ...).
@@ -325,24 +326,18 @@ def check_models(config: ServiceConfig) -> None:
             raise SystemExit(f"dinopatch: {path}: {e}") from None
 
 
-def _memory_size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m dinopatch serve``: run the service until Ctrl-C or SIGTERM."""
     defaults = ServiceConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m dinopatch serve",
                                 description="Serve DinoPatch models over HTTP with Ray Serve.")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="model files, or folders of them (*.npz); each is "
-                   "served as POST /predict/{its file name without .npz}")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model files, folders of them (*.npz), or manifests "
+                   "(*.json: {\"models\": {\"PART-NUMBER\": \"file.npz\", ...}}, paths from the manifest's folder); "
+                   "each is served as POST /predict/{its part number, or its file name without .npz}")
     p.add_argument("-m", "--model", action="append", default=[], help="a model file (as MODEL; may repeat)")
     p.add_argument("--max-models", type=int, default=defaults["max_models"].default,
                    help="models a replica keeps loaded; beyond, the least recently used is dropped")
-    p.add_argument("--memory", type=_memory_size, default=None, metavar="SIZE",
+    p.add_argument("--memory", type=size_argument, default=None, metavar="SIZE",
                    help="memory a replica's models may take by their estimated size (file arrays, engine, one "
                    "batch), e.g. 2GB or 1.5GiB; beyond, the least recently used are dropped (default: no bound)")
     p.add_argument("--poll-s", type=float, default=defaults["poll_s"].default,

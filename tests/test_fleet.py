@@ -73,7 +73,7 @@ def test_model_files_names_folders_and_refuses_clashes(tmp_path):
         (tmp_path / p).write_bytes(b"")
     assert model_files([tmp_path / "a", tmp_path / "b.npz"]) == {
         "x": str(tmp_path / "a/x.npz"), "y": str(tmp_path / "a/y.npz"), "b": str(tmp_path / "b.npz")}
-    with pytest.raises(CatalogError, match="two model files are named 'x'"):
+    with pytest.raises(CatalogError, match="two models are named 'x'"):
         model_files([tmp_path / "a", tmp_path / "x.npz"])
     with pytest.raises(CatalogError, match="no such model file"):
         model_files([tmp_path / "missing.npz"])
