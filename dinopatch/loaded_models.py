@@ -17,18 +17,33 @@ and only then puts it in the old one's place.  Requests already queued on
 the old one are scored by it: their batch holds it until they are answered.
 A request naming an older version than the one held is scored by the newer
 (the catalog has moved on); every answer names the model id that judged it.
+
+A version this replica cannot run as checked (its file's checks, its golden
+set on this replica's engine, the memory budget: a ``ValueError`` or
+:class:`~dinopatch.engine_choice.EngineMismatchError` from ``load``) is kept
+out here too: the version held before it answers on, and the version is not
+tried again on this replica; with no version held before, requests get
+:class:`ModelUnavailableError`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
 
 from .catalog import ModelVersion
+from .engine_choice import EngineMismatchError
 from .memory_budget import check_fits
 from .records import score_images
+
+log = logging.getLogger("dinopatch.serve")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A version this replica refused to load, with no earlier version of its name to answer instead."""
 
 
 class LoadedModel:
@@ -79,6 +94,7 @@ class LoadedModels:
         self._load, self._batch, self.max_models, self.memory = load, batch, max_models, memory
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._refused: dict[str, tuple[ModelVersion, str]] = {}
         self.loads = 0
 
     def __contains__(self, name: str) -> bool:
@@ -93,7 +109,13 @@ class LoadedModels:
         return sum(m.version.resident_bytes for m in self._models.values())
 
     async def get(self, version: ModelVersion) -> LoadedModel:
-        """The loaded model for ``version``'s name, at that version or a newer one; loaded if need be."""
+        """The loaded model for ``version``'s name, at that version or a newer one; loaded if need be.
+
+        Where this replica refused ``version`` (now or before), the version of its name held before it.
+
+        Raises:
+            ModelUnavailableError: ``version`` was refused here and no earlier version of its name is held.
+        """
         held = self._fresh(version)
         if held is not None:
             return held
@@ -103,15 +125,30 @@ class LoadedModels:
             held = self._fresh(version)
             if held is not None:
                 return held
-            check_fits(version.name, version.resident_bytes, self.memory)
-            self._make_room(version)
-            det = await asyncio.to_thread(self._load, version)
-            model = LoadedModel(version, det, self._batch)
-            self.loads += 1
-            self._models[version.name] = model
-            self._models.move_to_end(version.name)
-            self._make_room(None)
-            return model
+            refused = self._refused.get(version.name)
+            if refused is None or version.newer_than(refused[0]):
+                try:
+                    return await self._load_new(version)
+                except (ValueError, EngineMismatchError) as e:
+                    log.error("%s: version %d refused on this replica: %s", version.name, version.number, e)
+                    self._refused[version.name] = (version, f"{type(e).__name__}: {e}")
+            before = self._models.get(version.name)
+            if before is None:
+                raise ModelUnavailableError(f"{version.name}: version {version.number} cannot run on this replica: "
+                                            f"{self._refused[version.name][1]}")
+            return before
+
+    async def _load_new(self, version: ModelVersion) -> LoadedModel:
+        check_fits(version.name, version.resident_bytes, self.memory)
+        self._make_room(version)
+        det = await asyncio.to_thread(self._load, version)
+        model = LoadedModel(version, det, self._batch)
+        self.loads += 1
+        self._models[version.name] = model
+        self._models.move_to_end(version.name)
+        self._make_room(None)
+        self._refused.pop(version.name, None)
+        return model
 
     def _make_room(self, coming: ModelVersion | None) -> None:
         """Drop the least recently used models until ``coming`` (None: nothing) fits beside those left.

@@ -76,7 +76,7 @@ from . import __version__, params
 from .backbone import TORCH_FREE_ENGINES, canonical_engine
 from .catalog import CatalogError, ModelVersion, check_version, load_bytes, model_files
 from .gateway import Gateway, token_digest
-from .loaded_models import LoadedModels
+from .loaded_models import LoadedModels, ModelUnavailableError
 from .memory_budget import size_argument
 from .modelfile import KEY_ENV
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
@@ -200,7 +200,9 @@ class Scorer:
         import ray
 
         data = version.data if isinstance(version.data, bytes) else ray.get(version.data)
-        det = load_bytes(data, **self.config.runtime)
+        # Strict: this replica's engine must reproduce the golden set too (it may run on another machine than
+        # the gateway that checked the version).
+        det = load_bytes(data, strict=True, **self.config.runtime)
         if det.model_id != version.model_id:
             raise RuntimeError(f"{version.name}: version {version.number} is model {version.model_id}, "
                                f"its bytes load as {det.model_id}")
@@ -214,7 +216,10 @@ class Scorer:
             image = decode_image(body, shape, self.config.max_pixels)
         except RequestError as e:
             return {"status": e.status, "body": {"error": e.message}}
-        model = await self.models.get(version)
+        try:
+            model = await self.models.get(version)
+        except ModelUnavailableError as e:
+            return {"status": 503, "body": {"error": str(e)}}
         record = await model.predict((image, mask))
         if record["error"] is not None:
             return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}

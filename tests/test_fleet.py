@@ -180,6 +180,45 @@ def test_replica_loads_on_first_use_drops_least_recent_and_batches_per_model():
         LoadedModels(load, batch, max_models=0)
 
 
+def test_a_version_a_replica_cannot_run_leaves_the_one_before_answering():
+    from dinopatch.engine_choice import EngineMismatchError
+    from dinopatch.loaded_models import ModelUnavailableError
+
+    loads = []
+
+    def load(version):
+        loads.append((version.name, version.number))
+        if version.number == 2:
+            raise EngineMismatchError(f"{version.name} v2 flips a golden verdict here")
+        return version.model_id
+
+    async def scenario():
+        models = LoadedModels(load, lambda f: f, max_models=4)
+        a1 = await models.get(_version("a", 1))
+        # Refused here: version 1 answers on (its answers name it), and version 2 is not tried at every request.
+        assert await models.get(_version("a", 2)) is a1
+        assert await models.get(_version("a", 2)) is a1 and loads.count(("a", 2)) == 1
+        assert (await models.get(_version("a", 3))).version.number == 3  # a later version is tried
+        with pytest.raises(ModelUnavailableError, match="b: version 2 cannot run on this replica: "
+                                                        "EngineMismatchError: b v2 flips"):
+            await models.get(_version("b", 2))
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_checks_the_golden_set_on_its_own_engine(models, tmp_path):
+    from dinopatch.engine_choice import EngineMismatchError
+    from dinopatch.serve import Scorer
+
+    folder, onnx, spare = models
+    scorer = Scorer(ServiceConfig(models=[folder], engine=str(onnx)))
+    bad = _golden_flipped(spare, tmp_path / "bad.npz").read_bytes()
+    with pytest.raises(EngineMismatchError, match="verdict flip"):
+        scorer._load(ModelVersion("bolt", 2, "x", "s", "", bad))
+    good = spare.read_bytes()
+    assert scorer._load(ModelVersion("bolt", 2, DinoPatch.load(spare).model_id, "s", "", good)).model_id
+
+
 def test_metrics_count_per_model_and_never_invent_series():
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -199,7 +199,7 @@ def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
     # Models: files and folders, one name each, at least one.
     (tmp_path / "line").mkdir()
     (tmp_path / "line" / "screw.npz").write_bytes(open(model, "rb").read())
-    with pytest.raises(SystemExit, match="two model files are named 'screw'"):
+    with pytest.raises(SystemExit, match="two models are named 'screw'"):
         main([str(tmp_path / "line"), str(model), "--engine", str(onnx)])
     with pytest.raises(SystemExit, match="no model files given"):
         main(["--engine", str(onnx)])
