@@ -2,8 +2,8 @@
 
 Two deployments.  :class:`Scorer` replicas each hold up to ``max_models``
 models within a ``memory`` budget (:mod:`dinopatch.loaded_models`: loaded on
-first use, least recently used dropped), decode and check the images they are sent, and score them in
-dynamic batches per model (``@serve.batch``).  One :class:`Gateway` takes the
+first use, least recently used dropped), decode and check the images they
+are sent, and score them in dynamic batches per model (``@serve.batch``).  One :class:`Gateway` takes the
 HTTP requests from Ray Serve's proxies: it keeps the version of each model in
 service (:mod:`dinopatch.catalog`), caps the request size, bounds every
 request by a deadline (503 when it passes), retries a request whose replica
@@ -31,11 +31,12 @@ HTTP (``{name}`` is a model's part number in a manifest, else its file's name wi
 - ``GET /metrics``: the counts in Prometheus' text format.
 - ``GET /health``: 200 when a scorer replica answers, else 503.
 
-A swap checks the new file's bytes before any request goes to them (the model file's checks, its
-golden set run again with the replicas' engine with zero verdict flips, its estimated size within the
-memory budget: :func:`dinopatch.catalog.check_version`); requests
-sent before the swap are answered by the old version, later ones by the new,
-which each replica loads beside the old before using it.
+A swap checks the new file's bytes before any request goes to them
+(:func:`dinopatch.catalog.check_version`: the model file's checks, its golden
+set run again with the replicas' engine with zero verdict flips, its
+estimated size within the memory budget); requests sent before the swap are
+answered by the old version, later ones by the new, which each replica loads
+beside the old (checking the golden set on its own engine) before using it.
 
 Who is calling: with a token (``$DINOPATCH_TOKEN`` or ``--token-file``), every
 route but ``/health`` answers 401 unless the request carries
