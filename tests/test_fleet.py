@@ -180,6 +180,18 @@ def test_replica_loads_on_first_use_drops_least_recent_and_batches_per_model():
         LoadedModels(load, batch, max_models=0)
 
 
+def test_the_command_refuses_a_model_whose_golden_set_its_engine_flips(models, tmp_path):
+    import ray
+
+    from dinopatch.serve import main
+
+    folder, onnx, spare = models
+    bad = _golden_flipped(spare, tmp_path / "bad.npz")
+    with pytest.raises(SystemExit, match=r"bad.npz: engine 'backbone.onnx' does not reproduce the reference .*flip"):
+        main([str(folder / "bolt.npz"), str(bad), "--engine", str(onnx)])
+    assert not ray.is_initialized()  # refused before Ray starts
+
+
 def test_a_version_a_replica_cannot_run_leaves_the_one_before_answering():
     from dinopatch.engine_choice import EngineMismatchError
     from dinopatch.loaded_models import ModelUnavailableError
