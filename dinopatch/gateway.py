@@ -196,7 +196,8 @@ class Gateway:
     async def _model(self, request, name) -> tuple[int, dict]:
         version = self._version(name)
         timeout = self.config.timeout_s
-        return 200, await self._call(lambda: self.scorer.info.remote(version), time.monotonic() + timeout, timeout)
+        answer = await self._call(lambda: self.scorer.info.remote(version), time.monotonic() + timeout, timeout)
+        return answer["status"], answer["body"]
 
     async def _models(self, request, name) -> tuple[int, dict]:
         return 200, {"models": [dict(m, drift=self.drift.state(m["name"])) for m in self.catalog.listing()]}

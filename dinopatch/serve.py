@@ -217,20 +217,29 @@ class Scorer:
             image = decode_image(body, shape, self.config.max_pixels)
         except RequestError as e:
             return {"status": e.status, "body": {"error": e.message}}
-        try:
-            model = await self.models.get(version)
-        except ModelUnavailableError as e:
-            return {"status": 503, "body": {"error": str(e)}}
+        model = await self._model(version)
+        if isinstance(model, dict):
+            return model
         record = await model.predict((image, mask))
         if record["error"] is not None:
             return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}
         return {"status": 200, "body": dict(record, model=version.name, model_id=model.det.model_id)}
 
+    async def _model(self, version: ModelVersion):
+        """The loaded model for ``version``, or the 503 answer where this replica cannot run it."""
+        try:
+            return await self.models.get(version)
+        except ModelUnavailableError as e:
+            return {"status": 503, "body": {"error": str(e)}}
+
     async def info(self, version: ModelVersion) -> dict:
-        """What ``GET /model`` answers."""
-        det = (await self.models.get(version)).det
+        """``{"status", "body"}`` of ``GET /model``."""
+        model = await self._model(version)
+        if isinstance(model, dict):
+            return model
+        det = model.det
         # Names, never paths: a caller learns nothing of the serving machine's folders.
-        return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
+        return {"status": 200, "body": {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
                 "engine": Path(os.fspath(det.engine)).name, "kernel": det.kernel, "threshold": det.threshold_.image,
                 "threshold_source": det.threshold_.describe(), **version.describe(),
                 "signed": self.config.signed, "dinopatch_version": __version__,
@@ -238,7 +247,7 @@ class Scorer:
                 "max_models": self.config.max_models, "memory": self.config.memory,
                 "max_batch": self.config.max_batch,
                 "batch_wait_ms": self.config.batch_wait_ms, "timeout_s": self.config.timeout_s,
-                "max_bytes": self.config.max_bytes, "max_pixels": self.config.max_pixels}
+                "max_bytes": self.config.max_bytes, "max_pixels": self.config.max_pixels}}
 
     def ping(self) -> bool:
         return True

@@ -229,6 +229,12 @@ def test_a_replica_checks_the_golden_set_on_its_own_engine(models, tmp_path):
         scorer._load(ModelVersion("bolt", 2, "x", "s", "", bad))
     good = spare.read_bytes()
     assert scorer._load(ModelVersion("bolt", 2, DinoPatch.load(spare).model_id, "s", "", good)).model_id
+    # With no version of its own before, the replica answers 503 for it, to predict and to /model alike.
+    scorer.models = LoadedModels(scorer._load, lambda f: f, max_models=4)
+    version = ModelVersion("bolt", 2, "x", "s", "", bad)
+    for answer in (asyncio.run(scorer.predict(version, cv2.imencode(".png", screws("good", 1, 1)[0])[1].tobytes(),
+                                              None, False)), asyncio.run(scorer.info(version))):
+        assert answer["status"] == 503 and "bolt: version 2 cannot run on this replica" in answer["body"]["error"]
 
 
 def test_metrics_count_per_model_and_never_invent_series():
