@@ -18,9 +18,13 @@ resuming with a model of another ``model_id`` is refused, unless ``rescore``
 again.
 
 Ray Data runs one engine per worker (an actor holding the model); the
-driver only lists paths and writes rows, so on a cluster the images and the
-model must be readable at the same paths on every node, and ``OUT`` where
-the command runs.
+driver only lists paths and writes rows, so on a cluster the images must be
+readable at the same paths on every node, and ``OUT`` where the command runs.
+The model file is read once, where the command runs, and checked there; its
+bytes reach the workers through Ray's object store, so no node needs a copy,
+and every worker runs the bytes that were checked.  A model key
+(``$DINOPATCH_MODEL_KEY``) set where the command runs reaches the workers
+through Ray's runtime environment, so each verifies the signature too.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from tqdm.auto import tqdm
 
 from . import params
 from .data import IMAGE_SUFFIXES, load_image
+from .modelfile import KEY_ENV
 from .records import path_entries, score_images, text
 
 _TEXT = ("path", "path_base64", "reason", "threshold_source", "model_id", "error")
@@ -140,12 +145,18 @@ def done_paths(out: str | os.PathLike, model_id: str | None = None, rescore: boo
 
 
 class ArchiveScorer:
-    """A Ray Data worker: one detector, scoring batches of paths into rows of :data:`COLUMNS`."""
+    """A Ray Data worker: one detector, scoring batches of paths into rows of :data:`COLUMNS`.
 
-    def __init__(self, model: str, engine: str, kernel: str, batch_size: int):
-        from .detector import DinoPatch
+    ``model``: ``[ObjectRef]`` of the model file's bytes (in a list, so that it reaches the constructor as a
+    reference and is fetched here, from whichever node holds it).
+    """
 
-        self.det = DinoPatch.load(model, engine=engine, kernel=kernel, batch_size=batch_size, progress=False)
+    def __init__(self, model: list, engine: str, kernel: str, batch_size: int):
+        import ray
+
+        from .catalog import load_bytes
+
+        self.det = load_bytes(ray.get(model[0]), engine=engine, kernel=kernel, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         # Bytes through Ray and Arrow: a name that is not valid UTF-8 is no Arrow string.
@@ -186,7 +197,7 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
 
     Args:
         source: see :func:`list_images`.
-        model: model file (on every node).
+        model: model file (where the command runs; the workers get its bytes through Ray).
         out: output folder of Parquet parts; created when missing.
         engine, kernel: as for :meth:`dinopatch.DinoPatch.load`.
         batch_size: images per backbone call in a worker.
@@ -200,15 +211,19 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
     Returns:
         ``{"images", "skipped", "scored", "errors", "output"}``.
     """
-    from .detector import DinoPatch
+    from .catalog import load_bytes
 
     if int(batch_size) < 1 or int(rows_per_part) < 1 or (workers is not None and int(workers) < 1):
         raise ValueError(f"batch_size, rows_per_part and workers must be >= 1, got {batch_size}, "
                          f"{rows_per_part}, {workers}")
     paths = list_images(source)
     out = Path(out)
-    # Fail here in a second, not in every worker after Ray has started them.
-    model_id = DinoPatch.load(model, engine=engine, kernel=kernel, progress=False).model_id
+    # Fail here in a second, not in every worker after Ray has started them; the workers run these bytes.
+    data = Path(model).read_bytes()
+    try:
+        model_id = load_bytes(data, engine=engine, kernel=kernel).model_id
+    except ValueError as e:
+        raise type(e)(f"{model}: {e}") from None
     done = done_paths(out, model_id, rescore)
     todo = [p for p in paths if p not in done]
     summary = {"images": len(paths), "skipped": len(paths) - len(todo), "scored": 0, "errors": 0,
@@ -232,9 +247,11 @@ def score_archive(source, model, out, *, engine: str = "onnx", kernel: str = "au
                                  override_num_blocks=max(1, min(len(todo) // int(batch_size), 10_000)))
         # Absolute paths: workers may start in another folder (or on another machine).
         engine = os.path.abspath(engine) if os.fspath(engine).endswith(".onnx") else engine
-        worker = {"model": os.path.abspath(model), "engine": engine, "kernel": kernel, "batch_size": int(batch_size)}
-        ds = ds.map_batches(ArchiveScorer, fn_constructor_kwargs=worker,
-                            batch_size=int(batch_size), batch_format="numpy", concurrency=n, num_cpus=1)
+        worker = {"model": [ray.put(data)], "engine": engine, "kernel": kernel, "batch_size": int(batch_size)}
+        key = os.environ.get(KEY_ENV)
+        ds = ds.map_batches(ArchiveScorer, fn_constructor_kwargs=worker, batch_size=int(batch_size),
+                            batch_format="numpy", concurrency=n, num_cpus=1,
+                            runtime_env={"env_vars": {KEY_ENV: key}} if key else None)
         out.mkdir(parents=True, exist_ok=True)
         run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         pending: list[dict] = []
@@ -270,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dinopatch score-archive",
                                 description="Score a folder, glob or list of images on Ray Data into Parquet.")
     p.add_argument("input", help="a folder, a glob pattern (quote it), an image, or a text file of paths")
-    p.add_argument("-m", "--model", required=True, help="model file (on every node of a cluster)")
+    p.add_argument("-m", "--model", required=True, help="model file, here (its bytes reach every node through Ray)")
     p.add_argument("-o", "--output", required=True, help="output folder of Parquet parts (OUT.parquet); "
                    "paths already in it are skipped")
     p.add_argument("--address", help="join this Ray cluster (HOST:6379, or 'auto'); default: start a local Ray")

@@ -182,12 +182,14 @@ class DinoPatch(EstimatorMixin):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, threshold: float | None = None,
-             false_alarm_rate: float | None = None, **runtime) -> "DinoPatch":
+             false_alarm_rate: float | None = None, strict: bool = False, **runtime) -> "DinoPatch":
         """A detector from a model file written by :meth:`save`, checked before use; ``threshold`` replaces
         the file's, ``false_alarm_rate`` re-reads its calibration scores, ``**runtime`` says how to run
-        (``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``)."""
+        (``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``).  ``strict``: an engine named by hand
+        that flips a verdict of the golden set is an error (:class:`~.engine_choice.EngineMismatchError`), not
+        a warning."""
         model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
-        det._model = engine_choice.on_load(det, model)
+        det._model = engine_choice.on_load(det, model, strict)
         return det
 

@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 
-from .catalog import CatalogError, ModelCatalog, ModelVersion, load_bytes
+from .catalog import CatalogError, ModelCatalog, ModelVersion, check_version
 from .request_images import RequestError
 from .serve_drift import ServiceDrift
 from .serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -45,12 +45,17 @@ class Gateway:
         # The check keeps each version's drift reference; a monitor per model follows the parts answered.
         self.drift = ServiceDrift()
         # Each version's bytes in the object store: replicas on any node fetch them from there.
-        self.catalog = ModelCatalog(config.files, lambda data: self.drift.know(load_bytes(data, **config.runtime)),
-                                    put=ray.put)
+        self.catalog = ModelCatalog(config.files, self._check, put=ray.put)
         self.metrics = ServiceMetrics(self.catalog.names)
         for name in self.catalog.names:
             self._in_service(self.catalog.current(name))
         self._watcher: asyncio.Task | None = None
+
+    def _check(self, name: str, data: bytes) -> tuple[str, dict]:
+        """The catalog's check of a new version (:func:`check_version` with the replicas' engine and budget);
+        keeps its drift reference."""
+        det, checks = check_version(name, data, self.config.runtime, self.config.memory)
+        return self.drift.know(det), checks
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse, Response
@@ -191,7 +196,8 @@ class Gateway:
     async def _model(self, request, name) -> tuple[int, dict]:
         version = self._version(name)
         timeout = self.config.timeout_s
-        return 200, await self._call(lambda: self.scorer.info.remote(version), time.monotonic() + timeout, timeout)
+        answer = await self._call(lambda: self.scorer.info.remote(version), time.monotonic() + timeout, timeout)
+        return answer["status"], answer["body"]
 
     async def _models(self, request, name) -> tuple[int, dict]:
         return 200, {"models": [dict(m, drift=self.drift.state(m["name"])) for m in self.catalog.listing()]}
@@ -200,12 +206,14 @@ class Gateway:
         return 200, {}
 
     async def _reload(self, request, name) -> tuple[int, dict]:
-        """Read the model file now; 200 with the version in service, 422 when the new file fails its checks."""
+        """Read the model file now; 200 with the version in service, 422 when the new file fails its checks
+        (with the version that stays in service and the refusal)."""
         before = self.catalog.current(name)
         try:
             version = await self._swap(name, force=True)
         except CatalogError as e:
-            raise RequestError(422, str(e)) from None
+            return 422, {"error": str(e), "in_service": self.catalog.current(name).describe(),
+                         "refused": self.catalog.refused(name)}
         return 200, dict(version.describe(), swapped=version is not before)
 
     async def _swap(self, name: str, force: bool = False) -> ModelVersion:

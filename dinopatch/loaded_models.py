@@ -1,5 +1,14 @@
 """The models one scorer replica holds: loaded on first use, the least recently used dropped beyond a budget.
 
+The budget is a number of models (``max_models``) and, optionally, memory:
+the estimated resident sizes of the models held (:mod:`dinopatch.memory_budget`,
+carried by each checked version) may not add up to more than ``memory``
+bytes.  Before a model is loaded, the least recently used others are dropped
+until it fits beside what stays; a model larger than the whole budget is
+refused (:class:`~dinopatch.memory_budget.MemoryBudgetError`) before it is
+loaded.  A swap holds both versions of a name for the time of the load: the
+old one answers until the new one is ready.
+
 Each loaded model has its own dynamic batch (images of one model are scored
 together, never with another model's).  A request names the version of the
 :mod:`dinopatch.catalog` it is for; a replica holding an older version of
@@ -8,17 +17,33 @@ and only then puts it in the old one's place.  Requests already queued on
 the old one are scored by it: their batch holds it until they are answered.
 A request naming an older version than the one held is scored by the newer
 (the catalog has moved on); every answer names the model id that judged it.
+
+A version this replica cannot run as checked (its file's checks, its golden
+set on this replica's engine, the memory budget: a ``ValueError`` or
+:class:`~dinopatch.engine_choice.EngineMismatchError` from ``load``) is kept
+out here too: the version held before it answers on, and the version is not
+tried again on this replica; with no version held before, requests get
+:class:`ModelUnavailableError`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
 
 from .catalog import ModelVersion
+from .engine_choice import EngineMismatchError
+from .memory_budget import check_fits
 from .records import score_images
+
+log = logging.getLogger("dinopatch.serve")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A version this replica refused to load, with no earlier version of its name to answer instead."""
 
 
 class LoadedModel:
@@ -50,21 +75,26 @@ class LoadedModel:
 
 
 class LoadedModels:
-    """Name to :class:`LoadedModel`, at most ``max_models`` of them, least recently used dropped first.
+    """Name to :class:`LoadedModel`, within ``max_models`` and ``memory``, least recently used dropped first.
 
     Args:
         load: ``load(version) -> DinoPatch``, the detector of a version (fetches its bytes, checks them,
             warms up the engine); runs in a worker thread.
         batch: the batching decorator each model's queue gets.
         max_models: how many models this replica keeps loaded.
+        memory: bytes the estimated resident sizes of the loaded models may add up to (None: no bound).
     """
 
-    def __init__(self, load: Callable[[ModelVersion], Any], batch: Callable, max_models: int):
+    def __init__(self, load: Callable[[ModelVersion], Any], batch: Callable, max_models: int,
+                 memory: int | None = None):
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
-        self._load, self._batch, self.max_models = load, batch, max_models
+        if memory is not None and memory < 1:
+            raise ValueError(f"memory must be >= 1 byte, got {memory}")
+        self._load, self._batch, self.max_models, self.memory = load, batch, max_models, memory
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._refused: dict[str, tuple[ModelVersion, str]] = {}
         self.loads = 0
 
     def __contains__(self, name: str) -> bool:
@@ -74,8 +104,18 @@ class LoadedModels:
         """Loaded names, least recently used first."""
         return list(self._models)
 
+    def resident_bytes(self) -> int:
+        """The estimated memory of the models held."""
+        return sum(m.version.resident_bytes for m in self._models.values())
+
     async def get(self, version: ModelVersion) -> LoadedModel:
-        """The loaded model for ``version``'s name, at that version or a newer one; loaded if need be."""
+        """The loaded model for ``version``'s name, at that version or a newer one; loaded if need be.
+
+        Where this replica refused ``version`` (now or before), the version of its name held before it.
+
+        Raises:
+            ModelUnavailableError: ``version`` was refused here and no earlier version of its name is held.
+        """
         held = self._fresh(version)
         if held is not None:
             return held
@@ -85,15 +125,47 @@ class LoadedModels:
             held = self._fresh(version)
             if held is not None:
                 return held
-            det = await asyncio.to_thread(self._load, version)
-            model = LoadedModel(version, det, self._batch)
-            self.loads += 1
-            self._models[version.name] = model
-            self._models.move_to_end(version.name)
-            while len(self._models) > self.max_models:
-                # Requests queued on the dropped model still finish: its batch holds it.
-                self._models.popitem(last=False)
-            return model
+            refused = self._refused.get(version.name)
+            if refused is None or version.newer_than(refused[0]):
+                try:
+                    return await self._load_new(version)
+                except (ValueError, EngineMismatchError) as e:
+                    log.error("%s: version %d refused on this replica: %s", version.name, version.number, e)
+                    self._refused[version.name] = (version, f"{type(e).__name__}: {e}")
+            before = self._models.get(version.name)
+            if before is None:
+                raise ModelUnavailableError(f"{version.name}: version {version.number} cannot run on this replica: "
+                                            f"{self._refused[version.name][1]}")
+            return before
+
+    async def _load_new(self, version: ModelVersion) -> LoadedModel:
+        check_fits(version.name, version.resident_bytes, self.memory)
+        self._make_room(version)
+        det = await asyncio.to_thread(self._load, version)
+        model = LoadedModel(version, det, self._batch)
+        self.loads += 1
+        self._models[version.name] = model
+        self._models.move_to_end(version.name)
+        self._make_room(None)
+        self._refused.pop(version.name, None)
+        return model
+
+    def _make_room(self, coming: ModelVersion | None) -> None:
+        """Drop the least recently used models until ``coming`` (None: nothing) fits beside those left.
+
+        A model of ``coming``'s name stays: it answers until its new version is loaded.  Requests queued on a
+        dropped model still finish: its batch holds it.
+        """
+        def over() -> bool:
+            count = len(self._models) + (coming is not None and coming.name not in self._models)
+            size = self.resident_bytes() + (coming.resident_bytes if coming is not None else 0)
+            return count > self.max_models or (self.memory is not None and size > self.memory)
+
+        for name in list(self._models):
+            if not over():
+                break
+            if coming is None or name != coming.name:
+                del self._models[name]
 
     def _fresh(self, version: ModelVersion) -> LoadedModel | None:
         held = self._models.get(version.name)

@@ -1,15 +1,15 @@
 """``python -m dinopatch serve``: DinoPatch models behind HTTP, as a Ray Serve application.
 
 Two deployments.  :class:`Scorer` replicas each hold up to ``max_models``
-models (:mod:`dinopatch.loaded_models`: loaded on first use, least recently
-used dropped), decode and check the images they are sent, and score them in
-dynamic batches per model (``@serve.batch``).  One :class:`Gateway` takes the
+models within a ``memory`` budget (:mod:`dinopatch.loaded_models`: loaded on
+first use, least recently used dropped), decode and check the images they
+are sent, and score them in dynamic batches per model (``@serve.batch``).  One :class:`Gateway` takes the
 HTTP requests from Ray Serve's proxies: it keeps the version of each model in
 service (:mod:`dinopatch.catalog`), caps the request size, bounds every
 request by a deadline (503 when it passes), retries a request whose replica
 died on another one, counts (:mod:`dinopatch.serve_metrics`) and answers JSON.
 
-HTTP (``{name}`` is a model file's name without ``.npz``):
+HTTP (``{name}`` is a model's part number in a manifest, else its file's name without ``.npz``):
 
 - ``POST /predict/{name}`` (``POST /predict`` when the service has one model): the body is a PNG or JPEG
   file, or raw uint8 pixels with ``?shape=H,W`` or ``?shape=H,W,C`` (C = 1, 3 for BGR, or 4 for BGRA).
@@ -20,17 +20,23 @@ HTTP (``{name}`` is a model file's name without ``.npz``):
   ``latency_ms``, ``batch`` (how many images were scored together) and ``drift`` (``{"flag", "reason"}``:
   the drift monitor of the model's version in service, :mod:`dinopatch.serve_drift`).  A non-finite
   score or threshold is ``null``.
-- ``GET /models``: each model's name, id, version number, SHA-256, file time and drift state; never a path.
+- ``GET /models``: each model's name, id, version number, SHA-256, file time, what its checks found
+  (``checks``: golden frames and flips, estimated resident bytes), the last new file refused since
+  (``refused``: its SHA-256, why and when) and drift state; never a path.
 - ``GET /model/{name}`` (``/model`` with one model): model id and version, DinoPatch version, threshold and
   its source, backbone, image size, engine name and the service's limits; never a path of the serving machine.
-- ``POST /models/{name}/reload``: check the model file now and swap it in (422, and the old version stays,
-  when it fails its checks).  The gateway also looks at the files every ``poll_s`` and swaps a changed one.
+- ``POST /models/{name}/reload``: check the model file now and swap it in (422 with ``error``, the version
+  ``in_service`` and the ``refused`` record when it fails its checks: the old version stays).  The gateway
+  also looks at the files every ``poll_s`` and swaps a changed one.
 - ``GET /metrics``: the counts in Prometheus' text format.
 - ``GET /health``: 200 when a scorer replica answers, else 503.
 
-A swap checks the new file's bytes before any request goes to them; requests
-sent before the swap are answered by the old version, later ones by the new,
-which each replica loads beside the old before using it.
+A swap checks the new file's bytes before any request goes to them
+(:func:`dinopatch.catalog.check_version`: the model file's checks, its golden
+set run again with the replicas' engine with zero verdict flips, its
+estimated size within the memory budget); requests sent before the swap are
+answered by the old version, later ones by the new, which each replica loads
+beside the old (checking the golden set on its own engine) before using it.
 
 Who is calling: with a token (``$DINOPATCH_TOKEN`` or ``--token-file``), every
 route but ``/health`` answers 401 unless the request carries
@@ -69,9 +75,10 @@ import numpy as np
 
 from . import __version__, params
 from .backbone import TORCH_FREE_ENGINES, canonical_engine
-from .catalog import CatalogError, ModelVersion, load_bytes, model_files
+from .catalog import CatalogError, ModelVersion, check_version, load_bytes, model_files
 from .gateway import Gateway, token_digest
-from .loaded_models import LoadedModels
+from .loaded_models import LoadedModels, ModelUnavailableError
+from .memory_budget import size_argument
 from .modelfile import KEY_ENV
 from .request_images import RequestError, decode_image, image_size  # noqa: F401 (the service's API)
 
@@ -91,13 +98,17 @@ class ServiceConfig:
     """What ``python -m dinopatch serve`` runs.
 
     Attributes:
-        models: model files or folders of them (every ``*.npz`` inside), readable where the command runs; one
-            name per file (its stem).  Resolved to ``{name: absolute path}`` in ``files``.
+        models: model files, folders of them (every ``*.npz`` inside) or manifests (``*.json``, see
+            :mod:`dinopatch.catalog`), readable where the command runs; one name per model (its part number, or
+            its file's stem).  Resolved to ``{name: absolute path}`` in ``files``.
         engine: a name of :data:`dinopatch.backbone.TORCH_FREE_ENGINES` (ONNX Runtime or OpenVINO)
             or an ``.onnx`` export (readable on every node); never torch, nor ``"auto"``, which may pick it.
         kernel: the distance kernel (``"auto"``, ``"cpp"``, ...).
         replicas: scorer replicas, each holding up to ``max_models`` models.
         max_models: models a replica keeps loaded; beyond, the least recently used is dropped.
+        memory: bytes a replica's loaded models may take, by their estimated resident size
+            (:mod:`dinopatch.memory_budget`; None: no bound); beyond, the least recently used are dropped,
+            and a model larger than the whole budget is refused.
         poll_s: how often the model files are looked at for a new version.
         num_cpus: CPUs Ray reserves for each scorer replica.
         max_batch: most images scored in one backbone call.
@@ -115,6 +126,7 @@ class ServiceConfig:
     kernel: str = "auto"
     replicas: int = 1
     max_models: int = 4
+    memory: int | None = None
     poll_s: float = 1.0
     num_cpus: float = 1.0
     max_batch: int = 8
@@ -158,6 +170,9 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if not 0 <= self.batch_wait_ms <= 1000 * self.timeout_s:
             raise ValueError(f"batch_wait_ms must be in [0, timeout], got {self.batch_wait_ms}")
+        if self.memory is not None and (isinstance(self.memory, bool) or not isinstance(self.memory, (int, np.integer))
+                                        or self.memory < 1):
+            raise ValueError(f"memory must be a number of bytes >= 1 (None: no budget), got {self.memory!r}")
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
 
@@ -179,14 +194,16 @@ class Scorer:
         self.config = config
         # Batched per model, with the sizes of this service.
         batch = serve.batch(max_batch_size=config.max_batch, batch_wait_timeout_s=config.batch_wait_ms / 1e3)
-        self.models = LoadedModels(self._load, batch, config.max_models)
+        self.models = LoadedModels(self._load, batch, config.max_models, config.memory)
 
     def _load(self, version: ModelVersion):
         """The detector of ``version``, checked and with its engine running (a worker thread runs this)."""
         import ray
 
         data = version.data if isinstance(version.data, bytes) else ray.get(version.data)
-        det = load_bytes(data, **self.config.runtime)
+        # Strict: this replica's engine must reproduce the golden set too (it may run on another machine than
+        # the gateway that checked the version).
+        det = load_bytes(data, strict=True, **self.config.runtime)
         if det.model_id != version.model_id:
             raise RuntimeError(f"{version.name}: version {version.number} is model {version.model_id}, "
                                f"its bytes load as {det.model_id}")
@@ -200,24 +217,37 @@ class Scorer:
             image = decode_image(body, shape, self.config.max_pixels)
         except RequestError as e:
             return {"status": e.status, "body": {"error": e.message}}
-        model = await self.models.get(version)
+        model = await self._model(version)
+        if isinstance(model, dict):
+            return model
         record = await model.predict((image, mask))
         if record["error"] is not None:
             return {"status": 422, "body": {"error": f"the image could not be scored: {record['error']}"}}
         return {"status": 200, "body": dict(record, model=version.name, model_id=model.det.model_id)}
 
+    async def _model(self, version: ModelVersion):
+        """The loaded model for ``version``, or the 503 answer where this replica cannot run it."""
+        try:
+            return await self.models.get(version)
+        except ModelUnavailableError as e:
+            return {"status": 503, "body": {"error": str(e)}}
+
     async def info(self, version: ModelVersion) -> dict:
-        """What ``GET /model`` answers."""
-        det = (await self.models.get(version)).det
+        """``{"status", "body"}`` of ``GET /model``."""
+        model = await self._model(version)
+        if isinstance(model, dict):
+            return model
+        det = model.det
         # Names, never paths: a caller learns nothing of the serving machine's folders.
-        return {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
+        return {"status": 200, "body": {"backbone": det.backbone, "image_size": det.image_size, "align": det.align,
                 "engine": Path(os.fspath(det.engine)).name, "kernel": det.kernel, "threshold": det.threshold_.image,
                 "threshold_source": det.threshold_.describe(), **version.describe(),
                 "signed": self.config.signed, "dinopatch_version": __version__,
                 "torch_imported": "torch" in sys.modules, "replicas": self.config.replicas,
-                "max_models": self.config.max_models, "max_batch": self.config.max_batch,
+                "max_models": self.config.max_models, "memory": self.config.memory,
+                "max_batch": self.config.max_batch,
                 "batch_wait_ms": self.config.batch_wait_ms, "timeout_s": self.config.timeout_s,
-                "max_bytes": self.config.max_bytes, "max_pixels": self.config.max_pixels}
+                "max_bytes": self.config.max_bytes, "max_pixels": self.config.max_pixels}}
 
     def ping(self) -> bool:
         return True
@@ -293,22 +323,22 @@ def deploy(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, pro
 
 
 def check_models(config: ServiceConfig) -> None:
-    """Load every model of ``config`` here (bank and settings, no engine yet), or SystemExit saying which and why.
+    """Check every model of ``config`` here as a swap checks a new version (:func:`check_version`: the file,
+    the golden set on the service's engine, the memory budget), or SystemExit saying which and why.
 
-    Run where the command starts, so that a wrong file fails in a second
+    Run where the command starts, so that a wrong file fails in seconds
     instead of after Ray has started a gateway that cannot check it.
     """
-    from .detector import DinoPatch
-    from .modelfile import ModelFileError
+    from .engine_choice import EngineMismatchError
 
     if config.engine.endswith(".onnx") and not Path(config.engine).is_file():
         raise SystemExit(f"dinopatch: {config.engine}: no such ONNX export "
                          "(make one with `python -m dinopatch export`)")
-    for path in config.files.values():
+    for name, path in config.files.items():
         try:
-            DinoPatch.load(path, engine=config.engine, kernel=config.kernel, progress=False)
-        except (ModelFileError, ValueError) as e:
-            raise SystemExit(f"dinopatch: {e}") from None
+            check_version(name, Path(path).read_bytes(), config.runtime, config.memory)
+        except (OSError, ValueError, EngineMismatchError) as e:
+            raise SystemExit(f"dinopatch: {path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ServiceConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m dinopatch serve",
                                 description="Serve DinoPatch models over HTTP with Ray Serve.")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="model files, or folders of them (*.npz); each is "
-                   "served as POST /predict/{its file name without .npz}")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model files, folders of them (*.npz), or manifests "
+                   "(*.json: {\"models\": {\"PART-NUMBER\": \"file.npz\", ...}}, paths from the manifest's folder); "
+                   "each is served as POST /predict/{its part number, or its file name without .npz}")
     p.add_argument("-m", "--model", action="append", default=[], help="a model file (as MODEL; may repeat)")
     p.add_argument("--max-models", type=int, default=defaults["max_models"].default,
                    help="models a replica keeps loaded; beyond, the least recently used is dropped")
+    p.add_argument("--memory", type=size_argument, default=None, metavar="SIZE",
+                   help="memory a replica's models may take by their estimated size (file arrays, engine, one "
+                   "batch), e.g. 2GB or 1.5GiB; beyond, the least recently used are dropped (default: no bound)")
     p.add_argument("--poll-s", type=float, default=defaults["poll_s"].default,
                    help="how often the model files are looked at: a changed file is checked and swapped in")
     p.add_argument("--replicas", type=int, default=defaults["replicas"].default, help="scorer replicas")
@@ -359,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                num_cpus=args.num_cpus, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                timeout_s=args.timeout_s, max_bytes=int(args.max_mb * 2**20),
                                max_pixels=args.max_pixels, token=token, max_models=args.max_models,
+                               memory=args.memory,
                                poll_s=args.poll_s)
     except CatalogError as e:
         raise SystemExit(f"dinopatch: {e}") from None

@@ -85,6 +85,24 @@ def test_archive_equals_predict_and_resumes(local_ray, archive, onnx_model, tmp_
     assert set(_read(out)) == {*paths, broken}
 
 
+def test_a_worker_takes_the_model_from_the_object_store_not_a_disk(local_ray, archive, onnx_model, tmp_path):
+    import ray
+
+    from dinopatch.archive import ArchiveScorer
+
+    _, paths, _ = archive
+    model, onnx = onnx_model
+    copy = tmp_path / "gone.npz"
+    copy.write_bytes(open(model, "rb").read())
+    ref = ray.put(copy.read_bytes())
+    copy.unlink()  # no file left to read: the worker has the bytes or nothing
+    scorer = ArchiveScorer([ref], str(onnx), "auto", 4)
+    out = scorer({"path": np.array([os.fsencode(p) for p in paths[:4]], dtype=object)})
+    refs = DinoPatch.load(model, engine=str(onnx), progress=False).predict(paths[:4])
+    assert out["model_id"] == [DinoPatch.load(model).model_id] * 4 and out["error"] == [None] * 4
+    assert out["score"] == pytest.approx([r.score for r in refs], rel=RTOL)
+
+
 def test_inputs_folder_glob_and_list(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.png", "a/b/2.JPG", "a/notes.txt"):

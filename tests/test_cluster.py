@@ -6,9 +6,10 @@ worker node through Ray's object store, not its disk.  Removing the worker
 node under load must give only 200 answers, or 503 with Retry-After, and the
 answers must go on from the head's replica.
 
-Archive: two engines (one CPU each) score on both nodes; the worker node is
-removed once the first parts are written; a second run on the same output
-scores what is missing and nothing twice.
+Archive: two engines (one CPU each) score on both nodes, the model's bytes
+taken from the object store; the worker node is removed once the first parts
+are written; a second run on the same output scores what is missing and
+nothing twice.
 """
 import contextlib
 import socket

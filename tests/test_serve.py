@@ -199,7 +199,7 @@ def test_command_refuses_before_starting_ray(tmp_path, onnx_model, capsys):
     # Models: files and folders, one name each, at least one.
     (tmp_path / "line").mkdir()
     (tmp_path / "line" / "screw.npz").write_bytes(open(model, "rb").read())
-    with pytest.raises(SystemExit, match="two model files are named 'screw'"):
+    with pytest.raises(SystemExit, match="two models are named 'screw'"):
         main([str(tmp_path / "line"), str(model), "--engine", str(onnx)])
     with pytest.raises(SystemExit, match="no model files given"):
         main(["--engine", str(onnx)])
@@ -222,7 +222,7 @@ def test_a_host_that_is_not_loopback_needs_a_token(onnx_model, tmp_path, capsys,
 
 
 def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_model, tmp_path, monkeypatch):
-    from dinopatch.catalog import CatalogError, ModelCatalog, load_bytes
+    from dinopatch.catalog import CatalogError, ModelCatalog, check_version
 
     model, onnx = onnx_model
     det = DinoPatch.load(model)
@@ -241,7 +241,7 @@ def test_the_model_key_goes_to_every_replica_and_one_without_it_refuses(onnx_mod
     # With the key, the gateway's check refuses an unsigned (perhaps edited) model.
     monkeypatch.setenv("DINOPATCH_MODEL_KEY", "k1")
     with pytest.raises(CatalogError, match="not signed"):
-        ModelCatalog({"screw": str(model)}, lambda data: load_bytes(data, engine=str(onnx)).model_id)
+        ModelCatalog({"screw": str(model)}, lambda name, data: check_version(name, data, config.runtime))
 
 
 def test_record_is_strict_json(reference):
