@@ -111,6 +111,7 @@ class DinoPatch(EstimatorMixin):
                        nominal.foreground, graph_record(self.engine, engine), auto, nominal.offsets, report,
                        drift.Reference.measure([images[i] for i in report.kept()], nominal.alignments, self.image_size),
                        good=GoodParts.of(images, names) if params["keep_parts"] else None)
+        model.check_threshold()  # a given threshold beyond the bank's reach is refused here, not at deployment
         return engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
 
     def use_engine(self, engine) -> "DinoPatch":
