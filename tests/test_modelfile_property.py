@@ -33,13 +33,18 @@ def _scaled(h, a, r, maps=False):
         a[name] = (a[name] * f).astype(a[name].dtype)
 
 
+def _raised(h, r, size=None):
+    """The file's threshold raised by up to 20 times, as often within the bank's reach as beyond it."""
+    return h["threshold"]["image"] * np.exp(r.uniform(0.0, np.log(20.0), size))
+
+
 def _user(h, a, r):
-    value = float(r.uniform(h["threshold"]["image"], 60.0))
+    value = float(_raised(h, r))
     h["threshold"].update(image=value, pixel=value, source={"method": "user"}, measured_with=None)
 
 
 def _evaluation(h, a, r):
-    good, bad = sorted(r.uniform(h["threshold"]["image"], 60.0, 2))
+    good, bad = sorted(_raised(h, r, 2))
     scores, labels = np.array([good, bad]), np.array([False, True])
     value = tuned_threshold(labels, scores)
     h["threshold"].update(image=value, pixel=value, pixel_tuned=True,
