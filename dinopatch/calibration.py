@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .metrics import best_f1_threshold
-from .postprocess import PostProcess, image_score
+from .postprocess import PostProcess, scores_and_maxima
 
 if TYPE_CHECKING:
     from .nominal import NominalSet
@@ -179,7 +179,7 @@ class Threshold:
         threshold read again from those scores; a user's or an evaluation's threshold is returned as it is."""
         if self.source["method"] in ("user", "evaluation"):
             return self
-        scores, maxima = held_out_scores(post, self.distances, self.valid)
+        scores, maxima = scores_and_maxima(post, self.distances, self.valid)
         return dataclasses.replace(self._measured(scores, maxima, self.source), measured_with=measured_with(post))
 
     def _measured(self, scores: np.ndarray, maxima: np.ndarray, source: dict) -> "Threshold":
@@ -271,14 +271,6 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
 def measured_with(post) -> dict:
     """What of a post-processing decides an image score: ``{"sigma", "score", "topk"}``."""
     return {"sigma": float(post.sigma), "score": post.score, "topk": float(post.topk)}
-
-
-def held_out_scores(post, distances: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and map maxima ``[n]`` of held-out patch distances ``[n, h, w]`` with valid masks
-    ``[n, S, S]``, as :func:`calibrate` measures them."""
-    out = [(s, image_score(m, v, "max")) for m, s, v in
-           ((*post.score_map(d, v), v) for d, v in zip(distances, valid.astype(np.float32)))]
-    return np.array([s for s, _ in out], np.float64), np.array([m for _, m in out], np.float64)
 
 
 def tuned_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

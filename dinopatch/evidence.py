@@ -29,9 +29,10 @@ import numpy as np
 
 from . import bank as memory
 from .bank import MemoryBank
-from .calibration import Threshold, held_out_scores, measured_with, tuned_threshold
+from .calibration import Threshold, measured_with, tuned_threshold
 from .foreground import Background, patch_stats, scatter
 from .nominal import FoldPlan
+from .postprocess import scores_and_maxima
 
 # A threshold above every distance the bank can produce never flags a part: distances
 # are at most |q| + |b|, and query tokens are normed like the bank's rows.
@@ -114,7 +115,7 @@ def _check_calibrated(t: Threshold, model) -> None:
     if t.distances.shape[0] != n or t.valid.shape[0] != n or n == 0 or t.source["images"] != n:
         raise ValueError(f"a calibrated threshold measured on {t.source['images']} parts needs one held-out map "
                          f"and valid mask per score ({n}), got {t.distances.shape[0]} and {t.valid.shape[0]}")
-    scores, maxima = held_out_scores(post, t.distances, t.valid)
+    scores, maxima = scores_and_maxima(post, t.distances, t.valid)
     for name, stored, derived in (("calibration score", t.scores, scores), ("map maximum", t.maxima, maxima)):
         off = ~np.isclose(stored, derived, rtol=SCORE_RTOL, atol=SCORE_RTOL * float(np.abs(derived).max()))
         if off.any():

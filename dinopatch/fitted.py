@@ -27,7 +27,7 @@ from .foreground import Foreground
 from .golden import GoldenSet
 from .goodset import FitReport
 from .modelfile import ModelFileError
-from .nominal import finish
+from .nominal import FoldPlan, finish
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
 from .update import GoodParts
@@ -257,7 +257,8 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if header.get("foreground") is not None:
         if not params["align"]:
             raise ValueError("a foreground region without alignment")
-        fg = Foreground.from_state(header["foreground"], arrays, (side, side), params["seed"])
+        fg = Foreground.from_state(header["foreground"], arrays, (side, side),
+                                   lambda m: FoldPlan.seeded(m, params["seed"]).folds)
         if header["aligner"].get("padding") != "background":
             raise ValueError("a foreground region with an aligner that pads by reflection")
     locations = side * side if fg is None else len(fg.positions)

@@ -223,11 +223,10 @@ class Foreground:
                  "background_parts": self.parts})
 
     @classmethod
-    def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int], seed: int) -> "Foreground":
+    def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int], folds) -> "Foreground":
         """:meth:`state` read back, every sample checked for form and range and the statistics derived from
-        them with the fold plan of ``seed`` (ValueError saying what is wrong)."""
+        them with ``folds(m)``, the held-out sets fit used on ``m`` images (ValueError saying what is wrong)."""
         from .backbone import check_positions
-        from .nominal import FoldPlan
 
         if not isinstance(record, dict) or set(record) != {"positions"}:
             raise ValueError(f"foreground record malformed ({str(record)[:80]!r})")
@@ -250,7 +249,7 @@ class Foreground:
             raise ValueError("background statistics outside what 8-bit images give")
         if not (np.isfinite(worst).all() and (worst >= 0).all() and np.median(worst) > 0):
             raise ValueError("background check's worst part distances must be finite, >= 0, their median > 0")
-        return cls.from_samples(positions, grid, stats, worst, FoldPlan.seeded(m, seed).folds, parts)
+        return cls.from_samples(positions, grid, stats, worst, folds(m), parts)
 
 
 def plan(option, aligner, images, grid: tuple[int, int]) -> np.ndarray | None:

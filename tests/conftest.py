@@ -81,7 +81,7 @@ def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:
     return make_images("screw", defect, n, seed, size=128)
 
 
-def edited_copy(saved, to, edit, golden: bool = True):
+def edited_copy(saved, to, edit, golden: bool = False):
     """A copy of model file ``saved`` written to ``to`` with ``edit(header, arrays)`` applied and the checksum
     recomputed, as anyone without the signing key can; with ``golden``, the golden verdicts are made to follow
     from the edited threshold and post-processing, as a careful editor would."""

@@ -19,7 +19,7 @@ def _verdicts(det, parts):
 
 
 def _load(path, tmp_path, edit, name="edited.npz"):
-    return DinoPatch.load(edited_copy(path, tmp_path / name, edit))
+    return DinoPatch.load(edited_copy(path, tmp_path / name, edit, golden=True))
 
 
 def _threshold(image, source, **more):

@@ -100,7 +100,7 @@ def test_consistent_edits_are_refused_or_change_no_verdict(fixed, tmp_path):
     refused, kept = {}, {}
     for i in range(EDITS):
         kind = list(KINDS)[i % len(KINDS)] if i < len(KINDS) else str(rng.choice(list(KINDS)))
-        edited = edited_copy(path, tmp_path / f"edit{i}.npz", lambda h, a: KINDS[kind](h, a, rng))
+        edited = edited_copy(path, tmp_path / f"edit{i}.npz", lambda h, a: KINDS[kind](h, a, rng), golden=True)
         try:
             loaded = DinoPatch.load(edited)
         except ModelFileError:
