@@ -84,8 +84,8 @@ def check_threshold(t: Threshold, model) -> None:
         raise ValueError(f"the model scores with {measured_with(post)} but its threshold's scores were measured "
                          f"with {t.measured_with}: the file was edited")
     if method == "evaluation":
-        if t.tuning_scores.size == 0 or t.tuning_labels.all() or not t.tuning_labels.any():
-            raise ValueError("an evaluation's threshold without tuning scores of good and defective parts")
+        if t.tuning_labels.all() or not t.tuning_labels.any() or not np.isfinite(t.tuning_scores).all():
+            raise ValueError("an evaluation's threshold without finite tuning scores of good and defective parts")
         derived = tuned_threshold(t.tuning_labels, t.tuning_scores)
         if not math.isclose(derived, t.image):
             raise ValueError(f"threshold {t.image:g} is not the one its tuning scores give ({derived:g})")
