@@ -162,3 +162,13 @@ def test_a_loaded_threshold_saves_and_loads_back_alike(model, tmp_path):
     again = DinoPatch.load(given.save(tmp_path / "again.npz"))
     assert again.threshold_.image == 0.5 * reach
     assert _verdicts(again, parts["defect"]) == _verdicts(given, parts["defect"])
+
+
+@pytest.mark.parametrize("config", [dict(calibration=0.4), dict(bank_dtype="float16"), dict(match="local+global"),
+                                    dict(tolerance="map"), dict(outliers="keep", foreground=True)])
+def test_held_out_maps_are_derived_again_from_the_bank_whatever_its_settings(config, tmp_path):
+    det = DinoPatch(**dict(FAST, **config)).fit(screws("good", 6, seed=1))
+    path = det.save(tmp_path / "m.npz")
+    assert DinoPatch.load(path).model_id == det.model_id
+    with pytest.raises(ModelFileError, match="held-out distance"):
+        _load(path, tmp_path, _scaled(1.05, maps=True))
