@@ -27,6 +27,7 @@ results and the CLI repeat, so a verdict always says what it was judged by.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .metrics import best_f1_threshold
+from .postprocess import PostProcess, scores_and_maxima
 
 if TYPE_CHECKING:
     from .nominal import NominalSet
@@ -60,8 +64,15 @@ class Threshold:
             for a user's threshold).
         maxima: the largest map value of each of those images.
         distances: float32 ``[n, h, w]`` the held-out patch distances of those
-            images (canonical frame), the evidence of :attr:`pixel_grid`; empty
-            where the mask is judged by ``pixel`` alone.
+            images (canonical frame): the evidence of the scores and of :attr:`pixel_grid`.
+        valid: bool ``[n, S, S]`` where each of those images is the part, not padding: with
+            ``distances`` and :attr:`measured_with`, its score can be derived again (:meth:`rescored`).
+        measured_with: the post-processing the scores were measured with, ``{"sigma", "score",
+            "topk"}``; None for a user's threshold.
+        tuning_scores, tuning_labels: an evaluation's tuning images' scores and whether each was a
+            defect: its threshold's evidence (:func:`tuned_threshold`).
+        pixel_tuned: ``pixel`` was tuned by an evaluation on labelled masks and judges the mask
+            alone (no :attr:`pixel_grid`).
     """
 
     image: float
@@ -71,6 +82,11 @@ class Threshold:
     maxima: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
     distances: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32), repr=False,
                                   compare=False)
+    valid: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool), repr=False, compare=False)
+    measured_with: dict | None = None
+    tuning_scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    tuning_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False, compare=False)
+    pixel_tuned: bool = False
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -85,6 +101,12 @@ class Threshold:
                                     or not np.isfinite(self.distances).all() or self.distances.min() < 0):
             raise ValueError(f"held-out distances {list(self.distances.shape)} must be finite, >= 0 and one "
                              f"grid per calibration score ({self.scores.size})")
+        if self.valid.size and self.valid.shape[0] != self.scores.size:
+            raise ValueError(f"held-out valid masks {list(self.valid.shape)} must be one per calibration score "
+                             f"({self.scores.size})")
+        if self.tuning_scores.shape != self.tuning_labels.shape or self.tuning_scores.ndim != 1:
+            raise ValueError(f"tuning scores {list(self.tuning_scores.shape)} and labels "
+                             f"{list(self.tuning_labels.shape)} must be one label per score")
         images = self.source.get("images")
         if self.source["method"] != "user" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
             raise ValueError(f"a measured threshold must say on how many images, got {images!r}")
@@ -129,12 +151,13 @@ class Threshold:
         gets any mask pixel with probability at most :func:`guarantee` (``1 / (n + 1)`` at rate 0).
         The medians are measured on the same parts; one part moves a median by at most one rank.
         """
-        if self.distances.size == 0:
+        if self.distances.size == 0 or self.pixel_tuned:
             return None
         median = np.median(self.distances, axis=0)
         excess = np.maximum((self.distances - median).max(axis=(1, 2)), 0.0)
         margin = _quantile(excess, self.source.get("false_alarm_rate", 0.0), warn=False)
         return (median + margin).astype(np.float32)
+
     def describe_mask(self) -> str:
         """What the defect mask promises, in words."""
         if self.pixel_grid is None:
@@ -149,8 +172,23 @@ class Threshold:
         if self.scores.size == 0:
             raise ValueError(f"this threshold was {self.describe()}: there are no calibration scores to "
                              "read another false-alarm rate from; give a threshold instead")
-        return Threshold(_quantile(self.scores, rate), _quantile(self.maxima, rate, warn=False),
-                         dict(self.source, false_alarm_rate=float(rate)), self.scores, self.maxima, self.distances)
+        return self._measured(self.scores, self.maxima, dict(self.source, false_alarm_rate=float(rate)))
+
+    def rescored(self, post) -> "Threshold":
+        """The same held-out parts scored with another post-processing (:class:`~.postprocess.PostProcess`), the
+        threshold read again from those scores; a user's or an evaluation's threshold is returned as it is."""
+        if self.source["method"] in ("user", "evaluation"):
+            return self
+        scores, maxima = scores_and_maxima(post, self.distances, self.valid)
+        return dataclasses.replace(self._measured(scores, maxima, self.source), measured_with=measured_with(post))
+
+    def _measured(self, scores: np.ndarray, maxima: np.ndarray, source: dict) -> "Threshold":
+        """This evidence with ``scores`` and ``maxima``, the threshold their conformal quantile at ``source``'s rate
+        (a mask value tuned by evaluation is kept)."""
+        rate = source["false_alarm_rate"]
+        pixel = self.pixel if self.pixel_tuned else _quantile(maxima, rate, warn=False)
+        return dataclasses.replace(self, image=_quantile(scores, rate), pixel=pixel, source=source, scores=scores,
+                                   maxima=maxima)
 
     @classmethod
     def given(cls, value: float, pixel: float | None = None) -> "Threshold":
@@ -213,7 +251,7 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
     held_sets = None if calibration == "cv" else nominal.plan.fraction(calibration)
     method = "held-out" if held_sets else nominal.plan.method
     held_sets = held_sets or nominal.plan.folds
-    _, scores, maxima, distances = nominal.held_out_scores(settings, held_sets)
+    index, scores, maxima, distances = nominal.held_out_scores(settings, held_sets)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
@@ -226,8 +264,26 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
     source = {"method": method, "images": int(len(scores)), "false_alarm_rate": check_rate(false_alarm_rate)}
     if method == "k-fold":
         source["folds"] = len(held_sets)
+    post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
     return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
-                     scores, maxima, distances)
+                     scores, maxima, distances, nominal.valid[index] > 0.5, measured_with(post))
+
+
+def measured_with(post) -> dict:
+    """What of a post-processing decides an image score: ``{"sigma", "score", "topk"}``."""
+    return {"sigma": float(post.sigma), "score": post.score, "topk": float(post.topk)}
+
+
+def tuned_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """An evaluation's image threshold from its tuning images' ``scores`` and ``labels`` (True: a defect).
+
+    The best-F1 score, then halfway into the gap below it rather than at its edge: the reported
+    images are unseen, and a threshold at a tuning score's edge misses the next defect that
+    scores a little lower.
+    """
+    t, _ = best_f1_threshold(labels, scores)
+    below = scores[scores < t]
+    return float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf))
 
 
 def threshold_for(nominal: "NominalSet", settings: dict, params: dict) -> Threshold:

@@ -104,6 +104,7 @@ class DinoPatch(EstimatorMixin):
         auto = autotune.resolve(params, nominal)
         threshold = threshold_for(nominal, autotune.resolved(params, auto), params)
         model = fitted.learned(params, nominal, auto, threshold, engine, self.engine, report, images, names)
+        model.check_threshold()  # a given threshold beyond the bank's reach is refused here, not at deployment
         return engine_choice.after_fit(self, model, list(zip(nominal.frames, nominal.valid)))
 
     def use_engine(self, engine) -> "DinoPatch":

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics, pose_report
-from .calibration import Threshold
+from .calibration import Threshold, measured_with, tuned_threshold
 from .data import read_image, read_mask, write_png
 from .inputs import MVTEC_LAYOUT
 from .postprocess import SCORES
@@ -133,16 +133,13 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
         auc = metrics.auroc(labels[np.isfinite(s)], s[np.isfinite(s)])
         if best is None or auc > best_auc + 1e-12:
             best, best_auc, best_scores = dict(sigma=sigma, score=score), auc, s
-    if threshold == "tuned" and labels.any() and (~labels).any():
-        finite = np.isfinite(best_scores)
-        t, _ = metrics.best_f1_threshold(labels[finite], best_scores[finite])
-        # Halfway into the gap below the best-F1 score, not at its edge: the
-        # reported images are unseen, and a threshold at a tuning score's
-        # edge misses the next defect that scores a little lower.
-        below = best_scores[finite & (best_scores < t)]
-        best["threshold"] = float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf))
+    finite = np.isfinite(best_scores)
+    if threshold == "tuned" and labels[finite].any() and (~labels[finite]).any():
+        best["tuning"] = (best_scores[finite], labels[finite])
+        best["threshold"] = tuned_threshold(labels[finite], best_scores[finite])
     else:
-        best["threshold"] = det.threshold_.image
+        # The good parts' own threshold, read from their held-out maps scored as the tuned settings score.
+        best["threshold"] = det.threshold_.rescored(dataclasses.replace(det.model_.post, **best)).image
     maps = [det.result_from(r, sigma=best["sigma"], score=best["score"]).anomaly_map for r in raws]
     candidates = sorted({det.threshold_.pixel} | set(np.quantile(np.concatenate([m.ravel() for m in maps]),
                                                                  PIXEL_QUANTILES).tolist()))
@@ -210,16 +207,18 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     line = _line(det, raws, labels, gts, defects)
     settings = _tune(det, [raws[i] for i in tune], labels[tune], [gts[i] for i in tune], threshold)
     post = {k: settings[k] for k in ("sigma", "score", "morph_kernel")}
-    if settings["threshold"] != det.threshold_.image:
+    tuning = settings.pop("tuning", None)
+    if tuning is not None:
         source = {"method": "evaluation", "images": len(tune), "split": "all test images (optimistic)"
                   if tune_on_report else f"tuning split of {folder.root}, fraction {tune_fraction:g}, seed {seed}"}
-        tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source)
+        tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source,
+                                    measured_with=measured_with(dataclasses.replace(det.model_.post, **post)),
+                                    tuning_scores=tuning[0], tuning_labels=tuning[1], pixel_tuned=True)
     else:
-        # The image threshold is still the calibrated one: keep its evidence, which
-        # a model file must carry for a leave-one-out or held-out source.  The mask is the
-        # tuned value alone, so the per-location evidence goes.
-        tuned_threshold = dataclasses.replace(det.threshold_, pixel=settings["pixel_threshold"],
-                                              distances=np.zeros((0, 0, 0), np.float32))
+        # The image threshold is still the calibrated one, read with the tuned settings: keep its
+        # evidence, which a model file must carry.  The mask is the tuned value alone.
+        tuned_threshold = dataclasses.replace(det.threshold_.rescored(dataclasses.replace(det.model_.post, **post)),
+                                              pixel=settings["pixel_threshold"], pixel_tuned=True)
     settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]

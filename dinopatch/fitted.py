@@ -9,37 +9,31 @@ The container (zip of arrays, checksum, signature) is :mod:`.modelfile`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from . import autotune, engine_choice, kernels, modelfile, tolerance
+from . import autotune, engine_choice, evidence, kernels, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
 from .backbone import get_spec
 from .bank import MemoryBank
-from .calibration import METHODS, Threshold
+from .calibration import METHODS, Threshold, measured_with
 from .drift import Reference
 from .foreground import Foreground
 from .golden import GoldenSet
 from .goodset import FitReport
 from .modelfile import ModelFileError
-from .nominal import NominalSet, finish
+from .nominal import FoldPlan, NominalSet, finish
 from .postprocess import PostProcess
 from .result import PatchDistances, Result
 from .update import GoodParts
 
 # How to run, not what was fitted: these may differ between save and load.
 RUNTIME_PARAMS = param_table.runtime_names()
-# A threshold above every distance the bank can produce never flags a part: distances
-# are at most |q| + |b|, and query tokens are normed like the bank's rows.
-THRESHOLD_REACH = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +88,19 @@ class Fitted:
 
     def tuned(self, threshold: Threshold, **post) -> "Fitted":
         """This model judging with a threshold and post-processing measured elsewhere (by evaluation);
-        the auto record keeps only the choices not set here."""
-        settings = dataclasses.asdict(dataclasses.replace(self.post, **post))
+        the auto record keeps only the choices not set here.  A calibrated threshold is read again from its
+        held-out parts scored with the new post-processing."""
+        new = dataclasses.replace(self.post, **post)
+        if threshold.measured_with not in (None, measured_with(new)):
+            threshold = threshold.rescored(new)
+        settings = dataclasses.asdict(new)
         return dataclasses.replace(self, params=dict(self.params, **settings), threshold=threshold,
                                    model_id="unsaved", auto=autotune.without(self.auto, settings))
+
+    def check_threshold(self, threshold: Threshold | None = None) -> None:
+        """ValueError naming the value of ``threshold`` (default: the model's) that its evidence, or the bank's
+        reach for a user's, does not support (:func:`.evidence.check_threshold`)."""
+        evidence.check_threshold(self.threshold if threshold is None else threshold, self)
 
     def align(self, images: list[np.ndarray]) -> list[tuple]:
         """Items ``(model, image, canonical, valid, alignment)`` for :meth:`patch_distances`, one per image."""
@@ -172,10 +175,12 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     """Write ``model`` (with the run-time parameters in force) to ``path``; the model gets its id."""
     params = check_params(dict(model.params, **runtime))
     t = model.threshold
+    model.check_threshold()  # what load would refuse is not written
     header = {
         "dinopatch_version": __version__,
         "params": params,
-        "threshold": {"image": t.image, "pixel": t.pixel, "source": t.source},
+        "threshold": {"image": t.image, "pixel": t.pixel, "source": t.source, "measured_with": t.measured_with,
+                      "pixel_tuned": t.pixel_tuned},
         "grid": list(model.bank.grid),
         "aligner": model.aligner.state_dict(),
         "weights_fingerprint": model.fingerprint,
@@ -185,7 +190,10 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     }
     arrays = {"bank": model.bank.features, "calibration_scores": np.asarray(t.scores, np.float64),
               "calibration_maxima": np.asarray(t.maxima, np.float64),
-              "calibration_distances": np.asarray(t.distances, np.float32)}
+              "calibration_distances": np.asarray(t.distances, np.float32),
+              "calibration_valid": np.packbits(t.valid.reshape(len(t.valid), params["image_size"] ** 2), axis=1),
+              "tuning_scores": np.asarray(t.tuning_scores, np.float64),
+              "tuning_labels": np.asarray(t.tuning_labels, bool)}
     if model.bank.global_features is not None:
         arrays["global_bank"] = model.bank.global_features
     if model.offsets is not None:
@@ -205,17 +213,13 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
     if model.good is not None:
         header["good_parts"], good_arrays = model.good.state()
         arrays.update(good_arrays)
-    header["model_id"] = _content_id(header, arrays)
     path = modelfile.write(path, header, arrays)
-    return dataclasses.replace(model, params=params, model_id=header["model_id"]), path
+    return dataclasses.replace(model, params=params, model_id=_model_id(modelfile.content_digest(header, arrays))), path
 
 
-def _content_id(header: dict, arrays: dict) -> str:
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return h.hexdigest()[:12]
+def _model_id(digest: str) -> str:
+    """A model's id: the first 12 hex digits of its file's checksum, so any edit gives another id."""
+    return digest[:12]
 
 
 def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | None = None,
@@ -240,7 +244,9 @@ def load_detector(path: str | os.PathLike, runtime: dict, threshold: float | Non
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path}: invalid model file ({type(e).__name__}: {e})") from None
     if threshold is not None:
-        model = dataclasses.replace(model, threshold=Threshold.given(threshold))
+        given = Threshold.given(threshold)
+        model.check_threshold(given)
+        model = dataclasses.replace(model, threshold=given)
     elif false_alarm_rate is not None:
         model = dataclasses.replace(model, threshold=model.threshold.at_false_alarm_rate(false_alarm_rate))
     return model, params
@@ -263,7 +269,8 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if header.get("foreground") is not None:
         if not params["align"]:
             raise ValueError("a foreground region without alignment")
-        fg = Foreground.from_state(header["foreground"], arrays, (side, side))
+        fg = Foreground.from_state(header["foreground"], arrays, (side, side),
+                                   lambda m: FoldPlan.seeded(m, params["seed"]).folds)
         if header["aligner"].get("padding") != "background":
             raise ValueError("a foreground region with an aligner that pads by reflection")
     locations = side * side if fg is None else len(fg.positions)
@@ -286,10 +293,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     fingerprint = header["weights_fingerprint"]
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ValueError(f"weights fingerprint missing or malformed ({fingerprint!r})")
-    threshold = _threshold(header["threshold"], arrays, bank, side)
-    model_id = header["model_id"]
-    if not isinstance(model_id, str) or not re.fullmatch(r"[0-9a-f]{12}", model_id):
-        raise ValueError(f"model id malformed ({model_id!r})")
+    threshold = _threshold(header["threshold"], arrays, side, params["image_size"])
+    model_id = _model_id(header["sha256"])
+    if header.get("model_id", model_id) != model_id:
+        raise ValueError(f"stored model id {header['model_id']!r} is not the file's content id {model_id!r}: a model "
+                         "id is derived from the content, never stored")
     graph = header.get("graph")
     if graph is not None and (set(graph) != {"engine", "sha256"} or not isinstance(graph["engine"], str)
                               or not re.fullmatch(r"[0-9a-f]{64}", str(graph["sha256"]))):
@@ -328,8 +336,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if good is not None and report is not None and len(good.images) != report.images:
         raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
                          f"{report.images}: the file was edited")
-    return Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                  offsets, report, drift, gold, choice, good), params
+    model = Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
+                   offsets, report, drift, gold, choice, good)
+    evidence.check_background(model)  # first: the threshold's maps outside the region follow from these samples
+    model.check_threshold()
+    return model, params
 
 
 def _tolerance(chosen, stored, offsets, side: int):
@@ -349,28 +360,29 @@ def _tolerance(chosen, stored, offsets, side: int):
     return derived
 
 
-def _threshold(record: dict, arrays: dict, bank: np.ndarray, side: int) -> Threshold:
+def _threshold(record: dict, arrays: dict, side: int, size: int) -> Threshold:
+    """The threshold record and its evidence arrays, each checked for form (:func:`.evidence.check_threshold`
+    checks them against each other once the bank is built)."""
+    if not isinstance(record, dict) or set(record) != {"image", "pixel", "source", "measured_with", "pixel_tuned"}:
+        raise ValueError(f"threshold record malformed ({str(record)[:80]!r})")
     source = record["source"]
     if not isinstance(source, dict) or source.get("method") not in METHODS:
         raise ValueError(f"threshold source {source!r} is not one of {METHODS}")
-    # Files from before per-location masks have no held-out distances: their masks use the one pixel value.
-    distances = arrays.get("calibration_distances", np.zeros((0, side, side), np.float32))
+    post = record["measured_with"]
+    if post is not None and not (isinstance(post, dict) and set(post) == {"sigma", "score", "topk"}):
+        raise ValueError(f"threshold's measured_with {post!r} is not {{'sigma', 'score', 'topk'}}")
+    if not isinstance(record["pixel_tuned"], bool):
+        raise ValueError(f"threshold's pixel_tuned {record['pixel_tuned']!r} is not true or false")
+    distances, scores = arrays["calibration_distances"], arrays["calibration_scores"]
     if distances.size and distances.shape[1:] != (side, side):
         raise ValueError(f"held-out distances {list(distances.shape)} do not fit the [{side}, {side}] grid")
-    t = Threshold(record["image"], record["pixel"], source, arrays["calibration_scores"],
-                  arrays["calibration_maxima"], distances)
-    # One location at a time: a float32 copy of a large fp16 bank would double its memory.
-    reach = THRESHOLD_REACH * math.sqrt(max(float(np.einsum("kd,kd->k", rows, rows, dtype=np.float32).max())
-                                            for rows in bank))
-    grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
-    for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
-        if value > reach:
-            raise ValueError(f"{name} threshold {value:g} is beyond any distance this bank can produce "
-                             f"(~{reach:.3g}): every part would pass")
-    if source["method"] in ("leave-one-out", "k-fold", "held-out"):
-        remeasured = t.at_false_alarm_rate(source["false_alarm_rate"])
-        if not (math.isclose(remeasured.image, t.image) and math.isclose(remeasured.pixel, t.pixel)):
-            raise ValueError(f"threshold {t.image:g} disagrees with its own calibration scores' conformal "
-                             f"quantile ({remeasured.image:g}): the file was edited, or written before "
-                             "thresholds were conformal (refit it)")
-    return t
+    packed = arrays["calibration_valid"]
+    if packed.dtype != np.uint8 or packed.shape != (len(distances), -(-size * size // 8)):
+        raise ValueError(f"held-out valid masks {packed.dtype}{list(packed.shape)} are not {len(distances)} packed "
+                         f"{size} x {size} masks")
+    valid = np.unpackbits(packed, axis=1, count=size * size).reshape(-1, size, size).astype(bool)
+    labels = arrays["tuning_labels"]
+    if labels.dtype != bool:
+        raise ValueError(f"tuning labels are {labels.dtype}, not bool")
+    return Threshold(record["image"], record["pixel"], source, scores, arrays["calibration_maxima"], distances,
+                     valid, post, arrays["tuning_scores"], labels, record["pixel_tuned"])

@@ -22,6 +22,10 @@ nominal images, and each such location's map value is that z times
 :data:`BACKGROUND_WEIGHT` of a nominal part's worst patch distance (both
 measured on the nominal set's held-out folds at fit).  The threshold is then calibrated on these
 maps like any other.
+
+The model file keeps the samples, not the statistics: each nominal image's patch statistics and
+its worst held-out patch distance (:class:`Foreground` ``stats``, ``worst``).  The background's mean,
+scale and unit are derived from them again at load, so none can be edited alone.
 """
 from __future__ import annotations
 
@@ -127,12 +131,18 @@ class Foreground:
         grid: ``(h, w)`` patch grid.
         background: nominal statistics of every location (those in the region are unused).
         unit: map value of one z outside the region, in patch-distance units.
+        stats: float32 ``[M, L, 4]`` the :func:`patch_stats` of the nominal images it was measured on.
+        worst: float32 ``[M]`` each one's largest held-out patch distance in the region, at its own place.
+        parts: int64 ``[M]`` which of the good parts given to fit those images are (their indices).
     """
 
     positions: np.ndarray
     grid: tuple[int, int]
     background: Background
     unit: float
+    stats: np.ndarray
+    worst: np.ndarray
+    parts: np.ndarray
 
     @classmethod
     def fit(cls, positions: np.ndarray, grid: tuple[int, int], part: np.ndarray, stats: np.ndarray,
@@ -149,17 +159,28 @@ class Foreground:
         n = len(part)
         if n < 2:
             raise ValueError("foreground tokens need at least 2 nominal images to scale the background check")
+        worst = np.nanmax(part.reshape(n, -1)[:, positions], axis=1).astype(np.float32)
+        return cls.from_samples(positions, grid, stats.astype(np.float32), worst, folds, np.arange(n))
+
+    @classmethod
+    def from_samples(cls, positions: np.ndarray, grid: tuple[int, int], stats: np.ndarray, worst: np.ndarray,
+                     folds, parts: np.ndarray) -> "Foreground":
+        """The background check derived from its samples (see the attributes): what :meth:`fit` measures, and
+        what a model file is read back as."""
         outside = np.setdiff1d(np.arange(grid[0] * grid[1]), positions)
-        worst_part = float(np.median(np.nanmax(part.reshape(n, -1)[:, positions], axis=1)))
         back = 1.0
         if outside.size:
-            z = np.empty((n, outside.size))
+            z = np.empty((len(stats), outside.size))
             for held in folds:
-                train = np.setdiff1d(np.arange(n), held)
+                train = np.setdiff1d(np.arange(len(stats)), held)
                 z[held] = Background.fit(stats[train][:, outside]).z(stats[held][:, outside])
             back = float(np.median(z.max(axis=1)))
-        unit = BACKGROUND_WEIGHT * worst_part / max(back, 1.0)
-        return cls(positions, grid, Background.fit(stats), unit)
+        unit = BACKGROUND_WEIGHT * float(np.median(worst)) / max(back, 1.0)
+        return cls(positions, grid, Background.fit(stats), unit, stats, worst, np.asarray(parts, np.int64))
+
+    def of_parts(self, parts) -> "Foreground":
+        """This check with the indices of the good parts its samples are of."""
+        return dataclasses.replace(self, parts=np.asarray(parts, np.int64))
 
     @property
     def fraction(self) -> float:
@@ -182,7 +203,11 @@ class Foreground:
             background: statistics to judge by (default: the model's; fit's
                 calibration passes those of its training fold).
         """
-        z = (background or self.background).z(patch_stats(images, self.grid))
+        return self.fill(distances, patch_stats(images, self.grid), background)
+
+    def fill(self, distances: np.ndarray, stats: np.ndarray, background: Background | None = None) -> np.ndarray:
+        """:meth:`complete` from the images' :func:`patch_stats` ``[B, L, 4]``."""
+        z = (background or self.background).z(stats)
         out = z.reshape(distances.shape) * np.float32(self.unit)
         inside = np.zeros(self.grid[0] * self.grid[1], bool)
         inside[self.positions] = True
@@ -191,30 +216,39 @@ class Foreground:
         return out.astype(np.float32)
 
     def state(self) -> tuple[dict, dict]:
-        """Header entry and arrays of the model file."""
-        return ({"unit": self.unit, "positions": len(self.positions)},
-                {"positions": self.positions, "background_mean": self.background.mean,
-                 "background_scale": self.background.scale})
+        """Header entry and arrays of the model file: the region and the background check's samples."""
+        return ({"positions": len(self.positions)},
+                {"positions": self.positions, "background_stats": self.stats, "background_worst": self.worst,
+                 "background_parts": self.parts})
 
     @classmethod
-    def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int]) -> "Foreground":
-        """:meth:`state` read back, every value checked (ValueError saying what is wrong)."""
+    def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int], folds) -> "Foreground":
+        """:meth:`state` read back, every sample checked for form and range and the statistics derived from
+        them with ``folds(m)``, the held-out sets fit used on ``m`` images (ValueError saying what is wrong)."""
         from .backbone import check_positions
 
+        if not isinstance(record, dict) or set(record) != {"positions"}:
+            raise ValueError(f"foreground record malformed ({str(record)[:80]!r})")
         positions = check_positions(arrays["positions"], grid)
         if len(positions) != record["positions"]:
             raise ValueError("foreground positions disagree with their count")
-        mean, scale = arrays["background_mean"], arrays["background_scale"]
-        want = (grid[0] * grid[1], STATS)
-        if mean.shape != want or scale.shape != want or mean.dtype != np.float32 or scale.dtype != np.float32:
-            raise ValueError(f"background statistics {mean.dtype}{list(mean.shape)} / {scale.dtype}"
-                             f"{list(scale.shape)}, expected float32{list(want)}")
-        if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale >= FLOOR).all()):
-            raise ValueError(f"background statistics non-finite or with a scale below {FLOOR}")
-        unit = record["unit"]
-        if isinstance(unit, bool) or not isinstance(unit, (int, float)) or not 0 < unit < 1e6:
-            raise ValueError(f"background unit {unit!r} is not a positive number")
-        return cls(positions, grid, Background(mean, scale), float(unit))
+        stats, worst, parts = arrays["background_stats"], arrays["background_worst"], arrays["background_parts"]
+        m = len(worst)
+        for name, a, dtype, shape in (("background_stats", stats, "float32", (m, grid[0] * grid[1], STATS)),
+                                      ("background_worst", worst, "float32", (m,)),
+                                      ("background_parts", parts, "int64", (m,))):
+            if a.dtype.name != dtype or a.shape != shape:
+                raise ValueError(f"{name} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}")
+        if m < 2 or (np.diff(parts) <= 0).any() or parts.min() < 0:
+            raise ValueError(f"background samples of {m} parts {parts[:8].tolist()}: at least 2, of distinct good "
+                             "parts in fit order")
+        # A patch's channel mean lies within 255 of the frame's median patch; a gray spread within 127.5.
+        if not (np.isfinite(stats).all() and np.abs(stats[..., :3]).max() <= 255
+                and 0 <= stats[..., 3].min() and stats[..., 3].max() <= 127.5):
+            raise ValueError("background statistics outside what 8-bit images give")
+        if not (np.isfinite(worst).all() and (worst >= 0).all() and np.median(worst) > 0):
+            raise ValueError("background check's worst part distances must be finite, >= 0, their median > 0")
+        return cls.from_samples(positions, grid, stats, worst, folds(m), parts)
 
 
 def plan(option, aligner, images, grid: tuple[int, int]) -> np.ndarray | None:

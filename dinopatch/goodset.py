@@ -247,6 +247,8 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
     nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
                                seed=params["seed"], batch_size=params["batch_size"], kernel=kernel,
                                progress=params["progress"])
+    if nominal.foreground is not None:  # the background check's samples are of the parts kept so far
+        nominal = dataclasses.replace(nominal, foreground=nominal.foreground.of_parts(keep))
     settings = defaults(params)
     if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":
         settings["tolerance"] = DEFAULTS["tolerance"]

@@ -21,7 +21,9 @@ SHA-256 of the whole content) and one member per declared array.
 5. the data, inflated in chunks of :data:`_CHUNK` bytes into an array of the
    declared size, then the SHA-256 checksum and, with a key, the signature.
 
-Every malformed file raises :class:`ModelFileError`.
+Every malformed file raises :class:`ModelFileError`, and so does one of an
+older format version: a DinoPatch of today does not guess what an older one
+meant by a value it now checks against evidence the older file lacks.
 
 Signing: with a key (the ``key`` argument or the environment variable
 ``DINOPATCH_MODEL_KEY``), :func:`write` adds an HMAC-SHA256 of the content
@@ -47,7 +49,8 @@ import numpy as np
 from . import atomic
 
 FORMAT = "dinopatch-model"
-VERSION = 1
+VERSION = 2
+"""2: thresholds carry their evidence and the model id is the content's checksum, not a stored value."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 
@@ -102,6 +105,20 @@ def _mac(key: bytes, digest: str) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
+def _framed(header: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """``header`` as :func:`write` stores it, less the checksum and signature: format, version and arrays set."""
+    header = {k: v for k, v in header.items() if k not in ("sha256", "signature")}
+    header.update(format=FORMAT, version=VERSION,
+                  arrays={n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()})
+    return header
+
+
+def content_digest(header: dict, arrays: dict[str, np.ndarray]) -> str:
+    """The SHA-256 :func:`write` records for ``header`` and ``arrays``, and :func:`read` returns once checked."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+    return _digest(_framed(header, arrays), arrays)
+
+
 def write(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray], *,
           key: str | bytes | None = None) -> Path:
     """Write ``header`` (JSON-able) and named arrays to ``path``, atomically.
@@ -128,9 +145,7 @@ def write(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray], 
             raise ValueError(f"array name {name!r} must be 1-64 letters, digits or '_', not '__header__'")
         if a.dtype.name not in ALLOWED_DTYPES:
             raise TypeError(f"array {name!r} has dtype {a.dtype}, not one a model file may hold")
-    header = {k: v for k, v in header.items() if k not in ("sha256", "signature")}
-    header.update(format=FORMAT, version=VERSION,
-                  arrays={n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()})
+    header = _framed(header, arrays)
     header["sha256"] = _digest(header, arrays)
     if key is not None:
         header["signature"] = {"alg": "hmac-sha256", "mac": _mac(key, header["sha256"])}
@@ -152,7 +167,8 @@ def read(path: str | os.PathLike, *, key: str | bytes | None = None) -> tuple[di
             signature is not checked (see the module docstring).
 
     Returns:
-        ``(header, arrays)``; the header without its ``sha256`` and ``signature``.
+        ``(header, arrays)``; the header without its ``signature``, its ``sha256`` the content's
+        checksum, checked.
 
     Raises:
         ModelFileError: the file is missing, malformed, damaged, unsigned or
@@ -186,6 +202,7 @@ def read(path: str | os.PathLike, *, key: str | bytes | None = None) -> tuple[di
             raise ModelFileError(f"{path}: the file is not signed, and a model key is set")
         if not hmac.compare_digest(signature["mac"], _mac(key, stored)):
             raise ModelFileError(f"{path}: wrong signature: signed with another key, or edited")
+    header["sha256"] = stored
     return header, arrays
 
 
@@ -272,6 +289,9 @@ def _check_header(header) -> None:
     if version > VERSION:
         raise ModelFileError(f"format version {version} is newer than this DinoPatch reads ({VERSION}); "
                              "upgrade dinopatch")
+    if version < VERSION:
+        raise ModelFileError(f"format version {version} was written by an older DinoPatch, whose values this one "
+                             f"cannot check against their evidence (it reads {VERSION}); refit the model")
     if not _is_hex_digest(header.get("sha256")):
         raise ModelFileError(f"checksum entry {header.get('sha256')!r} is not a SHA-256 hex digest")
     signature = header.get("signature")

@@ -19,7 +19,7 @@ from .align import Aligner
 from .backbone import embed
 from .bank import MemoryBank
 from .foreground import Foreground, patch_stats, plan, scatter
-from .postprocess import PostProcess, image_score
+from .postprocess import PostProcess, scores_and_maxima
 
 # Above this many nominal images, leave-one-out becomes this many folds: one bank per fold.
 MAX_FOLDS = 10
@@ -210,9 +210,8 @@ class NominalSet:
         post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
         maps = self.held_out(settings, folds)
         index = np.concatenate([np.sort(h) for h in folds])
-        scored = [post.score_map(maps[i], self.valid[i]) for i in index]
-        return (index, np.array([s for _, s in scored]),
-                np.array([image_score(m, self.valid[i], "max") for i, (m, _) in zip(index, scored)]), maps[index])
+        # The valid masks as the model file keeps them (one bit a pixel): load scores them again alike.
+        return (index, *scores_and_maxima(post, maps[index], self.valid[index] > 0.5), maps[index])
 
 
 def finish(distances: np.ndarray, fg: Foreground | None, frames: np.ndarray, background=None) -> np.ndarray:

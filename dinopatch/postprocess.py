@@ -51,6 +51,14 @@ def image_score(amap: np.ndarray, valid: np.ndarray, method: str = "max", topk: 
     raise ValueError(f"unknown image score {method!r}; choose from {SCORES}")
 
 
+def scores_and_maxima(post: "PostProcess", distances: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores by ``post`` and map maxima, float64 ``[n]``, of patch distances ``[n, h, w]`` with valid
+    masks ``[n, S, S]`` (bool or 0/1): what calibration measures on held-out good parts, and load again."""
+    out = [(s, image_score(m, v, "max")) for m, s, v in
+           ((*post.score_map(d, v), v) for d, v in zip(distances, np.asarray(valid, np.float32)))]
+    return np.array([s for s, _ in out], np.float64), np.array([m for _, m in out], np.float64)
+
+
 def segment(amap: np.ndarray, threshold: float, kernel: int = 5) -> np.ndarray:
     """Binary defect mask: threshold, then open (drop specks) and close (fill holes)."""
     mask = (amap > threshold).astype(np.uint8)

@@ -81,6 +81,41 @@ def screws(defect: str, n: int, seed: int) -> list[np.ndarray]:
     return make_images("screw", defect, n, seed, size=128)
 
 
+def edited_copy(saved, to, edit, golden: bool = False):
+    """A copy of model file ``saved`` written to ``to`` with ``edit(header, arrays)`` applied and the checksum
+    recomputed, as anyone without the signing key can; with ``golden``, the golden verdicts are made to follow
+    from the edited threshold and post-processing, as a careful editor would."""
+    from dinopatch import autotune, modelfile
+    from dinopatch.golden import scores
+    from dinopatch.postprocess import PostProcess
+
+    header, arrays = modelfile.read(saved)
+    for key in ("format", "version", "arrays"):
+        header.pop(key, None)
+    edit(header, arrays)
+    if golden and header.get("golden") is not None:
+        p = autotune.resolved(header["params"], header.get("auto"))
+        post = PostProcess(p["sigma"], p["score"], p["topk"], p["morph_kernel"])
+        got = scores(post, arrays["golden_distances"], arrays["golden_valid"]) > header["threshold"]["image"]
+        header["golden"]["verdicts"] = [bool(v) for v in got]
+    return modelfile.write(to, header, arrays)
+
+
+@pytest.fixture(scope="session")
+def evidence_model(tmp_path_factory):
+    """A model with every verdict-bearing value (auto score, region and background check) saved once, and
+    parts to judge: good ones, good ones with an object beside the part, defects; tests must not change it."""
+    import cv2
+
+    from dinopatch import DinoPatch
+
+    det = DinoPatch(**dict(FAST, foreground=True, score="auto")).fit(screws("good", 10, seed=1))
+    clean = screws("good", 3, seed=2)
+    parts = {"good": clean, "litter": [cv2.circle(im.copy(), (28, 28), 9, (60, 60, 60), -1) for im in clean],
+             "defect": screws("missing_washer", 2, seed=3) + screws("extra_object", 2, seed=4)}
+    return det, det.save(tmp_path_factory.mktemp("evidence") / "model.npz"), parts
+
+
 @pytest.fixture(scope="session")
 def screw_detector():
     """A detector fitted on ten good synthetic screws; tests must not change it."""

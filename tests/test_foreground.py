@@ -244,11 +244,14 @@ def test_edited_region_is_refused(fg_detector, tmp_path):
     from dinopatch.modelfile import ModelFileError
 
     header, arrays = modelfile.read(fg_detector.save(tmp_path / "fg.npz"))
-    for name, value in (("positions", arrays["positions"][1:]),
-                        ("background_scale", np.zeros_like(arrays["background_scale"]))):
+    stats, worst = arrays["background_stats"], arrays["background_worst"]
+    for name, value, match in (("positions", arrays["positions"][1:], "positions"),
+                               ("background_stats", stats * 1000, "outside what 8-bit images give"),
+                               ("background_stats", stats * 1.5, "not what the part's pixels give"),
+                               ("background_worst", worst * 1e-9, "not its distance to the bank's other parts")):
         edited = dict(arrays, **{name: value})
         path = modelfile.write(tmp_path / f"{name}.npz", {k: v for k, v in header.items() if k != "arrays"}, edited)
-        with pytest.raises(ModelFileError):
+        with pytest.raises(ModelFileError, match=match):
             DinoPatch.load(path)
 
 

@@ -97,6 +97,13 @@ def test_newer_version(good):
         modelfile.read(path)
 
 
+def test_older_version_asks_for_a_refit(good):
+    path, _ = good
+    _rewrite(path, lambda h, a: h.update(version=modelfile.VERSION - 1))
+    with pytest.raises(ModelFileError, match="older DinoPatch.*refit the model"):
+        modelfile.read(path)
+
+
 def test_foreign_npz(tmp_path):
     path = tmp_path / "foreign.npz"
     np.savez(path, x=np.zeros(3))

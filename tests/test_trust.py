@@ -5,9 +5,9 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import FAST, screws
+from conftest import FAST, edited_copy, screws
 
-from dinopatch import DinoPatch, modelfile
+from dinopatch import DinoPatch
 from dinopatch.modelfile import ModelFileError
 
 
@@ -50,11 +50,7 @@ def saved(parts, tmp_path_factory):
 
 
 def _edited(saved, tmp_path, edit):
-    header, arrays = modelfile.read(saved)
-    for key in ("format", "version", "arrays"):
-        header.pop(key, None)
-    edit(header, arrays)
-    return modelfile.write(tmp_path / "edited.npz", header, arrays)  # checksum recomputed, as an attacker would
+    return edited_copy(saved, tmp_path / "edited.npz", edit)
 
 
 def _set(path, value):
