@@ -140,6 +140,7 @@ def frames():
 @pytest.fixture
 def det(screw_detector, monkeypatch):
     monkeypatch.setattr(screw_detector, "batch_size", 2)  # 7 frames: 4 batches, the last one short
+    monkeypatch.setattr(screw_detector, "overlap", True)
     return screw_detector
 
 
@@ -177,7 +178,7 @@ def test_predict_files_and_stream_overlapped_equal_in_turn(det, frames, monkeypa
         predict_files(det, paths, out, root=tmp_path / "in", progress=False)
         records[overlap] = [{k: v for k, v in json.loads(line).items() if k != "latency_ms"}
                             for line in (out / "predictions.jsonl").read_text().splitlines()]
-        streamed[overlap] = [f.result for f in stream(det, iter(frames), batch_size=2)]
+        streamed[overlap] = [f.result for f in stream(det, iter(frames), batch_size=2, overlap=overlap)]
     assert records[True] == records[False]
     assert [r["error"] is not None for r in records[True]] == [i == 3 for i in range(len(paths))]
     _same(streamed[True], streamed[False])

@@ -109,7 +109,10 @@ def bench_e2e(args) -> list[dict]:
     scores.  With ``--engine auto``, also the engine the static rule of CPU
     flags picks (:func:`~dinopatch.backbone.auto_engine`) on the same fitted
     model, against the measured choice (its candidate table goes to stderr).
-    Predict is timed round-robin; the AUROCs are of the same calls.
+    And the defaults with ``overlap`` on (:mod:`dinopatch.overlap`), on the
+    frames and on the same frames as PNG files, beside overlap off; their
+    scores must be identical.  Predict is timed round-robin; the AUROCs are of
+    the same calls.
     """
     from dinopatch import engine_choice
     from dinopatch.backbone import auto_engine
@@ -122,7 +125,7 @@ def bench_e2e(args) -> list[dict]:
     frames = [im for im, _, _ in test]
     folder = tempfile.mkdtemp(prefix="dinopatch-e2e-")
     dets = {"ours": det, "reference": reference, "notebook": notebook, **overlap_peers(det)}
-    inputs = dict.fromkeys(("files", "files, in turn"), png_files(frames, folder))  # the others: frames
+    inputs = dict.fromkeys(("files", "files, overlap"), png_files(frames, folder))  # the others: frames
     record = det.model_.engine_choice
     if record is not None:  # engine "auto": the measured choice against the static rule of CPU flags
         print(engine_choice.table(record), file=sys.stderr)
@@ -184,9 +187,9 @@ def bench_e2e(args) -> list[dict]:
 
 
 def overlap_peers(det) -> dict:
-    """The defaults' fitted model with its stages in turn, and both on PNG files (read and decoded in the run)."""
-    serial = copy.copy(det).set_params(overlap=False)  # shares the fitted model and the engines
-    return {"in turn": serial, "files": det, "files, in turn": serial}
+    """The defaults' fitted model with its stages overlapped, and both on PNG files (read and decoded in the run)."""
+    overlapped = copy.copy(det).set_params(overlap=True)  # shares the fitted model and the engines
+    return {"overlap": overlapped, "files": det, "files, overlap": overlapped}
 
 
 def png_files(frames: list[np.ndarray], folder: str) -> list[str]:
@@ -199,17 +202,16 @@ def png_files(frames: list[np.ndarray], folder: str) -> list[str]:
 
 
 def overlap_rows(times: dict, out: dict, n: int) -> list[dict]:
-    """Rows of the defaults with their stages in turn (overlap off), beside the overlapped runs of the same rounds."""
+    """Rows of the defaults with their stages overlapped (``overlap`` on), beside the same rounds in turn."""
     rows, worst = [], 0.0
-    for on, off, what in (("ours", "in turn", "arrays"), ("files", "files, in turn", "PNG files")):
+    for off, on, what in (("ours", "overlap", "arrays"), ("files", "files, overlap", "PNG files")):
         per_round = np.asarray(times[off]) / np.asarray(times[on])
         worst = max(worst, max(abs(a.score - b.score) for a, b in zip(out[on], out[off])))
-        if on == "files":
-            rows.append(latency_row("e2e", "defaults on PNG files: predict (overlap on)", times[on], n))
+        if off == "files":
+            rows.append(latency_row("e2e", "defaults on PNG files: predict", times[off], n))
         rows.append(latency_row(
-            "e2e", f"defaults on {what}, stages in turn (overlap off)", times[off], n,
-            note=f"overlap on is {np.median(per_round):.2f}x this (rounds: "
-                 f"{', '.join(f'{r:.2f}' for r in per_round)})"))
+            "e2e", f"defaults on {what}, overlap on", times[on], n,
+            note=f"{np.median(per_round):.2f}x overlap off (rounds: {', '.join(f'{r:.2f}' for r in per_round)})"))
         rows.append(target(f"end-to-end predict on {what}, overlap on over off", ">= 1", float(np.median(per_round)),
                            lambda v: v >= 1))
     return rows + [target("largest score difference, overlap on minus off", "== 0", worst, lambda v: v == 0,
@@ -222,17 +224,16 @@ def bench_stream(args) -> list[dict]:
 
     First as fast as frames can be taken (throughput; latency then includes
     the frames queued ahead), with the stages overlapped and in turn
-    (``overlap`` off), taking turns twice; then with frames arriving like a
+    (``overlap=False``), taking turns twice; then with frames arriving like a
     camera's at 80% of the overlapped throughput (the latency a line sees).
     """
     from dinopatch.stream import stream
 
     det = _fitted(args)
-    serial = copy.copy(det).set_params(overlap=False)
     n, warm = (12, 3) if args.quick else (40, 5)
     frames = good_frames(8, seed=4)
 
-    def run(period: float, d=det):
+    def run(period: float, overlap: bool = True):
         def camera():
             t_next = time.perf_counter()
             for i in range(n):
@@ -241,11 +242,11 @@ def bench_stream(args) -> list[dict]:
                 yield frames[i % len(frames)]
 
         t0 = time.perf_counter()
-        lat = [f.latency for f in stream(d, camera(), batch_size=1, depth=2)]
+        lat = [f.latency for f in stream(det, camera(), batch_size=1, depth=2, overlap=overlap)]
         return lat[warm:], n / (time.perf_counter() - t0)
 
-    (lat, fps), (lat_off, fps_off) = run(0.0), run(0.0, serial)
-    again = run(0.0)[1] / run(0.0, serial)[1]
+    (lat, fps), (lat_off, fps_off) = run(0.0), run(0.0, overlap=False)
+    again = run(0.0)[1] / run(0.0, overlap=False)[1]
     rows = [
         latency_row(
             "stream",
@@ -255,7 +256,7 @@ def bench_stream(args) -> list[dict]:
         ),
         latency_row(
             "stream",
-            "stream, frames always ready, stages in turn (overlap off)",
+            "stream, frames always ready, stages in turn (overlap=False)",
             lat_off,
             note=f"overlap on gives {fps / fps_off:.2f}x these frames/s ({again:.2f}x in a second turn)",
         ),
