@@ -218,3 +218,22 @@ def test_one_batch_runs_in_the_callers_thread(det, frames, monkeypatch):
     assert not [n for n in started if n in STAGE_NAMES]
     det.predict(frames[:3])
     assert sorted(n for n in started if n in STAGE_NAMES) == sorted(STAGE_NAMES)
+
+
+def test_predict_files_interrupted_while_writing_leaves_no_thread(det, frames, tmp_path):
+    paths = []
+    for i, im in enumerate(frames):
+        paths.append(tmp_path / "in" / f"{i}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(paths[-1]), im)
+    before = set(threading.enumerate())
+
+    def stamp(record, image, outcome):
+        if record["path"].endswith("2.png"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        predict_files(det, paths, tmp_path / "out", root=tmp_path / "in", overlays=False, progress=False,
+                      stamp=stamp)
+    assert info.traceback and not _stage_threads(before)
+    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2  # the first batch's
