@@ -45,7 +45,7 @@ class DinoPatch(EstimatorMixin):
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, overlap=False, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
+                 batch_size=8, overlap=True, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
                  keep_parts=True):
         self.backbone = backbone
         self.weights = weights

@@ -5,8 +5,8 @@ A line delivers one frame at a time and cares about steady per-frame latency.
 pipeline (:func:`~dinopatch.overlap.overlapped`): reading and alignment
 (OpenCV) on one thread, the backbone and the bank on a second,
 post-processing (OpenCV) in the caller's thread, so the CPU stages of one
-frame run while the backbone works on the next.  ``overlap=False`` runs the
-stages in turn in the caller's thread instead.
+frame run while the backbone works on the next.  With ``overlap=False`` (or
+the detector's ``overlap`` off) the stages run in turn in the caller's thread.
 
 Results come out in input order and equal ``predict`` with the same
 ``batch_size``.
@@ -46,19 +46,18 @@ class Frame:
 
 
 def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int = 4,
-           drift: Monitor | None = None, overlap: bool = True) -> Iterator[Frame]:
+           drift: Monitor | None = None, overlap: bool | None = None) -> Iterator[Frame]:
     """Score frames as they come, overlapping alignment and post-processing with inference.
 
     Args:
-        det: a fitted detector (its ``overlap`` parameter is for :meth:`~DinoPatch.predict`; see ``overlap``).
+        det: a fitted detector.
         frames: an iterable of images (arrays or paths), e.g. a camera generator.
         batch_size: frames per backbone call (1 gives the lowest latency).
         depth: capacity of each queue between stages, in batches.
         drift: a :class:`~dinopatch.drift.Monitor` (e.g. ``Monitor.for_model(det)``) that follows the frames;
             each :class:`Frame` then carries its ``drift`` field.
-        overlap: run the stages in threads, overlapped (the default: one frame a batch leaves the backbone
-            idle moments that alignment and post-processing fill); False runs them in turn, in the caller's
-            thread, with the same results.
+        overlap: run the stages in threads, overlapped; False runs them in turn, in the caller's thread, with
+            the same results (default: the detector's ``overlap``).
 
     Yields:
         :class:`Frame` per input frame, in input order. When a frame cannot be
@@ -79,7 +78,7 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     det.model_
     if int(batch_size) < 1 or int(depth) < 1:
         raise ValueError(f"batch_size and depth must be >= 1, got {batch_size} and {depth}")
-    return _pipeline(det, frames, int(batch_size), int(depth), drift, bool(overlap))
+    return _pipeline(det, frames, int(batch_size), int(depth), drift, bool(det.overlap if overlap is None else overlap))
 
 
 _SOURCE_GRACE = 0.2  # how long close() waits for a frame source blocked in its own next()

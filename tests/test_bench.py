@@ -185,10 +185,10 @@ def test_pipeline_stages_ran(run):
     for r in run["rows"]:
         by.setdefault(r["stage"], []).append(r)
     assert [r["method"] for r in by["backbone"]] == ["torch", "torch"] and by["backbone"][0]["vs_torch"] == 1
-    ours, reference, notebook, overlapped, files, files_overlapped = by["e2e"]
-    assert [overlapped["method"], files["method"], files_overlapped["method"]] == [
-        "defaults on arrays, overlap on", "defaults on PNG files: predict", "defaults on PNG files, overlap on"]
-    assert re.search(r"[\d.]+x overlap off \(rounds: [\d.]+", overlapped["note"]), overlapped["note"]
+    ours, reference, notebook, in_turn, files, files_in_turn = by["e2e"]
+    assert [in_turn["method"], files["method"], files_in_turn["method"]] == [
+        "defaults on arrays, overlap off", "defaults on PNG files: predict", "defaults on PNG files, overlap off"]
+    assert re.search(r"overlap on is [\d.]+x this \(rounds: [\d.]+", in_turn["note"]), in_turn["note"]
     assert ours["method"].startswith("defaults: predict (TorchBackbone") and "foreground auto" in ours["method"]
     assert reference["method"] == "reference: predict (OnnxBackbone fp32, foreground False)"
     assert "notebook" in notebook["method"] and all(r["batch"] == 6 for r in by["e2e"])  # good x2 + 4 defects

@@ -237,3 +237,16 @@ def test_predict_files_interrupted_while_writing_leaves_no_thread(det, frames, t
                       stamp=stamp)
     assert info.traceback and not _stage_threads(before)
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2  # the first batch's
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stream_follows_the_detectors_overlap_unless_told(det, frames, monkeypatch, overlap):
+    started = []
+    real = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), real(self))[1])
+    monkeypatch.setattr(det, "overlap", overlap)
+    assert len(list(stream(det, iter(frames[:3])))) == 3
+    assert bool([n for n in started if n in STAGE_NAMES]) == overlap
+    started.clear()
+    assert len(list(stream(det, iter(frames[:3]), overlap=not overlap))) == 3
+    assert bool([n for n in started if n in STAGE_NAMES]) == (not overlap)
