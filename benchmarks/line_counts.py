@@ -1,8 +1,8 @@
 """The line's numbers of two package versions on the same images: defects caught and good parts rejected.
 
 ``render OUT`` stores the benchmark-quality sets as rendered by the package on the path;
-``judge OUT WEIGHTS`` fits that package's defaults on each stored set and prints image AUROC
-beside the counts at the model's own threshold.  Run ``judge`` once with each version on
+``judge OUT WEIGHTS`` fits that package's defaults (with ``--backbone``) on each stored set and prints
+image AUROC beside the counts at the model's own threshold.  Run ``judge`` once with each version on
 ``PYTHONPATH`` (an older one may not render the newer categories, hence the stored sets).
 """
 import argparse
@@ -24,14 +24,14 @@ def render(out: str, size: int) -> None:
         print(name, len(d["train"]), len(d["test"]), sorted(set(d["defects"])))
 
 
-def judge(out: str, weights: str, size: int) -> None:
+def judge(out: str, weights: str, size: int, backbone: str) -> None:
     from dinopatch import DinoPatch, metrics
 
     print(f"{'category':<11}{'AUROC':>7}{'caught':>9}{'rejected':>10}  caught per defect")
     recall, rejected_all, good_all, aurocs = [], 0, 0, []
     for path in sorted(glob.glob(os.path.join(out, "*.npz"))):
         z = np.load(path)
-        det = DinoPatch(weights=weights, image_size=size, align=bool(z["align"]), progress=False)
+        det = DinoPatch(backbone=backbone, weights=weights, image_size=size, align=bool(z["align"]), progress=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results = det.fit(list(z["train"])).predict(list(z["test"]))
@@ -57,5 +57,6 @@ if __name__ == "__main__":
     p.add_argument("folder")
     p.add_argument("weights", nargs="?", help="checkpoint (judge): python -m dinopatch weights --random-blocks")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--backbone", default="dinov2_vits14", help="judge: the backbone (e.g. dinov3_vits16)")
     a = p.parse_args()
-    render(a.folder, a.size) if a.what == "render" else judge(a.folder, a.weights, a.size)
+    render(a.folder, a.size) if a.what == "render" else judge(a.folder, a.weights, a.size, a.backbone)

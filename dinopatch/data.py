@@ -277,13 +277,17 @@ def load_images(images) -> list[np.ndarray]:
     Returns:
         one uint8 ``[H, W]`` / ``[H, W, 3]`` array per item.
     """
+    return [load_image(item, i) for i, item in enumerate(image_list(images))]
+
+
+def image_list(images) -> list:
+    """The items of a list of images (arrays and/or paths), not read yet; TypeError for anything else."""
     if isinstance(images, (np.ndarray, str, bytes, os.PathLike)):
         raise TypeError(f"pass a list of images, got a single {type(images).__name__}; wrap it: [image]")
     try:
-        items = list(images)
+        return list(images)
     except TypeError:
         raise TypeError(f"pass a list of images (arrays or paths), got {type(images).__name__}") from None
-    return [load_image(item, i) for i, item in enumerate(items)]
 
 
 def load_image(item, index: int = 0) -> np.ndarray:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from contextlib import closing
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from . import autotune, engine_choice, fitted, goodset
 from .backbone import EngineCache
 from .calibration import Threshold, threshold_for
-from .data import load_images
+from .data import image_list, load_image
 from .fitted import Fitted, NotFittedError, backbone_config, check_params
+from .overlap import overlapped
 from .presets import preset
 from .result import PatchDistances, Result
 from .sklearn_api import EstimatorMixin
@@ -31,8 +34,8 @@ class DinoPatch(EstimatorMixin):
     (``python -m dinopatch fit -h`` lists them too).
 
     In short: the ``backbone`` and its ``weights`` at ``image_size``; whether to ``align`` parts (and
-    ``mirror``, ``size_tolerance``); the ``engine``, ``kernel``, ``device``, ``batch_size`` it runs on; the
-    memory (``layers``, ``coreset_ratio``, ``tolerance``, ``match``, ``bank_dtype``, ``foreground``); the
+    ``mirror``, ``size_tolerance``); the ``engine``, ``kernel``, ``device``, ``batch_size`` and ``overlap`` it
+    runs with; the memory (``layers``, ``coreset_ratio``, ``tolerance``, ``match``, ``bank_dtype``, ``foreground``); the
     post-processing (``sigma``, ``score``, ``topk``, ``morph_kernel``); the threshold (``calibration``,
     ``false_alarm_rate``, or a given ``threshold``); the good set's check (``outliers``) and ``keep_parts``
     for :meth:`update`.  Every ``"auto"`` is chosen at fit from the good images alone (:attr:`auto_`).
@@ -42,7 +45,7 @@ class DinoPatch(EstimatorMixin):
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
+                 batch_size=8, overlap=True, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
                  keep_parts=True):
         self.backbone = backbone
         self.weights = weights
@@ -66,6 +69,7 @@ class DinoPatch(EstimatorMixin):
         self.mirror = mirror
         self.foreground = foreground
         self.batch_size = batch_size
+        self.overlap = overlap
         self.progress = progress
         self.device = device
         self.outliers = outliers
@@ -140,14 +144,26 @@ class DinoPatch(EstimatorMixin):
         return self.model_.model_id
 
     def predict(self, images) -> list[Result]:
-        """One :class:`Result` per image (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths), in order."""
-        return [self.result_from(raw) for raw in self.patch_distances(images)]
+        """One :class:`Result` per image (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths), in order.
+
+        With ``overlap``, batch n-1 is post-processed while the backbone runs batch n (see :meth:`batches`)."""
+        with closing(self.batches(images)) as batches:
+            return [self.result_from(raw) for raws in batches for raw in raws]
 
     def patch_distances(self, images) -> list[PatchDistances]:
         """The per-patch distances of each image, before post-processing (evaluation sweeps its settings
         over them without running the backbone again; see :meth:`result_from`)."""
-        model, images, bs = self.model_, load_images(images), int(self.batch_size)
-        return [raw for i in range(0, len(images), bs) for raw in self.distances_aligned(model.align(images[i:i + bs]))]
+        with closing(self.batches(images)) as batches:
+            return [raw for raws in batches for raw in raws]
+
+    def batches(self, images) -> Iterator[list[PatchDistances]]:
+        """The patch distances of ``images``, ``batch_size`` at a time, in order: with ``overlap`` and more
+        than one batch, batch n+1 is read and aligned while the backbone runs batch n (:mod:`.overlap`).
+        Close it (``contextlib.closing``) to stop its threads when the caller stops early."""
+        model, items, bs = self.model_, image_list(images), int(self.batch_size)
+        aligned = (model.align([load_image(item, i) for i, item in enumerate(items[s:s + bs], s)])
+                   for s in range(0, len(items), bs))
+        return overlapped(aligned, self.distances_aligned, threads=bool(self.overlap) and len(items) > bs)
 
     def align_images(self, images: list[np.ndarray]) -> list[tuple]:
         """First stage of :meth:`patch_distances`, public so :mod:`dinopatch.stream` can overlap the stages:
@@ -186,9 +202,9 @@ class DinoPatch(EstimatorMixin):
              false_alarm_rate: float | None = None, strict: bool = False, **runtime) -> "DinoPatch":
         """A detector from a model file written by :meth:`save`, checked before use; ``threshold`` replaces
         the file's, ``false_alarm_rate`` re-reads its calibration scores, ``**runtime`` says how to run
-        (``engine``, ``kernel``, ``batch_size``, ``progress``, ``device``).  ``strict``: an engine named by hand
-        that flips a verdict of the golden set is an error (:class:`~.engine_choice.EngineMismatchError`), not
-        a warning."""
+        (``engine``, ``kernel``, ``batch_size``, ``overlap``, ``progress``, ``device``).  ``strict``: an engine
+        named by hand that flips a verdict of the golden set is an error
+        (:class:`~.engine_choice.EngineMismatchError`), not a warning."""
         model, params = fitted.load_detector(path, runtime, threshold, false_alarm_rate)
         det = cls(**params)
         det._model = engine_choice.on_load(det, model, strict)

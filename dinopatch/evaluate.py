@@ -14,6 +14,7 @@ import html
 import json
 import numbers
 import os
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -191,9 +192,10 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     raws = []
-    bs = det.batch_size
-    for i in tqdm(range(0, len(items), bs), desc="evaluate", disable=not progress, leave=False):
-        raws.extend(det.patch_distances([it.path for it in items[i:i + bs]]))
+    with closing(det.batches([it.path for it in items])) as batches:  # overlapped where det.overlap says so
+        for batch in tqdm(batches, total=-(-len(items) // det.batch_size), desc="evaluate", disable=not progress,
+                          leave=False):
+            raws.extend(batch)
     images = [read_image(it.path) for it in items]
     gts = [read_mask(it.mask_path, im.shape[:2]) if it.mask_path else np.zeros(im.shape[:2], bool)
            for it, im in zip(items, images)]

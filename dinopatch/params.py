@@ -252,6 +252,9 @@ PARAMS: tuple[Param, ...] = (
           "run the backbone on the part's region only (aligned parts; auto: where it pays)", flag="--foreground",
           missing=False, flag_values={"on": True, "off": False}),
     Param("batch_size", 8, Integer(1, MAX_BATCH), "images per backbone call", runtime=True, flag="--batch-size"),
+    Param("overlap", True, Flag(), "predict: read and align the next batch and post-process the last one while "
+          "the backbone runs, in threads (--no-overlap: in turn, for a machine whose cores other work keeps busy)",
+          runtime=True, flag="--no-overlap"),
     Param("progress", True, Flag(), "show progress bars", runtime=True),
     Param("device", "auto", Checked(_device), "auto, cpu, cuda or cuda:N; a GPU named but not there is an error",
           runtime=True, flag="--device"),
@@ -359,7 +362,7 @@ def add_flags(parser, names, *, defaults: dict | None = None, group: str | None 
         text = helps.get(name, p.help) + default_note
         if isinstance(p.rule, Flag):
             action = "store_false" if p.flag.startswith("--no-") else "store_true"
-            target.add_argument(p.flag, dest=name, action=action, help=text)
+            target.add_argument(p.flag, dest=name, action=action, default=default, help=text)
             continue
         kw: dict = {"dest": name, "default": default, "help": text}
         options = p.rule.choices

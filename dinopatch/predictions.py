@@ -3,8 +3,10 @@
 ``predictions.jsonl`` holds one :func:`~dinopatch.records.result_record` per
 input, in input order, and ``scores.csv`` the same records' flat fields.  A
 file that cannot be read or scored gets a record with its ``error`` and the
-run goes on.  Only one batch of images and maps is held at a time, so the
-memory does not grow with the number of inputs.
+run goes on.  With the detector's ``overlap``, the next batch is read and
+aligned and the last one post-processed and written while the backbone runs
+(:mod:`.overlap`); a few batches of images and maps are held at a time, so
+the memory does not grow with the number of inputs.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import csv
 import json
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import read_image, write_png
 from .inputs import relative_name
+from .overlap import overlapped
 from .records import CSV_FIELDS, csv_row, error_record, result_record
 from .viz import overlay
 
@@ -47,7 +51,8 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
     """Score ``files`` with ``det`` and write the records, overlays and maps into ``out``.
 
     Args:
-        det: a fitted :class:`~dinopatch.DinoPatch`; it runs ``det.batch_size`` images at a time.
+        det: a fitted :class:`~dinopatch.DinoPatch`; it runs ``det.batch_size`` images at a time, the stages
+            overlapped where ``det.overlap`` says so.
         files: image files, scored and written in this order.
         out: output folder (created).
         root: folder the overlay and map names are relative to (see :func:`~dinopatch.inputs.relative_name`).
@@ -69,14 +74,17 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
     engine = os.fspath(det.engine) if engine is None else engine
     summary = Summary()
     bs = int(det.batch_size)
+    model = det.model_  # every batch by the model in force now
+    read = (_read(model, files[i:i + bs]) for i in range(0, len(files), bs))
+    scored = overlapped(read, lambda batch: _score(det, batch),
+                        threads=bool(det.overlap) and len(files) > bs)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl, \
             open(out / "scores.csv", "w", newline="", encoding="utf-8") as table, \
-            tqdm(total=len(files), desc="predict", unit="image", disable=not progress) as bar:
+            tqdm(total=len(files), desc="predict", unit="image", disable=not progress) as bar, closing(scored):
         rows = csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore")
         rows.writeheader()
-        for start in range(0, len(files), bs):
-            chunk = files[start:start + bs]
-            for path, image, outcome, latency_ms in score_batch(det, chunk):
+        for batch in scored:
+            for path, image, outcome, latency_ms in _judged(det, batch):
                 if isinstance(outcome, BaseException):
                     record = error_record(outcome, det, path=path, engine=engine)
                     summary.failed += 1
@@ -98,7 +106,7 @@ def predict_files(det, files: list[Path], out: str | os.PathLike, *, root: Path,
             # A reader tailing the files, or a run cut short, sees every finished batch.
             jsonl.flush()
             table.flush()
-            bar.update(len(chunk))
+            bar.update(len(batch.paths))
     return summary
 
 
@@ -108,32 +116,71 @@ def score_batch(det, paths: list[Path]):
     Latency runs from the start of reading the batch to its results: with
     ``batch_size=1``, one image's own.
     """
-    t0 = time.perf_counter()
-    images, outcomes = [], []
+    return _judged(det, _score(det, _read(det.model_, paths)))
+
+
+@dataclass
+class _Batch:
+    """Files on their way through the stages of :func:`predict_files`.
+
+    ``outcomes`` holds per path what its last stage made of it: the aligned item (:meth:`.Fitted.align`), then
+    its :class:`~.result.PatchDistances`, then its :class:`~.result.Result`; or the exception that stopped it.
+    """
+
+    t0: float
+    paths: list[Path]
+    images: list  # the image read, or None
+    outcomes: list
+
+
+def _read(model, paths: list[Path]) -> _Batch:
+    """First stage: read and align each file; one that fails fails alone."""
+    batch = _Batch(time.perf_counter(), paths, [], [])
     for p in paths:
         try:
-            images.append(read_image(p))
-            outcomes.append(None)
+            image = read_image(p)
         except (ValueError, OSError) as e:
-            images.append(None)
-            outcomes.append(e)
-    readable = [i for i, o in enumerate(outcomes) if o is None]
-    for i, outcome in zip(readable, _predict_each([images[i] for i in readable], det)):
-        outcomes[i] = outcome
-    latency_ms = (time.perf_counter() - t0) * 1e3
-    return [(p, im, o, latency_ms) for p, im, o in zip(paths, images, outcomes)]
+            batch.images.append(None)
+            batch.outcomes.append(e)
+            continue
+        batch.images.append(image)
+        try:
+            batch.outcomes.append(model.align([image])[0])
+        except (ValueError, cv2.error) as e:
+            batch.outcomes.append(e)
+    return batch
 
 
-def _predict_each(images: list[np.ndarray], det) -> list:
-    """``det.predict`` on the batch; if the batch fails, each image alone, so one bad image fails alone."""
-    if not images:
+def _score(det, batch: _Batch) -> _Batch:
+    """Second stage: the backbone and the bank on the batch's aligned images."""
+    aligned = [i for i, o in enumerate(batch.outcomes) if not isinstance(o, BaseException)]
+    for i, outcome in zip(aligned, _distances_each(det, [batch.outcomes[i] for i in aligned])):
+        batch.outcomes[i] = outcome
+    return batch
+
+
+def _distances_each(det, items: list[tuple]) -> list:
+    """Distances of the items as one batch; if the batch fails, of each alone, so one bad image fails alone."""
+    if not items:
         return []
     try:
-        return det.predict(images)
+        return det.distances_aligned(items)
     except (ValueError, cv2.error) as e:
-        if len(images) == 1:
+        if len(items) == 1:
             return [e]
-    return [outcome for im in images for outcome in _predict_each([im], det)]
+    return [outcome for item in items for outcome in _distances_each(det, [item])]
+
+
+def _judged(det, batch: _Batch) -> list[tuple]:
+    """Last stage: each image's :class:`~.result.Result` (or its exception), with the batch's latency."""
+    for i, outcome in enumerate(batch.outcomes):
+        if not isinstance(outcome, BaseException):
+            try:
+                batch.outcomes[i] = det.result_from(outcome)
+            except (ValueError, cv2.error) as e:
+                batch.outcomes[i] = e
+    latency_ms = (time.perf_counter() - batch.t0) * 1e3
+    return [(p, im, o, latency_ms) for p, im, o in zip(batch.paths, batch.images, batch.outcomes)]
 
 
 def _write_overlay(path: Path, image: np.ndarray, result, vmax: float) -> None:

@@ -2,11 +2,11 @@
 
 A line delivers one frame at a time and cares about steady per-frame latency.
 :func:`stream` runs the three stages of :meth:`DinoPatch.predict` in a
-pipeline: reading and alignment (OpenCV) on one thread, the backbone and the
-bank on a second, post-processing (OpenCV) in the caller's thread.  OpenCV,
-torch, ONNX Runtime and the compiled kernels release the GIL, so the CPU stages
-of one frame run while the backbone works on the next.  Queues are bounded: a slow consumer holds the
-producer back instead of buffering frames without limit.
+pipeline (:func:`~dinopatch.overlap.overlapped`): reading and alignment
+(OpenCV) on one thread, the backbone and the bank on a second,
+post-processing (OpenCV) in the caller's thread, so the CPU stages of one
+frame run while the backbone works on the next.  With ``overlap=False`` (or
+the detector's ``overlap`` off) the stages run in turn in the caller's thread.
 
 Results come out in input order and equal ``predict`` with the same
 ``batch_size``.
@@ -14,15 +14,15 @@ Results come out in input order and equal ``predict`` with the same
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .data import load_image
 from .detector import DinoPatch, Result
 from .drift import Monitor
+from .overlap import overlapped
 
 _DONE = object()
 
@@ -45,15 +45,8 @@ class Frame:
     drift: dict | None = None
 
 
-class _Failure:
-    """An exception raised in a stage thread, carried to the consumer."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int = 4,
-           drift: Monitor | None = None) -> Iterator[Frame]:
+           drift: Monitor | None = None, overlap: bool | None = None) -> Iterator[Frame]:
     """Score frames as they come, overlapping alignment and post-processing with inference.
 
     Args:
@@ -63,6 +56,8 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
         depth: capacity of each queue between stages, in batches.
         drift: a :class:`~dinopatch.drift.Monitor` (e.g. ``Monitor.for_model(det)``) that follows the frames;
             each :class:`Frame` then carries its ``drift`` field.
+        overlap: run the stages in threads, overlapped; False runs them in turn, in the caller's thread, with
+            the same results (default: the detector's ``overlap``).
 
     Yields:
         :class:`Frame` per input frame, in input order. When a frame cannot be
@@ -72,7 +67,7 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     Closing the generator (``close()``, ``break`` out of a loop over it, an
     exception in the consumer) stops both stage threads and waits for them, so
     no thread of the stream runs on afterwards. It waits for the step each is
-    in: the backbone call in flight (one batch) and the current frame's
+    in: the backbone call in flight (one batch) and the current batch's
     alignment. One wait is bounded instead: a frame source blocked inside its
     own ``next()`` (a camera waiting for a trigger) cannot be interrupted from
     Python, so after 0.2 s close returns and leaves that thread, a daemon, to
@@ -83,107 +78,52 @@ def stream(det: DinoPatch, frames: Iterable, *, batch_size: int = 1, depth: int 
     det.model_
     if int(batch_size) < 1 or int(depth) < 1:
         raise ValueError(f"batch_size and depth must be >= 1, got {batch_size} and {depth}")
-    return _pipeline(det, frames, int(batch_size), int(depth), drift)
+    return _pipeline(det, frames, int(batch_size), int(depth), drift, bool(det.overlap if overlap is None else overlap))
 
 
-_POLL = 0.05  # how often a stage blocked on a queue looks whether the consumer went away
 _SOURCE_GRACE = 0.2  # how long close() waits for a frame source blocked in its own next()
 
 
-def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int, drift: Monitor | None) -> Iterator[Frame]:
+def _aligned(det: DinoPatch, frames: Iterable, batch_size: int, keep_images: bool) -> Iterator[tuple[list, list]]:
+    """``(starts, items)`` per batch: ``(time taken, image or None)`` and the aligned item of each frame.
+
+    Frames are aligned one by one as they arrive, so that when frame k fails, the frames before it in
+    its batch are yielded, to be scored, before its error is raised.
+    """
+    batch, starts, failure = [], [], None
+    source = iter(frames)
+    for index in itertools.count():
+        try:
+            frame = next(source, _DONE)
+            if frame is _DONE:
+                break
+            t0 = time.perf_counter()
+            image = load_image(frame, index)  # errors name the frame's place
+            batch += det.align_images([image])
+        except Exception as e:  # noqa: BLE001 - raised after the frames before it
+            failure = e
+            break
+        starts.append((t0, image if keep_images else None))
+        if len(batch) == batch_size:
+            yield starts, batch
+            batch, starts = [], []
+    if batch:
+        yield starts, batch
+    if failure is not None:
+        raise failure
+
+
+def _pipeline(det: DinoPatch, frames: Iterable, batch_size: int, depth: int, drift: Monitor | None,
+              overlap: bool) -> Iterator[Frame]:
     """The generator behind :func:`stream`; see there for what closing it does."""
-    aligned_q: queue.Queue = queue.Queue(depth)
-    scored_q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    in_source = threading.Event()  # set while the align thread waits in the source's next()
-
-    def put(q: queue.Queue, item) -> bool:
-        # Give up when the consumer went away, so no thread blocks for ever.
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(q: queue.Queue):
-        while not stop.is_set():
-            try:
-                return q.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-        return _DONE
-
-    def next_frame(source: Iterator):
-        in_source.set()
-        try:
-            return next(source, _DONE)
-        finally:
-            in_source.clear()
-
-    def align_stage():
-        # Frames are aligned one by one as they arrive, so that when frame k fails, the frames
-        # before it in its batch are already aligned and go on to be scored before the error.
-        batch, start = [], []
-        try:
-            source = iter(frames)
-            for index in itertools.count():
-                frame = next_frame(source)
-                if frame is _DONE or stop.is_set():
-                    break
-                t0 = time.perf_counter()
-                image = load_image(frame, index)  # errors name the frame's place
-                batch += det.align_images([image])
-                start.append((t0, image if drift is not None else None))
-                if len(batch) == batch_size:
-                    if not put(aligned_q, (start, batch)):
-                        return
-                    batch, start = [], []
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            if not batch or put(aligned_q, (start, batch)):
-                put(aligned_q, _Failure(e))
-            return
-        if not batch or put(aligned_q, (start, batch)):
-            put(aligned_q, _DONE)
-
-    def infer_stage():
-        while True:
-            item = get(aligned_q)
-            if item is _DONE or isinstance(item, _Failure):
-                put(scored_q, item)
-                return
-            start, batch = item
-            try:
-                raw = det.distances_aligned(batch)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                put(scored_q, _Failure(e))
-                return
-            if not put(scored_q, (start, raw)):
-                return
-
-    align = threading.Thread(target=align_stage, name="dinopatch-align", daemon=True)
-    infer = threading.Thread(target=infer_stage, name="dinopatch-infer", daemon=True)
-    align.start()
-    infer.start()
+    batches = _aligned(det, frames, batch_size, drift is not None)
+    scored = overlapped(batches, lambda batch: (batch[0], det.distances_aligned(batch[1])),
+                        threads=overlap, depth=depth, grace=_SOURCE_GRACE)
     index = 0
-    try:
-        while True:
-            item = scored_q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            for (t0, image), raw in zip(*item):
+    with closing(scored):
+        for starts, raws in scored:
+            for (t0, image), raw in zip(starts, raws):
                 result = det.result_from(raw)
                 field = None if drift is None else drift.observe(image, result, det.image_size)
                 yield Frame(index, result, time.perf_counter() - t0, field)
                 index += 1
-    finally:
-        stop.set()
-        infer.join()
-        waited_from = time.monotonic()
-        while align.is_alive():
-            align.join(_POLL / 5)
-            if in_source.is_set() and time.monotonic() - waited_from > _SOURCE_GRACE:
-                break

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -106,7 +109,10 @@ def bench_e2e(args) -> list[dict]:
     scores.  With ``--engine auto``, also the engine the static rule of CPU
     flags picks (:func:`~dinopatch.backbone.auto_engine`) on the same fitted
     model, against the measured choice (its candidate table goes to stderr).
-    Predict is timed round-robin; the AUROCs are of the same calls.
+    And the defaults with ``overlap`` off (:mod:`dinopatch.overlap`), on the
+    frames and on the same frames as PNG files, beside overlap on; their
+    scores must be identical.  Predict is timed round-robin; the AUROCs are of
+    the same calls.
     """
     from dinopatch import engine_choice
     from dinopatch.backbone import auto_engine
@@ -117,15 +123,20 @@ def bench_e2e(args) -> list[dict]:
     notebook = copy.copy(det).set_params(engine="torch", kernel="numpy", batch_size=1)
     test = labelled(1 if args.quick else 4)
     frames = [im for im, _, _ in test]
-    dets = {"ours": det, "reference": reference, "notebook": notebook}
+    folder = tempfile.mkdtemp(prefix="dinopatch-e2e-")
+    dets = {"ours": det, "reference": reference, "notebook": notebook, **overlap_peers(det)}
+    inputs = dict.fromkeys(("files", "files, in turn"), png_files(frames, folder))  # the others: frames
     record = det.model_.engine_choice
     if record is not None:  # engine "auto": the measured choice against the static rule of CPU flags
         print(engine_choice.table(record), file=sys.stderr)
         dets["static"] = make_detector(args, engine=auto_engine())
         dets["static"].model_ = det.model_  # the same fitted model
     out = {}
-    times = round_robin({k: lambda k=k, d=d: out.__setitem__(k, d.predict(frames)) for k, d in dets.items()},
-                        max(1, args.repeats // 2))
+    try:
+        times = round_robin({k: lambda k=k, d=d: out.__setitem__(k, d.predict(inputs.get(k, frames)))
+                             for k, d in dets.items()}, max(1, args.repeats // 2))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     a, b = (np.array([r.score for r in out[k]]) for k in ("ours", "notebook"))
     spread = float(np.ptp(np.concatenate([a, b]))) or 1.0
     dev = float(np.abs(a - b).max()) / spread
@@ -154,6 +165,7 @@ def bench_e2e(args) -> list[dict]:
                     note=quality("reference")),
         latency_row("e2e", "notebook (torch per image, numpy distances)", times["notebook"], n),
     ]
+    rows += overlap_rows(times, out, n)
     drop = acc["reference"][0] - acc["ours"][0]
     if "static" in dets:
         flips = next(r["flips"] for r in record["rows"] if r["engine"] == chosen)
@@ -174,13 +186,48 @@ def bench_e2e(args) -> list[dict]:
     ]
 
 
+def overlap_peers(det) -> dict:
+    """The defaults' fitted model with its stages in turn (``overlap`` off), and both on PNG files (read and
+    decoded in the run)."""
+    serial = copy.copy(det).set_params(overlap=False)  # shares the fitted model and the engines
+    return {"in turn": serial, "files": det, "files, in turn": serial}
+
+
+def png_files(frames: list[np.ndarray], folder: str) -> list[str]:
+    import cv2
+
+    paths = [os.path.join(folder, f"{i:03d}.png") for i in range(len(frames))]
+    for path, im in zip(paths, frames):
+        cv2.imwrite(path, im)
+    return paths
+
+
+def overlap_rows(times: dict, out: dict, n: int) -> list[dict]:
+    """Rows of the defaults with their stages in turn (``overlap`` off), beside the same rounds overlapped."""
+    rows, worst = [], 0.0
+    for on, off, what in (("ours", "in turn", "arrays"), ("files", "files, in turn", "PNG files")):
+        per_round = np.asarray(times[off]) / np.asarray(times[on])
+        worst = max(worst, max(abs(a.score - b.score) for a, b in zip(out[on], out[off])))
+        if on == "files":
+            rows.append(latency_row("e2e", "defaults on PNG files: predict", times[on], n))
+        rows.append(latency_row(
+            "e2e", f"defaults on {what}, overlap off", times[off], n,
+            note=f"overlap on is {np.median(per_round):.2f}x this (rounds: "
+                 f"{', '.join(f'{r:.2f}' for r in per_round)})"))
+        rows.append(target(f"end-to-end predict on {what}, overlap on over off", ">= 1", float(np.median(per_round)),
+                           lambda v: v >= 1))
+    return rows + [target("largest score difference, overlap on minus off", "== 0", worst, lambda v: v == 0,
+                          required=True)]
+
+
 @stage("stream", groups=("pipeline",))
 def bench_stream(args) -> list[dict]:
     """Per-frame latency of :func:`dinopatch.stream.stream` at steady state (batch 1).
 
     First as fast as frames can be taken (throughput; latency then includes
-    the frames queued ahead), then with frames arriving like a camera's at
-    80% of that throughput (the latency a line sees).
+    the frames queued ahead), with the stages overlapped and in turn
+    (``overlap=False``), taking turns twice; then with frames arriving like a
+    camera's at 80% of the overlapped throughput (the latency a line sees).
     """
     from dinopatch.stream import stream
 
@@ -188,7 +235,7 @@ def bench_stream(args) -> list[dict]:
     n, warm = (12, 3) if args.quick else (40, 5)
     frames = good_frames(8, seed=4)
 
-    def run(period: float):
+    def run(period: float, overlap: bool = True):
         def camera():
             t_next = time.perf_counter()
             for i in range(n):
@@ -197,19 +244,26 @@ def bench_stream(args) -> list[dict]:
                 yield frames[i % len(frames)]
 
         t0 = time.perf_counter()
-        lat = [f.latency for f in stream(det, camera(), batch_size=1, depth=2)]
+        lat = [f.latency for f in stream(det, camera(), batch_size=1, depth=2, overlap=overlap)]
         return lat[warm:], n / (time.perf_counter() - t0)
 
-    lat, fps = run(0.0)
+    (lat, fps), (lat_off, fps_off) = run(0.0), run(0.0, overlap=False)
+    again = run(0.0)[1] / run(0.0, overlap=False)[1]
     rows = [
         latency_row(
             "stream",
             "stream, frames always ready",
             lat,
             note=f"{n} frames, first {warm} warm-up; latency includes the queue",
-        )
+        ),
+        latency_row(
+            "stream",
+            "stream, frames always ready, stages in turn (overlap=False)",
+            lat_off,
+            note=f"overlap on gives {fps / fps_off:.2f}x these frames/s ({again:.2f}x in a second turn)",
+        ),
     ]
-    rows[0]["images_s"] = fps
+    rows[0]["images_s"], rows[1]["images_s"] = fps, fps_off
     lat, paced = run(1.0 / (0.8 * fps))
     rows.append(
         latency_row(
@@ -219,8 +273,8 @@ def bench_stream(args) -> list[dict]:
             note=f"{n} frames, first {warm} warm-up",
         )
     )
-    rows[1]["images_s"] = paced
-    ratio = rows[1]["ms_p99"] / rows[1]["ms_p50"]
+    rows[2]["images_s"] = paced
+    ratio = rows[2]["ms_p99"] / rows[2]["ms_p50"]
     return rows + [
         target(
             "streaming p99 / p50 latency (camera at 80% of throughput)", "<= 1.5", ratio, lambda v: v <= 1.5
