@@ -7,7 +7,7 @@ import importlib
 
 from ._version import __version__
 
-_LAZY = {"DinoPatch": ".detector", "NotFittedError": ".detector", "Result": ".result", "kernels": ".kernels"}
+_LAZY = {"DinoPatch": ".detector", "NotFittedError": ".fitted", "Result": ".result", "kernels": ".kernels"}
 
 __all__ = ["DinoPatch", "NotFittedError", "Result", "kernels", "__version__"]
 

@@ -18,7 +18,7 @@ from . import autotune, engine_choice, fitted, goodset
 from .backbone import EngineCache
 from .calibration import Threshold, threshold_for
 from .data import image_list, load_image
-from .fitted import Fitted, NotFittedError, backbone_config, check_params
+from .fitted import Fitted, backbone_config, check_params
 from .overlap import overlapped
 from .presets import preset
 from .result import PatchDistances, Result
@@ -125,23 +125,6 @@ class DinoPatch(EstimatorMixin):
         model = model or self.model_
         name, sha256 = engine_choice.in_force(self.engine, model)  # the measured choice where engine is "auto"
         return self._engine(model.params, model.fingerprint, sha256, name)
-
-    @property
-    def model_(self) -> Fitted:
-        """The fitted model in force (:class:`~.fitted.Fitted`); NotFittedError before fit or load."""
-        if (model := getattr(self, "_model", None)) is None:
-            raise NotFittedError("this DinoPatch is not fitted yet: call fit(images) or DinoPatch.load(path)")
-        return model
-
-    @model_.setter
-    def model_(self, model: Fitted) -> None:
-        # Another detector's model, or this one's with a new engine choice: swapped in whole, as fit does.
-        self._model = model
-
-    @property
-    def model_id(self) -> str:
-        """Short content id of the model file this detector was saved to or loaded from."""
-        return self.model_.model_id
 
     def predict(self, images) -> list[Result]:
         """One :class:`Result` per image (uint8 ``[H, W]`` / ``[H, W, 3]`` BGR arrays or paths), in order.

@@ -5,19 +5,25 @@ own score is the other way round (a distance), and :meth:`score_samples` flips i
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from . import params as param_table
 from .calibration import Threshold
+from .fitted import NotFittedError
 from .goodset import FitReport
+
+if TYPE_CHECKING:
+    from .fitted import Fitted
 
 
 class EstimatorMixin:
     """``get_params`` / ``set_params`` from the parameter table (:mod:`.params`), the fitted attributes
     (scikit-learn's trailing underscore) and the outlier-score API.
 
-    The class needs ``model_``, the :class:`~.fitted.Fitted` in force, and ``predict(images)``
-    returning results with a ``score``.
+    The class keeps the :class:`~.fitted.Fitted` in force in ``_model`` (``model_``) and needs
+    ``predict(images)`` returning results with a ``score``.
     """
 
     def get_params(self, deep: bool = True) -> dict:
@@ -32,6 +38,23 @@ class EstimatorMixin:
         for name, value in params.items():
             setattr(self, name, value)
         return self
+
+    @property
+    def model_(self) -> Fitted:
+        """The fitted model in force (:class:`~.fitted.Fitted`); NotFittedError before fit or load."""
+        if (model := getattr(self, "_model", None)) is None:
+            raise NotFittedError("this DinoPatch is not fitted yet: call fit(images) or DinoPatch.load(path)")
+        return model
+
+    @model_.setter
+    def model_(self, model: Fitted) -> None:
+        # Another detector's model, or this one's with a new engine choice: swapped in whole, as fit does.
+        self._model = model
+
+    @property
+    def model_id(self) -> str:
+        """Short content id of the model file this detector was saved to or loaded from."""
+        return self.model_.model_id
 
     @property
     def threshold_(self) -> Threshold:

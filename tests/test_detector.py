@@ -7,7 +7,7 @@ from conftest import FAST
 from conftest import screws as make_screws
 
 from dinopatch import DinoPatch, Result
-from dinopatch.detector import NotFittedError
+from dinopatch.fitted import NotFittedError
 from dinopatch.modelfile import ModelFileError
 from dinopatch.synthetic import make_sample
 
