@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import engine_choice, golden, params
+from . import engine_choice, golden, margin, params
 from ._version import __version__
 from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
 from .outputs import claim, output_folder, refuse_overlap
@@ -144,6 +144,8 @@ def cmd_fit(args) -> int:
     print(det.fit_report_.describe())
     if pose := det.model_.aligner.describe([os.fsdecode(f) for f in files]):
         print(pose)
+    if (fg := det.model_.foreground) is not None:
+        print(margin.describe(fg.margin, len(fg.positions), fg.grid))
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     if det.model_.engine_choice:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, engine_choice, kernels, modelfile, tolerance
+from . import autotune, engine_choice, kernels, margin, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
@@ -252,6 +252,7 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         if not params["align"]:
             raise ValueError("a foreground region without alignment")
         fg = Foreground.from_state(header["foreground"], arrays, (side, side))
+        margin.check_record(fg.margin, len(fg.positions))
         if header["aligner"].get("padding") != "background":
             raise ValueError("a foreground region with an aligner that pads by reflection")
     locations = side * side if fg is None else len(fg.positions)

@@ -7,9 +7,9 @@ part's region from the part itself: the union of the nominal parts'
 silhouettes as the aligner measures and places them (not their bright pixels:
 reflection padding pastes mirrored pieces of a part near the photo's edge into
 the frame, which is why the frame is padded with the background level
-instead), taken to the patch grid and dilated by :data:`MARGIN` patches (the
-aligner settles the half turn in image space, so the region need not be
-symmetric under it).  The backbone then runs on those patches only (plus the class and
+instead), taken to the patch grid and dilated by a margin of whole patches that fit
+measures (:mod:`.margin`; the aligner settles the half turn in image space, so
+the region need not be symmetric under it).  The backbone then runs on those patches only (plus the class and
 register tokens), a fixed count per model, so batches and exported shapes stay
 static, and the bank holds those locations only.
 
@@ -31,16 +31,14 @@ import cv2
 import numpy as np
 
 OPTIONS = ("auto", True, False)
-# Patches around the union of silhouettes, for the pose noise of new parts and defects just outside.
-# 1, not 2: on aligned screws at 448 px (LayerScale-1 weights) it keeps 33% of the tokens instead of
-# 44%, predict ran 1.42x faster (4.31x against every token, round-robin, load 8-9), image AUROC 1.0
-# and every defect still caught (edge defects and objects beside the part, which the background
-# check sees), pixel AUROC within 0.003.
-MARGIN = 1
-# "auto" runs foreground tokens where the region keeps at most this fraction of the patches: the
-# bench's foreground stage found them faster end to end at 44% and 67% kept, image AUROC unchanged;
-# the limit stays clear of the larger of the two, the only evidence near it.
+# The margins (patches around the union of silhouettes) fit chooses among (:mod:`.margin`), narrowest first;
+# the widest is the reference the others must agree with.
+MARGINS = (0, 1, 2)
+# "auto" runs foreground tokens where the region at margin GATE keeps at most this fraction of the patches:
+# the bench's foreground stage found them faster end to end at 44% and 67% kept, image AUROC unchanged, with
+# regions at that margin; the limit stays clear of the larger of the two, the only evidence near it.
 AUTO_MAX_FRACTION = 0.6
+GATE = 1
 # Standard deviations below this (gray levels) are sensor noise, not a scale to divide by.
 FLOOR = 2.0
 BACKGROUND_WEIGHT = 0.5
@@ -56,7 +54,7 @@ def check_option(option, align: bool):
     return option
 
 
-def region(silhouettes, grid: tuple[int, int], margin: int = MARGIN) -> np.ndarray:
+def region(silhouettes, grid: tuple[int, int], margin: int) -> np.ndarray:
     """The flat patch indices of the part's region.
 
     Args:
@@ -128,12 +126,15 @@ class Foreground:
         grid: ``(h, w)`` patch grid.
         background: nominal statistics of every location (those in the region are unused).
         unit: map value of one z outside the region, in patch-distance units.
+        margin: fit's choice of the region's margin and its evidence (:func:`.margin.check_record`); None
+            in model files from before the margin was measured (a fixed margin of one patch).
     """
 
     positions: np.ndarray
     grid: tuple[int, int]
     background: Background
     unit: float
+    margin: dict | None = None
 
     @classmethod
     def fit(cls, positions: np.ndarray, grid: tuple[int, int], part: np.ndarray, stats: np.ndarray,
@@ -193,13 +194,14 @@ class Foreground:
 
     def state(self) -> tuple[dict, dict]:
         """Header entry and arrays of the model file."""
-        return ({"unit": self.unit, "positions": len(self.positions)},
+        return ({"unit": self.unit, "positions": len(self.positions), "margin": self.margin},
                 {"positions": self.positions, "background_mean": self.background.mean,
                  "background_scale": self.background.scale})
 
     @classmethod
     def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int]) -> "Foreground":
-        """:meth:`state` read back, every value checked (ValueError saying what is wrong)."""
+        """:meth:`state` read back, every value checked (ValueError saying what is wrong) but the margin
+        record, which :func:`.margin.check_record` derives again."""
         from .backbone import check_positions
 
         positions = check_positions(arrays["positions"], grid)
@@ -215,30 +217,33 @@ class Foreground:
         unit = record["unit"]
         if isinstance(unit, bool) or not isinstance(unit, (int, float)) or not 0 < unit < 1e6:
             raise ValueError(f"background unit {unit!r} is not a positive number")
-        return cls(positions, grid, Background(mean, scale), float(unit))
+        return cls(positions, grid, Background(mean, scale), float(unit), record.get("margin"))
 
 
-def plan(option, aligner, images, grid: tuple[int, int]) -> np.ndarray | None:
-    """The region positions to run on, or None for every patch.
+def plan(option, aligner, placed, grid: tuple[int, int]) -> dict[int, np.ndarray] | None:
+    """The candidate regions to run on, ``{margin: positions}`` over :data:`MARGINS`, or None for every patch.
 
     ``"auto"`` is on where alignment is, at least two parts were placed, and
-    the region keeps at most :data:`AUTO_MAX_FRACTION` of the patches.
+    the region at margin :data:`GATE` keeps at most :data:`AUTO_MAX_FRACTION` of the patches.
+
+    Args:
+        placed: the nominal images' :class:`~.align.Placement` (or the images).
 
     Raises:
         ValueError: ``option`` is True but no region can be measured.
     """
     if option is False or not aligner.enabled:
         return None
-    sils = [s for s in map(aligner.silhouette, images) if s is not None]
+    sils = [s for s in map(aligner.silhouette, placed) if s is not None]
     if len(sils) < 2:
         if option is True:
             raise ValueError(f"foreground=True needs at least 2 nominal parts the aligner can place, "
-                             f"got {len(sils)} of {len(images)}")
+                             f"got {len(sils)} of {len(placed)}")
         return None
-    positions = region(sils, grid)
-    if option == "auto" and len(positions) > AUTO_MAX_FRACTION * grid[0] * grid[1]:
+    regions = {m: region(sils, grid, m) for m in MARGINS}
+    if option == "auto" and len(regions[GATE]) > AUTO_MAX_FRACTION * grid[0] * grid[1]:
         return None
-    return positions
+    return regions
 
 
 def scatter(tokens: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""The foreground region's margin chosen at fit by measurement, kept with its evidence, and fit aligning once."""
+import copy
+
+import numpy as np
+import pytest
+from conftest import FAST, screws
+
+from dinopatch import DinoPatch, margin, modelfile
+from dinopatch.align import Aligner
+from dinopatch.autotune import ALPHA
+from dinopatch.foreground import MARGINS, region
+from dinopatch.modelfile import ModelFileError
+
+IMAGES = screws("good", 8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Foreground tokens at 224 px (a 16x16 grid: the region leaves background to drop)."""
+    return DinoPatch(**dict(FAST, image_size=224, foreground=True)).fit(IMAGES)
+
+
+def _row(m, patches, verdicts, auroc=0.9, worse=0.5):
+    return {"margin": m, "patches": patches, "verdicts": verdicts, "auroc": auroc, "worse_share": worse}
+
+
+def _record(rows):
+    return {"reference": MARGINS[-1], "alpha": ALPHA, "resamples": 2000, "chosen": margin.choose(rows),
+            "candidates": rows}
+
+
+def test_the_rule_keeps_the_narrowest_margin_with_the_references_verdicts_and_no_worse_auroc():
+    ref = _row(2, 150, [False, True], worse=None)
+    assert margin.choose([ref, _row(0, 60, [False, True])]) == 0
+    assert margin.choose([ref, _row(0, 60, [True, True]), _row(1, 100, [False, True])]) == 1  # a flip
+    assert margin.choose([ref, _row(0, 60, [False, True], worse=1 - ALPHA), _row(1, 100, [False, True])]) == 1
+    assert margin.choose([ref, _row(0, 60, [True, True]), _row(1, 100, [False, False])]) == 2  # none qualifies
+    # A tie is not worse: the narrower (faster) region keeps it.
+    assert margin.choose([ref, _row(0, 60, [False, True], auroc=0.8, worse=1 - ALPHA - 0.01)]) == 0
+
+
+def test_fit_keeps_the_chosen_region_and_its_evidence(fitted):
+    fg = fitted.model_.foreground
+    record = fg.margin
+    assert record["reference"] == MARGINS[-1] and record["candidates"][0]["margin"] == MARGINS[-1]
+    chosen = record["chosen"]
+    assert chosen == margin.choose(record["candidates"]) and margin.check_record(record, len(fg.positions))
+    # The region is the union of the good parts' silhouettes dilated by the chosen margin.
+    al = Aligner(size=224).fit(IMAGES)
+    sils = [s for s in map(al.silhouette, IMAGES) if s is not None]
+    np.testing.assert_array_equal(fg.positions, region(sils, (16, 16), chosen))
+    sizes = {r["margin"]: r["patches"] for r in record["candidates"]}
+    assert sizes[chosen] == len(fg.positions) and sizes[chosen] <= sizes[MARGINS[-1]]
+    ref = record["candidates"][0]
+    for row in record["candidates"][1:]:  # every narrower margin measured before the choice failed the rule
+        if row["margin"] != chosen:
+            assert row["verdicts"] != ref["verdicts"] or row["worse_share"] >= 1 - ALPHA
+    assert f"margin {chosen}" in margin.describe(record, len(fg.positions), fg.grid)
+
+
+def test_the_record_survives_the_model_file(fitted, tmp_path):
+    loaded = DinoPatch.load(fitted.save(tmp_path / "m.npz"))
+    assert loaded.model_.foreground.margin == fitted.model_.foreground.margin
+
+
+def _flip_first_verdict(record):
+    row = next(r for r in record["candidates"] if r["margin"] == record["chosen"])
+    row["verdicts"][0] = not row["verdicts"][0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(chosen=MARGINS[-1] if r["chosen"] != MARGINS[-1] else 0), "evidence gives|search"),
+    (lambda r: r.update(reference=5), "malformed"),
+    (lambda r: r["candidates"][0].update(patches=-3), "malformed"),
+    (lambda r: r["candidates"][0].update(auroc="high"), "malformed"),
+    (lambda r: r["candidates"].pop(0), "search|malformed"),
+    (lambda r: [c.update(patches=c["patches"] + 1) for c in r["candidates"]], "patch counts"),
+    (_flip_first_verdict, "evidence gives|search|malformed"),
+])
+def test_an_edited_record_is_refused(fitted, tmp_path, edit, message):
+    header, arrays = modelfile.read(fitted.save(tmp_path / "m.npz"))
+    header = {k: v for k, v in copy.deepcopy(header).items() if k != "arrays"}
+    edit(header["foreground"]["margin"])
+    with pytest.raises(ModelFileError, match=message):
+        DinoPatch.load(modelfile.write(tmp_path / "edited.npz", header, arrays))
+
+
+def test_a_file_from_before_the_measured_margin_loads(fitted, tmp_path):
+    header, arrays = modelfile.read(fitted.save(tmp_path / "m.npz"))
+    header = {k: v for k, v in header.items() if k != "arrays"}
+    header["foreground"] = {k: v for k, v in header["foreground"].items() if k != "margin"}
+    loaded = DinoPatch.load(modelfile.write(tmp_path / "old.npz", header, arrays))
+    assert loaded.model_.foreground.margin is None
+    assert "fixed" in margin.describe(None, 10, (16, 16))
+
+
+@pytest.mark.parametrize("params", [dict(image_size=224, foreground=True), dict()])
+def test_fit_aligns_each_good_image_once(params, monkeypatch):
+    calls = []
+    place = Aligner._place
+
+    def counted(self, image):
+        calls.append(image.shape)
+        return place(self, image)
+
+    monkeypatch.setattr(Aligner, "_place", counted)
+    det = DinoPatch(**dict(FAST, **params)).fit(IMAGES)
+    assert (det.model_.foreground is not None) == bool(params)
+    assert len(calls) == len(IMAGES)
