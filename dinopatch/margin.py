@@ -9,26 +9,29 @@ set on the region at each margin of :data:`.foreground.MARGINS` it needs, and
 measures with the documented default settings (:func:`.autotune.defaults`):
 
 * the **golden verdicts**: the golden frames (:func:`.golden.make_frames`,
-  blends of neighbouring good frames and the same with a pasted defect) scored
-  against a bank of every good part, judged at that region's held-out
-  threshold (the largest held-out score of the good parts, the default
-  threshold);
+  blends of neighbouring good frames and the same with a pasted defect, so
+  each frame's right verdict is known) scored against a bank of every good
+  part, judged at that region's held-out threshold (the largest held-out score
+  of the good parts, the default threshold);
 * the **held-out separation**: defects pasted into good frames
   (:func:`.autotune.pasted_defects`) against the good frames, each scored by a
   bank of the folds without it, image AUROC.
 
-The widest margin is the reference.  The margin is the narrowest whose golden
-verdicts equal the reference's (zero flips) and whose held-out AUROC is not
-worse: in fewer than ``1 - ALPHA`` of :data:`.autotune.RESAMPLES` paired,
+The widest margin is the reference.  The margin is the narrowest that flips
+none of the reference's right golden verdicts (a good frame it passes stays
+passed, a defect it catches stays caught; where the reference itself is wrong,
+the frame shows nothing about what the narrower region lost) and whose held-out
+AUROC is not worse: in fewer than ``1 - ALPHA`` of :data:`.autotune.RESAMPLES` paired,
 stratified bootstrap resamples of the same images is the reference's AUROC
 above it (a tie is not worse, and the narrower region, being faster, keeps
 it).  The margins are measured from the narrowest up after the reference; the
 first that qualifies ends the search.  Without a qualifying one the reference
 is used.
 
-The record (the model file's ``foreground.margin``) holds per margin measured
-its patch count, golden verdicts, AUROC and the share of resamples in which the
-reference beat it; :func:`check_record` derives the choice from it again on load.
+The record (the model file's ``foreground.margin``) holds which golden frames
+carry a defect and, per margin measured, its patch count, golden verdicts, AUROC
+and the share of resamples in which the reference beat it; :func:`check_record`
+derives the choice from it again on load.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def nominal_set(placed: list, aligner, engine, params: dict, settings: dict, bac
         return NominalSet.build([aligner.transform(p) for p in placed], aligner, engine, **build)
     aligner = aligner.padded("background")
     canon = [aligner.transform(p) for p in placed]
-    frames, valid, _ = golden.make_frames(canon, int(params["seed"]))
+    frames, valid, defect = golden.make_frames(canon, int(params["seed"]))
+    defect = [bool(d) for d in defect]
     pasted, origin = pasted_defects(np.stack([c[0] for c in canon]), np.stack([c[1] for c in canon]),
                                     np.random.default_rng([params["seed"], 3]))
     post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
@@ -86,22 +90,29 @@ def nominal_set(placed: list, aligner, engine, params: dict, settings: dict, bac
         boot = metrics.bootstrap_aurocs(y, [ref_scores, scores], RESAMPLES, np.random.default_rng([params["seed"], 4]))
         row["worse_share"] = round(float(np.mean(boot[0] > boot[1])), 4)
         rows.append(row)
-        if _qualifies(row, ref_row):
+        if _qualifies(row, ref_row, defect):
             chosen = nominal
             break
-    record = {"reference": widest, "alpha": ALPHA, "resamples": RESAMPLES, "chosen": choose(rows),
-              "candidates": rows}
+    record = {"reference": widest, "alpha": ALPHA, "resamples": RESAMPLES, "defect": defect,
+              "chosen": choose(rows, defect), "candidates": rows}
     return dataclasses.replace(chosen, foreground=dataclasses.replace(chosen.foreground, margin=record))
 
 
-def _qualifies(row: dict, reference: dict) -> bool:
-    return row["verdicts"] == reference["verdicts"] and row["worse_share"] < 1 - ALPHA
+def flips(row: dict, reference: dict, defect: list[bool]) -> tuple[int, int]:
+    """Golden verdicts of ``row`` that differ from the reference's: ``(where the reference was right, where
+    it was wrong)``."""
+    pairs = [(r == d, r != c) for r, c, d in zip(reference["verdicts"], row["verdicts"], defect)]
+    return sum(right and f for right, f in pairs), sum(not right and f for right, f in pairs)
 
 
-def choose(rows: list[dict]) -> int:
+def _qualifies(row: dict, reference: dict, defect: list[bool]) -> bool:
+    return flips(row, reference, defect)[0] == 0 and row["worse_share"] < 1 - ALPHA
+
+
+def choose(rows: list[dict], defect: list[bool]) -> int:
     """The margin the rows give: the narrowest (after the reference, the first row) that qualifies, else the
-    reference's."""
-    return next((r["margin"] for r in rows[1:] if _qualifies(r, rows[0])), rows[0]["margin"])
+    reference's; ``defect``: which golden frames carry a defect."""
+    return next((r["margin"] for r in rows[1:] if _qualifies(r, rows[0], defect)), rows[0]["margin"])
 
 
 def check_record(record, patches: int) -> dict | None:
@@ -113,23 +124,26 @@ def check_record(record, patches: int) -> dict | None:
     """
     if record is None:
         return None
-    if not isinstance(record, dict) or set(record) != {"reference", "alpha", "resamples", "chosen", "candidates"} \
+    if not isinstance(record, dict) \
+            or set(record) != {"reference", "alpha", "resamples", "defect", "chosen", "candidates"} \
             or record["reference"] != MARGINS[-1] or record["alpha"] != ALPHA or record["resamples"] != RESAMPLES:
         raise ValueError(f"margin record malformed or not this version's: {record!r:.200}")
-    rows = record["candidates"]
+    rows, defect = record["candidates"], record["defect"]
+    if not isinstance(defect, list) or not defect or not all(isinstance(d, bool) for d in defect):
+        raise ValueError(f"margin record's golden labels malformed: {defect!r:.200}")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and set(r) == _KEYS for r in rows):
         raise ValueError("margin record's candidates malformed")
     for i, r in enumerate(rows):
         share, auroc = r["worse_share"], r["auroc"]
         if not (isinstance(r["patches"], int) and not isinstance(r["patches"], bool) and r["patches"] > 0
-                and isinstance(r["verdicts"], list) and len(r["verdicts"]) == len(rows[0]["verdicts"]) > 0
+                and isinstance(r["verdicts"], list) and len(r["verdicts"]) == len(defect)
                 and all(isinstance(v, bool) for v in r["verdicts"])
                 and isinstance(auroc, (int, float)) and not isinstance(auroc, bool) and 0 <= auroc <= 1
                 and ((share is None) if i == 0 else
                      isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1)):
             raise ValueError(f"margin record's candidate malformed: {r!r:.200}")
     margins = [r["margin"] for r in rows]
-    chosen = choose(rows)
+    chosen = choose(rows, defect)
     narrower = MARGINS[:-1] if chosen == MARGINS[-1] else MARGINS[:MARGINS.index(chosen) + 1]
     searched = [MARGINS[-1], *narrower]
     if margins != searched:
@@ -152,8 +166,9 @@ def describe(record: dict | None, patches: int, grid: tuple[int, int]) -> str:
     ref, got = rows[record["reference"]], rows[record["chosen"]]
     if got is ref:
         return (f"foreground: {patches} of {total} patches, margin {ref['margin']} (the widest: no narrower "
-                f"margin kept its golden verdicts and held-out AUROC {ref['auroc']:.3f})")
-    return (f"foreground: {patches} of {total} patches, margin {got['margin']}: the same {len(got['verdicts'])} "
-            f"golden verdicts as margin {ref['margin']} ({ref['patches']} patches), held-out AUROC "
-            f"{got['auroc']:.3f} against {ref['auroc']:.3f} (the wider is better in {got['worse_share']:.0%} "
-            f"of resamples)")
+                f"margin kept its right golden verdicts and its held-out AUROC {ref['auroc']:.3f})")
+    _, freed = flips(got, ref, record["defect"])
+    return (f"foreground: {patches} of {total} patches, margin {got['margin']}: every right golden verdict of "
+            f"margin {ref['margin']} ({ref['patches']} patches) kept ({freed} of its wrong ones differ), held-out "
+            f"AUROC {got['auroc']:.3f} against {ref['auroc']:.3f} (the wider is better in "
+            f"{got['worse_share']:.0%} of resamples)")

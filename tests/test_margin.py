@@ -24,19 +24,18 @@ def _row(m, patches, verdicts, auroc=0.9, worse=0.5):
     return {"margin": m, "patches": patches, "verdicts": verdicts, "auroc": auroc, "worse_share": worse}
 
 
-def _record(rows):
-    return {"reference": MARGINS[-1], "alpha": ALPHA, "resamples": 2000, "chosen": margin.choose(rows),
-            "candidates": rows}
-
-
-def test_the_rule_keeps_the_narrowest_margin_with_the_references_verdicts_and_no_worse_auroc():
-    ref = _row(2, 150, [False, True], worse=None)
-    assert margin.choose([ref, _row(0, 60, [False, True])]) == 0
-    assert margin.choose([ref, _row(0, 60, [True, True]), _row(1, 100, [False, True])]) == 1  # a flip
-    assert margin.choose([ref, _row(0, 60, [False, True], worse=1 - ALPHA), _row(1, 100, [False, True])]) == 1
-    assert margin.choose([ref, _row(0, 60, [True, True]), _row(1, 100, [False, False])]) == 2  # none qualifies
-    # A tie is not worse: the narrower (faster) region keeps it.
-    assert margin.choose([ref, _row(0, 60, [False, True], auroc=0.8, worse=1 - ALPHA - 0.01)]) == 0
+def test_the_rule_keeps_the_narrowest_margin_with_the_references_right_verdicts_and_no_worse_auroc():
+    defect = [False, True, True]
+    ref = _row(2, 150, [False, True, False], worse=None)  # right, right, wrong (a missed defect)
+    assert margin.choose([ref, _row(0, 60, [False, True, False])], defect) == 0
+    assert margin.choose([ref, _row(0, 60, [True, True, False]), _row(1, 100, [False, True, False])], defect) == 1
+    assert margin.choose([ref, _row(0, 60, [False, False, False]), _row(1, 100, [False, True, False])], defect) == 1
+    worse = _row(0, 60, [False, True, False], worse=1 - ALPHA)
+    assert margin.choose([ref, worse, _row(1, 100, [False, True, False])], defect) == 1
+    assert margin.choose([ref, _row(0, 60, [True, True, False]), _row(1, 100, [False, False, True])], defect) == 2
+    # Catching the defect the reference missed loses nothing; a tie in AUROC is not worse.
+    caught = _row(0, 60, [False, True, True], auroc=0.8, worse=1 - ALPHA - 0.01)
+    assert margin.choose([ref, caught], defect) == 0 and margin.flips(caught, ref, defect) == (0, 1)
 
 
 def test_fit_keeps_the_chosen_region_and_its_evidence(fitted):
@@ -44,17 +43,18 @@ def test_fit_keeps_the_chosen_region_and_its_evidence(fitted):
     record = fg.margin
     assert record["reference"] == MARGINS[-1] and record["candidates"][0]["margin"] == MARGINS[-1]
     chosen = record["chosen"]
-    assert chosen == margin.choose(record["candidates"]) and margin.check_record(record, len(fg.positions))
+    rows, defect = record["candidates"], record["defect"]
+    assert chosen == margin.choose(rows, defect) and margin.check_record(record, len(fg.positions))
+    assert defect == [False] * 3 + [True] * 3  # the golden frames: blends, then the same with a defect
     # The region is the union of the good parts' silhouettes dilated by the chosen margin.
     al = Aligner(size=224).fit(IMAGES)
     sils = [s for s in map(al.silhouette, IMAGES) if s is not None]
     np.testing.assert_array_equal(fg.positions, region(sils, (16, 16), chosen))
     sizes = {r["margin"]: r["patches"] for r in record["candidates"]}
     assert sizes[chosen] == len(fg.positions) and sizes[chosen] <= sizes[MARGINS[-1]]
-    ref = record["candidates"][0]
-    for row in record["candidates"][1:]:  # every narrower margin measured before the choice failed the rule
+    for row in rows[1:]:  # every narrower margin measured before the choice failed the rule
         if row["margin"] != chosen:
-            assert row["verdicts"] != ref["verdicts"] or row["worse_share"] >= 1 - ALPHA
+            assert margin.flips(row, rows[0], defect)[0] or row["worse_share"] >= 1 - ALPHA
     assert f"margin {chosen}" in margin.describe(record, len(fg.positions), fg.grid)
 
 
@@ -63,9 +63,14 @@ def test_the_record_survives_the_model_file(fitted, tmp_path):
     assert loaded.model_.foreground.margin == fitted.model_.foreground.margin
 
 
-def _flip_first_verdict(record):
-    row = next(r for r in record["candidates"] if r["margin"] == record["chosen"])
-    row["verdicts"][0] = not row["verdicts"][0]
+def _flip_a_right_verdict(record):
+    rows = {r["margin"]: r for r in record["candidates"]}
+    ref, row = rows[record["reference"]], rows[record["chosen"]]
+    if row is ref:  # the widest was chosen: make the narrowest qualify
+        record["candidates"][1].update(verdicts=list(ref["verdicts"]), worse_share=0.0)
+        return
+    i = next(i for i, (r, d) in enumerate(zip(ref["verdicts"], record["defect"])) if r == d)
+    row["verdicts"][i] = not row["verdicts"][i]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -75,7 +80,8 @@ def _flip_first_verdict(record):
     (lambda r: r["candidates"][0].update(auroc="high"), "malformed"),
     (lambda r: r["candidates"].pop(0), "search|malformed"),
     (lambda r: [c.update(patches=c["patches"] + 1) for c in r["candidates"]], "patch counts"),
-    (_flip_first_verdict, "evidence gives|search|malformed"),
+    (_flip_a_right_verdict, "evidence gives|search"),
+    (lambda r: r.update(defect=[1, 0]), "golden labels"),
 ])
 def test_an_edited_record_is_refused(fitted, tmp_path, edit, message):
     header, arrays = modelfile.read(fitted.save(tmp_path / "m.npz"))
