@@ -77,8 +77,11 @@ def nominal_set(placed: list, aligner, engine, params: dict, settings: dict, bac
         bank = nominal.bank(settings)
         tokens = nominal.queries(list(frames), np.zeros(len(frames), int)).tokens
         gold = golden.scores(post, finish(bank.distances(tokens, backend), nominal.foreground, frames), valid)
-        row = {"margin": m, "patches": len(regions[m]), "verdicts": [bool(v) for v in gold > scores[~y].max()],
-               "auroc": round(metrics.auroc(y, scores), 4), "worse_share": None}
+        ok = np.isfinite(scores)  # a frame with nothing valid to score ties in the bootstrap, as in auto
+        auroc = metrics.auroc(y[ok], scores[ok]) if ok[y].any() and ok[~y].any() else float("nan")
+        row = {"margin": m, "patches": len(regions[m]),
+               "verdicts": [bool(v) for v in gold > np.max(scores[~y & ok], initial=-np.inf)],
+               "auroc": round(auroc, 4) if np.isfinite(auroc) else None, "worse_share": None}
         return nominal, row, scores
 
     widest = MARGINS[-1]
@@ -138,7 +141,8 @@ def check_record(record, patches: int) -> dict | None:
         if not (isinstance(r["patches"], int) and not isinstance(r["patches"], bool) and r["patches"] > 0
                 and isinstance(r["verdicts"], list) and len(r["verdicts"]) == len(defect)
                 and all(isinstance(v, bool) for v in r["verdicts"])
-                and isinstance(auroc, (int, float)) and not isinstance(auroc, bool) and 0 <= auroc <= 1
+                and (auroc is None or isinstance(auroc, (int, float)) and not isinstance(auroc, bool)
+                     and 0 <= auroc <= 1)
                 and ((share is None) if i == 0 else
                      isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1)):
             raise ValueError(f"margin record's candidate malformed: {r!r:.200}")
@@ -157,18 +161,22 @@ def check_record(record, patches: int) -> dict | None:
     return record
 
 
-def describe(record: dict | None, patches: int, grid: tuple[int, int]) -> str:
-    """A line a person reads: the region's size and why its margin."""
-    total = grid[0] * grid[1]
+def describe(fg) -> str:
+    """A line a person reads about a :class:`~.foreground.Foreground`: the region's size and why its margin."""
+    record, patches, total = fg.margin, len(fg.positions), fg.grid[0] * fg.grid[1]
     if record is None:
         return f"foreground: {patches} of {total} patches (margin of one patch, fixed)"
     rows = {r["margin"]: r for r in record["candidates"]}
     ref, got = rows[record["reference"]], rows[record["chosen"]]
     if got is ref:
         return (f"foreground: {patches} of {total} patches, margin {ref['margin']} (the widest: no narrower "
-                f"margin kept its right golden verdicts and its held-out AUROC {ref['auroc']:.3f})")
+                f"margin kept its right golden verdicts and its held-out AUROC {_auc(ref)})")
     _, freed = flips(got, ref, record["defect"])
     return (f"foreground: {patches} of {total} patches, margin {got['margin']}: every right golden verdict of "
             f"margin {ref['margin']} ({ref['patches']} patches) kept ({freed} of its wrong ones differ), held-out "
-            f"AUROC {got['auroc']:.3f} against {ref['auroc']:.3f} (the wider is better in "
+            f"AUROC {_auc(got)} against {_auc(ref)} (the wider is better in "
             f"{got['worse_share']:.0%} of resamples)")
+
+
+def _auc(row: dict) -> str:
+    return "n/a" if row["auroc"] is None else f"{row['auroc']:.3f}"

@@ -55,7 +55,7 @@ def test_fit_keeps_the_chosen_region_and_its_evidence(fitted):
     for row in rows[1:]:  # every narrower margin measured before the choice failed the rule
         if row["margin"] != chosen:
             assert margin.flips(row, rows[0], defect)[0] or row["worse_share"] >= 1 - ALPHA
-    assert f"margin {chosen}" in margin.describe(record, len(fg.positions), fg.grid)
+    assert f"margin {chosen}" in margin.describe(fg) and f"{len(fg.positions)} of 256 patches" in margin.describe(fg)
 
 
 def test_the_record_survives_the_model_file(fitted, tmp_path):
@@ -97,7 +97,7 @@ def test_a_file_from_before_the_measured_margin_loads(fitted, tmp_path):
     header["foreground"] = {k: v for k, v in header["foreground"].items() if k != "margin"}
     loaded = DinoPatch.load(modelfile.write(tmp_path / "old.npz", header, arrays))
     assert loaded.model_.foreground.margin is None
-    assert "fixed" in margin.describe(None, 10, (16, 16))
+    assert "fixed" in margin.describe(loaded.model_.foreground)
 
 
 @pytest.mark.parametrize("params", [dict(image_size=224, foreground=True), dict()])
@@ -113,3 +113,22 @@ def test_fit_aligns_each_good_image_once(params, monkeypatch):
     det = DinoPatch(**dict(FAST, **params)).fit(IMAGES)
     assert (det.model_.foreground is not None) == bool(params)
     assert len(calls) == len(IMAGES)
+
+
+def test_fit_and_info_say_the_region_and_its_margin(fitted, tmp_path, capsys):
+    import cv2
+    from conftest import BLOCKS_MATTER
+
+    from dinopatch.cli import main
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, im in enumerate(IMAGES):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), im)
+    argv = ["fit", str(folder), "-o", str(tmp_path / "m.npz"), "--weights", BLOCKS_MATTER, "--image-size", "224",
+            "--engine", "torch", "--foreground", "on", "--tolerance", "1", "--sigma", "4", "--score", "max"]
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("foreground: ")]
+    assert len(said) == 1 and " of 256 patches, margin " in said[0]
+    assert main(["info", str(tmp_path / "m.npz")]) == 0
+    assert said[0] in capsys.readouterr().out.splitlines()

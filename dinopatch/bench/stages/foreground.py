@@ -39,7 +39,7 @@ def bench_foreground(args) -> list[dict]:
         rows.append(latency_row("foreground", f"backbone, {what}", times["backbone", fg], len(batch)))
         rows.append(latency_row("foreground", f"predict, {what}", times["e2e", fg], len(frames),
                                 note=f"image AUROC {image:.4f}, pixel AUROC {pixel:.4f}, weights {args.weights}"
-                                     + (f"; {margin.describe(region.margin, len(region.positions), region.grid)}"
+                                     + (f"; {margin.describe(region)}"
                                         if fg else "")))
     speedup = paired_ratio(times, ("e2e", False), ("e2e", True))
     rows.append(target("foreground tokens: end-to-end speed-up", "> 1", speedup, lambda v: v > 1))
