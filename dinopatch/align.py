@@ -31,7 +31,7 @@ from .outline import MIN_SIDE, Part, measure_part
 from .pose import MAX_FOLD, SIDE, PolarTemplate, crop, pose_matrix, refine, residual
 from .pose_ranges import MAX_RATIO, PoseEvidence
 
-__all__ = ["Aligner", "Alignment"]
+__all__ = ["Aligner", "Alignment", "Placement"]
 
 _STATE_VERSION = 4  # 4: image template, symmetry, and the good parts' pose evidence
 PADDINGS = ("reflect", "background")
@@ -89,6 +89,24 @@ class Alignment:
         h, w = (int(v) for v in tuple(shape)[:2])
         return cv2.warpAffine(self.outside.astype(np.float32) / 255, np.asarray(self.outside_to_input), (w, h),
                               flags=cv2.INTER_NEAREST)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One image placed by :meth:`Aligner.place`: what :meth:`Aligner.transform` and :meth:`Aligner.silhouette`
+    warp, so that an image both are wanted of is aligned once.
+
+    Attributes:
+        image: the input as :func:`dinopatch.data.as_image` coerced it.
+        matrix: float64 ``[2, 3]`` forward affine, input pixel -> canonical pixel.
+        alignment: the :class:`Alignment` that says it.
+        part: the measured outline (None with alignment off).
+    """
+
+    image: np.ndarray = field(repr=False)
+    matrix: np.ndarray = field(repr=False)
+    alignment: Alignment
+    part: Part | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -294,48 +312,59 @@ class Aligner:
 
     # -- transform -------------------------------------------------------------
 
-    def transform(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, Alignment]:
-        """Warp one image into the canonical frame.
+    def place(self, image: np.ndarray) -> Placement:
+        """Measure one image's pose (the costly step of :meth:`transform`), warping nothing yet.
 
         Args:
             image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`.
+        """
+        image = as_image(image)
+        if not self.enabled:
+            s, (h, w) = self.size, image.shape[:2]
+            m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
+            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
+            return Placement(image, m, al)
+        part, m, al = self._place(image)
+        return Placement(image, m, al, part)
+
+    def transform(self, image) -> tuple[np.ndarray, np.ndarray, Alignment]:
+        """Warp one image into the canonical frame.
+
+        Args:
+            image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`; or
+                its :class:`Placement` by this aligner (or one :meth:`padded` from it).
 
         Returns:
             canonical uint8 ``[size, size, 3]`` BGR, validity float32
             ``[size, size]`` (1 where the pixel came from inside the image, 0
             from padding), and the :class:`Alignment`.
         """
-        image = as_image(image)
+        placed = image if isinstance(image, Placement) else self.place(image)
         s = self.size
         if not self.enabled:
-            h, w = image.shape[:2]
+            h, w = placed.image.shape[:2]
             interp = cv2.INTER_AREA if s * s < h * w else cv2.INTER_CUBIC
-            canon = cv2.resize(image, (s, s), interpolation=interp)
-            m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
-            return _bgr(canon), np.ones((s, s), np.float32), al
-        _, m, al = self._place(image)
-        canon, valid = _warp(image, m, s, self.padding)
-        return _bgr(canon), valid, al
+            canon = cv2.resize(placed.image, (s, s), interpolation=interp)
+            return _bgr(canon), np.ones((s, s), np.float32), placed.alignment
+        canon, valid = _warp(placed.image, placed.matrix, s, self.padding)
+        return _bgr(canon), valid, placed.alignment
 
-    def silhouette(self, image: np.ndarray) -> np.ndarray | None:
+    def silhouette(self, image) -> np.ndarray | None:
         """The part's filled outline, as :meth:`transform` places it, in the canonical frame.
 
         Args:
-            image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`.
+            image: ``[H, W]`` gray or ``[H, W, 3]`` BGR, coerced by :func:`dinopatch.data.as_image`; or
+                its :class:`Placement` by this aligner (or one :meth:`padded` from it).
 
         Returns:
             float32 ``[size, size]`` in [0, 1]; None where the pose is not trusted
             (or alignment is off): there is no part to place.
         """
-        image = as_image(image)
-        if not self.enabled:
+        placed = image if isinstance(image, Placement) else self.place(image)
+        if placed.part is None or not placed.alignment.trusted:
             return None
-        part, m, al = self._place(image)
-        if not al.trusted:
-            return None
-        return cv2.warpAffine(part.silhouette, _compose(m, part.to_input), (self.size, self.size),
-                              flags=cv2.INTER_LINEAR)
+        return cv2.warpAffine(placed.part.silhouette, _compose(placed.matrix, placed.part.to_input),
+                              (self.size, self.size), flags=cv2.INTER_LINEAR)
 
     def _place(self, image: np.ndarray) -> tuple[Part, np.ndarray, Alignment]:
         """The measured part, its input -> canonical matrix and the :class:`Alignment` that says it."""

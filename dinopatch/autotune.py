@@ -199,6 +199,20 @@ def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: 
     return out
 
 
+def pasted_defects(frames: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[list, list]:
+    """One defect of each of :data:`KINDS` pasted into each of up to :data:`SOURCES` (at most half) of the
+    nominal ``frames`` ``[N, S, S, 3]`` (``valid`` ``[N, S, S]``), a patch of another nominal frame the
+    donor: the pasted images and the index of the frame each was made from."""
+    n = len(frames)
+    pasted, origin = [], []
+    for i in rng.permutation(n)[:min(SOURCES, n // 2)]:
+        for kind in KINDS:
+            donor = frames[int(rng.integers(n))]
+            pasted.append(paste_defect(frames[i], valid[i], donor, kind, rng))
+            origin.append(int(i))
+    return pasted, origin
+
+
 def _candidates(names: list[str], params: dict, bound, images: int | None, with_map: bool = False) -> list[tuple]:
     """``(tolerance, match, sigma, score)`` in search order: the map (where it differs) or else the bound first,
     then the defaults and the smaller tolerances;
@@ -226,14 +240,8 @@ def _separation(params, order: list[tuple], nominal: NominalSet) -> tuple[dict, 
         ``{key: image AUROC}`` (rounded; None where nothing was finite), the labels ``[n + P]`` (True:
         pasted) and ``{key: image scores [n + P]}`` of the same images.
     """
-    rng = np.random.default_rng([params["seed"], 1])
     n = len(nominal)
-    pasted, origin = [], []
-    for i in rng.permutation(n)[:min(SOURCES, n // 2)]:
-        for kind in KINDS:
-            donor = nominal.frames[int(rng.integers(n))]
-            pasted.append(paste_defect(nominal.frames[i], nominal.valid[i], donor, kind, rng))
-            origin.append(int(i))
+    pasted, origin = pasted_defects(nominal.frames, nominal.valid, np.random.default_rng([params["seed"], 1]))
     queries = nominal.queries(pasted, origin)
     y = np.r_[np.zeros(n, bool), np.ones(len(pasted), bool)]
     table, maps, scores = {}, {}, {}

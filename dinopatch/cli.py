@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import engine_choice, golden, params
+from . import engine_choice, golden, margin, params
 from ._version import __version__
 from .backbone import PRECISIONS, DeviceUnavailableError, WeightsUnavailableError
 from .outputs import claim, output_folder, refuse_overlap
@@ -144,6 +144,8 @@ def cmd_fit(args) -> int:
     print(det.fit_report_.describe())
     if pose := det.model_.aligner.describe([os.fsdecode(f) for f in files]):
         print(pose)
+    if (fg := det.model_.foreground) is not None:
+        print(margin.describe(fg))
     if det.auto_:
         print(f"auto chose {det.auto_['chosen']}{' (too few images: defaults)' * det.auto_['fallback']}")
     if det.model_.engine_choice:
@@ -403,6 +405,8 @@ def cmd_info(args) -> int:
     t = model.threshold
     print(f"model {args.model} (id {det.model_id}): {det.backbone} at {det.image_size} px, weights {det.weights}")
     print(f"threshold {t.image:.4f} ({t.describe()})")
+    if model.foreground is not None:
+        print(margin.describe(model.foreground))
     if model.golden is None:
         print("golden set: none (fitted before golden sets existed; refit to check engines against it)")
     else:

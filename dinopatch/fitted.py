@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, engine_choice, evidence, kernels, modelfile, tolerance
+from . import autotune, engine_choice, evidence, kernels, margin, modelfile, tolerance
 from . import params as param_table
 from ._version import __version__
 from .align import Aligner
@@ -271,6 +271,7 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
             raise ValueError("a foreground region without alignment")
         fg = Foreground.from_state(header["foreground"], arrays, (side, side),
                                    lambda m: FoldPlan.seeded(m, params["seed"]).folds)
+        margin.check_record(fg.margin, len(fg.positions))
         if header["aligner"].get("padding") != "background":
             raise ValueError("a foreground region with an aligner that pads by reflection")
     locations = side * side if fg is None else len(fg.positions)

@@ -7,9 +7,9 @@ part's region from the part itself: the union of the nominal parts'
 silhouettes as the aligner measures and places them (not their bright pixels:
 reflection padding pastes mirrored pieces of a part near the photo's edge into
 the frame, which is why the frame is padded with the background level
-instead), taken to the patch grid and dilated by :data:`MARGIN` patches (the
-aligner settles the half turn in image space, so the region need not be
-symmetric under it).  The backbone then runs on those patches only (plus the class and
+instead), taken to the patch grid and dilated by a margin of whole patches that fit
+measures (:mod:`.margin`; the aligner settles the half turn in image space, so
+the region need not be symmetric under it).  The backbone then runs on those patches only (plus the class and
 register tokens), a fixed count per model, so batches and exported shapes stay
 static, and the bank holds those locations only.
 
@@ -35,15 +35,14 @@ import cv2
 import numpy as np
 
 OPTIONS = ("auto", True, False)
-# Patches around the union of silhouettes, for the pose noise of new parts and defects just outside.
-# One patch, not two: parts are aligned to well under a patch, so a second ring only adds tokens
-# (time) without catching more; what lies farther out (an object beside the part) is the background
-# check's to see, not the region's.
-MARGIN = 1
-# "auto" runs foreground tokens where the region keeps at most this fraction of the patches: gathering
-# and scattering the region costs something, so the saving in backbone time must be clear; the limit
-# stays below the largest share at which the bench's foreground stage showed a gain.
+# The margins (patches around the union of silhouettes) fit chooses among (:mod:`.margin`), narrowest first;
+# the widest is the reference the others must agree with.
+MARGINS = (0, 1, 2)
+# "auto" runs foreground tokens where the region at margin GATE keeps at most this fraction of the patches:
+# gathering and scattering the region costs something, so the saving in backbone time must be clear; the
+# limit stays below the largest share at which the bench's foreground stage showed a gain.
 AUTO_MAX_FRACTION = 0.6
+GATE = 1
 # Standard deviations below this (gray levels) are sensor noise, not a scale to divide by.
 FLOOR = 2.0
 BACKGROUND_WEIGHT = 0.5
@@ -59,7 +58,7 @@ def check_option(option, align: bool):
     return option
 
 
-def region(silhouettes, grid: tuple[int, int], margin: int = MARGIN) -> np.ndarray:
+def region(silhouettes, grid: tuple[int, int], margin: int) -> np.ndarray:
     """The flat patch indices of the part's region.
 
     Args:
@@ -134,6 +133,8 @@ class Foreground:
         stats: float32 ``[M, L, 4]`` the :func:`patch_stats` of the nominal images it was measured on.
         worst: float32 ``[M]`` each one's largest held-out patch distance in the region, at its own place.
         parts: int64 ``[M]`` which of the good parts given to fit those images are (their indices).
+        margin: fit's choice of the region's margin and its evidence (:func:`.margin.check_record`); None
+            for a region given rather than chosen.
     """
 
     positions: np.ndarray
@@ -143,6 +144,7 @@ class Foreground:
     stats: np.ndarray
     worst: np.ndarray
     parts: np.ndarray
+    margin: dict | None = None
 
     @classmethod
     def fit(cls, positions: np.ndarray, grid: tuple[int, int], part: np.ndarray, stats: np.ndarray,
@@ -216,18 +218,19 @@ class Foreground:
         return out.astype(np.float32)
 
     def state(self) -> tuple[dict, dict]:
-        """Header entry and arrays of the model file: the region and the background check's samples."""
-        return ({"positions": len(self.positions)},
+        """Header entry and arrays of the model file: the region, its margin and the background check's samples."""
+        return ({"positions": len(self.positions), "margin": self.margin},
                 {"positions": self.positions, "background_stats": self.stats, "background_worst": self.worst,
                  "background_parts": self.parts})
 
     @classmethod
     def from_state(cls, record: dict, arrays: dict, grid: tuple[int, int], folds) -> "Foreground":
         """:meth:`state` read back, every sample checked for form and range and the statistics derived from
-        them with ``folds(m)``, the held-out sets fit used on ``m`` images (ValueError saying what is wrong)."""
+        them with ``folds(m)``, the held-out sets fit used on ``m`` images (ValueError saying what is wrong);
+        the margin record is :func:`.margin.check_record`'s to derive again."""
         from .backbone import check_positions
 
-        if not isinstance(record, dict) or set(record) != {"positions"}:
+        if not isinstance(record, dict) or set(record) != {"positions", "margin"}:
             raise ValueError(f"foreground record malformed ({str(record)[:80]!r})")
         positions = check_positions(arrays["positions"], grid)
         if len(positions) != record["positions"]:
@@ -248,30 +251,34 @@ class Foreground:
             raise ValueError("background statistics outside what 8-bit images give")
         if not (np.isfinite(worst).all() and (worst >= 0).all() and np.median(worst) > 0):
             raise ValueError("background check's worst part distances must be finite, >= 0, their median > 0")
-        return cls.from_samples(positions, grid, stats, worst, folds(m), parts)
+        return dataclasses.replace(cls.from_samples(positions, grid, stats, worst, folds(m), parts),
+                                   margin=record["margin"])
 
 
-def plan(option, aligner, images, grid: tuple[int, int]) -> np.ndarray | None:
-    """The region positions to run on, or None for every patch.
+def plan(option, aligner, placed, grid: tuple[int, int]) -> dict[int, np.ndarray] | None:
+    """The candidate regions to run on, ``{margin: positions}`` over :data:`MARGINS`, or None for every patch.
 
     ``"auto"`` is on where alignment is, at least two parts were placed, and
-    the region keeps at most :data:`AUTO_MAX_FRACTION` of the patches.
+    the region at margin :data:`GATE` keeps at most :data:`AUTO_MAX_FRACTION` of the patches.
+
+    Args:
+        placed: the nominal images' :class:`~.align.Placement` (or the images).
 
     Raises:
         ValueError: ``option`` is True but no region can be measured.
     """
     if option is False or not aligner.enabled:
         return None
-    sils = [s for s in map(aligner.silhouette, images) if s is not None]
+    sils = [s for s in map(aligner.silhouette, placed) if s is not None]
     if len(sils) < 2:
         if option is True:
             raise ValueError(f"foreground=True needs at least 2 nominal parts the aligner can place, "
-                             f"got {len(sils)} of {len(images)}")
+                             f"got {len(sils)} of {len(placed)}")
         return None
-    positions = region(sils, grid)
-    if option == "auto" and len(positions) > AUTO_MAX_FRACTION * grid[0] * grid[1]:
+    regions = {m: region(sils, grid, m) for m in MARGINS}
+    if option == "auto" and len(regions[GATE]) > AUTO_MAX_FRACTION * grid[0] * grid[1]:
         return None
-    return positions
+    return regions
 
 
 def scatter(tokens: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -30,6 +30,7 @@ import os
 import cv2
 import numpy as np
 
+from . import margin
 from .align import Aligner
 from .autotune import DEFAULTS, defaults
 from .data import load_images
@@ -155,17 +156,17 @@ def load_named(images) -> tuple[list[np.ndarray], list[str]]:
     return load_images(items), names
 
 
-def screen(images: list[np.ndarray], names: list[str], aligner) -> list[Flag]:
-    """The flags that need no backbone: frames with no part (or a doubted pose) and duplicates."""
-    flags = []
-    if aligner.enabled:
-        for i, (name, im) in enumerate(zip(names, images)):
-            alignment = aligner.transform(im)[2]
-            if not alignment.trusted:
-                flags.append(Flag(name, i, "no part", alignment.reason or "pose not trusted"))
+def screen(placed: list, names: list[str]) -> list[Flag]:
+    """The flags that need no backbone: frames with no part (or a doubted pose) and duplicates.
+
+    Args:
+        placed: each image's :class:`~.align.Placement` (with alignment off, every pose is trusted).
+    """
+    flags = [Flag(name, i, "no part", p.alignment.reason or "pose not trusted")
+             for i, (name, p) in enumerate(zip(names, placed)) if not p.alignment.trusted]
     seen = {f.index for f in flags}
-    thumbs = np.stack([_thumbnail(im) for im in images])
-    for j in range(1, len(images)):
+    thumbs = np.stack([_thumbnail(p.image) for p in placed])
+    for j in range(1, len(placed)):
         if j in seen:
             continue
         diff = np.abs(thumbs[:j] - thumbs[j]).mean(axis=(1, 2))
@@ -229,8 +230,8 @@ def aligner_for(params: dict) -> Aligner:
 
 def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
             kernel: str | None = None) -> tuple[FitReport, NominalSet]:
-    """The good set checked, as fit uses it: aligned (an :class:`~.align.Aligner` fitted on ``images``),
-    :func:`screen`, :func:`kept`, embedded, :func:`judge`.
+    """The good set checked, as fit uses it: aligned once (an :class:`~.align.Aligner` fitted on ``images``),
+    :func:`screen`, :func:`kept`, embedded on the region :mod:`.margin` chooses, :func:`judge`.
 
     Args:
         images, names: the nominal images and their names (:func:`load_named`).
@@ -242,16 +243,15 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
         kernel: the distance kernel.
     """
     aligner = aligner_for(params).fit(images)
-    flags = screen(images, names, aligner)
+    placed = [aligner.place(im) for im in images]  # each image aligned once, for the screen and the nominal set
+    flags = screen(placed, names)
     keep = kept(len(images), flags, params["outliers"])
-    nominal = NominalSet.build([images[i] for i in keep], aligner, engine, foreground=params["foreground"],
-                               seed=params["seed"], batch_size=params["batch_size"], kernel=kernel,
-                               progress=params["progress"])
-    if nominal.foreground is not None:  # the background check's samples are of the parts kept so far
-        nominal = dataclasses.replace(nominal, foreground=nominal.foreground.of_parts(keep))
     settings = defaults(params)
     if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":
         settings["tolerance"] = DEFAULTS["tolerance"]
+    nominal = margin.nominal_set([placed[i] for i in keep], aligner, engine, params, settings, kernel)
+    if nominal.foreground is not None:  # the background check's samples are of the parts kept so far
+        nominal = dataclasses.replace(nominal, foreground=nominal.foreground.of_parts(keep))
     return judge(nominal, names, keep, flags, settings, params["outliers"], params["seed"])
 
 

@@ -18,7 +18,7 @@ from . import tolerance
 from .align import Aligner
 from .backbone import embed
 from .bank import MemoryBank
-from .foreground import Foreground, patch_stats, plan, scatter
+from .foreground import Foreground, patch_stats, scatter
 from .postprocess import PostProcess, scores_and_maxima
 
 # Above this many nominal images, leave-one-out becomes this many folds: one bank per fold.
@@ -108,26 +108,22 @@ class NominalSet:
     tolerance_map: np.ndarray | None = None
 
     @classmethod
-    def build(cls, images: list[np.ndarray], aligner: Aligner, engine, *, foreground="auto", seed: int = 0,
-              batch_size: int = 8, kernel: str | None = None, progress: bool = False) -> "NominalSet":
-        """Place and embed nominal images; measure the region's background check.
+    def build(cls, canon: list[tuple], aligner: Aligner, engine, *, positions: np.ndarray | None = None,
+              seed: int = 0, batch_size: int = 8, kernel: str | None = None, progress: bool = False) -> "NominalSet":
+        """Embed nominal images placed in the canonical frame; on a region, measure its background check.
 
         Args:
-            images: the nominal images (uint8 arrays).
-            aligner: fitted on ``images``; a region (:func:`.foreground.plan` of ``foreground``) gives a
-                copy that pads with the background level (mirrored pieces of the part pasted into the
-                frame would read as foreground).
+            canon: ``aligner.transform`` outputs ``(frame, valid, alignment)`` of the nominal images.
+            aligner: the fitted aligner that placed them; on a region it pads with the background level
+                (mirrored pieces of the part pasted into the frame would read as foreground).
+            positions: the region (:func:`.foreground.region`), or None for every patch.
             seed: seeds the fold plan.
         """
-        positions = plan(foreground, aligner, images, engine.grid)
-        if positions is not None:
-            aligner = aligner.padded("background")
-        canon = [aligner.transform(im) for im in images]
         frames = np.stack([c[0] for c in canon])
         tokens = embed(engine, frames, batch_size, progress, "fit: embedding", positions)
         grids = tokens if positions is None else scatter(tokens, positions, engine.grid)
         nominal = cls(aligner, frames, np.stack([c[1] for c in canon]), tuple(c[2] for c in canon), grids,
-                      positions, None, FoldPlan.seeded(len(images), seed), engine, int(batch_size), kernel)
+                      positions, None, FoldPlan.seeded(len(canon), seed), engine, int(batch_size), kernel)
         if positions is None:
             return nominal
         fg = Foreground.fit(positions, engine.grid, nominal.held_out(_NEAREST), patch_stats(frames, engine.grid),

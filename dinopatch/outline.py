@@ -115,8 +115,11 @@ def _stray(contours, outline, hull: np.ndarray, shape) -> np.ndarray:
         hull: uint8 padded-analysis mask of the part's convex hull.
         shape: ``(h, w)`` of the analysis image.
     """
+    rest = [c for c in contours if c is not outline]
+    if not rest:  # the part alone: nothing to dilate around or open
+        return np.zeros(shape, np.uint8)
     others = np.zeros(hull.shape, np.uint8)
-    cv2.drawContours(others, [c for c in contours if c is not outline], -1, 255, cv2.FILLED)
+    cv2.drawContours(others, rest, -1, 255, cv2.FILLED)
     k = 2 * max(1, round(_STRAY_MARGIN * max(shape))) + 1
     others[cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0] = 0
     # An object has an inside; the open outlines that lighting steps leave along the border do not.

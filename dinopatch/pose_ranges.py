@@ -58,16 +58,18 @@ class PoseEvidence:
         if len({len(v) for v in self.values.values()}) != 1:
             raise ValueError("pose evidence lists of different lengths")
         self.size_tolerance = float(size_tolerance)
+        # Derived once: every placed part is judged against them (their medians cost a tenth of an alignment).
+        e = self.values
+        ratio, res = float(np.median(e["peak_ratio"])), float(np.median(e["residual"]))
+        self._ranges = {"size": robust_range(e["size"], _SIZE_K, self.size_tolerance, centre=1.0),
+                        "peak_ratio": max(_RATIO_FLOOR, 1.0 + _RATIO_SHARE * (ratio - 1.0)),
+                        "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 2.0 * res))[1],
+                        "stray": robust_range(e["stray"], _STRAY_K, _STRAY_FLOOR)[1]}
 
     def ranges(self) -> dict:
         """``size`` (lo, hi) over the nominal size, ``peak_ratio`` (lowest), ``residual`` (highest),
         ``stray`` (largest object away from the part, fraction of the image)."""
-        e = self.values
-        ratio, res = float(np.median(e["peak_ratio"])), float(np.median(e["residual"]))
-        return {"size": robust_range(e["size"], _SIZE_K, self.size_tolerance, centre=1.0),
-                "peak_ratio": max(_RATIO_FLOOR, 1.0 + _RATIO_SHARE * (ratio - 1.0)),
-                "residual": robust_range(e["residual"], _RESIDUAL_K, max(_RESIDUAL_FLOOR, 2.0 * res))[1],
-                "stray": robust_range(e["stray"], _STRAY_K, _STRAY_FLOOR)[1]}
+        return dict(self._ranges)
 
     def judge(self, size: float, peak_ratio: float, residual: float, stray: float, stray_at) -> tuple[str, bool]:
         """Why a placed part is not trusted ("" if it is), and whether an object lies away from it.

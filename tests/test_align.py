@@ -111,6 +111,19 @@ def test_gray_and_bgr_inputs_agree(fitted):
     np.testing.assert_array_equal(c_gray, c_bgr)
 
 
+def test_a_placement_warps_as_the_image_does(fitted):
+    im, _, _ = render(np.random.default_rng(5))
+    placed = fitted.place(im)
+    for a, b in zip(fitted.transform(placed), fitted.transform(im)):
+        np.testing.assert_array_equal(getattr(a, "matrix", a), getattr(b, "matrix", b))
+    np.testing.assert_array_equal(fitted.silhouette(placed), fitted.silhouette(im))
+    # One placement serves the aligner that pads with the background level too.
+    padded = fitted.padded("background")
+    np.testing.assert_array_equal(padded.transform(placed)[0], padded.transform(im)[0])
+    off = Aligner(size=SIZE, enabled=False).fit([im])
+    assert off.silhouette(off.place(im)) is None and off.place(im).part is None
+
+
 def test_inverse_map_round_trip(fitted):
     im, alpha, _ = render(np.random.default_rng(5), shift=(25, -20))
     _, _, al = fitted.transform(im)

@@ -28,11 +28,13 @@ def test_no_part_and_duplicates_are_named_before_the_backbone(dirty):
     copy = cv2.imdecode(cv2.imencode(".jpg", dirty[0], [cv2.IMWRITE_JPEG_QUALITY, 90])[1], cv2.IMREAD_COLOR)
     images = dirty + [dirty[1].copy(), copy]
     names = [f"part{i}.png" for i in range(len(images))]
-    flags = screen(images, names, Aligner(size=112).fit(images))
+    aligner = Aligner(size=112).fit(images)
+    flags = screen([aligner.place(im) for im in images], names)
     assert [(f.name, f.reason) for f in flags] == [
         ("part3.png", "no part"), ("part11.png", "duplicate"), ("part12.png", "duplicate")]
     assert "identical to part1.png" in flags[1].detail and "part0.png" in flags[2].detail
-    assert screen(images[:3], names[:3], Aligner(size=112, enabled=False).fit(images[:3])) == []
+    off = Aligner(size=112, enabled=False).fit(images[:3])
+    assert screen([off.place(im) for im in images[:3]], names[:3]) == []
 
 
 def test_a_black_frame_and_a_defective_part_are_left_out_and_named(dirty, dropped):

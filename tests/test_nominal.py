@@ -31,7 +31,10 @@ def region_fit():
     images = screws("good", 12, seed=1)
     det = DinoPatch(**dict(FAST, foreground=True)).fit(images)
     aligner = Aligner(size=112).fit(images)
-    nominal = NominalSet.build(images, aligner, det.backbone_for(), foreground=True, seed=0)
+    positions = det.model_.foreground.positions
+    padded = aligner.padded("background")
+    nominal = NominalSet.build([padded.transform(im) for im in images], padded, det.backbone_for(),
+                               positions=positions, seed=0)
     return det, aligner, nominal
 
 

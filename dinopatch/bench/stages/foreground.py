@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dinopatch import margin
+
 from ..registry import latency_row, paired_ratio, round_robin, stage, target
 from .pipeline import aurocs, good_frames, labelled, make_detector
 
@@ -32,10 +34,13 @@ def bench_foreground(args) -> list[dict]:
     rows = []
     for fg in dets:
         image, pixel = aurocs(test, out["e2e", fg])
-        what = f"foreground tokens ({region.fraction:.0%} kept)" if fg else "every token"
+        what = (f"foreground tokens ({len(region.positions)} of {region.grid[0] * region.grid[1]} patches kept, "
+                f"{region.fraction:.0%})" if fg else "every token")
         rows.append(latency_row("foreground", f"backbone, {what}", times["backbone", fg], len(batch)))
         rows.append(latency_row("foreground", f"predict, {what}", times["e2e", fg], len(frames),
-                                note=f"image AUROC {image:.4f}, pixel AUROC {pixel:.4f}, weights {args.weights}"))
+                                note=f"image AUROC {image:.4f}, pixel AUROC {pixel:.4f}, weights {args.weights}"
+                                     + (f"; {margin.describe(region)}"
+                                        if fg else "")))
     speedup = paired_ratio(times, ("e2e", False), ("e2e", True))
     rows.append(target("foreground tokens: end-to-end speed-up", "> 1", speedup, lambda v: v > 1))
     return rows
