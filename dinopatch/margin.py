@@ -164,8 +164,6 @@ def check_record(record, patches: int) -> dict:
 def describe(fg) -> str:
     """A line a person reads about a :class:`~.foreground.Foreground`: the region's size and why its margin."""
     record, patches, total = fg.margin, len(fg.positions), fg.grid[0] * fg.grid[1]
-    if record is None:
-        return f"foreground: {patches} of {total} patches (margin of one patch, fixed)"
     rows = {r["margin"]: r for r in record["candidates"]}
     ref, got = rows[record["reference"]], rows[record["chosen"]]
     if got is ref:

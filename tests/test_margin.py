@@ -91,13 +91,13 @@ def test_an_edited_record_is_refused(fitted, tmp_path, edit, message):
         DinoPatch.load(modelfile.write(tmp_path / "edited.npz", header, arrays))
 
 
-def test_a_file_from_before_the_measured_margin_loads(fitted, tmp_path):
+@pytest.mark.parametrize("edit", [lambda fg: fg.pop("margin"), lambda fg: fg.update(margin=None)])
+def test_a_region_without_its_margin_evidence_is_refused(fitted, tmp_path, edit):
     header, arrays = modelfile.read(fitted.save(tmp_path / "m.npz"))
-    header = {k: v for k, v in header.items() if k != "arrays"}
-    header["foreground"] = {k: v for k, v in header["foreground"].items() if k != "margin"}
-    loaded = DinoPatch.load(modelfile.write(tmp_path / "old.npz", header, arrays))
-    assert loaded.model_.foreground.margin is None
-    assert "fixed" in margin.describe(loaded.model_.foreground)
+    header = {k: v for k, v in header.items() if k not in ("format", "version", "arrays")}
+    edit(header["foreground"])
+    with pytest.raises(ModelFileError, match="foreground|margin"):
+        DinoPatch.load(modelfile.write(tmp_path / "old.npz", header, arrays))
 
 
 @pytest.mark.parametrize("params", [dict(image_size=224, foreground=True), dict()])
