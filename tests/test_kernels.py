@@ -242,7 +242,7 @@ def test_compiled_extension_is_built():
 
 
 def test_cpp_reports_isas():
-    assert kernels.isas()[-1] == "generic" and kernels.isa() == kernels.isas()[0]
+    assert kernels.isas()[-1] == "generic" and kernels.isa() in kernels.isas()
     with pytest.raises(ValueError):
         kernels.set_isa("sse9")
 
