@@ -155,3 +155,15 @@ def test_a_library_loaded_before_dinopatch_is_warned_about():
     pytest.importorskip("torch")
     done = _run("import torch, dinopatch", "avx2")
     assert done.returncode == 0 and "torch loaded before dinopatch" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_bench_report_names_the_level(machine):
+    from dinopatch.bench import report
+
+    machine(FULL, "avx2")
+    hw = report.hardware()
+    assert hw["cpu"] == "Test CPU" and hw["cpu_level"] == "avx2"
+    text = report.show({"hardware": hw, "versions": {}, "rows": [], "load_avg_after": (0.0,)})
+    assert text.startswith("Test CPU as DINOPATCH_CPU=avx2, ")
+    machine(FULL, None)
+    assert "cpu_level" not in report.hardware()
