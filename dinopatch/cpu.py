@@ -19,7 +19,8 @@ error, and so is an unknown value.  What follows it:
   these libraries load: oneDNN in torch and in OpenVINO's CPU plugin
   (``ONEDNN_MAX_CPU_ISA``; OpenVINO's own kernels read ``OV_CPU_MAX_ISA``, which
   release builds may ignore), torch's ATen kernels (``ATEN_CPU_CAPABILITY``)
-  and numba's code generation (``NUMBA_CPU_NAME``).  A variable already set is kept.
+  and numba's code generation (``NUMBA_CPU_NAME``, with ``NUMBA_CPU_FEATURES``
+  empty so that the named CPU's features replace this one's).  A variable already set is kept.
 
 ONNX Runtime follows nothing: its MLAS kernels are chosen from the CPU's own
 report and no setting caps them.
@@ -49,11 +50,11 @@ class Level:
 LEVELS = {
     "avx2": Level(("avx2", "fma", "f16c"), (), "avx2",
                   {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                   "NUMBA_CPU_NAME": "haswell"}),
+                   "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}),
     "avx512": Level(("avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
                     ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"), "avx512",
                     {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "OV_CPU_MAX_ISA": "AVX512_CORE",
-                     "ATEN_CPU_CAPABILITY": "avx512", "NUMBA_CPU_NAME": "skylake-avx512"}),
+                     "ATEN_CPU_CAPABILITY": "avx512", "NUMBA_CPU_NAME": "skylake-avx512", "NUMBA_CPU_FEATURES": ""}),
 }
 
 

@@ -108,7 +108,7 @@ PROBE = textwrap.dedent("""
     warnings.simplefilter("always")
     import numpy as np
     from dinopatch import kernels
-    import openvino as ov, torch
+    import numba, openvino as ov, torch
     from openvino import opset13 as ops
     # One convolution through OpenVINO's CPU plugin: which oneDNN kernel it compiled to.
     p = ops.parameter([1, 32, 16, 16], np.float32)
@@ -116,32 +116,35 @@ PROBE = textwrap.dedent("""
     compiled = ov.Core().compile_model(ov.Model([conv], [p]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
     kinds = [i["primitiveType"].astype(str) for i in info if i["layerType"].astype(str) == "Convolution"]
-    print(json.dumps({"isa": kernels.isa(), "isas": kernels.isas(), "aten": torch.backends.cpu.get_cpu_capability(),
-                      "openvino": kinds, "env": {k: os.environ.get(k) for k in
-                      ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA", "ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}}))
-""")
+    dot = numba.njit(fastmath=True)(lambda a: (a * a).sum())
+    dot(np.ones(1024, np.float32))
+    numba_avx512 = "zmm" in dot.inspect_asm(dot.signatures[0])
+    print(json.dumps({"numba_avx512": numba_avx512, "isa": kernels.isa(), "isas": kernels.isas(),
+                      "aten": torch.backends.cpu.get_cpu_capability(), "openvino": kinds,
+                      "env": {k: os.environ.get(k) for k in %r}}))
+""" % (tuple(cpu.LEVELS["avx2"].environment),))
 
 
 def _run(code: str, level: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA", "ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
+    env = {k: v for k, v in os.environ.items() if k not in cpu.LEVELS["avx2"].environment}
     return subprocess.run([sys.executable, "-c", code], env=dict(env, DINOPATCH_CPU=level), capture_output=True,
                           text=True, timeout=300)
 
 
 @has_avx2
 def test_a_fresh_process_runs_every_library_at_the_level():
-    """The cpp kernel, torch's ATen and oneDNN in OpenVINO's CPU plugin all stay at AVX2."""
-    pytest.importorskip("openvino")
-    pytest.importorskip("torch")
+    """The cpp kernel, torch's ATen, oneDNN in OpenVINO's CPU plugin and numba's code all stay at AVX2."""
+    for library in ("openvino", "torch", "numba"):
+        pytest.importorskip(library)
     done = _run(PROBE, "avx2")
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen["isa"] == "avx2" and seen["isas"] == ["avx2", "generic"]
     assert seen["aten"] == "AVX2"
     assert seen["openvino"] and all("avx512" not in k and "amx" not in k for k in seen["openvino"]), seen
+    assert not seen["numba_avx512"]
     assert seen["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                           "NUMBA_CPU_NAME": "haswell"}
+                           "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
 
 
 def test_a_bad_value_stops_the_import_with_the_reason():
