@@ -1,11 +1,15 @@
 """DinoPatch: anomaly detection on aligned parts from DINOv2 patch memories.
 
 The names below load on first use, so that ``import dinopatch.kernels`` (or the
-model-file reader) does not pull in OpenCV and the detector.
+model-file reader) does not pull in OpenCV and the detector.  The CPU level
+of ``DINOPATCH_CPU`` (:mod:`.cpu`) reaches the libraries here, before any of them loads.
 """
 import importlib
 
+from . import cpu
 from ._version import __version__
+
+cpu.apply()
 
 _LAZY = {"DinoPatch": ".detector", "NotFittedError": ".fitted", "Result": ".result", "kernels": ".kernels"}
 

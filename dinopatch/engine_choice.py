@@ -28,7 +28,6 @@ import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import golden
+from . import cpu, golden
 from .backbone import weights
 from .backbone.engines import installed, make_backbone
 
@@ -61,21 +60,18 @@ class EngineMismatchError(RuntimeError):
 
 
 def machine() -> str:
-    """A short fingerprint of what decides engine speed here: CPU model and flags, core count, library versions."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    """A short fingerprint of what decides engine speed here: CPU model and flags (at the ``DINOPATCH_CPU``
+    level, named where one is set), core count, library versions."""
     versions = {}
     for lib in _LIBRARIES:
         try:
             versions[lib] = importlib.metadata.version(lib)
         except importlib.metadata.PackageNotFoundError:
             versions[lib] = None
-    key = {"cpu": model, "flags": sorted(flags & set(_CPU_FLAGS)), "cores": os.cpu_count(), "versions": versions}
+    key = {"cpu": cpu.model_name(), "flags": sorted(cpu.flags() & set(_CPU_FLAGS)), "cores": os.cpu_count(),
+           "versions": versions}
+    if cpu.level() is not None:
+        key["cpu_level"] = cpu.level()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

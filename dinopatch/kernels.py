@@ -39,9 +39,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import cpu
 from .old_names import accepts_old_names, warn
 
 KERNELS = ("cuda", "cpp", "numba", "numpy")
+_ISAS = ("avx512bf16", "avx512", "avx2", "generic")  # every instruction set of dinopatch._C, best first
 _DLPACK_CUDA = (2, 13)  # DLPack's device types of CUDA memory: device, managed
 
 # Spinning OpenMP threads steal the cores that the backbone's thread pools and
@@ -78,15 +80,27 @@ def isa() -> str | None:
 
 
 def isas() -> list[str]:
-    """Instruction sets the cpp kernel can run on here, best first (``"generic"`` last); [] where not built."""
-    return [] if _C is None else list(_C.isas())
+    """Instruction sets the cpp kernel can run on here, best first (``"generic"`` last); [] where not built.
+
+    Under ``DINOPATCH_CPU`` (:mod:`.cpu`) only those the level has.
+    """
+    if _C is None:
+        return []
+    cap = cpu.kernel_isa()
+    return [n for n in _C.isas() if cap is None or _ISAS.index(n) >= _ISAS.index(cap)]
 
 
 def set_isa(name: str) -> None:
     """Run the cpp kernel on instruction set ``name`` (one of :func:`isas`); benchmarks compare them."""
     if _C is None:
         raise ValueError("the cpp kernel (dinopatch._C) is not built here: pip install -e .")
+    if name in _C.isas() and name not in isas():
+        raise ValueError(f"instruction set {name!r} is beyond {cpu.VARIABLE}={cpu.level()}; here: {isas()}")
     _C.set_isa(name)
+
+
+if _C is not None and cpu.kernel_isa() is not None:  # as on a CPU of that level: its best instruction set
+    _C.set_isa(isas()[0])
 
 
 def cuda_runtime():

@@ -13,6 +13,7 @@ ov = pytest.importorskip("openvino")
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+from dinopatch import cpu  # noqa: E402
 from dinopatch.backbone import (  # noqa: E402
     OnnxBackbone,
     OpenVinoBackbone,
@@ -25,7 +26,8 @@ from dinopatch.backbone import (  # noqa: E402
 from dinopatch.backbone.onnx_export import export_backbone, export_onnx, token_cosine, token_error  # noqa: E402
 
 NAME, SIZE = "dinov2_vits14", 112
-needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX")
+_AT = f" at DINOPATCH_CPU={cpu.level()}" if cpu.level() else ""
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason=f"this CPU{_AT} has neither AVX512-BF16 nor AMX")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_bf16_tokens_close_to_torch(reference, weights, capsys):
     assert engine.precision == "bf16" and cosine >= 0.999
 
 
-@pytest.mark.skipif(cpu_has_bf16(), reason="the refusal is for CPUs without bf16")
+@pytest.mark.skipif(cpu_has_bf16(), reason="the refusal is for CPUs without bf16 (DINOPATCH_CPU=avx2 makes one)")
 def test_bf16_is_refused_where_the_cpu_lacks_it(weights):
     with pytest.raises(ValueError, match="AVX512-BF16 or AMX"):
         make_backbone("openvino:bf16", name=NAME, weights=weights, image_size=SIZE)

@@ -118,7 +118,8 @@ def make_backbone(engine: str | os.PathLike = "auto", fingerprint: str | None = 
               usable): ``onnx`` when onnxruntime-gpu is installed, else
               ``torch``;
             * on the CPU: ``openvino:bf16`` when openvino is installed and the
-              CPU has AVX512-BF16 or AMX; else ``onnx`` (fp32) when
+              CPU has AVX512-BF16 or AMX (never under ``DINOPATCH_CPU``, see
+              :mod:`dinopatch.cpu`); else ``onnx`` (fp32) when
               onnxruntime is installed (OpenVINO fp32 runs the same
               graph no faster, so nothing is gained by the extra runtime); else
               ``openvino:fp32``; else ``torch``.

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from .. import cpu
 from .device import cpu_only
 from .onnx_engine import ExportedBackbone, check_export_matches, open_graph, read_export_metadata
 from .specs import preprocess
@@ -27,7 +28,9 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def cpu_has_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin computes in bf16 on this CPU (AVX512-BF16 or AMX)."""
+    """Whether OpenVINO's CPU plugin computes in bf16 on this CPU (AVX512-BF16 or AMX), at its ``DINOPATCH_CPU``."""
+    if cpu.level() is not None:  # both levels lack AVX512-BF16 and AMX; OpenVINO itself sees the real CPU
+        return False
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")

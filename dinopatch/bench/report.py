@@ -13,7 +13,7 @@ import textwrap
 
 import numpy as np
 
-from .. import kernels
+from .. import cpu, kernels
 
 COLUMNS = [
     ("method", "{}"),
@@ -69,15 +69,12 @@ def versions() -> dict:
 
 
 def hardware() -> dict:
+    """The machine; ``cpu_level``: the ``DINOPATCH_CPU`` level it ran at, where one was set."""
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if cpu.model_name():
+        info["cpu"] = cpu.model_name()
+    if cpu.level() is not None:
+        info["cpu_level"] = cpu.level()
     try:
         import psutil
 
@@ -151,7 +148,8 @@ def show(report: dict) -> str:
     """The report as text: machine and versions, one table per stage, the targets; no line over :data:`WIDTH`."""
     hw = report["hardware"]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    parts = _wrap(f"{hw.get('cpu', '?')}, {hw['cpus']} cpus; load {hw['load_avg'][0]:.2f} -> "
+    level = f" as DINOPATCH_CPU={hw['cpu_level']}" if hw.get("cpu_level") else ""
+    parts = _wrap(f"{hw.get('cpu', '?')}{level}, {hw['cpus']} cpus; load {hw['load_avg'][0]:.2f} -> "
                   f"{report['load_avg_after'][0]:.2f}; {versions}", WIDTH)
     stages = list(dict.fromkeys(r["stage"] for r in report["rows"] if r["stage"] != "target"))
     for stage in stages:
