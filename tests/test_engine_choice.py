@@ -286,3 +286,18 @@ def test_openvino_int8_made_from_the_golden_set_and_read_back_by_hash(fitted):
     xml.write_bytes(xml.read_bytes() + b" ")
     with pytest.raises(ValueError, match="do not hash"):
         make_backbone("openvino:int8", model.fingerprint, sha256=row["sha256"], **kwargs)
+
+
+def test_quantising_sends_no_telemetry():
+    """NNCF stubs its telemetry inside pytest by itself, so the check runs in a fresh interpreter."""
+    pytest.importorskip("nncf", reason="nncf is not installed (OpenVINO int8 is quantised by it)")
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('NNCF_CI', None); import dinopatch.backbone.openvino_int8; "
+            "import nncf.telemetry.wrapper as w; print(type(w.telemetry).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[-1] == "MagicMock", out.stdout + out.stderr  # NNCF's stub: nothing is sent
+    code = code.replace("import dinopatch.backbone.openvino_int8; ", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[-1] == "NNCFTelemetry"  # the check can fail: without DinoPatch it would send

@@ -22,6 +22,13 @@ import numpy as np
 from .specs import preprocess
 from .weights import cache_dir
 
+# NNCF sends usage telemetry to Google Analytics unless told not to, from a process it forks on a worker
+# thread: a line PC fitting a model must not phone out, and a fork from a thread is unsafe beside the
+# stages' threads and numba's TBB pool.  NNCF reads this variable once, at its first import, and only to
+# turn its telemetry off; a value the user set is left alone.
+TELEMETRY_OFF = ("NNCF_CI", "1")
+os.environ.setdefault(*TELEMETRY_OFF)
+
 
 def folder() -> Path:
     return cache_dir() / "openvino_int8"
