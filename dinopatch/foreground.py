@@ -134,7 +134,7 @@ class Foreground:
         worst: float32 ``[M]`` each one's largest held-out patch distance in the region, at its own place.
         parts: int64 ``[M]`` which of the good parts given to fit those images are (their indices).
         margin: fit's choice of the region's margin and its evidence (:func:`.margin.check_record`); None
-            for a region given rather than chosen.
+            only until :func:`.margin.nominal_set` records the choice (a model's region always carries it).
     """
 
     positions: np.ndarray

@@ -5,6 +5,8 @@ torch reference and wrappers around it, built by the test.
 """
 import dataclasses
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -291,9 +293,6 @@ def test_openvino_int8_made_from_the_golden_set_and_read_back_by_hash(fitted):
 def test_quantising_sends_no_telemetry():
     """NNCF stubs its telemetry inside pytest by itself, so the check runs in a fresh interpreter."""
     pytest.importorskip("nncf", reason="nncf is not installed (OpenVINO int8 is quantised by it)")
-    import subprocess
-    import sys
-
     code = ("import os; os.environ.pop('NNCF_CI', None); import dinopatch.backbone.openvino_int8; "
             "import nncf.telemetry.wrapper as w; print(type(w.telemetry).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -26,8 +26,7 @@ from .weights import cache_dir
 # thread: a line PC fitting a model must not phone out, and a fork from a thread is unsafe beside the
 # stages' threads and numba's TBB pool.  NNCF reads this variable once, at its first import, and only to
 # turn its telemetry off; a value the user set is left alone.
-TELEMETRY_OFF = ("NNCF_CI", "1")
-os.environ.setdefault(*TELEMETRY_OFF)
+os.environ.setdefault("NNCF_CI", "1")
 
 
 def folder() -> Path:
