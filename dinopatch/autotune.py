@@ -10,21 +10,22 @@ nominal images themselves, each scored against a bank built without it
   is within :data:`.tolerance.MARGIN` of the best over all of them
   (:func:`.tolerance.offset_counts`, per location).  The bound is the
   smallest tolerance beyond which at most :data:`SHARE` of the patches lie.
-  Where the locations' offsets differ, the tolerance map
-  (:func:`.tolerance.tolerance_map`, a tolerance per location) comes first: it
-  is the same measurement, kept per location, so a single tolerance must beat
-  it in the paired test below to replace it (the pasted defects rarely tell
-  them apart, and one tolerance for every location either passes the wobble of
-  thin features as defects or absorbs small defects elsewhere).  Otherwise
-  the pasted defects decide within the bound (the bound wins ties): a
-  tolerance lets a small defect find a good match next door, so the tolerance
-  that absorbs the most misalignment is not always the one that separates best.
+  The search starts at the typical offset (the smallest tolerance that half the
+  held-out patches need: 0 unless the part moved as a whole), then, where the
+  locations' offsets differ, the tolerance map
+  (:func:`.tolerance.tolerance_map`, a tolerance per location), then the other
+  tolerances up to the bound, narrowest first.  A tolerance lets a small
+  defect find a good match next door, and on a texture a neighbour's match is
+  often a little closer without the part having moved, so a wider tolerance
+  must earn its place in the paired test below: it replaces the one in force
+  only where the pasted defects say it separates better (the good parts'
+  wobble then makes them score like the pasted defects at the narrower one).
 * **sigma, score, match** (and the tolerance within its bound): synthetic
   defects the model has never seen (a patch cut from another part and pasted,
   a thin scratch, a blob, a contrast change) are pasted into held-out nominal
   images, and each candidate separates them from the held-out nominal images
-  (image AUROC).  The candidates are tried in search order, the bound and then
-  :data:`DEFAULTS` first; a candidate replaces the settings before it only when
+  (image AUROC).  The candidates are tried in search order, the typical
+  offset and :data:`DEFAULTS` first; a candidate replaces the settings before it only when
   a paired comparison over the same pasted and held-out images says it is
   better: in at least ``1 - ALPHA / comparisons`` of :data:`RESAMPLES` seeded
   stratified bootstrap resamples its AUROC is above theirs (one-sided,
@@ -58,6 +59,9 @@ DEFAULTS = {"tolerance": 1, "sigma": 4.0, "score": "max", "match": "local"}
 MIN_IMAGES = 3  # two folds of one image each leave one-image banks: too few to rank settings
 SIGMAS = (4.0, 0.0, 2.0, 8.0)
 SHARE = 0.05
+# The search starts at the offset that this share of the held-out patches needs: a part that moved as a whole
+# needs it everywhere, a texture whose neighbours match a little closer does not.
+TYPICAL = 0.5
 # The paired test a candidate must pass to replace the settings before it.
 ALPHA = 0.05
 RESAMPLES = 2000
@@ -138,20 +142,17 @@ def resolve(params: dict, nominal: NominalSet) -> dict | None:
         return {"chosen": {k: DEFAULTS[k] for k in names}, "fallback": True,
                 "evidence": {"images": n, "note": f"fewer than {MIN_IMAGES} nominal images: defaults used"}}
     evidence: dict = {"images": n, "searched": names}
-    bound = params["tolerance"] if "tolerance" not in names else None
-    with_map = False
-    if bound is None:
+    steps = (params["tolerance"],)
+    if "tolerance" in names:
         if nominal.offsets is None:
             nominal = nominal.with_offsets(measure_offsets(params, nominal))
-        side = nominal.tokens.shape[1]
-        # Rounded before choosing, so that the model file's check derives the same bound from them.
+        # Rounded before choosing, so that the model file's check derives the same steps from them.
         evidence["offset_share"] = _rounded_shares(nominal.offsets)
-        bound = choose_tolerance(evidence["offset_share"], side - 1)
-        with_map = _map_differs(nominal.offsets, side)
-    order = _candidates(names, params, bound, n, with_map)
+        steps = tolerance_steps(evidence["offset_share"], nominal.offsets, nominal.tokens.shape[1])
+    order = _candidates(names, params, steps, n)
     evidence["image_auroc"], y, scores = _separation(params, order, nominal)
     evidence["test"] = _paired_test(y, scores, params["seed"])
-    return {"chosen": dict(zip(names, _winner(evidence, names, params, bound, with_map))), "fallback": False,
+    return {"chosen": dict(zip(names, _winner(evidence, names, params, steps))), "fallback": False,
             "evidence": evidence}
 
 
@@ -159,10 +160,20 @@ def _rounded_shares(offsets: np.ndarray) -> list[float]:
     return [round(float(s), 4) for s in tolerance.shares(offsets)]
 
 
-def choose_tolerance(shares, largest: int) -> int:
-    """The smallest tolerance with at most :data:`SHARE` of the patches displaced beyond it."""
+def choose_tolerance(shares, largest: int, share: float = SHARE) -> int:
+    """The smallest tolerance with at most ``share`` of the patches displaced beyond it."""
     beyond = 1.0 - np.cumsum(shares)
-    return int(min(np.flatnonzero(beyond <= SHARE + 1e-3)[0], largest))  # 1e-3: the shares' rounding
+    return int(min(np.flatnonzero(beyond <= share + 1e-3)[0], largest))  # 1e-3: the shares' rounding
+
+
+def tolerance_steps(shares, offsets, side: int) -> list:
+    """The tolerances the search tries, in its order (see the module's docstring): the typical offset (the
+    smallest tolerance that half the held-out patches need), the map where the locations' ``offsets`` differ,
+    then the other tolerances up to the bound, narrowest first.  ``shares``: the rounded offset shares;
+    ``side``: the token grid's side."""
+    bound = choose_tolerance(shares, side - 1)
+    typical = choose_tolerance(shares, bound, TYPICAL)
+    return [typical, *(["map"] if _map_differs(offsets, side) else []), *(t for t in range(bound + 1) if t != typical)]
 
 
 def paste_defect(image: np.ndarray, valid: np.ndarray, donor: np.ndarray, kind: str,
@@ -213,9 +224,9 @@ def pasted_defects(frames: np.ndarray, valid: np.ndarray, rng: np.random.Generat
     return pasted, origin
 
 
-def _candidates(names: list[str], params: dict, bound, images: int | None, with_map: bool = False) -> list[tuple]:
-    """``(tolerance, match, sigma, score)`` in search order: the map (where it differs) or else the bound first,
-    then the defaults and the smaller tolerances;
+def _candidates(names: list[str], params: dict, steps, images: int | None) -> list[tuple]:
+    """``(tolerance, match, sigma, score)`` in search order: the tolerances ``steps`` (:func:`tolerance_steps`)
+    in theirs, each with the defaults first;
     coarser below :data:`THIN_IMAGES` nominal images (``images`` None: the full search of records from before
     the paired test)."""
     def first(name, values):
@@ -224,7 +235,6 @@ def _candidates(names: list[str], params: dict, bound, images: int | None, with_
         values = COARSE.get(name, values) if images is not None and images < THIN_IMAGES else values
         return (DEFAULTS[name],) + tuple(v for v in values if v != DEFAULTS[name])
 
-    steps = [*(["map"] if with_map else []), *range(bound, -1, -1)] if "tolerance" in names else (bound,)
     return [(r, m, float(g), s) for r in steps for m in first("match", MATCHES)
             for g in first("sigma", SIGMAS) for s in first("score", SCORES)]
 
@@ -288,7 +298,7 @@ def _search_size(evidence: dict) -> int | None:
     return evidence["images"] if evidence.get("test") is not None else None
 
 
-def _winner(evidence: dict, names: list[str], params: dict, bound, with_map: bool = False) -> list:
+def _winner(evidence: dict, names: list[str], params: dict, steps) -> list:
     """The values of ``names`` that the evidence's search keeps in force (see the module's docstring).
 
     The steps are replayed in search order (not the table's: the model file may store keys sorted);
@@ -298,7 +308,7 @@ def _winner(evidence: dict, names: list[str], params: dict, bound, with_map: boo
     Raises:
         ValueError: the steps are not the search's.
     """
-    order = [_key(*c) for c in _candidates(names, params, bound, _search_size(evidence), with_map)]
+    order = [_key(*c) for c in _candidates(names, params, steps, _search_size(evidence))]
     table, test, current = evidence["image_auroc"], evidence.get("test"), order[0]
     if test is None:
         best_auc = -math.inf
@@ -371,9 +381,8 @@ def check_record(record, params: dict, side: int, offsets: np.ndarray | None = N
                 isinstance(k, str) and (v is None or (isinstance(v, float) and 0.0 <= v <= 1.0))
                 for k, v in table.items()):
             raise ValueError("auto record's separation evidence is malformed")
-        bound = params["tolerance"] if "tolerance" not in searched else None
-        with_map = False
-        if bound is None:
+        steps = (params["tolerance"],)
+        if "tolerance" in searched:
             shares = evidence.get("offset_share")
             if not isinstance(shares, list) or len(shares) != len(STEPS) or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0 for s in shares) \
@@ -382,15 +391,14 @@ def check_record(record, params: dict, side: int, offsets: np.ndarray | None = N
             if offsets is not None and (shares != _rounded_shares(offsets)
                                         or evidence.get("images") != int(offsets.sum(axis=1).max())):
                 raise ValueError("auto record's offset shares disagree with the tolerance offsets")
-            bound = choose_tolerance(shares, side - 1)
-            with_map = _map_differs(offsets, side)
+            steps = tolerance_steps(shares, offsets, side)
         images = evidence.get("images")
         if isinstance(images, bool) or not isinstance(images, int) or images < MIN_IMAGES:
             raise ValueError(f"auto record's image count {images!r} is malformed")
-        if set(table) != {_key(*c) for c in _candidates(searched, params, bound, _search_size(evidence), with_map)}:
+        if set(table) != {_key(*c) for c in _candidates(searched, params, steps, _search_size(evidence))}:
             raise ValueError("auto record's separation evidence is not the search its parameters make")
         _check_test(evidence.get("test"))
-        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, bound, with_map))
+        expected = {k: v for k, v in zip(searched, _winner(evidence, searched, params, steps))
                     if k in names}
     if chosen != expected:
         raise ValueError(f"auto record chose {chosen} but its evidence gives {expected}: the file was edited")

@@ -49,8 +49,9 @@ import numpy as np
 from . import atomic
 
 FORMAT = "dinopatch-model"
-VERSION = 2
-"""2: thresholds carry their evidence and the model id is the content's checksum, not a stored value."""
+VERSION = 3
+"""2: thresholds carry their evidence and the model id is the content's checksum, not a stored value;
+3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 
@@ -291,7 +292,7 @@ def _check_header(header) -> None:
                              "upgrade dinopatch")
     if version < VERSION:
         raise ModelFileError(f"format version {version} was written by an older DinoPatch, whose values this one "
-                             f"cannot check against their evidence (it reads {VERSION}); refit the model")
+                             f"cannot check against their evidence the same way (it reads {VERSION}); refit the model")
     if not _is_hex_digest(header.get("sha256")):
         raise ModelFileError(f"checksum entry {header.get('sha256')!r} is not a SHA-256 hex digest")
     signature = header.get("signature")

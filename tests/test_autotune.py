@@ -139,18 +139,19 @@ def test_a_candidate_replaces_the_settings_before_it_only_when_the_paired_test_s
 def test_thin_evidence_searches_fewer_coarser_candidates():
     names = ["sigma", "score"]
     params = dict(tolerance=1, match="local", sigma="auto", score="auto")
-    thin, full = (autotune._candidates(names, params, 1, n) for n in (autotune.THIN_IMAGES - 1, autotune.THIN_IMAGES))
+    thin, full = (autotune._candidates(names, params, (1,), n)
+                  for n in (autotune.THIN_IMAGES - 1, autotune.THIN_IMAGES))
     assert len(thin) == 6 and len(full) == 16 and thin[0] == full[0] == (1, "local", 4.0, "max")
     assert {c[2] for c in thin} == {0.0, 4.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
 
 
 def test_records_from_before_the_paired_test_keep_their_margin_rule_and_full_search():
     params = dict(tolerance=1, match="local", sigma="auto", score="max", seed=0)
-    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, 1, None)]  # searched in full
+    order = [autotune._key(*c) for c in autotune._candidates(["sigma"], params, (1,), None)]  # searched in full
     assert len(order) == len(autotune.SIGMAS)
     table = dict.fromkeys(order, 0.5) | {order[2]: 0.5 + autotune.WIN_MARGIN + 0.01}
     evidence = {"images": 6, "searched": ["sigma"], "image_auroc": table}
-    chosen = autotune._winner(evidence, ["sigma"], params, 1)
+    chosen = autotune._winner(evidence, ["sigma"], params, (1,))
     assert order[2] == autotune._key(1, "local", chosen[0], "max")
     # Such a file (6 images, every sigma searched, no paired test) still loads; its choice is re-derived.
     record = {"chosen": {"sigma": chosen[0]}, "fallback": False, "evidence": evidence}

@@ -111,16 +111,25 @@ def test_auto_has_the_map_as_a_candidate_where_offsets_differ(band_fits):
     det = band_fits["auto"]
     table, chosen = det.auto_["evidence"]["image_auroc"], det.auto_["chosen"]["tolerance"]
     assert any(k.startswith("tolerance=map ") for k in table)
-    assert list(table)[0].startswith("tolerance=map ")  # the incumbent: a single tolerance must beat it
+    tried = list(dict.fromkeys(k.split()[0] for k in table))
+    assert tried[:2] == ["tolerance=0", "tolerance=map"]  # most patches stay put: the map must beat 0 to replace it
     steps = det.model_.bank.tolerance
     assert (isinstance(steps, np.ndarray) if chosen == "map" else steps == chosen)
 
 
+def test_search_starts_at_the_offset_half_the_patches_need():
+    band = np.tile([[5, 0, 0]], (64, 1))
+    band[:16] = [0, 3, 2]
+    moved = autotune.tolerance_steps([0.1406, 0.5495, 0.3099], np.tile([[1, 4, 2]], (64, 1)), 8)
+    assert moved == [1, 0, 2]  # a part moved as a whole: one step is where the search starts, not a challenger
+    texture = autotune.tolerance_steps([0.82, 0.144, 0.036], band, 8)
+    assert texture == [0, "map", 1]  # neighbours a little closer on 18% of patches: the widening must win
+
+
 def test_a_map_without_differences_is_no_candidate():
     assert not autotune._map_differs(np.tile([[5, 0, 0]], (64, 1)), 8)
-    keys = {autotune._key(*c) for c in autotune._candidates(["tolerance"], dict(sigma=4.0, score="max",
-                                                                                   match="local"), 1, 6, False)}
-    assert keys and not any("map" in k for k in keys)
+    steps = autotune.tolerance_steps([0.5, 0.5, 0.0], np.tile([[5, 5, 0]], (64, 1)), 8)
+    assert steps == [0, 1]
 
 
 @pytest.mark.parametrize("mode", ["map", "auto"])
