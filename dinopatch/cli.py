@@ -412,7 +412,8 @@ def cmd_info(args) -> int:
     else:
         g = model.golden
         scores = golden.scores(model.post, g.distances, g.valid)
-        print(f"golden set: {len(g.frames)} frames ({int(g.defect.sum())} with pasted defects), scored by "
+        print(f"golden set: {len(g.frames)} frames ({int(g.defect.sum())} with pasted defects, "
+              f"{int(g.nominal.sum())} nominal as they are), scored by "
               f"{g.reference}: " + ", ".join(f"{s:.4f}{'!' if s > t.image else ''}" for s in scores))
     record = model.engine_choice
     if record is None:

@@ -173,9 +173,9 @@ def _builder(model):
 
     def build(name: str):
         extra = {}
-        if name == "openvino:int8":  # calibrated on the golden set's good frames (means of nominal frames)
-            g, fg = model.golden, model.foreground
-            extra["calibration"] = (g.frames[~g.defect], None if fg is None else fg.positions)
+        if name == "openvino:int8":  # quantised on the blends, so the golden set's nominal frames check it
+            fg = model.foreground
+            extra["calibration"] = (model.golden.blends, None if fg is None else fg.positions)
         return make_backbone(name, model.fingerprint, device="cpu", name=p["backbone"], weights=p["weights"],
                              image_size=p["image_size"], layers=p["layers"], seed=p["seed"], **extra)
     return build

@@ -51,7 +51,8 @@ from . import atomic
 FORMAT = "dinopatch-model"
 VERSION = 3
 """2: thresholds carry their evidence and the model id is the content's checksum, not a stored value;
-3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order."""
+3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order; the golden
+set holds nominal frames as they are."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 

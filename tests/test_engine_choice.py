@@ -37,6 +37,21 @@ class Noisy:
         return (out + self.rng.normal(0, self.scale, out.shape)).astype(np.float32)
 
 
+class Overfit(Noisy):
+    """An engine exact on the frames it was calibrated on and off by noise on any other frame: a quantised
+    graph that learnt its calibration set."""
+
+    def __init__(self, engine, scale, seen):
+        super().__init__(engine, scale)
+        self.seen = {f.tobytes() for f in seen}
+
+    def __call__(self, frames, positions=None, **kw):
+        out = self.inner(frames, positions)
+        off = np.array([f.tobytes() not in self.seen for f in frames])
+        out[off] += self.rng.normal(0, self.scale, out[off].shape).astype(np.float32)
+        return out
+
+
 def _measure(det, model, builds):
     return engine_choice.measure(det, model, candidates=tuple(builds), build=lambda name: builds[name](),
                                  repeats=1, progress=None)
@@ -50,11 +65,14 @@ def _scores(model):
 def test_golden_set_in_model_and_survives_save_load(fitted):
     det, path = fitted
     g = det.model_.golden
-    assert g.frames.dtype == np.uint8 and g.frames.shape == (6, 112, 112, 3)
-    assert g.distances.dtype == np.float32 and g.distances.shape == (6, 8, 8)
-    assert g.defect.tolist() == [False] * 3 + [True] * 3 and g.reference == "torch"
+    assert g.frames.dtype == np.uint8 and g.frames.shape == (8, 112, 112, 3)
+    assert g.distances.dtype == np.float32 and g.distances.shape == (8, 8, 8)
+    assert g.defect.tolist() == [False] * 3 + [True] * 3 + [False] * 2 and g.reference == "torch"
+    assert g.nominal.tolist() == [False] * 6 + [True] * 2
     scores = _scores(det.model_)
-    assert np.isfinite(scores).all() and (scores > 0).all()  # no golden frame is in the bank verbatim
+    assert np.isfinite(scores).all() and (scores[:6] > 0).all()  # no blend or defect frame is in the bank verbatim
+    assert (scores[6:] == 0).all()  # the nominal frames are: the reference's own tokens
+    np.testing.assert_array_equal(g.blends, g.frames[:3])  # what an int8 graph is quantised on
     loaded = DinoPatch.load(path)
     np.testing.assert_array_equal(loaded.model_.golden.frames, g.frames)
     np.testing.assert_array_equal(loaded.model_.golden.distances, g.distances)
@@ -95,17 +113,32 @@ def _edited(path, tmp_path, header_edit=None, array_edit=None):
     dict(array_edit=lambda a: a.pop("golden_valid")),
     dict(header_edit=lambda h: h["golden"]["verdicts"].__setitem__(0, not h["golden"]["verdicts"][0])),
     dict(header_edit=lambda h: h.pop("golden")),  # arrays without their record
+    dict(array_edit=lambda a: a.pop("golden_nominal")),
+    dict(array_edit=lambda a: a.__setitem__("golden_nominal", a["golden_defect"].copy())),  # defect and nominal
+    dict(array_edit=lambda a: a.__setitem__("golden_nominal", ~a["golden_defect"])),  # no blend left
 ])
 def test_damaged_golden_set_refused(fitted, tmp_path, edit):
     with pytest.raises(ModelFileError):
         DinoPatch.load(_edited(fitted[1], tmp_path, **edit))
 
 
+def test_an_engine_exact_only_on_the_blends_it_was_calibrated_on_is_refused(fitted):
+    det, _ = fitted
+    model = det.model_
+    ref, g = det.backbone_for(model), model.golden
+    seen = np.concatenate([g.blends, g.frames[g.defect]])  # a defect frame is a blend with a pasted defect
+    record = _measure(det, model, {"torch": lambda: ref,
+                                   "openvino:int8": lambda: Overfit(ref, 0.005 * model.threshold.image, seen)})
+    row = {r["engine"]: r for r in record["rows"]}["openvino:int8"]
+    assert row["flips"] == 0 and row["max_deviation"] > engine_choice.MAX_DEVIATION and "deviation" in row["refused"]
+    assert record["chosen"] == "torch"
+
+
 def test_golden_set_size_is_bounded(fitted, tmp_path):
     n = golden.MAX_FRAMES + 1
 
     def grow(arrays):
-        for name in ("golden_frames", "golden_valid", "golden_defect", "golden_distances"):
+        for name in ("golden_frames", "golden_valid", "golden_defect", "golden_nominal", "golden_distances"):
             arrays[name] = np.resize(arrays[name], (n, *arrays[name].shape[1:]))
 
     def verdicts(header):
@@ -238,7 +271,7 @@ def test_info_and_tune_engine_commands(fitted, tmp_path, capsys):
     out = det2.save(tmp_path / "chosen.npz")
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "golden set: 6 frames (3 with pasted defects), scored by torch" in text
+    assert "golden set: 8 frames (3 with pasted defects, 2 nominal as they are), scored by torch" in text
     assert all(name in text for name in ("torch", "onnx:int8", "qualifies", f"chosen: {record['chosen']}"))
     assert main(["tune-engine", "-m", str(out), "--from-evidence", "--forbid", "int8"]) == 0
     assert capsys.readouterr().out.strip().endswith("chosen: torch (forbidden: int8)")

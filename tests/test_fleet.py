@@ -90,7 +90,7 @@ def test_catalog_swaps_only_checked_new_bytes(models, tmp_path):
     v1 = catalog.current("bolt")
     assert (v1.number, v1.model_id) == (1, DinoPatch.load(path).model_id)
     assert set(v1.describe()) == {"name", "model_id", "version", "sha256", "saved_at", "checks"}
-    assert v1.checks["golden"] == {"frames": 6, "flips": 0, "engine": onnx.name} and v1.resident_bytes > 0
+    assert v1.checks["golden"] == {"frames": 8, "flips": 0, "engine": onnx.name} and v1.resident_bytes > 0
     assert catalog.refresh("bolt", force=True) is v1  # the same bytes are the same version
     # Half written: the checks refuse it and version 1 stays in service.
     path.write_bytes(spare.read_bytes()[:5000])
