@@ -274,16 +274,17 @@ def measured_with(post) -> dict:
     return {"sigma": float(post.sigma), "score": post.score, "topk": float(post.topk)}
 
 
-def tuned_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+def tuned_threshold(labels: np.ndarray, scores: np.ndarray, reach: float = math.inf) -> float:
     """An evaluation's image threshold from its tuning images' ``scores`` and ``labels`` (True: a defect).
 
     The best-F1 score, then halfway into the gap below it rather than at its edge: the reported
     images are unseen, and a threshold at a tuning score's edge misses the next defect that
-    scores a little lower.
+    scores a little lower.  At most ``reach`` (the bank's, :func:`.evidence.reach`): no good part
+    scores above it, so a higher threshold, which a few tuning images can give, only passes defects.
     """
     t, _ = best_f1_threshold(labels, scores)
     below = scores[scores < t]
-    return float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf))
+    return min(float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf)), reach)
 
 
 def threshold_for(nominal: "NominalSet", settings: dict, params: dict) -> Threshold:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import metrics, pose_report
 from .calibration import Threshold, measured_with, tuned_threshold
 from .data import read_image, read_mask, write_png
+from .evidence import reach
 from .inputs import MVTEC_LAYOUT
 from .postprocess import SCORES
 from .viz import overlay, plot_curves, plot_histogram
@@ -137,7 +138,7 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
     finite = np.isfinite(best_scores)
     if threshold == "tuned" and labels[finite].any() and (~labels[finite]).any():
         best["tuning"] = (best_scores[finite], labels[finite])
-        best["threshold"] = tuned_threshold(labels[finite], best_scores[finite])
+        best["threshold"] = tuned_threshold(labels[finite], best_scores[finite], reach(det.model_.bank.features))
     else:
         # The good parts' own threshold, read from their held-out maps scored as the tuned settings score.
         best["threshold"] = det.threshold_.rescored(dataclasses.replace(det.model_.post, **best)).image

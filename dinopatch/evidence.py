@@ -13,9 +13,9 @@ bounded by it, and a value that no longer matches is refused by name:
   (coreset ratio 1, the default) the held-out distances are derived again from the bank itself,
   each fold against the rows of the others, so the maps cannot be scaled with them;
 * an evaluation's threshold follows from its tuning scores by its rule (:func:`.calibration.tuned_threshold`);
-* a user's threshold, and an evaluation's, is at most the bank's :func:`reach`, at fit, at save and at
-  load; a mask value an evaluation tuned on labelled masks has no evidence a file can carry, and is only
-  bounded by the distances the bank can produce, as every threshold is.
+* a user's threshold is at most the bank's :func:`reach`, at fit, at save and at load, and an evaluation's
+  rule caps its threshold there; a mask value an evaluation tuned on labelled masks has no evidence a file
+  can carry, and is only bounded by the distances the bank can produce, as every threshold is.
 
 What no check can catch is an edit that recomputes everything consistently, the
 bank included: only a signature (:mod:`.modelfile`, ``DINOPATCH_MODEL_KEY``) binds a
@@ -86,10 +86,11 @@ def check_threshold(t: Threshold, model) -> None:
     if method == "evaluation":
         if t.tuning_labels.all() or not t.tuning_labels.any() or not np.isfinite(t.tuning_scores).all():
             raise ValueError("an evaluation's threshold without finite tuning scores of good and defective parts")
-        derived = tuned_threshold(t.tuning_labels, t.tuning_scores)
+        limit = reach(bank.features)
+        derived = tuned_threshold(t.tuning_labels, t.tuning_scores, limit)
         if not math.isclose(derived, t.image):
-            raise ValueError(f"threshold {t.image:g} is not the one its tuning scores give ({derived:g})")
-        _within_reach(bank, "tuned by evaluation", image=t.image)
+            raise ValueError(f"threshold {t.image:g} is not the one its tuning scores give ({derived:g}, at most "
+                             f"the bank's reach {limit:.4g})")
     beyond = _produced(bank.features)
     grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
     for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
