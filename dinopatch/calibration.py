@@ -73,6 +73,10 @@ class Threshold:
             defect: its threshold's evidence (:func:`tuned_threshold`).
         pixel_tuned: ``pixel`` was tuned by an evaluation on labelled masks and judges the mask
             alone (no :attr:`pixel_grid`).
+        fold_rows: int ``[L, sum of k]``, where the banks were coresets: the good parts whose tokens each
+            held-out fold's bank kept at each location, fold after fold, in k-center's pick order
+            (:meth:`.nominal.NominalSet.held_out_scores`); with the parts' tokens (:mod:`.coreset`) the
+            evidence of :attr:`distances`.  Empty otherwise.
     """
 
     image: float
@@ -87,6 +91,7 @@ class Threshold:
     tuning_scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
     tuning_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False, compare=False)
     pixel_tuned: bool = False
+    fold_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64), repr=False, compare=False)
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -251,7 +256,7 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
     held_sets = None if calibration == "cv" else nominal.plan.fraction(calibration)
     method = "held-out" if held_sets else nominal.plan.method
     held_sets = held_sets or nominal.plan.folds
-    index, scores, maxima, distances = nominal.held_out_scores(settings, held_sets)
+    index, scores, maxima, distances, kept = nominal.held_out_scores(settings, held_sets)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
@@ -266,7 +271,8 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
         source["folds"] = len(held_sets)
     post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
     return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
-                     scores, maxima, distances, nominal.valid[index] > 0.5, measured_with(post))
+                     scores, maxima, distances, nominal.valid[index] > 0.5, measured_with(post),
+                     fold_rows=np.zeros((0, 0), np.int64) if kept is None else kept)
 
 
 def measured_with(post) -> dict:

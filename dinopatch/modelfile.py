@@ -49,8 +49,9 @@ import numpy as np
 from . import atomic
 
 FORMAT = "dinopatch-model"
-VERSION = 2
-"""2: thresholds carry their evidence and the model id is the content's checksum, not a stored value."""
+VERSION = 3
+"""2: thresholds carry their evidence and the model id is the content's checksum, not a stored value;
+3: a coreset bank carries the good parts' tokens it was chosen from, and a tuned mask threshold its sweep."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 
