@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .metrics import best_f1_threshold
+from .metrics import best_f1_threshold, f1_of
 from .postprocess import PostProcess, scores_and_maxima
 
 if TYPE_CHECKING:
@@ -73,6 +73,9 @@ class Threshold:
             defect: its threshold's evidence (:func:`tuned_threshold`).
         pixel_tuned: ``pixel`` was tuned by an evaluation on labelled masks and judges the mask
             alone (no :attr:`pixel_grid`).
+        mask_kernels, mask_thresholds, mask_counts: where ``pixel_tuned``, the evaluation's mask sweep, its
+            evidence: the clean-up kernels ``[K]`` and map thresholds ``[C]`` (increasing) it tried, and the
+            tuning pixels' ``(tp, fp, fn)`` with each pair, int ``[K, C, 3]`` (:func:`tuned_mask`).  Empty otherwise.
         fold_rows: int ``[L, sum of k]``, where the banks were coresets: the good parts whose tokens each
             held-out fold's bank kept at each location, fold after fold, in k-center's pick order
             (:meth:`.nominal.NominalSet.held_out_scores`); with the parts' tokens (:mod:`.coreset`) the
@@ -92,6 +95,10 @@ class Threshold:
     tuning_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False, compare=False)
     pixel_tuned: bool = False
     fold_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64), repr=False, compare=False)
+    mask_kernels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False)
+    mask_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    mask_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.int64), repr=False,
+                                    compare=False)
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -290,6 +297,21 @@ def tuned_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     t, _ = best_f1_threshold(labels, scores)
     below = scores[scores < t]
     return float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf))
+
+
+def tuned_mask(kernels: np.ndarray, thresholds: np.ndarray, counts: np.ndarray) -> tuple[float, int]:
+    """An evaluation's mask threshold and clean-up kernel from its sweep (:attr:`Threshold.mask_counts`).
+
+    The best F1 of the tuning pixels, the first of equals in the order tried: kernel after kernel, each
+    threshold from the lowest.  A sweep without a labelled defect pixel gives its first pair.
+    """
+    best, at = -1.0, (0, 0)
+    for i in range(len(kernels)):
+        for j in range(len(thresholds)):
+            f1 = f1_of(*(int(c) for c in counts[i, j]))
+            if f1 > best + 1e-12:
+                best, at = f1, (i, j)
+    return float(thresholds[at[1]]), int(kernels[at[0]])
 
 
 def threshold_for(nominal: "NominalSet", settings: dict, params: dict) -> Threshold:

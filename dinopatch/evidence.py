@@ -17,9 +17,14 @@ bounded by it, and a value that no longer matches is refused by name:
   than local) would be a coreset of their own, above :data:`.bank.GLOBAL_ROWS`, are the maps
   not derived again (checking k-center's picks there costs what fit's search did);
 * an evaluation's threshold follows from its tuning scores by its rule (:func:`.calibration.tuned_threshold`);
+* a mask value an evaluation tuned on labelled masks, and the clean-up kernel tuned with it, follow from
+  its sweep by its rule (:func:`.calibration.tuned_mask`): the thresholds and kernels it tried and the
+  tuning pixels' counts with each;
 * a user's threshold, and an evaluation's, is at most the bank's :func:`reach`, at fit, at save and at
-  load; a mask value an evaluation tuned on labelled masks has no evidence a file can carry, and is only
-  bounded by the distances the bank can produce, as every threshold is.
+  load; every threshold, a tuned mask value included, is within the distances the bank can produce.
+
+An evaluation's tuning scores and mask sweep are measured on test images the file does not hold: an
+edit that rewrites them consistently with the values they give is only held to those bounds.
 
 What no check can catch is an edit that recomputes everything consistently, the
 bank included: only a signature (:mod:`.modelfile`, ``DINOPATCH_MODEL_KEY``) binds a
@@ -34,7 +39,7 @@ import numpy as np
 from . import bank as memory
 from . import coreset
 from .bank import MemoryBank
-from .calibration import Threshold, measured_with, tuned_threshold
+from .calibration import Threshold, measured_with, tuned_mask, tuned_threshold
 from .foreground import Background, patch_stats, scatter
 from .nominal import FoldPlan
 from .postprocess import scores_and_maxima
@@ -83,6 +88,7 @@ def check_threshold(t: Threshold, model) -> None:
     """
     bank, post = model.bank, model.post
     method = t.source["method"]
+    _check_mask(t, post.morph_kernel)
     if method == "user":
         return _within_reach(bank, "given", image=t.image, pixel=t.pixel)
     if t.measured_with != measured_with(post):
@@ -104,6 +110,31 @@ def check_threshold(t: Threshold, model) -> None:
     if method == "evaluation":
         return
     _check_calibrated(t, model)
+
+
+def _check_mask(t: Threshold, kernel: int) -> None:
+    """An evaluation's mask threshold, and the clean-up ``kernel`` the model masks with, against its sweep."""
+    kernels, values, counts = t.mask_kernels, t.mask_thresholds, t.mask_counts
+    if not t.pixel_tuned:
+        if kernels.size or values.size or counts.size:
+            raise ValueError("a mask sweep beside a mask threshold no evaluation tuned: the file was edited")
+        return
+    if kernels.ndim != 1 or values.ndim != 1 or not kernels.size or not values.size \
+            or counts.shape != (kernels.size, values.size, 3):
+        raise ValueError(f"a mask threshold tuned by evaluation needs its sweep: kernels [K], thresholds [C] and "
+                         f"counts [K, C, 3], got {list(kernels.shape)}, {list(values.shape)}, {list(counts.shape)}")
+    if not np.isfinite(values).all() or (np.diff(values) <= 0).any() or (kernels < 1).any():
+        raise ValueError("the mask sweep's thresholds are not finite and increasing, or its kernels not positive")
+    found = counts[..., 0] + counts[..., 2]
+    if (counts < 0).any() or (found != found.flat[0]).any():
+        raise ValueError("the mask sweep's counts are negative, or count other defect pixels at another threshold")
+    pixel, best = tuned_mask(kernels, values, counts)
+    if pixel != t.pixel:
+        raise ValueError(f"pixel threshold {t.pixel:g} is not the one its tuning sweep gives ({pixel:g}): the file "
+                         "was edited")
+    if best != kernel:
+        raise ValueError(f"morph_kernel {kernel} is not the one the mask threshold's tuning sweep gives ({best}): "
+                         "the file was edited")
 
 
 def _within_reach(bank: MemoryBank, how: str, **values: float) -> None:

@@ -199,7 +199,10 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
               "calibration_valid": np.packbits(t.valid.reshape(len(t.valid), params["image_size"] ** 2), axis=1),
               "tuning_scores": np.asarray(t.tuning_scores, np.float64),
               "tuning_labels": np.asarray(t.tuning_labels, bool),
-              "calibration_fold_rows": np.asarray(t.fold_rows, np.int32)}
+              "calibration_fold_rows": np.asarray(t.fold_rows, np.int32),
+              "tuning_mask_kernels": np.asarray(t.mask_kernels, np.int64),
+              "tuning_mask_thresholds": np.asarray(t.mask_thresholds, np.float64),
+              "tuning_mask_counts": np.asarray(t.mask_counts, np.int64)}
     if model.coreset is not None:
         arrays.update(model.coreset.state())
     if model.bank.global_features is not None:
@@ -400,5 +403,10 @@ def _threshold(record: dict, arrays: dict, side: int, size: int) -> Threshold:
     fold_rows = arrays["calibration_fold_rows"]
     if fold_rows.dtype != np.int32 or fold_rows.ndim != 2:
         raise ValueError(f"held-out folds' coreset rows {fold_rows.dtype}{list(fold_rows.shape)} are not int32 [L, K]")
+    sweep = {name: arrays[f"tuning_{name}"] for name in ("mask_kernels", "mask_thresholds", "mask_counts")}
+    for name, value in sweep.items():
+        if value.dtype != (np.float64 if name == "mask_thresholds" else np.int64):
+            raise ValueError(f"the mask sweep's {name[5:]} are {value.dtype}")
     return Threshold(record["image"], record["pixel"], source, scores, arrays["calibration_maxima"], distances,
-                     valid, post, arrays["tuning_scores"], labels, record["pixel_tuned"], fold_rows.astype(np.int64))
+                     valid, post, arrays["tuning_scores"], labels, record["pixel_tuned"], fold_rows.astype(np.int64),
+                     **sweep)
