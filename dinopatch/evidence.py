@@ -88,8 +88,8 @@ def check_threshold(t: Threshold, model) -> None:
     """
     bank, post = model.bank, model.post
     method = t.source["method"]
-    _check_mask(t, post.morph_kernel)
     if method == "user":
+        _check_mask(t, post.morph_kernel)
         return _within_reach(bank, "given", image=t.image, pixel=t.pixel)
     if t.measured_with != measured_with(post):
         raise ValueError(f"the model scores with {measured_with(post)} but its threshold's scores were measured "
@@ -101,6 +101,7 @@ def check_threshold(t: Threshold, model) -> None:
         if not math.isclose(derived, t.image):
             raise ValueError(f"threshold {t.image:g} is not the one its tuning scores give ({derived:g})")
         _within_reach(bank, "tuned by evaluation", image=t.image)
+    _check_mask(t, post.morph_kernel)
     beyond = _produced(bank.features)
     grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
     for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
