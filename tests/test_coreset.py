@@ -22,11 +22,12 @@ def _load(path, tmp_path, edit):
     return DinoPatch.load(edited_copy(path, tmp_path / "edited.npz", edit, golden=True))
 
 
-def _scaled(factor):
-    """Held-out maps, scores, maxima and threshold scaled together: what loaded before the coreset's evidence."""
+def _scaled(factor, pixel=True):
+    """Held-out maps, scores, maxima and threshold scaled together: what loaded before the coreset's evidence
+    (the mask threshold too, unless an evaluation tuned it)."""
     def edit(header, arrays):
         t = header["threshold"]
-        t.update(image=t["image"] * factor, pixel=t["pixel"] * factor)
+        t.update(image=t["image"] * factor, pixel=t["pixel"] * (factor if pixel else 1.0))
         for name in ("calibration_scores", "calibration_maxima", "calibration_distances"):
             arrays[name] = (arrays[name] * factor).astype(arrays[name].dtype)
     return edit
@@ -122,3 +123,20 @@ def test_check_trace_takes_any_pick_of_a_tie_and_refuses_another():
         coreset.check_trace(x, np.array([[0, 3]]), "picks")
     with pytest.raises(ValueError, match="picks at location 0"):
         coreset.check_trace(x, np.array([[1, 2]]), "picks")  # the first pick is the token nearest the mean
+
+
+def test_a_coreset_model_tuned_by_an_evaluation_keeps_its_evidence(tmp_path):
+    """Threshold "good" keeps the calibrated threshold, read with the tuned settings: its held-out maps are still
+    derived from the coreset's evidence."""
+    from dinopatch.data import MVTecFolder
+    from dinopatch.evaluate import evaluate
+    from dinopatch.synthetic import synthesize
+
+    folder = MVTecFolder(synthesize("screw", tmp_path / "screw", n_train=6, n_test_good=4, n_test_defect=2, size=128,
+                                    seed=1))
+    det = DinoPatch(**dict(FAST, coreset_ratio=0.5)).fit(folder.train_paths())
+    m = evaluate(det, folder, tmp_path / "r", threshold="good", progress=False, save_model=tmp_path / "t.npz")
+    tuned = DinoPatch.load(m["saved_model"])
+    assert tuned.model_.coreset is not None and tuned.threshold_.fold_rows.size and tuned.threshold_.pixel_tuned
+    with pytest.raises(ModelFileError, match="held-out distance"):
+        _load(m["saved_model"], tmp_path, _scaled(2.0, pixel=False))
