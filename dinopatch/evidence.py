@@ -16,6 +16,7 @@ bounded by it, and a value that no longer matches is refused by name:
   k-center's picks among them (:mod:`.coreset`); only where a fold's global rows (``match`` other
   than local) would be a coreset of their own, above :data:`.bank.GLOBAL_ROWS`, are the maps
   not derived again (checking k-center's picks there costs what fit's search did);
+* a bank's global rows are its rows, where those number at most :data:`.bank.GLOBAL_ROWS`;
 * an evaluation's threshold follows from its tuning scores by its rule (:func:`.calibration.tuned_threshold`);
 * a mask value an evaluation tuned on labelled masks, and the clean-up kernel tuned with it, follow from
   its sweep by its rule (:func:`.calibration.tuned_mask`): the thresholds and kernels it tried and the
@@ -23,8 +24,9 @@ bounded by it, and a value that no longer matches is refused by name:
 * a user's threshold, and an evaluation's, is at most the bank's :func:`reach`, at fit, at save and at
   load; every threshold, a tuned mask value included, is within the distances the bank can produce.
 
-An evaluation's tuning scores and mask sweep are measured on test images the file does not hold: an
-edit that rewrites them consistently with the values they give is only held to those bounds.
+An evaluation's tuning scores (with the score method they were measured with) and its mask sweep are
+measured on test images the file does not hold: an edit that rewrites them consistently with the values
+they give is only held to those bounds.
 
 What no check can catch is an edit that recomputes everything consistently, the
 bank included: only a signature (:mod:`.modelfile`, ``DINOPATCH_MODEL_KEY``) binds a
