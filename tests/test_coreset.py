@@ -140,3 +140,11 @@ def test_a_coreset_model_tuned_by_an_evaluation_keeps_its_evidence(tmp_path):
     assert tuned.model_.coreset is not None and tuned.threshold_.fold_rows.size and tuned.threshold_.pixel_tuned
     with pytest.raises(ModelFileError, match="held-out distance"):
         _load(m["saved_model"], tmp_path, _scaled(2.0, pixel=False))
+
+
+def test_global_rows_are_the_banks_rows_where_they_are_few_enough_to_be_all(tmp_path):
+    det = DinoPatch(**dict(FAST, match="local+global")).fit(screws("good", 6, seed=1))
+    path = det.save(tmp_path / "m.npz")
+    assert DinoPatch.load(path).model_id == det.model_id
+    with pytest.raises(ModelFileError, match="global rows \\[384, 384\\] are not the bank's 384 rows"):
+        _load(path, tmp_path, lambda h, a: a.update(global_bank=a["global_bank"] * np.float32(1.5)))
