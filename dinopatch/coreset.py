@@ -124,17 +124,23 @@ def check_trace(tokens: np.ndarray, picks: np.ndarray, what: str) -> None:
     what greedy k-center picks: first the token nearest the mean, then each time the one farthest from those
     picked, up to :data:`ROUNDING`."""
     length, m, dim = tokens.shape
-    step = max(1, _CHUNK_BYTES // (4 * m * dim))
+    step = max(1, _CHUNK_BYTES // (8 * m * dim))
     for s in range(0, length, step):
-        x = tokens[s:s + step].astype(np.float32)
-        p = picks[s:s + step]
-        at = np.arange(len(x))
-        tol = ROUNDING * np.sqrt(np.einsum("lmd,lmd->lm", x, x).max(axis=1))
-        nearest = np.linalg.norm(x - x.mean(axis=1, keepdims=True), axis=-1)
+        # float64: the expanded square below is exact enough near zero, where float32's would not be.
+        x = tokens[s:s + step].astype(np.float64)
+        norms = np.einsum("lmd,lmd->lm", x, x)
+
+        def to(rows):  # [l, D] -> [l, M], each token's distance to its location's row
+            dots = np.matmul(x, rows[:, :, None])[..., 0]
+            return np.sqrt(np.maximum(norms - 2 * dots + np.einsum("ld,ld->l", rows, rows)[:, None], 0.0))
+
+        p, at = picks[s:s + step], np.arange(len(x))
+        tol = ROUNDING * np.sqrt(norms.max(axis=1))
+        nearest = to(x.mean(axis=1))
         short = nearest[at, p[:, 0]] - nearest.min(axis=1)
-        gap = np.full((len(x), m), np.inf, np.float32)
+        gap = np.full((len(x), m), np.inf)
         for j in range(1, p.shape[1]):
-            gap = np.minimum(gap, np.linalg.norm(x - x[at, p[:, j - 1]][:, None], axis=-1))
+            gap = np.minimum(gap, to(x[at, p[:, j - 1]]))
             short = np.maximum(short, gap.max(axis=1) - gap[at, p[:, j]])
         bad = np.flatnonzero(short > tol)
         if bad.size:
