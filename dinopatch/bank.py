@@ -87,6 +87,9 @@ class MemoryBank:
         self.match, self._global = match, _global_rows(match, global_features, self._features)
         self._full = None  # the sentinel-padded full grid, made on first use
         self._device = None
+        # [L, K] the fitted tokens each row is, in k-center's pick order; None where every token is a row
+        # (see :meth:`fit`): a coreset's evidence (:mod:`.coreset`).
+        self.coreset = None
         self._device_lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -137,6 +140,8 @@ class MemoryBank:
             positions: keep only these flat grid locations.
             match: one of :data:`MATCHES`; the global rows are the k-center coreset of all kept rows,
                 at most :data:`GLOBAL_ROWS`.
+
+        The bank's :attr:`coreset` says which of the N tokens each row is, where k < N.
         """
         if tokens.ndim != 4 or len(tokens) == 0:
             raise ValueError(f"tokens must be [N, h, w, D] with N >= 1, got {tokens.shape}")
@@ -145,7 +150,8 @@ class MemoryBank:
         n, h, w, d = tokens.shape
         stack = tokens.reshape(n, h * w, d).transpose(1, 0, 2)
         stack = np.ascontiguousarray(stack if positions is None else stack[positions], dtype=np.float32)
-        k = max(1, math.ceil(coreset_ratio * n))
+        k = coreset_rows(coreset_ratio, n)
+        idx = None
         if k < n:
             idx = kernels.kcenter_greedy(stack, k, kernel)
             stack = np.take_along_axis(stack, idx[:, :, None], axis=1)
@@ -155,7 +161,9 @@ class MemoryBank:
             if rows.shape[1] > GLOBAL_ROWS:
                 rows = rows[:, kernels.kcenter_greedy(rows, GLOBAL_ROWS, kernel)[0]]
             rows = rows[0].astype(dtype)
-        return cls(stack.astype(dtype), (h, w), tolerance, positions, match, rows)
+        bank = cls(stack.astype(dtype), (h, w), tolerance, positions, match, rows)
+        bank.coreset = idx
+        return bank
 
     @accepts_old_names("backend")
     def distances(self, tokens: np.ndarray, kernel: str | None = None) -> np.ndarray:
@@ -259,6 +267,11 @@ class MemoryBank:
         tolerance = f"map of 0..{self.max_tolerance}" if isinstance(self.tolerance, np.ndarray) else self.tolerance
         return (f"MemoryBank(grid={self.grid}{where}, rows={k}, dim={d}, tolerance={tolerance}, "
                 f"match={self.match}, dtype={self.features.dtype}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+def coreset_rows(coreset_ratio: float, n: int) -> int:
+    """Rows per location a bank of ``n`` tokens per location keeps at ``coreset_ratio``."""
+    return max(1, math.ceil(coreset_ratio * n))
 
 
 def _tolerance(tolerance, grid: tuple[int, int]) -> int | np.ndarray:

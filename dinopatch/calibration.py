@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .metrics import best_f1_threshold
+from .metrics import best_f1_threshold, f1_of
 from .postprocess import PostProcess, scores_and_maxima
 
 if TYPE_CHECKING:
@@ -73,6 +73,13 @@ class Threshold:
             defect: its threshold's evidence (:func:`tuned_threshold`).
         pixel_tuned: ``pixel`` was tuned by an evaluation on labelled masks and judges the mask
             alone (no :attr:`pixel_grid`).
+        mask_kernels, mask_thresholds, mask_counts: where ``pixel_tuned``, the evaluation's mask sweep, its
+            evidence: the clean-up kernels ``[K]`` and map thresholds ``[C]`` (increasing) it tried, and the
+            tuning pixels' ``(tp, fp, fn)`` with each pair, int ``[K, C, 3]`` (:func:`tuned_mask`).  Empty otherwise.
+        fold_rows: int ``[L, sum of k]``, where the banks were coresets: the good parts whose tokens each
+            held-out fold's bank kept at each location, fold after fold, in k-center's pick order
+            (:meth:`.nominal.NominalSet.held_out_scores`); with the parts' tokens (:mod:`.coreset`) the
+            evidence of :attr:`distances`.  Empty otherwise.
     """
 
     image: float
@@ -87,6 +94,11 @@ class Threshold:
     tuning_scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
     tuning_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False, compare=False)
     pixel_tuned: bool = False
+    fold_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64), repr=False, compare=False)
+    mask_kernels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False)
+    mask_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    mask_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.int64), repr=False,
+                                    compare=False)
 
     def __post_init__(self):
         # A zero image threshold flags every part; a zero mask threshold only paints the whole part.
@@ -251,7 +263,7 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
     held_sets = None if calibration == "cv" else nominal.plan.fraction(calibration)
     method = "held-out" if held_sets else nominal.plan.method
     held_sets = held_sets or nominal.plan.folds
-    index, scores, maxima, distances = nominal.held_out_scores(settings, held_sets)
+    index, scores, maxima, distances, kept = nominal.held_out_scores(settings, held_sets)
     if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} nominal images gave no finite score during calibration "
@@ -266,7 +278,8 @@ def calibrate(nominal: "NominalSet", settings: dict, *, calibration="cv", false_
         source["folds"] = len(held_sets)
     post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
     return Threshold(_quantile(scores, false_alarm_rate), _quantile(maxima, false_alarm_rate, warn=False), source,
-                     scores, maxima, distances, nominal.valid[index] > 0.5, measured_with(post))
+                     scores, maxima, distances, nominal.valid[index] > 0.5, measured_with(post),
+                     fold_rows=np.zeros((0, 0), np.int64) if kept is None else kept)
 
 
 def measured_with(post) -> dict:
@@ -285,6 +298,21 @@ def tuned_threshold(labels: np.ndarray, scores: np.ndarray, reach: float = math.
     t, _ = best_f1_threshold(labels, scores)
     below = scores[scores < t]
     return min(float((t + below.max()) / 2) if below.size else float(np.nextafter(t, -np.inf)), reach)
+
+
+def tuned_mask(kernels: np.ndarray, thresholds: np.ndarray, counts: np.ndarray) -> tuple[float, int]:
+    """An evaluation's mask threshold and clean-up kernel from its sweep (:attr:`Threshold.mask_counts`).
+
+    The best F1 of the tuning pixels, the first of equals in the order tried: kernel after kernel, each
+    threshold from the lowest.  A sweep without a labelled defect pixel gives its first pair.
+    """
+    best, at = -1.0, (0, 0)
+    for i in range(len(kernels)):
+        for j in range(len(thresholds)):
+            f1 = f1_of(*(int(c) for c in counts[i, j]))
+            if f1 > best + 1e-12:
+                best, at = f1, (i, j)
+    return float(thresholds[at[1]]), int(kernels[at[0]])
 
 
 def threshold_for(nominal: "NominalSet", settings: dict, params: dict) -> Threshold:

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics, pose_report
-from .calibration import Threshold, measured_with, tuned_threshold
+from .calibration import Threshold, measured_with, tuned_mask, tuned_threshold
 from .data import read_image, read_mask, write_png
 from .evidence import reach
 from .inputs import MVTEC_LAYOUT
@@ -126,7 +126,8 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
     chosen = (det.auto_ or {}).get("chosen", {})
     own = {k: chosen.get(k, getattr(det, k)) for k in ("sigma", "score", "morph_kernel")}
     if not raws:
-        return dict(own, threshold=det.threshold_.image, pixel_threshold=det.threshold_.pixel)
+        sweep = _mask_sweep([], [], det.threshold_.pixel, own["morph_kernel"])
+        return dict(own, threshold=det.threshold_.image, pixel_threshold=det.threshold_.pixel, mask_sweep=sweep)
     # The detector's own settings come first: they stand when the tuning part
     # cannot rank (one class only), and ties keep them.
     best, best_auc = None, -np.inf
@@ -143,20 +144,26 @@ def _tune(det, raws, labels, gts, threshold: str) -> dict:
         # The good parts' own threshold, read from their held-out maps scored as the tuned settings score.
         best["threshold"] = det.threshold_.rescored(dataclasses.replace(det.model_.post, **best)).image
     maps = [det.result_from(r, sigma=best["sigma"], score=best["score"]).anomaly_map for r in raws]
-    candidates = sorted({det.threshold_.pixel} | set(np.quantile(np.concatenate([m.ravel() for m in maps]),
-                                                                 PIXEL_QUANTILES).tolist()))
-    candidates = [c for c in candidates if np.isfinite(c)]
-    best_f1, best["pixel_threshold"], best["morph_kernel"] = -1.0, det.threshold_.pixel, own["morph_kernel"]
-    if any(g.any() for g in gts) and candidates:
-        from .postprocess import segment
-
-        y = np.concatenate([g.ravel() for g in gts])
-        for kernel in MORPH_KERNELS:
-            for t in candidates:
-                f1 = metrics.binary_report(y, np.concatenate([segment(m, t, kernel).ravel() for m in maps]))["f1"]
-                if f1 > best_f1 + 1e-12:
-                    best_f1, best["pixel_threshold"], best["morph_kernel"] = f1, float(t), kernel
+    best["mask_sweep"] = _mask_sweep(maps, gts, det.threshold_.pixel, own["morph_kernel"])
+    best["pixel_threshold"], best["morph_kernel"] = tuned_mask(*best["mask_sweep"])
     return best
+
+
+def _mask_sweep(maps: list[np.ndarray], gts: list[np.ndarray], pixel: float, kernel: int) -> tuple:
+    """The mask sweep on the tuning images' ``maps`` and labelled masks ``gts``: the kernels ``[K]`` and map
+    thresholds ``[C]`` tried (``pixel``, the model's own, and quantiles of the maps) and the pixels' ``(tp, fp,
+    fn)`` with each pair ``[K, C, 3]`` (:func:`.calibration.tuned_mask` picks the best); without a labelled
+    defect pixel, the model's own ``pixel`` and ``kernel`` alone."""
+    if not any(g.any() for g in gts):
+        return np.array([kernel], np.int64), np.array([pixel], np.float64), np.zeros((1, 1, 3), np.int64)
+    from .postprocess import segment
+
+    candidates = sorted({pixel} | set(np.quantile(np.concatenate([m.ravel() for m in maps]), PIXEL_QUANTILES).tolist()))
+    candidates = np.array([c for c in candidates if np.isfinite(c)], np.float64)
+    y = np.concatenate([g.ravel() for g in gts])
+    counts = [[metrics.confusion(y, np.concatenate([segment(m, t, k).ravel() for m in maps])) for t in candidates]
+              for k in MORPH_KERNELS]
+    return np.array(MORPH_KERNELS, np.int64), candidates, np.array(counts, np.int64)
 
 
 def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5, seed: int = 0,
@@ -211,17 +218,18 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
     settings = _tune(det, [raws[i] for i in tune], labels[tune], [gts[i] for i in tune], threshold)
     post = {k: settings[k] for k in ("sigma", "score", "morph_kernel")}
     tuning = settings.pop("tuning", None)
+    sweep = dict(zip(("mask_kernels", "mask_thresholds", "mask_counts"), settings.pop("mask_sweep")))
     if tuning is not None:
         source = {"method": "evaluation", "images": len(tune), "split": "all test images (optimistic)"
                   if tune_on_report else f"tuning split of {folder.root}, fraction {tune_fraction:g}, seed {seed}"}
         tuned_threshold = Threshold(settings["threshold"], settings["pixel_threshold"], source,
                                     measured_with=measured_with(dataclasses.replace(det.model_.post, **post)),
-                                    tuning_scores=tuning[0], tuning_labels=tuning[1], pixel_tuned=True)
+                                    tuning_scores=tuning[0], tuning_labels=tuning[1], pixel_tuned=True, **sweep)
     else:
         # The image threshold is still the calibrated one, read with the tuned settings: keep its
         # evidence, which a model file must carry.  The mask is the tuned value alone.
         tuned_threshold = dataclasses.replace(det.threshold_.rescored(dataclasses.replace(det.model_.post, **post)),
-                                              pixel=settings["pixel_threshold"], pixel_tuned=True)
+                                              pixel=settings["pixel_threshold"], pixel_tuned=True, **sweep)
     settings["threshold_source"] = tuned_threshold.describe()
     results = [det.result_from(r, threshold=settings["threshold"], pixel_threshold=settings["pixel_threshold"], **post)
                for r in raws]

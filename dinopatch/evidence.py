@@ -9,13 +9,25 @@ bounded by it, and a value that no longer matches is refused by name:
 * a calibrated threshold (leave-one-out, k-fold, held-out) is the conformal quantile of its held-out
   scores; those scores follow from the held-out distance maps and valid masks with the
   post-processing the model judges with, so a score method changed with the threshold kept, or
-  scores scaled with the threshold, are refused; where the bank holds every good part's tokens
-  (coreset ratio 1, the default) the held-out distances are derived again from the bank itself,
-  each fold against the rows of the others, so the maps cannot be scaled with them;
+  scores scaled with the threshold, are refused; the held-out distances are derived again from the
+  good parts' tokens, each fold against the rows its bank held, so the maps cannot be scaled with
+  them: the bank's own rows where it holds every part's (coreset ratio 1, the default), else the
+  tokens a coreset bank carries as evidence, with its rows and each fold's checked to be greedy
+  k-center's picks among them (:mod:`.coreset`); only where a fold's global rows (``match`` other
+  than local) would be a coreset of their own, above :data:`.bank.GLOBAL_ROWS`, are the maps
+  not derived again (checking k-center's picks there costs what fit's search did);
+* a bank's global rows are its rows, where those number at most :data:`.bank.GLOBAL_ROWS`;
 * an evaluation's threshold follows from its tuning scores by its rule (:func:`.calibration.tuned_threshold`);
+* a mask value an evaluation tuned on labelled masks, and the clean-up kernel tuned with it, follow from
+  its sweep by its rule (:func:`.calibration.tuned_mask`): the thresholds and kernels it tried and the
+  tuning pixels' counts with each;
 * a user's threshold is at most the bank's :func:`reach`, at fit, at save and at load, and an evaluation's
-  rule caps its threshold there; a mask value an evaluation tuned on labelled masks has no evidence a file
-  can carry, and is only bounded by the distances the bank can produce, as every threshold is.
+  rule caps its threshold there; every threshold, a tuned mask value included, is within the distances the
+  bank can produce.
+
+An evaluation's tuning scores (with the score method they were measured with) and its mask sweep are
+measured on test images the file does not hold: an edit that rewrites them consistently with the values
+they give is only held to those bounds.
 
 What no check can catch is an edit that recomputes everything consistently, the
 bank included: only a signature (:mod:`.modelfile`, ``DINOPATCH_MODEL_KEY``) binds a
@@ -28,8 +40,9 @@ import math
 import numpy as np
 
 from . import bank as memory
+from . import coreset
 from .bank import MemoryBank
-from .calibration import Threshold, measured_with, tuned_threshold
+from .calibration import Threshold, measured_with, tuned_mask, tuned_threshold
 from .foreground import Background, patch_stats, scatter
 from .nominal import FoldPlan
 from .postprocess import scores_and_maxima
@@ -79,6 +92,7 @@ def check_threshold(t: Threshold, model) -> None:
     bank, post = model.bank, model.post
     method = t.source["method"]
     if method == "user":
+        _check_mask(t, post.morph_kernel)
         return _within_reach(bank, "given", image=t.image, pixel=t.pixel)
     if t.measured_with != measured_with(post):
         raise ValueError(f"the model scores with {measured_with(post)} but its threshold's scores were measured "
@@ -91,6 +105,7 @@ def check_threshold(t: Threshold, model) -> None:
         if not math.isclose(derived, t.image):
             raise ValueError(f"threshold {t.image:g} is not the one its tuning scores give ({derived:g}, at most "
                              f"the bank's reach {limit:.4g})")
+    _check_mask(t, post.morph_kernel)
     beyond = _produced(bank.features)
     grid_max = float(t.pixel_grid.max()) if t.pixel_grid is not None else 0.0
     for name, value in (("image", t.image), ("pixel", t.pixel), ("per-location mask", grid_max)):
@@ -100,6 +115,31 @@ def check_threshold(t: Threshold, model) -> None:
     if method == "evaluation":
         return
     _check_calibrated(t, model)
+
+
+def _check_mask(t: Threshold, kernel: int) -> None:
+    """An evaluation's mask threshold, and the clean-up ``kernel`` the model masks with, against its sweep."""
+    kernels, values, counts = t.mask_kernels, t.mask_thresholds, t.mask_counts
+    if not t.pixel_tuned:
+        if kernels.size or values.size or counts.size:
+            raise ValueError("a mask sweep beside a mask threshold no evaluation tuned: the file was edited")
+        return
+    if kernels.ndim != 1 or values.ndim != 1 or not kernels.size or not values.size \
+            or counts.shape != (kernels.size, values.size, 3):
+        raise ValueError(f"a mask threshold tuned by evaluation needs its sweep: kernels [K], thresholds [C] and "
+                         f"counts [K, C, 3], got {list(kernels.shape)}, {list(values.shape)}, {list(counts.shape)}")
+    if not np.isfinite(values).all() or (np.diff(values) <= 0).any() or (kernels < 1).any():
+        raise ValueError("the mask sweep's thresholds are not finite and increasing, or its kernels not positive")
+    found = counts[..., 0] + counts[..., 2]
+    if (counts < 0).any() or (found != found.flat[0]).any():
+        raise ValueError("the mask sweep's counts are negative, or count other defect pixels at another threshold")
+    pixel, best = tuned_mask(kernels, values, counts)
+    if pixel != t.pixel:
+        raise ValueError(f"pixel threshold {t.pixel:g} is not the one its tuning sweep gives ({pixel:g}): the file "
+                         "was edited")
+    if best != kernel:
+        raise ValueError(f"morph_kernel {kernel} is not the one the mask threshold's tuning sweep gives ({best}): "
+                         "the file was edited")
 
 
 def _within_reach(bank: MemoryBank, how: str, **values: float) -> None:
@@ -145,13 +185,16 @@ def folds(params: dict, n: int, method: str) -> list[np.ndarray]:
 
 
 def _check_distances(t: Threshold, model) -> None:
-    """The stored held-out maps against the bank's own, where the bank holds one row per good part, and
-    outside the region against the background check's samples."""
+    """The stored held-out maps against those the good parts' tokens give (the bank's rows where it holds one
+    per good part, else the coreset's evidence), and outside the region against the background check's samples."""
     bank, fg = model.bank, model.foreground
-    if model.report is None or bank.size != model.report.used:
-        return  # a coreset: the held-out parts' tokens are not all in the bank
-    held = folds(model.params, bank.size, t.source["method"])
-    derived = held_out_distances(bank, held)
+    if model.report is None:
+        return  # no count of the parts the bank was made of
+    tokens = bank.features if model.coreset is None else model.coreset.tokens  # one row per part (checked at load)
+    n = model.report.used
+    held = folds(model.params, n, t.source["method"])
+    kept = coreset.fold_rows(t.fold_rows, held, n, model.params["coreset_ratio"], tokens)
+    derived = held_out_distances(bank, held, tokens, kept)
     if derived is None:
         return
     if fg is not None:
@@ -161,7 +204,7 @@ def _check_distances(t: Threshold, model) -> None:
     if derived.shape != stored.shape:
         raise ValueError(f"held-out distances {list(stored.shape)} are not one map per held-out part "
                          f"{list(derived.shape)}")
-    tol = REDERIVE_RTOL[bank.features.dtype.name] * float(derived[inside].max(initial=0.0))
+    tol = REDERIVE_RTOL[tokens.dtype.name] * float(derived[inside].max(initial=0.0))
     gap = np.abs(stored - np.where(inside, derived, stored))
     if gap.max(initial=0.0) > tol:
         i, y, x = np.unravel_index(int(np.argmax(gap)), gap.shape)
@@ -171,29 +214,52 @@ def _check_distances(t: Threshold, model) -> None:
                          f"({derived[i, y, x]:g}): the file was edited")
 
 
-def held_out_distances(bank: MemoryBank, held: list[np.ndarray]) -> np.ndarray | None:
-    """Each held-out row's distance to the rows of the other parts, ``[n, h, w]`` in the order of ``held``
-    (sorted within each set), NaN where the bank has no location; None where the global rows of a fold
-    would be a coreset (more than :data:`.bank.GLOBAL_ROWS`), which the bank cannot say.
+def held_out_distances(bank: MemoryBank, held: list[np.ndarray], tokens: np.ndarray | None = None,
+                       kept: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """Each held-out part's distances to a bank of the others' tokens, as fit measured them.
 
-    The bank must hold one row per good part, in fit order (coreset ratio 1).
+    Args:
+        bank: the model's bank: its grid, tolerance, region and match.
+        held: held-out sets of good parts.
+        tokens: ``[L, N, D]`` every good part's token at each location the bank covers, in fit order (default:
+            the bank's rows, where it holds one per part: coreset ratio 1).
+        kept: per set, int ``[L, k]`` the parts whose tokens its bank held (default: every other part).
+
+    Returns:
+        ``[n, h, w]`` in the order of ``held`` (sorted within each set), NaN where the bank has no location;
+        None where the global rows of a fold would be a coreset (more than :data:`.bank.GLOBAL_ROWS`), which
+        neither the bank nor the tokens say.
     """
-    features = bank.features
-    length, k, dim = features.shape
-    if bank.match != "local" and length * (k - min(map(len, held))) > memory.GLOBAL_ROWS:
-        return None
+    tokens = bank.features if tokens is None else tokens
+    length, n, dim = tokens.shape
     out = []
-    for h in held:
+    for i, h in enumerate(held):
         h = np.sort(h)
-        train = np.setdiff1d(np.arange(k), h)
-        rows = features[:, train]
+        rows = tokens[:, np.setdiff1d(np.arange(n), h)] if kept is None else \
+            np.take_along_axis(tokens, kept[i][:, :, None], axis=1)
+        if bank.match != "local" and rows.shape[0] * rows.shape[1] > memory.GLOBAL_ROWS:
+            return None
         fold = MemoryBank(rows, bank.grid, bank.tolerance, bank.positions, bank.match,
                           None if bank.match == "local" else rows.reshape(-1, dim))
-        tokens = features[:, h].transpose(1, 0, 2).astype(np.float32)
-        grid = tokens.reshape(len(h), *bank.grid, dim) if bank.positions is None else \
-            scatter(tokens, bank.positions, bank.grid)
+        grid = tokens[:, h].transpose(1, 0, 2).astype(np.float32)
+        grid = grid.reshape(len(h), *bank.grid, dim) if bank.positions is None else \
+            scatter(grid, bank.positions, bank.grid)
         out.append(fold.distances(grid))
     return np.concatenate(out)
+
+
+def check_bank(model) -> None:
+    """ValueError where a coreset bank's rows are not k-center's picks among the good parts' tokens it keeps as
+    evidence (:mod:`.coreset`), or the global rows are not the bank's rows where those are few enough to be all."""
+    bank = model.bank
+    if model.coreset is not None:
+        model.coreset.check_bank(bank)
+    rows = bank.global_features
+    if rows is not None and bank.features.shape[0] * bank.size <= memory.GLOBAL_ROWS \
+            and (rows.shape != (bank.features.shape[0] * bank.size, bank.dim)
+                 or (rows != bank.features.reshape(-1, bank.dim)).any()):
+        raise ValueError(f"global rows {list(rows.shape)} are not the bank's {bank.features.shape[0] * bank.size} "
+                         "rows: the file was edited")
 
 
 def _with_background(derived: np.ndarray, fg, held: list[np.ndarray], kept: list[int]) -> np.ndarray:
@@ -229,14 +295,15 @@ def check_background(model) -> None:
             raise ValueError(f"background statistic {fg.stats[i, j, k]:g} of part {int(fg.parts[i])} at patch {j} "
                              "is not what the part's pixels give: the file was edited")
     kept = model.report.kept() if model.report is not None else None
-    if kept is None or model.bank.size != len(fg.parts) or list(fg.parts) != kept:
-        return  # the bank lacks some sampled parts' rows, or holds a coreset
-    nearest = MemoryBank(model.bank.features, model.bank.grid, 0, model.bank.positions)
+    tokens = model.bank.features if model.coreset is None else model.coreset.tokens
+    if kept is None or tokens.shape[1] != len(fg.parts) or list(fg.parts) != kept:
+        return  # the bank lacks some sampled parts' rows
+    nearest = MemoryBank(tokens, model.bank.grid, 0, model.bank.positions)
     held = FoldPlan.seeded(len(kept), model.params["seed"]).folds
     order = np.concatenate([np.sort(h) for h in held])
     worst = np.empty(len(kept), np.float32)
     worst[order] = np.nanmax(held_out_distances(nearest, list(held)).reshape(len(kept), -1), axis=1)
-    tol = REDERIVE_RTOL[model.bank.features.dtype.name] * float(worst.max())
+    tol = REDERIVE_RTOL[tokens.dtype.name] * float(worst.max())
     off = np.abs(worst - fg.worst) > tol
     if off.any():
         i = int(np.flatnonzero(off)[0])

@@ -22,6 +22,7 @@ from .align import Aligner
 from .backbone import get_spec
 from .bank import MemoryBank
 from .calibration import METHODS, Threshold, measured_with
+from .coreset import GoodTokens
 from .drift import Reference
 from .foreground import Foreground
 from .golden import GoldenSet
@@ -63,6 +64,8 @@ class Fitted:
     engine_choice: dict | None = None
     # The good parts the model was made of, and its updates (:mod:`.update`); None in files from before update.
     good: GoodParts | None = None
+    # Every good part's tokens where the bank is a coreset: its rows' and held-out maps' evidence (:mod:`.coreset`).
+    coreset: GoodTokens | None = None
 
     def graph_sha256(self, engine) -> str | None:
         """The recorded hash of the graph ``engine`` must run, where fit ran the same engine."""
@@ -165,10 +168,12 @@ def learned(params: dict, nominal: NominalSet, auto: dict | None, threshold: Thr
     chose), ``threshold``, the good set's ``report``, the drift reference of the images it kept, and, where
     ``params["keep_parts"]``, the good parts themselves; ``engine`` ran as ``engine_name``."""
     kept = [images[i] for i in report.kept()]
-    return Fitted(params, nominal.aligner, nominal.bank(autotune.resolved(params, auto)), threshold,
+    bank = nominal.bank(autotune.resolved(params, auto))
+    return Fitted(params, nominal.aligner, bank, threshold,
                   engine.fingerprint, "unsaved", nominal.foreground, graph_record(engine_name, engine), auto,
                   nominal.offsets, report, Reference.measure(kept, nominal.alignments, params["image_size"]),
-                  good=GoodParts.of(images, names) if params["keep_parts"] else None)
+                  good=GoodParts.of(images, names) if params["keep_parts"] else None,
+                  coreset=GoodTokens.of(nominal.tokens, bank))
 
 
 def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tuple[Fitted, Path]:
@@ -193,7 +198,13 @@ def save_detector(path: str | os.PathLike, model: Fitted, runtime: dict) -> tupl
               "calibration_distances": np.asarray(t.distances, np.float32),
               "calibration_valid": np.packbits(t.valid.reshape(len(t.valid), params["image_size"] ** 2), axis=1),
               "tuning_scores": np.asarray(t.tuning_scores, np.float64),
-              "tuning_labels": np.asarray(t.tuning_labels, bool)}
+              "tuning_labels": np.asarray(t.tuning_labels, bool),
+              "calibration_fold_rows": np.asarray(t.fold_rows, np.int32),
+              "tuning_mask_kernels": np.asarray(t.mask_kernels, np.int64),
+              "tuning_mask_thresholds": np.asarray(t.mask_thresholds, np.float64),
+              "tuning_mask_counts": np.asarray(t.mask_counts, np.int64)}
+    if model.coreset is not None:
+        arrays.update(model.coreset.state())
     if model.bank.global_features is not None:
         arrays["global_bank"] = model.bank.global_features
     if model.offsets is not None:
@@ -321,6 +332,9 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
     if rows is not None and not np.isfinite(rows).all():
         raise ValueError("global bank holds non-finite values")
     membank = MemoryBank(bank, (side, side), steps, None if fg is None else fg.positions, chosen["match"], rows)
+    if report is None and params["coreset_ratio"] < 1:
+        raise ValueError("a coreset bank without the fit report that says how many good parts it was chosen from")
+    coreset = None if report is None else GoodTokens.from_state(arrays, bank, report.used, params["coreset_ratio"])
     drift = Reference.from_state(header.get("drift"), arrays)
     gold = None
     if header.get("golden") is not None:
@@ -338,7 +352,8 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError(f"the file holds {len(good.images)} good parts but its fit report was given "
                          f"{report.images}: the file was edited")
     model = Fitted(params, aligner, membank, threshold, fingerprint, model_id, fg, graph, auto,
-                   offsets, report, drift, gold, choice, good)
+                   offsets, report, drift, gold, choice, good, coreset)
+    evidence.check_bank(model)
     evidence.check_background(model)  # first: the threshold's maps outside the region follow from these samples
     model.check_threshold()
     return model, params
@@ -385,5 +400,13 @@ def _threshold(record: dict, arrays: dict, side: int, size: int) -> Threshold:
     labels = arrays["tuning_labels"]
     if labels.dtype != bool:
         raise ValueError(f"tuning labels are {labels.dtype}, not bool")
+    fold_rows = arrays["calibration_fold_rows"]
+    if fold_rows.dtype != np.int32 or fold_rows.ndim != 2:
+        raise ValueError(f"held-out folds' coreset rows {fold_rows.dtype}{list(fold_rows.shape)} are not int32 [L, K]")
+    sweep = {name: arrays[f"tuning_{name}"] for name in ("mask_kernels", "mask_thresholds", "mask_counts")}
+    for name, value in sweep.items():
+        if value.dtype != (np.float64 if name == "mask_thresholds" else np.int64):
+            raise ValueError(f"the mask sweep's {name[5:]} are {value.dtype}")
     return Threshold(record["image"], record["pixel"], source, scores, arrays["calibration_maxima"], distances,
-                     valid, post, arrays["tuning_scores"], labels, record["pixel_tuned"])
+                     valid, post, arrays["tuning_scores"], labels, record["pixel_tuned"], fold_rows.astype(np.int64),
+                     **sweep)

@@ -205,7 +205,7 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
     """
     scores, flags = (), list(flags)
     if len(nominal) >= MIN_IMAGES:
-        index, values, _, _ = nominal.held_out_scores(settings)
+        index, values, *_ = nominal.held_out_scores(settings)
         by_row = {int(r): round(float(s), 6) for r, s in zip(index, values) if math.isfinite(s)}
         scores = tuple((names[indices[r]], by_row[r]) for r in sorted(by_row))  # input order
         limit = outlier_limit([s for _, s in scores])

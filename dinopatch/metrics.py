@@ -68,11 +68,27 @@ def binary_report(labels, predicted) -> dict[str, float]:
     """Precision, recall, F1 and accuracy of boolean predictions."""
     y = np.asarray(labels).ravel().astype(bool)
     p = np.asarray(predicted).ravel().astype(bool)
-    tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((y == p).mean()) if y.size else 0.0}
+    counts = confusion(y, p)
+    precision, recall = _precision_recall(*counts)
+    return {"precision": precision, "recall": recall, "f1": f1_of(*counts),
+            "accuracy": float((y == p).mean()) if y.size else 0.0}
+
+
+def confusion(labels, predicted) -> tuple[int, int, int]:
+    """``(tp, fp, fn)`` of boolean predictions: defects found, good ones marked, defects missed."""
+    y = np.asarray(labels).ravel().astype(bool)
+    p = np.asarray(predicted).ravel().astype(bool)
+    return int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
+
+
+def f1_of(tp: int, fp: int, fn: int) -> float:
+    """F1 from counts (0 where nothing was found)."""
+    precision, recall = _precision_recall(tp, fp, fn)
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def _precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
+    return tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0
 
 
 def line_counts(labels, predicted) -> dict[str, int]:

@@ -49,10 +49,11 @@ import numpy as np
 from . import atomic
 
 FORMAT = "dinopatch-model"
-VERSION = 3
+VERSION = 4
 """2: thresholds carry their evidence and the model id is the content's checksum, not a stored value;
-3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order; the golden
-set holds nominal frames as they are."""
+3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order, and the
+golden set holds nominal frames as they are;
+4: a coreset bank carries the good parts' tokens it was chosen from, and a tuned mask threshold its sweep."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 

@@ -179,11 +179,20 @@ class NominalSet:
             float32 ``[N, h, w]`` in each canonical image's orientation, the background term filled in
             outside the region; with ``extra``, also ``[B, h, w]`` for them.
         """
+        maps, more, _ = self._held_out(settings, self.plan.folds if folds is None else folds, extra)
+        return maps if extra is None else (maps, more)
+
+    def _held_out(self, settings: dict, folds, extra: Queries | None) -> tuple:
+        """:meth:`held_out`'s maps, the extra queries' maps (or None) and, per fold, the images whose tokens its
+        bank holds at each location, int ``[L, k]`` in the bank's row order."""
         maps = np.full(self.tokens.shape[:3], np.nan, np.float32)
         more = None if extra is None else np.full(extra.tokens.shape[:3], np.nan, np.float32)
-        for held in self.plan.folds if folds is None else folds:
+        kept = []
+        for held in folds:
             train = self.plan.train(held)
             bank = self.bank(settings, train)
+            kept.append(np.broadcast_to(train, (bank.features.shape[0], len(train))) if bank.coreset is None
+                        else train[bank.coreset])
             background = None if self.foreground is None else self.foreground.background_of(self.frames[train])
             maps[held] = finish(bank.distances(self.tokens[held], self.kernel), self.foreground, self.frames[held],
                                 background)
@@ -191,23 +200,25 @@ class NominalSet:
             if here.size:
                 more[here] = finish(bank.distances(extra.tokens[here], self.kernel), self.foreground,
                                     extra.frames[here], background)
-        return maps if extra is None else (maps, more)
+        return maps, more, kept
 
-    def held_out_scores(self, settings: dict, folds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def held_out_scores(self, settings: dict, folds=None) -> tuple:
         """Image scores of held-out images with ``settings`` (bank and post-processing).
 
         Returns:
-            ``(index, scores, maxima, distances)``: the images of each fold in order (sorted within a
-            fold), their image scores, the largest value of each one's map, and their held-out distance
+            ``(index, scores, maxima, distances, kept)``: the images of each fold in order (sorted within a
+            fold), their image scores, the largest value of each one's map, their held-out distance
             maps, float32 ``[len(index), h, w]`` (the evidence of the per-location mask threshold,
-            :attr:`.calibration.Threshold.pixel_grid`).
+            :attr:`.calibration.Threshold.pixel_grid`), and where ``settings`` ask for a coreset the images
+            whose tokens each fold's bank holds, int ``[L, sum of k]`` fold after fold (None otherwise).
         """
         folds = self.plan.folds if folds is None else folds
         post = PostProcess(settings["sigma"], settings["score"], settings["topk"], settings["morph_kernel"])
-        maps = self.held_out(settings, folds)
+        maps, _, kept = self._held_out(settings, folds, None)
         index = np.concatenate([np.sort(h) for h in folds])
+        kept = np.concatenate(kept, axis=1) if settings["coreset_ratio"] < 1 else None
         # The valid masks as the model file keeps them (one bit a pixel): load scores them again alike.
-        return (index, *scores_and_maxima(post, maps[index], self.valid[index] > 0.5), maps[index])
+        return (index, *scores_and_maxima(post, maps[index], self.valid[index] > 0.5), maps[index], kept)
 
 
 def finish(distances: np.ndarray, fg: Foreground | None, frames: np.ndarray, background=None) -> np.ndarray:

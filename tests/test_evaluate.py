@@ -238,3 +238,41 @@ def test_the_command_claims_every_file_evaluate_writes(screw_report):
     _, _, out, _ = screw_report
     assert {p.name for p in out.iterdir()} <= set(REPORT_FILES)  # --force removes them, a rerun refuses them
     assert (out / "pose.png").exists()
+
+
+@pytest.mark.parametrize("threshold", ["tuned", "good"])
+def test_the_tuned_mask_threshold_and_kernel_follow_from_the_sweep_the_file_carries(screw_report, tmp_path,
+                                                                                   threshold):
+    """A raised mask threshold empties every mask; with the checksum recomputed it loaded before the sweep."""
+    from conftest import edited_copy
+
+    from dinopatch.calibration import tuned_mask
+    from dinopatch.evaluate import MORPH_KERNELS
+    from dinopatch.modelfile import ModelFileError
+
+    folder, det, _, _ = screw_report
+    m = evaluate(det, folder, tmp_path / "r", progress=False, threshold=threshold, save_model=tmp_path / "t.npz")
+    t = DinoPatch.load(m["saved_model"]).threshold_
+    assert t.pixel_tuned and t.mask_counts.shape == (len(MORPH_KERNELS), len(t.mask_thresholds), 3)
+    assert t.mask_counts[0, 0, 0] + t.mask_counts[0, 0, 2] > 0  # the tuning part has labelled defect pixels
+    assert tuned_mask(t.mask_kernels, t.mask_thresholds, t.mask_counts) == (t.pixel, m["settings"]["morph_kernel"])
+
+    def load(edit):
+        return DinoPatch.load(edited_copy(m["saved_model"], tmp_path / "edited.npz", edit, golden=True))
+
+    def zeros(h, a):
+        for name in ("tuning_mask_kernels", "tuning_mask_thresholds", "tuning_mask_counts"):
+            a[name] = np.zeros((0,) * a[name].ndim, a[name].dtype)
+
+    other = next(k for k in MORPH_KERNELS if k != m["settings"]["morph_kernel"])
+    for edit, match in [(lambda h, a: h["threshold"].update(pixel=h["threshold"]["pixel"] * 3),
+                         "pixel threshold .* is not the one its tuning sweep gives"),
+                        (lambda h, a: h["params"].update(morph_kernel=other),
+                         f"morph_kernel {other} is not the one the mask threshold's tuning sweep gives"),
+                        (zeros, "needs its sweep"),
+                        (lambda h, a: h["threshold"].update(pixel_tuned=False), "a mask sweep beside a mask threshold"
+                         "|disagrees with its held-out maps"),
+                        (lambda h, a: a.update(tuning_mask_counts=a["tuning_mask_counts"][..., ::-1].copy()),
+                         "the mask sweep's counts|pixel threshold .* is not the one")]:
+        with pytest.raises(ModelFileError, match=match):
+            load(edit)

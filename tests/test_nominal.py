@@ -41,7 +41,7 @@ def region_fit():
 def test_the_threshold_is_measured_on_the_plan_the_nominal_set_answers(region_fit):
     det, _, nominal = region_fit
     assert len(nominal.plan.folds) == MAX_FOLDS and det.threshold_.source["folds"] == MAX_FOLDS
-    index, scores, _, distances = nominal.held_out_scores(det.model_.resolved)
+    index, scores, _, distances, _ = nominal.held_out_scores(det.model_.resolved)
     assert sorted(index) == list(range(12))
     np.testing.assert_allclose(det.threshold_.scores, scores, rtol=1e-6)
     # The held-out maps are the per-location mask threshold's evidence, image for image.
