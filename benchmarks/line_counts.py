@@ -24,14 +24,15 @@ def render(out: str, size: int) -> None:
         print(name, len(d["train"]), len(d["test"]), sorted(set(d["defects"])))
 
 
-def judge(out: str, weights: str, size: int, backbone: str) -> None:
+def judge(out: str, weights: str, size: int, backbone: str, engine: str) -> None:
     from dinopatch import DinoPatch, metrics
 
     print(f"{'category':<11}{'AUROC':>7}{'caught':>9}{'rejected':>10}  caught per defect")
     recall, rejected_all, good_all, aurocs = [], 0, 0, []
     for path in sorted(glob.glob(os.path.join(out, "*.npz"))):
         z = np.load(path)
-        det = DinoPatch(backbone=backbone, weights=weights, image_size=size, align=bool(z["align"]), progress=False)
+        det = DinoPatch(backbone=backbone, weights=weights, image_size=size, align=bool(z["align"]), progress=False,
+                        engine=engine)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results = det.fit(list(z["train"])).predict(list(z["test"]))
@@ -58,5 +59,7 @@ if __name__ == "__main__":
     p.add_argument("weights", nargs="?", help="checkpoint (judge): python -m dinopatch weights --random-blocks")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--backbone", default="dinov2_vits14", help="judge: the backbone (e.g. dinov3_vits16)")
+    p.add_argument("--engine", default="auto", help="judge: the engine; a fixed one (onnx) compares two versions "
+                   "without the measured choice, which may differ between runs, in between")
     a = p.parse_args()
-    render(a.folder, a.size) if a.what == "render" else judge(a.folder, a.weights, a.size, a.backbone)
+    render(a.folder, a.size) if a.what == "render" else judge(a.folder, a.weights, a.size, a.backbone, a.engine)
