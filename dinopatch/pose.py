@@ -26,6 +26,9 @@ ANGLES = 360               # angle bins of the polar unwrapping
 _RADII = 40
 _SEPARATION = 10.0         # degrees: a second peak nearer than this is the same pose
 _ECC_ITERATIONS = 30
+# Stop once an iteration raises the correlation by less than this: tighter costs an iteration (about a fifth
+# of the alignment's time) and moves the pose by under a thousandth of a pixel or degree.
+_ECC_EPS = 1e-3
 _ECC_MAX_TURN = 4.0        # degrees: a refinement that turns further than this has run off
 _ECC_MAX_SHIFT = 0.06      # of SIDE, likewise
 _SYMMETRY = 0.93           # template self-correlation at 360/N degrees above which it is N-fold symmetric
@@ -180,7 +183,7 @@ def refine(template: np.ndarray, image: np.ndarray) -> np.ndarray:
     warp = np.eye(2, 3, dtype=np.float32)
     try:
         _, warp = cv2.findTransformECC(template, image, warp, cv2.MOTION_EUCLIDEAN,
-                                       (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, _ECC_ITERATIONS, 1e-5),
+                                       (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, _ECC_ITERATIONS, _ECC_EPS),
                                        None, 3)
     except cv2.error:  # no convergence (a flat or badly damaged part): keep the coarse pose
         return np.eye(2, 3)
