@@ -7,7 +7,7 @@ image of the good parts in their common pose, built iteratively in
 :meth:`Aligner.fit` (align to the template, rebuild it, repeat): all angles in
 one polar cross-correlation for round parts, a window around the principal
 axis (either way) for elongated ones, then refined below a pixel and a degree
-by ECC (:mod:`.pose`). The full resolution image is warped once into the square
+(:mod:`.pose`). The full resolution image is warped once into the square
 canonical frame, padded where the frame leaves the image (with a validity
 mask): by reflection, or with the background level of the image's border.
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
-from .pose import MAX_FOLD, SIDE, PolarTemplate, crop, pose_matrix, refine, residual
+from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, crop, pose_matrix, residual
 from .pose_ranges import MAX_RATIO, PoseEvidence
 
 __all__ = ["Aligner", "Alignment", "Placement"]
@@ -171,7 +171,7 @@ class Aligner:
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.size_tolerance = float(size_tolerance)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
-        self.fold_, self.evidence_, self._polar, self.report_ = 1, None, None, None
+        self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
 
     # -- fitting ---------------------------------------------------------------
 
@@ -241,6 +241,7 @@ class Aligner:
         self.template_ = np.round(np.asarray(template, np.float64), 2).astype(np.float32)
         self.fold_ = int(fold)
         self._polar = PolarTemplate(self.template_, self.fold_)
+        self._refine = Refiner(self.template_)
 
     def _first_orientations(self, parts: list[Part]) -> list[tuple[float, bool]]:
         """Angle and mirroring of elongated parts from their silhouettes alone: the sign of the
@@ -266,7 +267,7 @@ class Aligner:
                               flags=cv2.INTER_LINEAR)
 
     def _locate(self, part: Part) -> _Located:
-        """The part's pose against the template: rotation search, then ECC refinement."""
+        """The part's pose against the template: rotation search, then refinement."""
         scale = self._scale(part, SIDE)
         upright = crop(part.gray, _compose(pose_matrix(part.centre, 0.0, scale, False, SIDE), part.to_input))
         axis = _axis_angle(part)
@@ -274,7 +275,7 @@ class Aligner:
         windows = [(axis, _WINDOW), (axis + 180.0, _WINDOW)] if clear else None
         pose = self._polar.search(upright, self.mirror, windows)
         m = pose_matrix(part.centre, pose.angle, scale, pose.mirrored, SIDE)
-        m = _compose(refine(self.template_, crop(part.gray, _compose(m, part.to_input))), m)
+        m = _compose(self._refine(crop(part.gray, _compose(m, part.to_input))), m)
         image = crop(part.gray, _compose(m, part.to_input))
         return _Located(m, pose.peak_ratio, residual(self.template_, image), pose.mirrored, image)
 
