@@ -498,7 +498,9 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 
 def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The 2x3 affine ``a`` after ``b``."""
-    return (np.vstack([a, [0, 0, 1]]) @ np.vstack([b, [0, 0, 1]]))[:2]
+    out = np.asarray(a, np.float64)[:, :2] @ np.asarray(b, np.float64)
+    out[:, 2] += a[:, 2]
+    return out
 
 
 def _orient(sil: np.ndarray, orient) -> np.ndarray:
