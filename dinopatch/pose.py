@@ -30,7 +30,8 @@ _REFINE_ITERATIONS = 30
 _REFINE_STOP = 1e-2        # crop pixels: a refinement step that moves the crop's rim and centre by less ends it
 _REFINE_MAX_TURN = 4.0     # degrees: a refinement that turns further than this has run off
 _REFINE_MAX_SHIFT = 0.06   # of SIDE, likewise
-_INNER = (slice(1, -1), slice(1, -1))  # the pixels refined on: those with a whole gradient
+_INNER = (slice(1, SIDE - 1), slice(1, SIDE - 1))  # the pixels with a whole gradient
+_STRUCTURE = 0.05          # of the template's strongest gradient: weaker is flat background to the refinement
 _SYMMETRY = 0.93           # template self-correlation at 360/N degrees above which it is N-fold symmetric
 MAX_FOLD = 36
 
@@ -181,9 +182,9 @@ class Refiner:
     It maximises the normalised correlation of crop and template, as OpenCV's
     ECC does, by Gauss-Newton in its inverse compositional form: the
     template's gradients, and the Hessian they give, are computed once here, so
-    that an iteration costs one warp of the crop and one projection.  Neither
-    image is blurred first, unlike ECC: a blur put the parts of
-    ``benchmarks/pose_accuracy.py`` further off the centre.
+    that an iteration costs one warp and one projection, over the box of the
+    template that has structure.  Neither image is blurred first, unlike ECC:
+    a blur put the parts of ``benchmarks/pose_accuracy.py`` further off centre.
 
     Args:
         template: float32 ``[SIDE, SIDE]``.
@@ -194,14 +195,16 @@ class Refiner:
         gx = cv2.Sobel(t, cv2.CV_32F, 1, 0, scale=1 / 8)
         gy = cv2.Sobel(t, cv2.CV_32F, 0, 1, scale=1 / 8)
         yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+        box = _structure_box(np.abs(gx) + np.abs(gy))
+        self._box = np.array([[1.0, 0, -box[1].start], [0, 1.0, -box[0].start], [0, 0, 1]])  # crop -> box
         # The image's change as the crop turns about its centre and moves: d/d(angle, tx, ty), zero-mean.
-        g = np.stack([gy * xx - gx * yy, gx, gy])[(slice(None), *_INNER)].reshape(3, -1)
+        g = np.stack([gy * xx - gx * yy, gx, gy])[(slice(None), *box)].reshape(3, -1)
         g -= g.mean(axis=1, keepdims=True)
-        v = t[_INNER].astype(np.float64)
+        v = t[box].astype(np.float64)
         v -= v.mean()
         norm = max(float(np.sqrt((v * v).sum())), 1e-9)
         self._template = (v / norm).astype(np.float32)
-        # Least squares from the crop's difference to the template to the step: [3, *inner shape]
+        # Least squares from the crop's difference to the template to the step: [3, *box shape]
         # (the pseudo-inverse: a flat template has no gradient, and then gives no step).
         self._solve = (np.linalg.pinv(g @ g.T) @ (g * norm)).astype(np.float32).reshape(3, *v.shape)
 
@@ -211,8 +214,8 @@ class Refiner:
         c = (SIDE - 1) / 2
         m = np.eye(3)
         for _ in range(_REFINE_ITERATIONS):
-            warped = cv2.warpAffine(image, m[:2], (SIDE, SIDE), flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REPLICATE)[_INNER]
+            warped = cv2.warpAffine(image, (self._box @ m)[:2], self._template.shape[::-1], flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
             mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(warped))
             spread = std * np.sqrt(warped.size)
             if not spread > 1e-6:  # nothing to correlate
@@ -229,6 +232,19 @@ class Refiner:
         if not (turned <= _REFINE_MAX_TURN and shift <= _REFINE_MAX_SHIFT * SIDE):
             return np.eye(2, 3)
         return m[:2]
+
+
+def _structure_box(magnitude: np.ndarray) -> tuple[slice, slice]:
+    """The box of the template the refinement compares on: where its gradient ``magnitude`` ``[SIDE, SIDE]``
+    shows structure, widened by the furthest a refinement may move (what lies beyond is flat either way),
+    within the pixels that have a whole gradient."""
+    inner = magnitude[_INNER]
+    ys, xs = np.nonzero(inner > _STRUCTURE * max(float(inner.max()), 1e-9))
+    if not len(ys):
+        return _INNER
+    margin = int(np.ceil(_REFINE_MAX_SHIFT * SIDE))
+    return (slice(max(1, ys.min() + 1 - margin), min(SIDE - 1, ys.max() + 2 + margin)),
+            slice(max(1, xs.min() + 1 - margin), min(SIDE - 1, xs.max() + 2 + margin)))
 
 
 _YY, _XX = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
