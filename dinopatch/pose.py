@@ -1,4 +1,4 @@
-"""A part's rotation against a nominal template: polar cross-correlation for every angle, then ECC refinement.
+"""A part's rotation against a nominal template: polar cross-correlation for every angle, then refinement.
 
 A *crop* is a square ``SIDE x SIDE`` gray image of the part: centred on it, at
 the nominal scale, turned by a pose. The template is the mean crop of the
@@ -6,8 +6,9 @@ good parts in their common pose. The polar unwrapping (``ANGLES`` angles x
 radii) of a crop's intensity and gradient magnitude, cross-correlated with the
 template's along the angle axis by FFT, scores every rotation in one pass; the
 mirrored part's unwrapping is the same array read backwards, so mirroring
-costs one more FFT. The best pose is then refined by OpenCV's ECC (rotation
-and translation, a bounded number of iterations) against the template image.
+costs one more FFT. The best pose is then refined against the template image
+(rotation and translation, a bounded number of Gauss-Newton steps on their
+normalised correlation: :class:`Refiner`).
 
 Angles are degrees in ``[0, 360)`` from the input's +x towards +y: the
 direction of the canonical +x axis in the input.
@@ -19,15 +20,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["SIDE", "Pose", "PolarTemplate", "pose_matrix", "crop", "refine", "residual"]
+__all__ = ["SIDE", "Pose", "PolarTemplate", "Refiner", "pose_matrix", "crop", "residual"]
 
 SIDE = 128                 # side of crops and of the template
 ANGLES = 360               # angle bins of the polar unwrapping
 _RADII = 40
 _SEPARATION = 10.0         # degrees: a second peak nearer than this is the same pose
-_ECC_ITERATIONS = 30
-_ECC_MAX_TURN = 4.0        # degrees: a refinement that turns further than this has run off
-_ECC_MAX_SHIFT = 0.06      # of SIDE, likewise
+_REFINE_ITERATIONS = 30
+_REFINE_STOP = 1e-2        # crop pixels: a refinement step that moves the crop's rim and centre by less ends it
+_REFINE_MAX_TURN = 4.0     # degrees: a refinement that turns further than this has run off
+_REFINE_MAX_SHIFT = 0.06   # of SIDE, likewise
+_INNER = (slice(1, SIDE - 1), slice(1, SIDE - 1))  # the pixels with a whole gradient
+_STRUCTURE = 0.05          # of the template's strongest gradient: weaker is flat background to the refinement
 _SYMMETRY = 0.93           # template self-correlation at 360/N degrees above which it is N-fold symmetric
 MAX_FOLD = 36
 
@@ -77,7 +81,7 @@ _MX, _MY, _WEIGHT = _polar_grid()
 
 
 def _features(image: np.ndarray) -> np.ndarray:
-    """float32 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each ring zero-mean (what
+    """float64 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each ring zero-mean (what
     is the same at every angle says nothing about the angle), each channel of unit energy."""
     smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
     grad = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
@@ -85,12 +89,14 @@ def _features(image: np.ndarray) -> np.ndarray:
     # (An 8x8 box average brought back up: a wide Gaussian's low pass at a fraction of its cost.)
     detail = smooth - cv2.resize(cv2.resize(smooth, (8, 8), interpolation=cv2.INTER_AREA), (SIDE, SIDE),
                                  interpolation=cv2.INTER_LINEAR)
-    out = []
-    for channel in (detail, grad):
-        p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR) * _WEIGHT
-        p -= p.mean(axis=0)
-        out.append(p / max(float(np.sqrt((p * p).sum())), 1e-6) / np.sqrt(2))
-    return np.concatenate(out, axis=1)
+    out = np.empty((ANGLES, 2 * _RADII))  # float64: NumPy's FFT of float32 is the slower
+    for i, channel in enumerate((detail, grad)):
+        p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR)
+        p *= _WEIGHT
+        p -= cv2.reduce(p, 0, cv2.REDUCE_AVG)
+        p *= np.float32(1 / (max(cv2.norm(p), 1e-6) * np.sqrt(2)))
+        out[:, i * _RADII:(i + 1) * _RADII] = p
+    return out
 
 
 def _correlate(f: np.ndarray, conj_t: np.ndarray) -> np.ndarray:
@@ -170,24 +176,75 @@ def _interp(values: np.ndarray, x: float) -> float:
     return float((1 - t) * values[k % ANGLES] + t * values[(k + 1) % ANGLES])
 
 
-def refine(template: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """ECC (rotation + translation) of ``image`` onto ``template``, both float32 ``[SIDE, SIDE]``.
+class Refiner:
+    """Sub-pixel, sub-degree rotation and translation of crops onto one template.
 
-    Returns:
-        float64 ``[2, 3]`` crop -> template matrix (the identity where ECC fails
-        or runs further than a coarse pose can be off).
+    It maximises the normalised correlation of crop and template, as OpenCV's
+    ECC does, by Gauss-Newton in its inverse compositional form: the
+    template's gradients, and the Hessian they give, are computed once here, so
+    that an iteration costs one warp and one projection, over the box of the
+    template that has structure.  Neither image is blurred first, unlike ECC:
+    a blur put the parts of ``benchmarks/pose_accuracy.py`` further off centre.
+
+    Args:
+        template: float32 ``[SIDE, SIDE]``.
     """
-    warp = np.eye(2, 3, dtype=np.float32)
-    try:
-        _, warp = cv2.findTransformECC(template, image, warp, cv2.MOTION_EUCLIDEAN,
-                                       (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, _ECC_ITERATIONS, 1e-5),
-                                       None, 3)
-    except cv2.error:  # no convergence (a flat or badly damaged part): keep the coarse pose
-        return np.eye(2, 3)
-    turn = np.degrees(np.arctan2(warp[1, 0], warp[0, 0]))
-    if abs(turn) > _ECC_MAX_TURN or np.abs(warp[:, 2]).max() > _ECC_MAX_SHIFT * SIDE:
-        return np.eye(2, 3)
-    return cv2.invertAffineTransform(warp.astype(np.float64))  # ECC maps template -> image
+
+    def __init__(self, template: np.ndarray):
+        t = np.asarray(template, np.float32)
+        gx = cv2.Sobel(t, cv2.CV_32F, 1, 0, scale=1 / 8)
+        gy = cv2.Sobel(t, cv2.CV_32F, 0, 1, scale=1 / 8)
+        yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+        box = _structure_box(np.abs(gx) + np.abs(gy))
+        self._box = np.array([[1.0, 0, -box[1].start], [0, 1.0, -box[0].start], [0, 0, 1]])  # crop -> box
+        # The image's change as the crop turns about its centre and moves: d/d(angle, tx, ty), zero-mean.
+        g = np.stack([gy * xx - gx * yy, gx, gy])[(slice(None), *box)].reshape(3, -1)
+        g -= g.mean(axis=1, keepdims=True)
+        v = t[box].astype(np.float64)
+        v -= v.mean()
+        norm = max(float(np.sqrt((v * v).sum())), 1e-9)
+        self._template = (v / norm).astype(np.float32)
+        # Least squares from the crop's difference to the template to the step: [3, *box shape]
+        # (the pseudo-inverse: a flat template has no gradient, and then gives no step).
+        self._solve = (np.linalg.pinv(g @ g.T) @ (g * norm)).astype(np.float32).reshape(3, *v.shape)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """float64 ``[2, 3]`` crop -> template matrix of the float32 ``[SIDE, SIDE]`` crop ``image``: the identity
+        where the refinement runs further than a coarse pose can be off, or the crop is flat."""
+        c = (SIDE - 1) / 2
+        m = np.eye(3)
+        for _ in range(_REFINE_ITERATIONS):
+            warped = cv2.warpAffine(image, (self._box @ m)[:2], self._template.shape[::-1], flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
+            mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(warped))
+            spread = std * np.sqrt(warped.size)
+            if not spread > 1e-6:  # nothing to correlate
+                return np.eye(2, 3)
+            diff = (warped - np.float32(mean)) * np.float32(1 / spread) - self._template
+            # einsum's own loop, not BLAS: a product of this size wakes a thread pool that costs more than it does.
+            turn, tx, ty = (float(v) for v in np.einsum("kij,ij->k", self._solve, diff))
+            co, si = np.cos(turn), np.sin(turn)
+            m = np.array([[co, -si, c - co * c + si * c + tx], [si, co, c - si * c - co * c + ty], [0, 0, 1]]) @ m
+            if max(abs(turn) * c, abs(tx), abs(ty)) < _REFINE_STOP:
+                break
+        shift = np.abs(m[:2] @ [c, c, 1.0] - c).max()
+        turned = abs(np.degrees(np.arctan2(m[1, 0], m[0, 0])))
+        if not (turned <= _REFINE_MAX_TURN and shift <= _REFINE_MAX_SHIFT * SIDE):
+            return np.eye(2, 3)
+        return m[:2]
+
+
+def _structure_box(magnitude: np.ndarray) -> tuple[slice, slice]:
+    """The box of the template the refinement compares on: where its gradient ``magnitude`` ``[SIDE, SIDE]``
+    shows structure, widened by the furthest a refinement may move (what lies beyond is flat either way),
+    within the pixels that have a whole gradient."""
+    inner = magnitude[_INNER]
+    ys, xs = np.nonzero(inner > _STRUCTURE * max(float(inner.max()), 1e-9))
+    if not len(ys):
+        return _INNER
+    margin = int(np.ceil(_REFINE_MAX_SHIFT * SIDE))
+    return (slice(max(1, ys.min() + 1 - margin), min(SIDE - 1, ys.max() + 2 + margin)),
+            slice(max(1, xs.min() + 1 - margin), min(SIDE - 1, xs.max() + 2 + margin)))
 
 
 _YY, _XX = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2

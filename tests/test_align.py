@@ -153,6 +153,25 @@ def test_valid_mask_marks_padding():
     assert valid_c.min() == 1.0
 
 
+
+@pytest.mark.parametrize("shape, scale, angle", [((90, 120, 3), 0.9, 33.0), ((120, 150), 0.75, 0.0),
+                                                 ((3, 3, 3), 40.0, 10.0), ((1, 600, 3), 0.5, 5.0),
+                                                 ((300, 280, 3), 1.2, 20.0)])
+def test_reflected_warp_is_opencvs(shape, scale, angle):
+    """The reflect-padded frame is OpenCV's reflecting warp to a gray level, however far the frame leaves the
+    image (or not at all: the last case), and the validity mask is the nearest pixel's."""
+    from dinopatch.align import _warp
+    from dinopatch.pose import pose_matrix
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    h, w = shape[:2]
+    m = pose_matrix(((w - 1) / 2 + 7, (h - 1) / 2 - 5), angle, scale, False, 96)
+    canon, valid = _warp(image, m, 96)
+    direct = cv2.warpAffine(image, m, (96, 96), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    assert canon.shape == direct.shape and np.abs(canon.astype(int) - direct).max() <= 1
+    inside = cv2.warpAffine(np.ones((h, w), np.uint8), m, (96, 96), flags=cv2.INTER_NEAREST)
+    assert np.array_equal(valid, inside) and valid.min() == (0.0 if h < 300 else 1.0)
+
 def test_resolution_does_not_matter(fitted):
     im, _, _ = render(np.random.default_rng(12))
     _, _, ref = fitted.transform(im)

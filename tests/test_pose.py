@@ -8,7 +8,7 @@ import pytest
 
 from dinopatch import benchmark_sets as bs
 from dinopatch.align import Aligner
-from dinopatch.pose import SIDE, PolarTemplate, crop, pose_matrix
+from dinopatch.pose import SIDE, PolarTemplate, Refiner, crop, pose_matrix
 from dinopatch.synthetic import circle_points, fill_polygon, finish_image
 from dinopatch.synthetic import pose_matrix as scene_pose
 
@@ -146,6 +146,30 @@ def test_polar_search_finds_a_known_turn():
         pose = polar.search(crop(mirrored, _pose_matrix(c, 0.0, False)), mirror=True)
         assert pose.mirrored, (turn, pose)
 
+
+
+def test_refiner_finds_a_known_small_turn_and_shift(fitted):
+    template = fitted.template_
+    c = (SIDE - 1) / 2
+    refine = Refiner(template)
+    for turn, shift in ((0.0, (0.0, 0.0)), (1.3, (0.6, -0.35)), (-2.5, (-3.0, 2.0))):
+        moved = cv2.getRotationMatrix2D((c, c), turn, 1.0)
+        moved[:, 2] += shift
+        image = cv2.warpAffine(template, moved, (SIDE, SIDE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        back = refine(image)  # crop -> template: undoes the move
+        rim = np.array([[c, c, 1.0], [c + 40, c, 1.0], [c, c - 40, 1.0]])
+        landed = (np.vstack([back, [0, 0, 1]]) @ np.vstack([moved, [0, 0, 1]]))[:2] @ rim.T
+        assert np.abs(landed - rim[:, :2].T).max() < 0.05, (turn, shift, landed - rim[:, :2].T)
+
+
+def test_refiner_keeps_the_pose_it_cannot_refine(fitted):
+    flat = np.full((SIDE, SIDE), 90.0, np.float32)
+    assert np.array_equal(Refiner(fitted.template_)(flat), np.eye(2, 3))
+    assert np.array_equal(Refiner(flat)(fitted.template_), np.eye(2, 3))
+    # A crop further off than a coarse pose can be: the refinement is not trusted to have found it.
+    far = cv2.warpAffine(fitted.template_, np.float64([[1, 0, 20], [0, 1, 0]]), (SIDE, SIDE),
+                         borderMode=cv2.BORDER_REPLICATE)
+    assert np.array_equal(Refiner(fitted.template_)(far), np.eye(2, 3))
 
 def _pose_matrix(centre, angle, mirrored):
     return pose_matrix(centre, angle, SIDE / SCENE, mirrored, SIDE)
