@@ -5,8 +5,8 @@ reference on these frames (:mod:`.engine_choice`).  They are made at fit from
 the nominal frames alone:
 
 * *good* frames: the mean of two neighbouring nominal frames, so that none is
-  in the bank verbatim (a bank row's own frame scores 0 on every engine and
-  would test nothing) and each lies between good parts;
+  in the bank verbatim (the reference scores a bank row's own frame 0, so it
+  tests an engine's error but never a verdict) and each lies between good parts;
 * *defect* frames: those frames with one synthetic defect each
   (:func:`.autotune.paste_defect`, one kind after another);
 * *nominal* frames: :data:`NOMINAL` nominal frames as they are, in the bank
@@ -25,8 +25,8 @@ with the post-processing and threshold in force (:func:`scores`), so a model
 whose post-processing or threshold was tuned later (``evaluate
 --save-model``) checks engines against what it now judges by.  Arrays in the
 model file: ``golden_frames`` uint8 ``[G, S, S, 3]``, ``golden_valid`` uint8
-``[G, S, S]``, ``golden_defect`` and ``golden_nominal`` bool ``[G]``, ``golden_distances`` float32
-``[G, h, w]``; the header's ``golden`` holds the reference engine's name and
+``[G, S, S]``, ``golden_defect`` and ``golden_nominal`` bool ``[G]``,
+``golden_distances`` float32 ``[G, h, w]``; the header's ``golden`` holds the reference engine's name and
 the verdicts at the saved threshold.  :meth:`GoldenSet.from_state` checks
 every one and that the verdicts follow from the distances.
 """
@@ -136,7 +136,7 @@ def scores(post, dists: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def build(det, model, canon: list, reference_engine, reference: str) -> GoldenSet:
     """The golden set of a freshly fitted ``model``, its distances by ``reference_engine`` (named ``reference``)."""
     frames, valid, defect = make_frames(canon, int(model.params["seed"]))
-    # Nominal frames spread over the set, none of those the blends start from first.
+    # Nominal frames spread over the set, past its first frame (where the blends start).
     picks = np.linspace(0, len(canon) - 1, NOMINAL + 2).round().astype(int)[1:-1] if len(canon) > 1 else [0]
     frames = np.concatenate([frames, np.stack([canon[i][0] for i in picks])])
     valid = np.concatenate([valid, np.stack([np.asarray(canon[i][1]) > 0.5 for i in picks])])
