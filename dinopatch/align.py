@@ -521,9 +521,10 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect")
         image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
         m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
     h, w = image.shape[:2]
-    reach = _reach(m, size)
+    inv = cv2.invertAffineTransform(m)
+    reach = _reach(inv, size)
     if padding == "reflect":
-        canon = _warp_reflected(image, m, size, reach)
+        canon = _warp_reflected(image, m, inv, size, reach)
     else:
         border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).reshape(-1, *image.shape[2:])
         level = np.median(border, axis=0).reshape(-1).tolist()
@@ -536,17 +537,18 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect")
     return canon, valid.astype(np.float32)
 
 
-def _reach(m: np.ndarray, size: int) -> np.ndarray:
-    """float64 ``[2, 4]``: the input points that the corners of the ``size x size`` frame come from."""
+def _reach(inv: np.ndarray, size: int) -> np.ndarray:
+    """float64 ``[2, 4]``: the input points that the corners of the ``size x size`` frame come from (``inv``: the
+    frame -> input affine)."""
     corners = np.array([[0, size - 1, 0, size - 1], [0, 0, size - 1, size - 1], [1, 1, 1, 1]], np.float64)
-    return cv2.invertAffineTransform(m) @ corners
+    return inv @ corners
 
 
-def _warp_reflected(image: np.ndarray, m: np.ndarray, size: int, reach: np.ndarray) -> np.ndarray:
+def _warp_reflected(image: np.ndarray, m: np.ndarray, inv: np.ndarray, size: int, reach: np.ndarray) -> np.ndarray:
     """``warpAffine`` to ``size x size`` with ``BORDER_REFLECT_101``, by way of the image padded by reflection
-    as far as the frame reaches (:func:`_reach`), then warped with a constant border: OpenCV's constant-border
-    warp is about twice as fast as its reflecting one, and the two agree to a gray level (interpolation
-    rounding)."""
+    as far as the frame reaches (:func:`_reach`; ``inv``: ``m`` inverted), then warped with a constant border:
+    OpenCV's constant-border warp is about twice as fast as its reflecting one, and the two agree to a gray level
+    (interpolation rounding)."""
     h, w = image.shape[:2]
     # Bilinear reads the pixel at floor(x) and the next one: a pixel more either side covers both.
     left, top = (max(0, 1 - int(np.floor(v))) for v in reach.min(axis=1))
@@ -554,9 +556,9 @@ def _warp_reflected(image: np.ndarray, m: np.ndarray, size: int, reach: np.ndarr
     bottom = max(0, int(np.ceil(reach[1].max())) + 2 - h)
     if (h + top + bottom) * (w + left + right) > 4 * (size * size + h * w):  # a sliver of an image, shrunk
         return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    inv = cv2.invertAffineTransform(m)
     if left or top or right or bottom:
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REFLECT_101)
+        inv = inv.copy()
         inv[:, 2] += (left, top)
     return cv2.warpAffine(image, inv, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT)
