@@ -30,6 +30,7 @@ from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
 from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, crop, pose_matrix, residual
 from .pose_ranges import MAX_RATIO, PoseEvidence
+from .register import Registration, check_register
 
 __all__ = ["Aligner", "Alignment", "Placement"]
 
@@ -126,7 +127,8 @@ class Aligner:
     Args:
         size: side of the canonical frame in pixels.
         enabled: False for fixtured parts and flat textures: images are only
-            resized to ``size x size``.
+            resized to ``size x size`` (and shifted onto the good parts' place where
+            ``register`` says so).
         mirror: parts may lie on either face; resolve mirroring too.
         zoom: fraction of the frame the nominal part's length fills.
         scale_tolerance: a part whose size, relative to the image's longest
@@ -138,12 +140,15 @@ class Aligner:
         size_tolerance: smallest half-width of the nominal size range, relative
             (0.03: 0.97-1.03); the range is wider where the good parts' sizes
             vary more. Lines whose camera distance varies widen it.
+        register: with ``enabled=False``: ``"auto"`` registers frames by a sub-pixel shift where that
+            explains how the good frames differ, ``"on"`` always, ``"off"`` never (:mod:`.register`).
 
     Attributes (after :meth:`fit`):
         template_: float32 ``[SIDE, SIDE]`` mean gray image of the good parts in their common pose.
         fold_: the template looks the same turned by ``360 / fold_`` degrees (1: no symmetry).
         evidence_: the :class:`.PoseEvidence` of the good parts (size, peak ratio, residual, objects
             away from the part); :meth:`ranges` derives the nominal ranges from it, at fit and on load alike.
+        registration_: with ``enabled=False`` and ``register`` not ``"off"``, the :class:`.Registration`.
         report_: the fit-time pose report (not kept in the model file): ``mean_part`` (the template),
             ``misalignment`` (float32 ``[SIDE, SIDE]``: mean absolute difference of the aligned good parts
             from it, each standardised; where parts land apart, in template standard deviations),
@@ -153,7 +158,7 @@ class Aligner:
 
     def __init__(self, *, size: int = 448, enabled: bool = True, mirror: bool = False, zoom: float = 0.75,
                  scale_tolerance: float = 1.5, analysis_size: int = 256, padding: str = "reflect",
-                 size_tolerance: float = 0.03):
+                 size_tolerance: float = 0.03, register: str = "off"):
         if int(size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0.0 < zoom <= 1.0:
@@ -170,6 +175,8 @@ class Aligner:
         self.size, self.enabled, self.mirror = int(size), bool(enabled), bool(mirror)
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.size_tolerance = float(size_tolerance)
+        self.register = check_register(register, enabled)
+        self.registration_: Registration | None = None
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
         self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
 
@@ -188,6 +195,7 @@ class Aligner:
         if not images:
             raise ValueError("Aligner.fit needs at least one image, got none")
         if not self.enabled:
+            self.registration_ = None if self.register == "off" else Registration.fit(images, self.register)
             return self
         measured = [measure_part(im, self.analysis_size) for im in images]
         parts = [p for p in measured if not p.reason]
@@ -296,7 +304,9 @@ class Aligner:
     def describe(self, names=None) -> str:
         """Lines a person reads about fit's pose report: the symmetry, the nominal size range and the good
         images whose pose was doubtful, by ``names`` (fit's images in order; default ``#index``).  "" where
-        there is no report (alignment off, or an aligner loaded from a file)."""
+        there is no report (an aligner loaded from a file, or alignment and registration off)."""
+        if self.registration_ is not None:
+            return f"registration: {self.registration_.describe()}"
         if self.report_ is None:
             return ""
         lo, hi = self.report_["ranges"]["size"]
@@ -323,7 +333,16 @@ class Aligner:
         if not self.enabled:
             s, (h, w) = self.size, image.shape[:2]
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            al = Alignment(0.0, float(s / np.sqrt(h * w)), ((w - 1) / 2, (h - 1) / 2), False, False, True, "", m)
+            reason = ""
+            if self._registered:  # resized to the template's side, registered, resized to the frame's
+                pose, reason = self.registration_.locate(image)
+                f, r = s / SIDE, SIDE / s
+                m = _compose(np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]]),
+                             _compose(pose, _compose(np.array([[r, 0, 0.5 * r - 0.5], [0, r, 0.5 * r - 0.5]]), m)))
+            inv = cv2.invertAffineTransform(m)
+            centre = inv @ [(s - 1) / 2, (s - 1) / 2, 1.0]
+            al = Alignment(float(np.degrees(np.arctan2(inv[1, 0], inv[0, 0])) % 360.0), float(s / np.sqrt(h * w)),
+                           (float(centre[0]), float(centre[1])), False, False, not reason, reason, m)
             return Placement(image, m, al)
         part, m, al = self._place(image)
         return Placement(image, m, al, part)
@@ -342,7 +361,7 @@ class Aligner:
         """
         placed = image if isinstance(image, Placement) else self.place(image)
         s = self.size
-        if not self.enabled:
+        if not self.enabled and not self._registered:
             h, w = placed.image.shape[:2]
             interp = cv2.INTER_AREA if s * s < h * w else cv2.INTER_CUBIC
             canon = cv2.resize(placed.image, (s, s), interpolation=interp)
@@ -413,6 +432,10 @@ class Aligner:
             at = part.to_input @ [xs.mean(), ys.mean(), 1.0]
         return self.evidence_.judge(size, loc.peak_ratio, loc.residual, stray, at)
 
+    @property
+    def _registered(self) -> bool:
+        return self.registration_ is not None and self.registration_.used
+
     # -- inverse ---------------------------------------------------------------
 
     def inverse_map(self, amap: np.ndarray, alignment: Alignment, shape) -> np.ndarray:
@@ -432,7 +455,7 @@ class Aligner:
         h, w = (int(v) for v in tuple(shape)[:2])
         if h < 1 or w < 1:
             raise ValueError(f"target shape {tuple(shape)} is empty")
-        if not self.enabled:
+        if not self.enabled and not self._registered:
             return cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         return cv2.warpAffine(amap, np.asarray(alignment.matrix, np.float64), (w, h),
                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
@@ -445,7 +468,8 @@ class Aligner:
         fitted = self.template_ is not None
         return {"version": _STATE_VERSION, "size": self.size, "enabled": self.enabled, "mirror": self.mirror,
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
-                "padding": self.padding, "size_tolerance": self.size_tolerance,
+                "padding": self.padding, "size_tolerance": self.size_tolerance, "register": self.register,
+                "registration": None if self.registration_ is None else self.registration_.state_dict(),
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "fold": self.fold_,
                 "template": np.round(self.template_.astype(np.float64), 2).tolist() if fitted else None,
@@ -463,7 +487,18 @@ class Aligner:
         try:
             al = cls(size=state["size"], enabled=state["enabled"], mirror=state["mirror"], zoom=state["zoom"],
                      scale_tolerance=state["scale_tolerance"], analysis_size=state["analysis_size"],
-                     padding=state["padding"], size_tolerance=state["size_tolerance"])
+                     padding=state["padding"], size_tolerance=state["size_tolerance"],
+                     # States from before registration kept none.
+                     register=state.get("register", "off"))
+            registration = state.get("registration")
+            if (registration is None) != (al.enabled or al.register == "off"):
+                raise ValueError(f"a registration state {'where none belongs' if registration else 'missing'} "
+                                 f"(alignment {'on' if al.enabled else 'off'}, register={al.register!r})")
+            if registration is not None:
+                al.registration_ = Registration.from_state_dict(registration)
+                if al.registration_.mode != al.register:
+                    raise ValueError(f"registration of mode {al.registration_.mode!r} in an aligner with "
+                                     f"register={al.register!r}")
             if state["template"] is not None:
                 template = np.asarray(state["template"], np.float64)
                 if template.shape != (SIDE, SIDE) or not np.isfinite(template).all():

@@ -34,19 +34,20 @@ class DinoPatch(EstimatorMixin):
     (``python -m dinopatch fit -h`` lists them too).
 
     In short: the ``backbone`` and its ``weights`` at ``image_size``; whether to ``align`` parts (and
-    ``mirror``, ``size_tolerance``); the ``engine``, ``kernel``, ``device``, ``batch_size`` and ``overlap`` it
-    runs with; the memory (``layers``, ``coreset_ratio``, ``tolerance``, ``match``, ``bank_dtype``, ``foreground``); the
-    post-processing (``sigma``, ``score``, ``topk``, ``morph_kernel``); the threshold (``calibration``,
-    ``false_alarm_rate``, or a given ``threshold``); the good set's check (``outliers``) and ``keep_parts``
-    for :meth:`update`.  Every ``"auto"`` is chosen at fit from the good images alone (:attr:`auto_`).
+    ``mirror``, ``size_tolerance``), or ``register`` fixtured frames; the ``engine``, ``kernel``, ``device``,
+    ``batch_size`` and ``overlap`` it runs with; the memory (``layers``, ``coreset_ratio``, ``tolerance``, ``match``,
+    ``bank_dtype``, ``foreground``); the post-processing (``sigma``, ``score``, ``topk``, ``morph_kernel``); the
+    threshold (``calibration``, ``false_alarm_rate``, or a given ``threshold``); the good set's check
+    (``outliers``) and ``keep_parts`` for :meth:`update`.  Every ``"auto"`` is chosen at fit from the good
+    images alone (:attr:`auto_`).
     """
 
     def __init__(self, *, backbone="dinov2_vits14", weights="pretrained", image_size=448, align=True,
                  engine="auto", kernel="auto", seed=0, layers=1, coreset_ratio=1.0, tolerance="auto",
                  match="local", bank_dtype="float32", sigma="auto", score="auto", topk=0.01, morph_kernel=5,
                  calibration="cv", false_alarm_rate=0.0, threshold=None, mirror=False, foreground="auto",
-                 batch_size=8, overlap=True, progress=True, device="auto", outliers="drop", size_tolerance=0.03,
-                 keep_parts=True):
+                 batch_size=8, overlap=True, progress=True, device="auto", outliers="drop", register="auto",
+                 size_tolerance=0.03, keep_parts=True):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -73,6 +74,7 @@ class DinoPatch(EstimatorMixin):
         self.progress = progress
         self.device = device
         self.outliers = outliers
+        self.register = register
         self.size_tolerance = size_tolerance
         self.keep_parts = keep_parts
         self._engines = EngineCache()

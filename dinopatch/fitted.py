@@ -295,10 +295,11 @@ def _unpack(header: dict, arrays: dict, runtime: dict) -> tuple[Fitted, dict]:
         raise ValueError("bank holds non-finite values")
     aligner = Aligner.from_state_dict(header["aligner"])
     if aligner.size != params["image_size"] or aligner.enabled != params["align"] \
-            or aligner.size_tolerance != params["size_tolerance"]:
+            or aligner.size_tolerance != params["size_tolerance"] or aligner.register != params["register"]:
         raise ValueError(f"aligner for {aligner.size} px (enabled={aligner.enabled}, size_tolerance "
-                         f"{aligner.size_tolerance:g}) does not fit image_size {params['image_size']} "
-                         f"(align={params['align']}, size_tolerance {params['size_tolerance']:g})")
+                         f"{aligner.size_tolerance:g}, register={aligner.register!r}) does not fit image_size "
+                         f"{params['image_size']} (align={params['align']}, size_tolerance "
+                         f"{params['size_tolerance']:g}, register={params['register']!r})")
     if "polarity" in arrays:  # an older DinoPatch's: it turned token grids after the backbone
         raise ValueError("a token-grid polarity: written by a DinoPatch that settled the half turn after the "
                          "backbone, which this one does in the image; fit the model again")

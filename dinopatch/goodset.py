@@ -225,7 +225,7 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
 def aligner_for(params: dict) -> Aligner:
     """The unfitted :class:`~.align.Aligner` fit uses for the detector's checked ``params``."""
     return Aligner(size=params["image_size"], enabled=params["align"], mirror=params["mirror"],
-                   size_tolerance=params["size_tolerance"])
+                   size_tolerance=params["size_tolerance"], register=params["register"])
 
 
 def checked(images: list[np.ndarray], names: list[str], engine, params: dict,

@@ -30,6 +30,7 @@ from .calibration import Threshold, check_calibration, check_rate
 from .foreground import check_option
 from .goodset import OUTLIERS
 from .postprocess import MAX_MORPH_KERNEL, MAX_SIGMA, SCORES
+from .register import MODES, check_register
 
 MAX_IMAGE_SIZE = 14 * 144  # 2016 px: 20736 tokens, beyond any DINOv2 use
 MAX_BATCH = 1024
@@ -262,6 +263,10 @@ PARAMS: tuple[Param, ...] = (
     Param("outliers", "drop", OneOf(OUTLIERS), "good images that are no evidence of a good part (no part, "
           "duplicates, held-out scores far above the rest): left out of the bank and the threshold, kept, or "
           "an error", flag="--outliers", missing="keep"),
+    # Model files from before registration resized fixtured frames as they came.
+    Param("register", "auto", Checked(lambda v, p: check_register(v, p["align"]), choices=MODES),
+          "fixtured frames (--no-align): shift each onto the good parts' place; auto: where that explains how the "
+          "good frames differ, not on textures", flag="--register", missing="off"),
     # Model files from before the pose judgement hold an aligner of an older state, refused on load anyway.
     Param("size_tolerance", 0.03, Number(0.0, 1.0, hi_open=True), "aligned parts whose size is off the good "
           "parts' median by more than this (relative), or than their own spread, are anomalies; widen it where "
