@@ -141,8 +141,8 @@ def test_thin_evidence_searches_fewer_coarser_candidates():
     params = dict(tolerance=1, match="local", sigma="auto", score="auto")
     thin, full = (autotune._candidates(names, params, (1,), n)
                   for n in (autotune.THIN_IMAGES - 1, autotune.THIN_IMAGES))
-    assert len(thin) == 6 and len(full) == 16 and thin[0] == full[0] == (1, "local", 4.0, "max")
-    assert {c[2] for c in thin} == {0.0, 4.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
+    assert len(thin) == 6 and len(full) == 16 and thin[0] == full[0] == (1, "local", 2.0, "max")
+    assert {c[2] for c in thin} == {0.0, 2.0, 8.0} and {c[3] for c in thin} == {"max", "mean"}
 
 
 def test_records_from_before_the_paired_test_keep_their_margin_rule_and_full_search():
@@ -157,7 +157,7 @@ def test_records_from_before_the_paired_test_keep_their_margin_rule_and_full_sea
     record = {"chosen": {"sigma": chosen[0]}, "fallback": False, "evidence": evidence}
     assert autotune.check_record(record, params, 8) is record
     with pytest.raises(ValueError, match="edited"):
-        autotune.check_record(dict(record, chosen={"sigma": 4.0}), params, 8)
+        autotune.check_record(dict(record, chosen={"sigma": 8.0}), params, 8)
 
 
 def _another(tolerance):
