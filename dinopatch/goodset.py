@@ -238,8 +238,8 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
         engine: the backbone.
         params: the detector's checked parameters (``image_size``, ``align``, ``mirror``, ``size_tolerance``,
             ``outliers``, ``foreground``, ``seed``, ``batch_size``, ``progress``); the good set is judged with
-            :data:`.autotune.DEFAULTS` for every ``"auto"`` and for ``tolerance="map"``, so that neither auto
-            nor the map is measured on what is left out.
+            :data:`.autotune.DEFAULTS` for every ``"auto"``, and tolerance 0 for ``"auto"`` and ``"map"``, so
+            that neither auto nor the map is measured on what is left out.
         kernel: the distance kernel.
     """
     aligner = aligner_for(params).fit(images)
@@ -247,12 +247,16 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
     flags = screen(placed, names)
     keep = kept(len(images), flags, params["outliers"])
     settings = defaults(params)
-    if isinstance(settings["tolerance"], str) and settings["tolerance"] == "map":
+    measured = isinstance(params["tolerance"], str)  # "auto" or "map": chosen after this check
+    if measured:
         settings["tolerance"] = DEFAULTS["tolerance"]
     nominal = margin.nominal_set([placed[i] for i in keep], aligner, engine, params, settings, kernel)
     if nominal.foreground is not None:  # the background check's samples are of the parts kept so far
         nominal = dataclasses.replace(nominal, foreground=nominal.foreground.of_parts(keep))
-    return judge(nominal, names, keep, flags, settings, params["outliers"], params["seed"])
+    # A defect among the good parts is judged where no good match next door can hide it: auto may choose
+    # tolerance 0 later (a registered board), and the defect would then set the threshold.
+    return judge(nominal, names, keep, flags, dict(settings, tolerance=0) if measured else settings,
+                 params["outliers"], params["seed"])
 
 
 def outlier_names(scores) -> list[str]:

@@ -129,3 +129,19 @@ def test_registered_boards_lower_the_threshold_and_catch_defects(tmp_path):
     assert det.model_.aligner.registration_.used and det.model_.params["register"] == "auto"
     loaded = DinoPatch.load(det.save(tmp_path / "board.dinopatch"))
     np.testing.assert_allclose([r.score for r in loaded.predict(d["test"])], out["auto"][3], rtol=1e-5)
+
+
+def test_a_defective_board_hidden_among_registered_good_ones_is_named():
+    # 224 px: at 112 a missing pad fills enough of a patch to stand out at any tolerance.
+    d = make_set("circuit", n_train=12, n_test_good=0, n_test_defect=1, size=224, seed=0)
+    bad = d["test"][d["defects"].index("missing_pad")]
+    images = d["train"][:5] + [np.zeros_like(bad)] + d["train"][5:] + [bad]
+    det = DinoPatch(**dict(FAST, image_size=224, align=False, tolerance="auto"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det.fit(images)
+    # The flat frame has nothing to register; the defect is judged at tolerance 0, where auto's choice for
+    # registered boards lies and a neighbour's match cannot hide it.
+    assert [(f.name, f.reason) for f in det.fit_report_.flagged] == [("#5", "no part"), ("#13", "outlier")]
+    assert "flat" in det.fit_report_.flagged[0].detail
+    assert det.threshold_.source["images"] == 12
