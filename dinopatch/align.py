@@ -30,7 +30,7 @@ from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
 from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, crop, pose_matrix, residual
 from .pose_ranges import MAX_RATIO, PoseEvidence
-from .register import Registration, check_register
+from .register import Registration, check_register, flat, gray
 
 __all__ = ["Aligner", "Alignment", "Placement"]
 
@@ -333,9 +333,10 @@ class Aligner:
         if not self.enabled:
             s, (h, w) = self.size, image.shape[:2]
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
-            reason = ""
-            if self._registered:  # resized to the template's side, registered, resized to the frame's
-                pose, reason = self.registration_.locate(image)
+            small = gray(image)
+            reason = "nothing in the frame: it is flat" if flat(small) else ""
+            if self._registered and not reason:  # resized to the template's side, registered, resized back
+                pose, reason = self.registration_.locate(small)
                 f, r = s / SIDE, SIDE / s
                 m = _compose(np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]]),
                              _compose(pose, _compose(np.array([[r, 0, 0.5 * r - 0.5], [0, r, 0.5 * r - 0.5]]), m)))

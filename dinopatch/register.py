@@ -36,7 +36,8 @@ RESIDUAL = 0.1       # the registered good frames correlate at >= 0.9 with the m
 REACH = 2.0          # a frame may move this many times further than the furthest good frame ...
 MIN_REACH = 2.0      # ... and at least this many SIDE pixels (a fixture whose good parts never moved)
 MIN_FRAMES = 3       # a mean of the others needs two frames
-_FLAT = 1e-3         # gray standard deviation below which a frame has nothing to correlate
+# Gray standard deviation (levels, at SIDE px) below which a frame shows nothing: a covered lens, no light.
+FLAT = 2.0
 _WINDOW = cv2.createHanningWindow((SIDE, SIDE), cv2.CV_32F)
 _IDENTITY = np.eye(2, 3)
 
@@ -58,10 +59,15 @@ def gray(image: np.ndarray) -> np.ndarray:
     return cv2.resize(g, (SIDE, SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
+def flat(frame: np.ndarray) -> bool:
+    """A gray ``frame`` (:func:`gray`) that shows nothing to judge or correlate."""
+    return float(frame.std()) < FLAT
+
+
 def shift_of(template: np.ndarray, frame: np.ndarray) -> np.ndarray | None:
     """float64 ``[2]`` ``(dx, dy)``: where ``frame`` shows ``template``'s content moved to (``SIDE`` pixels); None
     where a frame has nothing to correlate."""
-    if float(frame.std()) < _FLAT or float(template.std()) < _FLAT:
+    if flat(frame) or flat(template):
         return None
     (dx, dy), _ = cv2.phaseCorrelate(template, frame, _WINDOW)
     return np.array([dx, dy]) if math.isfinite(dx) and math.isfinite(dy) else None
@@ -138,10 +144,14 @@ class Registration:
 
     @classmethod
     def fit(cls, images: list[np.ndarray], mode: str) -> "Registration":
-        """Register the good ``images`` (uint8 frames) to their mean (see the module's text)."""
-        frames = np.stack([gray(im) for im in images])
+        """Register the good ``images`` (uint8 frames) to their mean (see the module's text); flat frames
+        (:func:`flat`) are no evidence and left out."""
+        frames = [g for g in map(gray, images) if not flat(g)]
+        if not frames and mode == "on":
+            raise ValueError(f"register='on' needs good frames that show something; all {len(images)} are flat")
         if len(frames) < MIN_FRAMES and mode == "auto":
             return cls(mode, None, np.zeros((len(frames), 2)), 0.0, 0.0)
+        frames = np.stack(frames)
         template, moved = frames.mean(axis=0), frames
         for _ in range(ROUNDS):
             refiner = Refiner(template)
@@ -161,12 +171,12 @@ class Registration:
         furthest = float(np.hypot(*self.shifts.T).max(initial=0.0))
         return max(REACH * furthest, MIN_REACH)
 
-    def locate(self, image: np.ndarray) -> tuple[np.ndarray, str]:
-        """A frame's float64 ``[2, 3]`` frame -> template matrix (``SIDE`` pixels, the frame resized to
-        ``SIDE x SIDE``) and why it is not trusted ("" if it is; the identity then)."""
+    def locate(self, frame: np.ndarray) -> tuple[np.ndarray, str]:
+        """The float64 ``[2, 3]`` frame -> template matrix (``SIDE`` pixels) of a gray ``frame`` (:func:`gray`)
+        and why it is not trusted ("" if it is; the identity then)."""
         if self._refiner is None:
             self._refiner = Refiner(self.template)
-        matrix = pose_of(self.template, self._refiner, gray(image))
+        matrix = pose_of(self.template, self._refiner, frame)
         if matrix is None:
             return _IDENTITY, "nothing to register: the frame is flat"
         far = float(np.hypot(*displacement(matrix)))

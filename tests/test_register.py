@@ -77,6 +77,15 @@ def test_a_frame_moved_beyond_the_reach_or_flat_is_not_trusted():
     assert not far.trusted and "registration reaches" in far.reason
     flat = al.place(np.full((SIDE, SIDE, 3), 90, np.uint8)).alignment
     assert not flat.trusted and "flat" in flat.reason
+    # Unregistered (a texture), a dark frame with sensor noise is no frame to judge either.
+    weave = make_set("weave", n_train=4, n_test_good=0, n_test_defect=0, size=SIDE, seed=0)["train"]
+    texture = Aligner(size=SIDE, enabled=False, register="auto").fit(weave)
+    assert not texture.registration_.used and texture.place(weave[0]).alignment.trusted
+    noise = np.clip(np.random.default_rng(0).normal(3, 1, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+    dark = texture.place(noise).alignment
+    assert not dark.trusted and dark.reason == "nothing in the frame: it is flat"
+    with pytest.raises(ValueError, match="all 3 are flat"):
+        Registration.fit([noise] * 3, "on")
 
 
 def test_state_round_trip_and_edits_refused():
