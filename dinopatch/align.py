@@ -28,7 +28,7 @@ import numpy as np
 
 from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
-from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, crop, pose_matrix, residual
+from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, Residual, crop, pose_matrix
 from .pose_ranges import MAX_RATIO, PoseEvidence
 
 __all__ = ["Aligner", "Alignment", "Placement"]
@@ -171,7 +171,8 @@ class Aligner:
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.size_tolerance = float(size_tolerance)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
-        self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
+        self.fold_, self.evidence_, self.report_ = 1, None, None
+        self._polar = self._refine = self._residual = None
 
     # -- fitting ---------------------------------------------------------------
 
@@ -242,6 +243,7 @@ class Aligner:
         self.fold_ = int(fold)
         self._polar = PolarTemplate(self.template_, self.fold_)
         self._refine = Refiner(self.template_)
+        self._residual = Residual(self.template_)
 
     def _first_orientations(self, parts: list[Part]) -> list[tuple[float, bool]]:
         """Angle and mirroring of elongated parts from their silhouettes alone: the sign of the
@@ -277,7 +279,7 @@ class Aligner:
         m = pose_matrix(part.centre, pose.angle, scale, pose.mirrored, SIDE)
         m = _compose(self._refine(crop(part.gray, _compose(m, part.to_input))), m)
         image = crop(part.gray, _compose(m, part.to_input))
-        return _Located(m, pose.peak_ratio, residual(self.template_, image), pose.mirrored, image)
+        return _Located(m, pose.peak_ratio, self._residual(image), pose.mirrored, image)
 
     # -- nominal ranges ----------------------------------------------------------
 
@@ -532,9 +534,31 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect")
                                borderValue=level + level[-1:] * (4 - len(level)))
     if reach.min() >= 0 and reach[0].max() <= w - 1 and reach[1].max() <= h - 1:
         return canon, np.ones((size, size), np.float32)  # the frame lies within the image
-    valid = cv2.warpAffine(np.ones((h, w), np.uint8), m, (size, size), flags=cv2.INTER_NEAREST,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return canon, valid.astype(np.float32)
+    return canon, _validity(inv, h, w, size)
+
+
+def _validity(inv: np.ndarray, h: int, w: int, size: int) -> np.ndarray:
+    """float32 ``[size, size]``: 1 where the frame pixel's nearest input pixel lies within the ``h x w`` image
+    (``inv``: the frame -> input affine), as a nearest-neighbour warp of an all-ones image gives it.
+
+    The frame's rows cross the image in one span each, from two bounds per input axis: filling the spans
+    costs a third of that warp."""
+    lo, hi = np.zeros(size), np.full(size, float(size))
+    rows = np.arange(size, dtype=np.float64)
+    for (a, b, c), n in zip(inv, (w, h)):
+        start = b * rows + c  # the input coordinate along row y is a x + start[y]; inside: [-0.5, n - 0.5)
+        if a == 0:
+            hi[(start < -0.5) | (start >= n - 0.5)] = 0
+            continue
+        first, last = (-0.5 - start) / a, (n - 0.5 - start) / a  # where the row enters and leaves the span
+        if a > 0:  # x >= first and x < last
+            lo, hi = np.maximum(lo, np.ceil(first)), np.minimum(hi, np.ceil(last))
+        else:  # x <= first and x > last
+            lo, hi = np.maximum(lo, np.floor(last) + 1), np.minimum(hi, np.floor(first) + 1)
+    lo = np.minimum(lo, size)
+    hi = np.maximum(hi, lo)
+    runs = np.stack([lo, hi - lo, size - hi], axis=1).astype(np.intp).ravel()
+    return np.repeat(np.tile(np.array([0, 1, 0], np.float32), size), runs).reshape(size, size)
 
 
 def _reach(inv: np.ndarray, size: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["SIDE", "Pose", "PolarTemplate", "Refiner", "pose_matrix", "crop", "residual"]
+__all__ = ["SIDE", "Pose", "PolarTemplate", "Refiner", "pose_matrix", "crop", "Residual"]
 
 SIDE = 128                 # side of crops and of the template
 ANGLES = 360               # angle bins of the polar unwrapping
@@ -78,6 +78,7 @@ def _polar_grid():
 
 
 _MX, _MY, _WEIGHT = _polar_grid()
+_DEGREES = np.arange(ANGLES) * (360.0 / ANGLES)  # of each angle bin
 
 
 def _features(image: np.ndarray) -> np.ndarray:
@@ -143,16 +144,15 @@ class PolarTemplate:
         options = [(False, _correlate(f, self._conj))]
         if mirror:
             options.append((True, np.roll(_correlate(np.roll(f[::-1], 1, axis=0), self._conj)[::-1], 1)))
-        angles = np.arange(ANGLES) * (360.0 / ANGLES)
         allowed = np.ones(ANGLES, bool) if windows is None else np.zeros(ANGLES, bool)
         for centre, half in windows or ():
-            allowed |= _gap(angles, centre, 360.0) <= half
+            allowed |= _gap(_DEGREES, centre, 360.0) <= half
         period = 360.0 / self.fold
         best = None
         for mirrored, scores in options:
             s = np.where(allowed, scores, -np.inf)
             k = int(np.argmax(s))
-            nxt = np.max(np.where(_gap(angles, angles[k], period) > _SEPARATION, s, -np.inf), initial=-np.inf)
+            nxt = np.max(np.where(_gap(_DEGREES, _DEGREES[k], period) > _SEPARATION, s, -np.inf), initial=-np.inf)
             if best is None or s[k] > best[2]:
                 angle = (_peak(scores, k) * 360.0 / ANGLES) % 360.0
                 best = (angle, mirrored, float(s[k]), float(nxt))
@@ -251,9 +251,22 @@ _YY, _XX = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
 _DISC = (_XX ** 2 + _YY ** 2) <= (0.49 * SIDE) ** 2
 
 
-def residual(template: np.ndarray, image: np.ndarray) -> float:
-    """1 - normalised correlation of an aligned crop with the template, over the inscribed disc."""
-    # Elementwise sums, not BLAS: a dot product of this size wakes a thread pool that costs more than it does.
-    a, b = template[_DISC].astype(np.float64), image[_DISC].astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    return float(1.0 - (a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-9))
+class Residual:
+    """1 - normalised correlation of aligned crops with one template, over the inscribed disc.
+
+    Args:
+        template: float32 ``[SIDE, SIDE]``.
+    """
+
+    def __init__(self, template: np.ndarray):
+        a = np.asarray(template)[_DISC].astype(np.float64)
+        self._template = a - a.mean()
+        self._energy = (self._template * self._template).sum()
+
+    def __call__(self, image: np.ndarray) -> float:
+        """The residual of the float32 ``[SIDE, SIDE]`` crop ``image``."""
+        # Elementwise sums, not BLAS: a dot product of this size wakes a thread pool that costs more than it does.
+        b = image[_DISC].astype(np.float64)
+        b -= b.mean()
+        a = self._template
+        return float(1.0 - (a * b).sum() / max(np.sqrt(self._energy * (b * b).sum()), 1e-9))
