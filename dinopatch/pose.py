@@ -58,8 +58,10 @@ def pose_matrix(centre, angle: float, scale: float, mirrored: bool, side: int) -
     """Input -> frame ``[2, 3]``: direction ``angle`` to +x (mirrored about it), ``centre`` to the frame's centre."""
     t = np.radians(angle)
     c, s = np.cos(t), np.sin(t)
-    a = scale * np.diag([1.0, -1.0 if mirrored else 1.0]) @ np.array([[c, s], [-s, c]])
-    return np.hstack([a, ((side - 1) / 2 - a @ np.asarray(centre, np.float64))[:, None]])
+    k = -scale if mirrored else scale
+    m = np.array([[scale * c, scale * s, 0.0], [-k * s, k * c, 0.0]])
+    m[:, 2] = (side - 1) / 2 - m[:, :2] @ np.asarray(centre, np.float64)
+    return m
 
 
 def crop(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -69,12 +71,13 @@ def crop(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def _polar_grid():
+    """Remap maps ``[radii, ANGLES]`` (a ring a row) and each ring's amplitude weight ``[radii, 1]``."""
     c = (SIDE - 1) / 2
     r = np.linspace(0.05, 0.49, _RADII) * SIDE
     t = np.arange(ANGLES) * (2 * np.pi / ANGLES)
-    mx = (c + r[None] * np.cos(t)[:, None]).astype(np.float32)
-    my = (c + r[None] * np.sin(t)[:, None]).astype(np.float32)
-    return mx, my, np.sqrt(r / r.max()).astype(np.float32)  # amplitude weight: energy per ring ~ its length
+    mx = (c + r[:, None] * np.cos(t)[None]).astype(np.float32)
+    my = (c + r[:, None] * np.sin(t)[None]).astype(np.float32)
+    return mx, my, np.sqrt(r / r.max()).astype(np.float32)[:, None]  # energy per ring ~ its length
 
 
 _MX, _MY, _WEIGHT = _polar_grid()
@@ -82,27 +85,38 @@ _DEGREES = np.arange(ANGLES) * (360.0 / ANGLES)  # of each angle bin
 
 
 def _features(image: np.ndarray) -> np.ndarray:
-    """float64 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each ring zero-mean (what
-    is the same at every angle says nothing about the angle), each channel of unit energy."""
+    """float32 ``[2 * radii, ANGLES]``: intensity and gradient magnitude unwrapped (a ring a row), each ring
+    zero-mean (what is the same at every angle says nothing about the angle), each channel of unit energy."""
     smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
     grad = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
     # Less the light's slow drift across the frame, which turns with the camera, not with the part.
     # (An 8x8 box average brought back up: a wide Gaussian's low pass at a fraction of its cost.)
     detail = smooth - cv2.resize(cv2.resize(smooth, (8, 8), interpolation=cv2.INTER_AREA), (SIDE, SIDE),
                                  interpolation=cv2.INTER_LINEAR)
-    out = np.empty((ANGLES, 2 * _RADII))  # float64: NumPy's FFT of float32 is the slower
+    out = np.empty((2 * _RADII, ANGLES), np.float32)
     for i, channel in enumerate((detail, grad)):
-        p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR)
+        p = out[i * _RADII:(i + 1) * _RADII]
+        cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR, dst=p)
         p *= _WEIGHT
-        p -= cv2.reduce(p, 0, cv2.REDUCE_AVG)
+        p -= cv2.reduce(p, 1, cv2.REDUCE_AVG)
         p *= np.float32(1 / (max(cv2.norm(p), 1e-6) * np.sqrt(2)))
-        out[:, i * _RADII:(i + 1) * _RADII] = p
     return out
 
 
-def _correlate(f: np.ndarray, conj_t: np.ndarray) -> np.ndarray:
-    """``out[k] = sum_theta f[theta + k] . t[theta]`` for every shift ``k`` (``conj_t``: conj rfft of t)."""
-    return np.fft.irfft((np.fft.rfft(f, axis=0) * conj_t).sum(axis=1), n=ANGLES)
+def _spectrum(f: np.ndarray) -> np.ndarray:
+    """Each ring's DFT, OpenCV's packed real form (``[2 * radii, ANGLES]`` float32), of features ``f``."""
+    return cv2.dft(f, flags=cv2.DFT_ROWS)
+
+
+def _correlate(f: np.ndarray, spectrum_t: np.ndarray) -> np.ndarray:
+    """float64 ``out[k] = sum_rings sum_theta f[:, theta + k] . t[:, theta]`` for every shift ``k``
+    (``spectrum_t``: :func:`_spectrum` of t).
+
+    In float32 (OpenCV's DFT), a third cheaper than NumPy's float64 FFT: the scores, normalised correlations,
+    agree with it to 1e-5 (about 2e-7 on the synthetic parts)."""
+    prod = cv2.mulSpectrums(_spectrum(f), spectrum_t, cv2.DFT_ROWS, conjB=True)
+    return cv2.idft(cv2.reduce(prod, 0, cv2.REDUCE_SUM), flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)[0].astype(
+        np.float64)
 
 
 def _peak(scores: np.ndarray, k: int) -> float:
@@ -128,7 +142,7 @@ class PolarTemplate:
 
     def __init__(self, image: np.ndarray, fold: int = 1):
         self.image, self.fold = image.astype(np.float32), int(fold)
-        self._conj = np.conj(np.fft.rfft(_features(self.image), axis=0))
+        self._spectrum = _spectrum(_features(self.image))
 
     def search(self, upright: np.ndarray, mirror: bool, windows=None) -> Pose:
         """The best pose of the part in ``upright``, a crop taken at angle 0, unmirrored.
@@ -141,9 +155,9 @@ class PolarTemplate:
         f = _features(upright)
         # Unmirrored, the template at angle k shows at shift k; mirrored, the crop's
         # unwrapping runs backwards and the template at angle k shows at shift -k.
-        options = [(False, _correlate(f, self._conj))]
+        options = [(False, _correlate(f, self._spectrum))]
         if mirror:
-            options.append((True, np.roll(_correlate(np.roll(f[::-1], 1, axis=0), self._conj)[::-1], 1)))
+            options.append((True, np.roll(_correlate(np.roll(f[:, ::-1], 1, axis=1), self._spectrum)[::-1], 1)))
         allowed = np.ones(ANGLES, bool) if windows is None else np.zeros(ANGLES, bool)
         for centre, half in windows or ():
             allowed |= _gap(_DEGREES, centre, 360.0) <= half
@@ -162,7 +176,7 @@ class PolarTemplate:
 
     def symmetry(self) -> int:
         """The largest N (<= MAX_FOLD) under whose turns by 360/N degrees the template looks the same; 1 if none."""
-        auto = _correlate(_features(self.image), self._conj)
+        auto = _correlate(_features(self.image), self._spectrum)
         for n in range(MAX_FOLD, 1, -1):
             shifts = [j * ANGLES / n for j in range(1, n)]
             if all(_interp(auto, s) >= _SYMMETRY * auto[0] for s in shifts):
