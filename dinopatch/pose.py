@@ -143,6 +143,8 @@ class PolarTemplate:
     def __init__(self, image: np.ndarray, fold: int = 1):
         self.image, self.fold = image.astype(np.float32), int(fold)
         self._spectrum = _spectrum(_features(self.image))
+        # [k, j]: angle bin j is a pose apart from bin k (further than the separation, modulo the symmetry).
+        self._apart = _gap(_DEGREES[None], _DEGREES[:, None], 360.0 / self.fold) > _SEPARATION
 
     def search(self, upright: np.ndarray, mirror: bool, windows=None) -> Pose:
         """The best pose of the part in ``upright``, a crop taken at angle 0, unmirrored.
@@ -161,12 +163,11 @@ class PolarTemplate:
         allowed = np.ones(ANGLES, bool) if windows is None else np.zeros(ANGLES, bool)
         for centre, half in windows or ():
             allowed |= _gap(_DEGREES, centre, 360.0) <= half
-        period = 360.0 / self.fold
         best = None
         for mirrored, scores in options:
             s = np.where(allowed, scores, -np.inf)
             k = int(np.argmax(s))
-            nxt = np.max(np.where(_gap(_DEGREES, _DEGREES[k], period) > _SEPARATION, s, -np.inf), initial=-np.inf)
+            nxt = np.max(np.where(self._apart[k], s, -np.inf), initial=-np.inf)
             if best is None or s[k] > best[2]:
                 angle = (_peak(scores, k) * 360.0 / ANGLES) % 360.0
                 best = (angle, mirrored, float(s[k]), float(nxt))

@@ -171,6 +171,9 @@ def test_reflected_warp_is_opencvs(shape, scale, angle):
     assert canon.shape == direct.shape and np.abs(canon.astype(int) - direct).max() <= 1
     inside = cv2.warpAffine(np.ones((h, w), np.uint8), m, (96, 96), flags=cv2.INTER_NEAREST)
     assert np.array_equal(valid, inside) and valid.min() == (0.0 if h < 300 else 1.0)
+    if image.ndim == 3:  # the colour frame (warped as BGRA) is each channel's own frame
+        channels = [_warp(np.ascontiguousarray(image[..., c]), m, 96)[0] for c in range(3)]
+        np.testing.assert_array_equal(canon, np.stack(channels, axis=2))
 
 def test_validity_is_the_nearest_pixels():
     """The validity mask, filled row span by row span, is the nearest-neighbour warp of an all-ones image at any
