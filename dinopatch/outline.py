@@ -112,13 +112,15 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     # The part lies within its outline's bounding box: its moments there, a quarter of the image or less;
     # the central moments do not move with the box, the centre is put back in the image's coordinates.
     x0, y0, bw, bh = cv2.boundingRect(outline)
-    x0, y0 = max(x0 - _PAD, 0), max(y0 - _PAD, 0)
+    x0, y0 = x0 - _PAD, y0 - _PAD
+    pts, contact = outline[:, 0] - _PAD, 0.0
+    if min(x0, y0) < 1 or x0 + bw > sw - 1 or y0 + bh > sh - 1:  # the outline's box reaches the border
+        off = (pts < 1) | (pts > [sw - 2, sh - 2])
+        contact = np.count_nonzero(off[:, 0] | off[:, 1]) * np.sqrt(w * h / (sw * sh))
+    x0, y0 = max(x0, 0), max(y0, 0)
     mom = cv2.moments(mask[y0:y0 + bh, x0:x0 + bw], binaryImage=True)
     if mom["m00"] < _MIN_AREA * sw * sh:
         return failed(f"part outline too small ({int(mom['m00'])} of {sw * sh} analysis pixels)")
-    pts = outline[:, 0] - _PAD
-    off = (pts < 1) | (pts > [sw - 2, sh - 2])
-    contact = np.count_nonzero(off[:, 0] | off[:, 1]) * np.sqrt(w * h / (sw * sh))
     # Covariance in input pixels: the analysis image may be scaled slightly differently along x and y.
     d = np.diag(to_input[:, :2].diagonal())
     cov = d @ np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) @ d / mom["m00"]

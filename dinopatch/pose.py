@@ -219,6 +219,7 @@ class Refiner:
         v -= v.mean()
         norm = max(float(np.sqrt((v * v).sum())), 1e-9)
         self._template = (v / norm).astype(np.float32)
+        self._root_size = np.sqrt(v.size)
         # Least squares from the crop's difference to the template to the step: [3, *box shape]
         # (the pseudo-inverse: a flat template has no gradient, and then gives no step).
         self._solve = (np.linalg.pinv(g @ g.T) @ (g * norm)).astype(np.float32).reshape(3, *v.shape)
@@ -232,12 +233,14 @@ class Refiner:
             warped = cv2.warpAffine(image, (self._box @ m)[:2], self._template.shape[::-1], flags=cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_REPLICATE)
             mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(warped))
-            spread = std * np.sqrt(warped.size)
+            spread = std * self._root_size
             if not spread > 1e-6:  # nothing to correlate
                 return np.eye(2, 3)
-            diff = (warped - np.float32(mean)) * np.float32(1 / spread) - self._template
+            warped -= np.float32(mean)  # now the difference of the standardised crop from the template
+            warped *= np.float32(1 / spread)
+            warped -= self._template
             # einsum's own loop, not BLAS: a product of this size wakes a thread pool that costs more than it does.
-            turn, tx, ty = (float(v) for v in np.einsum("kij,ij->k", self._solve, diff))
+            turn, tx, ty = (float(v) for v in np.einsum("kij,ij->k", self._solve, warped))
             co, si = np.cos(turn), np.sin(turn)
             m = np.array([[co, -si, c - co * c + si * c + tx], [si, co, c - si * c - co * c + ty], [0, 0, 1]]) @ m
             if max(abs(turn) * c, abs(tx), abs(ty)) < _REFINE_STOP:
