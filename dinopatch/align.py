@@ -171,8 +171,8 @@ class Aligner:
         self.zoom, self.scale_tolerance, self.analysis_size = float(zoom), float(scale_tolerance), int(analysis_size)
         self.size_tolerance = float(size_tolerance)
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
-        self.fold_, self.evidence_, self.report_ = 1, None, None
-        self._polar = self._refine = self._residual = None
+        self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
+        self._residual = None
 
     # -- fitting ---------------------------------------------------------------
 
