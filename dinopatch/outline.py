@@ -17,6 +17,7 @@ _MIN_CONTRAST = 12.0     # gray levels between part and background
 _MIN_AREA = 0.002        # smallest part, as a fraction of the analysis image
 _BORDER_CONTACT = 0.5    # border contact, in part widths, beyond which the part is cut off
 _STRAY_MARGIN = 0.03     # of the analysis side: outlines this near the part's hull belong to the part
+_DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 
 
 @dataclass
@@ -28,12 +29,27 @@ class Part:
     sigma: float              # standard deviation of the silhouette along the axis
     frame: float              # the image's longest side
     elongation: float         # minor / major eigenvalue
-    length: float             # outline extent along the axis / sigma
-    silhouette: np.ndarray    # filled outline, float32 0..1, analysis resolution
+    mask: np.ndarray          # uint8 0/255: the filled outline, analysis resolution
     to_input: np.ndarray      # 2x3 affine, analysis pixel -> input pixel
     gray: np.ndarray          # the gray image at analysis resolution, uint8
     stray: np.ndarray         # uint8 0/255: outlines of other objects, away from the part, analysis resolution
+    outline: np.ndarray       # int32 [n, 2]: the outline's (x, y) points, analysis pixels (none where not found)
     reason: str = ""
+
+    # The two below serve fit and the silhouette, never the pose: computed when asked.
+    @property
+    def silhouette(self) -> np.ndarray:
+        """The filled outline, float32 0..1, analysis resolution."""
+        return self.mask.astype(np.float32) / 255
+
+    @property
+    def length(self) -> float:
+        """The outline's extent along the axis / sigma (0 where no outline was found)."""
+        if not len(self.outline):
+            return 0.0
+        pts = self.outline.astype(np.float64)
+        proj = ((self.to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - self.centre) @ self.axis
+        return float(np.ptp(proj)) / self.sigma
 
     @property
     def stray_area(self) -> float:
@@ -54,8 +70,9 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     to_input = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5]])
 
     def failed(reason: str) -> Part:
-        return Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0, 0.0,
-                     np.zeros((sh, sw), np.float32), to_input, small, np.zeros((sh, sw), np.uint8), reason)
+        return Part(np.array([(w - 1) / 2, (h - 1) / 2]), np.array([1.0, 0.0]), 0.0, max(h, w), 1.0,
+                    np.zeros((sh, sw), np.uint8), to_input, small, np.zeros((sh, sw), np.uint8),
+                    np.zeros((0, 2), np.int32), reason)
 
     if min(sw, sh) < MIN_SIDE:
         return failed(f"image of {h}x{w} pixels is too small to find a part in")
@@ -73,32 +90,37 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     background = float(np.median(np.concatenate([blur[0], blur[-1], blur[:, 0], blur[:, -1]])))
     padded = cv2.copyMakeBorder(blur, _PAD, _PAD, _PAD, _PAD, cv2.BORDER_CONSTANT, value=background)
     edges = cv2.Canny(padded, 0.5 * contrast, contrast)
-    edges = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    edges = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, _DISC5)
     contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return failed("no part outline found")
     # By hull area: Canny may leave the part's rim open, and an open contour encloses nothing, while a
     # closed inner edge (a hub, a bore) does.
-    outline = max(contours, key=lambda c: cv2.contourArea(cv2.convexHull(c)))
+    hulls = [cv2.convexHull(c) for c in contours]
+    largest = max(range(len(contours)), key=lambda i: cv2.contourArea(hulls[i]))
+    outline = contours[largest]
     mask = np.zeros(edges.shape, np.uint8)
     cv2.drawContours(mask, [outline], -1, 255, cv2.FILLED)
     # Canny leaves gaps (at sharp tips, say) that no small closing bridges, and an
     # open outline fills to a thin band: add the pixels of the part's gray level
     # (Otsu's side away from the background) inside the outline's convex hull.
     hull = np.zeros_like(mask)
-    cv2.fillConvexPoly(hull, cv2.convexHull(outline), 255)
+    cv2.fillConvexPoly(hull, hulls[largest], 255)
     _, part_side = cv2.threshold(padded, t, 255, cv2.THRESH_BINARY if background <= t else cv2.THRESH_BINARY_INV)
     cv2.bitwise_or(mask, cv2.bitwise_and(hull, part_side), dst=mask)
     mask = mask[_PAD:-_PAD, _PAD:-_PAD]
     # The part lies within its outline's bounding box: its moments there, a quarter of the image or less;
     # the central moments do not move with the box, the centre is put back in the image's coordinates.
     x0, y0, bw, bh = cv2.boundingRect(outline)
-    x0, y0 = max(x0 - _PAD, 0), max(y0 - _PAD, 0)
+    x0, y0 = x0 - _PAD, y0 - _PAD
+    pts, contact = outline[:, 0] - _PAD, 0.0
+    if min(x0, y0) < 1 or x0 + bw > sw - 1 or y0 + bh > sh - 1:  # the outline's box reaches the border
+        off = (pts < 1) | (pts > [sw - 2, sh - 2])
+        contact = np.count_nonzero(off[:, 0] | off[:, 1]) * np.sqrt(w * h / (sw * sh))
+    x0, y0 = max(x0, 0), max(y0, 0)
     mom = cv2.moments(mask[y0:y0 + bh, x0:x0 + bw], binaryImage=True)
     if mom["m00"] < _MIN_AREA * sw * sh:
         return failed(f"part outline too small ({int(mom['m00'])} of {sw * sh} analysis pixels)")
-    pts = outline[:, 0].astype(np.float64) - _PAD
-    contact = ((pts < 1) | (pts > [sw - 2, sh - 2])).any(axis=1).sum() * np.sqrt(w * h / (sw * sh))
     # Covariance in input pixels: the analysis image may be scaled slightly differently along x and y.
     d = np.diag(to_input[:, :2].diagonal())
     cov = d @ np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) @ d / mom["m00"]
@@ -106,9 +128,8 @@ def measure_part(image: np.ndarray, analysis_size: int) -> Part:
     axis = evecs[:, 1] if evecs[0, 1] > 0 or (evecs[0, 1] == 0 and evecs[1, 1] > 0) else -evecs[:, 1]
     centre = to_input @ np.array([x0 + mom["m10"] / mom["m00"], y0 + mom["m01"] / mom["m00"], 1.0])
     sigma = float(np.sqrt(max(evals[1], 1e-12)))
-    proj = ((to_input @ np.vstack([pts.T, np.ones(len(pts))])).T - centre) @ axis
-    part = Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), float(np.ptp(proj)) / sigma,
-                 mask.astype(np.float32) / 255, to_input, small, _stray(contours, outline, hull, (sh, sw)))
+    part = Part(centre, axis, sigma, max(h, w), float(evals[0] / max(evals[1], 1e-12)), mask, to_input, small,
+                _stray(contours, outline, hull, (sh, sw)), pts)
     width = np.sqrt(12 * evals[0])  # of a rectangle with this second moment
     if contact > _BORDER_CONTACT * width:
         part.reason = f"part cut off by the image border (contact {contact / width:.1f} part widths)"
@@ -131,5 +152,5 @@ def _stray(contours, outline, hull: np.ndarray, shape) -> np.ndarray:
     k = 2 * max(1, round(_STRAY_MARGIN * max(shape))) + 1
     others[cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0] = 0
     # An object has an inside; the open outlines that lighting steps leave along the border do not.
-    others = cv2.morphologyEx(others, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    others = cv2.morphologyEx(others, cv2.MORPH_OPEN, _DISC5)
     return others[_PAD:-_PAD, _PAD:-_PAD].copy()

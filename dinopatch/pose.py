@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["SIDE", "Pose", "PolarTemplate", "Refiner", "pose_matrix", "crop", "residual"]
+__all__ = ["SIDE", "Pose", "PolarTemplate", "Refiner", "pose_matrix", "crop", "Residual"]
 
 SIDE = 128                 # side of crops and of the template
 ANGLES = 360               # angle bins of the polar unwrapping
@@ -58,8 +58,10 @@ def pose_matrix(centre, angle: float, scale: float, mirrored: bool, side: int) -
     """Input -> frame ``[2, 3]``: direction ``angle`` to +x (mirrored about it), ``centre`` to the frame's centre."""
     t = np.radians(angle)
     c, s = np.cos(t), np.sin(t)
-    a = scale * np.diag([1.0, -1.0 if mirrored else 1.0]) @ np.array([[c, s], [-s, c]])
-    return np.hstack([a, ((side - 1) / 2 - a @ np.asarray(centre, np.float64))[:, None]])
+    k = -scale if mirrored else scale
+    m = np.array([[scale * c, scale * s, 0.0], [-k * s, k * c, 0.0]])
+    m[:, 2] = (side - 1) / 2 - m[:, :2] @ np.asarray(centre, np.float64)
+    return m
 
 
 def crop(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -69,39 +71,52 @@ def crop(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def _polar_grid():
+    """Remap maps ``[radii, ANGLES]`` (a ring a row) and each ring's amplitude weight ``[radii, 1]``."""
     c = (SIDE - 1) / 2
     r = np.linspace(0.05, 0.49, _RADII) * SIDE
     t = np.arange(ANGLES) * (2 * np.pi / ANGLES)
-    mx = (c + r[None] * np.cos(t)[:, None]).astype(np.float32)
-    my = (c + r[None] * np.sin(t)[:, None]).astype(np.float32)
-    return mx, my, np.sqrt(r / r.max()).astype(np.float32)  # amplitude weight: energy per ring ~ its length
+    mx = (c + r[:, None] * np.cos(t)[None]).astype(np.float32)
+    my = (c + r[:, None] * np.sin(t)[None]).astype(np.float32)
+    return mx, my, np.sqrt(r / r.max()).astype(np.float32)[:, None]  # energy per ring ~ its length
 
 
 _MX, _MY, _WEIGHT = _polar_grid()
+_DEGREES = np.arange(ANGLES) * (360.0 / ANGLES)  # of each angle bin
 
 
 def _features(image: np.ndarray) -> np.ndarray:
-    """float64 ``[ANGLES, 2 * radii]``: intensity and gradient magnitude unwrapped, each ring zero-mean (what
-    is the same at every angle says nothing about the angle), each channel of unit energy."""
+    """float32 ``[2 * radii, ANGLES]``: intensity and gradient magnitude unwrapped (a ring a row), each ring
+    zero-mean (what is the same at every angle says nothing about the angle), each channel of unit energy."""
     smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
     grad = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
     # Less the light's slow drift across the frame, which turns with the camera, not with the part.
     # (An 8x8 box average brought back up: a wide Gaussian's low pass at a fraction of its cost.)
     detail = smooth - cv2.resize(cv2.resize(smooth, (8, 8), interpolation=cv2.INTER_AREA), (SIDE, SIDE),
                                  interpolation=cv2.INTER_LINEAR)
-    out = np.empty((ANGLES, 2 * _RADII))  # float64: NumPy's FFT of float32 is the slower
+    out = np.empty((2 * _RADII, ANGLES), np.float32)
     for i, channel in enumerate((detail, grad)):
-        p = cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR)
+        p = out[i * _RADII:(i + 1) * _RADII]
+        cv2.remap(channel, _MX, _MY, cv2.INTER_LINEAR, dst=p)
         p *= _WEIGHT
-        p -= cv2.reduce(p, 0, cv2.REDUCE_AVG)
+        p -= cv2.reduce(p, 1, cv2.REDUCE_AVG)
         p *= np.float32(1 / (max(cv2.norm(p), 1e-6) * np.sqrt(2)))
-        out[:, i * _RADII:(i + 1) * _RADII] = p
     return out
 
 
-def _correlate(f: np.ndarray, conj_t: np.ndarray) -> np.ndarray:
-    """``out[k] = sum_theta f[theta + k] . t[theta]`` for every shift ``k`` (``conj_t``: conj rfft of t)."""
-    return np.fft.irfft((np.fft.rfft(f, axis=0) * conj_t).sum(axis=1), n=ANGLES)
+def _spectrum(f: np.ndarray) -> np.ndarray:
+    """Each ring's DFT, OpenCV's packed real form (``[2 * radii, ANGLES]`` float32), of features ``f``."""
+    return cv2.dft(f, flags=cv2.DFT_ROWS)
+
+
+def _correlate(f: np.ndarray, spectrum_t: np.ndarray) -> np.ndarray:
+    """float64 ``out[k] = sum_rings sum_theta f[:, theta + k] . t[:, theta]`` for every shift ``k``
+    (``spectrum_t``: :func:`_spectrum` of t).
+
+    In float32 (OpenCV's DFT), a third cheaper than NumPy's float64 FFT: the scores, normalised correlations,
+    agree with it to 1e-5 (about 2e-7 on the synthetic parts)."""
+    prod = cv2.mulSpectrums(_spectrum(f), spectrum_t, cv2.DFT_ROWS, conjB=True)
+    return cv2.idft(cv2.reduce(prod, 0, cv2.REDUCE_SUM), flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)[0].astype(
+        np.float64)
 
 
 def _peak(scores: np.ndarray, k: int) -> float:
@@ -127,7 +142,9 @@ class PolarTemplate:
 
     def __init__(self, image: np.ndarray, fold: int = 1):
         self.image, self.fold = image.astype(np.float32), int(fold)
-        self._conj = np.conj(np.fft.rfft(_features(self.image), axis=0))
+        self._spectrum = _spectrum(_features(self.image))
+        # [k, j]: angle bin j is a pose apart from bin k (further than the separation, modulo the symmetry).
+        self._apart = _gap(_DEGREES[None], _DEGREES[:, None], 360.0 / self.fold) > _SEPARATION
 
     def search(self, upright: np.ndarray, mirror: bool, windows=None) -> Pose:
         """The best pose of the part in ``upright``, a crop taken at angle 0, unmirrored.
@@ -140,19 +157,17 @@ class PolarTemplate:
         f = _features(upright)
         # Unmirrored, the template at angle k shows at shift k; mirrored, the crop's
         # unwrapping runs backwards and the template at angle k shows at shift -k.
-        options = [(False, _correlate(f, self._conj))]
+        options = [(False, _correlate(f, self._spectrum))]
         if mirror:
-            options.append((True, np.roll(_correlate(np.roll(f[::-1], 1, axis=0), self._conj)[::-1], 1)))
-        angles = np.arange(ANGLES) * (360.0 / ANGLES)
+            options.append((True, np.roll(_correlate(np.roll(f[:, ::-1], 1, axis=1), self._spectrum)[::-1], 1)))
         allowed = np.ones(ANGLES, bool) if windows is None else np.zeros(ANGLES, bool)
         for centre, half in windows or ():
-            allowed |= _gap(angles, centre, 360.0) <= half
-        period = 360.0 / self.fold
+            allowed |= _gap(_DEGREES, centre, 360.0) <= half
         best = None
         for mirrored, scores in options:
             s = np.where(allowed, scores, -np.inf)
             k = int(np.argmax(s))
-            nxt = np.max(np.where(_gap(angles, angles[k], period) > _SEPARATION, s, -np.inf), initial=-np.inf)
+            nxt = np.max(np.where(self._apart[k], s, -np.inf), initial=-np.inf)
             if best is None or s[k] > best[2]:
                 angle = (_peak(scores, k) * 360.0 / ANGLES) % 360.0
                 best = (angle, mirrored, float(s[k]), float(nxt))
@@ -162,7 +177,7 @@ class PolarTemplate:
 
     def symmetry(self) -> int:
         """The largest N (<= MAX_FOLD) under whose turns by 360/N degrees the template looks the same; 1 if none."""
-        auto = _correlate(_features(self.image), self._conj)
+        auto = _correlate(_features(self.image), self._spectrum)
         for n in range(MAX_FOLD, 1, -1):
             shifts = [j * ANGLES / n for j in range(1, n)]
             if all(_interp(auto, s) >= _SYMMETRY * auto[0] for s in shifts):
@@ -204,6 +219,7 @@ class Refiner:
         v -= v.mean()
         norm = max(float(np.sqrt((v * v).sum())), 1e-9)
         self._template = (v / norm).astype(np.float32)
+        self._root_size = np.sqrt(v.size)
         # Least squares from the crop's difference to the template to the step: [3, *box shape]
         # (the pseudo-inverse: a flat template has no gradient, and then gives no step).
         self._solve = (np.linalg.pinv(g @ g.T) @ (g * norm)).astype(np.float32).reshape(3, *v.shape)
@@ -217,12 +233,14 @@ class Refiner:
             warped = cv2.warpAffine(image, (self._box @ m)[:2], self._template.shape[::-1], flags=cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_REPLICATE)
             mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(warped))
-            spread = std * np.sqrt(warped.size)
+            spread = std * self._root_size
             if not spread > 1e-6:  # nothing to correlate
                 return np.eye(2, 3)
-            diff = (warped - np.float32(mean)) * np.float32(1 / spread) - self._template
+            warped -= np.float32(mean)  # now the difference of the standardised crop from the template
+            warped *= np.float32(1 / spread)
+            warped -= self._template
             # einsum's own loop, not BLAS: a product of this size wakes a thread pool that costs more than it does.
-            turn, tx, ty = (float(v) for v in np.einsum("kij,ij->k", self._solve, diff))
+            turn, tx, ty = (float(v) for v in np.einsum("kij,ij->k", self._solve, warped))
             co, si = np.cos(turn), np.sin(turn)
             m = np.array([[co, -si, c - co * c + si * c + tx], [si, co, c - si * c - co * c + ty], [0, 0, 1]]) @ m
             if max(abs(turn) * c, abs(tx), abs(ty)) < _REFINE_STOP:
@@ -251,9 +269,22 @@ _YY, _XX = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
 _DISC = (_XX ** 2 + _YY ** 2) <= (0.49 * SIDE) ** 2
 
 
-def residual(template: np.ndarray, image: np.ndarray) -> float:
-    """1 - normalised correlation of an aligned crop with the template, over the inscribed disc."""
-    # Elementwise sums, not BLAS: a dot product of this size wakes a thread pool that costs more than it does.
-    a, b = template[_DISC].astype(np.float64), image[_DISC].astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    return float(1.0 - (a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-9))
+class Residual:
+    """1 - normalised correlation of aligned crops with one template, over the inscribed disc.
+
+    Args:
+        template: float32 ``[SIDE, SIDE]``.
+    """
+
+    def __init__(self, template: np.ndarray):
+        a = np.asarray(template)[_DISC].astype(np.float64)
+        self._template = a - a.mean()
+        self._energy = (self._template * self._template).sum()
+
+    def __call__(self, image: np.ndarray) -> float:
+        """The residual of the float32 ``[SIDE, SIDE]`` crop ``image``."""
+        # Elementwise sums, not BLAS: a dot product of this size wakes a thread pool that costs more than it does.
+        b = image[_DISC].astype(np.float64)
+        b -= b.mean()
+        a = self._template
+        return float(1.0 - (a * b).sum() / max(np.sqrt(self._energy * (b * b).sum()), 1e-9))

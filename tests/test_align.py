@@ -171,6 +171,35 @@ def test_reflected_warp_is_opencvs(shape, scale, angle):
     assert canon.shape == direct.shape and np.abs(canon.astype(int) - direct).max() <= 1
     inside = cv2.warpAffine(np.ones((h, w), np.uint8), m, (96, 96), flags=cv2.INTER_NEAREST)
     assert np.array_equal(valid, inside) and valid.min() == (0.0 if h < 300 else 1.0)
+    if image.ndim == 3:  # the colour frame (warped as BGRA) is each channel's own frame
+        channels = [_warp(np.ascontiguousarray(image[..., c]), m, 96)[0] for c in range(3)]
+        np.testing.assert_array_equal(canon, np.stack(channels, axis=2))
+
+def test_validity_is_the_nearest_pixels():
+    """The validity mask, filled row span by row span, is the nearest-neighbour warp of an all-ones image at any
+    turn (quarter turns included, where a row runs along an image edge), scale, mirroring and offset; where a
+    pixel centre falls exactly on the image's edge (half-pixel offsets), rounding may decide either way."""
+    from dinopatch.align import _validity
+
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        size = int(rng.choice([37, 96, 224]))
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        angle = rng.integers(0, 4) * np.pi / 2 if i % 5 == 0 else rng.uniform(0, 2 * np.pi)
+        scale, flip = float(np.exp(rng.uniform(-2, 3))), (-1.0 if i % 3 == 0 else 1.0)
+        m = scale * np.array([[np.cos(angle), np.sin(angle), 0], [-flip * np.sin(angle), flip * np.cos(angle), 0]])
+        m[:, 2] = size / 2 - m[:, :2] @ [w / 2 + rng.normal() * w / 2, h / 2 + rng.normal() * h / 2]
+        if i % 4 == 0:
+            m = np.round(m * 2) / 2
+        inv = cv2.invertAffineTransform(m)
+        nearest = cv2.warpAffine(np.ones((h, w), np.uint8), m, (size, size), flags=cv2.INTER_NEAREST)
+        ys, xs = np.nonzero(_validity(inv, h, w, size) != nearest)
+        source = inv @ np.stack([xs, ys, np.ones_like(xs)])
+        edge = np.abs(np.abs(source - [[(w - 1) / 2], [(h - 1) / 2]]) - [[w / 2], [h / 2]]).min(axis=0)
+        assert (edge < 1e-9).all(), (i, len(xs), edge.max(initial=0))
+        if i % 4:
+            assert len(xs) == 0, (i, len(xs))
+
 
 def test_resolution_does_not_matter(fitted):
     im, _, _ = render(np.random.default_rng(12))

@@ -148,6 +148,33 @@ def test_polar_search_finds_a_known_turn():
 
 
 
+def test_float32_scores_are_a_float64_ffts(fitted):
+    """The rotation scores, in float32 by OpenCV's DFT, are NumPy's float64 FFT of the same features to 1e-5, for
+    the part and its mirror image, and the search's pose is the float64 scores' peak."""
+    from dinopatch.align import _compose
+    from dinopatch.outline import measure_part
+    from dinopatch.pose import ANGLES, _correlate, _features, _spectrum
+
+    def float64(f, t):  # out[k] = sum over rings and angles of f[:, theta + k] * t[:, theta]
+        f, t = f.astype(np.float64), t.astype(np.float64)
+        return np.fft.irfft((np.fft.rfft(f, axis=1) * np.conj(np.fft.rfft(t, axis=1))).sum(axis=0), n=ANGLES)
+
+    rng = np.random.default_rng(11)
+    t = _features(fitted.template_)
+    for _ in range(4):
+        part = measure_part(wheel(rng)[0], fitted.analysis_size)
+        m = pose_matrix(part.centre, 0.0, fitted._scale(part, SIDE), False, SIDE)
+        upright = crop(part.gray, _compose(m, part.to_input))
+        f = _features(upright)
+        for g in (f, np.roll(f[:, ::-1], 1, axis=1)):
+            scores, reference = _correlate(g, _spectrum(t)), float64(g, t)
+            assert scores.dtype == np.float64 and np.abs(scores - reference).max() < 1e-5
+        reference = float64(f, t)
+        k = int(np.argmax(reference))
+        assert reference[k] > 0.5  # a clear peak, not a coin toss between two
+        assert abs((fitted._polar.search(upright, mirror=False).angle - k + 180) % 360 - 180) < 0.5
+
+
 def test_refiner_finds_a_known_small_turn_and_shift(fitted):
     template = fitted.template_
     c = (SIDE - 1) / 2
