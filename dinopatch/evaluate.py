@@ -192,8 +192,9 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         plus ``tuned`` (the same metrics on the tuning part), ``settings``,
         ``split``, ``per_defect`` and ``line``: the detector's own verdicts on
         every test image, nothing tuned (good parts rejected and defects caught
-        at its threshold, per defect type too, and SegF1 of its own masks) and ``pose``: fit's pose report
-        (:func:`.pose_report.summary`; None where parts are not aligned).
+        at its threshold, per defect type too, and SegF1 of its own masks), ``pose``: fit's pose report
+        (:func:`.pose_report.summary`; None where parts are not aligned) and ``registration``: with alignment
+        off, whether and how the frames were registered (:meth:`.register.Registration.describe`; else None).
     """
     check_arguments(tune_fraction, threshold)
     items = check_layout(folder)
@@ -274,6 +275,8 @@ def evaluate(det, folder, out: str | os.PathLike, *, tune_fraction: float = 0.5,
         report_metrics["saved_model"] = os.fspath(det.tuned(tuned_threshold, **post).save(save_model))
     _write_pictures(out, items, images, gts, results, scores, labels, report, settings, folder)
     report_metrics["pose"] = pose_report.write(det.model_, out)
+    registration = det.model_.aligner.registration_
+    report_metrics["registration"] = None if registration is None else registration.describe()
     # Strict JSON: a metric that cannot be computed (one class only) is null, not NaN.
     report_metrics = _json_safe(report_metrics)
     with open(out / "metrics.json", "w") as f:
@@ -401,7 +404,7 @@ metrics reported on the other {len(m['split']['report'])}
 <table><tr><th class=l>defect type</th><th>caught at the model's threshold (all images)</th>
 <th>reported images</th><th>image AUROC against good</th><th>recall, tuned</th><th>pixel AUROC</th>
 <th>AU-PRO to 30%</th><th>AU-PRO to 5%</th></tr>{per}</table>
-{pose_report.panel(m['pose'])}
+{pose_report.panel(m['pose'], m['registration'])}
 <h2>Curves (reported part)</h2><img src="roc.png"> <img src="pr.png"> <img src="hist.png">
 <h2>Every test image</h2><p>Heat: anomaly map; green outline: ground truth; magenta outline: predicted defect
 (tuned settings).</p>{thumbs}

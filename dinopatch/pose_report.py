@@ -74,10 +74,12 @@ def write(model, out: str | os.PathLike) -> dict | None:
     return summary(report)
 
 
-def panel(pose: dict | None) -> str:
-    """The evaluation page's pose section for a :func:`summary` (or None: parts not aligned)."""
+def panel(pose: dict | None, registration: str | None = None) -> str:
+    """The evaluation page's pose section for a :func:`summary` (or None: parts not aligned), with alignment
+    off the ``registration`` sentence where there is one."""
     if pose is None:
-        return "<h2>Pose of the good parts</h2><p>Parts are not aligned (align off): no pose report.</p>"
+        frames = "" if registration is None else f" Fixtured {html.escape(registration)}."
+        return f"<h2>Pose of the good parts</h2><p>Parts are not aligned (align off): no pose report.{frames}</p>"
     esc = html.escape
     lo, hi = pose["size_range"]
     gap = pose["misalignment"]

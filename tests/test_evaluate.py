@@ -276,3 +276,13 @@ def test_the_tuned_mask_threshold_and_kernel_follow_from_the_sweep_the_file_carr
                          "the mask sweep's counts|pixel threshold .* is not the one")]:
         with pytest.raises(ModelFileError, match=match):
             load(edit)
+
+
+def test_a_fixtured_report_says_whether_its_frames_were_registered(tmp_path):
+    folder = MVTecFolder(synthesize("pasta", tmp_path / "pasta", n_train=6, n_test_good=2, n_test_defect=2,
+                                    size=112, seed=0))
+    det = DinoPatch(**dict(FAST, align=False)).fit(folder.train_paths())
+    m = evaluate(det, folder, tmp_path / "r", progress=False)
+    assert m["pose"] is None and m["registration"] == det.model_.aligner.registration_.describe()
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "not aligned" in page and "Fixtured frames" in page
