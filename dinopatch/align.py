@@ -30,7 +30,7 @@ from .data import as_image
 from .outline import MIN_SIDE, Part, measure_part
 from .pose import MAX_FOLD, SIDE, PolarTemplate, Refiner, Residual, crop, pose_matrix
 from .pose_ranges import MAX_RATIO, PoseEvidence
-from .register import Registration, check_register, flat, gray
+from .register import FLAT, Registration, check_register, flat, flat_level, gray
 
 __all__ = ["Aligner", "Alignment", "Placement"]
 
@@ -149,6 +149,8 @@ class Aligner:
         evidence_: the :class:`.PoseEvidence` of the good parts (size, peak ratio, residual, objects
             away from the part); :meth:`ranges` derives the nominal ranges from it, at fit and on load alike.
         registration_: with ``enabled=False`` and ``register`` not ``"off"``, the :class:`.Registration`.
+        flat_level_: with ``enabled=False``, the gray spread below which a frame shows nothing
+            (:func:`.register.flat_level` of the good frames).
         report_: the fit-time pose report (not kept in the model file): ``mean_part`` (the template),
             ``misalignment`` (float32 ``[SIDE, SIDE]``: mean absolute difference of the aligned good parts
             from it, each standardised; where parts land apart, in template standard deviations),
@@ -177,6 +179,7 @@ class Aligner:
         self.size_tolerance = float(size_tolerance)
         self.register = check_register(register, enabled)
         self.registration_: Registration | None = None
+        self.flat_level_ = 0.0
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
         self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
         self._residual = None
@@ -196,7 +199,10 @@ class Aligner:
         if not images:
             raise ValueError("Aligner.fit needs at least one image, got none")
         if not self.enabled:
-            self.registration_ = None if self.register == "off" else Registration.fit(images, self.register)
+            frames = [gray(im) for im in images]
+            self.flat_level_ = flat_level(frames)
+            self.registration_ = None if self.register == "off" else Registration.fit(frames, self.register,
+                                                                                     self.flat_level_)
             return self
         measured = [measure_part(im, self.analysis_size) for im in images]
         parts = [p for p in measured if not p.reason]
@@ -336,7 +342,7 @@ class Aligner:
             s, (h, w) = self.size, image.shape[:2]
             m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
             small = gray(image)
-            reason = "nothing in the frame: it is flat" if flat(small) else ""
+            reason = "nothing in the frame: it is flat" if flat(small, self.flat_level_) else ""
             if self._registered and not reason:  # resized to the template's side, registered, resized back
                 pose, reason = self.registration_.locate(small)
                 f, r = s / SIDE, SIDE / s
@@ -473,6 +479,7 @@ class Aligner:
                 "zoom": self.zoom, "scale_tolerance": self.scale_tolerance, "analysis_size": self.analysis_size,
                 "padding": self.padding, "size_tolerance": self.size_tolerance, "register": self.register,
                 "registration": None if self.registration_ is None else self.registration_.state_dict(),
+                "flat_level": self.flat_level_,
                 "nominal_size": self.nominal_size_, "nominal_length": self.nominal_length_, "round": self.round_,
                 "fold": self.fold_,
                 "template": np.round(self.template_.astype(np.float64), 2).tolist() if fitted else None,
@@ -502,6 +509,11 @@ class Aligner:
                 if al.registration_.mode != al.register:
                     raise ValueError(f"registration of mode {al.registration_.mode!r} in an aligner with "
                                      f"register={al.register!r}")
+            # States from before flat frames were judged judged none flat.
+            level = state.get("flat_level", 0.0)
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= FLAT:
+                raise ValueError(f"flat level {level!r} is not a number in [0, {FLAT}]")
+            al.flat_level_ = float(level)
             if state["template"] is not None:
                 template = np.asarray(state["template"], np.float64)
                 if template.shape != (SIDE, SIDE) or not np.isfinite(template).all():

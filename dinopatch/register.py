@@ -36,8 +36,12 @@ RESIDUAL = 0.1       # the registered good frames correlate at >= 0.9 with the m
 REACH = 2.0          # a frame may move this many times further than the furthest good frame ...
 MIN_REACH = 2.0      # ... and at least this many SIDE pixels (a fixture whose good parts never moved)
 MIN_FRAMES = 3       # a mean of the others needs two frames
-# Gray standard deviation (levels, at SIDE px) below which a frame shows nothing: a covered lens, no light.
+# Gray standard deviation (levels, at SIDE px) below which a frame shows nothing (a covered lens, no light),
+# where the good frames show something: under FLAT_SHARE of their median spread (a plain panel's good
+# frames are nearly flat themselves).
 FLAT = 2.0
+FLAT_SHARE = 0.25
+_NOTHING = 1e-3  # below this spread there is nothing to correlate at all
 _WINDOW = cv2.createHanningWindow((SIDE, SIDE), cv2.CV_32F)
 _IDENTITY = np.eye(2, 3)
 
@@ -59,15 +63,20 @@ def gray(image: np.ndarray) -> np.ndarray:
     return cv2.resize(g, (SIDE, SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def flat(frame: np.ndarray) -> bool:
-    """A gray ``frame`` (:func:`gray`) that shows nothing to judge or correlate."""
-    return float(frame.std()) < FLAT
+def flat_level(frames) -> float:
+    """The gray spread below which a frame shows nothing, for good ``frames`` (:func:`gray`) like these."""
+    return min(FLAT, FLAT_SHARE * float(np.median([f.std() for f in frames])))
+
+
+def flat(frame: np.ndarray, level: float) -> bool:
+    """A gray ``frame`` (:func:`gray`) whose spread is below ``level`` (:func:`flat_level`)."""
+    return float(frame.std()) < level
 
 
 def shift_of(template: np.ndarray, frame: np.ndarray) -> np.ndarray | None:
     """float64 ``[2]`` ``(dx, dy)``: where ``frame`` shows ``template``'s content moved to (``SIDE`` pixels); None
     where a frame has nothing to correlate."""
-    if flat(frame) or flat(template):
+    if flat(frame, _NOTHING) or flat(template, _NOTHING):
         return None
     (dx, dy), _ = cv2.phaseCorrelate(template, frame, _WINDOW)
     return np.array([dx, dy]) if math.isfinite(dx) and math.isfinite(dy) else None
@@ -143,12 +152,13 @@ class Registration:
                              f"({SIDE}, {SIDE})")
 
     @classmethod
-    def fit(cls, images: list[np.ndarray], mode: str) -> "Registration":
-        """Register the good ``images`` (uint8 frames) to their mean (see the module's text); flat frames
-        (:func:`flat`) are no evidence and left out."""
-        frames = [g for g in map(gray, images) if not flat(g)]
+    def fit(cls, frames: list[np.ndarray], mode: str, level: float = _NOTHING) -> "Registration":
+        """Register the good ``frames`` (:func:`gray`) to their mean (see the module's text); frames flat at
+        ``level`` (:func:`flat_level`) are no evidence and left out."""
+        count = len(frames)
+        frames = [g for g in frames if not flat(g, level)]
         if not frames and mode == "on":
-            raise ValueError(f"register='on' needs good frames that show something; all {len(images)} are flat")
+            raise ValueError(f"register='on' needs good frames that show something; all {count} are flat")
         if len(frames) < MIN_FRAMES and mode == "auto":
             return cls(mode, None, np.zeros((len(frames), 2)), 0.0, 0.0)
         frames = np.stack(frames)

@@ -11,7 +11,7 @@ from dinopatch import DinoPatch, metrics
 from dinopatch.align import Aligner
 from dinopatch.benchmark_sets import make_set
 from dinopatch.pose import SIDE
-from dinopatch.register import MIN_REACH, RESIDUAL, Registration, check_register
+from dinopatch.register import MIN_REACH, RESIDUAL, Registration, check_register, gray
 
 
 def _boards(n: int, size: int = SIDE, seed: int = 0) -> list[np.ndarray]:
@@ -26,7 +26,7 @@ def _moved(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
 def test_shifts_of_one_board_moved_by_known_amounts_are_recovered():
     board = _boards(1)[0]
     truth = np.array([[0.0, 0.0], [1.5, -0.75], [-2.25, 1.0], [0.5, 2.5], [-1.0, -1.75], [2.0, 0.25]])
-    reg = Registration.fit([_moved(board, *t) for t in truth], "auto")
+    reg = Registration.fit([gray(_moved(board, *t)) for t in truth], "auto")
     assert reg.used and reg.residual_after <= RESIDUAL < reg.residual_before
     # Shifts are relative to the good parts' median place: compare differences.
     found = reg.shifts - reg.shifts[0]
@@ -34,14 +34,13 @@ def test_shifts_of_one_board_moved_by_known_amounts_are_recovered():
 
 
 def test_auto_registers_fixtured_boards_and_leaves_textures_alone():
-    boards = Registration.fit(_boards(10), "auto")
-    weave = Registration.fit(make_set("weave", n_train=10, n_test_good=0, n_test_defect=0, size=SIDE, seed=0)["train"],
-                             "auto")
+    boards = Registration.fit([gray(b) for b in _boards(10)], "auto")
+    weaves = make_set("weave", n_train=10, n_test_good=0, n_test_defect=0, size=SIDE, seed=0)["train"]
+    weave = Registration.fit([gray(w) for w in weaves], "auto")
     assert boards.used and boards.template is not None
     assert not weave.used and weave.template is None and weave.residual_after > RESIDUAL
     assert "not registered" in weave.describe() and "registered by shift" in boards.describe()
-    assert Registration.fit(make_set("weave", n_train=4, n_test_good=0, n_test_defect=0, size=SIDE,
-                                     seed=0)["train"], "on").used
+    assert Registration.fit([gray(w) for w in weaves[:4]], "on").used
 
 
 def test_a_registered_frame_lands_on_the_unmoved_one():
@@ -85,7 +84,13 @@ def test_a_frame_moved_beyond_the_reach_or_flat_is_not_trusted():
     dark = texture.place(noise).alignment
     assert not dark.trusted and dark.reason == "nothing in the frame: it is flat"
     with pytest.raises(ValueError, match="all 3 are flat"):
-        Registration.fit([noise] * 3, "on")
+        Registration.fit([gray(noise)] * 3, "on", texture.flat_level_)
+    # Where the good frames are plain themselves (a painted panel), a plain frame is one of them.
+    panels = [np.clip(np.random.default_rng(i).normal(128, 1.5, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+              for i in range(4)]
+    plain = Aligner(size=SIDE, enabled=False, register="auto").fit(panels)
+    assert plain.place(panels[0]).alignment.trusted and not plain.place(np.full_like(panels[0], 128)).alignment.trusted
+    assert Aligner.from_state_dict(plain.state_dict()).flat_level_ == plain.flat_level_ < 2.0
 
 
 def test_state_round_trip_and_edits_refused():
@@ -106,9 +111,11 @@ def test_state_round_trip_and_edits_refused():
         Aligner.from_state_dict(dict(state, registration=dict(state["registration"], shifts=[[1e9, 0.0]])))
     with pytest.raises(ValueError, match="template"):
         Aligner.from_state_dict(dict(state, registration=dict(state["registration"], template=[[1.0]])))
+    with pytest.raises(ValueError, match="flat level"):
+        Aligner.from_state_dict(dict(state, flat_level=50.0))
     # A state from before registration: fixtured frames resized as they came.
-    old = {k: v for k, v in state.items() if k not in ("register", "registration")}
-    assert Aligner.from_state_dict(old).register == "off"
+    old = {k: v for k, v in state.items() if k not in ("register", "registration", "flat_level")}
+    assert Aligner.from_state_dict(old).register == "off" and Aligner.from_state_dict(old).flat_level_ == 0.0
 
 
 def test_register_parameter_checked():
