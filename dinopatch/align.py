@@ -509,7 +509,7 @@ class Aligner:
                 if al.registration_.mode != al.register:
                     raise ValueError(f"registration of mode {al.registration_.mode!r} in an aligner with "
                                      f"register={al.register!r}")
-            # States from before flat frames were judged judged none flat.
+            # States from before the flat check hold no level: no frame is flat for them.
             level = state.get("flat_level", 0.0)
             if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= FLAT:
                 raise ValueError(f"flat level {level!r} is not a number in [0, {FLAT}]")
