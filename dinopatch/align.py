@@ -340,14 +340,12 @@ class Aligner:
         image = as_image(image)
         if not self.enabled:
             s, (h, w) = self.size, image.shape[:2]
-            m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
+            m = _resized(s / w, s / h)
             small = gray(image)
             reason = "nothing in the frame: it is flat" if flat(small, self.flat_level_) else ""
-            if self._registered and not reason:  # resized to the template's side, registered, resized back
+            if self._registered and not reason:  # resized to the template's side, registered, resized to the frame's
                 pose, reason = self.registration_.locate(small)
-                f, r = s / SIDE, SIDE / s
-                m = _compose(np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]]),
-                             _compose(pose, _compose(np.array([[r, 0, 0.5 * r - 0.5], [0, r, 0.5 * r - 0.5]]), m)))
+                m = _compose(_resized(s / SIDE), _compose(pose, _resized(SIDE / w, SIDE / h)))
             inv = cv2.invertAffineTransform(m)
             centre = inv @ [(s - 1) / 2, (s - 1) / 2, 1.0]
             al = Alignment(float(np.degrees(np.arctan2(inv[1, 0], inv[0, 0])) % 360.0), float(s / np.sqrt(h * w)),
@@ -409,7 +407,7 @@ class Aligner:
                                       reason, m)
         loc = self._locate(part)
         f = s / SIDE  # the template frame, pixel centres kept, resized to the canonical frame
-        m = _compose(np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]]), loc.matrix)
+        m = _compose(_resized(f), loc.matrix)
         inv = cv2.invertAffineTransform(m)
         angle = float(np.degrees(np.arctan2(inv[1, 0], inv[0, 0])) % 360.0)
         centre = inv @ [(s - 1) / 2, (s - 1) / 2, 1.0]
@@ -553,6 +551,12 @@ def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _resized(sx: float, sy: float | None = None) -> np.ndarray:
+    """The 2x3 affine of a resize by ``sx`` across and ``sy`` (default ``sx``) down, pixel centres kept."""
+    sy = sx if sy is None else sy
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]])
+
+
 def _orient(sil: np.ndarray, orient) -> np.ndarray:
     """A canonical silhouette turned by 180 degrees and/or mirrored about its axis."""
     flip, mirror = orient
@@ -569,7 +573,7 @@ def _warp(image: np.ndarray, m: np.ndarray, size: int, padding: str = "reflect")
     while scale < 0.7 and min(image.shape[:2]) >= 2:
         h, w = image.shape[:2]
         image = cv2.resize(image[:h // 2 * 2, :w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-        m, scale = _compose(m, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5]])), 2 * scale
+        m, scale = _compose(m, _resized(2.0)), 2 * scale
     h, w = image.shape[:2]
     inv = cv2.invertAffineTransform(m)
     reach = _reach(inv, size)

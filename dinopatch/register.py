@@ -136,7 +136,6 @@ class Registration:
         self.shifts = np.round(np.asarray(shifts, np.float64).reshape(-1, 2), 4)
         self.residual_before, self.residual_after = round(float(residual_before), 6), round(float(residual_after), 6)
         self.used = mode == "on" or (mode == "auto" and registers(self.residual_before, self.residual_after))
-        self._refiner = None  # built on first use: a model that never predicts a fixtured frame needs none
         self.template = None if template is None else np.round(np.asarray(template, np.float64), 2).astype(np.float32)
         if not (np.isfinite(self.shifts).all() and np.abs(self.shifts).max(initial=0) <= SIDE):
             raise ValueError(f"registration shifts must be finite and within the {SIDE} px frame")
@@ -150,6 +149,8 @@ class Registration:
                                           or not np.isfinite(self.template).all()):
             raise ValueError(f"registration template of shape {self.template.shape}, expected finite "
                              f"({SIDE}, {SIDE})")
+        # Built once, read-only after: predict's threads share it.
+        self._refiner = None if self.template is None else Refiner(self.template)
 
     @classmethod
     def fit(cls, frames: list[np.ndarray], mode: str, level: float = _NOTHING) -> "Registration":
@@ -184,8 +185,6 @@ class Registration:
     def locate(self, frame: np.ndarray) -> tuple[np.ndarray, str]:
         """The float64 ``[2, 3]`` frame -> template matrix (``SIDE`` pixels) of a gray ``frame`` (:func:`gray`)
         and why it is not trusted ("" if it is; the identity then)."""
-        if self._refiner is None:
-            self._refiner = Refiner(self.template)
         matrix = pose_of(self.template, self._refiner, frame)
         if matrix is None:
             return _IDENTITY, "nothing to register: the frame is flat"
