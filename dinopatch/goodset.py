@@ -11,11 +11,13 @@ is, with the reason:
   :data:`NEAR_GRAY` gray levels (mean absolute difference) of an earlier image's;
 * ``"outlier"``: its held-out score (each image against a bank of the folds
   without it, with the documented default settings for every ``"auto"`` and
-  the default tolerance for a tolerance map, which is measured on what is kept) is
-  above ``median + K * 1.4826 * MAD`` of the held-out scores (:data:`K`) and
-  above :data:`RATIO` times their median, from :data:`MIN_IMAGES` images on.
-  Both: good parts' held-out scores are heavy-tailed (a part in a pose no other
-  part shares scores high), so the MAD alone would name good parts.
+  tolerance 0 for a tolerance that fit measures on what is kept) is above
+  :data:`RATIO` times the median of the held-out scores and above it by
+  :data:`K` robust spreads of their logarithms (``1.4826 * MAD``), from
+  :data:`MIN_IMAGES` images on.  Logarithms, as a distance has no natural unit
+  and good parts' scores spread by factors: where a few good parts lie far from
+  the rest (a band that slides, poses no other part shares) the spread grows
+  with them, and where the good parts agree the ratio decides.
 
 ``outliers="drop"`` (the default) leaves them out of the bank and the threshold
 and says so in :class:`FitReport`; ``"keep"`` keeps them on purpose (they are
@@ -42,12 +44,14 @@ THUMB = 32
 # Below a quarter of a gray level on the thumbnails two images are the same picture (a re-encoded copy
 # lands there), above it sensor noise alone already separates two shots of one fixtured part.
 NEAR_GRAY = 0.25
-K = 5.0
-# A good image's held-out score stays within a small multiple of the median of good ones; a defective
-# part hidden among them, or a frame without a part, lies several times above it.  The ratio sits
-# between the two, and guards where the MAD is near zero (the scores nearly equal) and K alone would
-# flag the first image a little off.
-RATIO = 3.0
+K = 3.0
+# A defective part hidden among the good ones scores about twice their median when held out (a broken or
+# bent comb tooth, a cracked wheel), and its own tooth or crack in the bank then lets every like defect
+# pass; a good part rarely scores so far above parts like it, and one that does is worth a look (a good
+# screw far from the rest's pose and size, which a person may keep with outliers='keep').  The ratio
+# also guards where the spread is near zero (the scores nearly equal) and K alone would flag the first
+# image a little off.
+RATIO = 1.8
 MIN_IMAGES = 5
 
 
@@ -268,10 +272,16 @@ def outlier_names(scores) -> list[str]:
 
 
 def outlier_limit(values: list[float]) -> float:
-    """The outlier rule's limit over held-out good scores: ``max(median + K * 1.4826 * MAD, RATIO * median)``."""
+    """The outlier rule's limit over held-out good scores: ``median * max(exp(K * spread), RATIO)``, where
+    ``spread`` is ``1.4826 * MAD`` of the scores' logarithms about the median's."""
+    values = np.asarray(values, float)
     med = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(np.asarray(values) - med)))
-    return max(med + K * mad, RATIO * med)
+    if not med > 0:  # half the good parts score nothing held out: any score above is far from them
+        return 0.0
+    # A score near zero (a near twin of another image) says nothing of the spread: floored at a thousandth.
+    logs = np.log(np.maximum(values, 1e-3 * med) / med)
+    spread = 1.4826 * float(np.median(np.abs(logs)))
+    return med * max(math.exp(K * spread), RATIO)
 
 
 def _unflagged(count: int, flags, outliers: str) -> list[int]:

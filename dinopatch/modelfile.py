@@ -49,12 +49,14 @@ import numpy as np
 from . import atomic
 
 FORMAT = "dinopatch-model"
-VERSION = 5
+VERSION = 6
 """2: thresholds carry their evidence and the model id is the content's checksum, not a stored value;
 3: auto's tolerance search starts at the typical offset, so a record's steps replay in that order, and the
 golden set holds nominal frames as they are;
 4: a coreset bank carries the good parts' tokens it was chosen from, and a tuned mask threshold its sweep;
-5: auto's search starts at sigma 2, so a record's steps replay from there, and fixtured frames may be registered."""
+5: auto's search starts at sigma 2, so a record's steps replay from there, and fixtured frames may be registered;
+6: the good set's outlier rule is 1.8x the median and 3 robust spreads of the logarithms, so a report's
+flags follow from its scores by that rule."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 

@@ -1,4 +1,4 @@
-"""The good set checked at fit: odd images named, left out, kept on purpose or refused (112 px input)."""
+"""The good set checked at fit: odd images named, left out, kept on purpose or refused (112 and 224 px input)."""
 import json
 
 import cv2
@@ -8,6 +8,7 @@ from conftest import FAST, screws
 
 from dinopatch import DinoPatch, modelfile
 from dinopatch.align import Aligner
+from dinopatch.benchmark_sets import make_set
 from dinopatch.goodset import RATIO, FitReport, K, outlier_names, screen
 from dinopatch.modelfile import ModelFileError
 
@@ -58,21 +59,50 @@ def test_kept_on_purpose_or_refused(dirty, dropped):
         DinoPatch(**FAST, outliers="strict").fit(dirty)
 
 
-def test_a_clean_set_drops_nothing():
-    det = DinoPatch(**FAST).fit(screws("good", 8, seed=4))
-    assert det.fit_report_.flagged == () and det.fit_report_.used == 8 == det.threshold_.source["images"]
+@pytest.fixture(scope="module")
+def wheels():
+    """Twelve good toothed wheels at any rotation (224 px), and one of each defect."""
+    d = make_set("wheel", n_train=12, n_test_good=0, n_test_defect=1, size=224, seed=3)
+    return d["train"], dict(zip(d["defects"], d["test"]))
 
 
-def test_the_rule_is_median_plus_k_mad():
+def test_a_clean_set_drops_nothing(wheels):
+    det = DinoPatch(**dict(FAST, image_size=224)).fit(wheels[0])
+    assert det.fit_report_.flagged == () and det.fit_report_.used == 12 == det.threshold_.source["images"]
+
+
+@pytest.mark.parametrize("defect", ["broken_tooth", "burr", "crack"])
+def test_a_defect_twice_the_median_is_named(wheels, defect):
+    good, bad = wheels
+    report = DinoPatch(**dict(FAST, image_size=224)).fit(good[:6] + [bad[defect]] + good[6:]).fit_report_
+    scores = dict(report.scores)
+    median = np.median(list(scores.values()))
+    assert [(f.name, f.reason) for f in report.flagged] == [("#6", "outlier")]
+    assert scores["#6"] < 3 * median  # under the earlier rule's floor: the wheel's own crack would set the threshold
+    assert max(v for k, v in scores.items() if k != "#6") < RATIO * median
+
+
+def test_a_good_part_far_from_the_rest_is_named_and_can_be_kept():
+    """The cost of the rule: of eight good screws at 112 px, one scores 2.6x the median held out."""
+    images = screws("good", 8, seed=4)
+    report = DinoPatch(**FAST).fit(images).fit_report_
+    assert [(f.name, f.reason) for f in report.flagged] == [("#6", "outlier")] and report.used == 7
+    assert "2.6 x the median" in report.flagged[0].detail
+    kept = DinoPatch(**FAST, outliers="keep").fit(images)
+    assert kept.fit_report_.used == 8 == kept.threshold_.source["images"]
+
+
+def test_the_rule_is_a_ratio_and_a_spread_of_the_logarithms():
     scores = [(f"#{i}", v) for i, v in enumerate([1.0, 1.1, 0.9, 1.05, 0.95, 1.0])]
     assert outlier_names(scores) == []
-    assert outlier_names(scores + [("#6", RATIO + 0.01)]) == ["#6"]  # the ratio decides: the MAD is small
+    assert outlier_names(scores + [("#6", RATIO + 0.01)]) == ["#6"]  # the ratio decides: the spread is small
     assert outlier_names(scores + [("#6", RATIO - 0.01)]) == []
-    spread = [(f"#{i}", v) for i, v in enumerate([1.0, 2.0, 3.0, 2.0, 1.0, 3.0])]  # median 2, MAD 1
-    limit = 2.0 + K * 1.4826
-    assert limit > RATIO * 2 and outlier_names(spread + [("#6", limit + 0.01)]) == ["#6"]
-    assert outlier_names(spread + [("#6", limit - 0.01)]) == []
+    spread = [(f"#{i}", v) for i, v in enumerate([1.0, 2.0, 4.0, 2.0, 1.0, 4.0])]  # median 2, logs 2x apart
+    limit = 2.0 * np.exp(K * 1.4826 * np.log(2.0))
+    assert limit > RATIO * 2 and outlier_names(spread + [("#6", limit * 1.001)]) == ["#6"]
+    assert outlier_names(spread + [("#6", limit * 0.999)]) == []
     assert outlier_names(scores[:3] + [("#6", 100.0)]) == []  # too few to judge
+    assert outlier_names([(f"#{i}", 0.0) for i in range(5)] + [("#5", 1e-9)]) == ["#5"]  # above nothing
 
 
 def test_the_report_survives_the_model_file(dropped, tmp_path):
