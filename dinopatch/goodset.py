@@ -11,13 +11,16 @@ is, with the reason:
   :data:`NEAR_GRAY` gray levels (mean absolute difference) of an earlier image's;
 * ``"outlier"``: its held-out score (each image against a bank of the folds
   without it, with the documented default settings for every ``"auto"`` and
-  tolerance 0 for a tolerance that fit measures on what is kept) is above
-  :data:`RATIO` times the median of the held-out scores and above it by
-  :data:`K` robust spreads of their logarithms (``1.4826 * MAD``), from
-  :data:`MIN_IMAGES` images on.  Logarithms, as a distance has no natural unit
-  and good parts' scores spread by factors: where a few good parts lie far from
-  the rest (a band that slides, poses no other part shares) the spread grows
-  with them, and where the good parts agree the ratio decides.
+  tolerance 0 for a tolerance that fit measures on what is kept) is above the
+  median of the held-out scores by :data:`K` robust spreads of their
+  logarithms (``1.4826 * MAD``) and by a ratio: :data:`LOCAL_RATIO` where the
+  rest of its map is like the others' (its 90th percentile within
+  :data:`LOCAL_SPREAD` times their median: a defect raises a few patches),
+  :data:`RATIO` where the whole map is raised (a good part shot a little
+  differently raises it all); from :data:`MIN_IMAGES` images on.  Logarithms,
+  as a distance has no natural unit and good parts' scores spread by factors:
+  where a few good parts lie far from the rest (a band that slides) the spread
+  grows with them, and where the good parts agree the ratio decides.
 
 ``outliers="drop"`` (the default) leaves them out of the bank and the threshold
 and says so in :class:`FitReport`; ``"keep"`` keeps them on purpose (they are
@@ -46,12 +49,15 @@ THUMB = 32
 NEAR_GRAY = 0.25
 K = 3.0
 # A defective part hidden among the good ones scores about twice their median when held out (a broken or
-# bent comb tooth, a cracked wheel), and its own tooth or crack in the bank then lets every like defect
-# pass; a good part rarely scores so far above parts like it, and one that does is worth a look (a good
-# screw far from the rest's pose and size, which a person may keep with outliers='keep').  The ratio
-# also guards where the spread is near zero (the scores nearly equal) and K alone would flag the first
-# image a little off.
-RATIO = 1.8
+# bent comb tooth, a cracked wheel) while the rest of its map is like theirs, and its own tooth or crack
+# in the bank then lets every like defect pass.  A good part whose whole map is raised (a board shifted
+# furthest, light a little off) reaches 1.8x, so there the ratio stays where a frame with a wrong or
+# no part lies; a good part with a few patches so far above the rest is rare, and worth a look (a person
+# may keep it with outliers='keep').  The ratios also guard where the spread is near zero (the scores
+# nearly equal) and K alone would flag the first image a little off.
+RATIO = 3.0
+LOCAL_RATIO = 1.8
+LOCAL_SPREAD = 1.25
 MIN_IMAGES = 5
 
 
@@ -75,8 +81,8 @@ class FitReport:
         used: how many the bank and the threshold were made of.
         outliers: the policy (one of :data:`OUTLIERS`).
         flagged: the named images, in input order within each reason.
-        scores: ``((name, held-out score), ...)`` the outlier rule judged, in input order (empty below
-            :data:`MIN_IMAGES`).
+        scores: ``((name, held-out score, its map's 90th percentile), ...)`` the outlier rule judged, in
+            input order (empty below :data:`MIN_IMAGES`).
         k, ratio: the rule's :data:`K` and :data:`RATIO`.
     """
 
@@ -121,10 +127,11 @@ class FitReport:
             raise ValueError(f"fit report policy {record['outliers']!r} or rule (k={k!r}, ratio={record['ratio']!r}) "
                              "is not this version's")
         if not isinstance(scores, list) or not all(
-                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (int, float))
-                and not isinstance(p[1], bool) and math.isfinite(p[1]) for p in scores):
+                isinstance(p, list) and len(p) == 3 and isinstance(p[0], str)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p[1:])
+                for p in scores):
             raise ValueError("fit report scores malformed")
-        scores = tuple((n, float(v)) for n, v in scores)
+        scores = tuple((n, float(v), float(t)) for n, v, t in scores)
         flags = record["flagged"]
         if not isinstance(flags, list) or not all(
                 isinstance(f, dict) and set(f) == {"name", "index", "reason", "detail"} and f["reason"] in REASONS
@@ -209,14 +216,16 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
     """
     scores, flags = (), list(flags)
     if len(nominal) >= MIN_IMAGES:
-        index, values, *_ = nominal.held_out_scores(settings)
-        by_row = {int(r): round(float(s), 6) for r, s in zip(index, values) if math.isfinite(s)}
-        scores = tuple((names[indices[r]], by_row[r]) for r in sorted(by_row))  # input order
-        limit = outlier_limit([s for _, s in scores])
-        med = float(np.median([s for _, s in scores]))
+        index, values, _, maps, _ = nominal.held_out_scores(settings)
+        by_row = {int(r): (round(float(s), 6), round(float(np.nanpercentile(m, 90)), 6))
+                  for r, s, m in zip(index, values, maps) if math.isfinite(s)}
+        scores = tuple((names[indices[r]], *by_row[r]) for r in sorted(by_row))  # input order
+        limits = outlier_limits(scores)
+        med = float(np.median([s for _, s, _ in scores]))
         flags += [Flag(names[indices[r]], indices[r], "outlier",
                        f"held-out score {s:.3g}, {s / med if med > 0 else math.inf:.1f} x the median {med:.3g}, "
-                       f"above {limit:.3g}") for r, s in sorted(by_row.items()) if s > limit]
+                       f"above {limit:.3g} ({'a few patches' if limit < RATIO * med else 'its whole map'})")
+                  for (r, (s, _)), limit in zip(sorted(by_row.items()), limits) if s > limit]
     _refuse(flags, outliers)
     kept_inputs = set(_unflagged(len(names), flags, outliers))
     keep = [r for r, i in enumerate(indices) if i in kept_inputs]
@@ -264,16 +273,26 @@ def checked(images: list[np.ndarray], names: list[str], engine, params: dict,
 
 
 def outlier_names(scores) -> list[str]:
-    """The names of ``(name, score)`` pairs whose score is above the rule's limit."""
+    """The names of ``(name, score, typical)`` triples whose score is above the rule's limit for it."""
     if len(scores) < MIN_IMAGES:
         return []
-    limit = outlier_limit([s for _, s in scores])
-    return [n for n, s in scores if s > limit]
+    return [n for (n, s, _), limit in zip(scores, outlier_limits(scores)) if s > limit]
 
 
-def outlier_limit(values: list[float]) -> float:
-    """The outlier rule's limit over held-out good scores: ``median * max(exp(K * spread), RATIO)``, where
-    ``spread`` is ``1.4826 * MAD`` of the scores' logarithms about the median's."""
+def outlier_limits(scores) -> list[float]:
+    """Each image's limit under the rule, for ``(name, held-out score, its map's 90th percentile)`` triples:
+    :func:`outlier_limit` with :data:`LOCAL_RATIO` where the 90th percentile is within :data:`LOCAL_SPREAD`
+    times the median of them."""
+    values = [s for _, s, _ in scores]
+    typical = np.array([t for _, _, t in scores], float)
+    local = typical <= LOCAL_SPREAD * float(np.median(typical))
+    return [outlier_limit(values, LOCAL_RATIO if near else RATIO) for near in local]
+
+
+def outlier_limit(values: list[float], ratio: float = RATIO) -> float:
+    """The outlier rule's limit over held-out good scores: ``median * max(exp(K * spread), ratio)``, where
+    ``spread`` is ``1.4826 * MAD`` of the scores' logarithms about the median's; by default the limit for a
+    score whose whole map is raised."""
     values = np.asarray(values, float)
     med = float(np.median(values))
     if not med > 0:  # half the good parts score nothing held out: any score above is far from them
@@ -281,7 +300,7 @@ def outlier_limit(values: list[float]) -> float:
     # A score near zero (a near twin of another image) says nothing of the spread: floored at a thousandth.
     logs = np.log(np.maximum(values, 1e-3 * med) / med)
     spread = 1.4826 * float(np.median(np.abs(logs)))
-    return med * max(math.exp(K * spread), RATIO)
+    return med * max(math.exp(K * spread), ratio)
 
 
 def _unflagged(count: int, flags, outliers: str) -> list[int]:

@@ -165,8 +165,8 @@ def refusals(results: list, names: list[str], threshold) -> list[tuple[str, str]
     flagged part has the smallest p-value, so neither is enough: refused are the parts the model cannot
     place or score, and flagged parts whose score is above every one of ``threshold``'s calibration scores
     (the smallest p-value) and beyond what the good-set check lets a good part have among them
-    (:func:`.goodset.outlier_limit`, from :data:`.goodset.MIN_IMAGES` scores on: the rule that names an
-    outlier in a good set at fit).
+    (:func:`.goodset.outlier_limit`, from :data:`.goodset.MIN_IMAGES` scores on: the limit at which fit
+    names a good image whose whole map is raised; the scores alone do not say where a part differs).
     """
     scores = np.asarray(threshold.scores, float)
     limit = float(scores.max()) if scores.size else -np.inf

@@ -9,7 +9,7 @@ from conftest import FAST, screws
 from dinopatch import DinoPatch, modelfile
 from dinopatch.align import Aligner
 from dinopatch.benchmark_sets import make_set
-from dinopatch.goodset import RATIO, FitReport, K, outlier_names, screen
+from dinopatch.goodset import LOCAL_RATIO, LOCAL_SPREAD, RATIO, FitReport, K, outlier_names, screen
 from dinopatch.modelfile import ModelFileError
 
 
@@ -42,10 +42,10 @@ def test_a_black_frame_and_a_defective_part_are_left_out_and_named(dirty, droppe
     report = dropped.fit_report_
     assert [(f.name, f.reason) for f in report.flagged] == [("#3", "no part"), ("#7", "outlier")]
     assert report.images == 11 and report.used == 9 and report.outliers == "drop"
-    assert dropped.threshold_.source["images"] == 9 and "#3" not in dict(report.scores)
+    scores = {n: s for n, s, _ in report.scores}
+    assert dropped.threshold_.source["images"] == 9 and "#3" not in scores
     assert "left out of the bank and the threshold" in report.describe()
-    scores = np.array([s for _, s in report.scores])
-    assert np.all(scores[[n != "#7" for n, _ in report.scores]] < dict(report.scores)["#7"] / 2)
+    assert all(s < scores["#7"] / 2 for n, s in scores.items() if n != "#7")
 
 
 def test_kept_on_purpose_or_refused(dirty, dropped):
@@ -75,11 +75,12 @@ def test_a_clean_set_drops_nothing(wheels):
 def test_a_defect_twice_the_median_is_named(wheels, defect):
     good, bad = wheels
     report = DinoPatch(**dict(FAST, image_size=224)).fit(good[:6] + [bad[defect]] + good[6:]).fit_report_
-    scores = dict(report.scores)
+    scores = {n: s for n, s, _ in report.scores}
     median = np.median(list(scores.values()))
     assert [(f.name, f.reason) for f in report.flagged] == [("#6", "outlier")]
-    assert scores["#6"] < 3 * median  # under the earlier rule's floor: the wheel's own crack would set the threshold
-    assert max(v for k, v in scores.items() if k != "#6") < RATIO * median
+    assert "a few patches" in report.flagged[0].detail
+    assert scores["#6"] < RATIO * median  # under the whole-map ratio: the wheel's own flaw would set the threshold
+    assert max(v for k, v in scores.items() if k != "#6") < LOCAL_RATIO * median
 
 
 def test_a_good_part_far_from_the_rest_is_named_and_can_be_kept():
@@ -93,16 +94,18 @@ def test_a_good_part_far_from_the_rest_is_named_and_can_be_kept():
 
 
 def test_the_rule_is_a_ratio_and_a_spread_of_the_logarithms():
-    scores = [(f"#{i}", v) for i, v in enumerate([1.0, 1.1, 0.9, 1.05, 0.95, 1.0])]
+    scores = [(f"#{i}", v, 1.0) for i, v in enumerate([1.0, 1.1, 0.9, 1.05, 0.95, 1.0])]
     assert outlier_names(scores) == []
-    assert outlier_names(scores + [("#6", RATIO + 0.01)]) == ["#6"]  # the ratio decides: the spread is small
-    assert outlier_names(scores + [("#6", RATIO - 0.01)]) == []
-    spread = [(f"#{i}", v) for i, v in enumerate([1.0, 2.0, 4.0, 2.0, 1.0, 4.0])]  # median 2, logs 2x apart
+    for typical, ratio in ((1.0, LOCAL_RATIO), (LOCAL_SPREAD, LOCAL_RATIO), (LOCAL_SPREAD * 1.01, RATIO)):
+        # the ratio decides, as the spread is small: the lower one where the rest of the map is like the others'
+        assert outlier_names(scores + [("#6", ratio + 0.01, typical)]) == ["#6"]
+        assert outlier_names(scores + [("#6", ratio - 0.01, typical)]) == []
+    spread = [(f"#{i}", v, 1.0) for i, v in enumerate([1.0, 2.0, 4.0, 2.0, 1.0, 4.0])]  # median 2, logs 2x apart
     limit = 2.0 * np.exp(K * 1.4826 * np.log(2.0))
-    assert limit > RATIO * 2 and outlier_names(spread + [("#6", limit * 1.001)]) == ["#6"]
-    assert outlier_names(spread + [("#6", limit * 0.999)]) == []
-    assert outlier_names(scores[:3] + [("#6", 100.0)]) == []  # too few to judge
-    assert outlier_names([(f"#{i}", 0.0) for i in range(5)] + [("#5", 1e-9)]) == ["#5"]  # above nothing
+    assert limit > RATIO * 2 and outlier_names(spread + [("#6", limit * 1.001, 1.0)]) == ["#6"]
+    assert outlier_names(spread + [("#6", limit * 0.999, 1.0)]) == []
+    assert outlier_names(scores[:3] + [("#6", 100.0, 1.0)]) == []  # too few to judge
+    assert outlier_names([(f"#{i}", 0.0, 0.0) for i in range(5)] + [("#5", 1e-9, 0.0)]) == ["#5"]  # above nothing
 
 
 def test_the_report_survives_the_model_file(dropped, tmp_path):
@@ -139,7 +142,8 @@ def test_the_policy_is_a_flag_of_fit():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["flagged"].pop(), "scores give"),
-    (lambda r: r["scores"].append(["#7", 99.0]), "scores give"),
+    (lambda r: r["scores"].append(["#7", 99.0, 1.0]), "scores give"),
+    (lambda r: r["scores"][0].pop(), "malformed"),
     (lambda r: r.update(used=11), "used with"),
     (lambda r: r.update(k=1.0), "rule"),
     (lambda r: r.update(ratio=1.0), "rule"),
