@@ -13,11 +13,11 @@ is, with the reason:
   without it, with the documented default settings for every ``"auto"`` and
   tolerance 0 for a tolerance that fit measures on what is kept) is above the
   median of the held-out scores by :data:`K` robust spreads of their
-  logarithms (``1.4826 * MAD``) and by a ratio: :data:`LOCAL_RATIO` where the
-  rest of its map is like the others' (its 90th percentile within
-  :data:`LOCAL_SPREAD` times their median: a defect raises a few patches),
-  :data:`RATIO` where the whole map is raised (a good part shot a little
-  differently raises it all); from :data:`MIN_IMAGES` images on.  Logarithms,
+  logarithms (``1.4826 * MAD``) and by a ratio: :data:`LOCAL_RATIO` where a
+  few patches are raised (its score stands :data:`PEAKED` times further above
+  the median than its map's 90th percentile stands above the others': a
+  defect), :data:`RATIO` where the whole map is raised with it (a good part
+  shot a little differently); from :data:`MIN_IMAGES` images on.  Logarithms,
   as a distance has no natural unit and good parts' scores spread by factors:
   where a few good parts lie far from the rest (a band that slides) the spread
   grows with them, and where the good parts agree the ratio decides.
@@ -49,15 +49,15 @@ THUMB = 32
 NEAR_GRAY = 0.25
 K = 3.0
 # A defective part hidden among the good ones scores about twice their median when held out (a broken or
-# bent comb tooth, a cracked wheel) while the rest of its map is like theirs, and its own tooth or crack
-# in the bank then lets every like defect pass.  A good part whose whole map is raised (a board shifted
-# furthest, light a little off) reaches 1.8x, so there the ratio stays where a frame with a wrong or
-# no part lies; a good part with a few patches so far above the rest is rare, and worth a look (a person
+# bent comb tooth, a cracked wheel) on a few patches, and its own tooth or crack in the bank then lets
+# every like defect pass.  A good part whose whole map is raised with its score (a board shifted
+# furthest, light a little off) reaches 1.8x, so there the ratio stays where a frame with a wrong or no
+# part lies; a good part with a few patches so far above the rest is rare, and worth a look (a person
 # may keep it with outliers='keep').  The ratios also guard where the spread is near zero (the scores
 # nearly equal) and K alone would flag the first image a little off.
 RATIO = 3.0
 LOCAL_RATIO = 1.8
-LOCAL_SPREAD = 1.25
+PEAKED = 1.5
 MIN_IMAGES = 5
 
 
@@ -281,12 +281,13 @@ def outlier_names(scores) -> list[str]:
 
 def outlier_limits(scores) -> list[float]:
     """Each image's limit under the rule, for ``(name, held-out score, its map's 90th percentile)`` triples:
-    :func:`outlier_limit` with :data:`LOCAL_RATIO` where the 90th percentile is within :data:`LOCAL_SPREAD`
-    times the median of them."""
-    values = [s for _, s, _ in scores]
+    :func:`outlier_limit` with :data:`LOCAL_RATIO` where the score's ratio to the median score is at least
+    :data:`PEAKED` times the percentile's ratio to the median percentile."""
+    values = np.array([s for _, s, _ in scores], float)
     typical = np.array([t for _, _, t in scores], float)
-    local = typical <= LOCAL_SPREAD * float(np.median(typical))
-    return [outlier_limit(values, LOCAL_RATIO if near else RATIO) for near in local]
+    # Multiplied out, so that a median of zero divides nothing.
+    peaked = values * float(np.median(typical)) >= PEAKED * float(np.median(values)) * typical
+    return [outlier_limit(list(values), LOCAL_RATIO if p else RATIO) for p in peaked]
 
 
 def outlier_limit(values: list[float], ratio: float = RATIO) -> float:

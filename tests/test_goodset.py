@@ -9,7 +9,7 @@ from conftest import FAST, screws
 from dinopatch import DinoPatch, modelfile
 from dinopatch.align import Aligner
 from dinopatch.benchmark_sets import make_set
-from dinopatch.goodset import LOCAL_RATIO, LOCAL_SPREAD, RATIO, FitReport, K, outlier_names, screen
+from dinopatch.goodset import LOCAL_RATIO, PEAKED, RATIO, FitReport, K, outlier_names, screen
 from dinopatch.modelfile import ModelFileError
 
 
@@ -96,10 +96,15 @@ def test_a_good_part_far_from_the_rest_is_named_and_can_be_kept():
 def test_the_rule_is_a_ratio_and_a_spread_of_the_logarithms():
     scores = [(f"#{i}", v, 1.0) for i, v in enumerate([1.0, 1.1, 0.9, 1.05, 0.95, 1.0])]
     assert outlier_names(scores) == []
-    for typical, ratio in ((1.0, LOCAL_RATIO), (LOCAL_SPREAD, LOCAL_RATIO), (LOCAL_SPREAD * 1.01, RATIO)):
-        # the ratio decides, as the spread is small: the lower one where the rest of the map is like the others'
-        assert outlier_names(scores + [("#6", ratio + 0.01, typical)]) == ["#6"]
-        assert outlier_names(scores + [("#6", ratio - 0.01, typical)]) == []
+    # The ratio decides, as the spread is small: the lower one where a few patches are raised,
+    assert outlier_names(scores + [("#6", LOCAL_RATIO + 0.01, 1.0)]) == ["#6"]
+    assert outlier_names(scores + [("#6", LOCAL_RATIO - 0.01, 1.0)]) == []
+    edge = (LOCAL_RATIO + 0.01) / PEAKED  # the percentile at which that score no longer stands out of its map
+    assert outlier_names(scores + [("#6", LOCAL_RATIO + 0.01, edge * 0.99)]) == ["#6"]
+    assert outlier_names(scores + [("#6", LOCAL_RATIO + 0.01, edge * 1.01)]) == []
+    # ... the higher one where the whole map is raised with the score.
+    assert outlier_names(scores + [("#6", RATIO + 0.01, RATIO)]) == ["#6"]
+    assert outlier_names(scores + [("#6", RATIO - 0.01, RATIO)]) == []
     spread = [(f"#{i}", v, 1.0) for i, v in enumerate([1.0, 2.0, 4.0, 2.0, 1.0, 4.0])]  # median 2, logs 2x apart
     limit = 2.0 * np.exp(K * 1.4826 * np.log(2.0))
     assert limit > RATIO * 2 and outlier_names(spread + [("#6", limit * 1.001, 1.0)]) == ["#6"]
