@@ -288,8 +288,10 @@ def check_background(model) -> None:
     if model.good is not None:
         if fg.parts.max() >= len(model.good.images):
             raise ValueError(f"background samples of part {int(fg.parts.max())} of {len(model.good.images)}")
-        frames = np.stack([model.aligner.transform(model.good.images[i])[0] for i in fg.parts])
-        gap = np.abs(patch_stats(frames, fg.grid) - fg.stats)
+        canon = [model.aligner.transform(model.good.images[i]) for i in fg.parts]
+        given = patch_stats(np.stack([c[0] for c in canon]), np.stack([c[1] for c in canon]), fg.grid)
+        # NaN (a patch not judged) must be where the pixels put it, and equal there.
+        gap = np.where(np.isnan(given) & np.isnan(fg.stats), 0.0, np.nan_to_num(np.abs(given - fg.stats), nan=np.inf))
         if gap.max() > STATS_ATOL:
             i, j, k = np.unravel_index(int(np.argmax(gap)), gap.shape)
             raise ValueError(f"background statistic {fg.stats[i, j, k]:g} of part {int(fg.parts[i])} at patch {j} "

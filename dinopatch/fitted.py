@@ -111,11 +111,13 @@ class Fitted:
 
     def patch_distances(self, items: list[tuple], engine, kernel: str | None = None) -> list[PatchDistances]:
         """:class:`~.result.PatchDistances` of items from :meth:`align`."""
-        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]), kernel)
+        dists = self.distances(engine, np.stack([c for _, _, c, _, _ in items]),
+                               np.stack([v for _, _, _, v, _ in items]), kernel)
         return [PatchDistances(d, valid, al, im.shape[:2], self) for (_, im, _, valid, al), d in zip(items, dists)]
 
-    def distances(self, engine, frames: np.ndarray, kernel: str | None = None) -> np.ndarray:
-        """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]``, as this model scores them.
+    def distances(self, engine, frames: np.ndarray, valid: np.ndarray, kernel: str | None = None) -> np.ndarray:
+        """Patch distances ``[B, h, w]`` of canonical frames ``[B, S, S, 3]`` with their valid masks ``[B, S, S]``,
+        as this model scores them.
 
         Torch on a GPU and the cuda kernel: the kernel reads the tokens there, not through the host.
         """
@@ -127,7 +129,7 @@ class Fitted:
             tokens = engine(frames, on_device=True)
         else:
             tokens = engine(frames)
-        return finish(self.bank.distances(tokens, kernel), fg, frames)
+        return finish(self.bank.distances(tokens, kernel), fg, frames, valid)
 
 
 def by_model(items: list[tuple]) -> list[tuple[Fitted, list[tuple]]]:

@@ -15,9 +15,9 @@ static, and the bank holds those locations only.
 
 Outside the region an object lying next to the part must still be seen:
 :class:`Background` z-scores low-resolution pixel statistics of each patch
-(mean of each channel relative to the frame's median, standard deviation of
-the gray level) against the
-nominal images, and each such location's map value is that z times
+(mean of each channel relative to the light's plane across the frame,
+standard deviation of the gray level) against the nominal images, and each
+such location's map value is that z times
 :attr:`Foreground.unit`, which puts a nominal background's worst location at
 :data:`BACKGROUND_WEIGHT` of a nominal part's worst patch distance (both
 measured on the nominal set's held-out folds at fit).  The threshold is then calibrated on these
@@ -47,6 +47,7 @@ GATE = 1
 FLOOR = 2.0
 BACKGROUND_WEIGHT = 0.5
 STATS = 4  # features per location: mean B, G, R and the standard deviation of gray
+_REFITS, _NEAR = 2, 3.0
 
 
 def check_option(option, align: bool):
@@ -78,25 +79,53 @@ def region(silhouettes, grid: tuple[int, int], margin: int) -> np.ndarray:
     return np.flatnonzero(cells).astype(np.int64)
 
 
-def patch_stats(images: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Low-resolution statistics of canonical images ``[B, S, S, 3]`` uint8 -> float32 ``[B, h * w, 4]``.
+def patch_stats(images: np.ndarray, valid: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Low-resolution statistics of canonical images ``[B, S, S, 3]`` uint8 with their valid masks ``[B, S, S]``
+    -> float32 ``[B, h * w, 4]``.
 
-    Per patch: the mean of each channel, relative to the frame's median patch
-    (so that a change of the light's overall gain does not read as an object),
-    and the standard deviation of the gray level (edges, texture).
+    Per patch that lies wholly in the photo: the mean of each channel relative
+    to the light's plane across the frame, and the standard deviation of the
+    gray level (edges, texture).  The plane is a least-squares fit of the patch
+    means over the frame's position, refitted without the patches far from it
+    (the part, an object): a light whose gain or slope differs from part to
+    part (brighter at one corner of the bench) does not read as an object,
+    while anything a few patches wide still does.  A patch with padding in it
+    shows nothing of the scene, and its statistics are NaN: it is not judged.
     """
     h, w = grid
-    out = np.empty((len(images), h * w, STATS), np.float32)
-    for i, im in enumerate(images):
+    out = np.full((len(images), h * w, STATS), np.nan, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    position = np.stack([np.ones(h * w), (xx.ravel() + 0.5) / w - 0.5, (yy.ravel() + 0.5) / h - 0.5], 1)
+    for i, (im, ok) in enumerate(zip(images, valid)):
         f = im.astype(np.float32)
         gray = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
         # INTER_AREA at a whole number of pixels per patch is the exact mean over each patch.
-        mean = cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA).reshape(h * w, 3)
+        mean = cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA).reshape(h * w, 3).astype(np.float64)
         g1 = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA).reshape(-1)
         g2 = cv2.resize(gray * gray, (w, h), interpolation=cv2.INTER_AREA).reshape(-1)
-        out[i, :, :3] = mean - np.median(mean, axis=0)
-        out[i, :, 3] = np.sqrt(np.maximum(g2 - g1 * g1, 0.0))
+        inside = cv2.resize(np.asarray(ok, np.float32), (w, h), interpolation=cv2.INTER_AREA).reshape(-1) > 1 - 1e-6
+        if not inside.any():
+            continue
+        out[i, inside, :3] = mean[inside] - _light(position[inside], mean[inside])
+        out[i, inside, 3] = np.sqrt(np.maximum(g2 - g1 * g1, 0.0))[inside]
     return out
+
+
+def _light(position: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The light's plane at each patch ``[n, 3]``: least squares over ``position`` ``[n, 3]`` (1, x, y), refitted
+    :data:`_REFITS` times on the patches within :data:`_NEAR` robust spreads of it, and kept within 8-bit levels
+    (so a residual stays within 255, as the model file's check expects); the median where too few patches fix
+    a plane."""
+    keep = np.ones(len(mean), bool)
+    for _ in range(_REFITS + 1):
+        if keep.sum() < 3 * position.shape[1]:
+            return np.broadcast_to(np.median(mean, axis=0), mean.shape)
+        coef = np.linalg.lstsq(position[keep], mean[keep], rcond=None)[0]
+        res = mean - position @ coef
+        off = np.abs(res - np.median(res[keep], axis=0)).max(axis=1)
+        # The spread has a floor of a gray level: a noiseless plane would otherwise keep nothing.
+        keep = off <= max(_NEAR * 1.4826 * float(np.median(off[keep])), 1.0)
+    return np.clip(position @ coef + np.median(res[keep], axis=0), 0.0, 255.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +133,8 @@ class Background:
     """Nominal low-resolution statistics per location.
 
     Attributes:
-        mean: float32 ``[L, 4]`` nominal mean of each statistic.
+        mean: float32 ``[L, 4]`` nominal mean of each statistic, over the images whose patch there lies in the
+            photo; NaN where fewer than two do (nothing to judge by).
         scale: float32 ``[L, 4]`` nominal standard deviation, at least :data:`FLOOR`.
     """
 
@@ -113,12 +143,18 @@ class Background:
 
     @classmethod
     def fit(cls, stats: np.ndarray) -> "Background":
-        """From the :func:`patch_stats` of nominal images ``[N, L, 4]``."""
-        return cls(stats.mean(0).astype(np.float32), np.maximum(stats.std(0), FLOOR).astype(np.float32))
+        """From the :func:`patch_stats` of nominal images ``[N, L, 4]`` (NaN where a patch is not judged)."""
+        seen = np.isfinite(stats)
+        count = np.maximum(seen.sum(0), 1)
+        mean = np.where(seen, stats, 0.0).sum(0) / count
+        std = np.sqrt((np.where(seen, stats - mean, 0.0) ** 2).sum(0) / count)
+        mean[seen.sum(0) < 2] = np.nan
+        return cls(mean.astype(np.float32), np.maximum(std, FLOOR).astype(np.float32))
 
     def z(self, stats: np.ndarray) -> np.ndarray:
-        """The worst statistic's z-score at each location: ``[B, L, 4]`` -> ``[B, L]``."""
-        return (np.abs(stats - self.mean) / self.scale).max(axis=-1)
+        """The worst statistic's z-score at each location: ``[B, L, 4]`` -> ``[B, L]``; 0 where the patch or the
+        nominal images there are not judged."""
+        return np.nan_to_num(np.abs(stats - self.mean) / self.scale, nan=0.0).max(axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +166,8 @@ class Foreground:
         grid: ``(h, w)`` patch grid.
         background: nominal statistics of every location (those in the region are unused).
         unit: map value of one z outside the region, in patch-distance units.
-        stats: float32 ``[M, L, 4]`` the :func:`patch_stats` of the nominal images it was measured on.
+        stats: float32 ``[M, L, 4]`` the :func:`patch_stats` of the nominal images it was measured on (NaN
+            where a patch has padding in it).
         worst: float32 ``[M]`` each one's largest held-out patch distance in the region, at its own place.
         parts: int64 ``[M]`` which of the good parts given to fit those images are (their indices).
         margin: fit's choice of the region's margin and its evidence (:func:`.margin.check_record`); None
@@ -189,23 +226,25 @@ class Foreground:
         """Fraction of the patches the backbone runs on."""
         return len(self.positions) / (self.grid[0] * self.grid[1])
 
-    def background_of(self, frames: np.ndarray) -> Background:
-        """The :class:`Background` of canonical images ``[N, S, S, 3]`` (a calibration fold's)."""
-        return Background.fit(patch_stats(frames, self.grid))
+    def background_of(self, frames: np.ndarray, valid: np.ndarray) -> Background:
+        """The :class:`Background` of canonical images ``[N, S, S, 3]`` with their valid masks (a calibration
+        fold's)."""
+        return Background.fit(patch_stats(frames, valid, self.grid))
 
     def scatter(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens ``[B, n, D]`` at the region -> grids ``[B, h, w, D]``, zero outside."""
         return scatter(tokens, self.positions, self.grid)
 
-    def complete(self, distances: np.ndarray, images: np.ndarray, background: Background | None = None):
+    def complete(self, distances: np.ndarray, images: np.ndarray, valid: np.ndarray,
+                 background: Background | None = None):
         """Patch distances ``[B, h, w]`` (NaN outside the region) with the background term filled in.
 
         Args:
-            images: the canonical images ``[B, S, S, 3]`` the distances are of.
+            images: the canonical images ``[B, S, S, 3]`` the distances are of, ``valid`` their masks.
             background: statistics to judge by (default: the model's; fit's
                 calibration passes those of its training fold).
         """
-        return self.fill(distances, patch_stats(images, self.grid), background)
+        return self.fill(distances, patch_stats(images, valid, self.grid), background)
 
     def fill(self, distances: np.ndarray, stats: np.ndarray, background: Background | None = None) -> np.ndarray:
         """:meth:`complete` from the images' :func:`patch_stats` ``[B, L, 4]``."""
@@ -245,9 +284,13 @@ class Foreground:
         if m < 2 or (np.diff(parts) <= 0).any() or parts.min() < 0:
             raise ValueError(f"background samples of {m} parts {parts[:8].tolist()}: at least 2, of distinct good "
                              "parts in fit order")
-        # A patch's channel mean lies within 255 of the frame's median patch; a gray spread within 127.5.
-        if not (np.isfinite(stats).all() and np.abs(stats[..., :3]).max() <= 255
-                and 0 <= stats[..., 3].min() and stats[..., 3].max() <= 127.5):
+        # A patch is judged in all its statistics or none (NaN); a channel's mean lies within 255 of the light's
+        # plane (kept within 8-bit levels); a gray spread within 127.5.
+        judged = ~np.isnan(stats)
+        seen = stats[judged.all(-1)]
+        if not ((judged == judged[..., :1]).all() and np.isfinite(seen).all()
+                and np.abs(seen[:, :3]).max(initial=0) <= 255
+                and 0 <= seen[:, 3].min(initial=0) and seen[:, 3].max(initial=0) <= 127.5):
             raise ValueError("background statistics outside what 8-bit images give")
         if not (np.isfinite(worst).all() and (worst >= 0).all() and np.median(worst) > 0):
             raise ValueError("background check's worst part distances must be finite, >= 0, their median > 0")

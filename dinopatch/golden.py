@@ -125,7 +125,7 @@ def make_frames(canon: list, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 def distances(det, model, engine, frames: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Patch distances ``[G, h, w]`` of canonical ``frames`` by ``model`` with ``engine`` (any backbone object),
     as the model scores every part (:meth:`.fitted.Fitted.distances`); ``valid`` is where the scores read them."""
-    return np.asarray(model.distances(engine, frames, det.kernel), np.float32)
+    return np.asarray(model.distances(engine, frames, valid, det.kernel), np.float32)
 
 
 def scores(post, dists: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -76,7 +76,7 @@ def nominal_set(placed: list, aligner, engine, params: dict, settings: dict, ker
         y = np.r_[np.zeros(len(good), bool), np.ones(len(defect), bool)]
         bank = nominal.bank(settings)
         tokens = nominal.queries(list(frames), np.zeros(len(frames), int)).tokens
-        gold = golden.scores(post, finish(bank.distances(tokens, kernel), nominal.foreground, frames), valid)
+        gold = golden.scores(post, finish(bank.distances(tokens, kernel), nominal.foreground, frames, valid), valid)
         ok = np.isfinite(scores)  # a frame with nothing valid to score ties in the bootstrap, as in auto
         auroc = metrics.auroc(y[ok], scores[ok]) if ok[y].any() and ok[~y].any() else float("nan")
         row = {"margin": m, "patches": len(regions[m]),

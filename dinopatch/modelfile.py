@@ -56,7 +56,8 @@ golden set holds nominal frames as they are;
 4: a coreset bank carries the good parts' tokens it was chosen from, and a tuned mask threshold its sweep;
 5: auto's search starts at sigma 2, so a record's steps replay from there, and fixtured frames may be registered;
 6: the good set's report keeps each image's map percentile beside its score, and the outlier rule is
-1.8x the median for a few raised patches, 3x for a raised map, and 3 robust spreads of the logarithms."""
+1.8x the median for a few raised patches, 3x for a raised map, and 3 robust spreads of the logarithms; the
+background check's samples are means about the light's plane, NaN where a patch has padding."""
 ALLOWED_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool"}
 KEY_ENV = "DINOPATCH_MODEL_KEY"
 

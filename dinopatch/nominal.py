@@ -66,7 +66,8 @@ class Queries(NamedTuple):
     Attributes:
         tokens: ``[B, h, w, D]``, zero outside the region like the nominal tokens.
         frames: uint8 ``[B, S, S, 3]``.
-        origin: int ``[B]``, the nominal image each derives from (scored by that image's fold).
+        origin: int ``[B]``, the nominal image each derives from (scored by that image's fold, with its valid
+            mask).
     """
 
     tokens: np.ndarray
@@ -126,8 +127,8 @@ class NominalSet:
                       positions, None, FoldPlan.seeded(len(canon), seed), engine, int(batch_size), kernel)
         if positions is None:
             return nominal
-        fg = Foreground.fit(positions, engine.grid, nominal.held_out(_NEAREST), patch_stats(frames, engine.grid),
-                            nominal.plan.folds)
+        fg = Foreground.fit(positions, engine.grid, nominal.held_out(_NEAREST),
+                            patch_stats(frames, nominal.valid, engine.grid), nominal.plan.folds)
         return dataclasses.replace(nominal, foreground=fg)
 
     def __len__(self) -> int:
@@ -193,13 +194,14 @@ class NominalSet:
             bank = self.bank(settings, train)
             kept.append(np.broadcast_to(train, (bank.features.shape[0], len(train))) if bank.coreset is None
                         else train[bank.coreset])
-            background = None if self.foreground is None else self.foreground.background_of(self.frames[train])
+            background = (None if self.foreground is None
+                          else self.foreground.background_of(self.frames[train], self.valid[train]))
             maps[held] = finish(bank.distances(self.tokens[held], self.kernel), self.foreground, self.frames[held],
-                                background)
+                                self.valid[held], background)
             here = np.array([], int) if extra is None else np.flatnonzero(np.isin(extra.origin, held))
             if here.size:
                 more[here] = finish(bank.distances(extra.tokens[here], self.kernel), self.foreground,
-                                    extra.frames[here], background)
+                                    extra.frames[here], self.valid[extra.origin[here]], background)
         return maps, more, kept
 
     def held_out_scores(self, settings: dict, folds=None) -> tuple:
@@ -221,6 +223,8 @@ class NominalSet:
         return (index, *scores_and_maxima(post, maps[index], self.valid[index] > 0.5), maps[index], kept)
 
 
-def finish(distances: np.ndarray, fg: Foreground | None, frames: np.ndarray, background=None) -> np.ndarray:
-    """Distance maps ``[B, h, w]`` of canonical ``frames``, with the background term outside the region ``fg``."""
-    return distances if fg is None else fg.complete(distances, frames, background)
+def finish(distances: np.ndarray, fg: Foreground | None, frames: np.ndarray, valid: np.ndarray,
+           background=None) -> np.ndarray:
+    """Distance maps ``[B, h, w]`` of canonical ``frames`` (valid where ``valid``), with the background term
+    outside the region ``fg``."""
+    return distances if fg is None else fg.complete(distances, frames, valid, background)

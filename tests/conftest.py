@@ -110,7 +110,10 @@ def evidence_model(tmp_path_factory):
     from dinopatch import DinoPatch
 
     det = DinoPatch(**dict(FAST, foreground=True, score="auto")).fit(screws("good", 10, seed=1))
-    clean = screws("good", 3, seed=2)
+    # Good parts the model passes: with 10 good parts fitted a good one tops their held-out maximum about one
+    # time in eleven (the third of seed 2 does, 3.18 to 3.16, since the background check judges the light's
+    # plane), and a part in [threshold, reach] would let a threshold edit flip it unrefused.
+    clean = screws("good", 3, seed=6)
     parts = {"good": clean, "litter": [cv2.circle(im.copy(), (28, 28), 9, (60, 60, 60), -1) for im in clean],
              "defect": screws("missing_washer", 2, seed=3) + screws("extra_object", 2, seed=4)}
     return det, det.save(tmp_path_factory.mktemp("evidence") / "model.npz"), parts

@@ -137,17 +137,27 @@ def test_silhouette_lies_on_the_part_in_the_canonical_frame():
     assert al.silhouette(np.full((64, 64, 3), 200, np.uint8)) is None  # no part, nothing to place
 
 
-def test_patch_stats_are_means_and_gray_spread_per_patch(rng):
+def test_patch_stats_judge_each_patch_against_the_lights_plane(rng):
     from dinopatch.foreground import patch_stats
 
-    images = rng.integers(0, 256, (2, 28, 42, 3), dtype=np.uint8)
-    images = np.stack([np.pad(im, ((0, 14), (0, 0), (0, 0))) for im in images])  # 42 x 42: 3 x 3 patches
-    got = patch_stats(images, (3, 3))
-    cells = images.reshape(2, 3, 14, 3, 14, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 9, 196, 3).astype(np.float64)
-    gray = cells @ np.array([0.114, 0.587, 0.299])  # BGR weights of OpenCV's gray
-    means = cells.mean(axis=2)
-    np.testing.assert_allclose(got[..., :3], means - np.median(means, axis=1, keepdims=True), atol=1e-3)
-    np.testing.assert_allclose(got[..., 3], gray.std(axis=2), atol=1e-2)
+    yy, xx = np.mgrid[0:84, 0:84] / 84.0  # 6 x 6 patches of 14 px
+    frames, valid = [], np.ones((2, 84, 84), np.float32)
+    for gain, slope in ((1.0, (40.0, 20.0)), (1.2, (-30.0, 50.0))):  # the light differs from part to part
+        im = gain * (110 + slope[0] * xx + slope[1] * yy) + rng.normal(0, 2, (84, 84))
+        im[28:42, 14:28] = 30  # an object on one patch
+        frames.append(np.repeat(np.clip(np.rint(im), 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+    valid[1, :, 70:] = 0  # the second frame is padding in its last column of patches (and a pixel of the next)
+    valid[1, :, 69] = 0
+    got = patch_stats(np.stack(frames), valid, (6, 6)).reshape(2, 6, 6, 4)
+    assert np.isnan(got[1, :, 4:]).all() and np.isfinite(got[0]).all() and np.isfinite(got[1, :, :4]).all()
+    for g in got:
+        back = np.ones((6, 6), bool)
+        back[2, 1] = False
+        means = g[:, :4, :3][back[:, :4]]
+        assert np.abs(means).max() < 1.5  # the light's plane, whatever its gain and slope, is not an object
+        assert (g[2, 1, :3] < -60).all()  # the object is
+    cells = np.stack(frames)[0, :, :, 0].reshape(6, 14, 6, 14).transpose(0, 2, 1, 3).reshape(6, 6, -1)
+    np.testing.assert_allclose(got[0, ..., 3], cells.astype(np.float64).std(axis=2), atol=1e-2)  # the gray spread
 
 
 @pytest.mark.parametrize("kernel", ["numpy", "numba", "cpp", "cuda"])
