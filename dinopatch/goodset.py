@@ -220,12 +220,12 @@ def judge(nominal: NominalSet, names: list[str], indices: list[int], flags: list
         by_row = {int(r): (round(float(s), 6), round(float(np.nanpercentile(m, 90)), 6))
                   for r, s, m in zip(index, values, maps) if math.isfinite(s)}
         scores = tuple((names[indices[r]], *by_row[r]) for r in sorted(by_row))  # input order
-        limits = outlier_limits(scores)
+        limits, peaked = outlier_limits(scores), _peaked(scores)
         med = float(np.median([s for _, s, _ in scores]))
         flags += [Flag(names[indices[r]], indices[r], "outlier",
                        f"held-out score {s:.3g}, {s / med if med > 0 else math.inf:.1f} x the median {med:.3g}, "
-                       f"above {limit:.3g} ({'a few patches' if limit < RATIO * med else 'its whole map'})")
-                  for (r, (s, _)), limit in zip(sorted(by_row.items()), limits) if s > limit]
+                       f"above {limit:.3g} ({'a few patches' if few else 'its whole map'} raised)")
+                  for (r, (s, _)), limit, few in zip(sorted(by_row.items()), limits, peaked) if s > limit]
     _refuse(flags, outliers)
     kept_inputs = set(_unflagged(len(names), flags, outliers))
     keep = [r for r, i in enumerate(indices) if i in kept_inputs]
@@ -283,11 +283,8 @@ def outlier_limits(scores) -> list[float]:
     """Each image's limit under the rule, for ``(name, held-out score, its map's 90th percentile)`` triples:
     :func:`outlier_limit` with :data:`LOCAL_RATIO` where the score's ratio to the median score is at least
     :data:`PEAKED` times the percentile's ratio to the median percentile."""
-    values = np.array([s for _, s, _ in scores], float)
-    typical = np.array([t for _, _, t in scores], float)
-    # Multiplied out, so that a median of zero divides nothing.
-    peaked = values * float(np.median(typical)) >= PEAKED * float(np.median(values)) * typical
-    return [outlier_limit(list(values), LOCAL_RATIO if p else RATIO) for p in peaked]
+    values = [s for _, s, _ in scores]
+    return [outlier_limit(values, LOCAL_RATIO if p else RATIO) for p in _peaked(scores)]
 
 
 def outlier_limit(values: list[float], ratio: float = RATIO) -> float:
@@ -302,6 +299,15 @@ def outlier_limit(values: list[float], ratio: float = RATIO) -> float:
     logs = np.log(np.maximum(values, 1e-3 * med) / med)
     spread = 1.4826 * float(np.median(np.abs(logs)))
     return med * max(math.exp(K * spread), ratio)
+
+
+def _peaked(scores) -> np.ndarray:
+    """bool ``[n]``: whether each score's ratio to the median score is at least :data:`PEAKED` times its map's
+    percentile's ratio to the median percentile (a few patches raised, not the whole map)."""
+    values = np.array([s for _, s, _ in scores], float)
+    typical = np.array([t for _, _, t in scores], float)
+    # Multiplied out, so that a median of zero divides nothing.
+    return values * float(np.median(typical)) >= PEAKED * float(np.median(values)) * typical
 
 
 def _unflagged(count: int, flags, outliers: str) -> list[int]:

@@ -78,7 +78,7 @@ def test_a_defect_twice_the_median_is_named(wheels, defect):
     scores = {n: s for n, s, _ in report.scores}
     median = np.median(list(scores.values()))
     assert [(f.name, f.reason) for f in report.flagged] == [("#6", "outlier")]
-    assert "a few patches" in report.flagged[0].detail
+    assert "(a few patches raised)" in report.flagged[0].detail
     assert scores["#6"] < RATIO * median  # under the whole-map ratio: the wheel's own flaw would set the threshold
     assert max(v for k, v in scores.items() if k != "#6") < LOCAL_RATIO * median
 
