@@ -145,10 +145,10 @@ class Background:
     def fit(cls, stats: np.ndarray) -> "Background":
         """From the :func:`patch_stats` of nominal images ``[N, L, 4]`` (NaN where a patch is not judged)."""
         seen = np.isfinite(stats)
-        count = np.maximum(seen.sum(0), 1)
-        mean = np.where(seen, stats, 0.0).sum(0) / count
-        std = np.sqrt((np.where(seen, stats - mean, 0.0) ** 2).sum(0) / count)
-        mean[seen.sum(0) < 2] = np.nan
+        count = seen.sum(0)
+        mean = np.where(seen, stats, 0.0).sum(0) / np.maximum(count, 1)
+        std = np.sqrt((np.where(seen, stats - mean, 0.0) ** 2).sum(0) / np.maximum(count, 1))
+        mean[count < 2] = np.nan
         return cls(mean.astype(np.float32), np.maximum(std, FLOOR).astype(np.float32))
 
     def z(self, stats: np.ndarray) -> np.ndarray:

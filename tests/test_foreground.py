@@ -160,6 +160,23 @@ def test_patch_stats_judge_each_patch_against_the_lights_plane(rng):
     np.testing.assert_allclose(got[0, ..., 3], cells.astype(np.float64).std(axis=2), atol=1e-2)  # the gray spread
 
 
+def test_background_judges_each_location_by_the_parts_that_show_it():
+    from dinopatch.foreground import FLOOR, Background
+
+    stats = np.zeros((4, 3, 4), np.float32)
+    stats[:, 0, 0] = [0, 10, 20, 30]
+    stats[0, 1], stats[1:, 2] = np.nan, np.nan  # location 1: three parts show it; location 2: one does
+    back = Background.fit(stats)
+    assert back.mean[0, 0] == 15 and back.scale[0, 0] == pytest.approx(np.std([0, 10, 20, 30]))
+    assert back.mean[1, 0] == 0 and back.scale[1, 0] == FLOOR and np.isnan(back.mean[2]).all()
+    query = np.zeros((2, 3, 4), np.float32)
+    query[0, 0, 0], query[0, 1:] = 50, 50
+    query[1, 0] = np.nan  # a padded patch in the part judged
+    z = back.z(query)
+    assert z[0, 0] == pytest.approx(35 / np.std([0, 10, 20, 30])) and z[0, 1] == 25.0 and z[0, 2] == 0
+    assert z[1, 0] == 0
+
+
 @pytest.mark.parametrize("kernel", ["numpy", "numba", "cpp", "cuda"])
 @pytest.mark.parametrize("tolerance", [0, 1, 2])
 def test_bank_on_a_region_clips_the_tolerance_to_kept_locations(rng, kernel, tolerance):
