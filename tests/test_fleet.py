@@ -330,7 +330,9 @@ def service(models, tmp_path_factory):
         _copy(f, served / f.name)
     config = ServiceConfig(models=[served], engine=str(onnx), replicas=2, num_cpus=0.5, max_models=4,
                            poll_s=0.2, max_batch=8, batch_wait_ms=10, timeout_s=TIMEOUT_S, token=TOKEN)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # Its own Ray, on loopback, even where another is running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     try:
         yield deploy(config, "127.0.0.1", _free_port()), served
     finally:

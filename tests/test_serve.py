@@ -45,7 +45,9 @@ def service(onnx_model):
     model, onnx = onnx_model
     config = ServiceConfig(models=model, engine=str(onnx), replicas=2, max_batch=8, batch_wait_ms=10,
                            timeout_s=TIMEOUT_S, max_bytes=1 << 20, max_pixels=4_000_000, token=TOKEN)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Its own Ray, on loopback, even where another is running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     try:
         url = deploy(config, "127.0.0.1", _free_port())
         yield url, config
