@@ -181,8 +181,8 @@ class Aligner:
         self.registration_: Registration | None = None
         self.flat_level_ = 0.0
         self.nominal_size_ = self.nominal_length_ = self.round_ = self.template_ = None
-        self.fold_, self.evidence_, self._polar, self._refine, self.report_ = 1, None, None, None, None
-        self._residual = None
+        self.fold_, self.evidence_, self.report_ = 1, None, None
+        self._polar = self._refine = self._residual = None
 
     # -- fitting ---------------------------------------------------------------
 
